@@ -1,0 +1,101 @@
+"""The one place that talks to S3 (through aioboto3).
+
+Used for the attachments bucket Engram writes and for an s3:// backup
+repository. Driver errors become `StoreUnreachable`/`RecoveryError` here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import aioboto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
+
+from .errors import RecoveryError, StoreUnreachable
+
+
+@dataclass(frozen=True)
+class S3Location:
+    endpoint: str | None
+    access_key_id: str
+    secret_access_key: str
+    region: str
+    bucket: str
+
+    def __repr__(self) -> str:  # never show the secret
+        return f"S3Location(endpoint={self.endpoint!r}, bucket={self.bucket!r})"
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    etag: str
+
+
+_CONFIG = Config(
+    connect_timeout=3,
+    read_timeout=30,
+    retries={"max_attempts": 2, "mode": "standard"},
+    max_pool_connections=32,
+    # SeaweedFS, MinIO and friends want path-style addressing.
+    s3={"addressing_style": "path"},
+    request_checksum_calculation="when_required",
+    response_checksum_validation="when_required",
+)
+
+
+def translate(exc: Exception, what: str, location: S3Location) -> RecoveryError:
+    """An S3 failure as an operator-facing error; the secret never appears."""
+    where = f"bucket {location.bucket!r}" + (f" at {location.endpoint}" if location.endpoint else "")
+    if isinstance(exc, ClientError):
+        code = str(exc.response.get("Error", {}).get("Code", "Unknown"))
+        if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403"):
+            return StoreUnreachable(
+                f"S3 refused the credentials while trying to {what} ({code}) on {where}",
+                "check the access key id and secret access key configured for this bucket",
+            )
+        if code in ("NoSuchBucket", "404"):
+            return StoreUnreachable(
+                f"S3 {where} does not exist (while trying to {what})", "create the bucket or fix its name"
+            )
+        return RecoveryError(f"S3 error {code} while trying to {what} on {where}", "see the S3 server's logs")
+    if isinstance(exc, EndpointConnectionError | BotoCoreError | OSError | TimeoutError):
+        return StoreUnreachable(
+            f"S3 is unreachable while trying to {what} on {where}: {exc.__class__.__name__}",
+            "check that the S3 server is running and that its host and port are configured correctly",
+        )
+    return RecoveryError(f"S3 failure while trying to {what} on {where}: {exc}")
+
+
+S3_ERRORS = (ClientError, BotoCoreError, OSError, TimeoutError)
+
+
+@asynccontextmanager
+async def client(location: S3Location) -> AsyncIterator[Any]:
+    """An aioboto3 S3 client for `location` (the caller catches S3_ERRORS and calls `translate`)."""
+    session = aioboto3.Session(
+        aws_access_key_id=location.access_key_id,
+        aws_secret_access_key=location.secret_access_key,
+        region_name=location.region,
+    )
+    async with session.client("s3", endpoint_url=location.endpoint, config=_CONFIG) as s3:
+        yield s3
+
+
+async def list_objects(s3: Any, bucket: str, prefix: str = "") -> AsyncIterator[ObjectInfo]:
+    """Every object under `prefix`, one page (1,000 keys) per request: no per-object HEAD."""
+    paginator = s3.get_paginator("list_objects_v2")
+    async for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+        for item in page.get("Contents", ()):
+            yield ObjectInfo(key=item["Key"], size=int(item["Size"]), etag=str(item.get("ETag", "")).strip('"'))
+
+
+async def versioning_status(s3: Any, bucket: str) -> str:
+    """'Enabled', 'Suspended' or 'Disabled' (never enabled)."""
+    answer = await s3.get_bucket_versioning(Bucket=bucket)
+    return str(answer.get("Status") or "Disabled")

@@ -1,0 +1,141 @@
+"""The `engram-recovery` command: serve MCP, call one tool (for cron), show the configuration."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import anyio
+
+from ..core.errors import RecoveryError, scrub
+from ..core.settings import Settings, load_settings
+from ..tools import registry
+
+EXIT_OK, EXIT_WARN, EXIT_FAIL = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="engram-recovery",
+        description="Backup and disaster recovery for Engram, as an MCP server.",
+    )
+    parser.add_argument("--env-file", help="read settings from this Engram .env file (the environment wins)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="serve MCP over stdio (default) or Streamable HTTP")
+    serve.add_argument("--http", action="store_true", help="serve Streamable HTTP instead of stdio")
+    serve.add_argument("--host", help="HTTP bind address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="HTTP port (default 8765)")
+
+    call = sub.add_parser(
+        "call",
+        help="run one tool and print its result as JSON (exit 0 ok, 1 warnings, 2 failure)",
+        description="Run one tool in-process, print its structured result as JSON on stdout. Exit code: 0 "
+        "success, 1 the check completed with warnings, 2 failure.",
+    )
+    call.add_argument("tool", choices=sorted(registry.BY_NAME))
+    call.add_argument(
+        "--arg", action="append", default=[], metavar="KEY=VALUE",
+        help="a tool argument; VALUE is parsed as JSON when it is valid JSON (true, 3, \"x\"), else a string",
+    )
+
+    sub.add_parser("config", help="print the effective configuration, every secret redacted")
+    sub.add_parser("tools", help="list the tools this configuration registers")
+
+    demo = sub.add_parser("demo", help="create a demo Engram database and serve MCP against it")
+    demo.add_argument("--admin-url", default=os.environ.get("ENGRAM_DEMO_ADMIN_URL",
+                                                             "postgresql://postgres@127.0.0.1:5432/postgres"))
+    demo.add_argument("--dir", default=".demo", help="where the demo keeps its key, env file and backups")
+    demo.add_argument("--no-serve", action="store_true", help="prepare the demo and exit")
+    return parser
+
+
+def _parse_args(pairs: Sequence[str]) -> dict[str, Any]:
+    arguments: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise RecoveryError(f"--arg {pair!r} is not KEY=VALUE", "write it as --arg deep=true")
+        try:
+            arguments[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            arguments[key] = raw
+    return arguments
+
+
+def _exit_code(result: dict[str, Any] | None, is_error: bool) -> int:
+    if is_error:
+        return EXIT_FAIL
+    verdict = (result or {}).get("verdict")
+    return {"warn": EXIT_WARN, "fail": EXIT_FAIL}.get(str(verdict), EXIT_OK)
+
+
+async def _call(settings: Settings, tool: str, arguments: dict[str, Any]) -> int:
+    from mcp import Client
+
+    from .app import build_server
+
+    server = build_server(settings)
+    if tool not in {spec.name for spec in registry.ALL if settings.access == "full" or not spec.writes}:
+        raise RecoveryError(
+            f"{tool} is not available in read-only mode", "set ENGRAM_RECOVERY_ACCESS=full to run tools that write"
+        )
+    live = sys.stderr.isatty()
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        if live:
+            of = f"/{total:g}" if total else ""
+            sys.stderr.write(f"\r\x1b[2K{tool}: {progress:g}{of} {message or ''}")
+            sys.stderr.flush()
+
+    async with Client(server) as client:
+        result = await client.call_tool(tool, arguments, progress_callback=on_progress)
+    if live:
+        sys.stderr.write("\r\x1b[2K")
+    if result.is_error:
+        text = " ".join(getattr(block, "text", "") for block in result.content)
+        print(json.dumps({"error": scrub(text)}, indent=2))
+        return EXIT_FAIL
+    print(json.dumps(result.structured_content, indent=2, default=str))
+    return _exit_code(result.structured_content, False)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "demo":
+            from .demo import run_demo
+
+            return run_demo(args.admin_url, args.dir, serve=not args.no_serve)
+        settings = load_settings(env_file=args.env_file)
+        if args.command == "config":
+            print(json.dumps(settings.redacted(), indent=2))
+            return EXIT_OK
+        if args.command == "tools":
+            from .app import tools_for
+
+            for spec in tools_for(settings):
+                print(f"{spec.name:16} {spec.title}{'  (writes)' if spec.writes else ''}")
+            return EXIT_OK
+        if args.command == "call":
+            code: int = anyio.run(_call, settings, args.tool, _parse_args(args.arg))
+            return code
+        if args.command == "serve":
+            from .transports import serve
+
+            serve(settings, http=args.http, host=args.host, port=args.port)
+            return EXIT_OK
+    except RecoveryError as exc:
+        print(f"engram-recovery: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    except KeyboardInterrupt:
+        return 130
+    return EXIT_FAIL
+
+
+if __name__ == "__main__":
+    sys.exit(main())
