@@ -1,24 +1,288 @@
 """The backup repository: where recovery points live.
 
-Layout (a local directory, or the same keys under an s3:// prefix):
+Layout (a local directory, or the same keys under an s3://bucket/prefix):
 
     backups/<backup_id>/manifest.json   written last: its presence makes a backup complete
-    backups/<backup_id>/<artifacts>
+    backups/<backup_id>/<artifacts>     a folder without a manifest is an interrupted run's leftover
+    attachments/...                     the shared, content-addressed pool of mirrored attachment blobs
     drills/<timestamp>-<backup_id>.json restore drill records
 
-This first version only reads a local repository; run_backup (issue 3) adds
-writing and S3.
+Every write is atomic: a local file is written under a temporary name in the
+same directory, fsynced and renamed; an S3 object is one PutObject or a
+multipart upload completed only after its last part. A reader therefore never
+sees a half-written object under its final key.
+
+Use a repository as an async context manager (`async with open_repository(s) as
+repo:`), which opens and closes the S3 client once for all operations.
 """
 
 from __future__ import annotations
 
+import builtins
+import errno
+import hashlib
 import json
+import os
+import secrets
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from types import TracebackType
+from typing import IO, Any, Self
 
-from .errors import StoreUnreachable
+import anyio
+
+from .errors import ConfigurationError, IntegrityError, RecoveryError, StoreUnreachable
+from .s3 import S3Location
 from .settings import Settings
+
+BACKUPS = "backups/"
+DRILLS = "drills/"
+ATTACHMENTS = "attachments/"
+MANIFEST_NAME = "manifest.json"
+READ_CHUNK = 1 << 20
+_TMP_MARK = ".tmp-"
+
+
+def check_key(key: str) -> str:
+    """Refuse keys that could escape the repository or collide with temporary files."""
+    path = PurePosixPath(key)
+    if not key or key.startswith("/") or ".." in path.parts or key.endswith("/") or _TMP_MARK in path.name:
+        raise ConfigurationError(f"invalid repository key {key!r}", "use a relative path such as backups/<id>/x")
+    return key
+
+
+class Repository(ABC):
+    """The primitives run_backup, the attachments mirror and the restore tools share."""
+
+    location: str
+    s3_location: S3Location | None = None
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        return None
+
+    @abstractmethod
+    async def check_writable(self) -> None:
+        """Fail now, with the fix named, if a backup could not be written (missing, read-only, bad credentials)."""
+
+    @abstractmethod
+    async def put_stream(self, key: str, chunks: AsyncIterator[bytes]) -> tuple[int, str]:
+        """Store the stream under `key` atomically; return (size, sha256 hex) of the stored bytes."""
+
+    async def put_bytes(self, key: str, data: bytes) -> tuple[int, str]:
+        async def one() -> AsyncIterator[bytes]:
+            yield data
+
+        return await self.put_stream(key, one())
+
+    @abstractmethod
+    def get_stream(self, key: str, chunk_size: int = READ_CHUNK) -> AsyncIterator[bytes]:
+        """The stored bytes of `key`, in chunks (StoreUnreachable if it does not exist)."""
+
+    async def get_bytes(self, key: str) -> bytes:
+        return b"".join([chunk async for chunk in self.get_stream(key)])
+
+    @abstractmethod
+    async def exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def list(self, prefix: str) -> AsyncIterator[tuple[str, int]]:
+        """(key, size) of every stored object whose key starts with `prefix`, temporary files excluded."""
+
+    @abstractmethod
+    async def delete(self, keys: Iterable[str]) -> int:
+        """Delete these keys (missing ones are ignored); return how many were asked for."""
+
+    async def sha256(self, key: str) -> tuple[int, str]:
+        """Re-read `key` and hash it: the verification step."""
+        digest = hashlib.sha256()
+        size = 0
+        async for chunk in self.get_stream(key):
+            digest.update(chunk)
+            size += len(chunk)
+        return size, digest.hexdigest()
+
+    async def sweep_temporary(self) -> int:
+        """Remove temporary files an interrupted write left behind (local only; S3 aborts its uploads)."""
+        return 0
+
+
+# --- local directory ----------------------------------------------------------------------------------
+
+
+def _os_error(exc: OSError, what: str, where: str) -> RecoveryError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StoreUnreachable(
+            f"the backup repository {where} is full (while trying to {what})",
+            "free space there or point ENGRAM_RECOVERY_REPOSITORY at a larger volume; nothing half-written was kept",
+        )
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return StoreUnreachable(
+            f"the backup repository {where} is not writable (while trying to {what}): {exc.strerror}",
+            "give this process write access to ENGRAM_RECOVERY_REPOSITORY or choose another directory",
+        )
+    return StoreUnreachable(
+        f"the backup repository {where} failed while trying to {what}: {exc.strerror or exc}",
+        "check that ENGRAM_RECOVERY_REPOSITORY is a reachable, mounted directory",
+    )
+
+
+class LocalRepository(Repository):
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.location = str(root)
+
+    def _path(self, key: str) -> Path:
+        return self.root / check_key(key)
+
+    async def check_writable(self) -> None:
+        if self.root.exists() and not self.root.is_dir():
+            raise StoreUnreachable(
+                f"the backup repository {self.root} is not a directory",
+                "point ENGRAM_RECOVERY_REPOSITORY at a directory",
+            )
+        try:
+            await anyio.to_thread.run_sync(lambda: self.root.mkdir(parents=True, exist_ok=True))
+            await self.put_bytes(".write-check", b"ok")
+            await self.delete([".write-check"])
+        except OSError as exc:
+            raise _os_error(exc, "create it", str(self.root)) from exc
+
+    async def put_stream(self, key: str, chunks: AsyncIterator[bytes]) -> tuple[int, str]:
+        final = self._path(key)
+        temp = final.with_name(f".{final.name}{_TMP_MARK}{secrets.token_hex(6)}")
+        digest = hashlib.sha256()
+        size = 0
+        handle: IO[bytes] | None = None
+        try:
+            await anyio.to_thread.run_sync(lambda: final.parent.mkdir(parents=True, exist_ok=True))
+            handle = await anyio.to_thread.run_sync(lambda: temp.open("wb"))
+            async for chunk in chunks:
+                digest.update(chunk)
+                size += len(chunk)
+                await anyio.to_thread.run_sync(handle.write, chunk)
+            await anyio.to_thread.run_sync(_flush_sync, handle)
+            handle.close()
+            handle = None
+            await anyio.to_thread.run_sync(os.replace, temp, final)
+            await anyio.to_thread.run_sync(_fsync_dir, final.parent)
+        except OSError as exc:
+            raise _os_error(exc, f"write {key}", str(self.root)) from exc
+        finally:
+            # Also on cancellation: nothing half-written stays behind under any name.
+            if handle is not None:
+                handle.close()
+            if temp.exists():
+                temp.unlink(missing_ok=True)
+        return size, digest.hexdigest()
+
+    async def get_stream(self, key: str, chunk_size: int = READ_CHUNK) -> AsyncIterator[bytes]:
+        path = self._path(key)
+        try:
+            handle = await anyio.to_thread.run_sync(lambda: path.open("rb"))
+        except FileNotFoundError as exc:
+            raise StoreUnreachable(
+                f"{key} is missing from the backup repository {self.root}",
+                "the backup is damaged or was pruned: choose another recovery point",
+            ) from exc
+        except OSError as exc:
+            raise _os_error(exc, f"read {key}", str(self.root)) from exc
+        try:
+            while chunk := await anyio.to_thread.run_sync(handle.read, chunk_size):
+                yield chunk
+        finally:
+            handle.close()
+
+    async def exists(self, key: str) -> bool:
+        return await anyio.to_thread.run_sync(self._path(key).is_file)
+
+    async def list(self, prefix: str) -> AsyncIterator[tuple[str, int]]:
+        found = await anyio.to_thread.run_sync(self._list_sync, prefix)
+        for item in found:
+            yield item
+
+    def _list_sync(self, prefix: str) -> builtins.list[tuple[str, int]]:
+        # Walk only the directory the prefix names, not the whole repository.
+        base = self.root / prefix[: prefix.rfind("/") + 1] if "/" in prefix else self.root
+        out: builtins.list[tuple[str, int]] = []
+        if not base.is_dir():
+            return out
+        for dirpath, _dirs, files in os.walk(base):
+            for name in files:
+                if _TMP_MARK in name:
+                    continue
+                full = Path(dirpath) / name
+                key = full.relative_to(self.root).as_posix()
+                if key.startswith(prefix):
+                    out.append((key, full.stat().st_size))
+        out.sort()
+        return out
+
+    async def delete(self, keys: Iterable[str]) -> int:
+        paths = [self._path(k) for k in keys]
+
+        def remove() -> None:
+            parents: set[Path] = set()
+            for path in paths:
+                path.unlink(missing_ok=True)
+                parents.add(path.parent)
+            # Empty backup folders go too, so a pruned backup leaves no trace.
+            for parent in sorted(parents, key=lambda p: len(p.parts), reverse=True):
+                while parent != self.root and parent.is_dir() and not any(parent.iterdir()):
+                    parent.rmdir()
+                    parent = parent.parent
+
+        try:
+            await anyio.to_thread.run_sync(remove)
+        except OSError as exc:
+            raise _os_error(exc, "delete old files", str(self.root)) from exc
+        return len(paths)
+
+    async def sweep_temporary(self) -> int:
+        def sweep() -> int:
+            count = 0
+            if not self.root.is_dir():
+                return 0
+            for dirpath, _dirs, files in os.walk(self.root):
+                for name in files:
+                    if _TMP_MARK in name:
+                        (Path(dirpath) / name).unlink(missing_ok=True)
+                        count += 1
+            return count
+
+        return await anyio.to_thread.run_sync(sweep)
+
+
+def _flush_sync(handle: IO[bytes]) -> None:
+    handle.flush()
+    os.fsync(handle.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def open_repository(settings: Settings) -> Repository:
+    """The configured repository (not yet connected: use it with `async with`)."""
+    if settings.repository.startswith("s3://"):
+        from .repository_s3 import S3Repository
+
+        return S3Repository.from_settings(settings)
+    return LocalRepository(Path(settings.repository).expanduser())
+
+
+# --- what is in it ----------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -28,6 +292,7 @@ class BackupSummary:
     size_bytes: int
     verified: bool | None
     verified_at: datetime | None = None
+    started_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -43,44 +308,56 @@ class RepositoryState:
     location: str
     backups: list[BackupSummary] = field(default_factory=list)
     drills: list[DrillRecord] = field(default_factory=list)
+    incomplete: list[str] = field(default_factory=list, metadata={"doc": "backup ids with no manifest"})
 
     @property
     def newest(self) -> BackupSummary | None:
         return max(self.backups, key=lambda b: b.finished_at, default=None)
 
     @property
+    def newest_verified(self) -> BackupSummary | None:
+        return max((b for b in self.backups if b.verified), key=lambda b: b.finished_at, default=None)
+
+    @property
     def last_successful_drill(self) -> DrillRecord | None:
         return max((d for d in self.drills if d.ok), key=lambda d: d.at, default=None)
 
 
-def _local_root(settings: Settings) -> Path:
-    return Path(settings.repository).expanduser()
+def backup_id_of(key: str) -> str | None:
+    """'backups/<id>/anything' -> '<id>'."""
+    parts = key.split("/")
+    return parts[1] if len(parts) >= 3 and parts[0] == "backups" else None
 
 
-async def read_state(settings: Settings) -> RepositoryState:
-    if settings.repository.startswith("s3://"):
-        raise StoreUnreachable(
-            "reading an s3:// backup repository is not implemented yet", "use a local directory repository for now"
-        )
-    root = _local_root(settings)
-    if root.exists() and not root.is_dir():
-        raise StoreUnreachable(
-            f"the backup repository {root} is not a directory", "point ENGRAM_RECOVERY_REPOSITORY at a directory"
-        )
+async def scan(repo: Repository) -> RepositoryState:
+    """Complete backups (those with a manifest), leftovers of interrupted runs, and drill records."""
+    folders: set[str] = set()
+    complete: list[str] = []
+    async for key, _size in repo.list(BACKUPS):
+        backup_id = backup_id_of(key)
+        if backup_id is None:
+            continue
+        folders.add(backup_id)
+        if key == f"{BACKUPS}{backup_id}/{MANIFEST_NAME}":
+            complete.append(backup_id)
     backups: list[BackupSummary] = []
-    for manifest in sorted((root / "backups").glob("*/manifest.json")):
-        data = json.loads(manifest.read_text(encoding="utf-8"))
+    for backup_id in sorted(complete):
+        data = _json(await repo.get_bytes(f"{BACKUPS}{backup_id}/{MANIFEST_NAME}"), backup_id)
         backups.append(
             BackupSummary(
                 backup_id=str(data["backup_id"]),
                 finished_at=datetime.fromisoformat(data["finished_at"]),
                 size_bytes=int(data.get("total_bytes", 0)),
                 verified=data.get("verified"),
+                verified_at=datetime.fromisoformat(data["verified_at"]) if data.get("verified_at") else None,
+                started_at=datetime.fromisoformat(data["started_at"]) if data.get("started_at") else None,
             )
         )
     drills: list[DrillRecord] = []
-    for record in sorted((root / "drills").glob("*.json")):
-        data = json.loads(record.read_text(encoding="utf-8"))
+    async for key, _size in repo.list(DRILLS):
+        if not key.endswith(".json"):
+            continue
+        data = _json(await repo.get_bytes(key), key)
         drills.append(
             DrillRecord(
                 at=datetime.fromisoformat(data["at"]),
@@ -89,4 +366,26 @@ async def read_state(settings: Settings) -> RepositoryState:
                 rto_seconds=data.get("rto_seconds"),
             )
         )
-    return RepositoryState(location=str(root), backups=backups, drills=drills)
+    incomplete = sorted(folders - set(complete))
+    return RepositoryState(location=repo.location, backups=backups, drills=drills, incomplete=incomplete)
+
+
+def _json(raw: bytes, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise IntegrityError(f"{what}: not valid JSON", "remove or restore that file") from exc
+    if not isinstance(data, dict):
+        raise IntegrityError(f"{what}: the manifest or record is not a JSON object", "remove or restore that file")
+    return data
+
+
+async def read_state(settings: Settings) -> RepositoryState:
+    """What the configured repository holds; an absent local directory is an empty repository."""
+    repo = open_repository(settings)
+    if isinstance(repo, LocalRepository) and repo.root.exists() and not repo.root.is_dir():
+        raise StoreUnreachable(
+            f"the backup repository {repo.root} is not a directory", "point ENGRAM_RECOVERY_REPOSITORY at a directory"
+        )
+    async with repo:
+        return await scan(repo)

@@ -1,0 +1,161 @@
+"""The repository primitives, against a local directory and a real SeaweedFS bucket."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import anyio
+import anyio.lowlevel
+import pytest
+
+from engram_recovery.core import s3
+from engram_recovery.core.errors import ConfigurationError, StoreUnreachable
+from engram_recovery.core.repository import LocalRepository, Repository, open_repository, read_state
+from engram_recovery.core.repository_s3 import PART_SIZE, S3Repository
+from engram_recovery.core.s3 import S3Location
+from engram_recovery.core.settings import load_settings
+from engram_recovery.testbed.seaweedfs import SeaweedFS
+
+
+async def make_bucket(weed: SeaweedFS, name: str | None = None) -> S3Location:
+    location = S3Location(
+        endpoint=weed.endpoint, access_key_id=weed.access_key_id, secret_access_key=weed.secret_access_key,
+        region=weed.region, bucket=name or f"repo-{secrets.token_hex(4)}",
+    )
+    async with s3.client(location) as c:
+        await c.create_bucket(Bucket=location.bucket)
+    return location
+
+
+@pytest.fixture(params=["local", "s3"])
+async def repo(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Repository]:
+    if request.param == "local":
+        async with LocalRepository(tmp_path / "repo") as local:
+            await local.check_writable()
+            yield local
+    else:
+        weed: SeaweedFS = request.getfixturevalue("weed")
+        location = await make_bucket(weed)
+        async with S3Repository(location, "team/backups") as remote:
+            await remote.check_writable()
+            yield remote
+
+
+async def chunks_of(data: bytes, size: int) -> AsyncIterator[bytes]:
+    for start in range(0, len(data), size):
+        yield data[start : start + size]
+
+
+@pytest.mark.anyio
+async def test_put_stream_stores_the_bytes_and_reports_their_size_and_sha256(repo: Repository) -> None:
+    # Larger than one multipart part, so the S3 case really goes through a multipart upload.
+    data = secrets.token_bytes(PART_SIZE + 123_457)
+    size, digest = await repo.put_stream("backups/b1/db.dump", chunks_of(data, 1 << 20))
+    assert (size, digest) == (len(data), hashlib.sha256(data).hexdigest())
+    assert await repo.get_bytes("backups/b1/db.dump") == data
+    assert await repo.sha256("backups/b1/db.dump") == (size, digest)
+    assert await repo.exists("backups/b1/db.dump")
+    assert not await repo.exists("backups/b1/other")
+
+
+@pytest.mark.anyio
+async def test_list_and_delete_see_only_the_prefix(repo: Repository) -> None:
+    await repo.put_bytes("backups/a/x", b"1")
+    await repo.put_bytes("backups/a/y", b"22")
+    await repo.put_bytes("attachments/zz", b"333")
+    assert [item async for item in repo.list("backups/")] == [("backups/a/x", 1), ("backups/a/y", 2)]
+    assert [item async for item in repo.list("attachments/")] == [("attachments/zz", 3)]
+    await repo.delete(["backups/a/x", "backups/a/y", "backups/a/missing"])
+    assert [item async for item in repo.list("backups/")] == []
+    assert await repo.exists("attachments/zz")
+
+
+class Boom(Exception):
+    pass
+
+
+@pytest.mark.anyio
+async def test_a_stream_that_fails_midway_leaves_no_object_under_any_name(repo: Repository) -> None:
+    async def failing() -> AsyncIterator[bytes]:
+        yield secrets.token_bytes(PART_SIZE + 1)
+        yield b"more"
+        raise Boom
+
+    with pytest.raises(Boom):
+        await repo.put_stream("backups/b2/db.dump", failing())
+    assert [item async for item in repo.list("")] == []
+    assert not await repo.exists("backups/b2/db.dump")
+    if isinstance(repo, S3Repository):
+        answer = await repo.client.list_multipart_uploads(Bucket=repo.bucket)
+        assert answer.get("Uploads", []) == []
+
+
+@pytest.mark.anyio
+async def test_a_cancelled_write_leaves_nothing(repo: Repository) -> None:
+    async def endless() -> AsyncIterator[bytes]:
+        while True:
+            yield secrets.token_bytes(1 << 20)
+            await anyio.lowlevel.checkpoint()
+
+    with anyio.move_on_after(0.5):
+        await repo.put_stream("backups/b3/db.dump", endless())
+    assert [item async for item in repo.list("")] == []
+
+
+@pytest.mark.anyio
+async def test_a_missing_key_is_reported_as_missing(repo: Repository) -> None:
+    with pytest.raises(StoreUnreachable, match="missing"):
+        await repo.get_bytes("backups/none/manifest.json")
+
+
+def test_keys_that_escape_the_repository_are_refused(tmp_path: Path) -> None:
+    repo = LocalRepository(tmp_path)
+    for key in ("../etc/passwd", "/abs", "a/../../b", "dir/", ""):
+        with pytest.raises(ConfigurationError):
+            repo._path(key)
+
+
+@pytest.mark.anyio
+async def test_wrong_s3_credentials_fail_clearly_and_without_the_secret(weed: SeaweedFS) -> None:
+    location = await make_bucket(weed)
+    bad = S3Location(location.endpoint, location.access_key_id, "wrong-" + secrets.token_hex(8), "us-east-1",
+                     location.bucket)
+    async with S3Repository(bad, "") as repo:
+        with pytest.raises(StoreUnreachable, match="refused the credentials") as info:
+            await repo.check_writable()
+    assert bad.secret_access_key not in str(info.value)
+
+
+@pytest.mark.anyio
+async def test_an_unreachable_s3_endpoint_fails_clearly() -> None:
+    location = S3Location("http://127.0.0.1:9", "k", "secret-value", "us-east-1", "b")
+    async with S3Repository(location, "") as repo:
+        with pytest.raises(StoreUnreachable, match="unreachable"):
+            await repo.check_writable()
+
+
+@pytest.mark.anyio
+async def test_read_state_lists_complete_backups_and_leftovers_in_an_s3_repository(weed: SeaweedFS) -> None:
+    location = await make_bucket(weed)
+    settings = load_settings(environ={
+        "DATABASE_URL": "postgresql://x@127.0.0.1/engram",
+        "ENGRAM_RECOVERY_REPOSITORY": f"s3://{location.bucket}/p",
+        "ENGRAM_RECOVERY_REPOSITORY_ENDPOINT": weed.endpoint,
+        "ENGRAM_RECOVERY_REPOSITORY_ACCESS_KEY_ID": weed.access_key_id,
+        "ENGRAM_RECOVERY_REPOSITORY_SECRET_ACCESS_KEY": weed.secret_access_key,
+    })
+    async with open_repository(settings) as repo:
+        assert isinstance(repo, S3Repository)
+        await repo.put_bytes(
+            "backups/20260101T000000Z/manifest.json",
+            b'{"backup_id": "20260101T000000Z", "finished_at": "2026-01-01T00:00:00+00:00", "total_bytes": 5, '
+            b'"verified": true, "verified_at": "2026-01-01T00:00:01+00:00"}',
+        )
+        await repo.put_bytes("backups/20260102T000000Z/db.dump", b"half")
+    state = await read_state(settings)
+    assert [b.backup_id for b in state.backups] == ["20260101T000000Z"]
+    assert state.newest_verified is not None and state.newest_verified.size_bytes == 5
+    assert state.incomplete == ["20260102T000000Z"]
