@@ -1,0 +1,420 @@
+"""Turning a manifest plus the observed state into a verified restore plan: pure, no I/O.
+
+core/restore_checks.py gathers the observed state (hashes, versions, the target,
+the live database); this module judges it and writes the ordered steps with
+their exact commands (core/restore_steps.py). A plan whose verification fails
+offers no executable steps: the operator fixes the cause first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from . import engram_crypto
+from .manifest import MANIFEST_FORMAT, Manifest
+from .verify import ArtifactVerdict
+
+Verdict = Literal["ok", "warn", "fail"]
+
+# The newest Engram migration each release ships: the app runs every migration it
+# knows at boot, before its canary check, and cannot run against a newer schema.
+KNOWN_RELEASES: dict[str, int] = {"0.18.1": 20260816070000}
+# The migration that added vaults.change_seq (the Obsidian sync cursor head).
+CHANGE_SEQ_MIGRATION = 20260616120000
+
+
+class PlanCheck(BaseModel):
+    name: str
+    status: Verdict
+    code: str = Field(description="Machine-readable verdict, e.g. 'wrong_key', 'target_not_empty'.")
+    summary: str
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+class PlanStep(BaseModel):
+    order: int
+    id: str
+    title: str
+    commands: list[str] = Field(description="Exact shell commands, in order; secrets come from the environment.")
+    expect: str | None = Field(default=None, description="What a successful run prints or leaves behind.")
+    checked: list[str] = Field(default_factory=list, description="Checks already run that cover this step.")
+    cannot_check: list[str] = Field(default_factory=list, description="What this plan could not verify in advance.")
+    optional: bool = False
+
+
+class Consequence(BaseModel):
+    topic: str
+    summary: str
+    count: int | None = None
+    step: str | None = Field(default=None, description="The step that deals with it, if any.")
+
+
+class Premises(BaseModel):
+    """What the plan token is bound to: a change in any of these invalidates the plan."""
+
+    backup_id: str
+    manifest_sha256: str
+    key_fingerprint: str | None
+    target_database: str
+    target_state: str
+    target_server_major: int | None
+    pg_restore_major: int | None
+    allow_non_empty_target: bool
+    app_version: str | None
+
+
+@dataclass(frozen=True)
+class KeyMaterial:
+    """The keys available to the tool (never serialised; only fingerprints leave this module)."""
+
+    current: bytes | None
+    current_problem: str | None
+    previous: bytes | None
+    key_provider: str = "local"
+
+
+@dataclass(frozen=True)
+class ToolState:
+    pg_restore_path: str | None
+    pg_restore_major: int | None
+    problem: str | None = None
+
+
+@dataclass(frozen=True)
+class TargetState:
+    database: str
+    host: str | None
+    port: int | None
+    user: str | None
+    reachable: bool
+    problem: str | None = None
+    server_version: str | None = None
+    server_major: int | None = None
+    exists: bool | None = None
+    user_tables: int | None = None
+    active_connections: int | None = None
+    roles_present: frozenset[str] = frozenset()
+    is_live: bool = False
+
+    @property
+    def state(self) -> str:
+        if not self.reachable:
+            return "unreachable"
+        if not self.exists:
+            return "absent"
+        return "empty" if not self.user_tables else f"non_empty:{self.user_tables}"
+
+
+@dataclass(frozen=True)
+class LiveState:
+    """The configured (live) database as it is now; after a disaster it is often gone."""
+
+    reachable: bool
+    problem: str | None = None
+    newest_write: datetime | None = None
+    tokens_issued_after: dict[str, int] = field(default_factory=dict)
+    users_signing_in_again: int | None = None
+    revoked_after: dict[str, list[str]] = field(default_factory=dict)
+    api_key_ids: list[str] | None = None
+    api_keys_created_after: int | None = None
+    vault_seqs: dict[str, int] | None = None
+    newer_users: list[str] | None = None
+
+
+@dataclass(frozen=True)
+class InventoryState:
+    present: bool
+    objects: int = 0
+    missing: list[str] = field(default_factory=list)
+    missing_count: int = 0
+    entries: list[tuple[str, str, str | None]] = field(default_factory=list)  # (key, repo_key, version_id)
+    problem: str | None = None
+
+
+@dataclass(frozen=True)
+class Observed:
+    manifest_sha256: str
+    artifacts: Sequence[ArtifactVerdict]
+    keys: KeyMaterial
+    tools: ToolState
+    target: TargetState
+    live: LiveState
+    inventory: InventoryState | None
+    app_version: str | None
+    allow_non_empty_target: bool
+    now: datetime
+
+
+def worst(statuses: Sequence[Verdict]) -> Verdict:
+    return "fail" if "fail" in statuses else "warn" if "warn" in statuses else "ok"
+
+
+def _check(name: str, status: Verdict, code: str, summary: str, **details: Any) -> PlanCheck:
+    return PlanCheck(name=name, status=status, code=code, summary=summary, details=details)
+
+
+def check_manifest(manifest: Manifest, observed: Observed) -> PlanCheck:
+    details = {"backup_id": manifest.backup_id, "manifest_sha256": observed.manifest_sha256}
+    if manifest.format != MANIFEST_FORMAT:
+        return _check("manifest", "fail", "manifest_format",
+                      f"the manifest has format {manifest.format!r}; this tool reads {MANIFEST_FORMAT!r}: "
+                      "use the engram-recovery version that wrote the backup", **details)  # fmt: skip
+    if manifest.verified is False:
+        return _check("manifest", "warn", "manifest_unverified",
+                      "the backup's own read-back verification failed when it was written; the artifacts were "
+                      "re-hashed now (see 'artifacts')", **details)  # fmt: skip
+    return _check("manifest", "ok", "ok", f"manifest of {manifest.backup_id} is readable", **details)
+
+
+def check_artifacts(observed: Observed) -> PlanCheck:
+    bad = [a for a in observed.artifacts if not a.ok]
+    details = {"artifacts": [{"name": a.name, "ok": a.ok, "size": a.actual_size} for a in observed.artifacts]}
+    if bad:
+        code = "artifact_missing" if any(a.actual_sha256 is None for a in bad) else "artifact_altered"
+        return _check("artifacts", "fail", code, "; ".join(a.problem or "" for a in bad), **details)
+    total = sum(a.expected_size for a in observed.artifacts)
+    return _check("artifacts", "ok", "ok",
+                  f"all {len(observed.artifacts)} artifact(s) ({total} bytes) match their recorded SHA-256",
+                  **details)  # fmt: skip
+
+
+def check_key(manifest: Manifest, keys: KeyMaterial) -> PlanCheck:
+    """The master key against the canary recorded in the manifest, with no database at all."""
+    canary = manifest.canary
+    if keys.current is None:
+        return _check("master_key", "fail", "key_missing" if keys.current_problem is None else "key_malformed",
+                      keys.current_problem or "ENCRYPTION_MASTER_KEY is not available to this tool: set "
+                      "ENCRYPTION_MASTER_KEY or ENCRYPTION_MASTER_KEY_FILE to the key Engram ran with")  # fmt: skip
+    fingerprint = engram_crypto.key_fingerprint(keys.current)
+    details: dict[str, Any] = {"fingerprint": fingerprint, "backup_key_fingerprint": manifest.master_key_fingerprint}
+    if not canary.present or not canary.wrapped_dek_b64 or not canary.dek_sha256_hex:
+        return _check("master_key", "warn", "canary_empty",
+                      "DANGER: system_canaries was EMPTY in this backup, so the key cannot be checked offline, and "
+                      "Engram would silently adopt ANY master key at boot, making every row unreadable with the real "
+                      "one. Run restore_drill on this backup (it decrypts real rows with the key) before booting",
+                      **details)  # fmt: skip
+    wrapped = _b64(canary.wrapped_dek_b64)
+    expected = bytes.fromhex(canary.dek_sha256_hex)
+    verdict = engram_crypto.check_canary(keys.current, wrapped, expected)
+    details["canary"] = verdict
+    if verdict == "match":
+        return _check("master_key", "ok", "ok",
+                      f"master key {fingerprint} unwraps the backup's boot canary: Engram will boot with it",
+                      **details)  # fmt: skip
+    if verdict == "kms":
+        return _check("master_key", "warn", "kms_wrapped",
+                      "the backup's boot canary is wrapped by AWS KMS, so no local key can check it offline: make "
+                      "sure the KMS key and the permission to use it exist before booting", **details)  # fmt: skip
+    if keys.previous is not None and engram_crypto.check_canary(keys.previous, wrapped, expected) == "match":
+        details["previous_fingerprint"] = engram_crypto.key_fingerprint(keys.previous)
+        return _check("master_key", "fail", "previous_key_only",
+                      "the backup's canary opens with ENCRYPTION_MASTER_KEY_PREVIOUS, not ENCRYPTION_MASTER_KEY: "
+                      "Engram checks the canary with the current key only and would refuse to boot. Boot the "
+                      "restored database with the previous key as ENCRYPTION_MASTER_KEY (then rotate again)",
+                      **details)  # fmt: skip
+    if verdict in ("sha_mismatch", "malformed"):
+        return _check("master_key", "fail", "canary_corrupt",
+                      f"the canary recorded in the manifest is unusable ({verdict}): the manifest is damaged; "
+                      "choose another recovery point", **details)  # fmt: skip
+    return _check("master_key", "fail", "wrong_key",
+                  f"ENCRYPTION_MASTER_KEY (fingerprint {fingerprint}) does not unwrap this backup's boot canary"
+                  + (f" (the backup was written with key {manifest.master_key_fingerprint})"
+                     if manifest.master_key_fingerprint else "")
+                  + ": Engram would refuse to boot and no row could be read. Find the right key first",
+                  **details)  # fmt: skip
+
+
+def _b64(text: str) -> bytes:
+    import base64
+
+    return base64.b64decode(text)
+
+
+def dump_major(manifest: Manifest) -> int | None:
+    import re
+
+    match = re.search(r"(\d+)(?:\.\d+)?", manifest.database.pg_dump_version)
+    return int(match.group(1)) if match else None
+
+
+def check_versions(manifest: Manifest, observed: Observed) -> list[PlanCheck]:
+    checks: list[PlanCheck] = []
+    tools, target, db = observed.tools, observed.target, manifest.database
+    needed = dump_major(manifest)
+    if tools.pg_restore_major is None:
+        checks.append(_check("pg_restore", "fail", "pg_restore_missing",
+                             (tools.problem or "pg_restore was not found")
+                             + ": install the PostgreSQL client or set ENGRAM_RECOVERY_PG_RESTORE"))  # fmt: skip
+    elif needed is not None and tools.pg_restore_major < needed:
+        checks.append(_check("pg_restore", "fail", "pg_restore_too_old",
+                             f"pg_restore {tools.pg_restore_major} ({tools.pg_restore_path}) cannot read a dump "
+                             f"written by pg_dump {needed}: install postgresql-client-{needed} (or newer) and point "
+                             "ENGRAM_RECOVERY_PG_RESTORE at it", path=tools.pg_restore_path,
+                             major=tools.pg_restore_major, dump_major=needed))  # fmt: skip
+    else:
+        checks.append(_check("pg_restore", "ok", "ok",
+                             f"pg_restore {tools.pg_restore_major} reads dumps of pg_dump {needed}",
+                             path=tools.pg_restore_path, major=tools.pg_restore_major))  # fmt: skip
+    if target.server_major is not None:
+        if target.server_major < db.server_major:
+            checks.append(_check("target_server", "fail", "target_server_too_old",
+                                 f"the target server is PostgreSQL {target.server_major} but the backup comes from "
+                                 f"{db.server_major}: restore into PostgreSQL {db.server_major} or newer"))  # fmt: skip
+        else:
+            note = "" if target.server_major == db.server_major else " (a newer major: supported by pg_restore)"
+            checks.append(_check("target_server", "ok", "ok",
+                                 f"target PostgreSQL {target.server_version} can take a dump of "
+                                 f"{db.server_version}{note}"))  # fmt: skip
+    checks.append(_check_app_version(manifest, observed.app_version))
+    return checks
+
+
+def _check_app_version(manifest: Manifest, app_version: str | None) -> PlanCheck:
+    schema = manifest.database.engram_schema_version
+    details = {"backup_schema_version": schema, "app_version": app_version}
+    if app_version is None:
+        return _check("app_version", "warn", "app_version_unknown",
+                      f"no app version given: the backup's schema is at migration {schema}. Engram runs its "
+                      "migrations at boot BEFORE its canary check; pass app_version to check compatibility",
+                      **details)  # fmt: skip
+    newest = KNOWN_RELEASES.get(app_version.removeprefix("v"))
+    if newest is None or schema is None:
+        return _check("app_version", "warn", "app_version_unchecked",
+                      f"cannot tell which migrations Engram {app_version} ships (known: "
+                      f"{', '.join(KNOWN_RELEASES)}); make sure it is at least the release that wrote migration "
+                      f"{schema}", **details)  # fmt: skip
+    details["app_newest_migration"] = newest
+    if schema > newest:
+        return _check("app_version", "fail", "app_too_old",
+                      f"the backup's schema is at migration {schema}, newer than Engram {app_version} knows "
+                      f"({newest}): boot the release that wrote this backup or a newer one", **details)  # fmt: skip
+    if schema < newest:
+        return _check("app_version", "warn", "migrations_will_run",
+                      f"Engram {app_version} will migrate the restored schema from {schema} to {newest} at boot, "
+                      "before its canary check: the key was verified offline here; a migrated database can only "
+                      "be undone by restoring again", **details)  # fmt: skip
+    return _check("app_version", "ok", "ok", f"Engram {app_version} matches the backup's schema ({schema})",
+                  **details)  # fmt: skip
+
+
+def check_target(manifest: Manifest, observed: Observed) -> list[PlanCheck]:
+    target = observed.target
+    if not target.reachable:
+        return [_check("target", "fail", "target_unreachable",
+                       f"the target server is unreachable: {target.problem}: start it or fix DATABASE_URL")]
+    checks: list[PlanCheck] = []
+    where = f"database {target.database!r}"
+    if not target.exists:
+        checks.append(_check("target", "ok", "target_absent", f"{where} does not exist: the plan creates it"))
+    elif not target.user_tables:
+        checks.append(_check("target", "ok", "target_empty", f"{where} exists and is empty"))
+    elif not observed.allow_non_empty_target:
+        checks.append(_check("target", "fail", "target_not_empty",
+                             f"{where} is not empty ({target.user_tables} tables): restoring over it destroys what "
+                             "it holds. Choose an empty target database, or pass allow_non_empty_target=true to "
+                             "drop and re-create it", tables=target.user_tables))  # fmt: skip
+    else:
+        checks.append(_check("target", "warn", "target_will_be_replaced",
+                             f"{where} holds {target.user_tables} tables and will be DROPPED and re-created "
+                             "(allow_non_empty_target=true)", tables=target.user_tables))  # fmt: skip
+    if target.exists and target.active_connections:
+        checks.append(_check("target_sessions", "warn", "target_in_use",
+                             f"{target.active_connections} other session(s) are connected to {where}: stop Engram "
+                             "before restoring", sessions=target.active_connections))  # fmt: skip
+    needed = sorted(set(manifest.database.roles_referenced))
+    missing = [r for r in needed if r not in target.roles_present]
+    if missing:
+        checks.append(_check("roles", "fail", "roles_missing",
+                             f"the dump names role(s) the target server lacks: {', '.join(missing)}. Create them "
+                             "first (e.g. " + "; ".join(f"CREATE ROLE {r}" for r in missing)
+                             + ") with the attributes they had", missing=missing))  # fmt: skip
+    else:
+        checks.append(_check("roles", "ok", "ok",
+                             f"every role the dump names exists: {', '.join(needed) or '(none recorded)'}"))
+    return checks
+
+
+def check_inventory(manifest: Manifest, inventory: InventoryState | None) -> PlanCheck:
+    att = manifest.attachments
+    if att.backend == "database":
+        return _check("attachments", "ok", "in_database",
+                      "attachments are stored in PostgreSQL (storage_objects): the database dump restores them")
+    if inventory is None or not inventory.present:
+        return _check("attachments", "fail", "inventory_missing",
+                      (inventory.problem if inventory and inventory.problem else
+                       "the backup records no attachments inventory")
+                      + ": the bucket's blobs cannot be restored from this recovery point")  # fmt: skip
+    if inventory.missing_count:
+        return _check("attachments", "fail", "inventory_objects_missing",
+                      f"{inventory.missing_count} of {inventory.objects} mirrored blob(s) the inventory names are "
+                      f"missing from the repository (e.g. {', '.join(inventory.missing[:3])}): those attachments "
+                      "cannot be restored; choose another recovery point", missing=inventory.missing[:20])  # fmt: skip
+    versioned = " (source bucket versioned: the version ids are recorded)" if att.source_versioned else ""
+    return _check("attachments", "ok", "ok",
+                  f"all {inventory.objects} blob(s) of the inventory are in the repository{versioned}")
+
+
+def check_rpo(manifest: Manifest, live: LiveState) -> PlanCheck:
+    point = manifest.started_at
+    if not live.reachable:
+        return _check("rpo", "ok", "live_unreachable",
+                      f"the live database is unreachable, so the loss cannot be measured: everything written after "
+                      f"{point.isoformat()} is lost", backup_time=point.isoformat())  # fmt: skip
+    if live.newest_write is None or live.newest_write <= point:
+        return _check("rpo", "ok", "nothing_lost",
+                      "the live database has no write newer than the backup: nothing would be lost",
+                      backup_time=point.isoformat())  # fmt: skip
+    lost = (live.newest_write - point).total_seconds()
+    return _check("rpo", "warn", "data_lost",
+                  f"writes from {point.isoformat()} to {live.newest_write.isoformat()} ({lost / 3600:.1f} h) "
+                  "would be lost", lost_seconds=round(lost, 1), backup_time=point.isoformat(),
+                  newest_write=live.newest_write.isoformat())  # fmt: skip
+
+
+def plan_token(premises: Premises, key: bytes | None) -> str:
+    """A token bound to the premises; keyed by the master key when there is one, so it cannot be forged."""
+    canonical = json.dumps(premises.model_dump(mode="json"), sort_keys=True, separators=(",", ":")).encode()
+    if key is None:
+        return "ptk1.h." + hashlib.sha256(canonical).hexdigest()
+    subkey = hmac.digest(key, b"engram-recovery-plan-token-v1", "sha256")
+    return "ptk1.m." + hmac.digest(subkey, canonical, "sha256").hex()
+
+
+def verify_plan_token(token: str, premises: Premises, key: bytes | None) -> bool:
+    """True only if `token` was issued for exactly these premises (and this key)."""
+    return hmac.compare_digest(token.encode(), plan_token(premises, key).encode())
+
+
+def premises_of(manifest: Manifest, observed: Observed) -> Premises:
+    keys = observed.keys
+    return Premises(
+        backup_id=manifest.backup_id,
+        manifest_sha256=observed.manifest_sha256,
+        key_fingerprint=engram_crypto.key_fingerprint(keys.current) if keys.current else None,
+        target_database=observed.target.database,
+        target_state=observed.target.state,
+        target_server_major=observed.target.server_major,
+        pg_restore_major=observed.tools.pg_restore_major,
+        allow_non_empty_target=observed.allow_non_empty_target,
+        app_version=observed.app_version,
+    )
+
+
+def run_checks(manifest: Manifest, observed: Observed) -> list[PlanCheck]:
+    return [
+        check_manifest(manifest, observed),
+        check_artifacts(observed),
+        check_key(manifest, observed.keys),
+        *check_versions(manifest, observed),
+        *check_target(manifest, observed),
+        check_inventory(manifest, observed.inventory),
+        check_rpo(manifest, observed.live),
+    ]

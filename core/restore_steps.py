@@ -1,0 +1,241 @@
+"""The ordered steps of a restore and the consequences to tell users: pure, no I/O.
+
+Every command is exact for this deployment and carries no secret: PostgreSQL
+passwords come from PGPASSWORD or ~/.pgpass, S3 credentials from the AWS CLI's
+own environment, the backup key from ENGRAM_RECOVERY_BACKUP_KEY(_FILE).
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Any
+
+from . import engram_crypto
+from .manifest import Manifest
+from .restore_plan import CHANGE_SEQ_MIGRATION, Consequence, Observed, PlanStep
+
+# Re-embedding estimates: Engram's chunker aims at ~512-token chunks; most run shorter.
+TOKENS_PER_CHUNK = 400
+# A conservative throughput for a hosted embedding API with Engram's default concurrency.
+EMBED_TOKENS_PER_SECOND = 2_000
+# Without the live database's cursors, move every sync head this far past anything a client can hold.
+BLIND_FENCE = 1_000_000
+TOKEN_TABLES = {"refresh_tokens": "created_at", "device_refresh_tokens": "inserted_at",
+                "oauth_refresh_tokens": "inserted_at"}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class CommandContext:
+    """Where things are, as the commands must name them."""
+
+    work_dir: str
+    pg_restore: str
+    repository: str
+    repository_endpoint: str | None
+    storage_bucket: str
+    storage_endpoint: str | None
+    qdrant_configured: bool
+
+
+def _q(text: str) -> str:
+    return shlex.quote(text)
+
+
+def _conn(observed: Observed) -> str:
+    t = observed.target
+    parts = [f"-h {_q(t.host)}" if t.host else "", f"-p {t.port}" if t.port else "",
+             f"-U {_q(t.user)}" if t.user else ""]
+    return " ".join(p for p in parts if p)
+
+
+def _psql(observed: Observed, sql: str, database: str | None = None) -> str:
+    db = database or observed.target.database
+    return f"psql {_conn(observed)} -d {_q(db)} --no-password -v ON_ERROR_STOP=1 -Atc {_q(sql)}"
+
+
+def _endpoint(url: str | None) -> str:
+    return f" --endpoint-url {_q(url)}" if url else ""
+
+
+def dump_path(ctx: CommandContext, manifest: Manifest) -> str:
+    return str(PurePosixPath(ctx.work_dir) / f"{manifest.backup_id}.dump")
+
+
+def decrypt_command(ctx: CommandContext, manifest: Manifest, artifact: str, output: str) -> str:
+    return (
+        f"engram-recovery decrypt --repository {_q(ctx.repository)} --backup {_q(manifest.backup_id)} "
+        f"--artifact {_q(artifact)} --output {_q(output)}"
+    )
+
+
+def _uuid_array(ids: list[str]) -> str:
+    return "'{" + ",".join(ids) + "}'::uuid[]"
+
+
+def build_steps(manifest: Manifest, observed: Observed, ctx: CommandContext) -> list[PlanStep]:
+    t, live = observed.target, observed.live
+    db_artifact = next((a for a in manifest.artifacts if a.kind == "database"), None)
+    steps: list[PlanStep] = []
+
+    def add(step_id: str, title: str, commands: list[str], **extra: Any) -> None:
+        steps.append(PlanStep(order=len(steps) + 1, id=step_id, title=title, commands=commands, **extra))
+
+    others = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+    add("stop_app", "Stop every Engram instance and worker, so nothing writes during the restore and no Oban job "
+        "(OrphanSweep, ReconcileEmbeddings) runs against a half-restored database",
+        [_psql(observed, others)] if t.exists else [],
+        expect="0 (no other session on the target)" if t.exists else None, checked=["target_sessions"],
+        cannot_check=["how this deployment starts and stops Engram (docker compose, systemd, Kubernetes)"])
+    newer = live.newer_users or []
+    if manifest.attachments.backend == "s3" and newer:
+        add("save_newer_blobs", "Copy aside the attachments of users created after the backup: once the older "
+            "database is back, Engram's weekly OrphanSweep deletes the S3 prefixes of users it does not know",
+            [f"aws s3 cp --recursive s3://{ctx.storage_bucket}/{u}/ {_q(ctx.work_dir + '/newer-users/' + u)}/"
+             f"{_endpoint(ctx.storage_endpoint)}" for u in newer],
+            checked=["rpo"], cannot_check=["objects uploaded between this plan and the copy"])
+    create = f"createdb {_conn(observed)} --no-password -T template0 {_q(t.database)}"
+    if not t.exists:
+        add("create_target", f"Create the empty target database {t.database}", [create], checked=["target"])
+    elif t.user_tables:
+        add("replace_target", f"DROP and re-create {t.database} (allowed by allow_non_empty_target)",
+            [f"dropdb {_conn(observed)} --no-password {_q(t.database)}", create], checked=["target"],
+            cannot_check=["whether anything in the dropped database was still needed"])
+    dump = dump_path(ctx, manifest)
+    if db_artifact is not None:
+        add("decrypt_database", f"Decrypt the database dump {db_artifact.name} from the repository",
+            [f"mkdir -p {_q(ctx.work_dir)}", decrypt_command(ctx, manifest, db_artifact.name, dump)],
+            expect=f"{dump} of {db_artifact.plain_size or 'about ' + str(db_artifact.size)} bytes",
+            checked=["artifacts", "manifest"],
+            cannot_check=["free disk space in " + ctx.work_dir, "that ENGRAM_RECOVERY_BACKUP_KEY is the key "
+                          f"with fingerprint {manifest.backup_key_fingerprint} (the decryption proves it)"])
+        add("restore_database", "Restore the dump with stock pg_restore, in one transaction (all or nothing)",
+            [f"{_q(ctx.pg_restore)} {_conn(observed)} -d {_q(t.database)} --no-password --exit-on-error "
+             f"--single-transaction {_q(dump)}"],
+            checked=["pg_restore", "target_server", "roles", "target"],
+            cannot_check=["server-side limits met only during the restore (disk space, max_locks_per_transaction)"])
+    counts = manifest.database.row_counts
+    if counts:
+        tables = sorted(counts)
+        sql = " UNION ALL ".join(f"SELECT '{name}', count(*) FROM {_ident(name)}" for name in tables)
+        add("check_database", "Compare the restored row counts with the manifest",
+            [_psql(observed, sql + " ORDER BY 1")],
+            expect="; ".join(f"{name}|{counts[name]}" for name in tables), checked=["manifest"])
+    if manifest.canary.id:
+        add("check_canary", "Confirm the restored boot canary is the one the key was checked against offline",
+            [_psql(observed, "SELECT id FROM system_canaries ORDER BY id DESC LIMIT 1")],
+            expect=manifest.canary.id, checked=["master_key"])
+    if manifest.attachments.backend == "s3" and observed.inventory is not None:
+        add("restore_attachments", f"Copy the {observed.inventory.objects} attachment blob(s) back into "
+            f"s3://{ctx.storage_bucket} under their original keys",
+            [_copy_back(ctx, repo_key, key) for key, repo_key, _v in observed.inventory.entries],
+            checked=["attachments"],
+            cannot_check=["that the bucket exists and these credentials may write to it",
+                          "objects in the bucket that are newer than the backup (they stay)"])
+    _security_steps(manifest, observed, add)
+    fingerprint = engram_crypto.key_fingerprint(observed.keys.current) if observed.keys.current else "?"
+    add("boot_app", f"Start Engram with ENCRYPTION_MASTER_KEY = the key with fingerprint {fingerprint} (it runs its "
+        "migrations, then checks the canary)", [], checked=["master_key", "app_version"],
+        cannot_check=["the command that starts Engram in this deployment", "that the app is given this same key"])
+    if ctx.qdrant_configured:
+        add("reindex_qdrant", "Rebuild Qdrant: the restored chunks point at vectors of another moment",
+            ["engram-recovery call reindex_qdrant --arg confirm=true"],
+            cannot_check=["embedding provider quota and cost"], optional=False)
+    add("cleanup", "Remove the decrypted dump (it holds every row, encrypted by Engram's keys only)",
+        [f"rm -f {_q(dump)}"], optional=True)
+    return steps
+
+
+def _security_steps(manifest: Manifest, observed: Observed, add_step: Callable[..., None]) -> None:
+    live = observed.live
+    statements: list[str] = []
+    for table, ids in sorted(live.revoked_after.items()):
+        if ids:
+            statements.append(f"UPDATE {table} SET revoked_at = timezone('UTC', now()) WHERE revoked_at IS NULL "
+                              f"AND id = ANY({_uuid_array(ids)})")
+    if live.api_key_ids is not None:
+        statements.append(f"DELETE FROM api_keys WHERE NOT (id = ANY({_uuid_array(live.api_key_ids)}))")
+    if statements:
+        add_step("revoke_tokens", "Revoke the tokens revoked, and delete the API keys deleted, after the backup "
+                 "(the restore brings them back to life)", [_psql(observed, "; ".join(statements))],
+                 checked=["rpo"], cannot_check=["revocations made after this plan was built; run it as a role "
+                                                 "that sees every row (superuser or BYPASSRLS: api_keys has RLS)"])
+    if (manifest.database.engram_schema_version or 0) >= CHANGE_SEQ_MIGRATION:
+        if live.vault_seqs:
+            values = ", ".join(f"('{vid}'::uuid, {seq}::bigint)" for vid, seq in sorted(live.vault_seqs.items()))
+            sql = (f"UPDATE vaults AS v SET change_seq = f.seq FROM (VALUES {values}) AS f(id, seq) "
+                   "WHERE v.id = f.id AND v.change_seq < f.seq")
+            unchecked = ["vaults created after the backup (they are not restored)"]
+        else:
+            sql = f"UPDATE vaults SET change_seq = change_seq + {BLIND_FENCE}"
+            unchecked = ["the live cursors (live database unreachable): every head moves by a fixed margin"]
+        add_step("fence_sync", "Move each vault's sync head past every cursor an Obsidian client may hold, so "
+                 "writes made after the restore reach every device", [_psql(observed, sql)], cannot_check=unchecked)
+
+
+def _copy_back(ctx: CommandContext, repo_key: str, key: str) -> str:
+    if ctx.repository.startswith("s3://"):
+        source = ctx.repository.rstrip("/") + "/" + repo_key
+        return (f"aws s3 cp {_q(source)}{_endpoint(ctx.repository_endpoint)} - | aws s3 cp - "
+                f"{_q(f's3://{ctx.storage_bucket}/{key}')}{_endpoint(ctx.storage_endpoint)}")
+    source = str(PurePosixPath(ctx.repository) / repo_key)
+    return f"aws s3 cp {_q(source)} {_q(f's3://{ctx.storage_bucket}/{key}')}{_endpoint(ctx.storage_endpoint)}"
+
+
+def _ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def consequences(manifest: Manifest, observed: Observed, steps: list[PlanStep]) -> list[Consequence]:
+    live, point = observed.live, manifest.started_at.isoformat()
+    ids = {s.id for s in steps}
+    out: list[Consequence] = []
+    if live.reachable:
+        issued = sum(live.tokens_issued_after.values())
+        out.append(Consequence(topic="sign_in_again", count=live.users_signing_in_again,
+                               summary=f"{issued} session/device/MCP token(s) issued after the backup become unknown: "
+                               f"{live.users_signing_in_again or 0} user(s) must sign in again on those web sessions, "
+                               "Obsidian devices and MCP clients", ))  # fmt: skip
+        revoked = sum(len(v) for v in live.revoked_after.values())
+        deleted = None
+        if live.api_key_ids is not None and "api_keys" in manifest.database.row_counts:
+            kept = len(live.api_key_ids) - (live.api_keys_created_after or 0)
+            deleted = max(manifest.database.row_counts["api_keys"] - kept, 0)
+        out.append(Consequence(topic="revoked_come_back", count=revoked + (deleted or 0),
+                               step="revoke_tokens" if "revoke_tokens" in ids else None,
+                               summary=f"{revoked} token(s) revoked and about {deleted or 0} API key(s) deleted "
+                               "after the backup would work again: the revoke_tokens step re-revokes them"))
+    else:
+        out.append(Consequence(topic="sign_in_again", summary="every web session, Obsidian device and MCP client "
+                               f"that refreshed its token after {point} must sign in again (live database "
+                               "unreachable: count unknown)"))  # fmt: skip
+        out.append(Consequence(topic="revoked_come_back", summary=f"tokens revoked and API keys deleted after {point} "
+                               "come back to life; the live database is unreachable, so they cannot be listed: "
+                               "ask users to rotate API keys they had deleted"))  # fmt: skip
+    if "fence_sync" in ids:
+        out.append(Consequence(topic="sync_cursors", step="fence_sync", summary="vaults.change_seq goes back to its "
+                               "value at the backup while Obsidian clients keep cursors ahead of it; the fence_sync "
+                               "step moves each head past them. Devices keep local edits made after the backup: "
+                               "they re-upload them only if edited again"))  # fmt: skip
+    newer = live.newer_users
+    if newer:
+        where = ("their S3 prefixes" if manifest.attachments.backend == "s3" else "their data")
+        out.append(Consequence(topic="orphan_sweep", count=len(newer),
+                               step="save_newer_blobs" if "save_newer_blobs" in ids else None,
+                               summary=f"{len(newer)} user(s) created after the backup are not in it: the weekly "
+                               f"OrphanSweep deletes {where} and Qdrant points; the plan copies their blobs aside"))
+    chunks = manifest.database.row_counts.get("chunks")
+    notes = manifest.database.row_counts.get("notes")
+    if chunks is not None:
+        tokens = chunks * TOKENS_PER_CHUNK
+        out.append(Consequence(topic="qdrant", count=notes, step="reindex_qdrant" if "reindex_qdrant" in ids else None,
+                               summary=f"Qdrant must be rebuilt (no snapshot of the same moment): {notes} note(s), "
+                               f"{chunks} chunk(s), about {tokens} tokens to embed, about "
+                               f"{tokens / EMBED_TOKENS_PER_SECOND / 60:.0f} min at {EMBED_TOKENS_PER_SECOND} tokens/s "
+                               f"(estimate: {TOKENS_PER_CHUNK} tokens per chunk)"))  # fmt: skip
+    if manifest.oban.by_state:
+        out.append(Consequence(topic="oban", summary="Oban jobs come back as they were at the backup "
+                               f"({manifest.oban.by_state}); an 'executing' row is rescued by the app's Lifeline"))
+    return out
