@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aioboto3
+import anyio
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
 
@@ -99,3 +100,74 @@ async def versioning_status(s3: Any, bucket: str) -> str:
     """'Enabled', 'Suspended' or 'Disabled' (never enabled)."""
     answer = await s3.get_bucket_versioning(Bucket=bucket)
     return str(answer.get("Status") or "Disabled")
+
+
+# --- helpers for the attachments mirror (core/mirror.py) ------------------------------
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    key: str
+    size: int
+    etag: str
+    version_id: str
+
+
+async def list_latest_versions(s3: Any, bucket: str, prefix: str = "") -> AsyncIterator[VersionInfo]:
+    """The current version of every live object, read from ListObjectVersions pages.
+
+    One request per 1,000 versions rather than one HEAD per object. A key whose
+    newest version is a delete marker has no `IsLatest` entry among the versions,
+    so deleted objects are left out as ListObjectsV2 would leave them out.
+    """
+    paginator = s3.get_paginator("list_object_versions")
+    async for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+        for item in page.get("Versions", ()):
+            if item.get("IsLatest"):
+                yield VersionInfo(
+                    key=item["Key"],
+                    size=int(item["Size"]),
+                    etag=str(item.get("ETag", "")).strip('"'),
+                    version_id=str(item.get("VersionId") or "null"),
+                )
+
+
+def error_code(exc: BaseException) -> str:
+    """The S3 error code of a ClientError ('' for anything else)."""
+    if isinstance(exc, ClientError):
+        return str(exc.response.get("Error", {}).get("Code", ""))
+    return ""
+
+
+async def multipart_copy(
+    s3: Any, source: dict[str, str], bucket: str, key: str, size: int, part_size: int, **precondition: str
+) -> None:
+    """Server-side copy of an object too large for one CopyObject (5 GiB), with UploadPartCopy.
+
+    The upload is aborted on any failure, so no partial object ever appears
+    under `key`: S3 publishes it only on CompleteMultipartUpload.
+    """
+    upload = await s3.create_multipart_upload(Bucket=bucket, Key=key)
+    upload_id = upload["UploadId"]
+    try:
+        parts: list[dict[str, Any]] = []
+        for number, start in enumerate(range(0, size, part_size), start=1):
+            end = min(start + part_size, size) - 1
+            answer = await s3.upload_part_copy(
+                Bucket=bucket,
+                Key=key,
+                UploadId=upload_id,
+                PartNumber=number,
+                CopySource=source,
+                CopySourceRange=f"bytes={start}-{end}",
+                **precondition,
+            )
+            parts.append({"ETag": answer["CopyPartResult"]["ETag"], "PartNumber": number})
+        await s3.complete_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts})
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            try:
+                await s3.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
+            except S3_ERRORS:
+                pass  # the original failure is the one worth reporting; a lifecycle rule reaps leftovers
+        raise

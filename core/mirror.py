@@ -1,0 +1,412 @@
+"""Incremental mirror of Engram's S3 attachments bucket into the backup repository.
+
+Blobs go into a pool shared by all recovery points, addressed by the source key
+and ETag:
+
+    attachments/pool/<h[:2]>/<h>/<etag>     h = sha256 of the source key
+
+so an unchanged object is copied once in its life, a changed object gets a new
+entry beside the old one, and an object deleted at the source stays in the pool
+for as long as a kept inventory names it. Each recovery point records its exact
+inventory (JSON lines: key, size, etag, version_id, repo_key) under its own
+folder; `collect_garbage` is retention's tool for removing pool entries no kept
+inventory references. The mirror itself never deletes anything.
+
+What to copy is decided from listings alone (ListObjectsV2 or ListObjectVersions
+on the source, a listing of the pool on the destination, both 1,000 keys a
+request and run concurrently): no HEAD per object. When the repository is an
+S3 bucket on the same endpoint with the same credentials, objects are copied
+server-side (CopyObject; UploadPartCopy above 5 GiB) and never pass through this
+process; otherwise each object is streamed GET -> repository in 1 MiB chunks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+from anyio.abc import ObjectReceiveStream
+
+from . import s3
+from .errors import IntegrityError, RecoveryError
+from .progress import Progress
+from .repository import BACKUPS, Repository
+from .repository_s3 import S3Repository
+from .s3 import S3_ERRORS, S3Location
+from .taskgroups import task_group
+
+POOL = "attachments/pool/"
+INVENTORY_NAME = "attachments-inventory.jsonl"
+STREAM_CHUNK = 1 << 20
+# One CopyObject may copy at most 5 GiB; rclone switches to multipart a little below.
+COPY_CUTOFF = 4_995 * (1 << 20)
+COPY_PART = 512 * (1 << 20)
+_PROGRESS_EVERY = 0.5  # seconds: enough for a progress bar, few enough for an MCP client
+_SAFE_ETAG = re.compile(r"^[A-Za-z0-9-]{1,128}$")
+
+
+@dataclass(frozen=True)
+class SourceObject:
+    key: str
+    size: int
+    etag: str
+    version_id: str | None = None
+
+
+@dataclass(frozen=True)
+class InventoryEntry:
+    key: str
+    size: int
+    etag: str
+    version_id: str | None
+    repo_key: str
+
+    def to_json(self) -> str:
+        data: dict[str, Any] = {"key": self.key, "size": self.size, "etag": self.etag}
+        if self.version_id is not None:
+            data["version_id"] = self.version_id
+        data["repo_key"] = self.repo_key
+        return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+
+
+@dataclass(frozen=True)
+class MirrorReport:
+    objects: int
+    bytes: int
+    copied_objects: int
+    copied_bytes: int
+    skipped_objects: int
+    inventory_name: str | None  # None for a dry run, which writes nothing
+    inventory_sha256: str | None
+    inventory_size: int
+    versioned: bool
+    seconds: float
+    server_side_copy: bool
+    vanished_objects: int = 0  # listed, then deleted at the source before they could be copied
+    dry_run: bool = False
+
+
+def pool_key(key: str, etag: str) -> str:
+    """Where the blob of (`key`, `etag`) lives in the repository."""
+    digest = hashlib.sha256(key.encode("utf-8")).hexdigest()
+    # An ETag is normally hex (with "-N" for multipart uploads); anything else is hashed
+    # so that no server can hand us a path component.
+    tag = etag if _SAFE_ETAG.match(etag) else "x" + hashlib.sha256(etag.encode("utf-8")).hexdigest()
+    return f"{POOL}{digest[:2]}/{digest}/{tag}"
+
+
+def inventory_key(backup_id: str, name: str = INVENTORY_NAME) -> str:
+    return f"{BACKUPS}{backup_id}/{name}"
+
+
+async def read_inventory(repo: Repository, key: str) -> AsyncIterator[InventoryEntry]:
+    """The entries of the inventory stored under repository key `key`."""
+    pending = b""
+    async for chunk in repo.get_stream(key):
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            if line.strip():
+                yield _entry(line, key)
+    if pending.strip():
+        yield _entry(pending, key)
+
+
+def _entry(line: bytes, where: str) -> InventoryEntry:
+    try:
+        data = json.loads(line)
+        return InventoryEntry(
+            key=str(data["key"]),
+            size=int(data["size"]),
+            etag=str(data["etag"]),
+            version_id=data.get("version_id"),
+            repo_key=str(data["repo_key"]),
+        )
+    except (ValueError, KeyError, TypeError) as exc:
+        raise IntegrityError(
+            f"the attachments inventory {where} has a malformed line", "restore that file from a copy of the repository"
+        ) from exc
+
+
+def _location(repo: S3Repository) -> S3Location:
+    assert repo.s3_location is not None  # an S3Repository always has one
+    return repo.s3_location
+
+
+def _same_endpoint(a: S3Location, b: S3Location) -> bool:
+    def norm(endpoint: str | None) -> str:
+        return (endpoint or "").rstrip("/").lower()
+
+    # CopyObject is authorised by the destination's credentials alone; with the same
+    # key we know they can read the source bucket, with another we cannot tell.
+    return norm(a.endpoint) == norm(b.endpoint) and a.access_key_id == b.access_key_id
+
+
+async def mirror_attachments(
+    source: S3Location,
+    repo: Repository,
+    backup_id: str,
+    progress: Progress,
+    *,
+    dry_run: bool = False,
+    concurrency: int = 16,
+) -> MirrorReport:
+    """Copy new and changed objects of `source` into the pool and write this backup's inventory."""
+    started = time.monotonic()
+    target = repo if isinstance(repo, S3Repository) and _same_endpoint(source, _location(repo)) else None
+    server_side = target is not None
+    async with _Session(source, target) as session:
+        versioned, objects, present = await session.survey(repo)
+        todo = [o for o in objects if present.get(pool_key(o.key, o.etag)) != o.size]
+        total_bytes = sum(o.size for o in objects)
+        todo_bytes = sum(o.size for o in todo)
+        if dry_run:
+            return MirrorReport(
+                objects=len(objects), bytes=total_bytes, copied_objects=len(todo), copied_bytes=todo_bytes,
+                skipped_objects=len(objects) - len(todo), inventory_name=None, inventory_sha256=None,
+                inventory_size=0, versioned=versioned, seconds=time.monotonic() - started,
+                server_side_copy=server_side, dry_run=True,
+            )  # fmt: skip
+        await progress(0, len(todo), f"mirroring {len(todo)} of {len(objects)} attachments ({todo_bytes} bytes)")
+        copied = await session.copy_all(repo, todo, progress, concurrency)
+    entries: list[InventoryEntry] = []
+    vanished = 0
+    for obj in objects:
+        current = copied.get(obj.key, obj)
+        if current is None:
+            vanished += 1
+            continue
+        entries.append(InventoryEntry(current.key, current.size, current.etag, current.version_id,
+                                      pool_key(current.key, current.etag)))  # fmt: skip
+    inventory_size, inventory_sha256 = await repo.put_stream(inventory_key(backup_id), _lines(entries))
+    copied_now = [c for c in copied.values() if c is not None]
+    return MirrorReport(
+        objects=len(entries), bytes=sum(e.size for e in entries), copied_objects=len(copied_now),
+        copied_bytes=sum(c.size for c in copied_now), skipped_objects=len(objects) - len(todo),
+        inventory_name=INVENTORY_NAME, inventory_sha256=inventory_sha256, inventory_size=inventory_size,
+        versioned=versioned, seconds=time.monotonic() - started, server_side_copy=server_side,
+        vanished_objects=vanished,
+    )  # fmt: skip
+
+
+async def _lines(entries: list[InventoryEntry]) -> AsyncIterator[bytes]:
+    batch: list[str] = []
+    for entry in entries:
+        batch.append(entry.to_json())
+        if len(batch) == 1000:
+            yield ("\n".join(batch) + "\n").encode("utf-8")
+            batch = []
+    if batch:
+        yield ("\n".join(batch) + "\n").encode("utf-8")
+
+
+class _Session:
+    """The S3 clients of one mirror run, opened once and shared by every worker."""
+
+    def __init__(self, source: S3Location, target: S3Repository | None) -> None:
+        self.source = source
+        self.target = target
+        self._src: Any = None
+        self._stack: Any = None
+
+    async def __aenter__(self) -> _Session:
+        from contextlib import AsyncExitStack
+
+        self._stack = AsyncExitStack()
+        self._src = await self._stack.enter_async_context(s3.client(self.source))
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._stack.aclose()
+
+    async def survey(self, repo: Repository) -> tuple[bool, list[SourceObject], dict[str, int]]:
+        """List the source bucket and the pool at the same time."""
+        objects: list[SourceObject] = []
+        present: dict[str, int] = {}
+        status = await self._call(s3.versioning_status(self._src, self.source.bucket), "read its versioning status")
+        # A suspended bucket still holds versioned objects: keep recording their ids.
+        versioned = status in ("Enabled", "Suspended")
+
+        async def list_source() -> None:
+            try:
+                if versioned:
+                    objects.extend(
+                        [
+                            SourceObject(v.key, v.size, v.etag, v.version_id)
+                            async for v in s3.list_latest_versions(self._src, self.source.bucket)
+                        ]
+                    )
+                else:
+                    objects.extend(
+                        [
+                            SourceObject(o.key, o.size, o.etag)
+                            async for o in s3.list_objects(self._src, self.source.bucket)
+                        ]
+                    )
+            except S3_ERRORS as exc:
+                raise s3.translate(exc, "list the attachments", self.source) from exc
+
+        async def list_pool() -> None:
+            present.update({key: size async for key, size in repo.list(POOL)})
+
+        async with task_group() as tg:
+            tg.start_soon(list_source)
+            tg.start_soon(list_pool)
+        return versioned, objects, present
+
+    async def _call(self, coro: Any, what: str) -> Any:
+        try:
+            return await coro
+        except S3_ERRORS as exc:
+            raise s3.translate(exc, what, self.source) from exc
+
+    async def copy_all(
+        self, repo: Repository, todo: list[SourceObject], progress: Progress, concurrency: int
+    ) -> dict[str, SourceObject | None]:
+        """Copy `todo` with `concurrency` workers; the result maps each key to what was copied (None: vanished)."""
+        done: dict[str, SourceObject | None] = {}
+        counters = {"objects": 0, "bytes": 0, "reported": time.monotonic()}
+        # Server-side copies run on the repository's own client: the request goes to the destination.
+        dst: Any = self.target.client if self.target is not None else None
+        send, receive = anyio.create_memory_object_stream[SourceObject](max(1, concurrency))
+
+        async def worker(queue: ObjectReceiveStream[SourceObject]) -> None:
+            async with queue:
+                async for obj in queue:
+                    result = await self._copy_one(repo, dst, obj)
+                    done[obj.key] = result
+                    counters["objects"] += 1
+                    counters["bytes"] += result.size if result else 0
+                    now = time.monotonic()
+                    if now - counters["reported"] >= _PROGRESS_EVERY:
+                        counters["reported"] = now
+                        await progress(counters["objects"], len(todo), f"copied {counters['bytes']} bytes")
+
+        async with task_group() as tg:
+            for _ in range(max(1, min(concurrency, len(todo)))):
+                tg.start_soon(worker, receive.clone())
+            receive.close()
+            async with send:
+                for obj in todo:
+                    await send.send(obj)
+        await progress(len(todo), len(todo), f"copied {counters['bytes']} bytes")
+        return done
+
+    async def _copy_one(self, repo: Repository, dst: Any, obj: SourceObject) -> SourceObject | None:
+        """Copy one object; re-read its listing entry once per change that races us."""
+        for _attempt in range(3):
+            try:
+                if dst is not None:
+                    await self._server_side(repo, dst, obj)
+                else:
+                    await self._stream(repo, obj)
+                return obj
+            except S3_ERRORS as exc:
+                code = s3.error_code(exc)
+                if code in ("NoSuchKey", "NoSuchVersion", "404"):
+                    return None  # deleted since it was listed: not part of this recovery point
+                if code not in ("PreconditionFailed", "412") or obj.version_id is not None:
+                    raise s3.translate(exc, f"copy {obj.key!r}", self._blame(dst, exc)) from exc
+            # Overwritten since it was listed: take the current object, not a mix of both.
+            fresh = await self._head(obj.key)
+            if fresh is None:
+                return None
+            obj = fresh
+        raise RecoveryError(
+            f"the attachment {obj.key!r} kept changing while it was being copied",
+            "run the backup again when Engram is quieter",
+        )
+
+    def _blame(self, dst: Any, exc: Exception) -> S3Location:
+        # A server-side copy can fail on either bucket; S3 names the missing one only in the message.
+        if self.target is None or (self.source.bucket in str(exc) and self.target.bucket not in str(exc)):
+            return self.source
+        return _location(self.target)
+
+    async def _head(self, key: str) -> SourceObject | None:
+        try:
+            answer = await self._src.head_object(Bucket=self.source.bucket, Key=key)
+        except S3_ERRORS as exc:
+            if s3.error_code(exc) in ("NoSuchKey", "404"):
+                return None
+            raise s3.translate(exc, f"read {key!r}", self.source) from exc
+        return SourceObject(key, int(answer["ContentLength"]), str(answer.get("ETag", "")).strip('"'))
+
+    def _source_ref(self, obj: SourceObject) -> dict[str, str]:
+        ref = {"Bucket": self.source.bucket, "Key": obj.key}
+        if obj.version_id is not None:
+            ref["VersionId"] = obj.version_id
+        return ref
+
+    def _precondition(self, obj: SourceObject, name: str) -> dict[str, str]:
+        # A version id already pins the bytes; otherwise insist on the ETag we listed.
+        return {} if obj.version_id is not None or not obj.etag else {name: f'"{obj.etag}"'}
+
+    async def _server_side(self, repo: Repository, dst: Any, obj: SourceObject) -> None:
+        assert self.target is not None
+        bucket, key = self.target.bucket, self.target.s3_key(pool_key(obj.key, obj.etag))
+        if obj.size > COPY_CUTOFF:
+            await s3.multipart_copy(
+                dst, self._source_ref(obj), bucket, key, obj.size, COPY_PART,
+                **self._precondition(obj, "CopySourceIfMatch"),
+            )  # fmt: skip
+        else:
+            await dst.copy_object(
+                Bucket=bucket, Key=key, CopySource=self._source_ref(obj), **self._precondition(obj, "CopySourceIfMatch")
+            )
+
+    async def _stream(self, repo: Repository, obj: SourceObject) -> None:
+        extra = self._precondition(obj, "IfMatch")
+        if obj.version_id is not None:
+            extra["VersionId"] = obj.version_id
+        answer = await self._src.get_object(Bucket=self.source.bucket, Key=obj.key, **extra)
+        body = answer["Body"]
+        md5 = hashlib.md5(usedforsecurity=False)
+
+        async def chunks() -> AsyncIterator[bytes]:
+            async for chunk in body.iter_chunks(STREAM_CHUNK):
+                md5.update(chunk)
+                yield chunk
+
+        key = pool_key(obj.key, obj.etag)
+        try:
+            size, _sha = await repo.put_stream(key, chunks())
+        finally:
+            body.close()
+        # A single-part ETag is the MD5 of the bytes: check it, so a damaged transfer
+        # never sits in the pool under a name that says it is complete.
+        if size != obj.size or ("-" not in obj.etag and len(obj.etag) == 32 and md5.hexdigest() != obj.etag):
+            await repo.delete([key])
+            raise IntegrityError(
+                f"the attachment {obj.key!r} arrived damaged ({size} of {obj.size} bytes, or a checksum mismatch)",
+                "run the backup again; if it recurs, check the S3 server and the network",
+            )
+
+
+async def collect_garbage(repo: Repository, kept_inventories: Iterable[str]) -> tuple[int, int]:
+    """Delete pool entries that no kept inventory references; return (objects, bytes) deleted.
+
+    `kept_inventories` are the repository keys of the inventories of every backup
+    retention keeps (`inventory_key(backup_id)`), including backups whose run is
+    still in progress. A kept inventory that cannot be read stops the collection
+    before anything is deleted: guessing would delete blobs a backup needs.
+    """
+    referenced: set[str] = set()
+    for key in kept_inventories:
+        if not await repo.exists(key):
+            raise IntegrityError(
+                f"the attachments inventory {key} of a kept backup is missing; nothing was deleted",
+                "pass only inventories that exist (backups mirrored from S3), or repair the backup",
+            )
+        async for entry in read_inventory(repo, key):
+            referenced.add(entry.repo_key)
+    doomed: list[tuple[str, int]] = [(k, size) async for k, size in repo.list(POOL) if k not in referenced]
+    for start in range(0, len(doomed), 1000):
+        await repo.delete([k for k, _size in doomed[start : start + 1000]])
+    return len(doomed), sum(size for _k, size in doomed)

@@ -1,0 +1,299 @@
+"""The attachments mirror against a real SeaweedFS: into a local repository and into an S3 one."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from engram_recovery.core import mirror, s3
+from engram_recovery.core.errors import IntegrityError, StoreUnreachable
+from engram_recovery.core.mirror import (
+    InventoryEntry,
+    collect_garbage,
+    inventory_key,
+    mirror_attachments,
+    pool_key,
+    read_inventory,
+)
+from engram_recovery.core.progress import silent
+from engram_recovery.core.repository import LocalRepository, Repository
+from engram_recovery.core.repository_s3 import S3Repository
+from engram_recovery.core.s3 import S3Location
+from engram_recovery.testbed.seaweedfs import SeaweedFS
+
+
+def location(weed: SeaweedFS, bucket: str, **override: Any) -> S3Location:
+    fields: dict[str, Any] = {
+        "endpoint": weed.endpoint,
+        "access_key_id": weed.access_key_id,
+        "secret_access_key": weed.secret_access_key,
+        "region": weed.region,
+        "bucket": bucket,
+    }
+    fields.update(override)
+    return S3Location(**fields)
+
+
+async def make_bucket(weed: SeaweedFS, objects: dict[str, bytes], *, versioned: bool = False) -> S3Location:
+    source = location(weed, f"att-{secrets.token_hex(4)}")
+    async with s3.client(source) as c:
+        await c.create_bucket(Bucket=source.bucket)
+        if versioned:
+            await c.put_bucket_versioning(Bucket=source.bucket, VersioningConfiguration={"Status": "Enabled"})
+        for key, body in objects.items():
+            await c.put_object(Bucket=source.bucket, Key=key, Body=body)
+    return source
+
+
+async def put(source: S3Location, key: str, body: bytes) -> None:
+    async with s3.client(source) as c:
+        await c.put_object(Bucket=source.bucket, Key=key, Body=body)
+
+
+async def remove(source: S3Location, key: str) -> None:
+    async with s3.client(source) as c:
+        await c.delete_object(Bucket=source.bucket, Key=key)
+
+
+async def bucket_listing(source: S3Location) -> list[tuple[str, int, str]]:
+    async with s3.client(source) as c:
+        return sorted([(o.key, o.size, o.etag) async for o in s3.list_objects(c, source.bucket)])
+
+
+def engram_objects(count: int) -> dict[str, bytes]:
+    """Keys shaped like Engram's (<user>/<vault>/objects/<attachment>), plus an export and an empty blob."""
+    objects = {f"u{i % 3}/v{i % 2}/objects/{i:04d}": secrets.token_bytes(100 + 37 * i) for i in range(count)}
+    objects["exports/u0/account-export.zip"] = secrets.token_bytes(4096)
+    objects["u1/v0/objects/empty"] = b""
+    objects["u2/v1/objects/ünïcode name.png"] = b"\x89PNG" + secrets.token_bytes(64)
+    return objects
+
+
+@pytest.fixture(params=["local", "s3"])
+async def repo(request: pytest.FixtureRequest, tmp_path: Path, weed: SeaweedFS) -> AsyncIterator[Repository]:
+    if request.param == "local":
+        async with LocalRepository(tmp_path / "repo") as local:
+            yield local
+    else:
+        target = location(weed, f"repo-{secrets.token_hex(4)}")
+        async with s3.client(target) as c:
+            await c.create_bucket(Bucket=target.bucket)
+        async with S3Repository(target, "site/backups") as remote:
+            yield remote
+
+
+async def inventory(repo: Repository, backup_id: str) -> list[InventoryEntry]:
+    return [entry async for entry in read_inventory(repo, inventory_key(backup_id))]
+
+
+async def repository_keys(repo: Repository) -> list[str]:
+    return [key async for key, _size in repo.list("")]
+
+
+@pytest.mark.anyio
+async def test_the_inventory_matches_the_bucket_exactly_and_every_blob_is_a_faithful_copy(
+    repo: Repository, weed: SeaweedFS
+) -> None:
+    objects = engram_objects(20)
+    source = await make_bucket(weed, objects)
+    calls: list[tuple[float, float | None]] = []
+
+    async def progress(done: float, total: float | None = None, message: str | None = None) -> None:
+        calls.append((done, total))
+
+    report = await mirror_attachments(source, repo, "b1", progress)
+
+    entries = await inventory(repo, "b1")
+    assert sorted((e.key, e.size, e.etag) for e in entries) == await bucket_listing(source)
+    for entry in entries:
+        assert entry.version_id is None
+        assert await repo.get_bytes(entry.repo_key) == objects[entry.key]
+    stored = await repo.sha256(inventory_key("b1"))
+    assert (report.inventory_size, report.inventory_sha256) == stored
+    assert report.inventory_name == mirror.INVENTORY_NAME
+    assert (report.objects, report.bytes) == (len(objects), sum(map(len, objects.values())))
+    assert (report.copied_objects, report.skipped_objects, report.versioned) == (len(objects), 0, False)
+    # Same endpoint and same credentials: the S3 repository gets server-side copies.
+    assert report.server_side_copy is isinstance(repo, S3Repository)
+    assert calls[0] == (0, len(objects)) and calls[-1] == (len(objects), len(objects))
+
+
+@pytest.mark.anyio
+async def test_a_rerun_copies_only_new_and_changed_objects_and_keeps_the_old_blobs(
+    repo: Repository, weed: SeaweedFS
+) -> None:
+    objects = engram_objects(12)
+    source = await make_bucket(weed, objects)
+    await mirror_attachments(source, repo, "b1", silent)
+
+    again = await mirror_attachments(source, repo, "b2", silent)
+    assert (again.copied_objects, again.copied_bytes, again.skipped_objects) == (0, 0, len(objects))
+    assert [(e.key, e.repo_key) for e in await inventory(repo, "b2")] == [
+        (e.key, e.repo_key) for e in await inventory(repo, "b1")
+    ]
+
+    changed, added = "u0/v1/objects/0003", "u2/v0/objects/new"
+    await put(source, changed, b"edited attachment")
+    await put(source, added, b"a new attachment")
+    third = await mirror_attachments(source, repo, "b3", silent)
+    assert (third.copied_objects, third.copied_bytes) == (2, len(b"edited attachment") + len(b"a new attachment"))
+    now = {e.key: e for e in await inventory(repo, "b3")}
+    assert await repo.get_bytes(now[changed].repo_key) == b"edited attachment"
+    assert await repo.get_bytes(now[added].repo_key) == b"a new attachment"
+    # The earlier recovery point still restores the version it recorded.
+    before = {e.key: e for e in await inventory(repo, "b1")}
+    assert before[changed].repo_key != now[changed].repo_key
+    assert await repo.get_bytes(before[changed].repo_key) == objects[changed]
+
+
+@pytest.mark.anyio
+async def test_an_object_deleted_at_the_source_stays_restorable_from_the_earlier_backup(
+    repo: Repository, weed: SeaweedFS
+) -> None:
+    objects = engram_objects(5)
+    source = await make_bucket(weed, objects)
+    await mirror_attachments(source, repo, "b1", silent)
+    gone = "u1/v1/objects/0001"
+    await remove(source, gone)
+
+    later = await mirror_attachments(source, repo, "b2", silent)
+
+    assert gone not in {e.key for e in await inventory(repo, "b2")}
+    assert later.objects == len(objects) - 1 and later.copied_objects == 0
+    earlier = {e.key: e for e in await inventory(repo, "b1")}
+    assert await repo.get_bytes(earlier[gone].repo_key) == objects[gone]
+
+
+@pytest.mark.anyio
+async def test_a_dry_run_reports_what_would_be_copied_and_writes_nothing(repo: Repository, weed: SeaweedFS) -> None:
+    objects = engram_objects(6)
+    source = await make_bucket(weed, objects)
+    await mirror_attachments(source, repo, "b1", silent)
+    await put(source, "u0/v0/objects/fresh", b"x" * 1000)
+    before = await repository_keys(repo)
+
+    report = await mirror_attachments(source, repo, "b2", silent, dry_run=True)
+
+    assert report.dry_run and report.inventory_name is None
+    assert (report.copied_objects, report.copied_bytes, report.objects) == (1, 1000, len(objects) + 1)
+    assert await repository_keys(repo) == before
+
+
+@pytest.mark.anyio
+async def test_objects_that_change_or_vanish_during_the_run_are_recorded_as_they_were_copied(
+    repo: Repository, weed: SeaweedFS
+) -> None:
+    objects = engram_objects(4)
+    source = await make_bucket(weed, objects)
+    changed, vanished = "u0/v0/objects/0000", "u1/v1/objects/0001"
+
+    async def meddle(done: float, total: float | None = None, message: str | None = None) -> None:
+        # Called once the listings are done and before the first copy: Engram writes meanwhile.
+        if done == 0:
+            await put(source, changed, b"rewritten after the listing")
+            await remove(source, vanished)
+
+    report = await mirror_attachments(source, repo, "b1", meddle)
+
+    entries = {e.key: e for e in await inventory(repo, "b1")}
+    assert vanished not in entries and report.vanished_objects == 1
+    assert await repo.get_bytes(entries[changed].repo_key) == b"rewritten after the listing"
+    assert entries[changed].etag == hashlib.md5(b"rewritten after the listing", usedforsecurity=False).hexdigest()
+    assert sorted((e.key, e.size, e.etag) for e in entries.values()) == await bucket_listing(source)
+
+
+@pytest.mark.anyio
+async def test_a_versioned_bucket_records_the_version_id_of_each_current_object(
+    repo: Repository, weed: SeaweedFS
+) -> None:
+    source = await make_bucket(weed, {"u0/v0/objects/a": b"first", "u0/v0/objects/gone": b"bye"}, versioned=True)
+    await put(source, "u0/v0/objects/a", b"second")
+    await remove(source, "u0/v0/objects/gone")  # leaves a delete marker as the newest version
+    async with s3.client(source) as c:
+        head = await c.head_object(Bucket=source.bucket, Key="u0/v0/objects/a")
+
+    report = await mirror_attachments(source, repo, "b1", silent)
+
+    assert report.versioned
+    (entry,) = await inventory(repo, "b1")
+    assert (entry.key, entry.version_id) == ("u0/v0/objects/a", head["VersionId"])
+    assert await repo.get_bytes(entry.repo_key) == b"second"
+
+
+@pytest.mark.anyio
+async def test_large_objects_are_copied_server_side_in_parts(weed: SeaweedFS, monkeypatch: pytest.MonkeyPatch) -> None:
+    big = secrets.token_bytes(11 << 20)
+    source = await make_bucket(weed, {"u0/v0/objects/video": big})
+    target = location(weed, f"repo-{secrets.token_hex(4)}")
+    async with s3.client(target) as c:
+        await c.create_bucket(Bucket=target.bucket)
+    # Lower the 5 GiB CopyObject limit so an 11 MiB object takes the UploadPartCopy path.
+    monkeypatch.setattr(mirror, "COPY_CUTOFF", 6 << 20)
+    monkeypatch.setattr(mirror, "COPY_PART", 5 << 20)
+    async with S3Repository(target, "") as repo:
+        report = await mirror_attachments(source, repo, "b1", silent)
+        (entry,) = await inventory(repo, "b1")
+        assert report.server_side_copy and await repo.get_bytes(entry.repo_key) == big
+        async with s3.client(target) as c:
+            head = await c.head_object(Bucket=target.bucket, Key=entry.repo_key)
+        assert head["ETag"].strip('"').endswith("-3")  # three parts: a multipart object, not one CopyObject
+
+
+@pytest.mark.anyio
+async def test_wrong_credentials_fail_with_a_clear_message_that_hides_the_secret(
+    weed: SeaweedFS, tmp_path: Path
+) -> None:
+    source = await make_bucket(weed, {"k": b"v"})
+    bad = location(weed, source.bucket, secret_access_key="wrong-secret-" + secrets.token_hex(8))
+    async with LocalRepository(tmp_path / "repo") as repo:
+        with pytest.raises(StoreUnreachable) as caught:
+            await mirror_attachments(bad, repo, "b1", silent)
+    assert "refused the credentials" in str(caught.value) and "secret access key" in caught.value.hint
+    assert bad.secret_access_key not in str(caught.value)
+    assert not (tmp_path / "repo").exists() or not any((tmp_path / "repo").rglob("*"))
+
+
+@pytest.mark.anyio
+async def test_a_missing_bucket_and_an_unreachable_endpoint_are_named(weed: SeaweedFS, tmp_path: Path) -> None:
+    async with LocalRepository(tmp_path / "repo") as repo:
+        with pytest.raises(StoreUnreachable, match="does not exist"):
+            await mirror_attachments(location(weed, "no-such-bucket-here"), repo, "b1", silent)
+        with pytest.raises(StoreUnreachable, match="unreachable") as caught:
+            await mirror_attachments(location(weed, "b", endpoint="http://127.0.0.1:9"), repo, "b1", silent)
+    assert "running" in caught.value.hint
+
+
+@pytest.mark.anyio
+async def test_garbage_collection_deletes_only_pool_entries_no_kept_inventory_references(
+    repo: Repository, weed: SeaweedFS
+) -> None:
+    source = await make_bucket(weed, {"a": b"kept by both", "b": b"only in the old backup", "c": b"v1"})
+    await mirror_attachments(source, repo, "old", silent)
+    await remove(source, "b")
+    await put(source, "c", b"v2 is longer")
+    await mirror_attachments(source, repo, "new", silent)
+    old = {e.key: e for e in await inventory(repo, "old")}
+
+    with pytest.raises(IntegrityError, match="missing; nothing was deleted"):
+        await collect_garbage(repo, [inventory_key("new"), inventory_key("never-ran")])
+    assert await repo.exists(old["b"].repo_key)
+
+    deleted = await collect_garbage(repo, [inventory_key("new")])
+
+    assert deleted == (2, len(b"only in the old backup") + len(b"v1"))
+    assert not await repo.exists(old["b"].repo_key) and not await repo.exists(old["c"].repo_key)
+    for entry in await inventory(repo, "new"):
+        assert await repo.get_bytes(entry.repo_key) == {"a": b"kept by both", "c": b"v2 is longer"}[entry.key]
+    assert await collect_garbage(repo, [inventory_key("new")]) == (0, 0)
+
+
+def test_pool_keys_separate_keys_and_etags_and_never_contain_path_tricks() -> None:
+    assert pool_key("a", "0cc175b9c0f1b6a831c399e269772661") != pool_key("b", "0cc175b9c0f1b6a831c399e269772661")
+    assert pool_key("a", "e1") != pool_key("a", "e2")
+    weird = pool_key("../../etc/passwd", "../x/y")
+    assert ".." not in weird and weird.count("/") == 4 and weird.startswith(mirror.POOL)
