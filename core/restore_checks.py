@@ -1,0 +1,254 @@
+"""The I/O behind a restore plan: find the recovery point, re-hash it, look at the target and the live database.
+
+Everything here only reads. The judging happens in core/restore_plan.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import anyio
+
+from . import engram_crypto, postgres
+from .errors import ConfigurationError, IntegrityError, RecoveryError
+from .manifest import Manifest
+from .mirror import POOL, read_inventory
+from .pgdump import client_version
+from .repository import BACKUPS, MANIFEST_NAME, LocalRepository, Repository, scan
+from .restore_plan import InventoryState, KeyMaterial, LiveState, TargetState, ToolState
+from .schema_probe import probe
+from .settings import Settings
+from .verify import ArtifactVerdict, Digest, compare, sha256_stream, verify_files
+
+SYSTEM_SCHEMAS = ("pg_catalog", "information_schema")
+
+
+@dataclass(frozen=True)
+class RecoveryPoint:
+    manifest: Manifest
+    manifest_sha256: str
+    prefix: str  # repository key prefix of the backup's folder
+
+
+async def resolve(repo: Repository, recovery_point: str) -> RecoveryPoint:
+    """`latest`, a backup id, or `before:<ISO time>` (the newest backup finished before it)."""
+    state = await scan(repo)
+    if not state.backups:
+        raise ConfigurationError(
+            f"the backup repository {repo.location} holds no complete backup", "run run_backup first"
+        )
+    spec = recovery_point.strip()
+    if spec == "latest":
+        chosen = state.newest
+    elif spec.startswith("before:"):
+        try:
+            limit = datetime.fromisoformat(spec.removeprefix("before:").strip())
+        except ValueError:
+            raise ConfigurationError(
+                f"{spec!r} does not hold an ISO time", "write it as before:2026-11-23T18:00:00Z"
+            ) from None
+        limit = limit if limit.tzinfo else limit.replace(tzinfo=UTC)
+        chosen = max((b for b in state.backups if b.finished_at < limit), key=lambda b: b.finished_at, default=None)
+    else:
+        chosen = next((b for b in state.backups if b.backup_id == spec), None)
+    if chosen is None:
+        known = ", ".join(b.backup_id for b in sorted(state.backups, key=lambda b: b.finished_at)[-5:])
+        raise ConfigurationError(
+            f"no complete backup matches {spec!r}", f"use 'latest', 'before:<ISO time>' or one of: {known}"
+        )
+    prefix = f"{BACKUPS}{chosen.backup_id}/"
+    raw = await repo.get_bytes(prefix + MANIFEST_NAME)
+    try:
+        manifest = Manifest.model_validate_json(raw)
+    except ValueError as exc:
+        raise IntegrityError(
+            f"the manifest of {chosen.backup_id} is not a valid manifest", "choose another recovery point"
+        ) from exc
+    return RecoveryPoint(manifest, hashlib.sha256(raw).hexdigest(), prefix)
+
+
+async def verify_artifacts(repo: Repository, point: RecoveryPoint) -> list[ArtifactVerdict]:
+    """Re-hash every artifact as stored; a local repository is read straight from disk, in large blocks."""
+    artifacts = point.manifest.artifacts
+    if isinstance(repo, LocalRepository):
+        items = [(a.name, repo.root / (point.prefix + a.name), a.sha256, a.size) for a in artifacts]
+        return await verify_files(items)
+    out: list[ArtifactVerdict] = []
+    for a in artifacts:
+        key = point.prefix + a.name
+        actual: Digest | None = await sha256_stream(repo.get_stream(key)) if await repo.exists(key) else None
+        out.append(compare(a.name, a.sha256, a.size, actual))
+    return out
+
+
+def key_material(settings: Settings) -> KeyMaterial:
+    problem: str | None = None
+    current: bytes | None = None
+    if settings.encryption_master_key is not None:
+        try:
+            current = engram_crypto.decode_master_key(settings.encryption_master_key.get_secret_value())
+        except engram_crypto.InvalidMasterKey as exc:
+            problem = f"ENCRYPTION_MASTER_KEY is malformed ({exc}): it must be base64 of exactly 32 bytes"
+    previous: bytes | None = None
+    if settings.encryption_master_key_previous is not None:
+        try:
+            previous = engram_crypto.decode_master_key(settings.encryption_master_key_previous.get_secret_value())
+        except engram_crypto.InvalidMasterKey:
+            previous = None
+    return KeyMaterial(current=current, current_problem=problem, previous=previous, key_provider=settings.key_provider)
+
+
+async def tool_state(settings: Settings) -> ToolState:
+    try:
+        version = await client_version(settings.pg_restore)
+    except RecoveryError as exc:
+        return ToolState(pg_restore_path=None, pg_restore_major=None, problem=exc.message)
+    return ToolState(pg_restore_path=version.path, pg_restore_major=version.major)
+
+
+def _server(settings: Settings) -> tuple[str | None, int | None, str | None]:
+    url = urlsplit(settings.database_url.get_secret_value())
+    return url.hostname, url.port, url.username
+
+
+async def target_state(settings: Settings, database: str, roles: Sequence[str]) -> TargetState:
+    """The target database on the configured server: exists, empty, in use, which roles the server has."""
+    host, port, user = _server(settings)
+    base: dict[str, Any] = {"database": database, "host": host, "port": port, "user": user,
+                            "is_live": database == settings.database_name}  # fmt: skip
+    dsn = settings.database_url.get_secret_value()
+    exists = True
+    try:
+        conn = await postgres.connect(dsn, database=database)
+    except RecoveryError as exc:
+        if "no database of that name" not in exc.message:
+            return TargetState(reachable=False, problem=exc.message, **base)
+        exists = False
+        try:
+            conn = await postgres.connect(dsn, database="postgres")
+        except RecoveryError as exc2:
+            return TargetState(reachable=False, problem=exc2.message, **base)
+    try:
+        row = await conn.fetchrow(
+            "SELECT current_setting('server_version') AS v, current_setting('server_version_num')::int AS n"
+        )
+        assert row is not None
+        present = await conn.fetch("SELECT rolname FROM pg_roles WHERE rolname = ANY($1::text[])", list(roles))
+        tables = active = None
+        if exists:
+            tables = await conn.fetchval(
+                "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                "WHERE c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f') AND n.nspname <> ALL($1::text[]) "
+                "AND n.nspname NOT LIKE 'pg_toast%' AND n.nspname NOT LIKE 'pg_temp%'",
+                list(SYSTEM_SCHEMAS),
+            )
+            active = await conn.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()", database
+            )
+    except postgres.PostgresError as exc:
+        raise postgres.describe(exc) from exc
+    finally:
+        await conn.close(timeout=2)
+    return TargetState(
+        reachable=True, server_version=str(row["v"]).split()[0], server_major=int(row["n"]) // 10000,
+        exists=exists, user_tables=int(tables) if tables is not None else None,
+        active_connections=int(active) if active is not None else None,
+        roles_present=frozenset(r["rolname"] for r in present), **base,
+    )  # fmt: skip
+
+
+async def live_state(settings: Settings, since: datetime) -> LiveState:
+    """What a restore to `since` would undo in the live database (which may well be gone)."""
+    try:
+        conn = await postgres.connect(settings.database_url.get_secret_value())
+    except RecoveryError as exc:
+        return LiveState(reachable=False, problem=exc.message)
+    # Engram stores naive UTC timestamps.
+    point = since.astimezone(UTC).replace(tzinfo=None)
+    try:
+        p = await probe(conn)
+        if not p.looks_like_engram:
+            return LiveState(reachable=False, problem="the configured database holds no Engram tables")
+        newest: datetime | None = None
+        for table in ("notes", "vaults", "attachments", "users"):
+            if p.has_column(table, "updated_at"):
+                value = await conn.fetchval(f"SELECT max(updated_at) FROM {table}")
+                if value is not None and (newest is None or value > newest):
+                    newest = value
+        issued: dict[str, int] = {}
+        revoked: dict[str, list[str]] = {}
+        users: set[str] = set()
+        for table, created in {"refresh_tokens": "created_at", "device_refresh_tokens": "inserted_at",
+                               "oauth_refresh_tokens": "inserted_at"}.items():  # fmt: skip
+            if not p.has_table(table):
+                continue
+            rows = await conn.fetch(f"SELECT user_id::text AS u FROM {table} WHERE {created} > $1", point)
+            issued[table] = len(rows)
+            users.update(r["u"] for r in rows)
+            if p.has_column(table, "revoked_at"):
+                revoked[table] = [str(r["id"]) for r in await conn.fetch(
+                    f"SELECT id FROM {table} WHERE revoked_at > $1 AND {created} <= $1 ORDER BY id", point)]
+        api_ids = created_after = None
+        if p.has_table("api_keys"):
+            api_ids = [str(r["id"]) for r in await conn.fetch("SELECT id FROM api_keys ORDER BY id")]
+            created_after = int(await conn.fetchval("SELECT count(*) FROM api_keys WHERE created_at > $1", point))
+        seqs: dict[str, int] | None = None
+        if p.has_column("vaults", "change_seq"):
+            cursors = "vault_device_cursors" in {r["t"] for r in await conn.fetch(
+                "SELECT tablename AS t FROM pg_tables WHERE schemaname = current_schema()")}
+            sql = ("SELECT v.id::text AS id, greatest(v.change_seq, coalesce(max(c.last_seq), 0)) AS s FROM vaults v "
+                   "LEFT JOIN vault_device_cursors c ON c.vault_id = v.id GROUP BY v.id" if cursors
+                   else "SELECT id::text AS id, change_seq AS s FROM vaults")
+            seqs = {r["id"]: int(r["s"]) for r in await conn.fetch(sql)}
+        newer = [r["id"] for r in await conn.fetch(
+            "SELECT id::text AS id FROM users WHERE created_at > $1 ORDER BY id", point)]
+    except postgres.PostgresError as exc:
+        return LiveState(reachable=False, problem=f"reading the live database failed: {exc}")
+    finally:
+        await conn.close(timeout=2)
+    return LiveState(
+        reachable=True, newest_write=newest.replace(tzinfo=UTC) if newest else None, tokens_issued_after=issued,
+        users_signing_in_again=len(users), revoked_after=revoked, api_key_ids=api_ids,
+        api_keys_created_after=created_after, vault_seqs=seqs, newer_users=newer,
+    )  # fmt: skip
+
+
+async def inventory_state(repo: Repository, point: RecoveryPoint) -> InventoryState | None:
+    att = point.manifest.attachments
+    if att.backend != "s3":
+        return None
+    if not att.inventory or point.manifest.artifact(att.inventory) is None:
+        return InventoryState(present=False, problem="the manifest names no attachments inventory")
+    key = point.prefix + att.inventory
+    if not await repo.exists(key):
+        return InventoryState(present=False, problem=f"the attachments inventory {key} is missing")
+    entries = [e async for e in read_inventory(repo, key)]
+    pool = {k async for k, _size in repo.list(POOL)}
+    missing = [e.repo_key for e in entries if e.repo_key not in pool]
+    return InventoryState(
+        present=True, objects=len(entries), missing=missing[:50], missing_count=len(missing),
+        entries=[(e.key, e.repo_key, e.version_id) for e in entries],
+    )
+
+
+def local_path(repo: Repository, key: str) -> Path | None:
+    return repo.root / key if isinstance(repo, LocalRepository) else None
+
+
+async def gather_concurrently(*jobs: Any) -> list[Any]:
+    """Run independent reads at once (hashing, the target, the live database)."""
+    results: list[Any] = [None] * len(jobs)
+
+    async def one(i: int, job: Any) -> None:
+        results[i] = await job
+
+    async with anyio.create_task_group() as tg:
+        for i, job in enumerate(jobs):
+            tg.start_soon(one, i, job)
+    return results
