@@ -7,9 +7,11 @@ the tests use.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from qdrant_client import AsyncQdrantClient
+from qdrant_client import AsyncQdrantClient, models
 from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
 from .errors import ConfigurationError, RecoveryError, StoreUnreachable
@@ -35,7 +37,8 @@ def open_client(settings: Settings) -> AsyncQdrantClient:
         )
     if settings.qdrant_url:
         api_key = settings.qdrant_api_key.get_secret_value() if settings.qdrant_api_key else None
-        return AsyncQdrantClient(url=settings.qdrant_url, api_key=api_key, timeout=5)
+        # We report reachability ourselves; the client's background version probe only warns from a thread.
+        return AsyncQdrantClient(url=settings.qdrant_url, api_key=api_key, timeout=5, check_compatibility=False)
     raise ConfigurationError(
         "Qdrant is not configured", "set QDRANT_URL (or ENGRAM_RECOVERY_QDRANT_PATH for an embedded Qdrant)"
     )
@@ -69,3 +72,64 @@ async def collection_state(client: AsyncQdrantClient, name: str) -> CollectionSt
         sparse=sparse,
         status=str(info.status.value) if info.status else None,
     )
+
+
+# --- rebuild support (reindex_qdrant) ----------------------------------------------------
+
+DENSE_VECTOR = "dense"
+SPARSE_VECTOR = "keyword"
+RETRIEVE_PAGE = 512
+
+
+async def recreate_collection(client: AsyncQdrantClient, name: str, dense_size: int) -> int | None:
+    """Drop `name` if it exists and create it as Engram does; returns the points dropped."""
+    dropped: int | None = None
+    if await client.collection_exists(name):
+        dropped = (await client.count(name, exact=True)).count
+        await client.delete_collection(name)
+    await client.create_collection(
+        name,
+        vectors_config={DENSE_VECTOR: models.VectorParams(size=dense_size, distance=models.Distance.COSINE)},
+        sparse_vectors_config={SPARSE_VECTOR: models.SparseVectorParams()},
+    )
+    return dropped
+
+
+async def existing_point_ids(client: AsyncQdrantClient, name: str, ids: Sequence[str]) -> set[str]:
+    """Which of `ids` are points of `name`, asked in pages (no payloads, no vectors)."""
+    if not ids or not await client.collection_exists(name):
+        return set()
+    found: set[str] = set()
+    for start in range(0, len(ids), RETRIEVE_PAGE):
+        points = await client.retrieve(
+            name, ids=list(ids[start : start + RETRIEVE_PAGE]), with_payload=False, with_vectors=False
+        )
+        found.update(str(p.id) for p in points)
+    return found
+
+
+async def scroll_points(
+    client: AsyncQdrantClient, name: str, page: int = 1_000
+) -> AsyncIterator[list[tuple[str, str | None]]]:
+    """Every point of `name` as (id, payload user_id), one page at a time."""
+    if not await client.collection_exists(name):
+        return
+    offset: models.ExtendedPointId | None = None
+    while True:
+        points, offset = await client.scroll(
+            name, limit=page, offset=offset, with_payload=["user_id"], with_vectors=False
+        )
+        if points:
+            yield [(str(p.id), _user_of(p.payload)) for p in points]
+        if offset is None:
+            return
+
+
+async def delete_points(client: AsyncQdrantClient, name: str, ids: Sequence[str]) -> None:
+    if ids:
+        await client.delete(name, points_selector=models.PointIdsList(points=list(ids)), wait=True)
+
+
+def _user_of(payload: dict[str, Any] | None) -> str | None:
+    value = (payload or {}).get("user_id")
+    return str(value) if value is not None else None

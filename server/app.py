@@ -19,6 +19,7 @@ from ..core.runtime import Runtime
 from ..core.settings import Settings
 from ..tools import registry
 from ..tools.base import ToolInput, ToolResult, ToolSpec
+from .stdio import RecoveryServer
 
 log = logging.getLogger("engram_recovery")
 
@@ -70,7 +71,7 @@ def tools_for(settings: Settings) -> list[ToolSpec[Any, Any]]:
     return [spec for spec in registry.ALL if settings.access == "full" or not spec.writes]
 
 
-def build_server(settings: Settings) -> MCPServer[Runtime]:
+def build_server(settings: Settings) -> RecoveryServer:
     @asynccontextmanager
     async def lifespan(_: MCPServer[Runtime]) -> AsyncIterator[Runtime]:
         runtime = Runtime(settings)
@@ -79,7 +80,7 @@ def build_server(settings: Settings) -> MCPServer[Runtime]:
         finally:
             await runtime.aclose()
 
-    return MCPServer(
+    return RecoveryServer(
         name="engram-recovery",
         title="Engram recovery",
         instructions=INSTRUCTIONS,

@@ -43,6 +43,25 @@ def _parser() -> argparse.ArgumentParser:
         help="a tool argument; VALUE is parsed as JSON when it is valid JSON (true, 3, \"x\"), else a string",
     )
 
+    decrypt = sub.add_parser(
+        "decrypt",
+        help="turn a backup artifact back into a stock pg_restore-able dump (decrypt, decompress, verify)",
+        description="Decrypt (when encrypted) and decompress a backup artifact into exactly what pg_dump wrote, "
+        "ready for stock pg_restore (or psql for a plain dump). The backup key is read from "
+        "ENGRAM_RECOVERY_BACKUP_KEY or ENGRAM_RECOVERY_BACKUP_KEY_FILE, never from an argument. An altered, "
+        "truncated or reordered artifact is refused and no output file is left behind.",
+    )
+    decrypt.add_argument(
+        "source",
+        help="an artifact file (e.g. db.dump.zst.enc copied from the repository), or backup:<id> to read that "
+        "recovery point's database dump from the configured repository and check it against its manifest",
+    )
+    decrypt.add_argument(
+        "-o", "--output",
+        help="where to write the plain dump (default: the source's name without .enc/.zst/.gz; for backup:<id>, "
+        "<id>.dump in the current directory); a directory dump becomes a directory",
+    )
+
     sub.add_parser("config", help="print the effective configuration, every secret redacted")
     sub.add_parser("tools", help="list the tools this configuration registers")
 
@@ -104,6 +123,40 @@ async def _call(settings: Settings, tool: str, arguments: dict[str, Any]) -> int
     return _exit_code(result.structured_content, False)
 
 
+def _decrypt(source: str, output: str | None, env_file: str | None) -> int:
+    from pathlib import Path
+
+    from ..core import backup_extract
+    from ..core.repository import open_repository
+    from ..core.settings import parse_env_file
+
+    env = (parse_env_file(Path(env_file)) if env_file else {}) | dict(os.environ)
+    key = backup_extract.key_from_environment(env)
+
+    async def from_repository(backup_id: str) -> list[backup_extract.Extracted]:
+        settings = load_settings(env_file=env_file)
+        async with open_repository(settings) as repo:
+            return await backup_extract.extract_backup(repo, backup_id, key, Path(output or f"{backup_id}.dump"))
+
+    async def from_file(path: Path, target: Path) -> list[backup_extract.Extracted]:
+        return [await backup_extract.extract(backup_extract.file_chunks(path), key, target)]
+
+    if source.startswith("backup:"):
+        extracted = anyio.run(from_repository, source.removeprefix("backup:"))
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise RecoveryError(f"{source} is not a file", "pass the path of an artifact, or backup:<id>")
+        target = Path(output) if output else path.with_name(backup_extract.plain_name(path.name))
+        if target.resolve() == path.resolve():
+            raise RecoveryError("the output would overwrite the source", "pass --output with another path")
+        extracted = anyio.run(from_file, path, target)
+    for item in extracted:
+        print(json.dumps({"output": item.path, "stored_bytes": item.stored_bytes, "plain_bytes": item.plain_bytes,
+                          "was_encrypted": item.encrypted}))
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -111,6 +164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .demo import run_demo
 
             return run_demo(args.admin_url, args.dir, serve=not args.no_serve)
+        if args.command == "decrypt":
+            return _decrypt(args.source, args.output, args.env_file)
         settings = load_settings(env_file=args.env_file)
         if args.command == "config":
             print(json.dumps(settings.redacted(), indent=2))

@@ -39,9 +39,7 @@ async def _prepare(admin_url: str, directory: Path) -> Path:
     from .. import testbed
     from ..core.postgres import connection
 
-    directory.mkdir(parents=True, exist_ok=True)
-    key_b64 = _secret_file(directory / "master.key", engram_crypto.encode_master_key(secrets.token_bytes(32)))
-    _secret_file(directory / "http.token", secrets.token_hex(32))
+    key_b64 = (directory / "master.key").read_text(encoding="utf-8").strip()
     async with connection(admin_url) as admin:
         await admin.execute(f'DROP DATABASE IF EXISTS "{DEMO_DB}" WITH (FORCE)')
         await admin.execute(f'CREATE DATABASE "{DEMO_DB}"')
@@ -66,6 +64,9 @@ def run_demo(admin_url: str, directory: str, *, serve: bool) -> int:
     from .transports import serve as serve_mcp
 
     root = Path(directory)
+    root.mkdir(parents=True, exist_ok=True)
+    _secret_file(root / "master.key", engram_crypto.encode_master_key(secrets.token_bytes(32)))
+    _secret_file(root / "http.token", secrets.token_hex(32))
     env_file = anyio.run(_prepare, admin_url, root)
     print(f"demo: database {DEMO_DB} created; settings in {env_file}", file=sys.stderr)
     settings = load_settings(environ={k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_URL",

@@ -84,7 +84,7 @@ def http_app(server: MCPServer[Runtime], settings: Settings, host: str, port: in
 def serve(settings: Settings, *, http: bool, host: str | None = None, port: int | None = None) -> None:
     server = build_server(settings)
     if not http:
-        anyio.run(server.run_stdio_async)
+        anyio.run(server.run_stdio_draining)
         return
     import uvicorn
 

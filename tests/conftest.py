@@ -7,22 +7,16 @@ test and dropped after it.
 
 from __future__ import annotations
 
-import os
 import secrets
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import asyncpg
 import pytest
+from support import ADMIN_URL, EngramDB, engram_env, make_engram_db
 
-from engram_recovery import testbed
-from engram_recovery.core import engram_crypto
 from engram_recovery.core.settings import Settings, load_settings
 from engram_recovery.testbed.seaweedfs import SeaweedFS, seaweedfs
-
-ADMIN_URL = os.environ.get("ENGRAM_TEST_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
 @pytest.fixture(scope="session")
@@ -56,54 +50,10 @@ def master_key() -> bytes:
     return secrets.token_bytes(32)
 
 
-@dataclass
-class EngramDB:
-    """A seeded Engram-shaped database and what the seeder knows about it."""
-
-    dsn: str
-    name: str
-    report: Any
-    master_key: bytes
-
-    def role_dsn(self, role: str) -> str:
-        return testbed.dsn_for(self.dsn, self.name, user=role)
-
-
-async def make_engram_db(
-    admin_dsn: str, master_key: bytes, **seed_options: Any
-) -> AsyncIterator[EngramDB]:
-    async with testbed.scratch_database(admin_dsn) as dsn:
-        name = dsn.rsplit("/", 1)[-1].split("?")[0]
-        conn = await asyncpg.connect(dsn)
-        try:
-            await testbed.create_engram_schema(conn, variant=seed_options.pop("variant", "0.18.1"))
-            await testbed.create_roles(conn, name)
-            options: dict[str, Any] = {"users": 3, "vaults_per_user": 2, "notes": 120, "attachments": 12}
-            options.update(seed_options)
-            report = await testbed.seed(conn, master_key=master_key, **options)
-        finally:
-            await conn.close()
-        yield EngramDB(dsn=dsn, name=name, report=report, master_key=master_key)
-
-
 @pytest.fixture
 async def engram_db(admin_dsn: str, master_key: bytes) -> AsyncIterator[EngramDB]:
     async for db in make_engram_db(admin_dsn, master_key):
         yield db
-
-
-def engram_env(db: EngramDB, tmp_path: Path, **extra: str) -> dict[str, str]:
-    """The environment an operator would give the tool for this database."""
-    env = {
-        "DATABASE_URL": db.dsn,
-        "ENCRYPTION_MASTER_KEY": engram_crypto.encode_master_key(db.master_key),
-        "ENGRAM_RECOVERY_REPOSITORY": str(tmp_path / "repo"),
-        "ENGRAM_RECOVERY_QDRANT_PATH": ":memory:",
-        "ENGRAM_RECOVERY_KEY_ESCROW": "password manager,paper copy in the safe",
-        "PATH": os.environ.get("PATH", ""),
-    }
-    env.update(extra)
-    return {k: v for k, v in env.items() if v != ""}
 
 
 @pytest.fixture

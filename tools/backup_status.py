@@ -324,6 +324,12 @@ async def check_attachments(ctx: _Context) -> Check:
                     "SELECT count(*) FROM storage_objects o "
                     "WHERE NOT EXISTS (SELECT 1 FROM attachments a WHERE a.storage_key = o.storage_key)"
                 )
+        if not p.has_table("storage_objects"):
+            return Check(
+                component="attachments", status="fail", details=details,
+                summary="STORAGE_BACKEND is 'database' but this database has no storage_objects table: "
+                "is DATABASE_URL Engram's database, or should STORAGE_BACKEND be 's3'?",
+            )
         summary = "attachments are stored in PostgreSQL (storage_objects): every database backup includes them"
         return _drift_verdict(details, summary, estimates)
 

@@ -1,0 +1,274 @@
+"""backup_status against real PostgreSQL, SeaweedFS and Qdrant (local mode): every check, every failure mode."""
+
+from __future__ import annotations
+
+import secrets
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from mcp import Client
+from support import EngramDB, engram_env, make_engram_db
+
+from engram_recovery import testbed
+from engram_recovery.core import engram_crypto, s3
+from engram_recovery.core.progress import silent
+from engram_recovery.core.runtime import Runtime
+from engram_recovery.core.settings import load_settings
+from engram_recovery.server.app import build_server
+from engram_recovery.testbed.seaweedfs import SeaweedFS
+from engram_recovery.tools.backup_status import BackupStatusInput, BackupStatusResult, Check, backup_status
+
+
+async def status(env: dict[str, str], deep: bool = False) -> BackupStatusResult:
+    runtime = Runtime(load_settings(environ=env))
+    try:
+        return await backup_status(runtime, BackupStatusInput(deep=deep), silent)
+    finally:
+        await runtime.aclose()
+
+
+def check(result: BackupStatusResult, component: str) -> Check:
+    return next(c for c in result.checks if c.component == component)
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.anyio
+async def test_healthy_database_passes_postgres_and_master_key_checks(engram_db: EngramDB, tmp_path: Path) -> None:
+    result = await status(engram_env(engram_db, tmp_path))
+    pg = check(result, "postgres")
+    assert pg.status == "ok", pg.summary
+    assert pg.details["sees_all_rows"] is True
+    assert pg.details["pg_dump"]["major"] >= 15
+    assert pg.details["wal"]["archiving"] is False
+    assert "row_estimates" in pg.estimates
+    key = check(result, "master_key")
+    assert key.status == "ok", key.summary
+    assert key.details["canary"] == "match"
+    assert key.details["fingerprint"] == engram_crypto.key_fingerprint(engram_db.master_key)
+    # No backup was ever taken: recovery is impossible, so the verdict is a failure that says so.
+    assert check(result, "last_backup").status == "fail"
+    assert "no backup yet" in check(result, "last_backup").summary
+    assert result.verdict == "fail"
+    assert check(result, "restore_drill").status == "warn"
+
+
+@pytest.mark.anyio
+async def test_the_key_never_appears_in_the_result(engram_db: EngramDB, tmp_path: Path) -> None:
+    env = engram_env(engram_db, tmp_path)
+    result = await status(env)
+    text = result.model_dump_json()
+    assert env["ENCRYPTION_MASTER_KEY"] not in text
+    assert engram_db.master_key.hex() not in text
+
+
+@pytest.mark.anyio
+async def test_wrong_master_key_fails_the_key_check(engram_db: EngramDB, tmp_path: Path) -> None:
+    wrong = engram_crypto.encode_master_key(secrets.token_bytes(32))
+    result = await status(engram_env(engram_db, tmp_path, ENCRYPTION_MASTER_KEY=wrong))
+    key = check(result, "master_key")
+    assert key.status == "fail"
+    assert "does not unwrap" in key.summary
+    assert check(result, "postgres").status == "ok"
+
+
+@pytest.mark.anyio
+async def test_previous_only_key_is_reported_as_an_unfinished_rotation(engram_db: EngramDB, tmp_path: Path) -> None:
+    current = engram_crypto.encode_master_key(secrets.token_bytes(32))
+    previous = engram_crypto.encode_master_key(engram_db.master_key)
+    env = engram_env(engram_db, tmp_path, ENCRYPTION_MASTER_KEY=current, ENCRYPTION_MASTER_KEY_PREVIOUS=previous)
+    key = check(await status(env), "master_key")
+    assert key.status == "fail"
+    assert "PREVIOUS" in key.summary and "refuse to boot" in key.summary
+
+
+@pytest.mark.anyio
+async def test_malformed_and_missing_master_key_fail_with_the_variable_named(
+    engram_db: EngramDB, tmp_path: Path
+) -> None:
+    bad = check(await status(engram_env(engram_db, tmp_path, ENCRYPTION_MASTER_KEY="dG9vLXNob3J0")), "master_key")
+    assert bad.status == "fail" and "ENCRYPTION_MASTER_KEY is malformed" in bad.summary
+    missing = check(await status(engram_env(engram_db, tmp_path, ENCRYPTION_MASTER_KEY="")), "master_key")
+    assert missing.status == "fail" and "ENCRYPTION_MASTER_KEY" in missing.summary
+
+
+@pytest.mark.anyio
+async def test_fewer_than_two_escrow_locations_is_a_warning(engram_db: EngramDB, tmp_path: Path) -> None:
+    key = check(await status(engram_env(engram_db, tmp_path, ENGRAM_RECOVERY_KEY_ESCROW="only one place")),
+                "master_key")
+    assert key.status == "warn"
+    assert "escrow" in key.summary
+
+
+@pytest.fixture
+async def db_without_canary(admin_dsn: str, master_key: bytes) -> AsyncIterator[EngramDB]:
+    async for db in make_engram_db(admin_dsn, master_key, with_canary=False, notes=20, attachments=2):
+        yield db
+
+
+@pytest.mark.anyio
+async def test_missing_canary_is_a_failure_that_explains_the_danger(
+    db_without_canary: EngramDB, tmp_path: Path
+) -> None:
+    key = check(await status(engram_env(db_without_canary, tmp_path)), "master_key")
+    assert key.status == "fail"
+    assert "system_canaries is empty" in key.summary and "ANY master key" in key.summary
+
+
+@pytest.mark.anyio
+async def test_role_without_bypassrls_is_told_what_that_means(engram_db: EngramDB, tmp_path: Path) -> None:
+    app_dsn = engram_db.role_dsn(testbed.APP_ROLE)
+    result = await status(engram_env(engram_db, tmp_path, DATABASE_URL=app_dsn))
+    pg = check(result, "postgres")
+    assert pg.status == "fail"
+    assert pg.details["sees_all_rows"] is False
+    assert "BYPASSRLS" in pg.summary and "notes" in pg.summary
+
+
+@pytest.mark.anyio
+async def test_postgres_down_fails_its_checks_and_the_others_still_report(
+    engram_db: EngramDB, tmp_path: Path
+) -> None:
+    env = engram_env(engram_db, tmp_path, DATABASE_URL=f"postgresql://postgres:pw-secret-9@127.0.0.1:{closed_port()}/x")
+    result = await status(env)
+    assert check(result, "postgres").status == "fail"
+    assert "unreachable" in check(result, "postgres").summary
+    assert "pw-secret-9" not in result.model_dump_json()
+    # The repository and drill checks do not need the database and still answer.
+    assert check(result, "last_backup").summary.startswith("no backup yet")
+    assert check(result, "restore_drill").status == "warn"
+
+
+@pytest.mark.anyio
+async def test_qdrant_collection_missing_is_a_warning_and_qdrant_down_a_failure(
+    engram_db: EngramDB, tmp_path: Path
+) -> None:
+    missing = check(await status(engram_env(engram_db, tmp_path)), "qdrant")
+    assert missing.status == "warn"
+    assert "does not exist" in missing.summary and "reindex_qdrant" in missing.summary
+    env = engram_env(engram_db, tmp_path, ENGRAM_RECOVERY_QDRANT_PATH="",
+                     QDRANT_URL=f"http://127.0.0.1:{closed_port()}")
+    result = await status(env)
+    assert check(result, "qdrant").status == "fail"
+    assert check(result, "master_key").status == "ok"
+
+
+@pytest.mark.anyio
+async def test_deep_check_finds_attachment_rows_whose_blob_is_missing(engram_db: EngramDB, tmp_path: Path) -> None:
+    env = engram_env(engram_db, tmp_path)
+    clean = check(await status(env, deep=True), "attachments")
+    assert clean.status == "ok", clean.summary
+    assert clean.details["missing_blobs"] == 0
+    conn = await asyncpg.connect(engram_db.dsn)
+    try:
+        await conn.execute(
+            "DELETE FROM storage_objects WHERE storage_key = "
+            "(SELECT storage_key FROM attachments WHERE storage_key IS NOT NULL AND deleted_at IS NULL LIMIT 1)"
+        )
+    finally:
+        await conn.close()
+    shallow = check(await status(env), "attachments")
+    assert "missing_blobs" not in shallow.details and "deep=true" in shallow.summary
+    drifted = check(await status(env, deep=True), "attachments")
+    assert drifted.status == "fail"
+    assert drifted.details["missing_blobs"] == 1
+
+
+@pytest.fixture
+async def s3_db(admin_dsn: str, master_key: bytes) -> AsyncIterator[EngramDB]:
+    async for db in make_engram_db(admin_dsn, master_key, storage="s3", notes=30, attachments=8):
+        yield db
+
+
+def s3_env(db: EngramDB, tmp_path: Path, weed: SeaweedFS, bucket: str, **extra: str) -> dict[str, str]:
+    host, port = weed.endpoint.removeprefix("http://").split(":")
+    storage = {
+        "STORAGE_BACKEND": "s3", "STORAGE_BUCKET": bucket, "STORAGE_HOST": host, "STORAGE_PORT": port,
+        "STORAGE_SCHEME": "http://", "STORAGE_ACCESS_KEY_ID": weed.access_key_id,
+        "STORAGE_SECRET_ACCESS_KEY": weed.secret_access_key,
+    }
+    return engram_env(db, tmp_path, **(storage | extra))
+
+
+async def upload(weed: SeaweedFS, bucket: str, objects: list[tuple[str, bytes]], versioned: bool) -> None:
+    location = s3.S3Location(weed.endpoint, weed.access_key_id, weed.secret_access_key, weed.region, bucket)
+    async with s3.client(location) as client:
+        await client.create_bucket(Bucket=bucket)
+        if versioned:
+            await client.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+        for key, data in objects:
+            await client.put_object(Bucket=bucket, Key=key, Body=data)
+
+
+@pytest.mark.anyio
+async def test_s3_attachments_bucket_versioning_counts_and_drift(
+    s3_db: EngramDB, weed: SeaweedFS, tmp_path: Path
+) -> None:
+    objects: list[tuple[str, bytes]] = s3_db.report.attachment_objects
+    assert objects, "the seeder returned no S3 objects"
+    bucket = f"att-{secrets.token_hex(4)}"
+    # Leave one referenced blob out and add one no row references.
+    stray = (f"{s3_db.report.user_ids[0]}/{secrets.token_hex(4)}/objects/orphan", b"orphan")
+    await upload(weed, bucket, [*objects[1:], stray], versioned=True)
+    env = s3_env(s3_db, tmp_path, weed, bucket)
+    shallow = check(await status(env), "attachments")
+    assert shallow.details["versioning"] == "Enabled"
+    assert shallow.details["objects"] == len(objects)
+    deep = check(await status(env, deep=True), "attachments")
+    assert deep.status == "fail"
+    assert deep.details["missing_blobs"] == 1 and deep.details["unreferenced_blobs"] == 1
+    assert deep.details["missing_examples"] == [objects[0][0]]
+
+
+@pytest.mark.anyio
+async def test_unversioned_bucket_is_a_warning(s3_db: EngramDB, weed: SeaweedFS, tmp_path: Path) -> None:
+    bucket = f"att-{secrets.token_hex(4)}"
+    await upload(weed, bucket, s3_db.report.attachment_objects, versioned=False)
+    att = check(await status(s3_env(s3_db, tmp_path, weed, bucket)), "attachments")
+    assert att.status == "warn" and "versioning is off" in att.summary
+
+
+@pytest.mark.anyio
+async def test_s3_down_or_wrong_credentials_fail_only_the_attachments_check(
+    s3_db: EngramDB, weed: SeaweedFS, tmp_path: Path
+) -> None:
+    down = s3_env(s3_db, tmp_path, weed, "any", STORAGE_PORT=str(closed_port()))
+    result = await status(down)
+    assert check(result, "attachments").status == "fail"
+    assert "unreachable" in check(result, "attachments").summary
+    assert check(result, "postgres").status == "ok"
+    bucket = f"att-{secrets.token_hex(4)}"
+    await upload(weed, bucket, [], versioned=True)
+    wrong = s3_env(s3_db, tmp_path, weed, bucket, STORAGE_SECRET_ACCESS_KEY="not-the-secret-000")
+    refused = check(await status(wrong), "attachments")
+    assert refused.status == "fail" and "credentials" in refused.summary
+    assert "not-the-secret-000" not in refused.model_dump_json()
+
+
+@pytest.mark.anyio
+async def test_status_through_the_mcp_client_is_structured_and_reports_progress(
+    engram_db: EngramDB, tmp_path: Path
+) -> None:
+    seen: list[tuple[float, float | None, str | None]] = []
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        seen.append((progress, total, message))
+
+    server = build_server(load_settings(environ=engram_env(engram_db, tmp_path)))
+    async with Client(server) as client:
+        listed = await client.list_tools()
+        result = await client.call_tool("backup_status", {}, progress_callback=on_progress)
+    tool = next(t for t in listed.tools if t.name == "backup_status")
+    assert tool.annotations is not None and tool.annotations.read_only_hint is True
+    assert tool.output_schema is not None
+    body: dict[str, Any] = result.structured_content or {}
+    assert body["verdict"] in ("ok", "warn", "fail") and len(body["checks"]) == 7
+    assert len(seen) == 7 and seen[-1][0] == 7
