@@ -61,14 +61,27 @@ def _endpoint(url: str | None) -> str:
 
 
 def dump_path(ctx: CommandContext, manifest: Manifest) -> str:
-    return str(PurePosixPath(ctx.work_dir) / f"{manifest.backup_id}.dump")
+    suffix = {"custom": ".dump", "plain": ".sql", "directory": ".dir"}[manifest.database.dump_format]
+    return str(PurePosixPath(ctx.work_dir) / f"{manifest.backup_id}{suffix}")
 
 
-def decrypt_command(ctx: CommandContext, manifest: Manifest, artifact: str, output: str) -> str:
+def decrypt_command(ctx: CommandContext, manifest: Manifest, output: str) -> str:
+    # `decrypt backup:<id>` reads the repository named here and checks the artifacts against the manifest.
     return (
-        f"engram-recovery decrypt --repository {_q(ctx.repository)} --backup {_q(manifest.backup_id)} "
-        f"--artifact {_q(artifact)} --output {_q(output)}"
+        f"ENGRAM_RECOVERY_REPOSITORY={_q(ctx.repository)} engram-recovery decrypt "
+        f"{_q('backup:' + manifest.backup_id)} --output {_q(output)}"
     )
+
+
+def restore_command(ctx: CommandContext, manifest: Manifest, observed: Observed, dump: str) -> str:
+    t = observed.target
+    if manifest.database.dump_format == "plain":
+        return (f"psql {_conn(observed)} -d {_q(t.database)} --no-password -v ON_ERROR_STOP=1 "
+                f"--single-transaction -q -f {_q(dump)}")
+    # A directory dump restores in parallel, which excludes --single-transaction.
+    mode = "--jobs=2" if manifest.database.dump_format == "directory" else "--single-transaction"
+    return (f"{_q(ctx.pg_restore)} {_conn(observed)} -d {_q(t.database)} --no-password --exit-on-error "
+            f"{mode} {_q(dump)}")
 
 
 def _uuid_array(ids: list[str]) -> str:
@@ -105,15 +118,17 @@ def build_steps(manifest: Manifest, observed: Observed, ctx: CommandContext) -> 
             cannot_check=["whether anything in the dropped database was still needed"])
     dump = dump_path(ctx, manifest)
     if db_artifact is not None:
-        add("decrypt_database", f"Decrypt the database dump {db_artifact.name} from the repository",
-            [f"mkdir -p {_q(ctx.work_dir)}", decrypt_command(ctx, manifest, db_artifact.name, dump)],
-            expect=f"{dump} of {db_artifact.plain_size or 'about ' + str(db_artifact.size)} bytes",
-            checked=["artifacts", "manifest"],
-            cannot_check=["free disk space in " + ctx.work_dir, "that ENGRAM_RECOVERY_BACKUP_KEY is the key "
-                          f"with fingerprint {manifest.backup_key_fingerprint} (the decryption proves it)"])
-        add("restore_database", "Restore the dump with stock pg_restore, in one transaction (all or nothing)",
-            [f"{_q(ctx.pg_restore)} {_conn(observed)} -d {_q(t.database)} --no-password --exit-on-error "
-             f"--single-transaction {_q(dump)}"],
+        plain = sum(a.plain_size or a.size for a in manifest.artifacts if a.kind == "database")
+        add("decrypt_database", "Decrypt and decompress the database dump from the repository (checked against "
+            "the manifest as it is read)",
+            [f"mkdir -p {_q(ctx.work_dir)}", decrypt_command(ctx, manifest, dump)],
+            expect=f"{dump}: {plain} bytes of pg_dump output", checked=["artifacts", "manifest"],
+            cannot_check=[f"free disk space in {ctx.work_dir} (needs {plain} bytes)",
+                          "that ENGRAM_RECOVERY_BACKUP_KEY is set to the backup key"
+                          + (f" with fingerprint {manifest.backup_key_fingerprint}"
+                             if manifest.backup_key_fingerprint else "")])
+        add("restore_database", "Restore the dump with stock tools, all or nothing",
+            [restore_command(ctx, manifest, observed, dump)],
             checked=["pg_restore", "target_server", "roles", "target"],
             cannot_check=["server-side limits met only during the restore (disk space, max_locks_per_transaction)"])
     counts = manifest.database.row_counts
@@ -144,7 +159,7 @@ def build_steps(manifest: Manifest, observed: Observed, ctx: CommandContext) -> 
             ["engram-recovery call reindex_qdrant --arg confirm=true"],
             cannot_check=["embedding provider quota and cost"], optional=False)
     add("cleanup", "Remove the decrypted dump (it holds every row, encrypted by Engram's keys only)",
-        [f"rm -f {_q(dump)}"], optional=True)
+        [f"rm -rf {_q(dump)}"], optional=True)
     return steps
 
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import backup_status, plan_restore, reindex_qdrant, run_backup
+from . import backup_status, plan_restore, reindex_qdrant, restore_drill, run_backup
 from .base import ToolSpec
 
 ALL: list[ToolSpec[Any, Any]] = [
     backup_status.SPEC,
     run_backup.SPEC,
     plan_restore.SPEC,
+    restore_drill.SPEC,
     reindex_qdrant.SPEC,
 ]
 
