@@ -70,6 +70,7 @@ def _parser() -> argparse.ArgumentParser:
                                                              "postgresql://postgres@127.0.0.1:5432/postgres"))
     demo.add_argument("--dir", default=".demo", help="where the demo keeps its key, env file and backups")
     demo.add_argument("--no-serve", action="store_true", help="prepare the demo and exit")
+    demo.add_argument("--database", default="engram_demo", help="name of the demo database (recreated)")
     return parser
 
 
@@ -163,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             from .demo import run_demo
 
-            return run_demo(args.admin_url, args.dir, serve=not args.no_serve)
+            return run_demo(args.admin_url, args.dir, serve=not args.no_serve, database=args.database)
         if args.command == "decrypt":
             return _decrypt(args.source, args.output, args.env_file)
         settings = load_settings(env_file=args.env_file)

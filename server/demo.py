@@ -18,6 +18,7 @@ from urllib.parse import urlsplit, urlunsplit
 import anyio
 
 from ..core import engram_crypto
+from ..core.errors import ConfigurationError
 from ..core.settings import load_settings
 
 DEMO_DB = "engram_demo"
@@ -35,15 +36,15 @@ def _secret_file(path: Path, make: str) -> str:
     return path.read_text(encoding="utf-8").strip()
 
 
-async def _prepare(admin_url: str, directory: Path) -> Path:
+async def _prepare(admin_url: str, directory: Path, database: str) -> Path:
     from .. import testbed
     from ..core.postgres import connection
 
     key_b64 = (directory / "master.key").read_text(encoding="utf-8").strip()
     async with connection(admin_url) as admin:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{DEMO_DB}" WITH (FORCE)')
-        await admin.execute(f'CREATE DATABASE "{DEMO_DB}"')
-    dsn = _with_db(admin_url, DEMO_DB)
+        await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+        await admin.execute(f'CREATE DATABASE "{database}"')
+    dsn = _with_db(admin_url, database)
     await testbed.demo(dsn, engram_crypto.decode_master_key(key_b64))
     env = directory / "engram.env"
     env.write_text(
@@ -59,7 +60,7 @@ async def _prepare(admin_url: str, directory: Path) -> Path:
     return env
 
 
-def run_demo(admin_url: str, directory: str, *, serve: bool) -> int:
+def run_demo(admin_url: str, directory: str, *, serve: bool, database: str = DEMO_DB) -> int:
     from .cli import _call
     from .transports import serve as serve_mcp
 
@@ -67,8 +68,10 @@ def run_demo(admin_url: str, directory: str, *, serve: bool) -> int:
     root.mkdir(parents=True, exist_ok=True)
     _secret_file(root / "master.key", engram_crypto.encode_master_key(secrets.token_bytes(32)))
     _secret_file(root / "http.token", secrets.token_hex(32))
-    env_file = anyio.run(_prepare, admin_url, root)
-    print(f"demo: database {DEMO_DB} created; settings in {env_file}", file=sys.stderr)
+    if not database.replace("_", "").isalnum():
+        raise ConfigurationError(f"demo database name {database!r} is not a plain identifier", "use letters, digits and _")
+    env_file = anyio.run(_prepare, admin_url, root, database)
+    print(f"demo: database {database} created; settings in {env_file}", file=sys.stderr)
     settings = load_settings(environ={k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_URL",
                                        "ENGRAM_RECOVERY_", "ENCRYPTION_", "STORAGE_", "QDRANT_"))},
                              env_file=env_file)
