@@ -69,7 +69,9 @@ def run_demo(admin_url: str, directory: str, *, serve: bool, database: str = DEM
     _secret_file(root / "master.key", engram_crypto.encode_master_key(secrets.token_bytes(32)))
     _secret_file(root / "http.token", secrets.token_hex(32))
     if not database.replace("_", "").isalnum():
-        raise ConfigurationError(f"demo database name {database!r} is not a plain identifier", "use letters, digits and _")
+        raise ConfigurationError(
+            f"demo database name {database!r} is not a plain identifier", "use letters, digits and _"
+        )
     env_file = anyio.run(_prepare, admin_url, root, database)
     print(f"demo: database {database} created; settings in {env_file}", file=sys.stderr)
     settings = load_settings(environ={k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_URL",
