@@ -1,0 +1,308 @@
+"""plan_restore against real PostgreSQL, SeaweedFS and backups made by run_backup.
+
+The round trip follows the plan's commands exactly, in a shell, after the
+database was destroyed; the other tests break one premise each and expect the
+plan to stop with that premise's own verdict.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import secrets
+import shutil
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import asyncpg
+import pytest
+from mcp import Client
+from support import EngramDB, engram_env, make_engram_db
+
+from engram_recovery.core import engram_crypto, restore_checks, s3
+from engram_recovery.core.progress import silent
+from engram_recovery.core.repository import open_repository
+from engram_recovery.core.restore_plan import Premises, verify_plan_token
+from engram_recovery.core.restore_steps import BLIND_FENCE
+from engram_recovery.core.runtime import Runtime
+from engram_recovery.core.settings import load_settings
+from engram_recovery.server.app import build_server
+from engram_recovery.testbed.seaweedfs import SeaweedFS
+from engram_recovery.tools.plan_restore import PlanRestoreInput, PlanRestoreResult, plan_restore
+from engram_recovery.tools.run_backup import RunBackupInput, run_backup
+
+BACKUP_KEY = base64.b64encode(secrets.token_bytes(32)).decode()
+# Steps the round trip does not run: reindex_qdrant has its own tests against a real Qdrant and Engram's
+# embed worker; boot_app has no command (starting Engram is deployment-specific).
+NOT_RUN_HERE = {"reindex_qdrant"}
+
+
+async def backup(env: dict[str, str]) -> str:
+    runtime = Runtime(load_settings(environ=env))
+    try:
+        result = await run_backup(runtime, RunBackupInput(), silent)
+    finally:
+        await runtime.aclose()
+    assert result.backup_id and result.verified
+    return result.backup_id
+
+
+async def plan(env: dict[str, str], **params: Any) -> PlanRestoreResult:
+    runtime = Runtime(load_settings(environ=env))
+    try:
+        return await plan_restore(runtime, PlanRestoreInput(**params), silent)
+    finally:
+        await runtime.aclose()
+
+
+def check(result: PlanRestoreResult, name: str) -> Any:
+    return next(c for c in result.checks if c.name == name)
+
+
+async def fingerprints(dsn: str, without: tuple[str, str] | None = None) -> dict[str, tuple[int, str]]:
+    """Every table's row count and an order-independent digest of all its rows (minus one table.column)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        tables = [r["t"] for r in await conn.fetch(
+            "SELECT table_name AS t FROM information_schema.tables WHERE table_schema = 'public' "
+            "AND table_type = 'BASE TABLE' ORDER BY 1")]  # fmt: skip
+        out: dict[str, tuple[int, str]] = {}
+        for table in tables:
+            value = f"(to_jsonb(t) - '{without[1]}')::text" if without and without[0] == table else "t::text"
+            row = await conn.fetchrow(
+                f"SELECT count(*) AS n, md5(coalesce(string_agg(md5({value}), '' ORDER BY md5({value})), '')) AS h "
+                f'FROM public."{table}" t'
+            )
+            assert row is not None
+            out[table] = (int(row["n"]), str(row["h"]))
+        return out
+    finally:
+        await conn.close()
+
+
+async def column(dsn: str, sql: str) -> dict[Any, Any]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return {r[0]: r[1] for r in await conn.fetch(sql)}
+    finally:
+        await conn.close()
+
+
+async def drop_database(admin_dsn: str, name: str) -> None:
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        await conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+def shell_env(env: dict[str, str], **extra: str) -> dict[str, str]:
+    """What the operator's shell holds: the tool's environment, our venv on PATH, the backup key."""
+    bin_dir = str(Path(sys.executable).parent)
+    return env | {"PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
+                  "ENGRAM_RECOVERY_BACKUP_KEY": BACKUP_KEY, "HOME": os.environ.get("HOME", "/tmp")} | extra  # fmt: skip
+
+
+async def run_steps(result: PlanRestoreResult, env: dict[str, str], cwd: Path) -> dict[str, list[str]]:
+    """Run every command of every step, exactly as written; returns each step's output lines."""
+    outputs: dict[str, list[str]] = {}
+    for step in result.steps:
+        if step.id in NOT_RUN_HERE:
+            continue
+        lines: list[str] = []
+        for command in step.commands:
+            done = await anyio.run_process(["bash", "-c", command], env=env, cwd=cwd, check=False)
+            assert done.returncode == 0, (step.id, command, done.stderr.decode()[-2000:])
+            lines += done.stdout.decode().splitlines()
+        outputs[step.id] = lines
+    return outputs
+
+
+@pytest.mark.anyio
+async def test_round_trip_following_the_plan_exactly_restores_every_table(
+    engram_db: EngramDB, admin_dsn: str, tmp_path: Path
+) -> None:
+    env = engram_env(engram_db, tmp_path, ENGRAM_RECOVERY_BACKUP_KEY=BACKUP_KEY)
+    await backup(env)
+    # The plan's fence step moves vaults.change_seq on purpose: compared separately below.
+    source = await fingerprints(engram_db.dsn, without=("vaults", "change_seq"))
+    seqs = await column(engram_db.dsn, "SELECT id, change_seq FROM vaults")
+    await drop_database(admin_dsn, engram_db.name)
+    async with Client(build_server(load_settings(environ=env))) as client:
+        answer = await client.call_tool("plan_restore", {"app_version": "0.18.1", "work_dir": str(tmp_path / "w")})
+    assert not answer.is_error, answer.content
+    result = PlanRestoreResult.model_validate(answer.structured_content)
+    assert result.executable and result.verdict in ("ok", "warn"), result.summary
+    assert check(result, "target").code == "target_absent" and check(result, "master_key").status == "ok"
+    ids = [s.id for s in result.steps]
+    assert ids.index("create_target") < ids.index("decrypt_database") < ids.index("restore_database")
+    outputs = await run_steps(result, shell_env(env), tmp_path)
+    by_id = {s.id: s for s in result.steps}
+    check_db = by_id["check_database"]
+    assert check_db.expect is not None and outputs["check_database"] == check_db.expect.split("; ")
+    assert outputs["check_canary"] == [by_id["check_canary"].expect]
+    assert await fingerprints(engram_db.dsn, without=("vaults", "change_seq")) == source
+    fenced = await column(engram_db.dsn, "SELECT id, change_seq FROM vaults")
+    assert fenced == {vid: seq + BLIND_FENCE for vid, seq in seqs.items()}
+    assert source["storage_objects"][0] > 0  # the attachments came back with the rows
+    consequences = {c.topic: c for c in result.consequences}
+    assert "unreachable" in consequences["sign_in_again"].summary
+
+
+@pytest.fixture(scope="module")
+async def backed_up(admin_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[tuple[EngramDB, Path]]:
+    """One seeded database and one backup of it, shared by the tests that only read them."""
+    async for db in make_engram_db(admin_dsn, secrets.token_bytes(32)):
+        base = tmp_path_factory.mktemp("plan")
+        await backup(engram_env(db, base, ENGRAM_RECOVERY_BACKUP_KEY=BACKUP_KEY))
+        yield db, base
+
+
+def env_of(backed: tuple[EngramDB, Path], **extra: str) -> dict[str, str]:
+    db, base = backed
+    return engram_env(db, base, ENGRAM_RECOVERY_BACKUP_KEY=BACKUP_KEY, **extra)
+
+
+@pytest.mark.anyio
+async def test_a_live_non_empty_target_needs_an_explicit_choice(backed_up: tuple[EngramDB, Path]) -> None:
+    refused = await plan(env_of(backed_up))
+    assert (refused.verdict, check(refused, "target").code) == ("fail", "target_not_empty")
+    assert refused.steps == [] and not refused.executable and "DO NOT RESTORE" in refused.summary
+    allowed = await plan(env_of(backed_up), allow_non_empty_target=True)
+    assert allowed.executable and check(allowed, "target").code == "target_will_be_replaced"
+    assert "replace_target" in [s.id for s in allowed.steps]
+    # The live database is reachable: the security fixes are concrete, and nothing was written since.
+    assert check(allowed, "rpo").code == "nothing_lost"
+    assert {c.topic for c in allowed.consequences} >= {"sign_in_again", "revoked_come_back", "qdrant"}
+
+
+@pytest.mark.anyio
+async def test_a_wrong_master_key_stops_the_plan(backed_up: tuple[EngramDB, Path]) -> None:
+    wrong = engram_crypto.encode_master_key(secrets.token_bytes(32))
+    result = await plan(env_of(backed_up, ENCRYPTION_MASTER_KEY=wrong), allow_non_empty_target=True)
+    assert (result.verdict, check(result, "master_key").code) == ("fail", "wrong_key")
+    assert result.steps == [] and wrong not in result.model_dump_json()
+
+
+@pytest.mark.anyio
+async def test_a_previous_only_key_gets_its_own_verdict(backed_up: tuple[EngramDB, Path]) -> None:
+    db, _ = backed_up
+    result = await plan(env_of(backed_up, ENCRYPTION_MASTER_KEY=engram_crypto.encode_master_key(secrets.token_bytes(32)),
+                               ENCRYPTION_MASTER_KEY_PREVIOUS=engram_crypto.encode_master_key(db.master_key)),
+                        allow_non_empty_target=True)  # fmt: skip
+    assert (result.verdict, check(result, "master_key").code) == ("fail", "previous_key_only")
+
+
+@pytest.mark.anyio
+async def test_an_artifact_altered_by_one_byte_stops_the_plan(
+    backed_up: tuple[EngramDB, Path], tmp_path: Path
+) -> None:
+    shutil.copytree(backed_up[1] / "repo", tmp_path / "repo")
+    artifact = next((tmp_path / "repo" / "backups").glob("*/db.dump*"))
+    data = bytearray(artifact.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    artifact.write_bytes(bytes(data))
+    result = await plan(env_of(backed_up, ENGRAM_RECOVERY_REPOSITORY=str(tmp_path / "repo")),
+                        allow_non_empty_target=True)  # fmt: skip
+    assert (result.verdict, check(result, "artifacts").code) == ("fail", "artifact_altered")
+    assert result.steps == []
+
+
+@pytest.mark.anyio
+async def test_a_too_old_pg_restore_stops_the_plan(backed_up: tuple[EngramDB, Path], tmp_path: Path) -> None:
+    fake = tmp_path / "pg_restore"
+    fake.write_text("#!/bin/sh\necho 'pg_restore (PostgreSQL) 9.6.24'\n")
+    fake.chmod(0o755)
+    result = await plan(env_of(backed_up, ENGRAM_RECOVERY_PG_RESTORE=str(fake)), allow_non_empty_target=True)
+    assert (result.verdict, check(result, "pg_restore").code) == ("fail", "pg_restore_too_old")
+
+
+@pytest.mark.anyio
+async def test_the_plan_token_is_bound_to_the_verified_state(backed_up: tuple[EngramDB, Path]) -> None:
+    env = env_of(backed_up)
+    db, _ = backed_up
+    first = await plan(env, allow_non_empty_target=True)
+    again = await plan(env, allow_non_empty_target=True)
+    assert first.plan_token == again.plan_token
+    assert verify_plan_token(first.plan_token, again.premises, db.master_key)
+    other_target = await plan(env, target_database="engram_absent_" + secrets.token_hex(4))
+    assert other_target.plan_token != first.plan_token
+    changed: Premises = first.premises.model_copy(update={"target_state": "non_empty:999"})
+    assert not verify_plan_token(first.plan_token, changed, db.master_key)
+
+
+@pytest.mark.anyio
+async def test_recovery_points_resolve_by_id_and_time_and_unknown_ones_are_named(
+    backed_up: tuple[EngramDB, Path],
+) -> None:
+    env = env_of(backed_up)
+    latest = await plan(env, allow_non_empty_target=True)
+    by_id = await plan(env, recovery_point=latest.recovery_point.backup_id, allow_non_empty_target=True)
+    assert by_id.recovery_point == latest.recovery_point
+    async with Client(build_server(load_settings(environ=env))) as client:
+        answer = await client.call_tool("plan_restore", {"recovery_point": "before:2000-01-01T00:00:00Z"})
+    assert answer.is_error
+    text = " ".join(getattr(b, "text", "") for b in answer.content)
+    assert "no complete backup matches" in text and "Traceback" not in text
+
+
+# --- attachments in S3 ------------------------------------------------------------------------------
+
+
+def s3_env(weed: SeaweedFS, bucket: str) -> dict[str, str]:
+    scheme, _, hostport = weed.endpoint.partition("://")
+    host, _, port = hostport.partition(":")
+    return {"STORAGE_BACKEND": "s3", "STORAGE_BUCKET": bucket, "STORAGE_HOST": host, "STORAGE_PORT": port,
+            "STORAGE_SCHEME": scheme + "://", "STORAGE_ACCESS_KEY_ID": weed.access_key_id,
+            "STORAGE_SECRET_ACCESS_KEY": weed.secret_access_key, "STORAGE_REGION": weed.region}  # fmt: skip
+
+
+async def bucket_objects(location: s3.S3Location) -> dict[str, bytes]:
+    async with s3.client(location) as c:
+        out: dict[str, bytes] = {}
+        async for obj in s3.list_objects(c, location.bucket):
+            answer = await c.get_object(Bucket=location.bucket, Key=obj.key)
+            async with answer["Body"] as body:
+                out[obj.key] = await body.read()
+        return out
+
+
+@pytest.mark.anyio
+async def test_s3_attachments_come_back_by_the_plan_and_a_missing_blob_stops_it(
+    admin_dsn: str, weed: SeaweedFS, tmp_path: Path
+) -> None:
+    bucket = "att-" + secrets.token_hex(4)
+    location = s3.S3Location(weed.endpoint, weed.access_key_id, weed.secret_access_key, weed.region, bucket)
+    async for db in make_engram_db(admin_dsn, secrets.token_bytes(32), storage="s3", attachments=3):
+        async with s3.client(location) as c:
+            await c.create_bucket(Bucket=bucket)
+            for key, blob in db.report.attachment_objects:
+                await c.put_object(Bucket=bucket, Key=key, Body=blob)
+        env = engram_env(db, tmp_path, ENGRAM_RECOVERY_BACKUP_KEY=BACKUP_KEY, **s3_env(weed, bucket))
+        await backup(env)
+        original = await bucket_objects(location)
+        assert len(original) == 3
+        async with s3.client(location) as c:  # the bucket is lost
+            for key in original:
+                await c.delete_object(Bucket=bucket, Key=key)
+        result = await plan(env, allow_non_empty_target=True)
+        assert check(result, "attachments").status == "ok", result.summary
+        step = next(s for s in result.steps if s.id == "restore_attachments")
+        aws = {"AWS_ACCESS_KEY_ID": weed.access_key_id, "AWS_SECRET_ACCESS_KEY": weed.secret_access_key,
+               "AWS_DEFAULT_REGION": weed.region}  # fmt: skip
+        for command in step.commands:
+            done = await anyio.run_process(["bash", "-c", command], env=shell_env(env, **aws), check=False)
+            assert done.returncode == 0, done.stderr.decode()[-1000:]
+        assert await bucket_objects(location) == original
+        # Now one mirrored blob disappears from the repository.
+        async with open_repository(load_settings(environ=env)) as repo:
+            point = await restore_checks.resolve(repo, "latest")
+            inventory = await restore_checks.inventory_state(repo, point)
+            assert inventory is not None and inventory.entries
+            await repo.delete([inventory.entries[0][1]])
+        broken = await plan(env, allow_non_empty_target=True)
+        assert (broken.verdict, check(broken, "attachments").code) == ("fail", "inventory_objects_missing")
+        assert broken.steps == []
