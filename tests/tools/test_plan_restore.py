@@ -190,9 +190,10 @@ async def test_a_wrong_master_key_stops_the_plan(backed_up: tuple[EngramDB, Path
 @pytest.mark.anyio
 async def test_a_previous_only_key_gets_its_own_verdict(backed_up: tuple[EngramDB, Path]) -> None:
     db, _ = backed_up
-    result = await plan(env_of(backed_up, ENCRYPTION_MASTER_KEY=engram_crypto.encode_master_key(secrets.token_bytes(32)),
-                               ENCRYPTION_MASTER_KEY_PREVIOUS=engram_crypto.encode_master_key(db.master_key)),
-                        allow_non_empty_target=True)  # fmt: skip
+    current = engram_crypto.encode_master_key(secrets.token_bytes(32))
+    previous = engram_crypto.encode_master_key(db.master_key)
+    env = env_of(backed_up, ENCRYPTION_MASTER_KEY=current, ENCRYPTION_MASTER_KEY_PREVIOUS=previous)
+    result = await plan(env, allow_non_empty_target=True)
     assert (result.verdict, check(result, "master_key").code) == ("fail", "previous_key_only")
 
 
