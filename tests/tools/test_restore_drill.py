@@ -1,0 +1,177 @@
+"""restore_drill against real PostgreSQL and backups made by run_backup: pass, fail, always clean up."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import secrets
+import shutil
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from mcp import Client
+from support import EngramDB, engram_env, make_engram_db
+
+from engram_recovery.core import engram_crypto
+from engram_recovery.core.progress import silent
+from engram_recovery.core.runtime import Runtime
+from engram_recovery.core.settings import load_settings
+from engram_recovery.server.app import build_server
+from engram_recovery.tools.restore_drill import RestoreDrillInput, RestoreDrillResult, restore_drill
+from engram_recovery.tools.run_backup import RunBackupInput, run_backup
+
+BACKUP_KEY = base64.b64encode(secrets.token_bytes(32)).decode()
+
+
+async def drill_databases(admin_dsn: str) -> list[str]:
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        return [r["datname"] for r in await conn.fetch(
+            "SELECT datname FROM pg_database WHERE datname LIKE 'engram\\_drill\\_%'")]  # fmt: skip
+    finally:
+        await conn.close()
+
+
+async def drill(env: dict[str, str], **params: Any) -> RestoreDrillResult:
+    runtime = Runtime(load_settings(environ=env))
+    try:
+        return await restore_drill(runtime, RestoreDrillInput(**params), silent)
+    finally:
+        await runtime.aclose()
+
+
+@pytest.fixture(scope="module")
+async def backed_up(admin_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[tuple[EngramDB, Path]]:
+    async for db in make_engram_db(admin_dsn, secrets.token_bytes(32)):
+        base = tmp_path_factory.mktemp("drill")
+        runtime = Runtime(load_settings(environ=engram_env(db, base, ENGRAM_RECOVERY_BACKUP_KEY=BACKUP_KEY)))
+        try:
+            assert (await run_backup(runtime, RunBackupInput(), silent)).verified
+        finally:
+            await runtime.aclose()
+        yield db, base
+
+
+def copy_repo(backed: tuple[EngramDB, Path], tmp_path: Path, **extra: str) -> dict[str, str]:
+    """A private copy of the shared repository, so a test may tamper with it or record drills in it."""
+    db, base = backed
+    shutil.copytree(base / "repo", tmp_path / "repo")
+    return engram_env(db, tmp_path, ENGRAM_RECOVERY_BACKUP_KEY=BACKUP_KEY, **extra)
+
+
+def steps(result: RestoreDrillResult) -> dict[str, Any]:
+    return {s.name: s for s in result.steps}
+
+
+@pytest.mark.anyio
+async def test_a_good_backup_passes_the_drill_and_backup_status_sees_it(
+    backed_up: tuple[EngramDB, Path], tmp_path: Path, admin_dsn: str
+) -> None:
+    env = copy_repo(backed_up, tmp_path)
+    before = await drill_databases(admin_dsn)
+    messages: list[str] = []
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        messages.append(message or "")
+
+    async with Client(build_server(load_settings(environ=env))) as client:
+        answer = await client.call_tool("restore_drill", {"sample_notes": 20}, progress_callback=on_progress)
+        assert not answer.is_error, answer.content
+        result = RestoreDrillResult.model_validate(answer.structured_content)
+        assert result.verdict == "ok", result.summary
+        by = steps(result)
+        assert all(by[n].ok for n in ("verify", "create_database", "restore", "prove_canary", "prove_row_counts",
+                                      "prove_notes", "prove_attachments", "drop_database"))  # fmt: skip
+        assert by["prove_notes"].details["sampled"] == 20 and by["prove_attachments"].details["sampled"] > 0
+        assert result.rto_seconds is not None and result.rto_seconds > 0 and result.scratch_dropped
+        assert result.scratch_database and result.scratch_database.startswith("engram_drill_")
+        assert any("restore" in m for m in messages) and any("proving" in m for m in messages)
+        status = await client.call_tool("backup_status", {})
+    assert status.structured_content is not None
+    drill_check = next(c for c in status.structured_content["checks"] if c["component"] == "restore_drill")
+    assert drill_check["status"] == "ok" and drill_check["details"]["last_successful"]["backup_id"] == result.backup_id
+    assert result.record is not None
+    record = json.loads((tmp_path / "repo" / result.record).read_text())
+    assert {"at", "backup_id", "ok", "rto_seconds"} <= record.keys() and record["ok"] is True
+    assert await drill_databases(admin_dsn) == before
+
+
+@pytest.mark.anyio
+async def test_an_altered_artifact_fails_the_drill_before_any_database_exists(
+    backed_up: tuple[EngramDB, Path], tmp_path: Path, admin_dsn: str
+) -> None:
+    env = copy_repo(backed_up, tmp_path)
+    artifact = next((tmp_path / "repo" / "backups").glob("*/db.dump*"))
+    data = bytearray(artifact.read_bytes())
+    data[-100] ^= 0x01
+    artifact.write_bytes(bytes(data))
+    result = await drill(env)
+    assert result.verdict == "fail" and not steps(result)["verify"].ok
+    assert "SHA-256" in steps(result)["verify"].summary and result.scratch_database is None
+    record = json.loads((tmp_path / "repo" / str(result.record)).read_text())
+    assert record["ok"] is False
+
+
+@pytest.mark.anyio
+async def test_a_dump_damaged_before_hashing_fails_mid_restore_and_the_scratch_database_is_dropped(
+    backed_up: tuple[EngramDB, Path], tmp_path: Path, admin_dsn: str
+) -> None:
+    env = copy_repo(backed_up, tmp_path)
+    before = await drill_databases(admin_dsn)
+    artifact = next((tmp_path / "repo" / "backups").glob("*/db.dump*"))
+    data = bytearray(artifact.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    artifact.write_bytes(bytes(data))
+    # Re-seal the manifest around the damage, as if the bytes were damaged before the backup hashed them.
+    manifest_path = artifact.parent / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    for entry in manifest["artifacts"]:
+        if entry["name"] == artifact.name:
+            entry["sha256"] = hashlib.sha256(bytes(data)).hexdigest()
+    manifest_path.write_text(json.dumps(manifest))
+    result = await drill(env)
+    by = steps(result)
+    assert result.verdict == "fail" and by["verify"].ok and not by["restore"].ok
+    assert "altered" in by["restore"].summary or "authentication" in by["restore"].summary
+    assert by["drop_database"].ok and result.scratch_dropped
+    assert await drill_databases(admin_dsn) == before
+
+
+@pytest.mark.anyio
+async def test_a_wrong_master_key_fails_the_proofs_and_still_drops(
+    backed_up: tuple[EngramDB, Path], tmp_path: Path, admin_dsn: str
+) -> None:
+    wrong = engram_crypto.encode_master_key(secrets.token_bytes(32))
+    before = await drill_databases(admin_dsn)
+    result = await drill(copy_repo(backed_up, tmp_path, ENCRYPTION_MASTER_KEY=wrong))
+    by = steps(result)
+    assert result.verdict == "fail" and by["restore"].ok
+    assert not by["prove_canary"].ok and not by["prove_notes"].ok and by["prove_row_counts"].ok
+    assert wrong not in result.model_dump_json()
+    assert await drill_databases(admin_dsn) == before
+
+
+@pytest.mark.anyio
+async def test_stale_drill_databases_are_swept_and_fresh_ones_left_alone(
+    backed_up: tuple[EngramDB, Path], tmp_path: Path, admin_dsn: str
+) -> None:
+    stale = f"engram_drill_{int(time.time()) - 7 * 3600}_{secrets.token_hex(4)}"
+    fresh = f"engram_drill_{int(time.time())}_{secrets.token_hex(4)}"
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        for name in (stale, fresh):
+            await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE template0')
+        result = await drill(copy_repo(backed_up, tmp_path), sample_attachments=0)
+        assert result.verdict == "ok", result.summary
+        assert stale in result.leftovers_dropped and fresh not in result.leftovers_dropped
+        left = await drill_databases(admin_dsn)
+        assert stale not in left and fresh in left
+    finally:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{fresh}"')
+        await conn.execute(f'DROP DATABASE IF EXISTS "{stale}"')
+        await conn.close()
