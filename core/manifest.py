@@ -42,6 +42,13 @@ class DatabaseInfo(_Model):
     role: str
     row_counts: dict[str, int] = Field(default_factory=dict)
     roles_referenced: list[str] = Field(default_factory=list, description="Roles the dump's GRANT/OWNER name.")
+    size_bytes: int | None = Field(default=None, description="pg_database_size at the snapshot.")
+    snapshot_at: datetime | None = Field(default=None, description="Server clock when the snapshot was taken.")
+    dump_artifacts: list[str] = Field(
+        default_factory=list,
+        description="Artifact names of the dump: one file (custom, plain) or one per file of a directory dump.",
+    )
+    dump_bytes: int | None = Field(default=None, description="Bytes pg_dump wrote, before compression.")
 
 
 class AttachmentsInfo(_Model):
@@ -53,6 +60,12 @@ class AttachmentsInfo(_Model):
     objects: int = 0
     bytes: int = 0
     repository_prefix: str | None = Field(default=None, description="Where the mirrored blobs live.")
+    in_database_dump: bool = Field(
+        default=False, description="STORAGE_BACKEND=database: the attachment bytes are rows of the dump."
+    )
+    inventory_sha256: str | None = None
+    copied_objects: int | None = None
+    copied_bytes: int | None = None
 
 
 class CanaryInfo(_Model):
@@ -61,6 +74,10 @@ class CanaryInfo(_Model):
     wrapped_dek_b64: str | None = None
     dek_sha256_hex: str | None = None
     wrap_format: str | None = None
+    inserted_at: datetime | None = None
+    matches_configured_key: bool | None = Field(
+        default=None, description="The master key configured at backup time unwrapped this canary (None: no key)."
+    )
 
 
 class QdrantInfo(_Model):
@@ -98,6 +115,7 @@ class Manifest(_Model):
     durations: dict[str, float] = Field(default_factory=dict)
     verified: bool | None = Field(default=None, description="Artifacts re-read and their SHA-256 matched.")
     verified_at: datetime | None = None
+    warnings: list[str] = Field(default_factory=list, description="What the operator should know about this point.")
 
     def artifact(self, name: str) -> Artifact | None:
         return next((a for a in self.artifacts if a.name == name), None)

@@ -6,14 +6,22 @@ and tested without running it.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import shutil
 import subprocess
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Literal
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import anyio
+from anyio.abc import ByteReceiveStream, Process
 
-from .errors import ConfigurationError
+from .errors import ConfigurationError, RecoveryError, scrub
+from .taskgroups import task_group
 
 _VERSION = re.compile(r"\(PostgreSQL\)\s+(\d+)(?:\.(\d+))?")
 _version_cache: dict[str, ClientVersion] = {}
@@ -55,3 +63,137 @@ def server_major(version_num: int) -> int:
 
 # Re-exported for callers that need to run the binaries synchronously in a thread.
 CalledProcessError = subprocess.CalledProcessError
+
+
+# --- running pg_dump ------------------------------------------------------------------------------
+
+DumpFormat = Literal["custom", "directory", "plain"]
+_FORMAT_FLAG: dict[str, str] = {"custom": "c", "directory": "d", "plain": "p"}
+STDERR_KEEP = 16 << 10
+
+
+def split_dsn(dsn: str) -> tuple[str, str | None]:
+    """(the URL without its password, the password): the password travels in PGPASSWORD, never in argv."""
+    parts = urlsplit(dsn)
+    if parts.password is None:
+        return dsn, None
+    netloc = (quote(unquote(parts.username or ""), safe="") + "@" if parts.username else "") + (
+        f"[{parts.hostname}]" if parts.hostname and ":" in parts.hostname else parts.hostname or ""
+    ) + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment)), unquote(parts.password)
+
+
+@dataclass(frozen=True)
+class PgDumpCommand:
+    """pg_dump, uncompressed (we compress in the pipeline), at an exported snapshot when one is given."""
+
+    binary: str
+    dsn: str
+    format: DumpFormat = "custom"
+    snapshot: str | None = None
+    output: str | None = None  # the directory for format="directory"; stdout otherwise
+    jobs: int = 1
+
+    @property
+    def argv(self) -> list[str]:
+        url, _password = split_dsn(self.dsn)
+        argv = [self.binary, f"--format={_FORMAT_FLAG[self.format]}", "--compress=0", "--no-password"]
+        if self.snapshot:
+            argv.append(f"--snapshot={self.snapshot}")
+        if self.format == "plain":
+            # What Engram's documented restore (`psql < file`) expects of a plain dump.
+            argv += ["--clean", "--if-exists"]
+        if self.format == "directory":
+            if not self.output:
+                raise ValueError("a directory-format dump needs an output directory")
+            argv += [f"--file={self.output}", f"--jobs={self.jobs}"]
+        argv.append(f"--dbname={url}")
+        return argv
+
+    @property
+    def env(self) -> dict[str, str]:
+        _url, password = split_dsn(self.dsn)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        env["PGAPPNAME"] = "engram-recovery run_backup"
+        if password is not None:
+            env["PGPASSWORD"] = password
+        return env
+
+
+@dataclass(frozen=True)
+class PgRestoreCommand:
+    """Stock pg_restore of a custom/directory dump into an existing (empty) database."""
+
+    binary: str
+    dsn: str
+    source: str
+    jobs: int = 1
+    no_owner: bool = False
+
+    @property
+    def argv(self) -> list[str]:
+        url, _password = split_dsn(self.dsn)
+        argv = [self.binary, "--no-password", "--exit-on-error", f"--dbname={url}", f"--jobs={self.jobs}"]
+        if self.no_owner:
+            argv += ["--no-owner", "--no-privileges"]
+        return [*argv, self.source]
+
+    @property
+    def env(self) -> dict[str, str]:
+        return PgDumpCommand(self.binary, self.dsn).env
+
+
+class Running:
+    """A started client binary: read `stdout`, then `await finished()` (raises with its stderr on failure)."""
+
+    def __init__(self, process: Process, name: str) -> None:
+        self.process = process
+        self.name = name
+        self.stderr = bytearray()
+
+    @property
+    def stdout(self) -> ByteReceiveStream:
+        assert self.process.stdout is not None
+        return self.process.stdout
+
+    async def _drain_stderr(self) -> None:
+        assert self.process.stderr is not None
+        async for chunk in self.process.stderr:
+            self.stderr += chunk
+            # Keep the tail only: the final error is what an operator needs.
+            del self.stderr[:-STDERR_KEEP]
+
+    def error_text(self) -> str:
+        return scrub(self.stderr.decode(errors="replace").strip())
+
+    async def finished(self) -> None:
+        code = await self.process.wait()
+        if code != 0:
+            raise RecoveryError(
+                f"{self.name} failed (exit code {code}): {self.error_text() or 'no message'}",
+                "see pg_dump's message above; nothing was kept of this run",
+            )
+
+
+@asynccontextmanager
+async def spawn(argv: list[str], env: dict[str, str]) -> AsyncIterator[Running]:
+    """Start argv with stdout piped; on leaving early (error, cancellation) the process is killed."""
+    try:
+        process = await anyio.open_process(argv, env=env, stdin=subprocess.DEVNULL)
+    except OSError as exc:
+        raise ConfigurationError(f"cannot start {argv[0]}: {exc.strerror}", "check ENGRAM_RECOVERY_PG_DUMP") from exc
+    running = Running(process, os.path.basename(argv[0]))
+    try:
+        async with task_group() as tg:
+            tg.start_soon(running._drain_stderr)
+            try:
+                yield running
+            finally:
+                if process.returncode is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        process.kill()
+                with anyio.CancelScope(shield=True):
+                    await process.wait()
+    finally:
+        with anyio.CancelScope(shield=True):
+            await process.aclose()

@@ -109,9 +109,9 @@ class Repository(ABC):
             size += len(chunk)
         return size, digest.hexdigest()
 
-    async def sweep_temporary(self) -> int:
-        """Remove temporary files an interrupted write left behind (local only; S3 aborts its uploads)."""
-        return 0
+    async def sweep_temporary(self) -> builtins.list[str]:
+        """Remove what interrupted writes left behind (temporary files, open multipart uploads); return their keys."""
+        return []
 
 
 # --- local directory ----------------------------------------------------------------------------------
@@ -245,17 +245,21 @@ class LocalRepository(Repository):
             raise _os_error(exc, "delete old files", str(self.root)) from exc
         return len(paths)
 
-    async def sweep_temporary(self) -> int:
-        def sweep() -> int:
-            count = 0
+    async def sweep_temporary(self) -> builtins.list[str]:
+        def sweep() -> builtins.list[str]:
+            swept: builtins.list[str] = []
             if not self.root.is_dir():
-                return 0
-            for dirpath, _dirs, files in os.walk(self.root):
+                return swept
+            for dirpath, _dirs, files in os.walk(self.root, topdown=False):
+                directory = Path(dirpath)
                 for name in files:
                     if _TMP_MARK in name:
-                        (Path(dirpath) / name).unlink(missing_ok=True)
-                        count += 1
-            return count
+                        (directory / name).unlink(missing_ok=True)
+                        swept.append((directory / name).relative_to(self.root).as_posix())
+                # A folder an interrupted run created but never filled.
+                if directory != self.root and not any(directory.iterdir()):
+                    directory.rmdir()
+            return swept
 
         return await anyio.to_thread.run_sync(sweep)
 

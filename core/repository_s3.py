@@ -8,6 +8,7 @@ incomplete upload that the bucket's lifecycle rules or the next sweep remove).
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import hashlib
 import secrets
@@ -212,16 +213,16 @@ class S3Repository(Repository):
             raise self._fail(exc, "delete old backups") from exc
         return len(wanted)
 
-    async def sweep_temporary(self) -> int:
+    async def sweep_temporary(self) -> builtins.list[str]:
         """Abort multipart uploads an interrupted run left open under this prefix."""
-        count = 0
+        swept: builtins.list[str] = []
         try:
             answer = await self.client.list_multipart_uploads(Bucket=self.bucket, Prefix=self.prefix)
             for upload in answer.get("Uploads", ()):
                 await self.client.abort_multipart_upload(
                     Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
                 )
-                count += 1
+                swept.append(str(upload["Key"])[len(self.prefix):])
         except S3_ERRORS as exc:
             raise self._fail(exc, "clean up interrupted uploads") from exc
-        return count
+        return swept

@@ -1,0 +1,121 @@
+"""Streaming compression for backup artifacts: zstd by default, gzip for compatibility, or none.
+
+pg_dump runs with -Z0 so nothing is compressed twice; we compress here, in the
+pipeline, where zstd's low levels run at hundreds of MB/s. Engram's note and
+attachment bodies are AES-GCM ciphertext (incompressible), but pg_dump writes
+bytea as hex text, which zstd halves cheaply: a low level buys nearly all of
+that and wastes no CPU trying to squeeze ciphertext (docs/benchmarks-backup.md).
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Literal, Protocol
+
+import zstandard
+
+from .errors import IntegrityError
+
+Compression = Literal["zstd", "gzip", "none"]
+ZSTD_LEVEL = 1
+GZIP_LEVEL = 6
+SUFFIX: dict[Compression, str] = {"zstd": ".zst", "gzip": ".gz", "none": ""}
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+class Codec(Protocol):
+    def update(self, data: bytes) -> bytes: ...
+
+    def finish(self) -> bytes: ...
+
+
+class _Identity:
+    def update(self, data: bytes) -> bytes:
+        return data
+
+    def finish(self) -> bytes:
+        return b""
+
+
+class _Zstd:
+    def __init__(self, level: int) -> None:
+        # Content size unknown (a stream): frames carry checksums so a damaged file is detected on decompression.
+        self._c = zstandard.ZstdCompressor(level=level, write_checksum=True).compressobj()
+
+    def update(self, data: bytes) -> bytes:
+        out: bytes = self._c.compress(data)
+        return out
+
+    def finish(self) -> bytes:
+        out: bytes = self._c.flush()
+        return out
+
+
+class _Gzip:
+    def __init__(self, level: int) -> None:
+        self._c = zlib.compressobj(level, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+
+    def update(self, data: bytes) -> bytes:
+        return self._c.compress(data)
+
+    def finish(self) -> bytes:
+        return self._c.flush()
+
+
+def compressor(kind: Compression, level: int | None = None) -> Codec:
+    if kind == "zstd":
+        return _Zstd(ZSTD_LEVEL if level is None else level)
+    if kind == "gzip":
+        return _Gzip(GZIP_LEVEL if level is None else level)
+    return _Identity()
+
+
+class _ZstdDecompressor:
+    def __init__(self) -> None:
+        self._d = zstandard.ZstdDecompressor().decompressobj()
+
+    def update(self, data: bytes) -> bytes:
+        try:
+            out: bytes = self._d.decompress(data)
+        except zstandard.ZstdError as exc:
+            raise IntegrityError(f"the zstd stream is damaged: {exc}", "use another copy of the artifact") from exc
+        return out
+
+    def finish(self) -> bytes:
+        if not self._d.eof:
+            raise IntegrityError("the zstd stream ends early: the file was truncated", "use another copy")
+        return b""
+
+
+class _GzipDecompressor:
+    def __init__(self) -> None:
+        self._d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+
+    def update(self, data: bytes) -> bytes:
+        try:
+            return self._d.decompress(data)
+        except zlib.error as exc:
+            raise IntegrityError(f"the gzip stream is damaged: {exc}", "use another copy of the artifact") from exc
+
+    def finish(self) -> bytes:
+        if not self._d.eof:
+            raise IntegrityError("the gzip stream ends early: the file was truncated", "use another copy")
+        return self._d.flush()
+
+
+def decompressor(kind: Compression) -> Codec:
+    if kind == "zstd":
+        return _ZstdDecompressor()
+    if kind == "gzip":
+        return _GzipDecompressor()
+    return _Identity()
+
+
+def sniff(head: bytes) -> Compression:
+    """Which compression a stream starts with (for `decrypt` given a bare file)."""
+    if head.startswith(ZSTD_MAGIC):
+        return "zstd"
+    if head.startswith(GZIP_MAGIC):
+        return "gzip"
+    return "none"

@@ -1,0 +1,77 @@
+"""One backup at a time, with a lock that dies with its holder.
+
+Two locks, both released by the operating system or the database when the
+holder dies (a killed process leaves no stale lock file to clean by hand):
+
+* a PostgreSQL session advisory lock on the Engram database: two cron entries,
+  an assistant and a human, on any machines, backing up the same database;
+* for a local repository, `flock` on `<repository>/.lock`: two deployments
+  writing (and pruning) the same directory. `flock` (not `fcntl` record locks)
+  because it conflicts between two opens in the same process too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import anyio
+
+from . import postgres
+from .errors import Busy
+from .postgres import PostgresError
+
+# A fixed 64-bit key derived from a label, so it cannot collide with Engram's own (Oban uses small ints).
+ADVISORY_KEY = int.from_bytes(hashlib.sha256(b"engram-recovery:backup").digest()[:8], "big", signed=True)
+LOCK_FILE = ".lock"
+
+_BUSY_HINT = (
+    "wait for the running backup to finish (backup_status shows the newest one), or stagger the cron "
+    "entries; the lock is released automatically when its holder ends, even if it is killed"
+)
+
+
+@asynccontextmanager
+async def database_lock(dsn: str) -> AsyncIterator[None]:
+    """Hold the advisory lock on a dedicated connection for the duration; Busy if someone has it."""
+    conn = await postgres.connect(dsn)
+    try:
+        try:
+            got = await conn.fetchval("SELECT pg_try_advisory_lock($1)", ADVISORY_KEY)
+            holder = None if got else await conn.fetchval(
+                "SELECT a.application_name || ' (pid ' || a.pid || ', since ' || "
+                "to_char(a.backend_start, 'YYYY-MM-DD HH24:MI:SS') || ')' FROM pg_locks l "
+                "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' AND l.granted "
+                "AND l.objid = ($1::bigint & 4294967295)::oid LIMIT 1",
+                ADVISORY_KEY,
+            )
+        except PostgresError as exc:
+            raise postgres.describe(exc) from exc
+        if not got:
+            raise Busy(
+                "another backup of this database is running" + (f": {holder}" if holder else ""), _BUSY_HINT
+            )
+        yield
+    finally:
+        # Closing the session releases the lock; no explicit unlock that could fail half-way.
+        with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+            await conn.close(timeout=2)
+
+
+@asynccontextmanager
+async def directory_lock(root: Path) -> AsyncIterator[None]:
+    path = root / LOCK_FILE
+    fd = await anyio.to_thread.run_sync(lambda: os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            raise Busy(f"another backup is writing to the repository {root}", _BUSY_HINT) from exc
+        yield
+    finally:
+        os.close(fd)  # releases the flock
