@@ -8,6 +8,7 @@ plan to stop with that premise's own verdict.
 from __future__ import annotations
 
 import base64
+import json
 import os
 import secrets
 import shutil
@@ -307,3 +308,30 @@ async def test_s3_attachments_come_back_by_the_plan_and_a_missing_blob_stops_it(
         broken = await plan(env, allow_non_empty_target=True)
         assert (broken.verdict, check(broken, "attachments").code) == ("fail", "inventory_objects_missing")
         assert broken.steps == []
+
+
+@pytest.mark.anyio
+async def test_a_role_the_dump_names_but_the_server_lacks_stops_the_plan(
+    backed_up: tuple[EngramDB, Path], tmp_path: Path
+) -> None:
+    shutil.copytree(backed_up[1] / "repo", tmp_path / "repo")
+    manifest_path = next((tmp_path / "repo" / "backups").glob("*/manifest.json"))
+    manifest = json.loads(manifest_path.read_text())
+    ghost = "engram_ghost_" + secrets.token_hex(4)
+    manifest["database"]["roles_referenced"].append(ghost)
+    manifest_path.write_text(json.dumps(manifest))
+    result = await plan(env_of(backed_up, ENGRAM_RECOVERY_REPOSITORY=str(tmp_path / "repo")),
+                        allow_non_empty_target=True)  # fmt: skip
+    roles = check(result, "roles")
+    assert (result.verdict, roles.code, roles.details["missing"]) == ("fail", "roles_missing", [ghost])
+
+
+@pytest.mark.anyio
+async def test_a_backup_with_an_empty_canary_table_is_flagged_loudly(admin_dsn: str, tmp_path: Path) -> None:
+    async for db in make_engram_db(admin_dsn, secrets.token_bytes(32), with_canary=False, notes=20, attachments=2):
+        env = engram_env(db, tmp_path, ENGRAM_RECOVERY_BACKUP_KEY=BACKUP_KEY)
+        await backup(env)
+        result = await plan(env, allow_non_empty_target=True)
+        key = check(result, "master_key")
+        assert (key.status, key.code) == ("warn", "canary_empty") and "DANGER" in key.summary
+        assert "restore_drill" in key.summary
