@@ -357,9 +357,12 @@ def check_inventory(manifest: Manifest, inventory: InventoryState | None) -> Pla
                       f"{inventory.missing_count} of {inventory.objects} mirrored blob(s) the inventory names are "
                       f"missing from the repository (e.g. {', '.join(inventory.missing[:3])}): those attachments "
                       "cannot be restored; choose another recovery point", missing=inventory.missing[:20])  # fmt: skip
-    versioned = " (source bucket versioned: the version ids are recorded)" if att.source_versioned else ""
+    versions = {key: version for key, _repo_key, version in inventory.entries if version}
+    versioned = (f" (source bucket versioned: {len(versions)} version id(s) recorded, restorable in place too)"
+                 if att.source_versioned else "")
     return _check("attachments", "ok", "ok",
-                  f"all {inventory.objects} blob(s) of the inventory are in the repository{versioned}")
+                  f"all {inventory.objects} blob(s) of the inventory are in the repository{versioned}",
+                  versions_to_restore=dict(list(versions.items())[:50]), versions_recorded=len(versions))
 
 
 def check_rpo(manifest: Manifest, live: LiveState) -> PlanCheck:

@@ -149,6 +149,15 @@ def build_steps(manifest: Manifest, observed: Observed, ctx: CommandContext) -> 
             checked=["attachments"],
             cannot_check=["that the bucket exists and these credentials may write to it",
                           "objects in the bucket that are newer than the backup (they stay)"])
+        versions = [(k, v) for k, _r, v in observed.inventory.entries if v]
+        if manifest.attachments.source_versioned and versions:
+            bucket = manifest.attachments.source_bucket or ctx.storage_bucket
+            add("restore_attachments_in_place", "ALTERNATIVE to the previous step while the source bucket still "
+                "exists: restore the recorded object versions in place, from the bucket's own version history",
+                [f"aws s3api copy-object --bucket {_q(bucket)} --key {_q(k)} --copy-source "
+                 f"{_q(f'{bucket}/{k}?versionId={v}')}{_endpoint(ctx.storage_endpoint)}" for k, v in versions],
+                optional=True, checked=["attachments"],
+                cannot_check=["that those versions still exist (a lifecycle rule may have expired them)"])
     _security_steps(manifest, observed, add)
     fingerprint = engram_crypto.key_fingerprint(observed.keys.current) if observed.keys.current else "?"
     add("boot_app", f"Start Engram with ENCRYPTION_MASTER_KEY = the key with fingerprint {fingerprint} (it runs its "

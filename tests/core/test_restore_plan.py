@@ -261,3 +261,16 @@ def test_the_plan_token_is_bound_to_its_premises() -> None:
 @pytest.mark.parametrize("digest", [hashlib.sha256(b"").hexdigest()])
 def test_compare_accepts_a_matching_digest(digest: str) -> None:
     assert compare("x", digest, 0, Digest(digest, 0)).ok
+
+
+def test_a_versioned_source_bucket_names_the_versions_to_restore() -> None:
+    m = make_manifest(attachments=AttachmentsInfo(backend="s3", source_bucket="b", source_versioned=True,
+                                                  inventory="inv.jsonl"))  # fmt: skip
+    inventory = InventoryState(present=True, objects=1, entries=[("u/v/objects/a", "attachments/pool/aa/h/e", "v7")])
+    observed = make_observed(m, inventory=inventory)
+    assert by_name(observed, m)["attachments"].details["versions_to_restore"] == {"u/v/objects/a": "v7"}
+    step = {s.id: s for s in build_steps(m, observed, CTX)}["restore_attachments_in_place"]
+    assert step.optional and step.commands == [
+        "aws s3api copy-object --bucket b --key u/v/objects/a --copy-source 'b/u/v/objects/a?versionId=v7' "
+        "--endpoint-url http://127.0.0.1:8333"
+    ]
