@@ -15,19 +15,9 @@ from pydantic import Field
 from ..core import restore_checks as rc
 from ..core.progress import Progress
 from ..core.repository import open_repository
-from ..core.restore_plan import (
-    Consequence,
-    Observed,
-    PlanCheck,
-    PlanStep,
-    Premises,
-    Verdict,
-    plan_token,
-    premises_of,
-    run_checks,
-    worst,
-)
+from ..core.restore_plan import Consequence, Observed, PlanCheck, PlanStep, Verdict, run_checks, worst
 from ..core.restore_steps import CommandContext, build_steps, consequences
+from ..core.restore_token import Premises, plan_token, premises_of
 from ..core.runtime import Runtime
 from .base import ToolInput, ToolResult, ToolSpec, read_only_annotations
 

@@ -28,13 +28,11 @@ from engram_recovery.core.restore_plan import (
     Observed,
     TargetState,
     ToolState,
-    plan_token,
-    premises_of,
     run_checks,
-    verify_plan_token,
     worst,
 )
 from engram_recovery.core.restore_steps import CommandContext, build_steps, consequences
+from engram_recovery.core.restore_token import plan_token, premises_of, verify_plan_token
 from engram_recovery.core.verify import Digest, compare
 
 KEY = secrets.token_bytes(32)
