@@ -23,7 +23,7 @@ from pydantic import BaseModel, Field
 
 from ..core import backup_crypto, drill, postgres
 from ..core import restore_checks as rc
-from ..core.errors import ConfigurationError, IntegrityError, RecoveryError
+from ..core.errors import ConfigurationError, IntegrityError, RecoveryError, scrub
 from ..core.mirror import read_inventory
 from ..core.progress import Progress
 from ..core.repository import DRILLS, Repository, open_repository
@@ -117,9 +117,11 @@ async def restore_drill(runtime: Runtime, params: RestoreDrillInput, progress: P
             point = await rc.resolve(repo, params.recovery_point)
             backup_id = point.manifest.backup_id
             await _drill(runtime, repo, point, params, keys.current, backup_key, run, now, swept)
-        except RecoveryError as exc:
+        except (RecoveryError, postgres.PostgresError) as exc:
+            # A database error inside a proof (a table the manifest counts is missing, say) fails the drill too.
+            text = str(exc) if isinstance(exc, RecoveryError) else scrub(f"PostgreSQL error: {exc}")
             if not run.steps or run.steps[-1].ok:
-                run.steps.append(DrillStep(name="drill", ok=False, seconds=0.0, summary=str(exc).replace("\n", " ")))
+                run.steps.append(DrillStep(name="drill", ok=False, seconds=0.0, summary=text.replace("\n", " ")))
         finally:
             scratch = run.scratch
             if scratch is not None:

@@ -175,3 +175,18 @@ async def test_stale_drill_databases_are_swept_and_fresh_ones_left_alone(
         await conn.execute(f'DROP DATABASE IF EXISTS "{fresh}"')
         await conn.execute(f'DROP DATABASE IF EXISTS "{stale}"')
         await conn.close()
+
+
+@pytest.mark.anyio
+async def test_a_database_error_inside_a_proof_fails_the_drill_cleanly(
+    backed_up: tuple[EngramDB, Path], tmp_path: Path, admin_dsn: str
+) -> None:
+    env = copy_repo(backed_up, tmp_path)
+    before = await drill_databases(admin_dsn)
+    manifest_path = next((tmp_path / "repo" / "backups").glob("*/manifest.json"))
+    manifest = json.loads(manifest_path.read_text())
+    manifest["database"]["row_counts"]["table_the_dump_lacks"] = 1
+    manifest_path.write_text(json.dumps(manifest))
+    result = await drill(env, sample_attachments=0)
+    assert result.verdict == "fail" and "table_the_dump_lacks" in result.summary
+    assert result.scratch_dropped and await drill_databases(admin_dsn) == before
