@@ -27,6 +27,7 @@ import json
 import re
 import time
 from collections.abc import AsyncIterator, Iterable
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Any
 
@@ -161,7 +162,7 @@ async def mirror_attachments(
     started = time.monotonic()
     target = repo if isinstance(repo, S3Repository) and _same_endpoint(source, _location(repo)) else None
     server_side = target is not None
-    async with _Session(source, target) as session:
+    async with _Session(source, target, concurrency) as session:
         versioned, objects, present = await session.survey(repo)
         todo = [o for o in objects if present.get(pool_key(o.key, o.etag)) != o.size]
         total_bytes = sum(o.size for o in objects)
@@ -209,17 +210,24 @@ async def _lines(entries: list[InventoryEntry]) -> AsyncIterator[bytes]:
 class _Session:
     """The S3 clients of one mirror run, opened once and shared by every worker."""
 
-    def __init__(self, source: S3Location, target: S3Repository | None) -> None:
+    def __init__(self, source: S3Location, target: S3Repository | None, concurrency: int) -> None:
         self.source = source
         self.target = target
+        self.concurrency = concurrency
         self._src: Any = None
-        self._stack: Any = None
+        self._dst: Any = None
+        self._copier: s3.Copier | None = None
+        self._stack = AsyncExitStack()
 
     async def __aenter__(self) -> _Session:
-        from contextlib import AsyncExitStack
-
-        self._stack = AsyncExitStack()
-        self._src = await self._stack.enter_async_context(s3.client(self.source))
+        self._src = await self._stack.enter_async_context(s3.bulk_client(self.source, self.concurrency))
+        if self.target is not None:
+            # Our own client for the destination, with a pool as large as the worker count;
+            # server-side copies and the pool listing both go to the destination endpoint.
+            destination = _location(self.target)
+            self._dst = await self._stack.enter_async_context(s3.bulk_client(destination, self.concurrency))
+            if destination.endpoint:
+                self._copier = await self._stack.enter_async_context(s3.Copier(destination, self.concurrency))
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -229,9 +237,7 @@ class _Session:
         """List the source bucket and the pool at the same time."""
         objects: list[SourceObject] = []
         present: dict[str, int] = {}
-        status = await self._call(s3.versioning_status(self._src, self.source.bucket), "read its versioning status")
-        # A suspended bucket still holds versioned objects: keep recording their ids.
-        versioned = status in ("Enabled", "Suspended")
+        versioned = await self._versioned()
 
         async def list_source() -> None:
             try:
@@ -253,18 +259,31 @@ class _Session:
                 raise s3.translate(exc, "list the attachments", self.source) from exc
 
         async def list_pool() -> None:
-            present.update({key: size async for key, size in repo.list(POOL)})
+            if self.target is None:
+                present.update({key: size async for key, size in repo.list(POOL)})
+                return
+            strip = len(self.target.prefix)
+            try:
+                async for item in s3.list_objects(self._dst, self.target.bucket, self.target.prefix + POOL):
+                    present[item.key[strip:]] = item.size
+            except S3_ERRORS as exc:
+                raise s3.translate(exc, "list the backup repository", _location(self.target)) from exc
 
         async with task_group() as tg:
             tg.start_soon(list_source)
             tg.start_soon(list_pool)
         return versioned, objects, present
 
-    async def _call(self, coro: Any, what: str) -> Any:
+    async def _versioned(self) -> bool:
         try:
-            return await coro
+            status = await s3.versioning_status(self._src, self.source.bucket)
         except S3_ERRORS as exc:
-            raise s3.translate(exc, what, self.source) from exc
+            if s3.error_code(exc) == "AccessDenied":
+                # A key scoped to objects may not read bucket settings; the listing still works.
+                return False
+            raise s3.translate(exc, "read its versioning status", self.source) from exc
+        # A suspended bucket still holds versioned objects: keep recording their ids.
+        return status in ("Enabled", "Suspended")
 
     async def copy_all(
         self, repo: Repository, todo: list[SourceObject], progress: Progress, concurrency: int
@@ -272,8 +291,7 @@ class _Session:
         """Copy `todo` with `concurrency` workers; the result maps each key to what was copied (None: vanished)."""
         done: dict[str, SourceObject | None] = {}
         counters = {"objects": 0, "bytes": 0, "reported": time.monotonic()}
-        # Server-side copies run on the repository's own client: the request goes to the destination.
-        dst: Any = self.target.client if self.target is not None else None
+        dst: Any = self._dst
         send, receive = anyio.create_memory_object_stream[SourceObject](max(1, concurrency))
 
         async def worker(queue: ObjectReceiveStream[SourceObject]) -> None:
@@ -355,6 +373,11 @@ class _Session:
             await s3.multipart_copy(
                 dst, self._source_ref(obj), bucket, key, obj.size, COPY_PART,
                 **self._precondition(obj, "CopySourceIfMatch"),
+            )  # fmt: skip
+        elif self._copier is not None:
+            await self._copier.copy(
+                self.source.bucket, obj.key, bucket, key, version_id=obj.version_id,
+                if_match=obj.etag if obj.version_id is None and obj.etag else None,
             )  # fmt: skip
         else:
             await dst.copy_object(

@@ -6,14 +6,23 @@ repository. Driver errors become `StoreUnreachable`/`RecoveryError` here.
 
 from __future__ import annotations
 
+import os
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
+from xml.etree import ElementTree
 
 import aioboto3
+import aiobotocore.session
+import aiohttp
 import anyio
+from botocore.auth import S3SigV4Auth
+from botocore.awsrequest import AWSRequest
 from botocore.config import Config
+from botocore.credentials import Credentials
 from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
 
 from .errors import RecoveryError, StoreUnreachable
@@ -171,3 +180,107 @@ async def multipart_copy(
             except S3_ERRORS:
                 pass  # the original failure is the one worth reporting; a lifecycle rule reaps leftovers
         raise
+
+
+@asynccontextmanager
+async def bulk_client(location: S3Location, connections: int = 32) -> AsyncIterator[Any]:
+    """An S3 client for listing and copying many objects: like `client`, tuned for volume.
+
+    Its connection pool holds at least `connections` sockets so that as many
+    concurrent requests never queue for one, and it leaves timestamps as the
+    strings S3 sent: botocore parses each LastModified with dateutil, which
+    costs about 0.5 ms a key, most of a 1,000-key listing's CPU time.
+    """
+    botocore_session = aiobotocore.session.get_session()
+    botocore_session.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=str)
+    session = aioboto3.Session(
+        botocore_session=botocore_session,
+        aws_access_key_id=location.access_key_id,
+        aws_secret_access_key=location.secret_access_key,
+        region_name=location.region,
+    )
+    config = _CONFIG.merge(Config(max_pool_connections=max(connections, 10)))
+    async with session.client("s3", endpoint_url=location.endpoint, config=config) as s3:
+        yield s3
+
+
+class Copier:
+    """Server-side CopyObject for many small objects, without botocore's per-request overhead.
+
+    botocore spends about 2 ms of CPU on every request (endpoint rules evaluated
+    afresh for each new key, user-agent assembly, event hooks), more than
+    SeaweedFS spends on the copy itself; on a small machine that halves the copy
+    rate. This signs each request with botocore's own SigV4 signer and sends it
+    on one pooled aiohttp session. Only for an explicit (path-style) endpoint;
+    failures surface as botocore `ClientError`s or `OSError`s, so `translate`
+    and `error_code` treat them like any other S3 failure.
+    """
+
+    _RETRY_STATUS = frozenset({500, 502, 503, 504})
+
+    def __init__(self, location: S3Location, connections: int) -> None:
+        assert location.endpoint, "the copier needs an explicit endpoint"
+        self.location = location
+        self._signer = S3SigV4Auth(
+            Credentials(location.access_key_id, location.secret_access_key), "s3", location.region
+        )
+        self._connections = connections
+        self._http: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> Copier:
+        ssl_context = ssl.create_default_context(cafile=os.environ.get("AWS_CA_BUNDLE") or None)
+        self._http = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=max(self._connections, 10), ssl=ssl_context),
+            # A large copy can take a while before the server answers; connecting must not.
+            timeout=aiohttp.ClientTimeout(sock_connect=3, sock_read=300),
+            trust_env=True,  # proxies from the environment, as botocore honours them
+        )
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._http is not None:
+            await self._http.close()
+
+    async def copy(
+        self, source_bucket: str, source_key: str, bucket: str, key: str, *,
+        version_id: str | None = None, if_match: str | None = None,
+    ) -> None:  # fmt: skip
+        assert self._http is not None and self.location.endpoint
+        url = f"{self.location.endpoint.rstrip('/')}/{bucket}/{quote(key, safe='/~')}"
+        copy_source = quote(f"{source_bucket}/{source_key}", safe="/~")
+        if version_id is not None:
+            copy_source += f"?versionId={quote(version_id, safe='')}"
+        headers = {"x-amz-copy-source": copy_source, "x-amz-content-sha256": "UNSIGNED-PAYLOAD"}
+        if if_match is not None:
+            headers["x-amz-copy-source-if-match"] = f'"{if_match}"'
+        for attempt in range(3):
+            request = AWSRequest("PUT", url, headers=headers)
+            self._signer.add_auth(request)
+            try:
+                async with self._http.put(url, headers=dict(request.headers.items())) as answer:
+                    status, body = answer.status, await answer.read()
+            except aiohttp.ClientError as exc:
+                if attempt < 2:
+                    continue
+                raise ConnectionError(f"{exc.__class__.__name__} talking to {self.location.endpoint}") from exc
+            # S3 may report a failed copy in the body of a 200 answer.
+            if status == 200 and b"<Error>" not in body:
+                return
+            error = _client_error(status, body)
+            if (status in self._RETRY_STATUS or status == 200) and attempt < 2:
+                await anyio.sleep(0.1 * 2**attempt)
+                continue
+            raise error
+
+
+def _client_error(status: int, body: bytes) -> ClientError:
+    code, message = str(status), ""
+    try:
+        root = ElementTree.fromstring(body) if body else None
+    except ElementTree.ParseError:
+        root = None
+    if root is not None:
+        code = root.findtext("Code") or code
+        message = root.findtext("Message") or ""
+    return ClientError({"Error": {"Code": code, "Message": message}, "ResponseMetadata": {"HTTPStatusCode": status}},
+                       "CopyObject")  # fmt: skip
