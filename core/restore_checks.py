@@ -6,6 +6,8 @@ Everything here only reads. The judging happens in core/restore_plan.py.
 from __future__ import annotations
 
 import hashlib
+import re
+import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -117,6 +119,63 @@ def _server(settings: Settings) -> tuple[str | None, int | None, str | None]:
     return url.hostname, url.port, url.username
 
 
+# TOC entries whose last field is the owning role (pg_restore --list prints "id; oids DESC schema tag owner").
+_OWNED = ("TABLE", "SEQUENCE", "VIEW", "MATERIALIZED VIEW", "FUNCTION", "PROCEDURE", "TYPE", "DOMAIN", "SCHEMA",
+          "ACL", "TABLE DATA", "POLICY", "TRIGGER", "INDEX")  # fmt: skip
+_TOC_LINE = re.compile(r"^\d+; \d+ \d+ (?P<rest>.+)$")
+
+
+def toc_owners(listing: str) -> set[str]:
+    """The roles that own objects in a `pg_restore --list` listing."""
+    owners: set[str] = set()
+    for line in listing.splitlines():
+        match = _TOC_LINE.match(line.strip())
+        if match is None:
+            continue
+        rest = match["rest"]
+        if any(rest.startswith(desc + " ") for desc in _OWNED):
+            owner = rest.rsplit(" ", 1)[-1]
+            if owner and owner != "-":
+                owners.add(owner)
+    return owners
+
+
+async def roles_from_dump(settings: Settings, repo: Repository, point: RecoveryPoint) -> set[str] | None:
+    """When the manifest names no roles: read the dump's table of contents (its first bytes) with pg_restore -l."""
+    from .backup_crypto import parse_key
+    from .drill import plaintext
+
+    dumps = [a for a in point.manifest.artifacts if a.kind == "database"]
+    if point.manifest.database.dump_format != "custom" or len(dumps) != 1:
+        return None
+    key = parse_key(settings.backup_key.get_secret_value()) if settings.backup_key else None
+    if dumps[0].encryption is not None and key is None:
+        return None
+    process = await anyio.open_process([settings.pg_restore, "--list"], stdin=subprocess.PIPE,
+                                       stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)  # fmt: skip
+    async with process:
+        assert process.stdin is not None and process.stdout is not None
+        out = bytearray()
+        stdout = process.stdout
+
+        async def read() -> None:
+            async for part in stdout:
+                out.extend(part)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(read)
+            try:
+                # pg_restore stops reading once it has the TOC: a closed pipe is the normal end.
+                async for chunk in plaintext(repo, point.prefix + dumps[0].name, dumps[0], key):
+                    await process.stdin.send(chunk)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, RecoveryError):
+                pass
+            finally:
+                await process.stdin.aclose()
+        await process.wait()
+    return toc_owners(out.decode(errors="replace"))
+
+
 async def target_state(settings: Settings, database: str, roles: Sequence[str]) -> TargetState:
     """The target database on the configured server: exists, empty, in use, which roles the server has."""
     host, port, user = _server(settings)
@@ -159,7 +218,7 @@ async def target_state(settings: Settings, database: str, roles: Sequence[str]) 
         reachable=True, server_version=str(row["v"]).split()[0], server_major=int(row["n"]) // 10000,
         exists=exists, user_tables=int(tables) if tables is not None else None,
         active_connections=int(active) if active is not None else None,
-        roles_present=frozenset(r["rolname"] for r in present), **base,
+        roles_present=frozenset(r["rolname"] for r in present), roles_needed=tuple(roles), **base,
     )  # fmt: skip
 
 

@@ -85,6 +85,7 @@ class TargetState:
     user_tables: int | None = None
     active_connections: int | None = None
     roles_present: frozenset[str] = frozenset()
+    roles_needed: tuple[str, ...] = ()  # from the manifest, else from the dump's table of contents
     is_live: bool = False
 
     @property
@@ -312,7 +313,7 @@ def check_target(manifest: Manifest, observed: Observed) -> list[PlanCheck]:
         checks.append(_check("target_sessions", "warn", "target_in_use",
                              f"{target.active_connections} other session(s) are connected to {where}: stop Engram "
                              "before restoring", sessions=target.active_connections))  # fmt: skip
-    needed = sorted(set(manifest.database.roles_referenced))
+    needed = sorted(set(manifest.database.roles_referenced) | set(target.roles_needed))
     missing = [r for r in needed if r not in target.roles_present]
     if missing:
         checks.append(_check("roles", "fail", "roles_missing",

@@ -73,11 +73,14 @@ async def plan_restore(runtime: Runtime, params: PlanRestoreInput, progress: Pro
         await progress(0, 5, "reading the manifest")
         point = await rc.resolve(repo, params.recovery_point)
         manifest = point.manifest
+        roles = list(manifest.database.roles_referenced)
+        if not roles:
+            roles = sorted(await rc.roles_from_dump(settings, repo, point) or ())
         await progress(1, 5, f"verifying {len(manifest.artifacts)} artifact(s) of {manifest.backup_id}")
         artifacts, tools, target, live, inventory = await rc.gather_concurrently(
             rc.verify_artifacts(repo, point),
             rc.tool_state(settings),
-            rc.target_state(settings, target_db, manifest.database.roles_referenced),
+            rc.target_state(settings, target_db, roles),
             rc.live_state(settings, manifest.started_at),
             rc.inventory_state(repo, point),
         )

@@ -335,3 +335,30 @@ async def test_a_backup_with_an_empty_canary_table_is_flagged_loudly(admin_dsn: 
         key = check(result, "master_key")
         assert (key.status, key.code) == ("warn", "canary_empty") and "DANGER" in key.summary
         assert "restore_drill" in key.summary
+
+
+@pytest.mark.anyio
+async def test_without_roles_in_the_manifest_the_dumps_table_of_contents_names_them(
+    backed_up: tuple[EngramDB, Path], tmp_path: Path
+) -> None:
+    shutil.copytree(backed_up[1] / "repo", tmp_path / "repo")
+    manifest_path = next((tmp_path / "repo" / "backups").glob("*/manifest.json"))
+    manifest = json.loads(manifest_path.read_text())
+    manifest["database"]["roles_referenced"] = []
+    manifest_path.write_text(json.dumps(manifest))
+    result = await plan(env_of(backed_up, ENGRAM_RECOVERY_REPOSITORY=str(tmp_path / "repo")),
+                        allow_non_empty_target=True)  # fmt: skip
+    roles = check(result, "roles")
+    assert roles.status == "ok" and "engram_owner" in roles.summary, roles.summary
+
+
+def test_owners_are_read_from_a_pg_restore_listing() -> None:
+    listing = (
+        ";\n; Archive created at 2026-11-24 00:43:43 UTC\n"
+        "214; 1259 1003665 TABLE public t engram_owner\n"
+        "3345; 0 0 ACL public TABLE t engram_owner\n"
+        "3338; 0 1003665 TABLE DATA public t other_owner\n"
+        "3339; 0 0 ENCODING - ENCODING \n"
+        "3340; 0 0 COMMENT - SCHEMA public postgres\n"
+    )
+    assert restore_checks.toc_owners(listing) == {"engram_owner", "other_owner"}
