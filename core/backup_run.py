@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import secrets
+import shutil
 import tempfile
 import time
 from collections.abc import AsyncIterator
@@ -27,7 +28,7 @@ from .backup_pipeline import Stored, Transform, dump_to_repository, file_to_repo
 from .compression import SUFFIX, Compression
 from .errors import ConfigurationError, IntegrityError, RecoveryError
 from .lock import database_lock, directory_lock
-from .manifest import Artifact, QdrantInfo
+from .manifest import MANIFEST_NAME, Artifact, QdrantInfo
 from .pgdump import ClientVersion, DumpFormat, PgDumpCommand, client_version, spawn
 from .progress import Progress
 from .repository import BACKUPS, LocalRepository, Repository, backup_id_of, scan
@@ -99,6 +100,17 @@ async def clean_leftovers(repo: Repository) -> list[str]:
     # A run killed during its first write leaves only a temporary file (or an open upload) in its folder.
     swept = {backup_id_of(key) for key in await repo.sweep_temporary()}
     return sorted(set(state.incomplete) | {b for b in swept if b})
+
+
+async def discard(repo: Repository, backup_id: str) -> None:
+    """Best effort: delete an unfinished backup's folder (never one whose manifest was written)."""
+    folder = f"{BACKUPS}{backup_id}/"
+    with contextlib.suppress(RecoveryError, OSError):
+        if await repo.exists(folder + MANIFEST_NAME):
+            return
+        await repo.delete([key async for key, _size in repo.list(folder)])
+        if isinstance(repo, LocalRepository):
+            await anyio.to_thread.run_sync(shutil.rmtree, repo.root / BACKUPS / backup_id, True)
 
 
 @dataclass

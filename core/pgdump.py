@@ -70,6 +70,9 @@ CalledProcessError = subprocess.CalledProcessError
 DumpFormat = Literal["custom", "directory", "plain"]
 _FORMAT_FLAG: dict[str, str] = {"custom": "c", "directory": "d", "plain": "p"}
 STDERR_KEEP = 16 << 10
+_REDIRECTING = frozenset(
+    {"PGHOST", "PGHOSTADDR", "PGPORT", "PGDATABASE", "PGUSER", "PGPASSWORD", "PGSERVICE", "PGOPTIONS"}
+)
 
 
 def split_dsn(dsn: str) -> tuple[str, str | None]:
@@ -113,7 +116,8 @@ class PgDumpCommand:
     @property
     def env(self) -> dict[str, str]:
         _url, password = split_dsn(self.dsn)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        # Only variables that would point the dump elsewhere are dropped; TLS settings (PGSSL*) still apply.
+        env = {k: v for k, v in os.environ.items() if k not in _REDIRECTING}
         env["PGAPPNAME"] = "engram-recovery run_backup"
         if password is not None:
             env["PGPASSWORD"] = password

@@ -22,6 +22,8 @@ from ..core.errors import RecoveryError
 from ..core.pgdump import client_version
 from ..core.progress import Progress
 from ..core.repository import read_state
+from ..core.retention import Candidate, decide
+from ..core.retention_apply import policy_of
 from ..core.runtime import Runtime
 from ..core.schema_probe import SchemaProbe, probe
 from .base import ToolInput, ToolResult, ToolSpec, Verdict, read_only_annotations
@@ -166,7 +168,22 @@ async def check_last_backup(ctx: _Context) -> Check:
     settings = ctx.runtime.settings
     state = await read_state(settings)
     newest = state.newest
-    details: dict[str, Any] = {"repository": state.location, "complete_backups": len(state.backups)}
+    details: dict[str, Any] = {
+        "repository": state.location,
+        "complete_backups": len(state.backups),
+        "incomplete_folders": state.incomplete,
+    }
+    decision = decide(
+        [Candidate(b.backup_id, b.finished_at, b.verified) for b in state.backups], policy_of(settings)
+    )
+    details["retention"] = {
+        "policy": {"keep_last": settings.keep_last, "keep_daily": settings.keep_daily,
+                   "keep_weekly": settings.keep_weekly, "keep_monthly": settings.keep_monthly},
+        "kept": len(decision.keep),
+        "prunable": decision.delete,
+        "oldest_kept": min((b.finished_at for b in state.backups if b.backup_id in decision.keep),
+                           default=None),
+    }
     if newest is None:
         return Check(
             component="last_backup",
@@ -182,8 +199,15 @@ async def check_last_backup(ctx: _Context) -> Check:
         "age_hours": round(age.total_seconds() / 3600, 2),
         "size_bytes": newest.size_bytes,
         "verified": newest.verified,
+        "verified_at": newest.verified_at.isoformat() if newest.verified_at else None,
         "max_age_hours": settings.max_backup_age_hours,
     }
+    newest_verified = state.newest_verified
+    if newest_verified is not None and newest_verified is not newest:
+        details["newest_verified"] = {"backup_id": newest_verified.backup_id,
+                                      "finished_at": newest_verified.finished_at.isoformat()}
+    if isinstance(details["retention"]["oldest_kept"], datetime):
+        details["retention"]["oldest_kept"] = details["retention"]["oldest_kept"].isoformat()
     status: Verdict = "ok"
     notes: list[str] = []
     if age > limit:
@@ -196,8 +220,15 @@ async def check_last_backup(ctx: _Context) -> Check:
         status = "warn"
         notes.append("not verified yet")
     summary = f"newest backup {newest.backup_id} is {_age(age)} old, {_size(newest.size_bytes)}"
+    summary += ", verified" if newest.verified else ""
     if notes:
         summary += ": " + ", ".join(notes)
+    summary += f"; {len(state.backups)} kept"
+    if decision.delete:
+        summary += f", {len(decision.delete)} beyond the retention policy (run_backup prune=true confirm=true)"
+    if state.incomplete:
+        summary += (f"; {len(state.incomplete)} incomplete folder(s) from an interrupted or running backup "
+                    "(the next run deletes them)")
     return Check(component="last_backup", status=status, summary=summary, details=details)
 
 

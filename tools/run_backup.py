@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
+import anyio
 from mcp_types import ToolAnnotations
 from pydantic import BaseModel, Field
 
@@ -16,6 +17,7 @@ from ..core import backup_crypto, engram_crypto
 from ..core.backup_run import (
     backup_key,
     clean_leftovers,
+    discard,
     gather_and_dump,
     locks,
     new_backup_id,
@@ -107,18 +109,25 @@ async def run_backup(runtime: Runtime, params: RunBackupInput, progress: Progres
             return await _dry_run(runtime, repo, params, key is not None, timings)
         await repo.check_writable()
         async with locks(runtime, repo):
-            return await _backup(runtime, repo, params, key, p, client.text, timings, progress)
+            cleaned = await clean_leftovers(repo)
+            backup_id = new_backup_id(utcnow())
+            try:
+                return await _backup(runtime, repo, params, key, p, client.text, timings, progress, backup_id,
+                                     cleaned)
+            except BaseException:
+                # Failed or cancelled before its manifest: remove what this run wrote, now rather than
+                # at the next run (which would also do it, should this fail too).
+                with anyio.CancelScope(shield=True), anyio.move_on_after(30):
+                    await discard(repo, backup_id)
+                raise
 
 
 async def _backup(
     runtime: Runtime, repo: Repository, params: RunBackupInput, key: bytes | None, p: Any, pg_dump_text: str,
-    timings: dict[str, float], progress: Progress,
+    timings: dict[str, float], progress: Progress, backup_id: str, cleaned: list[str],
 ) -> RunBackupResult:
     settings = runtime.settings
     started_at = utcnow()
-    clock = time.monotonic()
-    cleaned = await clean_leftovers(repo)
-    backup_id = new_backup_id(started_at)
     folder = f"{BACKUPS}{backup_id}/"
     attachments = _database_attachments()
     mirror_artifacts: list[Artifact] = []

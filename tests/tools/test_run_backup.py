@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from mcp import Client
 from support import EngramDB, engram_env, make_engram_db
 
 from engram_recovery import testbed
+from engram_recovery.core import s3
 from engram_recovery.core.backup_run import verify_artifacts
 from engram_recovery.core.errors import Busy, ConfigurationError, StoreUnreachable
 from engram_recovery.core.manifest import Manifest
@@ -30,6 +32,8 @@ from engram_recovery.core.runtime import Runtime
 from engram_recovery.core.settings import load_settings
 from engram_recovery.server import cli
 from engram_recovery.server.app import build_server
+from engram_recovery.testbed.seaweedfs import SeaweedFS
+from engram_recovery.tools.backup_status import BackupStatusInput, backup_status
 from engram_recovery.tools.run_backup import RunBackupInput, RunBackupResult, run_backup
 
 BACKUP_KEY = base64.b64encode(b"k" * 16 + secrets.token_bytes(16)).decode()
@@ -236,7 +240,7 @@ async def test_dry_run_reports_sizes_and_changes_nothing(engram_db: EngramDB, tm
 
 
 @pytest.mark.anyio
-async def test_a_cancelled_run_leaves_no_complete_backup_and_the_next_run_cleans_up(
+async def test_a_cancelled_run_leaves_nothing_and_the_next_run_succeeds(
     engram_db: EngramDB, tmp_path: Path
 ) -> None:
     env = engram_env(engram_db, tmp_path)
@@ -253,11 +257,11 @@ async def test_a_cancelled_run_leaves_no_complete_backup_and_the_next_run_cleans
             await started.wait()
         tg.cancel_scope.cancel()
     repo = tmp_path / "repo"
-    assert not list(repo.glob("backups/*/manifest.json"))
-    state = await read_state(load_settings(environ=env))
-    assert state.backups == [] and len(state.incomplete) == 1
+    # The cancelled run removed its own folder on the way out: not even an incomplete one is left.
+    assert not list(repo.glob("backups/*"))
+    assert not [p for p in repo.rglob("*") if ".tmp-" in p.name]
     result = await backup(env)
-    assert result.cleaned_leftovers == state.incomplete
+    assert result.verified and result.cleaned_leftovers == []
     assert [p.name for p in (repo / "backups").iterdir()] == [result.backup_id]
 
 
@@ -383,6 +387,25 @@ async def test_an_unwritable_repository_fails_clearly_before_dumping(engram_db: 
 
 
 @pytest.mark.anyio
+async def test_a_full_repository_fails_clearly_and_leaves_nothing_half_written(
+    engram_db: EngramDB, tmp_path: Path
+) -> None:
+    small = tmp_path / "small"
+    small.mkdir()
+    mounted = await anyio.run_process(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(small)], check=False)
+    if mounted.returncode != 0:
+        pytest.skip("needs permission to mount a 64 KiB tmpfs (run as root)")
+    try:
+        env = engram_env(engram_db, tmp_path, ENGRAM_RECOVERY_REPOSITORY=str(small / "repo"))
+        with pytest.raises(StoreUnreachable, match="is full") as info:
+            await backup(env)
+        assert "ENGRAM_RECOVERY_REPOSITORY" in info.value.hint
+        assert [p.name for p in (small / "repo").rglob("*") if p.is_file()] == [".lock"]
+    finally:
+        await anyio.run_process(["umount", str(small)], check=False)
+
+
+@pytest.mark.anyio
 async def test_a_wrong_backup_key_is_named_by_decrypt(
     engram_db: EngramDB, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -396,3 +419,98 @@ async def test_a_wrong_backup_key_is_named_by_decrypt(
     monkeypatch.delenv("ENGRAM_RECOVERY_BACKUP_KEY")
     assert await main("decrypt", str(stored), "-o", str(tmp_path / "x.dump")) == 2
     assert "no backup key is configured" in capsys.readouterr().err
+
+
+# --- S3: the repository on SeaweedFS, and the attachments bucket -----------------------------------------
+
+
+async def make_bucket(weed: SeaweedFS, objects: Sequence[tuple[str, bytes]] = ()) -> str:
+    bucket = f"b-{secrets.token_hex(4)}"
+    location = s3.S3Location(weed.endpoint, weed.access_key_id, weed.secret_access_key, weed.region, bucket)
+    async with s3.client(location) as client:
+        await client.create_bucket(Bucket=bucket)
+        for key, data in objects:
+            await client.put_object(Bucket=bucket, Key=key, Body=data)
+    return bucket
+
+
+def s3_repo_env(weed: SeaweedFS, bucket: str, secret: str | None = None) -> dict[str, str]:
+    return {
+        "ENGRAM_RECOVERY_REPOSITORY": f"s3://{bucket}/engram/prod",
+        "ENGRAM_RECOVERY_REPOSITORY_ENDPOINT": weed.endpoint,
+        "ENGRAM_RECOVERY_REPOSITORY_ACCESS_KEY_ID": weed.access_key_id,
+        "ENGRAM_RECOVERY_REPOSITORY_SECRET_ACCESS_KEY": secret or weed.secret_access_key,
+    }
+
+
+@pytest.mark.anyio
+async def test_an_s3_repository_on_seaweedfs_works_end_to_end(
+    engram_db: EngramDB, admin_dsn: str, weed: SeaweedFS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    bucket = await make_bucket(weed)
+    env = engram_env(engram_db, tmp_path, ENGRAM_RECOVERY_BACKUP_KEY=BACKUP_KEY, **s3_repo_env(weed, bucket))
+    result = await backup(env)
+    assert result.verified and result.backup_id and result.repository.startswith(f"s3://{bucket}/engram/prod/")
+    state = await read_state(load_settings(environ=env))
+    assert [b.backup_id for b in state.backups] == [result.backup_id] and state.newest_verified
+    status = await backup_status(Runtime(load_settings(environ=env)), BackupStatusInput(), silent)
+    last = next(c for c in status.checks if c.component == "last_backup")
+    assert last.status == "ok" and last.details["verified"] is True, last.summary
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    out = tmp_path / "from-s3.dump"
+    code, text = await decrypt_cli(monkeypatch, capsys, f"backup:{result.backup_id}", "-o", str(out))
+    assert code == 0, text
+    await restore_and_compare(admin_dsn, engram_db, out)
+
+
+@pytest.mark.anyio
+async def test_wrong_s3_credentials_fail_clearly_and_write_nothing(
+    engram_db: EngramDB, weed: SeaweedFS, tmp_path: Path
+) -> None:
+    bucket = await make_bucket(weed)
+    wrong = "wrong-" + secrets.token_hex(8)
+    env = engram_env(engram_db, tmp_path, **s3_repo_env(weed, bucket, secret=wrong))
+    with pytest.raises(StoreUnreachable, match="refused the credentials") as info:
+        await backup(env)
+    assert wrong not in str(info.value)
+    async with s3.client(s3.S3Location(weed.endpoint, weed.access_key_id, weed.secret_access_key, weed.region,
+                                       bucket)) as client:
+        assert (await client.list_objects_v2(Bucket=bucket)).get("KeyCount", 0) == 0
+
+
+@pytest.mark.anyio
+async def test_s3_attachments_are_mirrored_and_the_inventory_matches_the_bucket(
+    admin_dsn: str, master_key: bytes, weed: SeaweedFS, tmp_path: Path
+) -> None:
+    async for db in make_engram_db(admin_dsn, master_key, storage="s3", notes=20, attachments=10):
+        objects: list[tuple[str, bytes]] = db.report.attachment_objects
+        source = await make_bucket(weed, objects)
+        host, port = weed.endpoint.removeprefix("http://").split(":")
+        env = engram_env(
+            db, tmp_path, STORAGE_BACKEND="s3", STORAGE_BUCKET=source, STORAGE_HOST=host, STORAGE_PORT=port,
+            STORAGE_SCHEME="http://", STORAGE_ACCESS_KEY_ID=weed.access_key_id,
+            STORAGE_SECRET_ACCESS_KEY=weed.secret_access_key,
+        )
+        dry = await backup(env, dry_run=True)
+        assert dry.attachments is not None and dry.attachments.copied_objects == len(objects)
+        assert not (tmp_path / "repo" / "backups").exists()
+        first = await backup(env)
+        assert first.attachments is not None and first.attachments.copied_objects == len(objects)
+        assert first.backup_id
+        m = manifest_of(tmp_path / "repo", first.backup_id)
+        assert m.attachments.backend == "s3" and m.attachments.objects == len(objects) and m.attachments.inventory
+        stored = tmp_path / "repo" / "backups" / first.backup_id / m.attachments.inventory
+        inventory = [json.loads(line) for line in stored.read_text().splitlines()]
+        location = s3.S3Location(weed.endpoint, weed.access_key_id, weed.secret_access_key, weed.region, source)
+        async with s3.client(location) as client:
+            listed = [o async for o in s3.list_objects(client, source)]
+        assert sorted((e["key"], e["size"], e["etag"]) for e in inventory) == sorted(
+            (o.key, o.size, o.etag) for o in listed
+        )
+        for entry in inventory:  # every blob of the inventory is in the repository, byte for byte
+            data = dict(objects)[entry["key"]]
+            assert (tmp_path / "repo" / entry["repo_key"]).read_bytes() == data
+        second = await backup(env)
+        assert second.attachments is not None and second.attachments.copied_objects == 0

@@ -1,0 +1,158 @@
+"""run_backup (zstd, encrypted) beside the pipelines it replaces, on a >= 1 GiB Engram-shaped database.
+
+Peers, measured in the same run on the same database, each in its own process:
+- Engram's documented pipeline `pg_dump --clean --if-exists | gzip > file` (target: ours <= 0.2x its wall
+  time, and our output no larger than its file),
+- `pg_dump -Fc -Z0 > /dev/null`, the dump's own speed (target: ours <= 1.25x),
+and our process's peak RSS (target < 200 MB), sampled with psutil every 20 ms, beside
+the peak of its whole process tree from getrusage(RUSAGE_CHILDREN).
+
+Usage: .venv/bin/python bench/bench_backup.py [--runs 3] [--notes 250000] [--attachments 1600] [--reseed]
+The seeded database (engram_bench_1g) and its master key (.bench/) are kept between runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import os
+import resource
+import secrets
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import anyio
+import asyncpg
+import psutil
+
+from engram_recovery import testbed
+from engram_recovery.core import engram_crypto
+
+ADMIN = os.environ.get("ENGRAM_TEST_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+DB = "engram_bench_1g"
+STATE = Path(".bench")
+
+
+async def ensure_database(notes: int, attachments: int, reseed: bool) -> tuple[str, bytes, int]:
+    key_file = STATE / f"{DB}.key"
+    dsn = testbed.dsn_for(ADMIN, DB)
+    admin = await asyncpg.connect(ADMIN)
+    try:
+        exists = await admin.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", DB)
+        if not (exists and key_file.exists() and not reseed):
+            await admin.execute(f'DROP DATABASE IF EXISTS "{DB}" WITH (FORCE)')
+            await admin.execute(f'CREATE DATABASE "{DB}"')
+            key = secrets.token_bytes(32)
+            conn = await asyncpg.connect(dsn)
+            try:
+                started = time.perf_counter()
+                await testbed.create_engram_schema(conn)
+                await testbed.create_roles(conn, DB)
+                # Mostly ciphertext, as in production: encrypted note bodies and attachment blobs in the database.
+                await testbed.seed(conn, master_key=key, users=20, vaults_per_user=3, notes=notes,
+                                   attachments=attachments, attachment_size=256 << 10, note_size=2000)
+                await conn.execute("VACUUM ANALYZE")
+                print(f"seeded in {time.perf_counter() - started:.0f} s", flush=True)
+            finally:
+                await conn.close()
+            key_file.write_text(key.hex())
+        size = int(await admin.fetchval("SELECT pg_database_size($1)", DB))
+    finally:
+        await admin.close()
+    return dsn, bytes.fromhex(key_file.read_text()), size
+
+
+def timed(argv: list[str], *, shell: bool = False, env: dict[str, str] | None = None) -> tuple[float, int, int]:
+    """Wall seconds, peak RSS of the top process (sampled), peak RSS of any process in its tree (rusage)."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(argv if not shell else " ".join(argv), shell=shell, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    watched = psutil.Process(proc.pid)
+    peak = 0
+    while proc.poll() is None:
+        try:
+            peak = max(peak, watched.memory_info().rss)
+        except psutil.Error:
+            pass
+        time.sleep(0.02)
+    seconds = time.perf_counter() - started
+    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+    if proc.stderr:
+        proc.stderr.close()
+    if proc.returncode != 0:
+        raise SystemExit(f"{argv[0]} failed: {err[-2000:]}")
+    tree_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    return seconds, peak, tree_peak
+
+
+def run_once(dsn: str, key: bytes, work: Path) -> dict[str, float]:
+    out: dict[str, float] = {}
+    gz = work / "seed.sql.gz"
+    seconds, _, _ = timed(["pg_dump", "--clean", "--if-exists", f"--dbname={dsn}", "|", "gzip", ">", str(gz)],
+                          shell=True)
+    out["gzip_s"], out["gzip_bytes"] = seconds, gz.stat().st_size
+    gz.unlink()
+    seconds, _, _ = timed(["pg_dump", "-Fc", "-Z0", f"--dbname={dsn}", ">", "/dev/null"], shell=True)
+    out["raw_s"] = seconds
+    repo = work / "repo"
+    env = {
+        "PATH": os.environ.get("PATH", ""), "DATABASE_URL": dsn,
+        "ENCRYPTION_MASTER_KEY": engram_crypto.encode_master_key(key),
+        "ENGRAM_RECOVERY_REPOSITORY": str(repo),
+        "ENGRAM_RECOVERY_BACKUP_KEY": base64.b64encode(secrets.token_bytes(32)).decode(),
+    }
+    cli = Path(sys.executable).with_name("engram-recovery")
+    seconds, peak, tree_peak = timed([str(cli), "call", "run_backup"], env=env)
+    stored = sum(p.stat().st_size for p in repo.rglob("*.enc"))
+    out["ours_s"], out["ours_bytes"], out["ours_rss"], out["tree_rss"] = seconds, stored, peak, tree_peak
+    shutil.rmtree(repo)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--notes", type=int, default=250_000)
+    parser.add_argument("--attachments", type=int, default=1600)
+    parser.add_argument("--reseed", action="store_true")
+    parser.add_argument("--seed-only", action="store_true")
+    args = parser.parse_args()
+    STATE.mkdir(exist_ok=True)
+    dsn, key, size = anyio.run(ensure_database, args.notes, args.attachments, args.reseed)
+    print(f"database {DB}: {size / 2**30:.2f} GiB on disk", flush=True)
+    if args.seed_only:
+        return
+    with tempfile.TemporaryDirectory(prefix="bench-backup-", dir=os.environ.get("BENCH_DIR")) as tmp:
+        work = Path(tmp)
+        timed(["pg_dump", "-Fc", "-Z0", f"--dbname={dsn}", ">", "/dev/null"], shell=True)  # warm the cache
+        runs = []
+        for number in range(1, args.runs + 1):
+            r = run_once(dsn, key, work)
+            runs.append(r)
+            print(f"run {number}: ours {r['ours_s']:.1f} s {r['ours_bytes'] / 2**20:.0f} MiB "
+                  f"rss {r['ours_rss'] / 2**20:.0f} MiB | gzip pipeline {r['gzip_s']:.1f} s "
+                  f"{r['gzip_bytes'] / 2**20:.0f} MiB | pg_dump -Fc -Z0 {r['raw_s']:.1f} s", flush=True)
+
+    def med(k: str) -> float:
+        return statistics.median(r[k] for r in runs)
+
+    print(f"\nmedians of {len(runs)} runs, database {size / 2**30:.2f} GiB")
+    print(f"ours (zstd, encrypted):            {med('ours_s'):7.1f} s  {med('ours_bytes') / 2**20:7.0f} MiB")
+    print(f"peer pg_dump --clean | gzip:       {med('gzip_s'):7.1f} s  {med('gzip_bytes') / 2**20:7.0f} MiB")
+    print(f"peer pg_dump -Fc -Z0 > /dev/null:  {med('raw_s'):7.1f} s")
+    print(f"wall ratio ours / gzip pipeline:   {med('ours_s') / med('gzip_s'):.3f}  (target <= 0.2)")
+    print(f"size ratio ours / gzip pipeline:   {med('ours_bytes') / med('gzip_bytes'):.3f}  (target <= 1.0)")
+    print(f"wall ratio ours / pg_dump -Z0:     {med('ours_s') / med('raw_s'):.3f}  (target <= 1.25)")
+    print(f"peak RSS of our process:           {med('ours_rss') / 2**20:.0f} MiB  "
+          f"ratio to 200 MB target = {med('ours_rss') / 200e6:.3f}")
+    print(f"peak RSS of any process in the tree (getrusage children, pg_dump included): "
+          f"{max(r['tree_rss'] for r in runs) / 2**20:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
