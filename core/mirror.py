@@ -31,8 +31,10 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import anyio
 from anyio.abc import ObjectReceiveStream
+from botocore.exceptions import ResponseStreamingError
 
 from . import s3
 from .errors import IntegrityError, RecoveryError
@@ -237,9 +239,11 @@ class _Session:
         """List the source bucket and the pool at the same time."""
         objects: list[SourceObject] = []
         present: dict[str, int] = {}
-        versioned = await self._versioned()
+        versioned = False
 
         async def list_source() -> None:
+            nonlocal versioned
+            versioned = await self._versioned()
             try:
                 if versioned:
                     objects.extend(
@@ -393,18 +397,25 @@ class _Session:
         md5 = hashlib.md5(usedforsecurity=False)
 
         async def chunks() -> AsyncIterator[bytes]:
-            async for chunk in body.iter_chunks(STREAM_CHUNK):
-                md5.update(chunk)
-                yield chunk
+            try:
+                async for chunk in body.iter_chunks(STREAM_CHUNK):
+                    md5.update(chunk)
+                    yield chunk
+            except aiohttp.ClientError as exc:
+                # A body cut off mid-way, which aiobotocore passes through unwrapped. Not an OSError:
+                # the repository would take that for its own failure.
+                raise ResponseStreamingError(error=exc) from exc
 
         key = pool_key(obj.key, obj.etag)
         try:
             size, _sha = await repo.put_stream(key, chunks())
         finally:
             body.close()
-        # A single-part ETag is the MD5 of the bytes: check it, so a damaged transfer
-        # never sits in the pool under a name that says it is complete.
-        if size != obj.size or ("-" not in obj.etag and len(obj.etag) == 32 and md5.hexdigest() != obj.etag):
+        # A single-part ETag is the MD5 of the bytes (unless SSE-KMS or SSE-C encrypted it): check
+        # it, so a damaged transfer never sits in the pool under a name that says it is complete.
+        md5_etag = len(obj.etag) == 32 and answer.get("ServerSideEncryption") != "aws:kms"
+        md5_etag = md5_etag and not answer.get("SSECustomerAlgorithm")
+        if size != obj.size or (md5_etag and md5.hexdigest() != obj.etag):
             await repo.delete([key])
             raise IntegrityError(
                 f"the attachment {obj.key!r} arrived damaged ({size} of {obj.size} bytes, or a checksum mismatch)",

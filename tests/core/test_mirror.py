@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
+from anyio.abc import SocketAttribute, SocketStream
 
 from engram_recovery.core import mirror, s3
 from engram_recovery.core.errors import IntegrityError, StoreUnreachable
@@ -290,6 +293,58 @@ async def test_garbage_collection_deletes_only_pool_entries_no_kept_inventory_re
     for entry in await inventory(repo, "new"):
         assert await repo.get_bytes(entry.repo_key) == {"a": b"kept by both", "c": b"v2 is longer"}[entry.key]
     assert await collect_garbage(repo, [inventory_key("new")]) == (0, 0)
+
+
+@contextlib.asynccontextmanager
+async def cutting_proxy(upstream: str, cut_after: int) -> AsyncIterator[str]:
+    """A TCP proxy to `upstream` that drops a connection once it has relayed `cut_after` response bytes."""
+    host, port = upstream.removeprefix("http://").split(":")
+
+    async def relay(client: SocketStream) -> None:
+        async with client, await anyio.connect_tcp(host, int(port)) as server, anyio.create_task_group() as tg:
+
+            async def requests() -> None:
+                with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                    async for data in client:
+                        await server.send(data)
+
+            async def responses() -> None:
+                relayed = 0
+                with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+                    async for data in server:
+                        await client.send(data[: max(0, cut_after - relayed)])
+                        relayed += len(data)
+                        if relayed >= cut_after:
+                            break
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(requests)
+            tg.start_soon(responses)
+
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    async with listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, relay)
+        yield f"http://127.0.0.1:{listener.extra(SocketAttribute.local_port)}"
+        tg.cancel_scope.cancel()
+
+
+@pytest.mark.anyio
+async def test_a_download_cut_off_midway_leaves_no_pool_entry_and_the_next_run_copies_it(
+    weed: SeaweedFS, tmp_path: Path
+) -> None:
+    big = secrets.token_bytes(1 << 20)
+    source = await make_bucket(weed, {"u0/v0/objects/big": big})
+    async with LocalRepository(tmp_path / "repo") as repo:
+        async with cutting_proxy(weed.endpoint, 256 << 10) as flaky_endpoint:
+            flaky = location(weed, source.bucket, endpoint=flaky_endpoint)
+            with pytest.raises(StoreUnreachable, match="unreachable while trying to copy 'u0/v0/objects/big'"):
+                await mirror_attachments(flaky, repo, "b1", silent)
+        # Nothing that could pass for a blob or an inventory, and no temporary file either.
+        assert [p for p in (tmp_path / "repo").rglob("*") if p.is_file()] == []
+
+        report = await mirror_attachments(source, repo, "b1", silent)
+        (entry,) = await inventory(repo, "b1")
+        assert report.copied_objects == 1 and await repo.get_bytes(entry.repo_key) == big
 
 
 def test_pool_keys_separate_keys_and_etags_and_never_contain_path_tricks() -> None:
