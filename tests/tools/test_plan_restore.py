@@ -36,8 +36,8 @@ from engram_recovery.tools.plan_restore import PlanRestoreInput, PlanRestoreResu
 from engram_recovery.tools.run_backup import RunBackupInput, run_backup
 
 BACKUP_KEY = base64.b64encode(secrets.token_bytes(32)).decode()
-# Steps the round trip does not run: reindex_qdrant has its own tests against a real Qdrant and Engram's
-# embed worker; boot_app has no command (starting Engram is deployment-specific).
+# reindex_qdrant runs last, after the tables were compared (it re-queues embedding on purpose);
+# boot_app has no command (starting Engram is deployment-specific).
 NOT_RUN_HERE = {"reindex_qdrant"}
 
 
@@ -148,6 +148,13 @@ async def test_round_trip_following_the_plan_exactly_restores_every_table(
     assert await fingerprints(engram_db.dsn, without=("vaults", "change_seq")) == source
     fenced = await column(engram_db.dsn, "SELECT id, change_seq FROM vaults")
     assert fenced == {vid: seq + BLIND_FENCE for vid, seq in seqs.items()}
+    # Last, the Qdrant rebuild, exactly as written: it re-queues every live note for embedding.
+    for command in by_id["reindex_qdrant"].commands:
+        done = await anyio.run_process(["bash", "-c", command], env=shell_env(env), cwd=tmp_path, check=False)
+        assert done.returncode == 0, (command, done.stdout.decode()[-2000:], done.stderr.decode()[-2000:])
+    queued = await column(engram_db.dsn, "SELECT worker, count(*) FROM oban_jobs WHERE state = 'available' "
+                          "GROUP BY worker")  # fmt: skip
+    assert queued.get("Engram.Workers.EmbedNote", 0) >= engram_db.report.eligible_notes
     assert source["storage_objects"][0] > 0  # the attachments came back with the rows
     consequences = {c.topic: c for c in result.consequences}
     assert "unreachable" in consequences["sign_in_again"].summary
