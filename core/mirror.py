@@ -143,12 +143,10 @@ def _location(repo: S3Repository) -> S3Location:
 
 
 def _same_endpoint(a: S3Location, b: S3Location) -> bool:
-    def norm(endpoint: str | None) -> str:
-        return (endpoint or "").rstrip("/").lower()
-
     # CopyObject is authorised by the destination's credentials alone; with the same
     # key we know they can read the source bucket, with another we cannot tell.
-    return norm(a.endpoint) == norm(b.endpoint) and a.access_key_id == b.access_key_id
+    same = (a.endpoint or "").rstrip("/").lower() == (b.endpoint or "").rstrip("/").lower()
+    return same and a.access_key_id == b.access_key_id
 
 
 async def mirror_attachments(
@@ -199,14 +197,8 @@ async def mirror_attachments(
 
 
 async def _lines(entries: list[InventoryEntry]) -> AsyncIterator[bytes]:
-    batch: list[str] = []
-    for entry in entries:
-        batch.append(entry.to_json())
-        if len(batch) == 1000:
-            yield ("\n".join(batch) + "\n").encode("utf-8")
-            batch = []
-    if batch:
-        yield ("\n".join(batch) + "\n").encode("utf-8")
+    for start in range(0, len(entries), 1000):
+        yield "".join(f"{entry.to_json()}\n" for entry in entries[start : start + 1000]).encode("utf-8")
 
 
 class _Session:

@@ -122,7 +122,9 @@ class VersionInfo:
     version_id: str
 
 
-async def list_latest_versions(s3: Any, bucket: str, prefix: str = "") -> AsyncIterator[VersionInfo]:
+async def list_latest_versions(
+    s3: Any, bucket: str, prefix: str = "", page_size: int = 1000
+) -> AsyncIterator[VersionInfo]:
     """The current version of every live object, read from ListObjectVersions pages.
 
     One request per 1,000 versions rather than one HEAD per object. A key whose
@@ -130,7 +132,7 @@ async def list_latest_versions(s3: Any, bucket: str, prefix: str = "") -> AsyncI
     so deleted objects are left out as ListObjectsV2 would leave them out.
     """
     paginator = s3.get_paginator("list_object_versions")
-    async for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+    async for page in paginator.paginate(Bucket=bucket, Prefix=prefix, PaginationConfig={"PageSize": page_size}):
         for item in page.get("Versions", ()):
             if item.get("IsLatest"):
                 yield VersionInfo(

@@ -229,6 +229,18 @@ async def test_a_versioned_bucket_records_the_version_id_of_each_current_object(
 
 
 @pytest.mark.anyio
+async def test_the_latest_versions_survive_paging_through_many_versions_and_delete_markers(weed: SeaweedFS) -> None:
+    source = await make_bucket(weed, {f"k{i}": b"old" for i in range(5)}, versioned=True)
+    for i in range(5):
+        await put(source, f"k{i}", f"new {i}".encode())
+    await remove(source, "k2")
+    async with s3.client(source) as c:
+        # Pages of two entries: every page boundary falls between versions of one key or a marker.
+        latest = [(v.key, v.size) async for v in s3.list_latest_versions(c, source.bucket, page_size=2)]
+    assert sorted(latest) == [(f"k{i}", 5) for i in (0, 1, 3, 4)]
+
+
+@pytest.mark.anyio
 async def test_large_objects_are_copied_server_side_in_parts(weed: SeaweedFS, monkeypatch: pytest.MonkeyPatch) -> None:
     big = secrets.token_bytes(11 << 20)
     source = await make_bucket(weed, {"u0/v0/objects/video": big})
