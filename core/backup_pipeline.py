@@ -1,10 +1,11 @@
 """The streaming pipeline: pg_dump -> zstd -> AES-GCM chunks -> repository, in flat memory.
 
-Three stages overlap: one task reads pg_dump's stdout into 1 MiB blocks (a
-bounded queue between them, so memory stays a few MiB whatever the database
-size); compression and encryption run in a worker thread (zstd and OpenSSL
-release the GIL), while the repository writes the previous block. pg_dump is
-therefore never waiting on us for long: wall time stays close to the dump's own.
+Two stages overlap: a worker thread reads pg_dump's stdout in 1 MiB blocks and
+compresses and encrypts them (zstd and OpenSSL release the GIL); a bounded
+queue hands the results to the event loop, which writes them to the repository
+(and hashes them) while the thread works on the next block. Memory stays a few
+MiB whatever the database size, and pg_dump is never waiting on us for long:
+wall time stays close to the dump's own.
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import anyio
+import anyio.from_thread
 import anyio.to_thread
 
 from .backup_crypto import Encryptor
 from .compression import Codec, Compression, compressor
-from .pgdump import Running
+from .errors import RecoveryError
+from .pgdump import PipedProcess
 from .repository import Repository
 from .taskgroups import task_group
 
@@ -58,47 +61,67 @@ class Stored:
     seconds: float
 
 
+@dataclass
+class _Outcome:
+    ok: bool = False
+    error: BaseException | None = None
+
+
 async def dump_to_repository(
-    running: Running, repo: Repository, key: str, transform: Transform, report: Report
+    argv: list[str], env: dict[str, str], repo: Repository, key: str, transform: Transform, report: Report
 ) -> Stored:
-    """Stream `running`'s stdout through `transform` into `key`; the object exists only if pg_dump succeeded."""
+    """Stream the command's stdout through `transform` into `key`; the object exists only if it succeeded."""
     started = time.monotonic()
+    process = await anyio.to_thread.run_sync(PipedProcess, argv, env)
     send, receive = anyio.create_memory_object_stream[bytes](max_buffer_size=QUEUE_BLOCKS)
+    outcome = _Outcome()
 
-    async def read() -> None:
-        async with send:
-            buffer = bytearray()
-            while True:
-                try:
-                    # Whatever is buffered, up to a block: fewer hops than the default 64 KiB reads.
-                    chunk = await running.stdout.receive(BLOCK)
-                except (anyio.EndOfStream, anyio.ClosedResourceError):
-                    break
-                buffer += chunk
-                if len(buffer) >= BLOCK:
-                    await send.send(bytes(buffer))
-                    buffer.clear()
-            if buffer:
-                await send.send(bytes(buffer))
+    def produce() -> None:
+        # One worker thread does the byte work: large blocking reads, zstd and AES-GCM (both release
+        # the GIL), so the event loop only hands finished blocks to the repository.
+        try:
+            while block := process.stdout.read(BLOCK):
+                out = transform.update(block)
+                if out:
+                    anyio.from_thread.run(send.send, out)
+            process.finished()
+            anyio.from_thread.run(send.send, transform.finish())
+            outcome.ok = True
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            pass  # the consumer is gone (failed or cancelled): it reports why
+        except Exception as exc:  # handed to the consumer, which raises it in the event loop
+            outcome.error = exc
+        finally:
+            anyio.from_thread.run_sync(send.close)
 
-    async def transformed() -> AsyncIterator[bytes]:
+    async def consume() -> AsyncIterator[bytes]:
         last = time.monotonic()
         async with receive:
             async for block in receive:
-                out = await anyio.to_thread.run_sync(transform.update, block)
-                if out:
-                    yield out
+                yield block
                 if time.monotonic() - last >= PROGRESS_EVERY:
                     last = time.monotonic()
                     await report(transform.plain_bytes)
-        # Raising here, before the last bytes, makes the repository abandon the object: a failed
+        # Raised before the stream ends normally, so the repository abandons the object: a failed
         # pg_dump never leaves a complete-looking artifact.
-        await running.finished()
-        yield await anyio.to_thread.run_sync(transform.finish)
+        if outcome.error is not None:
+            raise outcome.error
+        if not outcome.ok:
+            raise RecoveryError(f"{process.name} stopped before the end of its output", "run the backup again")
 
-    async with task_group() as tg:
-        tg.start_soon(read)
-        size, digest = await repo.put_stream(key, transformed())
+    try:
+        async with task_group() as tg:
+            tg.start_soon(anyio.to_thread.run_sync, process.drain_stderr)
+            tg.start_soon(anyio.to_thread.run_sync, produce)
+            try:
+                size, digest = await repo.put_stream(key, consume())
+            finally:
+                if not outcome.ok:
+                    # Unblocks the reader thread (EOF) so the task group can end.
+                    process.kill()
+    finally:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(process.close)
     await report(transform.plain_bytes)
     return Stored(key, size, digest, transform.plain_bytes, time.monotonic() - started)
 

@@ -142,10 +142,9 @@ async def dump_database(
 
     if fmt != "directory":
         command = PgDumpCommand(settings.pg_dump, runtime.dsn, fmt, snapshot_id)
-        async with spawn(command.argv, command.env) as running:
-            stored = await dump_to_repository(
-                running, repo, f"{BACKUPS}{backup_id}/{name}", Transform(compression, key), report
-            )
+        stored = await dump_to_repository(
+            command.argv, command.env, repo, f"{BACKUPS}{backup_id}/{name}", Transform(compression, key), report
+        )
         outcome.artifacts.append(_artifact(name, stored, compression, key is not None))
     else:
         # pg_dump writes a directory dump itself (no stdout): it needs local scratch space the

@@ -270,7 +270,7 @@ async def test_a_killed_process_leaves_no_complete_backup_and_releases_its_lock(
     admin_dsn: str, master_key: bytes, tmp_path: Path
 ) -> None:
     # Enough attachment bytes that the dump takes a moment, so the kill lands in the middle of it.
-    async for db in make_engram_db(admin_dsn, master_key, notes=50, attachments=120, attachment_size=256 << 10):
+    async for db in make_engram_db(admin_dsn, master_key, notes=50, attachments=60, attachment_size=256 << 10):
         env = engram_env(db, tmp_path)
         repo = tmp_path / "repo"
         async with await anyio.open_process(
