@@ -369,3 +369,44 @@ def test_owners_are_read_from_a_pg_restore_listing() -> None:
         "3340; 0 0 COMMENT - SCHEMA public postgres\n"
     )
     assert restore_checks.toc_owners(listing) == {"engram_owner", "other_owner"}
+
+
+@pytest.mark.anyio
+async def test_what_changed_after_the_backup_is_counted_and_the_plans_fixes_undo_it(
+    engram_db: EngramDB, admin_dsn: str, tmp_path: Path
+) -> None:
+    env = engram_env(engram_db, tmp_path, ENGRAM_RECOVERY_BACKUP_KEY=BACKUP_KEY)
+    await backup(env)
+    live = await asyncpg.connect(engram_db.dsn)
+    try:  # life goes on after the backup
+        now = "timezone('UTC', now())"
+        first = "(SELECT id FROM {} ORDER BY id LIMIT 1)"
+        revoked = await live.fetchval(f"UPDATE refresh_tokens SET revoked_at = {now} WHERE id = "
+                                      + first.format("refresh_tokens WHERE revoked_at IS NULL") + " RETURNING id")
+        deleted = await live.fetchval("DELETE FROM api_keys WHERE id = " + first.format("api_keys") + " RETURNING id")
+        newcomer = await live.fetchval(f"INSERT INTO users (email, created_at, updated_at) VALUES "
+                                       f"('new@example.org', {now}, {now}) RETURNING id")
+        await live.execute(f"INSERT INTO refresh_tokens (user_id, token_hash, family_id, expires_at, created_at) "
+                           f"VALUES ($1, 'h-new', 'f-new', {now} + interval '30 days', {now})", newcomer)
+        vault, head = await live.fetchrow("UPDATE vaults SET change_seq = change_seq + 500 WHERE id = "
+                                          + first.format("vaults") + " RETURNING id, change_seq")
+    finally:
+        await live.close()
+    target = "engram_restored_" + secrets.token_hex(4)
+    result = await plan(env, target_database=target, work_dir=str(tmp_path / "w"))
+    assert result.executable, result.summary
+    topics = {c.topic: c for c in result.consequences}
+    assert topics["revoked_come_back"].count == 2 and topics["orphan_sweep"].count == 1
+    assert topics["sign_in_again"].count == 1 and check(result, "rpo").code == "data_lost"
+    try:
+        await run_steps(result, shell_env(env), tmp_path)
+        restored = await asyncpg.connect(engram_db.dsn.rsplit("/", 1)[0] + "/" + target)
+        try:
+            assert await restored.fetchval("SELECT revoked_at FROM refresh_tokens WHERE id = $1", revoked) is not None
+            assert await restored.fetchval("SELECT count(*) FROM api_keys WHERE id = $1", deleted) == 0
+            assert await restored.fetchval("SELECT change_seq FROM vaults WHERE id = $1", vault) >= head
+            assert await restored.fetchval("SELECT count(*) FROM users WHERE id = $1", newcomer) == 0
+        finally:
+            await restored.close()
+    finally:
+        await drop_database(admin_dsn, target)
