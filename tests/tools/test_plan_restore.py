@@ -388,8 +388,10 @@ async def test_what_changed_after_the_backup_is_counted_and_the_plans_fixes_undo
                                        f"('new@example.org', {now}, {now}) RETURNING id")
         await live.execute(f"INSERT INTO refresh_tokens (user_id, token_hash, family_id, expires_at, created_at) "
                            f"VALUES ($1, 'h-new', 'f-new', {now} + interval '30 days', {now})", newcomer)
-        vault, head = await live.fetchrow("UPDATE vaults SET change_seq = change_seq + 500 WHERE id = "
-                                          + first.format("vaults") + " RETURNING id, change_seq")
+        moved = await live.fetchrow("UPDATE vaults SET change_seq = change_seq + 500 WHERE id = "
+                                    + first.format("vaults") + " RETURNING id, change_seq")
+        assert moved is not None
+        vault, head = moved["id"], moved["change_seq"]
     finally:
         await live.close()
     target = "engram_restored_" + secrets.token_hex(4)
