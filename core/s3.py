@@ -6,6 +6,7 @@ repository. Driver errors become `StoreUnreachable`/`RecoveryError` here.
 
 from __future__ import annotations
 
+import functools
 import os
 import ssl
 from collections.abc import AsyncIterator
@@ -191,19 +192,28 @@ async def bulk_client(location: S3Location, connections: int = 32) -> AsyncItera
     Its connection pool holds at least `connections` sockets so that as many
     concurrent requests never queue for one, and it leaves timestamps as the
     strings S3 sent: botocore parses each LastModified with dateutil, which
-    costs about 0.5 ms a key, most of a 1,000-key listing's CPU time.
+    costs about 0.5 ms a key, most of a 1,000-key listing's CPU time. Clients
+    come from one shared botocore session, which loads the S3 service model
+    once per process instead of once per client.
     """
-    botocore_session = aiobotocore.session.get_session()
-    botocore_session.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=str)
-    session = aioboto3.Session(
-        botocore_session=botocore_session,
+    config = _CONFIG.merge(Config(max_pool_connections=max(connections, 10)))
+    # Credentials go to the client, never into the shared session.
+    async with _bulk_session().create_client(
+        "s3",
+        endpoint_url=location.endpoint,
+        region_name=location.region,
         aws_access_key_id=location.access_key_id,
         aws_secret_access_key=location.secret_access_key,
-        region_name=location.region,
-    )
-    config = _CONFIG.merge(Config(max_pool_connections=max(connections, 10)))
-    async with session.client("s3", endpoint_url=location.endpoint, config=config) as s3:
+        config=config,
+    ) as s3:
         yield s3
+
+
+@functools.cache
+def _bulk_session() -> Any:
+    session = aiobotocore.session.get_session()
+    session.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=str)
+    return session
 
 
 class Copier:

@@ -44,7 +44,7 @@ def location(weed: SeaweedFS, bucket: str, **override: Any) -> S3Location:
 
 async def make_bucket(weed: SeaweedFS, objects: dict[str, bytes], *, versioned: bool = False) -> S3Location:
     source = location(weed, f"att-{secrets.token_hex(4)}")
-    async with s3.client(source) as c:
+    async with s3.bulk_client(source) as c:
         await c.create_bucket(Bucket=source.bucket)
         if versioned:
             await c.put_bucket_versioning(Bucket=source.bucket, VersioningConfiguration={"Status": "Enabled"})
@@ -54,17 +54,17 @@ async def make_bucket(weed: SeaweedFS, objects: dict[str, bytes], *, versioned: 
 
 
 async def put(source: S3Location, key: str, body: bytes) -> None:
-    async with s3.client(source) as c:
+    async with s3.bulk_client(source) as c:
         await c.put_object(Bucket=source.bucket, Key=key, Body=body)
 
 
 async def remove(source: S3Location, key: str) -> None:
-    async with s3.client(source) as c:
+    async with s3.bulk_client(source) as c:
         await c.delete_object(Bucket=source.bucket, Key=key)
 
 
 async def bucket_listing(source: S3Location) -> list[tuple[str, int, str]]:
-    async with s3.client(source) as c:
+    async with s3.bulk_client(source) as c:
         return sorted([(o.key, o.size, o.etag) async for o in s3.list_objects(c, source.bucket)])
 
 
@@ -84,7 +84,7 @@ async def repo(request: pytest.FixtureRequest, tmp_path: Path, weed: SeaweedFS) 
             yield local
     else:
         target = location(weed, f"repo-{secrets.token_hex(4)}")
-        async with s3.client(target) as c:
+        async with s3.bulk_client(target) as c:
             await c.create_bucket(Bucket=target.bucket)
         async with S3Repository(target, "site/backups") as remote:
             yield remote
@@ -217,7 +217,7 @@ async def test_a_versioned_bucket_records_the_version_id_of_each_current_object(
     source = await make_bucket(weed, {"u0/v0/objects/a": b"first", "u0/v0/objects/gone": b"bye"}, versioned=True)
     await put(source, "u0/v0/objects/a", b"second")
     await remove(source, "u0/v0/objects/gone")  # leaves a delete marker as the newest version
-    async with s3.client(source) as c:
+    async with s3.bulk_client(source) as c:
         head = await c.head_object(Bucket=source.bucket, Key="u0/v0/objects/a")
 
     report = await mirror_attachments(source, repo, "b1", silent)
@@ -234,7 +234,7 @@ async def test_the_latest_versions_survive_paging_through_many_versions_and_dele
     for i in range(5):
         await put(source, f"k{i}", f"new {i}".encode())
     await remove(source, "k2")
-    async with s3.client(source) as c:
+    async with s3.bulk_client(source) as c:
         # Pages of two entries: every page boundary falls between versions of one key or a marker.
         latest = [(v.key, v.size) async for v in s3.list_latest_versions(c, source.bucket, page_size=2)]
     assert sorted(latest) == [(f"k{i}", 5) for i in (0, 1, 3, 4)]
@@ -245,7 +245,7 @@ async def test_large_objects_are_copied_server_side_in_parts(weed: SeaweedFS, mo
     big = secrets.token_bytes(11 << 20)
     source = await make_bucket(weed, {"u0/v0/objects/video": big})
     target = location(weed, f"repo-{secrets.token_hex(4)}")
-    async with s3.client(target) as c:
+    async with s3.bulk_client(target) as c:
         await c.create_bucket(Bucket=target.bucket)
     # Lower the 5 GiB CopyObject limit so an 11 MiB object takes the UploadPartCopy path.
     monkeypatch.setattr(mirror, "COPY_CUTOFF", 6 << 20)
@@ -254,7 +254,7 @@ async def test_large_objects_are_copied_server_side_in_parts(weed: SeaweedFS, mo
         report = await mirror_attachments(source, repo, "b1", silent)
         (entry,) = await inventory(repo, "b1")
         assert report.server_side_copy and await repo.get_bytes(entry.repo_key) == big
-        async with s3.client(target) as c:
+        async with s3.bulk_client(target) as c:
             head = await c.head_object(Bucket=target.bucket, Key=entry.repo_key)
         assert head["ETag"].strip('"').endswith("-3")  # three parts: a multipart object, not one CopyObject
 
