@@ -17,11 +17,12 @@ import pytest
 from mcp import Client
 from support import EngramDB, engram_env, make_engram_db
 
-from engram_recovery.core import engram_crypto
+from engram_recovery.core import engram_crypto, s3
 from engram_recovery.core.progress import silent
 from engram_recovery.core.runtime import Runtime
 from engram_recovery.core.settings import load_settings
 from engram_recovery.server.app import build_server
+from engram_recovery.testbed.seaweedfs import SeaweedFS
 from engram_recovery.tools.restore_drill import RestoreDrillInput, RestoreDrillResult, restore_drill
 from engram_recovery.tools.run_backup import RunBackupInput, run_backup
 
@@ -190,3 +191,50 @@ async def test_a_database_error_inside_a_proof_fails_the_drill_cleanly(
     result = await drill(env, sample_attachments=0)
     assert result.verdict == "fail" and "table_the_dump_lacks" in result.summary
     assert result.scratch_dropped and await drill_databases(admin_dsn) == before
+
+
+@pytest.mark.anyio
+async def test_a_drill_reads_an_s3_repository_and_proves_mirrored_attachments(
+    admin_dsn: str, weed: SeaweedFS, tmp_path: Path
+) -> None:
+    suffix = secrets.token_hex(4)
+    attachments, repository = f"att-{suffix}", f"repo-{suffix}"
+    source = s3.S3Location(weed.endpoint, weed.access_key_id, weed.secret_access_key, weed.region, attachments)
+    async for db in make_engram_db(admin_dsn, secrets.token_bytes(32), storage="s3", attachments=4, notes=40):
+        async with s3.client(source) as c:
+            for bucket in (attachments, repository):
+                await c.create_bucket(Bucket=bucket)
+            for key, blob in db.report.attachment_objects:
+                await c.put_object(Bucket=attachments, Key=key, Body=blob)
+        scheme, _, hostport = weed.endpoint.partition("://")
+        host, _, port = hostport.partition(":")
+        env = engram_env(
+            db, tmp_path, ENGRAM_RECOVERY_BACKUP_KEY=BACKUP_KEY, STORAGE_BACKEND="s3", STORAGE_BUCKET=attachments,
+            STORAGE_HOST=host, STORAGE_PORT=port, STORAGE_SCHEME=scheme + "://",
+            STORAGE_ACCESS_KEY_ID=weed.access_key_id, STORAGE_SECRET_ACCESS_KEY=weed.secret_access_key,
+            ENGRAM_RECOVERY_REPOSITORY=f"s3://{repository}/engram", ENGRAM_RECOVERY_REPOSITORY_ENDPOINT=weed.endpoint,
+            ENGRAM_RECOVERY_REPOSITORY_ACCESS_KEY_ID=weed.access_key_id,
+            ENGRAM_RECOVERY_REPOSITORY_SECRET_ACCESS_KEY=weed.secret_access_key,
+        )  # fmt: skip
+        runtime = Runtime(load_settings(environ=env))
+        try:
+            assert (await run_backup(runtime, RunBackupInput(), silent)).verified
+        finally:
+            await runtime.aclose()
+        result = await drill(env)
+        assert result.verdict == "ok", result.summary
+        assert steps(result)["prove_attachments"].details["sampled"] == 4
+        assert result.record is not None and result.record.startswith("drills/")
+        # One mirrored blob is altered in the repository: the attachment proof catches it.
+        repo_location = s3.S3Location(weed.endpoint, weed.access_key_id, weed.secret_access_key, weed.region,
+                                      repository)  # fmt: skip
+        async with s3.client(repo_location) as c:
+            pool = [o.key async for o in s3.list_objects(c, repository, "engram/attachments/pool/")]
+            answer = await c.get_object(Bucket=repository, Key=pool[0])
+            async with answer["Body"] as body:
+                blob = bytearray(await body.read())
+            blob[0] ^= 0x01
+            await c.put_object(Bucket=repository, Key=pool[0], Body=bytes(blob))
+        tampered = await drill(env)
+        assert tampered.verdict == "fail" and not steps(tampered)["prove_attachments"].ok
+        assert tampered.scratch_dropped
