@@ -288,8 +288,9 @@ async def inventory_state(repo: Repository, point: RecoveryPoint) -> InventorySt
     if not await repo.exists(key):
         return InventoryState(present=False, problem=f"the attachments inventory {key} is missing")
     entries = [e async for e in read_inventory(repo, key)]
-    pool = {k async for k, _size in repo.list(POOL)}
-    missing = [e.repo_key for e in entries if e.repo_key not in pool]
+    pool = {k: size async for k, size in repo.list(POOL)}
+    # A blob of the wrong size is as unusable as a missing one (a truncated copy, say).
+    missing = [e.repo_key for e in entries if pool.get(e.repo_key) != e.size]
     return InventoryState(
         present=True, objects=len(entries), missing=missing[:50], missing_count=len(missing),
         entries=[(e.key, e.repo_key, e.version_id) for e in entries],

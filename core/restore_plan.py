@@ -339,8 +339,9 @@ def check_inventory(manifest: Manifest, inventory: InventoryState | None) -> Pla
     if inventory.missing_count:
         return _check("attachments", "fail", "inventory_objects_missing",
                       f"{inventory.missing_count} of {inventory.objects} mirrored blob(s) the inventory names are "
-                      f"missing from the repository (e.g. {', '.join(inventory.missing[:3])}): those attachments "
-                      "cannot be restored; choose another recovery point", missing=inventory.missing[:20])  # fmt: skip
+                      f"missing from the repository or have the wrong size (e.g. {', '.join(inventory.missing[:3])}): "
+                      "those attachments cannot be restored; choose another recovery point",
+                      missing=inventory.missing[:20])  # fmt: skip
     versions = {key: version for key, _repo_key, version in inventory.entries if version}
     versioned = (f" (source bucket versioned: {len(versions)} version id(s) recorded, restorable in place too)"
                  if att.source_versioned else "")
