@@ -22,6 +22,7 @@ process; otherwise each object is streamed GET -> repository in 1 MiB chunks.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -47,6 +48,10 @@ from .taskgroups import task_group
 POOL = "attachments/pool/"
 INVENTORY_NAME = "attachments-inventory.jsonl"
 STREAM_CHUNK = 1 << 20
+# Streamed objects larger than one chunk may be buffered by the repository (an S3
+# repository holds up to three 8 MiB parts per upload): only this many at a time,
+# so memory stays bounded whatever the worker count and the object sizes.
+LARGE_STREAMS = 4
 # One CopyObject may copy at most 5 GiB; rclone switches to multipart a little below.
 COPY_CUTOFF = 4_995 * (1 << 20)
 COPY_PART = 512 * (1 << 20)
@@ -208,6 +213,7 @@ class _Session:
         self.source = source
         self.target = target
         self.concurrency = concurrency
+        self._large = anyio.CapacityLimiter(LARGE_STREAMS)
         self._src: Any = None
         self._dst: Any = None
         self._copier: s3.Copier | None = None
@@ -319,7 +325,8 @@ class _Session:
                 if dst is not None:
                     await self._server_side(repo, dst, obj)
                 else:
-                    await self._stream(repo, obj)
+                    async with self._large if obj.size > STREAM_CHUNK else contextlib.nullcontext():
+                        await self._stream(repo, obj)
                 return obj
             except S3_ERRORS as exc:
                 code = s3.error_code(exc)

@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import secrets
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from anyio.abc import SocketAttribute, SocketStream
 from engram_recovery.core import mirror, s3
 from engram_recovery.core.errors import IntegrityError, StoreUnreachable
 from engram_recovery.core.mirror import (
+    STREAM_CHUNK,
     InventoryEntry,
     collect_garbage,
     inventory_key,
@@ -307,37 +309,71 @@ async def test_garbage_collection_deletes_only_pool_entries_no_kept_inventory_re
     assert await collect_garbage(repo, [inventory_key("new")]) == (0, 0)
 
 
+@dataclass
+class Proxy:
+    """A TCP proxy in front of SeaweedFS that counts its connections and can cut responses short."""
+
+    endpoint: str = ""
+    open_now: int = 0
+    most_open: int = 0
+
+
 @contextlib.asynccontextmanager
-async def cutting_proxy(upstream: str, cut_after: int) -> AsyncIterator[str]:
-    """A TCP proxy to `upstream` that drops a connection once it has relayed `cut_after` response bytes."""
+async def proxy(upstream: str, cut_after: int | None = None) -> AsyncIterator[Proxy]:
+    """Relay to `upstream`; with `cut_after`, drop a connection once it has relayed that many response bytes."""
     host, port = upstream.removeprefix("http://").split(":")
+    state = Proxy()
 
     async def relay(client: SocketStream) -> None:
-        async with client, await anyio.connect_tcp(host, int(port)) as server, anyio.create_task_group() as tg:
+        state.open_now += 1
+        state.most_open = max(state.most_open, state.open_now)
+        try:
+            async with client, await anyio.connect_tcp(host, int(port)) as server, anyio.create_task_group() as tg:
 
-            async def requests() -> None:
-                with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
-                    async for data in client:
-                        await server.send(data)
+                async def requests() -> None:
+                    with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                        async for data in client:
+                            await server.send(data)
+                    tg.cancel_scope.cancel()
 
-            async def responses() -> None:
-                relayed = 0
-                with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
-                    async for data in server:
-                        await client.send(data[: max(0, cut_after - relayed)])
-                        relayed += len(data)
-                        if relayed >= cut_after:
-                            break
-                tg.cancel_scope.cancel()
+                async def responses() -> None:
+                    relayed, limit = 0, cut_after if cut_after is not None else float("inf")
+                    with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+                        async for data in server:
+                            await client.send(data[: int(min(len(data), limit - relayed))])
+                            relayed += len(data)
+                            if relayed >= limit:
+                                break
+                    tg.cancel_scope.cancel()
 
-            tg.start_soon(requests)
-            tg.start_soon(responses)
+                tg.start_soon(requests)
+                tg.start_soon(responses)
+        finally:
+            state.open_now -= 1
 
     listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
     async with listener, anyio.create_task_group() as tg:
         tg.start_soon(listener.serve, relay)
-        yield f"http://127.0.0.1:{listener.extra(SocketAttribute.local_port)}"
+        state.endpoint = f"http://127.0.0.1:{listener.extra(SocketAttribute.local_port)}"
+        yield state
         tg.cancel_scope.cancel()
+
+
+@pytest.mark.anyio
+async def test_concurrency_is_bounded_and_large_streamed_objects_are_fewer_still(
+    weed: SeaweedFS, tmp_path: Path
+) -> None:
+    small = {f"u0/v0/objects/s{i}": secrets.token_bytes(200_000) for i in range(24)}
+    large = {f"u0/v1/objects/l{i}": secrets.token_bytes(STREAM_CHUNK + 1) for i in range(8)}
+    async with LocalRepository(tmp_path / "repo") as repo:
+        for objects, concurrency, bound in ((small, 3, 3), (large, 16, mirror.LARGE_STREAMS)):
+            source = await make_bucket(weed, objects)
+            async with proxy(weed.endpoint) as relay:
+                counted = location(weed, source.bucket, endpoint=relay.endpoint)
+                # The listing connection is reused by a worker, so connections == requests in flight.
+                report = await mirror_attachments(counted, repo, f"c{concurrency}", silent, concurrency=concurrency)
+            assert report.copied_objects == len(objects)
+            assert 2 <= relay.most_open <= bound
 
 
 @pytest.mark.anyio
@@ -347,8 +383,8 @@ async def test_a_download_cut_off_midway_leaves_no_pool_entry_and_the_next_run_c
     big = secrets.token_bytes(1 << 20)
     source = await make_bucket(weed, {"u0/v0/objects/big": big})
     async with LocalRepository(tmp_path / "repo") as repo:
-        async with cutting_proxy(weed.endpoint, 256 << 10) as flaky_endpoint:
-            flaky = location(weed, source.bucket, endpoint=flaky_endpoint)
+        async with proxy(weed.endpoint, cut_after=256 << 10) as flaky_proxy:
+            flaky = location(weed, source.bucket, endpoint=flaky_proxy.endpoint)
             with pytest.raises(StoreUnreachable, match="unreachable while trying to copy 'u0/v0/objects/big'"):
                 await mirror_attachments(flaky, repo, "b1", silent)
         # Nothing that could pass for a blob or an inventory, and no temporary file either.
