@@ -17,13 +17,14 @@ from urllib.parse import urlsplit
 
 import anyio
 
-from . import engram_crypto, postgres
+from . import engram_crypto, postgres, s3
 from .errors import ConfigurationError, IntegrityError, RecoveryError
 from .manifest import Manifest
 from .mirror import POOL, read_inventory
 from .pgdump import client_version
 from .repository import BACKUPS, MANIFEST_NAME, LocalRepository, Repository, scan
 from .restore_plan import InventoryState, KeyMaterial, LiveState, TargetState, ToolState
+from .runtime import Runtime
 from .schema_probe import probe
 from .settings import Settings
 from .verify import ArtifactVerdict, Digest, compare, sha256_stream, verify_files
@@ -312,3 +313,21 @@ async def gather_concurrently(*jobs: Any) -> list[Any]:
         for i, job in enumerate(jobs):
             tg.start_soon(one, i, job)
     return results
+
+
+async def bucket_unknown_prefixes(runtime: Runtime, inventory: InventoryState | None) -> list[str] | None:
+    """Top-level prefixes (user ids) in the live attachments bucket that the backup's inventory does not name."""
+    location = runtime.attachments_location()
+    if location is None or inventory is None or not inventory.present:
+        return None
+    known = {key.split("/", 1)[0] for key, _repo_key, _version in inventory.entries}
+    prefixes: set[str] = set()
+    try:
+        async with s3.client(location) as client:
+            paginator = client.get_paginator("list_objects_v2")
+            # One request per 1,000 prefixes: the bucket's objects themselves are not listed.
+            async for page in paginator.paginate(Bucket=location.bucket, Delimiter="/"):
+                prefixes.update(p["Prefix"].rstrip("/") for p in page.get("CommonPrefixes", ()))
+    except s3.S3_ERRORS:
+        return None  # the bucket is gone too: nothing there to protect
+    return sorted(prefixes - known - {"exports"})

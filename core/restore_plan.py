@@ -135,6 +135,15 @@ class Observed:
     app_version: str | None
     allow_non_empty_target: bool
     now: datetime
+    # Top-level prefixes of the live attachments bucket that the backup's inventory does not know.
+    bucket_unknown_prefixes: list[str] | None = None
+
+    @property
+    def users_at_risk(self) -> list[str]:
+        """Users whose blobs OrphanSweep would delete: exact from the live database, else guessed from the bucket."""
+        if self.live.reachable:
+            return self.live.newer_users or []
+        return self.bucket_unknown_prefixes or []
 
 
 def worst(statuses: Sequence[Verdict]) -> Verdict:

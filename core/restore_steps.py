@@ -89,7 +89,7 @@ def _uuid_array(ids: list[str]) -> str:
 
 
 def build_steps(manifest: Manifest, observed: Observed, ctx: CommandContext) -> list[PlanStep]:
-    t, live = observed.target, observed.live
+    t = observed.target
     db_artifact = next((a for a in manifest.artifacts if a.kind == "database"), None)
     steps: list[PlanStep] = []
 
@@ -102,7 +102,7 @@ def build_steps(manifest: Manifest, observed: Observed, ctx: CommandContext) -> 
         [_psql(observed, others)] if t.exists else [],
         expect="0 (no other session on the target)" if t.exists else None, checked=["target_sessions"],
         cannot_check=["how this deployment starts and stops Engram (docker compose, systemd, Kubernetes)"])
-    newer = live.newer_users or []
+    newer = observed.users_at_risk
     if manifest.attachments.backend == "s3" and newer:
         add("save_newer_blobs", "Copy aside the attachments of users created after the backup: once the older "
             "database is back, Engram's weekly OrphanSweep deletes the S3 prefixes of users it does not know",
@@ -245,12 +245,15 @@ def consequences(manifest: Manifest, observed: Observed, steps: list[PlanStep]) 
                                "value at the backup while Obsidian clients keep cursors ahead of it; the fence_sync "
                                "step moves each head past them. Devices keep local edits made after the backup: "
                                "they re-upload them only if edited again"))  # fmt: skip
-    newer = live.newer_users
+    newer = observed.users_at_risk
     if newer:
         where = ("their S3 prefixes" if manifest.attachments.backend == "s3" else "their data")
+        who = ("user(s) created after the backup are not in it" if live.reachable else
+               "bucket prefix(es) belong to no user the backup knows (live database unreachable: likely users "
+               "created after the backup)")  # fmt: skip
         out.append(Consequence(topic="orphan_sweep", count=len(newer),
                                step="save_newer_blobs" if "save_newer_blobs" in ids else None,
-                               summary=f"{len(newer)} user(s) created after the backup are not in it: the weekly "
+                               summary=f"{len(newer)} {who}: the weekly "
                                f"OrphanSweep deletes {where} and Qdrant points; the plan copies their blobs aside"))
     chunks = manifest.database.row_counts.get("chunks")
     notes = manifest.database.row_counts.get("notes")

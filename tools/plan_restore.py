@@ -84,11 +84,14 @@ async def plan_restore(runtime: Runtime, params: PlanRestoreInput, progress: Pro
             rc.live_state(settings, manifest.started_at),
             rc.inventory_state(repo, point),
         )
+    unknown = None
+    if manifest.attachments.backend == "s3" and not live.reachable:
+        unknown = await rc.bucket_unknown_prefixes(runtime, inventory)
     await progress(4, 5, "judging")
     observed = Observed(
         manifest_sha256=point.manifest_sha256, artifacts=artifacts, keys=rc.key_material(settings), tools=tools,
         target=target, live=live, inventory=inventory, app_version=params.app_version,
-        allow_non_empty_target=params.allow_non_empty_target, now=datetime.now(UTC),
+        allow_non_empty_target=params.allow_non_empty_target, now=datetime.now(UTC), bucket_unknown_prefixes=unknown,
     )  # fmt: skip
     checks = run_checks(manifest, observed)
     verdict = worst([c.status for c in checks])

@@ -306,6 +306,21 @@ async def test_s3_attachments_come_back_by_the_plan_and_a_missing_blob_stops_it(
             done = await anyio.run_process(["bash", "-c", command], env=shell_env(env, **aws), check=False)
             assert done.returncode == 0, done.stderr.decode()[-1000:]
         assert await bucket_objects(location) == original
+        # The database is lost but the bucket lives on, holding a user the backup never knew.
+        await drop_database(admin_dsn, db.name)
+        newcomer = "0193ffff-0000-7000-8000-" + secrets.token_hex(6)
+        async with s3.client(location) as c:
+            await c.put_object(Bucket=bucket, Key=f"{newcomer}/v/objects/a1", Body=b"blob of a newer user")
+        lost = await plan(env, work_dir=str(tmp_path / "w"))
+        risk = next(c for c in lost.consequences if c.topic == "orphan_sweep")
+        assert risk.count == 1 and "OrphanSweep" in risk.summary
+        save = next(s for s in lost.steps if s.id == "save_newer_blobs")
+        for command in save.commands:
+            done = await anyio.run_process(["bash", "-c", command], env=shell_env(env, **aws), check=False)
+            assert done.returncode == 0, done.stderr.decode()[-1000:]
+        assert (tmp_path / "w" / "newer-users" / newcomer / "v" / "objects" / "a1").read_bytes() == (
+            b"blob of a newer user"
+        )
         # Now one mirrored blob disappears from the repository.
         async with open_repository(load_settings(environ=env)) as repo:
             point = await restore_checks.resolve(repo, "latest")
