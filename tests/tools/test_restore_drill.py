@@ -238,3 +238,18 @@ async def test_a_drill_reads_an_s3_repository_and_proves_mirrored_attachments(
         tampered = await drill(env)
         assert tampered.verdict == "fail" and not steps(tampered)["prove_attachments"].ok
         assert tampered.scratch_dropped
+
+
+@pytest.mark.anyio
+async def test_annotations_are_honest_and_read_only_mode_keeps_only_the_plan(
+    backed_up: tuple[EngramDB, Path], tmp_path: Path
+) -> None:
+    env = copy_repo(backed_up, tmp_path)
+    async with Client(build_server(load_settings(environ=env))) as client:
+        listed = {t.name: t for t in (await client.list_tools()).tools}
+    drill_ann, plan_ann = listed["restore_drill"].annotations, listed["plan_restore"].annotations
+    assert drill_ann is not None and drill_ann.read_only_hint is False and drill_ann.destructive_hint is False
+    assert plan_ann is not None and plan_ann.read_only_hint is True
+    async with Client(build_server(load_settings(environ=env | {"ENGRAM_RECOVERY_ACCESS": "read-only"}))) as client:
+        names = {t.name for t in (await client.list_tools()).tools}
+    assert "plan_restore" in names and "restore_drill" not in names
