@@ -158,6 +158,17 @@ def insert_jobs_sql(target: ObanTarget) -> str:
     )
 
 
+async def can_analyze(conn: asyncpg.Connection, target: ObanTarget) -> bool:
+    """ANALYZE needs the table's owner (or a member of it) or a superuser; others get only a warning."""
+    return bool(
+        await conn.fetchval(
+            "SELECT r.rolsuper OR pg_has_role(current_user, c.relowner, 'USAGE') "
+            "FROM pg_class c, pg_roles r WHERE c.oid = $1::regclass AND r.rolname = current_user",
+            target.table,
+        )
+    )
+
+
 async def notify_insert(conn: asyncpg.Connection, target: ObanTarget) -> None:
     """Wake Oban's producers for the embed queue (delivered when the transaction commits)."""
     await conn.execute("SELECT pg_notify($1, $2)", target.channel, NOTIFY_PAYLOAD)

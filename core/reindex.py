@@ -43,6 +43,7 @@ class VaultCount:
 @dataclass
 class RunStats:
     batches: int = 0
+    analyzed: int = 0
     scanned: int = 0
     reset: int = 0
     enqueued: int = 0
@@ -77,6 +78,8 @@ class Job:
     tenants: Sequence[uuid.UUID | None]
     policy: BatchPolicy
     point_check: PointCheck | None = None
+    can_analyze: bool = False
+    """The role may ANALYZE oban_jobs (its owner or a superuser)."""
 
 
 @asynccontextmanager
@@ -91,6 +94,8 @@ async def tenant_transaction(conn: asyncpg.Connection, tenant: uuid.UUID | None)
 async def enqueue(conn: asyncpg.Connection, job: Job, progress: ProgressFn) -> RunStats:
     stats = RunStats()
     insert_sql = oban.insert_jobs_sql(job.target)
+    fresh = _Statistics(job)
+    await fresh.refresh(conn, stats, first=True)
     for tenant in job.tenants:
         async for lo, hi, extra in _ranges(conn, job, tenant, stats):
             started = time.perf_counter()
@@ -111,12 +116,51 @@ async def enqueue(conn: asyncpg.Connection, job: Job, progress: ProgressFn) -> R
             stats.enqueued += inserted
             stats.batch_seconds.append(round(elapsed, 4))
             stats.max_batch_seconds = max(stats.max_batch_seconds, elapsed)
+            await fresh.after_insert(conn, stats, inserted)
             await progress(
                 stats.scanned,
                 f"batch {stats.batches}: {inserted} EmbedNote job(s) enqueued in {elapsed:.2f} s "
                 f"({stats.enqueued} so far)",
             )
     return stats
+
+
+class _Statistics:
+    """Keeps oban_jobs' planner statistics current while this run grows the table.
+
+    Statistics taken while oban_jobs held no incomplete jobs make the planner probe
+    for a note's job through a state index (it expects no rows there) instead of
+    Engram's note_id index, and every probe then walks all the jobs this run has
+    inserted so far: a batch of seconds becomes minutes. Re-analysing after every
+    10% of growth keeps the estimates, and so the index choice, right.
+    """
+
+    MIN_GROWTH = 5_000
+
+    def __init__(self, job: Job) -> None:
+        self.job = job
+        self.pending = 0
+        # The first batch that inserts anything is followed by an ANALYZE: from then on the
+        # statistics know that incomplete EmbedNote jobs exist, and the plan stays right.
+        self.threshold = 1
+        self.rows = 0
+
+    async def refresh(self, conn: asyncpg.Connection, stats: RunStats, *, first: bool = False) -> None:
+        if not self.job.can_analyze:
+            return
+        await conn.execute(f"ANALYZE {self.job.target.table}")
+        stats.analyzed += 1
+        self.rows = int(
+            await conn.fetchval("SELECT greatest(reltuples, 0)::bigint FROM pg_class WHERE oid = $1::regclass",
+                                self.job.target.table)  # fmt: skip
+        )
+        self.pending = 0
+        self.threshold = 1 if first else max(self.MIN_GROWTH, self.rows // 10)
+
+    async def after_insert(self, conn: asyncpg.Connection, stats: RunStats, inserted: int) -> None:
+        self.pending += inserted
+        if self.pending >= self.threshold:
+            await self.refresh(conn, stats)
 
 
 async def count(conn: asyncpg.Connection, job: Job, progress: ProgressFn) -> RunStats:

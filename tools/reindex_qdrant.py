@@ -99,6 +99,10 @@ class ReindexResult(ToolResult):
     backlog: Backlog
     oban_version: int
     dedup_index: str | None
+    oban_statistics_refreshed: int = Field(
+        description="ANALYZEs of oban_jobs during the run (keeps de-dup probes on the note_id index as it grows); "
+        "0 with a role that does not own the table: then run ANALYZE oban_jobs as its owner if batches slow down."
+    )
     summary: str
 
 
@@ -203,6 +207,7 @@ async def _run(
         tenants=tenants,
         policy=POLICY,
         point_check=point_check,
+        can_analyze=await oban.can_analyze(conn, target),
     )
     total = p.estimates.get("notes") or None
 
@@ -245,6 +250,7 @@ async def _run(
         backlog=Backlog(total=backlog.total, by_state=backlog.by_state, discarded=backlog.discarded),
         oban_version=target.version,
         dedup_index=target.note_index,
+        oban_statistics_refreshed=stats.analyzed,
         summary=summary,
     )
 
