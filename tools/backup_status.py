@@ -17,7 +17,7 @@ from typing import Any, Literal
 import anyio
 from pydantic import BaseModel, Field
 
-from ..core import engram_crypto, qdrant, s3
+from ..core import engram_crypto, oban, qdrant, s3
 from ..core.errors import RecoveryError
 from ..core.pgdump import client_version
 from ..core.progress import Progress
@@ -463,9 +463,15 @@ async def check_qdrant(ctx: _Context) -> Check:
     status: Verdict = "ok"
     summary = f"collection {settings.qdrant_collection}: {state.points} points beside ~{details['chunks']} chunks"
     chunks = details["chunks"] or 0
+    waiting = details["notes_waiting_for_embedding"] or 0
     if state.points is not None and chunks and state.points < 0.9 * chunks:
         status = "warn"
-        summary += ": vectors are missing, run reindex_qdrant(mode='missing')"
+        summary += (
+            f": vectors are missing; ~{waiting} note(s) are waiting for embedding, so a rebuild may be draining "
+            "(see the oban check's backlog). If the backlog is 0, run reindex_qdrant(mode='missing')"
+            if waiting
+            else ": vectors are missing, run reindex_qdrant(mode='missing')"
+        )
     return Check(component="qdrant", status=status, summary=summary, details=details, estimates=estimates)
 
 
@@ -489,14 +495,11 @@ async def check_oban(ctx: _Context) -> Check:
     p = await ctx.probe()
     if not p.has_table("oban_jobs"):
         return Check(component="oban", status="warn", summary="no oban_jobs table: is this Engram's database?")
+    # The same count reindex_qdrant reports, so an operator can watch a rebuild drain here.
+    target = oban.ObanTarget(schema=p.schema, version=p.oban_version or 0, note_index=None)
     async with ctx.runtime.pool.acquire() as conn:
-        # Only incomplete and discarded states: each is served by Oban's state index, never a full scan.
-        rows = await conn.fetch(
-            "SELECT state::text AS state, count(*) AS n FROM oban_jobs "
-            "WHERE state::text = ANY($1::text[]) AND worker = $2 GROUP BY state",
-            [*INCOMPLETE_STATES, "discarded"],
-            EMBED_WORKER,
-        )
+        # Literal states, each one range of Oban's state index: never a full scan of a big oban_jobs.
+        embed = await oban.embed_backlog(conn, target)
         stuck = await conn.fetchval(
             "SELECT count(*) FROM oban_jobs WHERE state = 'executing' "
             "AND attempted_at < timezone('UTC', now()) - interval '30 minutes'"
@@ -505,8 +508,8 @@ async def check_oban(ctx: _Context) -> Check:
             "SELECT count(*) FROM oban_jobs WHERE state = 'available' "
             "AND scheduled_at < timezone('UTC', now()) - interval '15 minutes'"
         )
-    by_state = dict.fromkeys((*INCOMPLETE_STATES, "discarded"), 0) | {r["state"]: int(r["n"]) for r in rows}
-    backlog = sum(by_state[s] for s in INCOMPLETE_STATES)
+    by_state = dict.fromkeys((*INCOMPLETE_STATES, "discarded"), 0) | embed.by_state | {"discarded": embed.discarded}
+    backlog = embed.total
     details = {
         "oban_version": p.oban_version,
         "embed_jobs_by_state": by_state,
@@ -516,6 +519,8 @@ async def check_oban(ctx: _Context) -> Check:
     }
     status: Verdict = "ok"
     summary = f"EmbedNote backlog {backlog}"
+    if backlog:
+        summary += " (Engram's embed queue is working through it; a reindex_qdrant rebuild drains here)"
     if stuck:
         status = "warn"
         summary += f"; {stuck} job(s) executing for over 30 minutes (Oban's Lifeline rescues them)"

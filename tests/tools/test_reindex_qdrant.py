@@ -434,7 +434,7 @@ async def test_through_the_mcp_client_with_progress_per_batch(
 async def test_backup_status_reports_the_embedding_backlog(db: EngramDB, runtime: Runtime, tmp_path: Path) -> None:
     from engram_recovery.tools.backup_status import BackupStatusInput, backup_status
 
-    await reindex_qdrant(runtime, ReindexInput(mode="all", confirm=True), silent)
+    await reindex_qdrant(runtime, ReindexInput(mode="all", recreate_collection=True, confirm=True), silent)
     status = await backup_status(runtime, BackupStatusInput(), silent)
     oban = next(c for c in status.checks if c.component == "oban")
     pending = await scalar(
@@ -442,4 +442,7 @@ async def test_backup_status_reports_the_embedding_backlog(db: EngramDB, runtime
         "AND state IN ('available', 'scheduled', 'executing', 'retryable', 'suspended')"
     )
     assert oban.details["embed_backlog"] == pending > 50
-    assert f"EmbedNote backlog {pending}" in oban.summary
+    assert f"EmbedNote backlog {pending}" in oban.summary and "rebuild drains here" in oban.summary
+    # Qdrant is empty beside the chunks, and the notes are waiting: a rebuild is draining, not a new loss.
+    vectors = next(c for c in status.checks if c.component == "qdrant")
+    assert vectors.status == "warn" and "waiting for embedding" in vectors.summary
