@@ -8,9 +8,11 @@ name does not start with that prefix.
 
 from __future__ import annotations
 
+import os
 import re
 import secrets
 import subprocess
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -22,7 +24,7 @@ import anyio.to_thread
 from . import engram_crypto, postgres
 from .backup_crypto import Decryptor
 from .compression import decompressor
-from .errors import ConfigurationError, IntegrityError, RecoveryError, scrub
+from .errors import ConfigurationError, RecoveryError, scrub
 from .manifest import Artifact, Manifest
 from .pgdump import split_dsn
 from .repository import Repository
@@ -115,8 +117,6 @@ class RestoreCommand:
 
     @property
     def env(self) -> dict[str, str]:
-        import os
-
         _url, password = split_dsn(self.dsn)
         env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
         if password is not None:
@@ -219,8 +219,6 @@ class _Deks:
 
 def check_blob(deks: _Deks, table: str, row: Any, ciphertext: bytes) -> str | None:
     """None if the blob decrypts with its user's DEK and matches its content hash; else what went wrong."""
-    import uuid
-
     try:
         cipher, dek = deks.get(str(row["user_id"]), bytes(row["encrypted_dek"]))
         plain = cipher.decrypt(ciphertext, bytes(row["nonce"]), table, "content", uuid.UUID(str(row["id"])),
@@ -284,8 +282,3 @@ def _attachment_proof(key: bytes, pairs: list[tuple[Any, bytes]]) -> Proof:
                      f"{problems[0]}", {"sampled": len(pairs), "failed": problems[:10]})  # fmt: skip
     return Proof("attachments", True, f"{len(pairs)} sampled attachment(s) decrypt and match their content hash",
                  {"sampled": len(pairs)})  # fmt: skip
-
-
-def require(condition: bool, message: str, hint: str) -> None:
-    if not condition:
-        raise IntegrityError(message, hint)

@@ -11,13 +11,14 @@ import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import anyio
 
 from . import engram_crypto, postgres, s3
+from .backup_crypto import parse_key
+from .drill import plaintext
 from .errors import ConfigurationError, IntegrityError, RecoveryError
 from .manifest import Manifest
 from .mirror import POOL, read_inventory
@@ -143,9 +144,6 @@ def toc_owners(listing: str) -> set[str]:
 
 async def roles_from_dump(settings: Settings, repo: Repository, point: RecoveryPoint) -> set[str] | None:
     """When the manifest names no roles: read the dump's table of contents (its first bytes) with pg_restore -l."""
-    from .backup_crypto import parse_key
-    from .drill import plaintext
-
     dumps = [a for a in point.manifest.artifacts if a.kind == "database"]
     if point.manifest.database.dump_format != "custom" or len(dumps) != 1:
         return None
@@ -296,10 +294,6 @@ async def inventory_state(repo: Repository, point: RecoveryPoint) -> InventorySt
         present=True, objects=len(entries), missing=missing[:50], missing_count=len(missing),
         entries=[(e.key, e.repo_key, e.version_id) for e in entries],
     )
-
-
-def local_path(repo: Repository, key: str) -> Path | None:
-    return repo.root / key if isinstance(repo, LocalRepository) else None
 
 
 async def gather_concurrently(*jobs: Any) -> list[Any]:

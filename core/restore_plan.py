@@ -8,6 +8,8 @@ offers no executable steps: the operator fixes the cause first.
 
 from __future__ import annotations
 
+import base64
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -226,14 +228,10 @@ def check_key(manifest: Manifest, keys: KeyMaterial) -> PlanCheck:
 
 
 def _b64(text: str) -> bytes:
-    import base64
-
     return base64.b64decode(text)
 
 
 def dump_major(manifest: Manifest) -> int | None:
-    import re
-
     match = re.search(r"(\d+)(?:\.\d+)?", manifest.database.pg_dump_version)
     return int(match.group(1)) if match else None
 

@@ -165,10 +165,10 @@ def build_steps(manifest: Manifest, observed: Observed, ctx: CommandContext) -> 
         cannot_check=["the command that starts Engram in this deployment", "that the app is given this same key"])
     if ctx.qdrant_configured:
         add("reindex_qdrant", "Rebuild Qdrant from scratch after Engram is up: the restored chunks point at "
-            "vectors of another moment (the first command is a dry run with its own estimate)",
-            ["engram-recovery call reindex_qdrant --arg mode=all --arg recreate_collection=true",
-             "engram-recovery call reindex_qdrant --arg mode=all --arg recreate_collection=true --arg confirm=true"],
-            cannot_check=["embedding provider quota and cost"])
+            "vectors of another moment",
+            ["engram-recovery call reindex_qdrant --arg mode=all --arg recreate_collection=true --arg confirm=true"],
+            cannot_check=["embedding provider quota and cost (run the same command without confirm=true first "
+                          "for its own estimate)"])
     add("cleanup", "Remove the decrypted dump (it holds every row, encrypted by Engram's keys only)",
         [f"rm -rf {_q(dump)}"], optional=True)
     return steps

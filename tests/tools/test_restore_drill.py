@@ -70,11 +70,26 @@ def steps(result: RestoreDrillResult) -> dict[str, Any]:
 
 
 @pytest.mark.anyio
-async def test_a_good_backup_passes_the_drill_and_backup_status_sees_it(
+async def test_a_good_backup_passes_the_drill_sweeps_stale_drills_and_backup_status_sees_it(
     backed_up: tuple[EngramDB, Path], tmp_path: Path, admin_dsn: str
 ) -> None:
     env = copy_repo(backed_up, tmp_path)
-    before = await drill_databases(admin_dsn)
+    # A drill killed 7 hours ago left its database; one started a moment ago (elsewhere) is still running.
+    stale = f"engram_drill_{int(time.time()) - 7 * 3600}_{secrets.token_hex(4)}"
+    fresh = f"engram_drill_{int(time.time())}_{secrets.token_hex(4)}"
+    admin = await asyncpg.connect(admin_dsn)
+    try:
+        for name in (stale, fresh):
+            await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE template0')
+        await good_drill(env, tmp_path, admin_dsn, stale, fresh)
+    finally:
+        for name in (stale, fresh):
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        await admin.close()
+
+
+async def good_drill(env: dict[str, str], tmp_path: Path, admin_dsn: str, stale: str, fresh: str) -> None:
+    before = set(await drill_databases(admin_dsn)) - {stale}
     messages: list[str] = []
 
     async def on_progress(progress: float, total: float | None, message: str | None) -> None:
@@ -99,7 +114,8 @@ async def test_a_good_backup_passes_the_drill_and_backup_status_sees_it(
     assert result.record is not None
     record = json.loads((tmp_path / "repo" / result.record).read_text())
     assert {"at", "backup_id", "ok", "rto_seconds"} <= record.keys() and record["ok"] is True
-    assert await drill_databases(admin_dsn) == before
+    assert stale in result.leftovers_dropped and fresh not in result.leftovers_dropped
+    assert set(await drill_databases(admin_dsn)) == before
 
 
 @pytest.mark.anyio
@@ -155,27 +171,6 @@ async def test_a_wrong_master_key_fails_the_proofs_and_still_drops(
     assert not by["prove_canary"].ok and not by["prove_notes"].ok and by["prove_row_counts"].ok
     assert wrong not in result.model_dump_json()
     assert await drill_databases(admin_dsn) == before
-
-
-@pytest.mark.anyio
-async def test_stale_drill_databases_are_swept_and_fresh_ones_left_alone(
-    backed_up: tuple[EngramDB, Path], tmp_path: Path, admin_dsn: str
-) -> None:
-    stale = f"engram_drill_{int(time.time()) - 7 * 3600}_{secrets.token_hex(4)}"
-    fresh = f"engram_drill_{int(time.time())}_{secrets.token_hex(4)}"
-    conn = await asyncpg.connect(admin_dsn)
-    try:
-        for name in (stale, fresh):
-            await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE template0')
-        result = await drill(copy_repo(backed_up, tmp_path), sample_attachments=0)
-        assert result.verdict == "ok", result.summary
-        assert stale in result.leftovers_dropped and fresh not in result.leftovers_dropped
-        left = await drill_databases(admin_dsn)
-        assert stale not in left and fresh in left
-    finally:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{fresh}"')
-        await conn.execute(f'DROP DATABASE IF EXISTS "{stale}"')
-        await conn.close()
 
 
 @pytest.mark.anyio
