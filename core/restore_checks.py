@@ -41,7 +41,7 @@ class RecoveryPoint:
 
 
 async def resolve(repo: Repository, recovery_point: str) -> RecoveryPoint:
-    """`latest`, a backup id, or `before:<ISO time>` (the newest backup finished before it)."""
+    """`latest`, a backup id, or `before:<ISO time>` (the newest backup whose snapshot is older than that)."""
     state = await scan(repo)
     if not state.backups:
         raise ConfigurationError(
@@ -58,7 +58,9 @@ async def resolve(repo: Repository, recovery_point: str) -> RecoveryPoint:
                 f"{spec!r} does not hold an ISO time", "write it as before:2026-11-23T18:00:00Z"
             ) from None
         limit = limit if limit.tzinfo else limit.replace(tzinfo=UTC)
-        chosen = max((b for b in state.backups if b.finished_at < limit), key=lambda b: b.finished_at, default=None)
+        # A backup holds the data of its snapshot, taken at its start: it qualifies if it started before the limit.
+        chosen = max((b for b in state.backups if (b.started_at or b.finished_at) < limit),
+                     key=lambda b: b.finished_at, default=None)  # fmt: skip
     else:
         chosen = next((b for b in state.backups if b.backup_id == spec), None)
     if chosen is None:

@@ -357,8 +357,13 @@ def check_inventory(manifest: Manifest, inventory: InventoryState | None) -> Pla
                   versions_to_restore=dict(list(versions.items())[:50]), versions_recorded=len(versions))
 
 
+def snapshot_time(manifest: Manifest) -> datetime:
+    """The moment the backup's data is from: the snapshot, which the backup's start only approximates."""
+    return manifest.database.snapshot_at or manifest.started_at
+
+
 def check_rpo(manifest: Manifest, live: LiveState) -> PlanCheck:
-    point = manifest.started_at
+    point = snapshot_time(manifest)
     if not live.reachable:
         return _check("rpo", "ok", "live_unreachable",
                       f"the live database is unreachable, so the loss cannot be measured: everything written after "

@@ -15,7 +15,7 @@ from typing import Any
 
 from . import engram_crypto
 from .manifest import Manifest
-from .restore_plan import CHANGE_SEQ_MIGRATION, Consequence, Observed, PlanStep
+from .restore_plan import CHANGE_SEQ_MIGRATION, Consequence, Observed, PlanStep, snapshot_time
 
 # Re-embedding estimates: Engram's chunker aims at ~512-token chunks; most run shorter.
 TOKENS_PER_CHUNK = 400
@@ -215,7 +215,7 @@ def _ident(name: str) -> str:
 
 
 def consequences(manifest: Manifest, observed: Observed, steps: list[PlanStep]) -> list[Consequence]:
-    live, point = observed.live, manifest.started_at.isoformat()
+    live, point = observed.live, snapshot_time(manifest).isoformat()
     ids = {s.id for s in steps}
     out: list[Consequence] = []
     if live.reachable:

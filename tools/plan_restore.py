@@ -15,7 +15,16 @@ from pydantic import Field
 from ..core import restore_checks as rc
 from ..core.progress import Progress
 from ..core.repository import open_repository
-from ..core.restore_plan import Consequence, Observed, PlanCheck, PlanStep, Verdict, run_checks, worst
+from ..core.restore_plan import (
+    Consequence,
+    Observed,
+    PlanCheck,
+    PlanStep,
+    Verdict,
+    run_checks,
+    snapshot_time,
+    worst,
+)
 from ..core.restore_steps import CommandContext, build_steps, consequences
 from ..core.restore_token import Premises, plan_token, premises_of
 from ..core.runtime import Runtime
@@ -81,7 +90,7 @@ async def plan_restore(runtime: Runtime, params: PlanRestoreInput, progress: Pro
             rc.verify_artifacts(repo, point),
             rc.tool_state(settings),
             rc.target_state(settings, target_db, roles),
-            rc.live_state(settings, manifest.started_at),
+            rc.live_state(settings, snapshot_time(manifest)),
             rc.inventory_state(repo, point),
         )
     unknown = None

@@ -14,6 +14,7 @@ import secrets
 import shutil
 import sys
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -251,6 +252,9 @@ async def test_recovery_points_resolve_by_id_and_time_and_unknown_ones_are_named
     latest = await plan(env, allow_non_empty_target=True)
     by_id = await plan(env, recovery_point=latest.recovery_point.backup_id, allow_non_empty_target=True)
     assert by_id.recovery_point == latest.recovery_point
+    just_after_start = (latest.recovery_point.started_at + timedelta(seconds=1)).isoformat()
+    by_time = await plan(env, recovery_point=f"before:{just_after_start}", allow_non_empty_target=True)
+    assert by_time.recovery_point.backup_id == latest.recovery_point.backup_id
     async with Client(build_server(load_settings(environ=env))) as client:
         answer = await client.call_tool("plan_restore", {"recovery_point": "before:2000-01-01T00:00:00Z"})
     assert answer.is_error
