@@ -202,12 +202,17 @@ def _security_steps(manifest: Manifest, observed: Observed, add_step: Callable[.
 
 
 def _copy_back(ctx: CommandContext, repo_key: str, key: str) -> str:
-    if ctx.repository.startswith("s3://"):
-        source = ctx.repository.rstrip("/") + "/" + repo_key
-        return (f"aws s3 cp {_q(source)}{_endpoint(ctx.repository_endpoint)} - | aws s3 cp - "
-                f"{_q(f's3://{ctx.storage_bucket}/{key}')}{_endpoint(ctx.storage_endpoint)}")
-    source = str(PurePosixPath(ctx.repository) / repo_key)
-    return f"aws s3 cp {_q(source)} {_q(f's3://{ctx.storage_bucket}/{key}')}{_endpoint(ctx.storage_endpoint)}"
+    destination = _q(f"s3://{ctx.storage_bucket}/{key}")
+    if not ctx.repository.startswith("s3://"):
+        source = str(PurePosixPath(ctx.repository) / repo_key)
+        return f"aws s3 cp {_q(source)} {destination}{_endpoint(ctx.storage_endpoint)}"
+    source = _q(ctx.repository.rstrip("/") + "/" + repo_key)
+    if (ctx.repository_endpoint or "") == (ctx.storage_endpoint or ""):
+        return f"aws s3 cp {source} {destination}{_endpoint(ctx.storage_endpoint)}"  # a server-side copy
+    # Two endpoints: through a local file, never a pipe, whose failed first half would upload an empty object.
+    local = _q(str(PurePosixPath(ctx.work_dir) / "blob.tmp"))
+    return (f"aws s3 cp {source} {local}{_endpoint(ctx.repository_endpoint)} && aws s3 cp {local} {destination}"
+            f"{_endpoint(ctx.storage_endpoint)} && rm -f {local}")
 
 
 def _ident(name: str) -> str:

@@ -272,3 +272,15 @@ def test_a_versioned_source_bucket_names_the_versions_to_restore() -> None:
         "aws s3api copy-object --bucket b --key u/v/objects/a --copy-source 'b/u/v/objects/a?versionId=v7' "
         "--endpoint-url http://127.0.0.1:8333"
     ]
+
+
+def test_blobs_in_an_s3_repository_are_copied_server_side_or_through_a_file_never_a_pipe() -> None:
+    m = make_manifest(attachments=AttachmentsInfo(backend="s3", source_bucket="b", inventory="inv.jsonl"))
+    inventory = InventoryState(present=True, objects=1, entries=[("u/v/objects/a", "attachments/pool/aa/h/e", None)])
+    same = replace(CTX, repository="s3://backups/engram", repository_endpoint="http://127.0.0.1:8333")
+    step = {s.id: s for s in build_steps(m, make_observed(m, inventory=inventory), same)}["restore_attachments"]
+    assert step.commands == ["aws s3 cp s3://backups/engram/attachments/pool/aa/h/e s3://engram-attachments/u/v/"
+                             "objects/a --endpoint-url http://127.0.0.1:8333"]
+    other = replace(same, repository_endpoint="https://s3.example.org")
+    step = {s.id: s for s in build_steps(m, make_observed(m, inventory=inventory), other)}["restore_attachments"]
+    assert "|" not in step.commands[0] and step.commands[0].count("&&") == 2
