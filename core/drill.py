@@ -12,16 +12,18 @@ import os
 import re
 import secrets
 import subprocess
+import tempfile
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import anyio
 import anyio.to_thread
 
-from . import engram_crypto, postgres
+from . import backup_extract, engram_crypto, postgres
 from .backup_crypto import Decryptor
 from .compression import decompressor
 from .errors import ConfigurationError, RecoveryError, scrub
@@ -165,6 +167,24 @@ async def restore_stream(command: RestoreCommand, chunks: AsyncIterator[bytes]) 
         raise RecoveryError(f"{command.argv[0].rsplit('/', 1)[-1]} failed (exit {code}): {text or 'no message'}",
                             "the dump could not be restored with stock tools: see the message")  # fmt: skip
     return fed
+
+
+async def restore_directory(pg_restore: str, dsn: str, repo: Repository, backup_id: str, key: bytes | None) -> int:
+    """A directory dump: decrypt its files into local scratch space, then stock pg_restore --jobs=2 on them."""
+    with tempfile.TemporaryDirectory(prefix="engram-drill-") as scratch:
+        target = Path(scratch) / "dump"
+        extracted = await backup_extract.extract_backup(repo, backup_id, key, target)
+        url, password = split_dsn(dsn)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        if password is not None:
+            env["PGPASSWORD"] = password
+        argv = [pg_restore, "--no-password", "--exit-on-error", "--jobs=2", f"--dbname={url}", str(target)]
+        done = await anyio.run_process(argv, env=env, check=False)
+        if done.returncode != 0:
+            text = scrub(done.stderr.decode(errors="replace").strip()[-STDERR_KEEP:])
+            raise RecoveryError(f"pg_restore failed (exit {done.returncode}): {text or 'no message'}",
+                                "the dump could not be restored with stock tools: see the message")  # fmt: skip
+    return sum(e.plain_bytes for e in extracted)
 
 
 @dataclass

@@ -157,11 +157,10 @@ async def _drill(
             v.problem or "" for v in bad)})
         return
     dumps = [a for a in manifest.artifacts if a.kind == "database"]
-    if manifest.database.dump_format == "directory" or len(dumps) != 1:
-        raise ConfigurationError(
-            "the drill restores custom- and plain-format dumps; this backup is a directory dump",
-            "follow plan_restore's steps for a directory dump, or back up with format='custom' (the default)",
-        )
+    directory = manifest.database.dump_format == "directory"
+    if not dumps or (len(dumps) != 1 and not directory):
+        raise IntegrityError(f"the manifest of {manifest.backup_id} lists {len(dumps)} database dump artifacts",
+                             "choose another recovery point")  # fmt: skip
     admin = await _admin(runtime.dsn)
     try:
         swept.extend(await drill.sweep_leftovers(admin, now))
@@ -171,10 +170,15 @@ async def _drill(
     finally:
         await admin.close(timeout=2)
     scratch_dsn = _with_database(runtime.dsn, name)
-    command = drill.RestoreCommand(runtime.settings.pg_restore, scratch_dsn, manifest.database.dump_format)
-    stream = drill.plaintext(repo, point.prefix + dumps[0].name, dumps[0], backup_key)
-    await run.step("restore", lambda: drill.restore_stream(command, stream),
-                   lambda n: f"stock {command.argv[0].rsplit('/', 1)[-1]} restored {n} bytes of dump")  # fmt: skip
+    if directory:
+        await run.step("restore", lambda: drill.restore_directory(runtime.settings.pg_restore, scratch_dsn, repo,
+                                                                  manifest.backup_id, backup_key),
+                       lambda n: f"stock pg_restore --jobs=2 restored a directory dump of {n} bytes")  # fmt: skip
+    else:
+        command = drill.RestoreCommand(runtime.settings.pg_restore, scratch_dsn, manifest.database.dump_format)
+        stream = drill.plaintext(repo, point.prefix + dumps[0].name, dumps[0], backup_key)
+        await run.step("restore", lambda: drill.restore_stream(command, stream),
+                       lambda n: f"stock {command.argv[0].rsplit('/', 1)[-1]} restored {n} bytes of dump")  # fmt: skip
     async with postgres.connection(scratch_dsn) as conn:
         p = await probe(conn)
         if not p.sees_all_rows:

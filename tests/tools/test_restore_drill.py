@@ -248,3 +248,21 @@ async def test_annotations_are_honest_and_read_only_mode_keeps_only_the_plan(
     async with Client(build_server(load_settings(environ=env | {"ENGRAM_RECOVERY_ACCESS": "read-only"}))) as client:
         names = {t.name for t in (await client.list_tools()).tools}
     assert "plan_restore" in names and "restore_drill" not in names
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("fmt", ["directory", "plain"])
+async def test_directory_and_plain_dumps_pass_the_drill_too(
+    backed_up: tuple[EngramDB, Path], tmp_path: Path, admin_dsn: str, fmt: str
+) -> None:
+    env = engram_env(backed_up[0], tmp_path, ENGRAM_RECOVERY_BACKUP_KEY=BACKUP_KEY)
+    runtime = Runtime(load_settings(environ=env))
+    try:
+        assert (await run_backup(runtime, RunBackupInput(format=fmt), silent)).verified
+    finally:
+        await runtime.aclose()
+    before = await drill_databases(admin_dsn)
+    result = await drill(env, sample_attachments=5)
+    assert result.verdict == "ok", result.summary
+    assert steps(result)["prove_row_counts"].ok and steps(result)["prove_notes"].details["sampled"] > 0
+    assert await drill_databases(admin_dsn) == before
