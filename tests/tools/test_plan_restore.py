@@ -431,3 +431,26 @@ async def test_what_changed_after_the_backup_is_counted_and_the_plans_fixes_undo
             await restored.close()
     finally:
         await drop_database(admin_dsn, target)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("fmt", ["directory", "plain"])
+async def test_directory_and_plain_dumps_restore_by_the_plan_into_a_new_database(
+    backed_up: tuple[EngramDB, Path], tmp_path: Path, admin_dsn: str, fmt: str
+) -> None:
+    db = backed_up[0]
+    env = engram_env(db, tmp_path, ENGRAM_RECOVERY_BACKUP_KEY=BACKUP_KEY)
+    runtime = Runtime(load_settings(environ=env))
+    try:
+        assert (await run_backup(runtime, RunBackupInput(format=fmt), silent)).verified
+    finally:
+        await runtime.aclose()
+    target = "engram_restored_" + secrets.token_hex(4)
+    result = await plan(env, target_database=target, work_dir=str(tmp_path / "w"))
+    assert result.executable, result.summary
+    try:
+        await run_steps(result, shell_env(env), tmp_path)
+        # Nothing changed since the backup, so the revoke and fence steps change nothing either.
+        assert await fingerprints(db.dsn.rsplit("/", 1)[0] + "/" + target) == await fingerprints(db.dsn)
+    finally:
+        await drop_database(admin_dsn, target)
