@@ -37,9 +37,9 @@ TOKENS_NOTE = "estimate: ciphertext bytes of the notes' content / 4 (AES-GCM tag
 class ReindexInput(ToolInput):
     mode: Literal["all", "missing", "stale"] = Field(
         default="missing",
-        description="'missing': notes whose chunks' points are absent from Qdrant (cheapest after a partial "
-        "loss); 'all': every live note (after a total loss or a model change); 'stale': notes whose embedding "
-        "is missing or older than their content.",
+        description="'missing': notes with a chunk whose point is absent from Qdrant (cheapest after a partial "
+        "loss; a note with no chunk rows is not 'missing'); 'all': every live note (after a total loss or a model "
+        "change); 'stale': notes never embedded or changed since (embed_hash NULL or not content_hash).",
     )
     user_id: str | None = Field(default=None, description="Only this user's notes (uuid).")
     vault_id: str | None = Field(default=None, description="Only this vault's notes (uuid).")
