@@ -152,12 +152,18 @@ async def main() -> None:
                 f"{row['rclone_ss_rerun']:.2f} s (ratio {ratio(row['ours_rerun'], row['rclone_ss_rerun'])})"
             )
     med = {key: statistics.median(values) for key, values in figures.items()}
-    print(f"median of {args.runs} runs ({args.objects} x {args.size} B):")
+
+    def run_ratio(ours: str, peer: str) -> float:
+        return statistics.median(a / b for a, b in zip(figures[ours], figures[peer], strict=True))
+
+    print(
+        f"median of {args.runs} runs ({args.objects} x {args.size} B); ratio = ours/peer, median of the per-run ratios:"
+    )
     for phase in ("first", "rerun"):
         print(
             f"  {phase:5}  ours {med[f'ours_{phase}']:.2f} s  rclone {med[f'rclone_{phase}']:.2f} s  "
-            f"ratio {ratio(med[f'ours_{phase}'], med[f'rclone_{phase}'])}  |  rclone --server-side-across-configs "
-            f"{med[f'rclone_ss_{phase}']:.2f} s  ratio {ratio(med[f'ours_{phase}'], med[f'rclone_ss_{phase}'])}"
+            f"ratio {run_ratio(f'ours_{phase}', f'rclone_{phase}'):.2f}  |  rclone --server-side-across-configs "
+            f"{med[f'rclone_ss_{phase}']:.2f} s  ratio {run_ratio(f'ours_{phase}', f'rclone_ss_{phase}'):.2f}"
         )
 
 

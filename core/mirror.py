@@ -242,21 +242,12 @@ class _Session:
         async def list_source() -> None:
             nonlocal versioned
             versioned = await self._versioned()
+            src, bucket = self._src, self.source.bucket
             try:
-                if versioned:
-                    objects.extend(
-                        [
-                            SourceObject(v.key, v.size, v.etag, v.version_id)
-                            async for v in s3.list_latest_versions(self._src, self.source.bucket)
-                        ]
-                    )
-                else:
-                    objects.extend(
-                        [
-                            SourceObject(o.key, o.size, o.etag)
-                            async for o in s3.list_objects(self._src, self.source.bucket)
-                        ]
-                    )
+                listing = s3.list_latest_versions(src, bucket) if versioned else s3.list_objects(src, bucket)
+                objects.extend(
+                    [SourceObject(o.key, o.size, o.etag, getattr(o, "version_id", None)) async for o in listing]
+                )
             except S3_ERRORS as exc:
                 raise s3.translate(exc, "list the attachments", self.source) from exc
 
@@ -293,13 +284,12 @@ class _Session:
         """Copy `todo` with `concurrency` workers; the result maps each key to what was copied (None: vanished)."""
         done: dict[str, SourceObject | None] = {}
         counters = {"objects": 0, "bytes": 0, "reported": time.monotonic()}
-        dst: Any = self._dst
         send, receive = anyio.create_memory_object_stream[SourceObject](max(1, concurrency))
 
         async def worker(queue: ObjectReceiveStream[SourceObject]) -> None:
             async with queue:
                 async for obj in queue:
-                    result = await self._copy_one(repo, dst, obj)
+                    result = await self._copy_one(repo, obj)
                     done[obj.key] = result
                     counters["objects"] += 1
                     counters["bytes"] += result.size if result else 0
@@ -318,12 +308,12 @@ class _Session:
         await progress(len(todo), len(todo), f"copied {counters['bytes']} bytes")
         return done
 
-    async def _copy_one(self, repo: Repository, dst: Any, obj: SourceObject) -> SourceObject | None:
+    async def _copy_one(self, repo: Repository, obj: SourceObject) -> SourceObject | None:
         """Copy one object; re-read its listing entry once per change that races us."""
         for _attempt in range(3):
             try:
-                if dst is not None:
-                    await self._server_side(repo, dst, obj)
+                if self._dst is not None:
+                    await self._server_side(obj)
                 else:
                     async with self._large if obj.size > STREAM_CHUNK else contextlib.nullcontext():
                         await self._stream(repo, obj)
@@ -333,7 +323,7 @@ class _Session:
                 if code in ("NoSuchKey", "NoSuchVersion", "404"):
                     return None  # deleted since it was listed: not part of this recovery point
                 if code not in ("PreconditionFailed", "412") or obj.version_id is not None:
-                    raise s3.translate(exc, f"copy {obj.key!r}", self._blame(dst, exc)) from exc
+                    raise s3.translate(exc, f"copy {obj.key!r}", self._blame(exc)) from exc
             # Overwritten since it was listed: take the current object, not a mix of both.
             fresh = await self._head(obj.key)
             if fresh is None:
@@ -344,7 +334,7 @@ class _Session:
             "run the backup again when Engram is quieter",
         )
 
-    def _blame(self, dst: Any, exc: Exception) -> S3Location:
+    def _blame(self, exc: Exception) -> S3Location:
         # A server-side copy can fail on either bucket; S3 names the missing one only in the message.
         if self.target is None or (self.source.bucket in str(exc) and self.target.bucket not in str(exc)):
             return self.source
@@ -369,12 +359,12 @@ class _Session:
         # A version id already pins the bytes; otherwise insist on the ETag we listed.
         return {} if obj.version_id is not None or not obj.etag else {name: f'"{obj.etag}"'}
 
-    async def _server_side(self, repo: Repository, dst: Any, obj: SourceObject) -> None:
+    async def _server_side(self, obj: SourceObject) -> None:
         assert self.target is not None
         bucket, key = self.target.bucket, self.target.s3_key(pool_key(obj.key, obj.etag))
         if obj.size > COPY_CUTOFF:
             await s3.multipart_copy(
-                dst, self._source_ref(obj), bucket, key, obj.size, COPY_PART,
+                self._dst, self._source_ref(obj), bucket, key, obj.size, COPY_PART,
                 **self._precondition(obj, "CopySourceIfMatch"),
             )  # fmt: skip
         elif self._copier is not None:
@@ -383,7 +373,7 @@ class _Session:
                 if_match=obj.etag if obj.version_id is None and obj.etag else None,
             )  # fmt: skip
         else:
-            await dst.copy_object(
+            await self._dst.copy_object(
                 Bucket=bucket, Key=key, CopySource=self._source_ref(obj), **self._precondition(obj, "CopySourceIfMatch")
             )
 

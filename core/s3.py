@@ -205,8 +205,13 @@ async def bulk_client(location: S3Location, connections: int = 32) -> AsyncItera
         aws_access_key_id=location.access_key_id,
         aws_secret_access_key=location.secret_access_key,
         config=config,
+        verify=None if _tls(location) else False,  # no TLS, so no CA bundle to load (~70 ms a client)
     ) as s3:
         yield s3
+
+
+def _tls(location: S3Location) -> bool:
+    return not (location.endpoint or "https://").lower().startswith("http://")
 
 
 @functools.cache
@@ -240,9 +245,12 @@ class Copier:
         self._http: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> Copier:
-        ssl_context = ssl.create_default_context(cafile=os.environ.get("AWS_CA_BUNDLE") or None)
+        # The CA bundle botocore would use; loaded only when there is TLS to verify.
+        tls = (
+            ssl.create_default_context(cafile=os.environ.get("AWS_CA_BUNDLE") or None) if _tls(self.location) else False
+        )
         self._http = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=max(self._connections, 10), ssl=ssl_context),
+            connector=aiohttp.TCPConnector(limit=max(self._connections, 10), ssl=tls),
             # A large copy can take a while before the server answers; connecting must not.
             timeout=aiohttp.ClientTimeout(sock_connect=3, sock_read=300),
             trust_env=True,  # proxies from the environment, as botocore honours them
