@@ -13,7 +13,6 @@ import anyio
 
 from ..core.errors import RecoveryError, scrub
 from ..core.settings import Settings, load_settings
-from ..tools import registry
 
 EXIT_OK, EXIT_WARN, EXIT_FAIL = 0, 1, 2
 
@@ -37,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Run one tool in-process, print its structured result as JSON on stdout. Exit code: 0 "
         "success, 1 the check completed with warnings, 2 failure.",
     )
-    call.add_argument("tool", choices=sorted(registry.BY_NAME))
+    call.add_argument("tool", help="the tool to run (see `engram-recovery tools`)")
     call.add_argument(
         "--arg", action="append", default=[], metavar="KEY=VALUE",
         help="a tool argument; VALUE is parsed as JSON when it is valid JSON (true, 3, \"x\"), else a string",
@@ -100,6 +99,12 @@ async def _call(settings: Settings, tool: str, arguments: dict[str, Any]) -> int
     from .app import build_server
 
     server = build_server(settings)
+    # Imported here, not at module level: the MCP and Qdrant imports cost seconds that
+    # `decrypt` and `config` should not pay.
+    from ..tools import registry
+
+    if tool not in registry.BY_NAME:
+        raise RecoveryError(f"there is no tool named {tool!r}", f"choose one of: {', '.join(sorted(registry.BY_NAME))}")
     if tool not in {spec.name for spec in registry.ALL if settings.access == "full" or not spec.writes}:
         raise RecoveryError(
             f"{tool} is not available in read-only mode", "set ENGRAM_RECOVERY_ACCESS=full to run tools that write"
