@@ -383,33 +383,34 @@ class _Session:
             extra["VersionId"] = obj.version_id
         answer = await self._src.get_object(Bucket=self.source.bucket, Key=obj.key, **extra)
         body = answer["Body"]
-        md5 = hashlib.md5(usedforsecurity=False)
+        # A single-part ETag is the MD5 of the bytes (unless SSE-KMS or SSE-C encrypted them).
+        md5_etag = len(obj.etag) == 32 and answer.get("ServerSideEncryption") != "aws:kms"
+        md5_etag = md5_etag and not answer.get("SSECustomerAlgorithm")
 
         async def chunks() -> AsyncIterator[bytes]:
+            md5, size = hashlib.md5(usedforsecurity=False), 0
             try:
                 async for chunk in body.iter_chunks(STREAM_CHUNK):
                     md5.update(chunk)
+                    size += len(chunk)
                     yield chunk
             except aiohttp.ClientError as exc:
                 # A body cut off mid-way, which aiobotocore passes through unwrapped. Not an OSError:
                 # the repository would take that for its own failure.
                 raise ResponseStreamingError(error=exc) from exc
+            # Checked before the repository commits the entry, which this failure aborts: a damaged
+            # transfer never sits in the pool, not even for a moment, under a name that says complete.
+            if size != obj.size or (md5_etag and md5.hexdigest() != obj.etag):
+                raise IntegrityError(
+                    f"the attachment {obj.key!r} arrived damaged ({size} of {obj.size} bytes, or an MD5 "
+                    "that does not match its ETag); nothing was stored for it",
+                    "run the backup again; if it recurs, check the S3 server, its disks and the network",
+                )
 
-        key = pool_key(obj.key, obj.etag)
         try:
-            size, _sha = await repo.put_stream(key, chunks())
+            await repo.put_stream(pool_key(obj.key, obj.etag), chunks())
         finally:
             body.close()
-        # A single-part ETag is the MD5 of the bytes (unless SSE-KMS or SSE-C encrypted it): check
-        # it, so a damaged transfer never sits in the pool under a name that says it is complete.
-        md5_etag = len(obj.etag) == 32 and answer.get("ServerSideEncryption") != "aws:kms"
-        md5_etag = md5_etag and not answer.get("SSECustomerAlgorithm")
-        if size != obj.size or (md5_etag and md5.hexdigest() != obj.etag):
-            await repo.delete([key])
-            raise IntegrityError(
-                f"the attachment {obj.key!r} arrived damaged ({size} of {obj.size} bytes, or a checksum mismatch)",
-                "run the backup again; if it recurs, check the S3 server and the network",
-            )
 
 
 async def collect_garbage(repo: Repository, kept_inventories: Iterable[str]) -> tuple[int, int]:

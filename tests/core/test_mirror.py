@@ -320,8 +320,9 @@ class Proxy:
 
 
 @contextlib.asynccontextmanager
-async def proxy(upstream: str, cut_after: int | None = None) -> AsyncIterator[Proxy]:
-    """Relay to `upstream`; with `cut_after`, drop a connection once it has relayed that many response bytes."""
+async def proxy(upstream: str, cut_after: int | None = None, flip_at: int | None = None) -> AsyncIterator[Proxy]:
+    """Relay to `upstream`; with `cut_after`, drop a connection once it has relayed that many response bytes;
+    with `flip_at`, invert the bits of the response byte at that offset of each connection."""
     host, port = upstream.removeprefix("http://").split(":")
     state = Proxy()
 
@@ -341,6 +342,9 @@ async def proxy(upstream: str, cut_after: int | None = None) -> AsyncIterator[Pr
                     relayed, limit = 0, cut_after if cut_after is not None else float("inf")
                     with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
                         async for data in server:
+                            if flip_at is not None and relayed <= flip_at < relayed + len(data):
+                                at = flip_at - relayed
+                                data = data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1 :]
                             await client.send(data[: int(min(len(data), limit - relayed))])
                             relayed += len(data)
                             state.response_bytes += len(data)
@@ -412,6 +416,16 @@ async def test_a_download_cut_off_midway_leaves_no_pool_entry_and_the_next_run_c
         report = await mirror_attachments(source, repo, "b1", silent)
         (entry,) = await inventory(repo, "b1")
         assert report.copied_objects == 1 and await repo.get_bytes(entry.repo_key) == big
+
+
+@pytest.mark.anyio
+async def test_a_download_damaged_in_transit_is_refused_and_nothing_is_stored(weed: SeaweedFS, tmp_path: Path) -> None:
+    source = await make_bucket(weed, {"u0/v0/objects/scan.pdf": secrets.token_bytes(512 << 10)})
+    async with LocalRepository(tmp_path / "repo") as repo, proxy(weed.endpoint, flip_at=300_000) as relay:
+        damaging = location(weed, source.bucket, endpoint=relay.endpoint)
+        with pytest.raises(IntegrityError, match="arrived damaged .* nothing was stored"):
+            await mirror_attachments(damaging, repo, "b1", silent)
+    assert [p for p in (tmp_path / "repo").rglob("*") if p.is_file()] == []
 
 
 def test_pool_keys_separate_keys_and_etags_and_never_contain_path_tricks() -> None:
