@@ -342,12 +342,10 @@ class _Session:
 
     async def _head(self, key: str) -> SourceObject | None:
         try:
-            answer = await self._src.head_object(Bucket=self.source.bucket, Key=key)
+            info = await s3.head(self._src, self.source.bucket, key)
         except S3_ERRORS as exc:
-            if s3.error_code(exc) in ("NoSuchKey", "404"):
-                return None
             raise s3.translate(exc, f"read {key!r}", self.source) from exc
-        return SourceObject(key, int(answer["ContentLength"]), str(answer.get("ETag", "")).strip('"'))
+        return None if info is None else SourceObject(info.key, info.size, info.etag)
 
     def _source_ref(self, obj: SourceObject) -> dict[str, str]:
         ref = {"Bucket": self.source.bucket, "Key": obj.key}

@@ -144,6 +144,17 @@ async def list_latest_versions(
                 )
 
 
+async def head(s3: Any, bucket: str, key: str) -> ObjectInfo | None:
+    """Size and ETag of one object, None if it does not exist."""
+    try:
+        answer = await s3.head_object(Bucket=bucket, Key=key)
+    except ClientError as exc:
+        if error_code(exc) in ("NoSuchKey", "404"):
+            return None
+        raise
+    return ObjectInfo(key=key, size=int(answer["ContentLength"]), etag=str(answer.get("ETag", "")).strip('"'))
+
+
 def error_code(exc: BaseException) -> str:
     """The S3 error code of a ClientError ('' for anything else)."""
     if isinstance(exc, ClientError):
