@@ -100,6 +100,13 @@ def run_once(dsn: str, key: bytes, work: Path) -> dict[str, float]:
     gz.unlink()
     seconds, _, _ = timed(["pg_dump", "-Fc", "-Z0", f"--dbname={dsn}", ">", "/dev/null"], shell=True)
     out["raw_s"] = seconds
+    # A reference, not a target: the same dump through the zstd command-line tool (C, no encryption,
+    # no hashing, no verification), i.e. the floor for any compressing pipeline on this machine.
+    zst = work / "ref.dump.zst"
+    seconds, _, _ = timed(["pg_dump", "-Fc", "-Z0", f"--dbname={dsn}", "|", "zstd", "-1", "-q", "-o", str(zst)],
+                          shell=True)
+    out["zstd_cli_s"] = seconds
+    zst.unlink()
     repo = work / "repo"
     env = {
         "PATH": os.environ.get("PATH", ""), "DATABASE_URL": dsn,
@@ -167,12 +174,14 @@ def main() -> None:
                   f"CLI {r['cli_s']:.1f} s) "
                   f"{r['ours_bytes'] / 2**20:.0f} MiB rss {r['ours_rss'] / 2**20:.0f} MiB | gzip pipeline "
                   f"{r['gzip_s']:.1f} s {r['gzip_bytes'] / 2**20:.0f} MiB | pg_dump -Fc -Z0 {r['raw_s']:.1f} s | "
+                  f"pg_dump -Z0 | zstd -1 {r['zstd_cli_s']:.1f} s | "
                   f"load {os.getloadavg()[0]:.1f}", flush=True)
 
     def med(k: str) -> float:
         return statistics.median(r[k] for r in runs)
 
-    print(f"\nmedians of {len(runs)} runs, database {size / 2**30:.2f} GiB")
+    print(f"\nmedians of {len(runs)} runs, database {size / 2**30:.2f} GiB, load average now "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print(f"ours (zstd, encrypted), tool call: {med('ours_s'):7.1f} s  {med('ours_bytes') / 2**20:7.0f} MiB")
     print(f"ours through the CLI (cron):       {med('cli_s'):7.1f} s")
     print(f"peer pg_dump --clean | gzip:       {med('gzip_s'):7.1f} s  {med('gzip_bytes') / 2**20:7.0f} MiB")
@@ -181,6 +190,8 @@ def main() -> None:
     print(f"size ratio ours / gzip pipeline:   {med('ours_bytes') / med('gzip_bytes'):.3f}  (target <= 1.0)")
     print(f"wall ratio ours / pg_dump -Z0:     {med('ours_s') / med('raw_s'):.3f}  (target <= 1.25)")
     print(f"wall ratio CLI / pg_dump -Z0:      {med('cli_s') / med('raw_s'):.3f}")
+    print(f"reference pg_dump -Z0 | zstd -1:   {med('zstd_cli_s'):7.1f} s  ratio to pg_dump -Z0 = "
+          f"{med('zstd_cli_s') / med('raw_s'):.3f}; ours / it = {med('ours_s') / med('zstd_cli_s'):.3f}")
     print(f"wall ratio CLI / gzip pipeline:    {med('cli_s') / med('gzip_s'):.3f}")
     print(f"peak RSS of our process:           {med('ours_rss') / 2**20:.0f} MiB  "
           f"ratio to 200 MB target = {med('ours_rss') / 200e6:.3f}")

@@ -93,33 +93,37 @@ class Encryptor:
         self._started = False
         self.plain_size = 0
 
-    def _record(self, data: bytes, flags: int) -> bytes:
+    def _record(self, data: bytes | memoryview, flags: int, out: list[bytes]) -> None:
         nonce = os.urandom(NONCE_SIZE)
         sealed = self._aead.encrypt(nonce, data, _aad(self.header, self._index, flags, len(data)))
         self._index += 1
-        return _RECORD.pack(flags, len(data)) + nonce + sealed
+        out += (_RECORD.pack(flags, len(data)) + nonce, sealed)
 
     def update(self, data: bytes) -> bytes:
         self.plain_size += len(data)
         self._pending += data
-        out = bytearray()
+        out: list[bytes] = []
         if not self._started:
-            out += self.header
+            out.append(self.header)
             self._started = True
-        # Keep at least one byte back: the last record must be the one `finish` writes.
-        while len(self._pending) > self._chunk:
-            out += self._record(bytes(self._pending[: self._chunk]), 0)
-            del self._pending[: self._chunk]
-        return bytes(out)
+        # Records are sealed straight from views of the pending buffer (no copies); at least one byte
+        # is kept back, because the last record must be the one `finish` writes.
+        offset = 0
+        with memoryview(self._pending) as view:
+            while len(self._pending) - offset > self._chunk:
+                self._record(view[offset : offset + self._chunk], 0, out)
+                offset += self._chunk
+        del self._pending[:offset]
+        return b"".join(out)
 
     def finish(self) -> bytes:
-        out = bytearray()
+        out: list[bytes] = []
         if not self._started:
-            out += self.header
+            out.append(self.header)
             self._started = True
-        out += self._record(bytes(self._pending), LAST)
+        self._record(bytes(self._pending), LAST, out)
         self._pending.clear()
-        return bytes(out)
+        return b"".join(out)
 
 
 @dataclass(frozen=True)

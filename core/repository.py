@@ -19,7 +19,6 @@ repo:`), which opens and closes the S3 client once for all operations.
 from __future__ import annotations
 
 import builtins
-import errno
 import hashlib
 import json
 import os
@@ -34,7 +33,8 @@ from typing import IO, Any, Self
 
 import anyio
 
-from .errors import ConfigurationError, IntegrityError, RecoveryError, StoreUnreachable
+from .errors import ConfigurationError, IntegrityError, StoreUnreachable
+from .localfs import flush_sync, fsync_dir, hash_file, os_error, write_hashed
 from .s3 import S3Location
 from .settings import Settings
 
@@ -117,23 +117,6 @@ class Repository(ABC):
 # --- local directory ----------------------------------------------------------------------------------
 
 
-def _os_error(exc: OSError, what: str, where: str) -> RecoveryError:
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return StoreUnreachable(
-            f"the backup repository {where} is full (while trying to {what})",
-            "free space there or point ENGRAM_RECOVERY_REPOSITORY at a larger volume; nothing half-written was kept",
-        )
-    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return StoreUnreachable(
-            f"the backup repository {where} is not writable (while trying to {what}): {exc.strerror}",
-            "give this process write access to ENGRAM_RECOVERY_REPOSITORY or choose another directory",
-        )
-    return StoreUnreachable(
-        f"the backup repository {where} failed while trying to {what}: {exc.strerror or exc}",
-        "check that ENGRAM_RECOVERY_REPOSITORY is a reachable, mounted directory",
-    )
-
-
 class LocalRepository(Repository):
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -153,7 +136,7 @@ class LocalRepository(Repository):
             await self.put_bytes(".write-check", b"ok")
             await self.delete([".write-check"])
         except OSError as exc:
-            raise _os_error(exc, "create it", str(self.root)) from exc
+            raise os_error(exc, "create it", str(self.root)) from exc
 
     async def put_stream(self, key: str, chunks: AsyncIterator[bytes]) -> tuple[int, str]:
         final = self._path(key)
@@ -165,16 +148,16 @@ class LocalRepository(Repository):
             await anyio.to_thread.run_sync(lambda: final.parent.mkdir(parents=True, exist_ok=True))
             handle = await anyio.to_thread.run_sync(lambda: temp.open("wb"))
             async for chunk in chunks:
-                digest.update(chunk)
                 size += len(chunk)
-                await anyio.to_thread.run_sync(handle.write, chunk)
-            await anyio.to_thread.run_sync(_flush_sync, handle)
+                # Hashing beside the write, in the worker thread, keeps the event loop free.
+                await anyio.to_thread.run_sync(write_hashed, handle, digest, chunk)
+            await anyio.to_thread.run_sync(flush_sync, handle)
             handle.close()
             handle = None
             await anyio.to_thread.run_sync(os.replace, temp, final)
-            await anyio.to_thread.run_sync(_fsync_dir, final.parent)
+            await anyio.to_thread.run_sync(fsync_dir, final.parent)
         except OSError as exc:
-            raise _os_error(exc, f"write {key}", str(self.root)) from exc
+            raise os_error(exc, f"write {key}", str(self.root)) from exc
         finally:
             # Also on cancellation: nothing half-written stays behind under any name.
             if handle is not None:
@@ -193,7 +176,7 @@ class LocalRepository(Repository):
                 "the backup is damaged or was pruned: choose another recovery point",
             ) from exc
         except OSError as exc:
-            raise _os_error(exc, f"read {key}", str(self.root)) from exc
+            raise os_error(exc, f"read {key}", str(self.root)) from exc
         try:
             while chunk := await anyio.to_thread.run_sync(handle.read, chunk_size):
                 yield chunk
@@ -202,6 +185,19 @@ class LocalRepository(Repository):
 
     async def exists(self, key: str) -> bool:
         return await anyio.to_thread.run_sync(self._path(key).is_file)
+
+    async def sha256(self, key: str) -> tuple[int, str]:
+        # One thread call reading into one reused buffer: no per-block allocation or event-loop hop.
+        path = self._path(key)
+        try:
+            return await anyio.to_thread.run_sync(hash_file, path)
+        except FileNotFoundError as exc:
+            raise StoreUnreachable(
+                f"{key} is missing from the backup repository {self.root}",
+                "the backup is damaged or was pruned: choose another recovery point",
+            ) from exc
+        except OSError as exc:
+            raise os_error(exc, f"read {key}", str(self.root)) from exc
 
     async def list(self, prefix: str) -> AsyncIterator[tuple[str, int]]:
         found = await anyio.to_thread.run_sync(self._list_sync, prefix)
@@ -242,7 +238,7 @@ class LocalRepository(Repository):
         try:
             await anyio.to_thread.run_sync(remove)
         except OSError as exc:
-            raise _os_error(exc, "delete old files", str(self.root)) from exc
+            raise os_error(exc, "delete old files", str(self.root)) from exc
         return len(paths)
 
     async def sweep_temporary(self) -> builtins.list[str]:
@@ -262,19 +258,6 @@ class LocalRepository(Repository):
             return swept
 
         return await anyio.to_thread.run_sync(sweep)
-
-
-def _flush_sync(handle: IO[bytes]) -> None:
-    handle.flush()
-    os.fsync(handle.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def open_repository(settings: Settings) -> Repository:

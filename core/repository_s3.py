@@ -32,6 +32,15 @@ PART_SIZE = 8 << 20
 PARTS_IN_FLIGHT = 2
 
 
+_MISSING = frozenset({"404", "NoSuchKey", "NotFound"})
+
+
+def _code(exc: BaseException) -> str:
+    """The S3 error code of a botocore ClientError ('' for transport errors)."""
+    response = getattr(exc, "response", None)
+    return str(response.get("Error", {}).get("Code", "")) if isinstance(response, dict) else ""
+
+
 class S3Repository(Repository):
     def __init__(self, location: S3Location, prefix: str) -> None:
         self.s3_location = location
@@ -162,13 +171,12 @@ class S3Repository(Repository):
         try:
             answer = await self.client.get_object(Bucket=self.bucket, Key=self.s3_key(key))
         except S3_ERRORS as exc:
-            error = self._fail(exc, f"read {key}")
-            if "does not exist" in str(error) or "NoSuchKey" in str(error):
+            if _code(exc) in _MISSING:
                 raise StoreUnreachable(
                     f"{key} is missing from the backup repository {self.location}",
                     "the backup is damaged or was pruned: choose another recovery point",
                 ) from exc
-            raise error from exc
+            raise self._fail(exc, f"read {key}") from exc
         body = answer["Body"]
         try:
             async for chunk in body.iter_chunks(chunk_size):
@@ -182,8 +190,7 @@ class S3Repository(Repository):
         try:
             await self.client.head_object(Bucket=self.bucket, Key=self.s3_key(key))
         except S3_ERRORS as exc:
-            code = str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
-            if code in ("404", "NoSuchKey", "NotFound"):
+            if _code(exc) in _MISSING:
                 return False
             raise self._fail(exc, f"look for {key}") from exc
         return True

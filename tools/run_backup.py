@@ -7,7 +7,7 @@ result, and the order of the steps.
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Literal
 
 import anyio
 from mcp_types import ToolAnnotations
@@ -28,10 +28,12 @@ from ..core.backup_run import (
 )
 from ..core.errors import RecoveryError
 from ..core.manifest import MANIFEST_NAME, Artifact, AttachmentsInfo, DatabaseInfo, Manifest
+from ..core.mirror import MirrorReport, mirror_attachments
 from ..core.progress import Progress
 from ..core.repository import BACKUPS, Repository, open_repository, scan
 from ..core.retention_apply import RetentionReport, apply_retention
 from ..core.runtime import Runtime
+from ..core.schema_probe import SchemaProbe
 from ..core.taskgroups import task_group
 from .base import ToolInput, ToolResult, ToolSpec, Verdict
 
@@ -103,7 +105,7 @@ async def run_backup(runtime: Runtime, params: RunBackupInput, progress: Progres
     clock = time.monotonic()
     key = backup_key(runtime)
     p, client = await preflight(runtime)
-    timings["checks"] = time.monotonic() - clock
+    timings["checks"] = round(time.monotonic() - clock, 3)
     async with open_repository(settings) as repo:
         if params.dry_run:
             return await _dry_run(runtime, repo, params, key is not None, timings)
@@ -123,7 +125,7 @@ async def run_backup(runtime: Runtime, params: RunBackupInput, progress: Progres
 
 
 async def _backup(
-    runtime: Runtime, repo: Repository, params: RunBackupInput, key: bytes | None, p: Any, pg_dump_text: str,
+    runtime: Runtime, repo: Repository, params: RunBackupInput, key: bytes | None, p: SchemaProbe, pg_dump_text: str,
     timings: dict[str, float], progress: Progress, backup_id: str, cleaned: list[str],
 ) -> RunBackupResult:
     settings = runtime.settings
@@ -132,15 +134,13 @@ async def _backup(
     attachments = _database_attachments()
     mirror_artifacts: list[Artifact] = []
     attachments_result: AttachmentsResult
-    mirror_report: Any = None
+    mirror_report: MirrorReport | None = None
 
     async def mirror() -> None:
         nonlocal mirror_report
         source = runtime.attachments_location()
         if source is None:
             return
-        from ..core.mirror import mirror_attachments
-
         mirror_report = await mirror_attachments(source, repo, backup_id, progress)
 
     dump_clock = time.monotonic()
@@ -218,7 +218,9 @@ def _database_attachments() -> AttachmentsInfo:
     return AttachmentsInfo(backend="database", in_database_dump=True)
 
 
-def _s3_attachments(runtime: Runtime, report: Any) -> tuple[AttachmentsInfo, list[Artifact], AttachmentsResult]:
+def _s3_attachments(
+    runtime: Runtime, report: MirrorReport
+) -> tuple[AttachmentsInfo, list[Artifact], AttachmentsResult]:
     settings = runtime.settings
     artifacts = [
         Artifact(name=report.inventory_name, kind="attachments_inventory", size=report.inventory_size,
@@ -253,8 +255,6 @@ async def _dry_run(
     )
     source = runtime.attachments_location()
     if source is not None:
-        from ..core.mirror import mirror_attachments
-
         report = await mirror_attachments(source, repo, "dry-run", silent, dry_run=True)
         attachments = AttachmentsResult(
             backend="s3", objects=report.objects, bytes=report.bytes, copied_objects=report.copied_objects,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import secrets
 import signal
@@ -348,9 +349,10 @@ async def test_retention_prunes_only_with_confirmation_and_keeps_the_newest(
 
 
 @pytest.mark.anyio
-async def test_no_secret_appears_in_the_repository_or_the_output(
-    engram_db: EngramDB, tmp_path: Path, admin_dsn: str
+async def test_no_secret_appears_in_the_repository_the_output_or_the_logs(
+    engram_db: EngramDB, tmp_path: Path, admin_dsn: str, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.DEBUG)
     password = "pw-" + secrets.token_hex(12)
     conn = await asyncpg.connect(admin_dsn)
     try:
@@ -360,10 +362,18 @@ async def test_no_secret_appears_in_the_repository_or_the_output(
     dsn = engram_db.role_dsn(testbed.SUPER_ROLE).replace(f"{testbed.SUPER_ROLE}@", f"{testbed.SUPER_ROLE}:{password}@")
     env = engram_env(engram_db, tmp_path, DATABASE_URL=dsn, ENGRAM_RECOVERY_BACKUP_KEY=BACKUP_KEY,
                      STORAGE_SECRET_ACCESS_KEY="unused-" + secrets.token_hex(8))
+    messages: list[str] = []
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        messages.append(message or "")
+
     async with Client(build_server(load_settings(environ=env))) as client:
-        answer = await client.call_tool("run_backup", {"prune": True})
+        answer = await client.call_tool("run_backup", {"prune": True}, progress_callback=on_progress)
     assert not answer.is_error, answer.content
+    # Progress notifications reach the MCP client during the run.
+    assert any(m.startswith("dumping the database") for m in messages), messages
     output = json.dumps(answer.structured_content) + " ".join(getattr(b, "text", "") for b in answer.content)
+    output += " ".join(messages) + caplog.text
     master = env["ENCRYPTION_MASTER_KEY"]
     secrets_ = [master, base64.b64decode(master).hex(), BACKUP_KEY, base64.b64decode(BACKUP_KEY).hex(), password,
                 env["STORAGE_SECRET_ACCESS_KEY"]]
