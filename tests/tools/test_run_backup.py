@@ -524,3 +524,20 @@ async def test_s3_attachments_are_mirrored_and_the_inventory_matches_the_bucket(
             assert (tmp_path / "repo" / entry["repo_key"]).read_bytes() == data
         second = await backup(env)
         assert second.attachments is not None and second.attachments.copied_objects == 0
+        # An object deleted at the source stays in the pool for the recovery points that list it...
+        gone = inventory[0]
+        async with s3.client(location) as client:
+            await client.delete_object(Bucket=source, Key=gone["key"])
+        third = await backup(env)
+        assert third.attachments is not None and third.attachments.objects == len(objects) - 1
+        assert (tmp_path / "repo" / gone["repo_key"]).exists()
+        # ...until retention lets go of every point that lists it; then the pool lets go of the blob too.
+        pruned = await backup(
+            env | {"ENGRAM_RECOVERY_KEEP_LAST": "1", "ENGRAM_RECOVERY_KEEP_DAILY": "0",
+                   "ENGRAM_RECOVERY_KEEP_WEEKLY": "0", "ENGRAM_RECOVERY_KEEP_MONTHLY": "0"},
+            prune=True, confirm=True,
+        )
+        assert pruned.retention is not None and len(pruned.retention.deleted) == 3
+        assert pruned.retention.pool_objects_deleted == 1
+        assert not (tmp_path / "repo" / gone["repo_key"]).exists()
+        assert all((tmp_path / "repo" / e["repo_key"]).exists() for e in inventory[1:])
