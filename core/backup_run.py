@@ -238,9 +238,10 @@ async def gather_and_dump(
 
         async def run_dump() -> None:
             nonlocal outcome
+            # No total: pg_dump's output is not the database's size (bytea doubles as hex text, indexes
+            # vanish), and a progress bar that overshoots its total misleads more than none.
             outcome = await dump_database(
-                runtime, repo, backup_id, fmt, compression, key, snap.snapshot_id, progress,
-                float(facts.size_bytes) if facts.size_bytes else None,
+                runtime, repo, backup_id, fmt, compression, key, snap.snapshot_id, progress, None
             )
 
         async with task_group() as tg:
