@@ -34,7 +34,7 @@ from engram_recovery.core.settings import load_settings
 from engram_recovery.server import cli
 from engram_recovery.server.app import build_server
 from engram_recovery.testbed.seaweedfs import SeaweedFS
-from engram_recovery.tools.backup_status import BackupStatusInput, backup_status
+from engram_recovery.tools.backup_status import BackupStatusInput, Check, backup_status
 from engram_recovery.tools.run_backup import RunBackupInput, RunBackupResult, run_backup
 
 BACKUP_KEY = base64.b64encode(b"k" * 16 + secrets.token_bytes(16)).decode()
@@ -46,6 +46,15 @@ async def backup(env: dict[str, str], progress: Any = silent, **params: Any) -> 
         return await run_backup(runtime, RunBackupInput(**params), progress)
     finally:
         await runtime.aclose()
+
+
+async def last_backup_check(env: dict[str, str]) -> Check:
+    runtime = Runtime(load_settings(environ=env))
+    try:
+        status = await backup_status(runtime, BackupStatusInput(), silent)
+    finally:
+        await runtime.aclose()
+    return next(c for c in status.checks if c.component == "last_backup")
 
 
 def manifest_of(repo: Path, backup_id: str) -> Manifest:
@@ -341,6 +350,11 @@ async def test_retention_prunes_only_with_confirmation_and_keeps_the_newest(
     assert fourth.retention is not None
     assert fourth.retention.would_delete == [ids[1], ids[0]] and fourth.retention.deleted == []
     assert "confirm=true" in fourth.retention.note
+    # backup_status reads the same repository state: verified, and what the policy would prune.
+    last = await last_backup_check(env)
+    assert last.details["backup_id"] == fourth.backup_id and last.details["verified"] is True
+    assert last.details["verified_at"] and last.details["retention"]["prunable"] == [ids[1], ids[0]]
+    assert "2 beyond the retention policy" in last.summary
     fifth = await backup(env, prune=True, confirm=True)
     assert fifth.retention is not None
     assert fifth.retention.deleted == [ids[2], ids[1], ids[0]]
@@ -464,8 +478,7 @@ async def test_an_s3_repository_on_seaweedfs_works_end_to_end(
     assert result.verified and result.backup_id and result.repository.startswith(f"s3://{bucket}/engram/prod/")
     state = await read_state(load_settings(environ=env))
     assert [b.backup_id for b in state.backups] == [result.backup_id] and state.newest_verified
-    status = await backup_status(Runtime(load_settings(environ=env)), BackupStatusInput(), silent)
-    last = next(c for c in status.checks if c.component == "last_backup")
+    last = await last_backup_check(env)
     assert last.status == "ok" and last.details["verified"] is True, last.summary
     for name, value in env.items():
         monkeypatch.setenv(name, value)
