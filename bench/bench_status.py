@@ -34,7 +34,6 @@ STATE = Path(".bench")
 
 
 async def ensure_database(notes: int, reseed: bool) -> tuple[str, bytes]:
-    STATE.mkdir(exist_ok=True)
     key_file = STATE / f"{DB}.key"
     dsn = testbed.dsn_for(ADMIN, DB)
     admin = await asyncpg.connect(ADMIN)
@@ -114,4 +113,5 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
+    STATE.mkdir(exist_ok=True)
     anyio.run(main)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
-from .manifest import MANIFEST_NAME
+from .manifest import MANIFEST_NAME, Manifest
 from .repository import BACKUPS, Repository, scan
 from .retention import Candidate, Policy, decide
 from .settings import Settings
@@ -63,11 +63,18 @@ async def apply_retention(repo: Repository, settings: Settings, *, prune: bool, 
 
 
 async def _collect_pool(repo: Repository, kept: list[str]) -> tuple[int, int]:
-    from .mirror import POOL, collect_garbage, inventory_key
+    from .mirror import INVENTORY_NAME, POOL, collect_garbage, inventory_key
 
     async for _entry in repo.list(POOL):
         break
     else:
         return 0, 0  # no attachments were ever mirrored here
-    inventories = [inventory_key(b) for b in kept if await repo.exists(inventory_key(b))]
+    # Every kept backup whose manifest says its attachments were mirrored must name its
+    # inventory: one that has gone missing stops the collection (collect_garbage refuses)
+    # instead of letting that backup's blobs be deleted as unreferenced.
+    inventories: list[str] = []
+    for backup_id in kept:
+        manifest = Manifest.model_validate_json(await repo.get_bytes(f"{BACKUPS}{backup_id}/{MANIFEST_NAME}"))
+        if manifest.attachments.backend == "s3":
+            inventories.append(inventory_key(backup_id, manifest.attachments.inventory or INVENTORY_NAME))
     return await collect_garbage(repo, inventories)

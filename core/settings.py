@@ -234,13 +234,25 @@ def _normalise(raw: dict[str, str]) -> dict[str, str]:
     return raw
 
 
-def load_settings(environ: Mapping[str, str] | None = None, env_file: str | Path | None = None) -> Settings:
+# Stands in for DATABASE_URL where only the repository is used (decrypting on a machine
+# that has the backups but no database); nothing ever connects to it.
+NO_DATABASE = "postgresql://no-database-needed@localhost/none"
+
+
+def load_settings(
+    environ: Mapping[str, str] | None = None,
+    env_file: str | Path | None = None,
+    *,
+    database_required: bool = True,
+) -> Settings:
     """Build the settings from the environment and an optional Engram `.env` file."""
     env = dict(os.environ if environ is None else environ)
     env_file = env_file or env.get("ENGRAM_RECOVERY_ENV_FILE")
     raw: dict[str, str] = parse_env_file(Path(env_file)) if env_file else {}
     raw.update({k: v for k, v in env.items() if not k.startswith("_")})
     raw = _normalise(_resolve_files(raw))
+    if not database_required and not raw.get("DATABASE_URL"):
+        raw["DATABASE_URL"] = NO_DATABASE
     try:
         settings = Settings.model_validate(raw)
     except ValidationError as exc:

@@ -140,7 +140,7 @@ def _decrypt(source: str, output: str | None, env_file: str | None) -> int:
     key = backup_extract.key_from_environment(env)
 
     async def from_repository(backup_id: str) -> list[backup_extract.Extracted]:
-        settings = load_settings(env_file=env_file)
+        settings = load_settings(env_file=env_file, database_required=False)
         async with open_repository(settings) as repo:
             return await backup_extract.extract_backup(repo, backup_id, key, Path(output or f"{backup_id}.dump"))
 

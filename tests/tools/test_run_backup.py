@@ -24,11 +24,12 @@ from support import EngramDB, engram_env, make_engram_db
 from engram_recovery import testbed
 from engram_recovery.core import s3
 from engram_recovery.core.backup_run import verify_artifacts
-from engram_recovery.core.errors import Busy, ConfigurationError, StoreUnreachable
+from engram_recovery.core.errors import Busy, ConfigurationError, IntegrityError, StoreUnreachable
 from engram_recovery.core.manifest import Manifest
 from engram_recovery.core.pgdump import PgRestoreCommand
 from engram_recovery.core.progress import silent
-from engram_recovery.core.repository import LocalRepository, read_state
+from engram_recovery.core.repository import LocalRepository, open_repository, read_state
+from engram_recovery.core.retention_apply import apply_retention
 from engram_recovery.core.runtime import Runtime
 from engram_recovery.core.settings import load_settings
 from engram_recovery.server import cli
@@ -125,8 +126,9 @@ async def test_encrypted_backup_restores_with_stock_pg_restore_after_decrypt(
     assert code == 0, out
     assert (tmp_path / "db.dump").read_bytes()[:5] == b"PGDMP"
     await restore_and_compare(admin_dsn, engram_db, tmp_path / "db.dump")
-    # The same through the repository, checked against the manifest.
-    monkeypatch.setenv("DATABASE_URL", engram_db.dsn)
+    # The same through the repository, checked against the manifest, on a machine that has the
+    # backups but no database (DATABASE_URL unset): decrypting must not need one.
+    monkeypatch.delenv("DATABASE_URL", raising=False)
     monkeypatch.setenv("ENGRAM_RECOVERY_REPOSITORY", str(tmp_path / "repo"))
     code, out = await decrypt_cli(monkeypatch, capsys, f"backup:{result.backup_id}", "-o", str(tmp_path / "again.dump"))
     assert code == 0, out
@@ -553,4 +555,19 @@ async def test_s3_attachments_are_mirrored_and_the_inventory_matches_the_bucket(
         assert pruned.retention is not None and len(pruned.retention.deleted) == 3
         assert pruned.retention.pool_objects_deleted == 1
         assert not (tmp_path / "repo" / gone["repo_key"]).exists()
+        assert all((tmp_path / "repo" / e["repo_key"]).exists() for e in inventory[1:])
+        # A kept backup whose inventory has gone missing stops the pool collection: its blobs are
+        # not "unreferenced", they are unaccounted for.
+        newest = await backup(env)
+        assert newest.backup_id and pruned.backup_id
+        newest_manifest = manifest_of(tmp_path / "repo", newest.backup_id)
+        assert newest_manifest.attachments.inventory
+        (tmp_path / "repo" / "backups" / newest.backup_id / newest_manifest.attachments.inventory).unlink()
+        keep_one = load_settings(environ=env | {
+            "ENGRAM_RECOVERY_KEEP_LAST": "1", "ENGRAM_RECOVERY_KEEP_DAILY": "0",
+            "ENGRAM_RECOVERY_KEEP_WEEKLY": "0", "ENGRAM_RECOVERY_KEEP_MONTHLY": "0",
+        })
+        async with open_repository(keep_one) as repo:
+            with pytest.raises(IntegrityError, match="inventory"):
+                await apply_retention(repo, keep_one, prune=True, confirm=True)
         assert all((tmp_path / "repo" / e["repo_key"]).exists() for e in inventory[1:])
