@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -49,16 +50,27 @@ async def test_demo_creates_an_engram_database_whose_key_checks_out(admin_dsn: s
 
 
 def test_wheel_installs_everything_under_engram_recovery_only(tmp_path: Path) -> None:
+    # Build from a copy of the project's files: setuptools reuses a build/ folder in place,
+    # whose stale modules would hide a file the wheel no longer has.
+    source = tmp_path / "src"
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT, check=True,
+        capture_output=True, text=True,
+    ).stdout.splitlines()
+    for name in files:
+        if (ROOT / name).is_file() and not name.startswith(".typecheck"):
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, source / name)
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path),
-         str(ROOT)],
+         str(source)],
         check=True, capture_output=True, timeout=300,
     )
     wheel = next(tmp_path.glob("engram_recovery-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     tops = {name.split("/", 1)[0] for name in names}
     assert tops == {"engram_recovery", next(t for t in tops if t.endswith(".dist-info"))}
-    for module in ("server/app.py", "tools/backup_status.py", "core/settings.py", "testbed/schema.py"):
+    for module in ("server/app.py", "tools/backup_status/__init__.py", "core/settings.py", "testbed/schema.py"):
         assert f"engram_recovery/{module}" in names
     assert not any(n.startswith("engram_recovery/tests/") or n.startswith("engram_recovery/bench/") for n in names)
     assert any(n.startswith("engram_recovery/testbed/") and n.endswith(".sql") for n in names)
