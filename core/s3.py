@@ -88,14 +88,23 @@ S3_ERRORS = (ClientError, BotoCoreError, OSError, TimeoutError)
 
 @asynccontextmanager
 async def client(location: S3Location) -> AsyncIterator[Any]:
-    """An aioboto3 S3 client for `location` (the caller catches S3_ERRORS and calls `translate`)."""
-    session = aioboto3.Session(
-        aws_access_key_id=location.access_key_id,
-        aws_secret_access_key=location.secret_access_key,
-        region_name=location.region,
-    )
-    async with session.client("s3", endpoint_url=location.endpoint, config=_CONFIG) as s3:
+    """An aioboto3 S3 client for `location` (the caller catches S3_ERRORS and calls `translate`).
+
+    Sessions are kept per credentials (a new session reloads the S3 service model:
+    0.25-0.4 s a client), and a plain-http endpoint loads no CA bundle.
+    """
+    session = _session(location.access_key_id, location.secret_access_key, location.region)
+    async with session.client(
+        "s3", endpoint_url=location.endpoint, config=_CONFIG, verify=None if _tls(location) else False
+    ) as s3:
         yield s3
+
+
+@functools.lru_cache(maxsize=16)
+def _session(access_key_id: str, secret_access_key: str, region: str) -> aioboto3.Session:
+    return aioboto3.Session(
+        aws_access_key_id=access_key_id, aws_secret_access_key=secret_access_key, region_name=region
+    )
 
 
 async def list_objects(s3: Any, bucket: str, prefix: str = "") -> AsyncIterator[ObjectInfo]:
