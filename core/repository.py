@@ -24,7 +24,8 @@ import json
 import os
 import secrets
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path, PurePosixPath
@@ -168,15 +169,8 @@ class LocalRepository(Repository):
 
     async def get_stream(self, key: str, chunk_size: int = READ_CHUNK) -> AsyncIterator[bytes]:
         path = self._path(key)
-        try:
+        with self._reading(key):
             handle = await anyio.to_thread.run_sync(lambda: path.open("rb"))
-        except FileNotFoundError as exc:
-            raise StoreUnreachable(
-                f"{key} is missing from the backup repository {self.root}",
-                "the backup is damaged or was pruned: choose another recovery point",
-            ) from exc
-        except OSError as exc:
-            raise os_error(exc, f"read {key}", str(self.root)) from exc
         try:
             while chunk := await anyio.to_thread.run_sync(handle.read, chunk_size):
                 yield chunk
@@ -189,8 +183,14 @@ class LocalRepository(Repository):
     async def sha256(self, key: str) -> tuple[int, str]:
         # One thread call reading into one reused buffer: no per-block allocation or event-loop hop.
         path = self._path(key)
-        try:
+        with self._reading(key):
             return await anyio.to_thread.run_sync(hash_file, path)
+
+    @contextmanager
+    def _reading(self, key: str) -> Iterator[None]:
+        """A failed read as an operator-facing error: a missing file means a damaged or pruned backup."""
+        try:
+            yield
         except FileNotFoundError as exc:
             raise StoreUnreachable(
                 f"{key} is missing from the backup repository {self.root}",
