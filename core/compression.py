@@ -4,7 +4,7 @@ pg_dump runs with -Z0 so nothing is compressed twice; we compress here, in the
 pipeline, where zstd's low levels run at hundreds of MB/s. Engram's note and
 attachment bodies are AES-GCM ciphertext (incompressible), but pg_dump writes
 bytea as hex text, which zstd halves cheaply: a low level buys nearly all of
-that and wastes no CPU trying to squeeze ciphertext (docs/benchmarks-backup.md).
+that and wastes no CPU trying to squeeze ciphertext (docs/benchmarks.md, run_backup).
 """
 
 from __future__ import annotations
