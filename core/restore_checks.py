@@ -231,6 +231,9 @@ async def live_state(settings: Settings, since: datetime) -> LiveState:
         return LiveState(reachable=False, problem=exc.message)
     # Engram stores naive UTC timestamps.
     point = since.astimezone(UTC).replace(tzinfo=None)
+    # ...with whole seconds: what happened in the snapshot's own second cannot be placed before
+    # or after it, so it counts as after (re-revoking, or copying a user's blobs aside, is harmless).
+    second = point.replace(microsecond=0)
     try:
         p = await probe(conn)
         if not p.looks_like_engram:
@@ -248,16 +251,16 @@ async def live_state(settings: Settings, since: datetime) -> LiveState:
                                "oauth_refresh_tokens": "inserted_at"}.items():  # fmt: skip
             if not p.has_table(table):
                 continue
-            rows = await conn.fetch(f"SELECT user_id::text AS u FROM {table} WHERE {created} > $1", point)
+            rows = await conn.fetch(f"SELECT user_id::text AS u FROM {table} WHERE {created} >= $1", second)
             issued[table] = len(rows)
             users.update(r["u"] for r in rows)
             if p.has_column(table, "revoked_at"):
                 revoked[table] = [str(r["id"]) for r in await conn.fetch(
-                    f"SELECT id FROM {table} WHERE revoked_at > $1 AND {created} <= $1 ORDER BY id", point)]
+                    f"SELECT id FROM {table} WHERE revoked_at >= $2 AND {created} <= $1 ORDER BY id", point, second)]
         api_ids = created_after = None
         if p.has_table("api_keys"):
             api_ids = [str(r["id"]) for r in await conn.fetch("SELECT id FROM api_keys ORDER BY id")]
-            created_after = int(await conn.fetchval("SELECT count(*) FROM api_keys WHERE created_at > $1", point))
+            created_after = int(await conn.fetchval("SELECT count(*) FROM api_keys WHERE created_at >= $1", second))
         seqs: dict[str, int] | None = None
         if p.has_column("vaults", "change_seq"):
             cursors = "vault_device_cursors" in {r["t"] for r in await conn.fetch(
@@ -267,7 +270,7 @@ async def live_state(settings: Settings, since: datetime) -> LiveState:
                    else "SELECT id::text AS id, change_seq AS s FROM vaults")
             seqs = {r["id"]: int(r["s"]) for r in await conn.fetch(sql)}
         newer = [r["id"] for r in await conn.fetch(
-            "SELECT id::text AS id FROM users WHERE created_at > $1 ORDER BY id", point)]
+            "SELECT id::text AS id FROM users WHERE created_at >= $1 ORDER BY id", second)]
     except postgres.PostgresError as exc:
         return LiveState(reachable=False, problem=f"reading the live database failed: {exc}")
     finally:

@@ -368,11 +368,12 @@ def check_rpo(manifest: Manifest, live: LiveState) -> PlanCheck:
         return _check("rpo", "ok", "live_unreachable",
                       f"the live database is unreachable, so the loss cannot be measured: everything written after "
                       f"{point.isoformat()} is lost", backup_time=point.isoformat())  # fmt: skip
-    if live.newest_write is None or live.newest_write <= point:
+    # Engram's timestamps have whole seconds: a write in the backup's own second may be after it.
+    if live.newest_write is None or live.newest_write < point.replace(microsecond=0):
         return _check("rpo", "ok", "nothing_lost",
                       "the live database has no write newer than the backup: nothing would be lost",
                       backup_time=point.isoformat())  # fmt: skip
-    lost = (live.newest_write - point).total_seconds()
+    lost = max((live.newest_write - point).total_seconds(), 0.0)
     return _check("rpo", "warn", "data_lost",
                   f"writes from {point.isoformat()} to {live.newest_write.isoformat()} ({lost / 3600:.1f} h) "
                   "would be lost", lost_seconds=round(lost, 1), backup_time=point.isoformat(),

@@ -58,3 +58,24 @@ def engram_env(db: EngramDB, tmp_path: Path, **extra: str) -> dict[str, str]:
     }
     env.update(extra)
     return {k: v for k, v in env.items() if v != ""}
+
+
+async def fingerprints(dsn: str, without: tuple[str, str] | None = None) -> dict[str, tuple[int, str]]:
+    """Every table's row count and an order-independent digest of all its rows (minus one table.column)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        tables = [r["t"] for r in await conn.fetch(
+            "SELECT table_name AS t FROM information_schema.tables WHERE table_schema = 'public' "
+            "AND table_type = 'BASE TABLE' ORDER BY 1")]  # fmt: skip
+        out: dict[str, tuple[int, str]] = {}
+        for table in tables:
+            value = f"(to_jsonb(t) - '{without[1]}')::text" if without and without[0] == table else "t::text"
+            row = await conn.fetchrow(
+                f"SELECT count(*) AS n, md5(coalesce(string_agg(md5({value}), '' ORDER BY md5({value})), '')) AS h "
+                f'FROM public."{table}" t'
+            )
+            assert row is not None
+            out[table] = (int(row["n"]), str(row["h"]))
+        return out
+    finally:
+        await conn.close()

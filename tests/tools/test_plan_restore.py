@@ -22,7 +22,7 @@ import anyio
 import asyncpg
 import pytest
 from mcp import Client
-from support import EngramDB, engram_env, make_engram_db
+from support import EngramDB, engram_env, fingerprints, make_engram_db
 
 from engram_recovery.core import engram_crypto, restore_checks, s3
 from engram_recovery.core.progress import silent
@@ -62,27 +62,6 @@ async def plan(env: dict[str, str], **params: Any) -> PlanRestoreResult:
 
 def check(result: PlanRestoreResult, name: str) -> Any:
     return next(c for c in result.checks if c.name == name)
-
-
-async def fingerprints(dsn: str, without: tuple[str, str] | None = None) -> dict[str, tuple[int, str]]:
-    """Every table's row count and an order-independent digest of all its rows (minus one table.column)."""
-    conn = await asyncpg.connect(dsn)
-    try:
-        tables = [r["t"] for r in await conn.fetch(
-            "SELECT table_name AS t FROM information_schema.tables WHERE table_schema = 'public' "
-            "AND table_type = 'BASE TABLE' ORDER BY 1")]  # fmt: skip
-        out: dict[str, tuple[int, str]] = {}
-        for table in tables:
-            value = f"(to_jsonb(t) - '{without[1]}')::text" if without and without[0] == table else "t::text"
-            row = await conn.fetchrow(
-                f"SELECT count(*) AS n, md5(coalesce(string_agg(md5({value}), '' ORDER BY md5({value})), '')) AS h "
-                f'FROM public."{table}" t'
-            )
-            assert row is not None
-            out[table] = (int(row["n"]), str(row["h"]))
-        return out
-    finally:
-        await conn.close()
 
 
 async def column(dsn: str, sql: str) -> dict[Any, Any]:

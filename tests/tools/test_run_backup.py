@@ -19,7 +19,7 @@ import anyio
 import asyncpg
 import pytest
 from mcp import Client
-from support import EngramDB, engram_env, make_engram_db
+from support import EngramDB, engram_env, fingerprints, make_engram_db
 
 from engram_recovery import testbed
 from engram_recovery.core import s3
@@ -62,27 +62,6 @@ def manifest_of(repo: Path, backup_id: str) -> Manifest:
     return Manifest.model_validate_json((repo / "backups" / backup_id / "manifest.json").read_bytes())
 
 
-async def table_fingerprints(dsn: str) -> dict[str, tuple[int, str]]:
-    """Every table's row count and an order-independent digest of all its rows."""
-    conn = await asyncpg.connect(dsn)
-    try:
-        tables = [r["t"] for r in await conn.fetch(
-            "SELECT table_name AS t FROM information_schema.tables WHERE table_schema = 'public' "
-            "AND table_type = 'BASE TABLE' ORDER BY 1"
-        )]
-        out: dict[str, tuple[int, str]] = {}
-        for table in tables:
-            row = await conn.fetchrow(
-                f'SELECT count(*) AS n, md5(coalesce(string_agg(md5(t::text), \'\' ORDER BY md5(t::text)), \'\')) '
-                f'AS h FROM public."{table}" t'
-            )
-            assert row is not None
-            out[table] = (int(row["n"]), str(row["h"]))
-        return out
-    finally:
-        await conn.close()
-
-
 async def restore_and_compare(admin_dsn: str, source: EngramDB, dump: Path, fmt: str = "custom") -> None:
     async with testbed.scratch_database(admin_dsn, prefix="engram_restored") as target:
         if fmt == "plain":
@@ -91,7 +70,7 @@ async def restore_and_compare(admin_dsn: str, source: EngramDB, dump: Path, fmt:
             argv = PgRestoreCommand("pg_restore", target, str(dump)).argv
         done = await anyio.run_process(argv, check=False)
         assert done.returncode == 0, done.stderr.decode()[-2000:]
-        restored, original = await table_fingerprints(target), await table_fingerprints(source.dsn)
+        restored, original = await fingerprints(target), await fingerprints(source.dsn)
         assert restored == original
         assert original["notes"][0] > 0 and original["storage_objects"][0] > 0
 
