@@ -63,6 +63,8 @@ def test_v1_and_legacy_wraps_use_no_aad() -> None:
     dek = os.urandom(32)
     v1 = ec.wrap_dek(MASTER, dek, USER, version=1)
     legacy = ec.wrap_dek(MASTER, dek, USER, version=0)
+    while legacy[:1] == b"\xaa":  # one nonce in 256 starts with the KMS tag (see below)
+        legacy = ec.wrap_dek(MASTER, dek, USER, version=0)
     assert (len(v1), v1[:2], ec.wrap_format(v1)) == (62, b"\x01\x01", "v1")
     assert (len(legacy), ec.wrap_format(legacy)) == (60, "legacy")
     assert AESGCM(MASTER).decrypt(v1[2:14], v1[14:], b"") == dek
@@ -75,6 +77,10 @@ def test_v1_and_legacy_wraps_use_no_aad() -> None:
 def test_a_wrong_master_key_is_reported_as_such() -> None:
     for version in (2, 1, 0):
         blob = ec.wrap_dek(MASTER, os.urandom(32), USER, version=version)
+        while blob[:1] == b"\xaa":
+            # A legacy blob is nonce-first: one nonce in 256 starts with the KMS tag, and Engram
+            # (so we) then reads it as KMS-wrapped. Not the case under test here.
+            blob = ec.wrap_dek(MASTER, os.urandom(32), USER, version=version)
         with pytest.raises(ec.WrongKey):
             ec.unwrap_dek(os.urandom(32), blob, USER)
 
