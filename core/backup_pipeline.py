@@ -20,7 +20,7 @@ import anyio.from_thread
 import anyio.to_thread
 
 from .backup_crypto import Encryptor
-from .compression import Codec, Compression, compressor
+from .compression import Codec, Compression, Data, compressor
 from .errors import RecoveryError
 from .pgdump import PipedProcess
 from .repository import Repository
@@ -41,7 +41,7 @@ class Transform:
         self._encryptor = Encryptor(key) if key is not None else None
         self.plain_bytes = 0
 
-    def update(self, data: bytes) -> bytes:
+    def update(self, data: Data) -> bytes:
         self.plain_bytes += len(data)
         out = self._codec.update(data)
         return self._encryptor.update(out) if self._encryptor is not None else out
@@ -104,7 +104,7 @@ async def dump_to_repository(
         # One worker thread does the byte work: large blocking reads, zstd and AES-GCM (both release
         # the GIL), so the event loop only hands finished blocks to the repository.
         try:
-            while block := process.stdout.read(BLOCK):
+            while block := process.read(BLOCK):
                 out = transform.update(block)
                 if out:
                     anyio.from_thread.run(send.send, out)

@@ -1,10 +1,15 @@
-"""The pg_dump / pg_restore command objects: their argv, checked without running anything."""
+"""The pg_dump / pg_restore command objects (their argv, checked without running anything) and the piped reader."""
 
 from __future__ import annotations
 
+import os
+import sys
+import threading
+
 import pytest
 
-from engram_recovery.core.pgdump import PgDumpCommand, PgRestoreCommand, split_dsn
+from engram_recovery.core.errors import RecoveryError
+from engram_recovery.core.pgdump import COALESCE_BYTES, PgDumpCommand, PgRestoreCommand, PipedProcess, split_dsn
 
 DSN = "postgresql://backup%40ops:s3cr%2Ft@db.internal:6432/engram?sslmode=require"
 
@@ -43,3 +48,37 @@ def test_pg_restore_argv() -> None:
 
 def test_split_dsn_without_password_is_unchanged() -> None:
     assert split_dsn("postgresql://postgres@127.0.0.1/engram") == ("postgresql://postgres@127.0.0.1/engram", None)
+
+
+# A child that writes the way pg_dump's stdio does (4 KiB at a time), more slowly than we read.
+_TRICKLE = "import os, time\nfor i in range(512):\n    os.write(1, bytes([i % 251]) * 4096)\n    time.sleep(0.0002)\n"
+
+
+def read_all(argv: list[str]) -> list[bytes]:
+    """As the backup pipeline reads a dump: stdout in this thread, stderr drained by another."""
+    process = PipedProcess(argv, dict(os.environ))
+    drain = threading.Thread(target=process.drain_stderr)
+    drain.start()
+    try:
+        blocks = []
+        while block := process.read(1 << 20):
+            blocks.append(bytes(block))
+        drain.join()
+        process.finished()
+    finally:
+        process.close()
+    return blocks
+
+
+def test_piped_output_arrives_in_coalesced_blocks_not_one_per_small_write() -> None:
+    blocks = read_all([sys.executable, "-c", _TRICKLE])
+    assert b"".join(blocks) == b"".join(bytes([i % 251]) * 4096 for i in range(512))
+    # Without coalescing, nearly every read would return the one 4 KiB write that woke it.
+    assert all(len(block) >= COALESCE_BYTES for block in blocks[:-1])
+    assert len(blocks) <= (512 * 4096) // COALESCE_BYTES + 1
+
+
+def test_the_piped_reader_ends_on_silence_and_reports_a_failed_exit() -> None:
+    assert read_all([sys.executable, "-c", "pass"]) == []
+    with pytest.raises(RecoveryError, match=r"exit code 3\): pg_dump: error: no such table"):
+        read_all([sys.executable, "-c", "import sys; sys.stderr.write('pg_dump: error: no such table'); sys.exit(3)"])
