@@ -184,15 +184,11 @@ async def verify_artifacts(repo: Repository, backup_id: str, artifacts: list[Art
     problems: list[str] = []
     for artifact in artifacts:
         try:
-            size, digest = await repo.sha256(f"{BACKUPS}{backup_id}/{artifact.name}")
+            problem = await repo.verify(f"{BACKUPS}{backup_id}/{artifact.name}", artifact.size, artifact.sha256)
         except RecoveryError as exc:
-            problems.append(f"{artifact.name}: {exc.message}")
-            continue
-        if (size, digest) != (artifact.size, artifact.sha256):
-            problems.append(
-                f"{artifact.name}: stored {size} bytes with SHA-256 {digest[:16]}..., recorded {artifact.size} bytes "
-                f"with {artifact.sha256[:16]}..."
-            )
+            problem = exc.message
+        if problem is not None:
+            problems.append(f"{artifact.name}: {problem}")
     return problems
 
 

@@ -35,7 +35,7 @@ from typing import IO, Any, Self
 import anyio
 
 from .errors import ConfigurationError, IntegrityError, StoreUnreachable
-from .localfs import flush_sync, fsync_dir, hash_file, os_error, write_hashed
+from .localfs import WINDOW, Checkpoint, HashedWriter, differing_windows, fsync_dir, hash_file, os_error
 from .s3 import S3Location
 from .settings import Settings
 
@@ -45,6 +45,8 @@ ATTACHMENTS = "attachments/"
 MANIFEST_NAME = "manifest.json"
 READ_CHUNK = 1 << 20
 _TMP_MARK = ".tmp-"
+# Threads that re-read one local file's windows at once: the cores, up to 4 (reading is from the page cache).
+VERIFY_THREADS = max(1, min(4, os.cpu_count() or 1))
 
 
 def check_key(key: str) -> str:
@@ -102,13 +104,25 @@ class Repository(ABC):
         """Delete these keys (missing ones are ignored); return how many were asked for."""
 
     async def sha256(self, key: str) -> tuple[int, str]:
-        """Re-read `key` and hash it: the verification step."""
+        """Re-read `key` and hash it."""
         digest = hashlib.sha256()
         size = 0
         async for chunk in self.get_stream(key):
             digest.update(chunk)
             size += len(chunk)
         return size, digest.hexdigest()
+
+    async def verify(self, key: str, size: int, sha256: str) -> str | None:
+        """Re-read every byte of `key`: None when it is exactly `size` bytes hashing to `sha256`, else what differs.
+
+        The verification step of a backup. StoreUnreachable when `key` cannot be read at all.
+        """
+        actual_size, actual = await self.sha256(key)
+        if (actual_size, actual) == (size, sha256):
+            return None
+        return (
+            f"stored {actual_size} bytes with SHA-256 {actual[:16]}..., recorded {size} bytes with {sha256[:16]}..."
+        )
 
     async def sweep_temporary(self) -> builtins.list[str]:
         """Remove what interrupted writes left behind (temporary files, open multipart uploads); return their keys."""
@@ -119,9 +133,12 @@ class Repository(ABC):
 
 
 class LocalRepository(Repository):
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, window: int = WINDOW) -> None:
         self.root = root
         self.location = str(root)
+        self._window = window
+        # The hash checkpoints of what this instance wrote, for `verify` to re-read in parallel.
+        self._written: dict[str, list[Checkpoint]] = {}
 
     def _path(self, key: str) -> Path:
         return self.root / check_key(key)
@@ -142,21 +159,21 @@ class LocalRepository(Repository):
     async def put_stream(self, key: str, chunks: AsyncIterator[bytes]) -> tuple[int, str]:
         final = self._path(key)
         temp = final.with_name(f".{final.name}{_TMP_MARK}{secrets.token_hex(6)}")
-        digest = hashlib.sha256()
-        size = 0
         handle: IO[bytes] | None = None
         try:
             await anyio.to_thread.run_sync(lambda: final.parent.mkdir(parents=True, exist_ok=True))
             handle = await anyio.to_thread.run_sync(lambda: temp.open("wb"))
+            writer = HashedWriter(handle, self._window)
             async for chunk in chunks:
-                size += len(chunk)
                 # Hashing beside the write, in the worker thread, keeps the event loop free.
-                await anyio.to_thread.run_sync(write_hashed, handle, digest, chunk)
-            await anyio.to_thread.run_sync(flush_sync, handle)
+                await anyio.to_thread.run_sync(writer.write, chunk)
+            digest = await anyio.to_thread.run_sync(writer.finish)
+            size = writer.size
             handle.close()
             handle = None
             await anyio.to_thread.run_sync(os.replace, temp, final)
             await anyio.to_thread.run_sync(fsync_dir, final.parent)
+            self._written[key] = writer.checkpoints
         except OSError as exc:
             raise os_error(exc, f"write {key}", str(self.root)) from exc
         finally:
@@ -165,7 +182,7 @@ class LocalRepository(Repository):
                 handle.close()
             if temp.exists():
                 temp.unlink(missing_ok=True)
-        return size, digest.hexdigest()
+        return size, digest
 
     async def get_stream(self, key: str, chunk_size: int = READ_CHUNK) -> AsyncIterator[bytes]:
         path = self._path(key)
@@ -185,6 +202,22 @@ class LocalRepository(Repository):
         path = self._path(key)
         with self._reading(key):
             return await anyio.to_thread.run_sync(hash_file, path)
+
+    async def verify(self, key: str, size: int, sha256: str) -> str | None:
+        """As Repository.verify; a file this instance wrote is re-read window by window on several cores."""
+        checkpoints = self._written.get(key)
+        if not checkpoints or (checkpoints[-1].offset, checkpoints[-1].state.hexdigest()) != (size, sha256):
+            return await super().verify(key, size, sha256)
+        path = self._path(key)
+        with self._reading(key):
+            stored = await anyio.to_thread.run_sync(lambda: path.stat().st_size)
+            if stored != size:
+                return f"stored {stored} bytes, {size} were written"
+            differing = await differing_windows(path, checkpoints, VERIFY_THREADS)
+        if not differing:
+            return None
+        ranges = ", ".join(f"{a}-{b}" for a, b in differing)
+        return f"bytes {ranges} do not read back as written (recorded {size} bytes with SHA-256 {sha256[:16]}...)"
 
     @contextmanager
     def _reading(self, key: str) -> Iterator[None]:

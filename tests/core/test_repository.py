@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import anyio
 import anyio.lowlevel
 import pytest
 
-from engram_recovery.core import s3
+from engram_recovery.core import localfs, s3
 from engram_recovery.core.errors import ConfigurationError, StoreUnreachable
 from engram_recovery.core.repository import LocalRepository, Repository, open_repository, read_state
 from engram_recovery.core.repository_s3 import PART_SIZE, S3Repository
@@ -159,3 +160,97 @@ async def test_read_state_lists_complete_backups_and_leftovers_in_an_s3_reposito
     assert [b.backup_id for b in state.backups] == ["20260101T000000Z"]
     assert state.newest_verified is not None and state.newest_verified.size_bytes == 5
     assert state.incomplete == ["20260102T000000Z"]
+
+
+@pytest.mark.anyio
+async def test_verify_rereads_what_was_stored(repo: Repository) -> None:
+    data = secrets.token_bytes(3 << 20)
+    size, digest = await repo.put_stream("backups/b1/db.dump", chunks_of(data, 1 << 20))
+    assert await repo.verify("backups/b1/db.dump", size, digest) is None
+    assert await repo.verify("backups/b1/db.dump", size, "0" * 64) == (
+        f"stored {size} bytes with SHA-256 {digest[:16]}..., recorded {size} bytes with {'0' * 16}..."
+    )
+    with pytest.raises(StoreUnreachable, match="missing"):
+        await repo.verify("backups/b1/gone", 1, "0" * 64)
+
+
+# --- local files: durable writes, checkpoints and verification by windows --------------------------------------
+
+WINDOW = 64 << 10
+KEY = "backups/b1/db.dump"
+
+
+async def written(tmp_path: Path, data: bytes) -> tuple[LocalRepository, int, str, Path]:
+    repo = LocalRepository(tmp_path / "repo", window=WINDOW)
+    size, digest = await repo.put_stream(KEY, chunks_of(data, 16 << 10))
+    return repo, size, digest, tmp_path / "repo" / KEY
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+async def test_verification_by_windows_names_the_window_whose_bytes_changed(tmp_path: Path, where: str) -> None:
+    data = secrets.token_bytes(10 * WINDOW + 1234)  # ten full windows and a short last one
+    repo, size, digest, path = await written(tmp_path, data)
+    assert await repo.verify(KEY, size, digest) is None
+    offset = {"first": 5, "middle": 4 * WINDOW + 77, "last": size - 1}[where]
+    altered = bytearray(data)
+    altered[offset] ^= 0x01
+    path.write_bytes(altered)
+    start = offset // WINDOW * WINDOW
+    assert await repo.verify(KEY, size, digest) == (
+        f"bytes {start}-{min(start + WINDOW, size)} do not read back as written "
+        f"(recorded {size} bytes with SHA-256 {digest[:16]}...)"
+    )
+    # A repository that did not write the file re-reads it whole, and finds the same damage.
+    fresh = await LocalRepository(tmp_path / "repo").verify(KEY, size, digest)
+    assert fresh is not None and fresh.startswith(f"stored {size} bytes with SHA-256 ")
+
+
+@pytest.mark.anyio
+async def test_verification_by_windows_catches_a_file_cut_short_or_grown(tmp_path: Path) -> None:
+    data = secrets.token_bytes(3 * WINDOW)
+    repo, size, digest, path = await written(tmp_path, data)
+    path.write_bytes(data[:-1])
+    assert await repo.verify(KEY, size, digest) == f"stored {size - 1} bytes, {size} were written"
+    path.write_bytes(data + b"x")
+    assert await repo.verify(KEY, size, digest) == f"stored {size + 1} bytes, {size} were written"
+    path.write_bytes(data)
+    assert await repo.verify(KEY, size, digest) is None
+
+
+@pytest.mark.anyio
+async def test_an_empty_file_verifies(tmp_path: Path) -> None:
+    repo, size, digest, _path = await written(tmp_path, b"")
+    assert (size, digest) == (0, hashlib.sha256(b"").hexdigest())
+    assert await repo.verify(KEY, 0, digest) is None
+
+
+def test_writeback_starts_for_each_window_as_soon_as_it_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    started: list[tuple[int, int]] = []
+
+    def record(fd: int, offset: int, length: int) -> bool:
+        started.append((offset, length))
+        return True
+
+    monkeypatch.setattr(localfs, "_start_writeback", record)
+    with (tmp_path / "f").open("wb") as handle:
+        writer = localfs.HashedWriter(handle, window=WINDOW)
+        for _ in range(5):
+            writer.write(b"x" * (WINDOW // 2))
+        assert started == [(0, WINDOW), (WINDOW, WINDOW)]
+        writer.finish()
+    # The half window at the end is left to the final fsync; every window has its checkpoint.
+    assert started == [(0, WINDOW), (WINDOW, WINDOW)]
+    assert [c.offset for c in writer.checkpoints] == [0, WINDOW, 2 * WINDOW, 5 * WINDOW // 2]
+    assert writer.checkpoints[-1].state.hexdigest() == hashlib.sha256(b"x" * (5 * WINDOW // 2)).hexdigest()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sync_file_range is Linux's")
+def test_the_kernel_accepts_the_writeback_request(tmp_path: Path) -> None:
+    assert localfs._start_writeback is not None
+    with (tmp_path / "f").open("wb") as handle:
+        handle.write(b"x" * 8192)
+        handle.flush()
+        assert localfs._start_writeback(handle.fileno(), 0, 8192)
