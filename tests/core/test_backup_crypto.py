@@ -7,6 +7,7 @@ import secrets
 import struct
 
 import pytest
+import zstandard
 
 from engram_recovery.core import backup_crypto
 from engram_recovery.core.backup_crypto import HEADER_SIZE, RECORD_OVERHEAD, Decryptor, Encryptor
@@ -132,3 +133,13 @@ def test_a_truncated_compressed_stream_is_detected() -> None:
     extractor.update(stored[: len(stored) // 2])
     with pytest.raises(IntegrityError, match="truncated"):
         extractor.finish()
+
+
+def test_zstd_frames_use_a_128_kib_window_and_carry_a_checksum() -> None:
+    codec = compressor("zstd")
+    stored = codec.update(secrets.token_hex(300_000).encode()) + codec.finish()
+    frame = zstandard.get_frame_parameters(stored)
+    assert frame.window_size == 1 << 17 and frame.has_checksum
+    # An explicit level keeps zstd's own parameters.
+    other = compressor("zstd", 3)
+    assert zstandard.get_frame_parameters(other.update(b"x" * 1000) + other.finish()).window_size > 1 << 17
