@@ -173,7 +173,10 @@ class LocalRepository(Repository):
             handle = None
             await anyio.to_thread.run_sync(os.replace, temp, final)
             await anyio.to_thread.run_sync(fsync_dir, final.parent)
-            self._written[key] = writer.checkpoints
+            if len(writer.checkpoints) > 2:
+                # Only files of several windows gain from a parallel re-read, and only they are kept: a
+                # mirror writing a million small blobs must not hold a million hash states.
+                self._written[key] = writer.checkpoints
         except OSError as exc:
             raise os_error(exc, f"write {key}", str(self.root)) from exc
         finally:

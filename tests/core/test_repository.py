@@ -225,6 +225,17 @@ async def test_an_empty_file_verifies(tmp_path: Path) -> None:
     assert await repo.verify(KEY, 0, digest) is None
 
 
+@pytest.mark.anyio
+async def test_a_file_of_one_window_is_verified_by_a_whole_reread(tmp_path: Path) -> None:
+    # Such files (a mirror writes many) keep no checkpoints, so memory stays flat whatever their number.
+    data = secrets.token_bytes(WINDOW - 1)
+    repo, size, digest, path = await written(tmp_path, data)
+    assert await repo.verify(KEY, size, digest) is None
+    path.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    problem = await repo.verify(KEY, size, digest)
+    assert problem is not None and problem.startswith(f"stored {size} bytes with SHA-256 ")
+
+
 def test_writeback_starts_for_each_window_as_soon_as_it_is_written(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
