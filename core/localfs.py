@@ -10,6 +10,7 @@ import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from io import FileIO
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
@@ -60,7 +61,8 @@ def _sync_file_range() -> Callable[[int, int, int], bool] | None:
 
     def start(fd: int, offset: int, length: int) -> bool:
         # Advisory: should the kernel refuse, the final fsync still writes everything.
-        return bool(function(fd, offset, length, _SYNC_FILE_RANGE_WRITE) == 0)
+        result: int = function(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+        return result == 0
 
     return start
 
@@ -125,16 +127,11 @@ def verify_window(path: Path, start: Checkpoint, end: Checkpoint) -> bool:
     each window's bytes are the ones written (short of a SHA-256 collision).
     """
     digest = start.state.copy()
-    remaining = end.offset - start.offset
-    buffer = bytearray(max(1, min(HASH_BLOCK, remaining)))
-    with path.open("rb", buffering=0) as handle, memoryview(buffer) as view:
+    length = end.offset - start.offset
+    with path.open("rb", buffering=0) as handle:
         handle.seek(start.offset)
-        while remaining:
-            count = handle.readinto(view[: min(len(buffer), remaining)])
-            if not count:
-                return False  # shorter than what was written
-            digest.update(view[:count])
-            remaining -= count
+        if _feed(handle, digest, length) != length:
+            return False  # shorter than what was written
     return digest.digest() == end.state.digest()
 
 
@@ -153,14 +150,24 @@ async def differing_windows(path: Path, checkpoints: list[Checkpoint], threads: 
     return sorted(differing)
 
 
+def _feed(handle: FileIO, digest: HASH, limit: int | None = None) -> int:
+    """Hash what `handle` reads from where it stands, `limit` bytes at most (None: to the end); return the count."""
+    buffer = bytearray(HASH_BLOCK if limit is None else max(1, min(HASH_BLOCK, limit)))
+    done = 0
+    with memoryview(buffer) as view:
+        while limit is None or done < limit:
+            count = handle.readinto(view if limit is None else view[: min(len(buffer), limit - done)])
+            if not count:
+                break
+            digest.update(view[:count])
+            done += count
+    return done
+
+
 def hash_file(path: Path) -> tuple[int, str]:
     digest = hashlib.sha256()
-    size = 0
-    buffer = bytearray(HASH_BLOCK)
-    with path.open("rb", buffering=0) as handle, memoryview(buffer) as view:
-        while count := handle.readinto(buffer):
-            digest.update(view[:count])
-            size += count
+    with path.open("rb", buffering=0) as handle:
+        size = _feed(handle, digest)
     return size, digest.hexdigest()
 
 

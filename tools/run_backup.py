@@ -192,7 +192,7 @@ async def _backup(
     raw = manifest.model_dump_json(indent=2).encode()
     # Last write of the run: only now does the backup exist for every reader.
     size, digest = await repo.put_bytes(folder + MANIFEST_NAME, raw)
-    if await repo.sha256(folder + MANIFEST_NAME) != (size, digest):
+    if await repo.verify(folder + MANIFEST_NAME, size, digest) is not None:
         raise RecoveryError(f"the manifest of {backup_id} did not read back identically", "check the repository")
     retention = await apply_retention(repo, settings, prune=params.prune, confirm=params.confirm)
     ratio = outcome.stored_bytes / outcome.dump_bytes if outcome.dump_bytes else None
