@@ -17,6 +17,7 @@ from typing import Any
 
 import anyio
 import asyncpg
+import format_reader
 import pytest
 from mcp import Client
 from support import EngramDB, engram_env, fingerprints, make_engram_db
@@ -38,6 +39,8 @@ from engram_recovery.testbed.seaweedfs import SeaweedFS
 from engram_recovery.tools.backup_status import BackupStatusInput, Check, backup_status
 from engram_recovery.tools.run_backup import RunBackupInput, RunBackupResult, run_backup
 
+FORMAT_DOC = Path(__file__).resolve().parents[2] / "docs" / "backup-format.md"
+READER_SOURCE = Path(format_reader.__file__).read_text()
 BACKUP_KEY = base64.b64encode(b"k" * 16 + secrets.token_bytes(16)).decode()
 
 
@@ -186,6 +189,21 @@ async def test_an_artifact_altered_by_one_byte_is_detected_by_verification_and_b
     assert code == 2 and "failed authentication" in out
     assert not (tmp_path / "db.dump").exists()
     assert not [name for name in os.listdir(tmp_path) if name.startswith(".db.dump")]
+
+
+@pytest.mark.anyio
+async def test_a_reader_written_only_from_the_format_document_decrypts_a_real_artifact(
+    engram_db: EngramDB, admin_dsn: str, tmp_path: Path
+) -> None:
+    result = await backup(engram_env(engram_db, tmp_path, ENGRAM_RECOVERY_BACKUP_KEY=BACKUP_KEY))
+    assert result.backup_id
+    stored = tmp_path / "repo" / "backups" / result.backup_id / "db.dump.zst.enc"
+    dump = tmp_path / "by-the-document.dump"
+    dump.write_bytes(format_reader.read_artifact(stored, base64.b64decode(BACKUP_KEY), FORMAT_DOC))
+    await restore_and_compare(admin_dsn, engram_db, dump)
+    # The reader stays independent: it imports nothing of this project.
+    imports = [line for line in READER_SOURCE.splitlines() if line.startswith(("import ", "from "))]
+    assert imports and not [line for line in imports if "engram" in line or line.startswith("from .")]
 
 
 @pytest.mark.anyio
