@@ -164,8 +164,8 @@ def _feed(handle: FileIO, digest: HASH, limit: int | None = None) -> int:
     return done
 
 
-def hash_file(path: Path) -> tuple[int, str]:
-    digest = hashlib.sha256()
+def hash_file(path: Path, algorithm: str = "sha256") -> tuple[int, str]:
+    digest = hashlib.new(algorithm, usedforsecurity=algorithm != "md5")
     with path.open("rb", buffering=0) as handle:
         size = _feed(handle, digest)
     return size, digest.hexdigest()

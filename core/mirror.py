@@ -8,13 +8,19 @@ and ETag:
 so an unchanged object is copied once in its life, a changed object gets a new
 entry beside the old one, and an object deleted at the source stays in the pool
 for as long as a kept inventory names it. Each recovery point records its exact
-inventory (JSON lines: key, size, etag, version_id, repo_key) under its own
-folder; `collect_garbage` is retention's tool for removing pool entries no kept
+inventory (JSON lines: key, size, etag, version_id, repo_key, and the blob's
+content checksum: `sha256` taken from the bytes as they were streamed in, or
+`md5`, the source's own ETag where it is one, for blobs copied server-side;
+inventories written before checksums have neither and are checked by size only)
+under its own folder; `collect_garbage` is retention's tool for removing pool entries no kept
 inventory references. The mirror itself never deletes anything.
 
 What to copy is decided from listings alone (ListObjectsV2 or ListObjectVersions
 on the source, a listing of the pool on the destination, both 1,000 keys a
-request and run concurrently): no HEAD per object. When the repository is an
+request and run concurrently): no HEAD per object. A pool entry whose size is
+right is still copied again when its content is suspect: an S3 pool entry whose
+ETag (an MD5) differs from the source's, a local file modified after the newest
+backup finished, or a blob a later verification (backup_status deep) found bad. When the repository is an
 S3 bucket on the same endpoint with the same credentials, objects are copied
 server-side (CopyObject; UploadPartCopy above 5 GiB) and never pass through this
 process; otherwise each object is streamed GET -> repository in 1 MiB chunks.
@@ -29,7 +35,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Iterable
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -40,7 +46,7 @@ from botocore.exceptions import ResponseStreamingError
 from . import s3
 from .errors import IntegrityError, RecoveryError
 from .progress import Progress
-from .repository import BACKUPS, Repository
+from .repository import BACKUPS, Repository, scan
 from .repository_s3 import S3Repository
 from .s3 import S3_ERRORS, S3Location
 from .taskgroups import task_group
@@ -57,6 +63,12 @@ COPY_CUTOFF = 4_995 * (1 << 20)
 COPY_PART = 512 * (1 << 20)
 _PROGRESS_EVERY = 0.5  # seconds: enough for a progress bar, few enough for an MCP client
 _SAFE_ETAG = re.compile(r"^[A-Za-z0-9-]{1,128}$")
+# A single-part upload's ETag is the MD5 of its bytes (unless SSE-KMS/SSE-C encrypted them).
+_MD5 = re.compile(r"^[0-9a-f]{32}$")
+
+
+def md5_of_etag(etag: str) -> str | None:
+    return etag if _MD5.match(etag) else None
 
 
 @dataclass(frozen=True)
@@ -74,13 +86,81 @@ class InventoryEntry:
     etag: str
     version_id: str | None
     repo_key: str
+    sha256: str | None = None  # of the blob's bytes, taken while they were streamed into the repository
+    md5: str | None = None  # of the blob's bytes: computed while streaming, or the source's own ETag
+
+    @property
+    def checksum(self) -> tuple[str, str] | None:
+        """(algorithm, hex) to check the stored blob's content with; None: size only (an older inventory)."""
+        if self.sha256:
+            return "sha256", self.sha256
+        return ("md5", self.md5) if self.md5 else None
 
     def to_json(self) -> str:
         data: dict[str, Any] = {"key": self.key, "size": self.size, "etag": self.etag}
         if self.version_id is not None:
             data["version_id"] = self.version_id
         data["repo_key"] = self.repo_key
+        if self.sha256 is not None:
+            data["sha256"] = self.sha256
+        if self.md5 is not None:
+            data["md5"] = self.md5
         return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+
+
+@dataclass(frozen=True)
+class Copied:
+    """What one copy stored: the object as it was copied, and the checksums known of the stored bytes."""
+
+    obj: SourceObject
+    sha256: str | None = None
+    md5: str | None = None
+
+
+@dataclass(frozen=True)
+class Pooled:
+    """A pool entry as its listing shows it."""
+
+    size: int
+    etag: str | None = None
+    modified: float | None = None  # epoch seconds
+
+
+@dataclass(frozen=True)
+class Known:
+    """What earlier runs and verifications tell about the pool."""
+
+    since: float | None = None  # when the newest complete backup finished (epoch seconds)
+    checksums: dict[str, tuple[str | None, str | None]] = field(default_factory=dict)  # repo_key -> (sha256, md5)
+    suspects: frozenset[str] = frozenset()  # pool keys a verification found bad since then
+
+    def stale(self, obj: SourceObject, pooled: Pooled | None) -> bool:
+        """Must `obj` be copied (again)? Missing, wrong size, or content that can no longer be trusted."""
+        if pooled is None or pooled.size != obj.size:
+            return True
+        if pool_key(obj.key, obj.etag) in self.suspects:
+            return True
+        expected = md5_of_etag(obj.etag)
+        if expected and pooled.etag and md5_of_etag(pooled.etag) and pooled.etag != expected:
+            return True  # an S3 pool entry rewritten with other bytes of the same size
+        # A local blob rewritten after the newest backup finished (no run writes it after that).
+        return self.since is not None and pooled.modified is not None and pooled.modified > self.since
+
+
+async def known_pool(repo: Repository) -> Known:
+    """The newest backup's inventory checksums, its finish time, and the blobs later verifications found bad."""
+    state = await scan(repo)
+    newest = state.newest
+    if newest is None:
+        return Known()
+    start = newest.started_at or newest.finished_at
+    suspects = frozenset(b for v in state.verifications if v.at >= start for b in v.bad_blobs)
+    checksums: dict[str, tuple[str | None, str | None]] = {}
+    key = inventory_key(newest.backup_id)
+    if await repo.exists(key):
+        async for entry in read_inventory(repo, key):
+            checksums[entry.repo_key] = (entry.sha256, entry.md5)
+    return Known(since=newest.finished_at.timestamp(), checksums=checksums, suspects=suspects)
 
 
 @dataclass(frozen=True)
@@ -98,6 +178,8 @@ class MirrorReport:
     server_side_copy: bool
     vanished_objects: int = 0  # listed, then deleted at the source before they could be copied
     dry_run: bool = False
+    keys: frozenset[str] = frozenset()  # the source keys this recovery point holds
+    recopied_objects: int = 0  # in the pool at the right size, copied again because their content was suspect
 
 
 def pool_key(key: str, etag: str) -> str:
@@ -135,6 +217,8 @@ def _entry(line: bytes, where: str) -> InventoryEntry:
             etag=str(data["etag"]),
             version_id=data.get("version_id"),
             repo_key=str(data["repo_key"]),
+            sha256=data.get("sha256"),
+            md5=data.get("md5"),
         )
     except (ValueError, KeyError, TypeError) as exc:
         raise IntegrityError(
@@ -167,9 +251,11 @@ async def mirror_attachments(
     started = time.monotonic()
     target = repo if isinstance(repo, S3Repository) and _same_endpoint(source, _location(repo)) else None
     server_side = target is not None
+    known = await known_pool(repo)
     async with _Session(source, target, concurrency) as session:
         versioned, objects, present = await session.survey(repo)
-        todo = [o for o in objects if present.get(pool_key(o.key, o.etag)) != o.size]
+        todo = [o for o in objects if known.stale(o, present.get(pool_key(o.key, o.etag)))]
+        recopied = sum(1 for o in todo if present.get(pool_key(o.key, o.etag)) is not None)
         total_bytes = sum(o.size for o in objects)
         todo_bytes = sum(o.size for o in todo)
         if dry_run:
@@ -177,27 +263,30 @@ async def mirror_attachments(
                 objects=len(objects), bytes=total_bytes, copied_objects=len(todo), copied_bytes=todo_bytes,
                 skipped_objects=len(objects) - len(todo), inventory_name=None, inventory_sha256=None,
                 inventory_size=0, versioned=versioned, seconds=time.monotonic() - started,
-                server_side_copy=server_side, dry_run=True,
+                server_side_copy=server_side, dry_run=True, keys=frozenset(o.key for o in objects),
+                recopied_objects=recopied,
             )  # fmt: skip
         await progress(0, len(todo), f"mirroring {len(todo)} of {len(objects)} attachments ({todo_bytes} bytes)")
         copied = await session.copy_all(repo, todo, progress, concurrency)
     entries: list[InventoryEntry] = []
     vanished = 0
     for obj in objects:
-        current = copied.get(obj.key, obj)
-        if current is None:
+        done = copied.get(obj.key, Copied(obj))
+        if done is None:
             vanished += 1
             continue
-        entries.append(InventoryEntry(current.key, current.size, current.etag, current.version_id,
-                                      pool_key(current.key, current.etag)))  # fmt: skip
+        current, repo_key = done.obj, pool_key(done.obj.key, done.obj.etag)
+        sha256, md5 = (done.sha256, done.md5) if obj.key in copied else known.checksums.get(repo_key, (None, None))
+        entries.append(InventoryEntry(current.key, current.size, current.etag, current.version_id, repo_key,
+                                      sha256, md5 or md5_of_etag(current.etag)))  # fmt: skip
     inventory_size, inventory_sha256 = await repo.put_stream(inventory_key(backup_id), _lines(entries))
-    copied_now = [c for c in copied.values() if c is not None]
+    copied_now = [c.obj for c in copied.values() if c is not None]
     return MirrorReport(
         objects=len(entries), bytes=sum(e.size for e in entries), copied_objects=len(copied_now),
         copied_bytes=sum(c.size for c in copied_now), skipped_objects=len(objects) - len(todo),
         inventory_name=INVENTORY_NAME, inventory_sha256=inventory_sha256, inventory_size=inventory_size,
         versioned=versioned, seconds=time.monotonic() - started, server_side_copy=server_side,
-        vanished_objects=vanished,
+        vanished_objects=vanished, keys=frozenset(e.key for e in entries), recopied_objects=recopied,
     )  # fmt: skip
 
 
@@ -233,10 +322,10 @@ class _Session:
     async def __aexit__(self, *exc: object) -> None:
         await self._stack.aclose()
 
-    async def survey(self, repo: Repository) -> tuple[bool, list[SourceObject], dict[str, int]]:
+    async def survey(self, repo: Repository) -> tuple[bool, list[SourceObject], dict[str, Pooled]]:
         """List the source bucket and the pool at the same time."""
         objects: list[SourceObject] = []
-        present: dict[str, int] = {}
+        present: dict[str, Pooled] = {}
         versioned = False
 
         async def list_source() -> None:
@@ -253,12 +342,12 @@ class _Session:
 
         async def list_pool() -> None:
             if self.target is None:
-                present.update({key: size async for key, size in repo.list(POOL)})
+                present.update({key: Pooled(size, modified=at) async for key, size, at in repo.list_modified(POOL)})
                 return
             strip = len(self.target.prefix)
             try:
                 async for item in s3.list_objects(self._dst, self.target.bucket, self.target.prefix + POOL):
-                    present[item.key[strip:]] = item.size
+                    present[item.key[strip:]] = Pooled(item.size, etag=item.etag)
             except S3_ERRORS as exc:
                 raise s3.translate(exc, "list the backup repository", _location(self.target)) from exc
 
@@ -280,9 +369,9 @@ class _Session:
 
     async def copy_all(
         self, repo: Repository, todo: list[SourceObject], progress: Progress, concurrency: int
-    ) -> dict[str, SourceObject | None]:
+    ) -> dict[str, Copied | None]:
         """Copy `todo` with `concurrency` workers; the result maps each key to what was copied (None: vanished)."""
-        done: dict[str, SourceObject | None] = {}
+        done: dict[str, Copied | None] = {}
         counters = {"objects": 0, "bytes": 0, "reported": time.monotonic()}
         send, receive = anyio.create_memory_object_stream[SourceObject](max(1, concurrency))
 
@@ -292,7 +381,7 @@ class _Session:
                     result = await self._copy_one(repo, obj)
                     done[obj.key] = result
                     counters["objects"] += 1
-                    counters["bytes"] += result.size if result else 0
+                    counters["bytes"] += result.obj.size if result else 0
                     now = time.monotonic()
                     if now - counters["reported"] >= _PROGRESS_EVERY:
                         counters["reported"] = now
@@ -308,16 +397,17 @@ class _Session:
         await progress(len(todo), len(todo), f"copied {counters['bytes']} bytes")
         return done
 
-    async def _copy_one(self, repo: Repository, obj: SourceObject) -> SourceObject | None:
+    async def _copy_one(self, repo: Repository, obj: SourceObject) -> Copied | None:
         """Copy one object; re-read its listing entry once per change that races us."""
         for _attempt in range(3):
             try:
                 if self._dst is not None:
                     await self._server_side(obj)
-                else:
-                    async with self._large if obj.size > STREAM_CHUNK else contextlib.nullcontext():
-                        await self._stream(repo, obj)
-                return obj
+                    # The bytes never pass through here: the server's own checksum (an MD5 ETag) stands for them.
+                    return Copied(obj, md5=md5_of_etag(obj.etag))
+                async with self._large if obj.size > STREAM_CHUNK else contextlib.nullcontext():
+                    sha256, md5 = await self._stream(repo, obj)
+                return Copied(obj, sha256=sha256, md5=md5)
             except S3_ERRORS as exc:
                 code = s3.error_code(exc)
                 if code in ("NoSuchKey", "NoSuchVersion", "404"):
@@ -375,7 +465,8 @@ class _Session:
                 Bucket=bucket, Key=key, CopySource=self._source_ref(obj), **self._precondition(obj, "CopySourceIfMatch")
             )
 
-    async def _stream(self, repo: Repository, obj: SourceObject) -> None:
+    async def _stream(self, repo: Repository, obj: SourceObject) -> tuple[str, str]:
+        """Stream one object into the pool; return the SHA-256 and MD5 of the bytes stored (taken on the way)."""
         extra = self._precondition(obj, "IfMatch")
         if obj.version_id is not None:
             extra["VersionId"] = obj.version_id
@@ -385,8 +476,10 @@ class _Session:
         md5_etag = len(obj.etag) == 32 and answer.get("ServerSideEncryption") != "aws:kms"
         md5_etag = md5_etag and not answer.get("SSECustomerAlgorithm")
 
+        md5 = hashlib.md5(usedforsecurity=False)
+
         async def chunks() -> AsyncIterator[bytes]:
-            md5, size = hashlib.md5(usedforsecurity=False), 0
+            size = 0
             try:
                 async for chunk in body.iter_chunks(STREAM_CHUNK):
                     md5.update(chunk)
@@ -406,9 +499,11 @@ class _Session:
                 )
 
         try:
-            await repo.put_stream(pool_key(obj.key, obj.etag), chunks())
+            # The repository hashes what it stores (SHA-256) as it writes: the content checksum costs no extra read.
+            _size, sha256 = await repo.put_stream(pool_key(obj.key, obj.etag), chunks())
         finally:
             body.close()
+        return sha256, md5.hexdigest()
 
 
 async def collect_garbage(repo: Repository, kept_inventories: Iterable[str]) -> tuple[int, int]:
@@ -432,3 +527,59 @@ async def collect_garbage(repo: Repository, kept_inventories: Iterable[str]) -> 
     for start in range(0, len(doomed), 1000):
         await repo.delete([k for k, _size in doomed[start : start + 1000]])
     return len(doomed), sum(size for _k, size in doomed)
+
+
+@dataclass(frozen=True)
+class BlobCheck:
+    """The mirrored blobs of one inventory, re-read and checked against it."""
+
+    objects: int
+    by_content: int  # checked against a recorded checksum
+    size_only: int  # named by an older inventory without checksums: only their size could be checked
+    bad: list[tuple[str, str]]  # (pool key, what is wrong), in inventory order
+
+    @property
+    def how(self) -> str:
+        if not self.size_only:
+            return "content (checksums)"
+        return "size only" if not self.by_content else f"content, {self.size_only} by size only (older inventory)"
+
+
+async def verify_blobs(repo: Repository, entries: list[InventoryEntry], concurrency: int = 4) -> BlobCheck:
+    """Re-read every blob `entries` name and compare its content with the checksum the inventory recorded."""
+    problems: dict[int, str] = {}
+    sizes = {key: size async for key, size in repo.list(POOL)}
+    limiter = anyio.CapacityLimiter(max(1, concurrency))
+
+    async def one(index: int, entry: InventoryEntry) -> None:
+        stored = sizes.get(entry.repo_key)
+        if stored is None:
+            problems[index] = "missing from the repository"
+            return
+        if stored != entry.size:
+            problems[index] = f"{stored} bytes stored, {entry.size} recorded"
+            return
+        checksum = entry.checksum
+        if checksum is None:
+            return
+        algorithm, expected = checksum
+        async with limiter:
+            try:
+                _size, actual = await repo.checksum(entry.repo_key, algorithm)
+            except RecoveryError as exc:
+                problems[index] = f"unreadable: {exc.message}"
+                return
+        if actual != expected:
+            problems[index] = (f"content differs from what was copied ({algorithm} {actual[:12]}..., recorded "
+                               f"{expected[:12]}...)")  # fmt: skip
+
+    # In batches: a million blobs must not mean a million tasks at once.
+    for start in range(0, len(entries), 1000):
+        async with task_group() as tg:
+            for index in range(start, min(start + 1000, len(entries))):
+                tg.start_soon(one, index, entries[index])
+    size_only = sum(1 for e in entries if e.checksum is None)
+    return BlobCheck(
+        objects=len(entries), by_content=len(entries) - size_only, size_only=size_only,
+        bad=[(entries[i].repo_key, problems[i]) for i in sorted(problems)],
+    )

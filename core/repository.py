@@ -6,6 +6,7 @@ Layout (a local directory, or the same keys under an s3://bucket/prefix):
     backups/<backup_id>/<artifacts>     a folder without a manifest is an interrupted run's leftover
     attachments/...                     the shared, content-addressed pool of mirrored attachment blobs
     drills/<timestamp>-<backup_id>.json restore drill records
+    verifications/<timestamp>-<backup_id>.json   re-verifications of a backup after it was written (deep status)
 
 Every write is atomic: a local file is written under a temporary name in the
 same directory, fsynced and renamed; an S3 object is one PutObject or a
@@ -41,6 +42,7 @@ from .settings import Settings
 
 BACKUPS = "backups/"
 DRILLS = "drills/"
+VERIFICATIONS = "verifications/"
 ATTACHMENTS = "attachments/"
 MANIFEST_NAME = "manifest.json"
 READ_CHUNK = 1 << 20
@@ -111,6 +113,20 @@ class Repository(ABC):
             digest.update(chunk)
             size += len(chunk)
         return size, digest.hexdigest()
+
+    async def checksum(self, key: str, algorithm: str) -> tuple[int, str]:
+        """Re-read `key` and hash it with `algorithm` ('sha256' or 'md5')."""
+        digest = hashlib.new(algorithm, usedforsecurity=algorithm != "md5")
+        size = 0
+        async for chunk in self.get_stream(key):
+            digest.update(chunk)
+            size += len(chunk)
+        return size, digest.hexdigest()
+
+    async def list_modified(self, prefix: str) -> AsyncIterator[tuple[str, int, float | None]]:
+        """As `list`, with each object's modification time (epoch seconds) where the store keeps one cheaply."""
+        async for key, size in self.list(prefix):
+            yield key, size, None
 
     async def verify(self, key: str, size: int, sha256: str) -> str | None:
         """Re-read every byte of `key`: None when it is exactly `size` bytes hashing to `sha256`, else what differs.
@@ -206,6 +222,11 @@ class LocalRepository(Repository):
         with self._reading(key):
             return await anyio.to_thread.run_sync(hash_file, path)
 
+    async def checksum(self, key: str, algorithm: str) -> tuple[int, str]:
+        path = self._path(key)
+        with self._reading(key):
+            return await anyio.to_thread.run_sync(hash_file, path, algorithm)
+
     async def verify(self, key: str, size: int, sha256: str) -> str | None:
         """As Repository.verify; a file this instance wrote is re-read window by window on several cores."""
         checkpoints = self._written.get(key)
@@ -237,13 +258,18 @@ class LocalRepository(Repository):
 
     async def list(self, prefix: str) -> AsyncIterator[tuple[str, int]]:
         found = await anyio.to_thread.run_sync(self._list_sync, prefix)
-        for item in found:
+        for key, size, _modified in found:
+            yield key, size
+
+    async def list_modified(self, prefix: str) -> AsyncIterator[tuple[str, int, float | None]]:
+        # The same stat call that gives the size gives the time: nothing more is read.
+        for item in await anyio.to_thread.run_sync(self._list_sync, prefix):
             yield item
 
-    def _list_sync(self, prefix: str) -> builtins.list[tuple[str, int]]:
+    def _list_sync(self, prefix: str) -> builtins.list[tuple[str, int, float | None]]:
         # Walk only the directory the prefix names, not the whole repository.
         base = self.root / prefix[: prefix.rfind("/") + 1] if "/" in prefix else self.root
-        out: builtins.list[tuple[str, int]] = []
+        out: builtins.list[tuple[str, int, float | None]] = []
         if not base.is_dir():
             return out
         for dirpath, _dirs, files in os.walk(base):
@@ -253,7 +279,8 @@ class LocalRepository(Repository):
                 full = Path(dirpath) / name
                 key = full.relative_to(self.root).as_posix()
                 if key.startswith(prefix):
-                    out.append((key, full.stat().st_size))
+                    stat = full.stat()
+                    out.append((key, stat.st_size, stat.st_mtime))
         out.sort()
         return out
 
@@ -324,6 +351,33 @@ class DrillRecord:
     backup_id: str
     ok: bool
     rto_seconds: float | None = None
+    problem: str | None = None  # the first failed step, for a failed drill
+
+
+@dataclass(frozen=True)
+class VerificationRecord:
+    """A backup re-verified after it was written: every artifact's SHA-256, every mirrored blob's content."""
+
+    at: datetime
+    backup_id: str
+    ok: bool
+    how: str  # 'deep status'
+    problems: list[str] = field(default_factory=list)
+    bad_blobs: list[str] = field(default_factory=list)  # pool keys whose content did not verify
+
+    def to_json(self) -> bytes:
+        return json.dumps({"at": self.at.isoformat(), "backup_id": self.backup_id, "ok": self.ok, "how": self.how,
+                           "problems": self.problems, "bad_blobs": self.bad_blobs}, indent=2).encode()  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Verified:
+    """The latest word on one backup: when it was last verified, how, and whether it held."""
+
+    at: datetime
+    how: str  # 'at write', 'deep status', 'drill'
+    ok: bool
+    problem: str | None = None
 
 
 @dataclass(frozen=True)
@@ -332,6 +386,27 @@ class RepositoryState:
     backups: list[BackupSummary] = field(default_factory=list)
     drills: list[DrillRecord] = field(default_factory=list)
     incomplete: list[str] = field(default_factory=list, metadata={"doc": "backup ids with no manifest"})
+    verifications: list[VerificationRecord] = field(default_factory=list)
+
+    def last_verdict(self, backup: BackupSummary) -> Verified | None:
+        """The newest of: the write-time read-back, deep-status re-verifications, restore drills of `backup`."""
+        found: list[Verified] = []
+        if backup.verified is not None:
+            found.append(Verified(backup.verified_at or backup.finished_at, "at write", bool(backup.verified),
+                                 None if backup.verified else "its checksums did not verify when it was written"))
+        found += [Verified(v.at, v.how, v.ok, "; ".join(v.problems[:3]) or None)
+                  for v in self.verifications if v.backup_id == backup.backup_id]
+        found += [Verified(d.at, "drill", d.ok, d.problem) for d in self.drills if d.backup_id == backup.backup_id]
+        return max(found, key=lambda v: v.at, default=None)
+
+    def failed_backups(self) -> dict[str, Verified]:
+        """Backups whose latest verification or drill failed, by id."""
+        out: dict[str, Verified] = {}
+        for backup in self.backups:
+            verdict = self.last_verdict(backup)
+            if verdict is not None and not verdict.ok:
+                out[backup.backup_id] = verdict
+        return out
 
     @property
     def newest(self) -> BackupSummary | None:
@@ -387,10 +462,25 @@ async def scan(repo: Repository) -> RepositoryState:
                 backup_id=str(data["backup_id"]),
                 ok=bool(data["ok"]),
                 rto_seconds=data.get("rto_seconds"),
+                problem=next((f"{s.get('name')}: {s.get('summary')}"[:300] for s in data.get("steps") or ()
+                              if isinstance(s, dict) and not s.get("ok")), None),
+            )
+        )
+    verifications: list[VerificationRecord] = []
+    async for key, _size in repo.list(VERIFICATIONS):
+        if not key.endswith(".json"):
+            continue
+        data = _json(await repo.get_bytes(key), key)
+        verifications.append(
+            VerificationRecord(
+                at=datetime.fromisoformat(data["at"]), backup_id=str(data["backup_id"]), ok=bool(data["ok"]),
+                how=str(data.get("how") or "deep status"), problems=[str(p) for p in data.get("problems") or ()],
+                bad_blobs=[str(b) for b in data.get("bad_blobs") or ()],
             )
         )
     incomplete = sorted(folders - set(complete))
-    return RepositoryState(location=repo.location, backups=backups, drills=drills, incomplete=incomplete)
+    return RepositoryState(location=repo.location, backups=backups, drills=drills, incomplete=incomplete,
+                           verifications=verifications)
 
 
 def _json(raw: bytes, what: str) -> dict[str, Any]:

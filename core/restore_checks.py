@@ -21,7 +21,7 @@ from .backup_crypto import parse_key
 from .drill import plaintext
 from .errors import ConfigurationError, IntegrityError, RecoveryError
 from .manifest import Manifest
-from .mirror import POOL, read_inventory
+from .mirror import read_inventory, verify_blobs
 from .pgdump import client_version
 from .repository import BACKUPS, MANIFEST_NAME, LocalRepository, Repository, scan
 from .restore_plan import InventoryState, KeyMaterial, LiveState, TargetState, ToolState
@@ -292,12 +292,12 @@ async def inventory_state(repo: Repository, point: RecoveryPoint) -> InventorySt
     if not await repo.exists(key):
         return InventoryState(present=False, problem=f"the attachments inventory {key} is missing")
     entries = [e async for e in read_inventory(repo, key)]
-    pool = {k: size async for k, size in repo.list(POOL)}
-    # A blob of the wrong size is as unusable as a missing one (a truncated copy, say).
-    missing = [e.repo_key for e in entries if pool.get(e.repo_key) != e.size]
+    # Every blob re-read: one of the right size but other content is as unusable as a missing one.
+    checked = await verify_blobs(repo, entries)
     return InventoryState(
-        present=True, objects=len(entries), missing=missing[:50], missing_count=len(missing),
-        entries=[(e.key, e.repo_key, e.version_id) for e in entries],
+        present=True, objects=len(entries), missing=[f"{k} ({why})" for k, why in checked.bad[:50]],
+        missing_count=len(checked.bad), entries=[(e.key, e.repo_key, e.version_id) for e in entries],
+        checked_by=checked.how,
     )
 
 

@@ -123,6 +123,7 @@ class InventoryState:
     missing_count: int = 0
     entries: list[tuple[str, str, str | None]] = field(default_factory=list)  # (key, repo_key, version_id)
     problem: str | None = None
+    checked_by: str = "size only"  # how the blobs were checked: by content, or (older inventories) size only
 
 
 @dataclass(frozen=True)
@@ -346,14 +347,15 @@ def check_inventory(manifest: Manifest, inventory: InventoryState | None) -> Pla
     if inventory.missing_count:
         return _check("attachments", "fail", "inventory_objects_missing",
                       f"{inventory.missing_count} of {inventory.objects} mirrored blob(s) the inventory names are "
-                      f"missing from the repository or have the wrong size (e.g. {', '.join(inventory.missing[:3])}): "
+                      f"missing from the repository or do not match it (e.g. {'; '.join(inventory.missing[:3])}): "
                       "those attachments cannot be restored; choose another recovery point",
-                      missing=inventory.missing[:20])  # fmt: skip
+                      missing=inventory.missing[:20], checked_by=inventory.checked_by)  # fmt: skip
     versions = {key: version for key, _repo_key, version in inventory.entries if version}
     versioned = (f" (source bucket versioned: {len(versions)} version id(s) recorded, restorable in place too)"
                  if att.source_versioned else "")
     return _check("attachments", "ok", "ok",
-                  f"all {inventory.objects} blob(s) of the inventory are in the repository{versioned}",
+                  f"all {inventory.objects} blob(s) of the inventory are in the repository, checked by "
+                  f"{inventory.checked_by}{versioned}", checked_by=inventory.checked_by,
                   versions_to_restore=dict(list(versions.items())[:50]), versions_recorded=len(versions))
 
 

@@ -24,7 +24,7 @@ from pydantic import BaseModel, Field
 from ..core import backup_crypto, drill, postgres
 from ..core import restore_checks as rc
 from ..core.errors import ConfigurationError, IntegrityError, RecoveryError, scrub
-from ..core.mirror import read_inventory
+from ..core.mirror import BlobCheck, read_inventory, verify_blobs
 from ..core.progress import Progress
 from ..core.repository import DRILLS, Repository, open_repository
 from ..core.runtime import Runtime
@@ -156,6 +156,14 @@ async def _drill(
         run.steps[-1] = run.steps[-1].model_copy(update={"ok": False, "summary": "; ".join(
             v.problem or "" for v in bad)})
         return
+    if manifest.attachments.backend == "s3" and manifest.attachments.inventory:
+        blobs = await run.step("verify_attachments", lambda: _verify_blobs(repo, point),
+                               lambda c: f"{c.objects} mirrored blob(s) checked by {c.how}")  # fmt: skip
+        if blobs.bad:
+            run.steps[-1] = run.steps[-1].model_copy(update={"ok": False, "summary": (
+                f"{len(blobs.bad)} of {blobs.objects} mirrored blob(s) do not match the inventory: "
+                + "; ".join(f"{key} ({why})" for key, why in blobs.bad[:3])), "details": {"bad": blobs.bad[:20]}})
+            return
     dumps = [a for a in manifest.artifacts if a.kind == "database"]
     directory = manifest.database.dump_format == "directory"
     if not dumps or (len(dumps) != 1 and not directory):
@@ -194,6 +202,12 @@ async def _drill(
             t0 = time.perf_counter()
             await run.progress(len(run.steps), None, "drill: proving")
             run.proof(await prove(), time.perf_counter() - t0)
+
+
+async def _verify_blobs(repo: Repository, point: rc.RecoveryPoint) -> BlobCheck:
+    assert point.manifest.attachments.inventory is not None
+    entries = [e async for e in read_inventory(repo, point.prefix + point.manifest.attachments.inventory)]
+    return await verify_blobs(repo, entries)
 
 
 async def _prove_attachments(

@@ -231,8 +231,10 @@ async def test_a_drill_reads_an_s3_repository_and_proves_mirrored_attachments(
             blob[0] ^= 0x01
             await c.put_object(Bucket=repository, Key=pool[0], Body=bytes(blob))
         tampered = await drill(env)
-        assert tampered.verdict == "fail" and not steps(tampered)["prove_attachments"].ok
-        assert tampered.scratch_dropped
+        # Every blob is checked against the inventory's checksum before any database exists, not only a sample.
+        assert tampered.verdict == "fail" and not steps(tampered)["verify_attachments"].ok
+        assert "content differs" in steps(tampered)["verify_attachments"].summary
+        assert tampered.scratch_database is None and tampered.scratch_dropped
 
 
 @pytest.mark.anyio

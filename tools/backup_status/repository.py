@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from ...core.repository import read_state
+from ...core.errors import RecoveryError
+from ...core.repository import RepositoryState, Verified, open_repository, read_state
 from ...core.retention import Candidate, decide
 from ...core.retention_apply import policy_of
+from ...core.verification import record, reverify
 from ..base import Verdict
 from .common import Check, StatusContext, format_age, format_size
 
@@ -66,16 +69,31 @@ async def check_last_backup(ctx: StatusContext) -> Check:
     if age > limit:
         status = "fail"
         notes.append(f"older than {settings.max_backup_age_hours:g} h")
-    if newest.verified is False:
-        status = "fail"
-        notes.append("its checksums did not verify")
-    elif newest.verified is None and status == "ok":
-        status = "warn"
+    if ctx.deep:
+        state = await _reverify(ctx, state, newest.backup_id, details)
+    proof = state.last_verdict(newest)
+    if proof is not None:
+        details["last_verified"] = _proof(proof)
+    failed = state.failed_backups()
+    if failed:
+        details["failed_backups"] = {backup_id: _proof(p) for backup_id, p in failed.items()}
+    if proof is None:
+        status = "warn" if status == "ok" else status
         notes.append("not verified yet")
+    elif not proof.ok:
+        status = "fail"
+        notes.append(f"it FAILED verification {_how(proof)} {format_age(datetime.now(UTC) - proof.at)} ago: "
+                     f"{proof.problem}; do not count on it, choose another recovery point and run run_backup")
     summary = f"newest backup {newest.backup_id} is {format_age(age)} old, {format_size(newest.size_bytes)}"
-    summary += ", verified" if newest.verified else ""
+    if proof is not None and proof.ok:
+        summary += f", verified {_how(proof)} {format_age(datetime.now(UTC) - proof.at)} ago"
     if notes:
         summary += ": " + ", ".join(notes)
+    older_failed = sorted(b for b in failed if b != newest.backup_id)
+    if older_failed:
+        status = "warn" if status == "ok" else status
+        summary += (f"; {len(older_failed)} older backup(s) FAILED verification or a drill: "
+                    f"{', '.join(older_failed[:5])}")
     summary += f"; {len(state.backups)} kept"
     if decision.delete:
         summary += f", {len(decision.delete)} beyond the retention policy (run_backup prune=true confirm=true)"
@@ -83,6 +101,39 @@ async def check_last_backup(ctx: StatusContext) -> Check:
         summary += (f"; {len(state.incomplete)} incomplete folder(s) from an interrupted or running backup "
                     "(the next run deletes them)")
     return Check(component="last_backup", status=status, summary=summary, details=details)
+
+
+def _how(proof: Verified) -> str:
+    return {"at write": "at write", "drill": "by a restore drill"}.get(proof.how, f"by a {proof.how}")
+
+
+def _proof(proof: Verified) -> dict[str, Any]:
+    return {"at": proof.at.isoformat(), "how": proof.how, "ok": proof.ok, "problem": proof.problem}
+
+
+async def _reverify(
+    ctx: StatusContext, state: RepositoryState, backup_id: str, details: dict[str, Any]
+) -> RepositoryState:
+    """Verify the newest backup again, and those that failed before (so a repaired one is cleared); record each."""
+    again = [backup_id, *sorted(b for b in state.failed_backups() if b != backup_id)]
+    done = []
+    async with open_repository(ctx.runtime.settings) as repo:
+        for one in again:
+            verification = await reverify(repo, one, "deep status")
+            done.append(verification)
+            report: dict[str, Any] = {"ok": verification.ok, "problems": verification.problems[:10]}
+            if ctx.runtime.settings.access == "read-only":
+                report |= {"recorded": None, "not_recorded": "read-only access: the result is not written"}
+            else:
+                try:
+                    report["recorded"] = await record(repo, verification)
+                except RecoveryError as exc:
+                    report["not_recorded"] = exc.message
+            if one == backup_id:
+                details["deep_verification"] = report
+            else:
+                details.setdefault("reverified_failed", {})[one] = report
+    return replace(state, verifications=[*state.verifications, *done])
 
 
 # --- restore drill ------------------------------------------------------------------------
@@ -95,10 +146,19 @@ async def check_restore_drill(ctx: StatusContext) -> Check:
     details: dict[str, Any] = {"drills_recorded": len(state.drills)}
     if last_any is not None:
         details["last_drill"] = {"at": last_any.at.isoformat(), "ok": last_any.ok, "backup_id": last_any.backup_id}
+    if last_any is not None and not last_any.ok:
+        details["last_drill"]["problem"] = last_any.problem
+        summary = (f"the most recent restore drill, of backup {last_any.backup_id} "
+                   f"{format_age(datetime.now(UTC) - last_any.at)} ago, FAILED: {last_any.problem or 'see its record'}")
+        if last_ok is not None:
+            summary += (f"; the last successful one (of {last_ok.backup_id}) was "
+                        f"{format_age(datetime.now(UTC) - last_ok.at)} ago")
+        return Check(component="restore_drill", status="fail", details=details,
+                     summary=summary + ". Fix what it names and run restore_drill again")
     if last_ok is None:
         return Check(
             component="restore_drill", status="warn", details=details,
-            summary="no restore drill has ever succeeded: a backup that has never been restored is not yet a "
+            summary="no restore drill has ever been run: a backup that has never been restored is not yet a "
             "backup. Run restore_drill",
         )
     age = datetime.now(UTC) - last_ok.at
@@ -106,8 +166,6 @@ async def check_restore_drill(ctx: StatusContext) -> Check:
         "at": last_ok.at.isoformat(), "backup_id": last_ok.backup_id, "rto_seconds": last_ok.rto_seconds,
     }
     status: Verdict = "warn" if age > DRILL_MAX_AGE else "ok"
-    summary = f"last successful drill {format_age(age)} ago (RTO {last_ok.rto_seconds or 0:.0f} s)"
-    if last_any is not None and not last_any.ok:
-        status = "warn"
-        summary += "; the most recent drill FAILED"
+    summary = (f"last successful drill {format_age(age)} ago, of backup {last_ok.backup_id} "
+               f"(RTO {last_ok.rto_seconds or 0:.0f} s)")
     return Check(component="restore_drill", status=status, summary=summary, details=details)
