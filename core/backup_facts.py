@@ -69,6 +69,10 @@ class DatabaseFacts:
     canary: CanaryInfo = field(default_factory=lambda: CanaryInfo(present=False))
     oban: ObanInfo = field(default_factory=ObanInfo)
     warnings: list[str] = field(default_factory=list)
+    # Live attachment rows (not deleted, with a storage key): their keys, for the S3 backend to compare with
+    # the bucket; for the database backend, those with no storage_objects row (count, first keys).
+    live_attachment_keys: list[str] | None = None
+    lacking_in_database: tuple[int, list[str]] | None = None
 
 
 async def quick_facts(conn: asyncpg.Connection, probe: SchemaProbe, master_key: str | None) -> DatabaseFacts:
@@ -139,12 +143,30 @@ async def _canary(conn: asyncpg.Connection, master_key: str | None) -> CanaryInf
     )
 
 
-async def counted_facts(conn: asyncpg.Connection, probe: SchemaProbe, facts: DatabaseFacts) -> None:
-    """Exact row counts and the Oban backlog, inside the snapshot (run while pg_dump runs)."""
+LIVE_ATTACHMENTS = "deleted_at IS NULL AND storage_key IS NOT NULL"
+LACKING_SHOWN = 20
+
+
+async def counted_facts(
+    conn: asyncpg.Connection, probe: SchemaProbe, facts: DatabaseFacts, *, blobs_in_database: bool = True
+) -> None:
+    """Exact row counts, the Oban backlog and live attachments without a blob, inside the snapshot (beside pg_dump)."""
     try:
         for table in COUNTED_TABLES:
             if probe.has_table(table):
                 facts.row_counts[table] = int(await conn.fetchval(f'SELECT count(*) FROM "{table}"'))
+        # A soft-deleted row without a blob is normal (Engram deletes those blobs); a live one is a lost file.
+        if probe.has_column("attachments", "storage_key") and probe.has_column("attachments", "deleted_at"):
+            if not blobs_in_database:
+                facts.live_attachment_keys = [r["k"] for r in await conn.fetch(
+                    f"SELECT storage_key AS k FROM attachments WHERE {LIVE_ATTACHMENTS}")]  # fmt: skip
+            elif probe.has_table("storage_objects"):
+                lacking = (f"FROM attachments a WHERE a.{LIVE_ATTACHMENTS.replace(' AND ', ' AND a.')} AND NOT "
+                           "EXISTS (SELECT 1 FROM storage_objects o WHERE o.storage_key = a.storage_key)")  # fmt: skip
+                count = int(await conn.fetchval(f"SELECT count(*) {lacking}"))
+                sql = f"SELECT a.storage_key AS k {lacking} ORDER BY 1 LIMIT {LACKING_SHOWN}"
+                first = [r["k"] for r in await conn.fetch(sql)] if count else []
+                facts.lacking_in_database = (count, first)
         if probe.has_table("oban_jobs"):
             rows = await conn.fetch(
                 "SELECT state::text AS state, count(*) AS n, "

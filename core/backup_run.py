@@ -242,7 +242,7 @@ async def gather_and_dump(
 
         async with task_group() as tg:
             tg.start_soon(run_dump)
-            await counted_facts(snap.conn, p, facts)
+            await counted_facts(snap.conn, p, facts, blobs_in_database=settings.storage_backend == "database")
     return facts, outcome, snap.wal_lsn, snap.taken_at
 
 

@@ -66,6 +66,12 @@ class AttachmentsInfo(_Model):
     inventory_sha256: str | None = None
     copied_objects: int | None = None
     copied_bytes: int | None = None
+    lacking: int | None = Field(
+        default=None,
+        description="Live attachment rows (not deleted, with a storage key) whose blob was not at the source "
+        "(bucket or storage_objects) when the backup was taken: this backup lacks them. None: not recorded.",
+    )
+    lacking_keys: list[str] = Field(default_factory=list, description="The first of those storage keys.")
 
 
 class CanaryInfo(_Model):

@@ -335,6 +335,19 @@ def check_target(manifest: Manifest, observed: Observed) -> list[PlanCheck]:
 
 
 def check_inventory(manifest: Manifest, inventory: InventoryState | None) -> PlanCheck:
+    checked = _check_inventory(manifest, inventory)
+    att = manifest.attachments
+    if checked.status == "fail" or not att.lacking:
+        if att.lacking is None and checked.status != "fail":
+            checked.summary += "; whether live attachments lacked a blob at backup time was not recorded"
+        return checked
+    checked.details |= {"lacking": att.lacking, "lacking_keys": att.lacking_keys}
+    checked.summary += (f"; but this backup lacks {att.lacking} live attachment(s): their blobs were already missing "
+                        f"at the source when it was taken (e.g. {', '.join(att.lacking_keys[:3])})")
+    return checked.model_copy(update={"status": "warn", "code": "attachments_lacking"})
+
+
+def _check_inventory(manifest: Manifest, inventory: InventoryState | None) -> PlanCheck:
     att = manifest.attachments
     if att.backend == "database":
         return _check("attachments", "ok", "in_database",

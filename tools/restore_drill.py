@@ -214,14 +214,37 @@ async def _prove_attachments(
     conn: postgres.Connection, repo: Repository, point: rc.RecoveryPoint, key: bytes, sample: int
 ) -> drill.Proof:
     att = point.manifest.attachments
-    if sample == 0:
-        return drill.Proof("attachments", True, "not sampled (sample_attachments=0)")
-    if att.backend == "database":
-        return await drill.prove_attachments_in_db(conn, key, sample)
-    if not att.inventory:
+    if att.backend != "database" and not att.inventory:
         return drill.Proof("attachments", False, "the backup records no attachments inventory")
-    pool = {e.key: e.repo_key async for e in read_inventory(repo, point.prefix + att.inventory)}
-    return await drill.prove_attachments_mirrored(conn, key, sample, repo, pool)
+    pool: dict[str, str] = {}
+    if att.inventory and att.backend != "database":
+        pool = {e.key: e.repo_key async for e in read_inventory(repo, point.prefix + att.inventory)}
+    if sample == 0:
+        proof = drill.Proof("attachments", True, "not sampled (sample_attachments=0)")
+    elif att.backend == "database":
+        proof = await drill.prove_attachments_in_db(conn, key, sample)
+    else:
+        proof = await drill.prove_attachments_mirrored(conn, key, sample, repo, pool)
+    return await _lacking(conn, proof, None if att.backend == "database" else pool)
+
+
+async def _lacking(conn: postgres.Connection, proof: drill.Proof, pool: dict[str, str] | None) -> drill.Proof:
+    """Say how many live attachments of the restored database have no blob in this backup."""
+    live = "FROM attachments a WHERE a.deleted_at IS NULL AND a.storage_key IS NOT NULL"
+    if pool is None:
+        absent = "NOT EXISTS (SELECT 1 FROM storage_objects o WHERE o.storage_key = a.storage_key)"
+        lacking = [r["k"] for r in await conn.fetch(f"SELECT a.storage_key AS k {live} AND {absent} ORDER BY 1")]
+    else:
+        lacking = sorted(k for k in [r["k"] for r in await conn.fetch(f"SELECT a.storage_key AS k {live}")]
+                         if k not in pool)  # fmt: skip
+    proof.details["lacking"] = len(lacking)
+    if lacking:
+        proof.details["lacking_keys"] = lacking[:20]
+        proof.summary += (f"; this backup lacks {len(lacking)} live attachment(s), whose blob was not at the source "
+                          f"when it was taken (e.g. {', '.join(lacking[:3])})")
+    else:
+        proof.summary += "; no live attachment lacks its blob"
+    return proof
 
 
 def _with_database(dsn: str, database: str) -> str:

@@ -14,6 +14,7 @@ from mcp_types import ToolAnnotations
 from pydantic import BaseModel, Field
 
 from ..core import backup_crypto, engram_crypto
+from ..core.backup_facts import LACKING_SHOWN, DatabaseFacts
 from ..core.backup_run import (
     backup_key,
     clean_leftovers,
@@ -167,6 +168,17 @@ async def _backup(
     timings["verify"] = round(time.monotonic() - clock, 3)
     qinfo, qwarning = await qdrant_info(runtime)
     warnings = facts.warnings + ([qwarning] if qwarning else [])
+    lacking = _lacking(facts, mirror_report)
+    if lacking is not None:
+        count, first = lacking
+        attachments = attachments.model_copy(update={"lacking": count, "lacking_keys": first})
+        if count:
+            where = f"bucket {settings.storage_bucket}" if mirror_report is not None else "storage_objects"
+            warnings.append(
+                f"{count} live attachment(s) have no blob in {where}, so this backup lacks them (first: "
+                f"{', '.join(first[:5])}): Engram cannot serve those files now either; restore them from an older "
+                "backup or the bucket's versions, or have their owners upload them again"
+            )
     if facts.canary.matches_configured_key and settings.encryption_master_key:
         master_fp = engram_crypto.key_fingerprint(
             engram_crypto.decode_master_key(settings.encryption_master_key.get_secret_value())
@@ -212,6 +224,16 @@ async def _backup(
         attachments=attachments_result, verified=True, warnings=warnings, cleaned_leftovers=cleaned,
         retention=retention,
     )
+
+
+def _lacking(facts: DatabaseFacts, mirror: MirrorReport | None) -> tuple[int, list[str]] | None:
+    """Live attachment rows whose blob is not in this backup: (count, first keys), or None when not measurable."""
+    if mirror is None:
+        return facts.lacking_in_database
+    if facts.live_attachment_keys is None:
+        return None
+    missing = sorted(k for k in set(facts.live_attachment_keys) if k not in mirror.keys)
+    return len(missing), missing[:LACKING_SHOWN]
 
 
 def _database_attachments() -> AttachmentsInfo:

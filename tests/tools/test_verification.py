@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import anyio
+import asyncpg
 import pytest
 from support import EngramDB, engram_env, make_engram_db
 
@@ -26,6 +28,7 @@ from engram_recovery.core.progress import silent
 from engram_recovery.core.repository import LocalRepository
 from engram_recovery.core.runtime import Runtime
 from engram_recovery.core.settings import load_settings
+from engram_recovery.server import cli
 from engram_recovery.testbed.seaweedfs import SeaweedFS
 from engram_recovery.tools.backup_status import BackupStatusInput, Check, backup_status
 from engram_recovery.tools.plan_restore import PlanRestoreInput, PlanRestoreResult, plan_restore
@@ -273,3 +276,58 @@ async def test_an_older_inventory_without_checksums_is_still_read_and_checked_by
                             sha256=hashlib.sha256(b"abcdefghiX").hexdigest())  # fmt: skip
     mixed = await mirror.verify_blobs(repo, [old[0], sealed])
     assert [key for key, _why in mixed.bad] == [sealed.repo_key] and "size only" in mixed.how
+
+
+# --- live attachments without a blob ----------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_live_attachments_without_a_blob_at_the_source_make_the_backup_warn_and_plan_and_drill_count_them(
+    deployment: S3Deployment, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    conn = await asyncpg.connect(deployment.db.dsn)
+    try:
+        live = [r["k"] for r in await conn.fetch(
+            "SELECT storage_key AS k FROM attachments WHERE deleted_at IS NULL AND storage_key IS NOT NULL "
+            "ORDER BY storage_key")]  # fmt: skip
+        lost, soft_deleted = live[0], live[1]
+        # A soft-deleted row whose blob Engram already deleted is normal and must not count.
+        await conn.execute("UPDATE attachments SET deleted_at = now() WHERE storage_key = $1", soft_deleted)
+    finally:
+        await conn.close()
+    async with s3.client(deployment.source) as client:
+        await client.delete_objects(Bucket=deployment.source.bucket,
+                                    Delete={"Objects": [{"Key": lost}, {"Key": soft_deleted}]})  # fmt: skip
+    for name, value in deployment.env.items():
+        monkeypatch.setenv(name, value)
+    code = await anyio.to_thread.run_sync(cli.main, ["call", "run_backup"])
+    result = json.loads(capsys.readouterr().out)
+    assert code == 1 and result["verdict"] == "warn"
+    warning = next(w for w in result["warnings"] if "live attachment" in w)
+    assert warning.startswith("1 live attachment(s) have no blob") and lost in warning and soft_deleted not in warning
+    planned = plan_check(await plan(deployment.env), "attachments")
+    assert planned.status == "warn" and "lacks 1 live attachment(s)" in planned.summary and lost in planned.summary
+    drilled = await drill(deployment.env)
+    proof = next(s for s in drilled.steps if s.name == "prove_attachments")
+    assert proof.details["lacking"] == 1 and "lacks 1 live attachment(s)" in proof.summary, proof.summary
+
+
+@pytest.mark.anyio
+async def test_a_live_attachment_missing_from_storage_objects_is_named_by_run_backup_and_the_drill(
+    engram_db: EngramDB, tmp_path: Path
+) -> None:
+    env = engram_env(engram_db, tmp_path)
+    conn = await asyncpg.connect(engram_db.dsn)
+    try:
+        lost = await conn.fetchval(
+            "SELECT a.storage_key FROM attachments a JOIN storage_objects o USING (storage_key) "
+            "WHERE a.deleted_at IS NULL ORDER BY 1 LIMIT 1")  # fmt: skip
+        await conn.execute("DELETE FROM storage_objects WHERE storage_key = $1", lost)
+    finally:
+        await conn.close()
+    made = await backup(env)
+    assert made.verdict == "warn" and any(lost in w and "storage_objects" in w for w in made.warnings)
+    planned = plan_check(await plan(env), "attachments")
+    assert planned.status == "warn" and "lacks 1 live attachment(s)" in planned.summary
+    proof = next(s for s in (await drill(env)).steps if s.name == "prove_attachments")
+    assert proof.details["lacking"] == 1 and lost in proof.summary
