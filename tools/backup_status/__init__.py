@@ -31,8 +31,10 @@ CHECK_TIMEOUT = 8.0
 class BackupStatusInput(ToolInput):
     deep: bool = Field(
         default=False,
-        description="Also list the whole attachments bucket and count rows exactly, to find attachments whose "
-        "blob is missing and blobs no row references. Slow on large deployments; off by default.",
+        description="Also re-verify the newest backup (every artifact's SHA-256, every mirrored blob's content; "
+        "the result is recorded in the repository), list the whole attachments bucket and count rows exactly, to "
+        "find attachments whose blob is missing and blobs no row references. Slow on large deployments; off by "
+        "default.",
     )
 
 
@@ -105,8 +107,10 @@ SPEC = ToolSpec(
         "(reachable, pg_dump compatible, role sees all rows under row-level security, WAL archiving), the newest "
         "backup's age and verification, the master key against Engram's boot canary (never revealing it), the "
         "attachments store, Qdrant, Oban's embedding backlog and the last restore drill. Returns one verdict "
-        "(ok/warn/fail) and one check per component with a one-line summary that says what to do. Read-only; "
-        "fast by default. Pass deep=true to also find attachment rows whose blob is missing (lists the bucket)."
+        "(ok/warn/fail) and one check per component with a one-line summary that says what to do; it says when and "
+        "how the newest backup was last verified and names any backup that failed verification or a drill. "
+        "Read-only and fast by default. Pass deep=true to re-verify the newest backup byte for byte (recorded in the "
+        "backup repository, unless access is read-only) and find attachment rows whose blob is missing."
     ),
     input_model=BackupStatusInput,
     result_model=BackupStatusResult,
