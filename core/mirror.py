@@ -134,11 +134,11 @@ class Known:
     checksums: dict[str, tuple[str | None, str | None]] = field(default_factory=dict)  # repo_key -> (sha256, md5)
     suspects: frozenset[str] = frozenset()  # pool keys a verification found bad since then
 
-    def stale(self, obj: SourceObject, pooled: Pooled | None) -> bool:
-        """Must `obj` be copied (again)? Missing, wrong size, or content that can no longer be trusted."""
+    def stale(self, obj: SourceObject, repo_key: str, pooled: Pooled | None) -> bool:
+        """Must `obj` (stored at `repo_key`) be copied (again)? Missing, wrong size, or content no longer trusted."""
         if pooled is None or pooled.size != obj.size:
             return True
-        if pool_key(obj.key, obj.etag) in self.suspects:
+        if repo_key in self.suspects:
             return True
         expected = md5_of_etag(obj.etag)
         if expected and pooled.etag and md5_of_etag(pooled.etag) and pooled.etag != expected:
@@ -254,8 +254,14 @@ async def mirror_attachments(
     known = await known_pool(repo)
     async with _Session(source, target, concurrency) as session:
         versioned, objects, present = await session.survey(repo)
-        todo = [o for o in objects if known.stale(o, present.get(pool_key(o.key, o.etag)))]
-        recopied = sum(1 for o in todo if present.get(pool_key(o.key, o.etag)) is not None)
+        todo: list[SourceObject] = []
+        recopied = 0
+        for o in objects:
+            repo_key = pool_key(o.key, o.etag)
+            pooled = present.get(repo_key)
+            if known.stale(o, repo_key, pooled):
+                todo.append(o)
+                recopied += pooled is not None
         total_bytes = sum(o.size for o in objects)
         todo_bytes = sum(o.size for o in todo)
         if dry_run:
@@ -545,7 +551,7 @@ class BlobCheck:
         return "size only" if not self.by_content else f"content, {self.size_only} by size only (older inventory)"
 
 
-async def verify_blobs(repo: Repository, entries: list[InventoryEntry], concurrency: int = 4) -> BlobCheck:
+async def verify_blobs(repo: Repository, entries: list[InventoryEntry], concurrency: int = 8) -> BlobCheck:
     """Re-read every blob `entries` name and compare its content with the checksum the inventory recorded."""
     problems: dict[int, str] = {}
     sizes = {key: size async for key, size in repo.list(POOL)}

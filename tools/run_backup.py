@@ -259,8 +259,10 @@ def _s3_attachments(
         copied_bytes=report.copied_bytes, inventory=report.inventory_name, versioned=report.versioned,
         seconds=round(report.seconds, 3),
         summary=f"mirrored bucket {settings.storage_bucket}: {report.objects} objects, {report.copied_objects} "
-        f"new or changed copied ({report.copied_bytes / 2**20:,.1f} MiB)",
-    )
+        f"new or changed copied ({report.copied_bytes / 2**20:,.1f} MiB)"
+        + (f", {report.recopied_objects} of them copied again because the repository's copy could no longer be "
+           "trusted (changed since it was written, or found bad by a verification)" if report.recopied_objects else ""),
+    )  # fmt: skip
     return info, artifacts, result
 
 

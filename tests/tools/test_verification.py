@@ -206,6 +206,7 @@ async def test_a_mirrored_blob_changed_in_place_fails_plan_drill_and_status_and_
     # The next run does not skip it for its size: the copy is made again, from the source.
     second = await backup(env)
     assert second.attachments is not None and second.attachments.copied_objects == 1, second.attachments
+    assert "1 of them copied again" in second.attachments.summary
     assert victim.read_bytes() == deployment.objects[entries[0]["key"]]
     healed = plan_check(await plan(env), "attachments")
     assert healed.status == "ok" and "checked by content" in healed.summary, healed.summary
