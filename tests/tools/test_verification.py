@@ -145,6 +145,11 @@ async def test_a_deep_status_re_verifies_the_newest_backup_records_it_and_later_
     assert recorded.startswith("verifications/") and (tmp_path / "repo" / recorded).is_file()
     later = (await status(env))["last_backup"]
     assert later.details["last_verified"]["how"] == "deep status" and "verified by a deep status" in later.summary
+    # With read-only access the deep status still verifies, but writes nothing.
+    records = sorted((tmp_path / "repo" / "verifications").iterdir())
+    looked = (await status(env | {"ENGRAM_RECOVERY_ACCESS": "read-only"}, deep=True))["last_backup"]
+    assert looked.details["deep_verification"]["recorded"] is None and "read-only" in str(looked.details)
+    assert sorted((tmp_path / "repo" / "verifications").iterdir()) == records
     # One byte of the database artifact changes in storage: the deep status fails it, by name.
     flip_a_byte(tmp_path / "repo" / "backups" / first.backup_id / "db.dump.zst")
     deep = (await status(env, deep=True))["last_backup"]
