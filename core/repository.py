@@ -438,19 +438,27 @@ async def scan(repo: Repository) -> RepositoryState:
         folders.add(backup_id)
         if key == f"{BACKUPS}{backup_id}/{MANIFEST_NAME}":
             complete.append(backup_id)
-    backups: list[BackupSummary] = []
-    for backup_id in sorted(complete):
-        data = _json(await repo.get_bytes(f"{BACKUPS}{backup_id}/{MANIFEST_NAME}"), backup_id)
-        backups.append(
-            BackupSummary(
-                backup_id=str(data["backup_id"]),
-                finished_at=datetime.fromisoformat(data["finished_at"]),
-                size_bytes=int(data.get("total_bytes", 0)),
-                verified=data.get("verified"),
-                verified_at=datetime.fromisoformat(data["verified_at"]) if data.get("verified_at") else None,
-                started_at=datetime.fromisoformat(data["started_at"]) if data.get("started_at") else None,
-            )
-        )
+    backups = [summary_of(_json(await repo.get_bytes(f"{BACKUPS}{backup_id}/{MANIFEST_NAME}"), backup_id))
+               for backup_id in sorted(complete)]
+    incomplete = sorted(folders - set(complete))
+    return RepositoryState(location=repo.location, backups=backups, drills=await read_drills(repo),
+                           incomplete=incomplete, verifications=await read_verifications(repo))
+
+
+def summary_of(manifest: dict[str, Any]) -> BackupSummary:
+    """What retention and the status read of a manifest (KeyError or ValueError when it lacks that)."""
+    return BackupSummary(
+        backup_id=str(manifest["backup_id"]),
+        finished_at=datetime.fromisoformat(manifest["finished_at"]),
+        size_bytes=int(manifest.get("total_bytes", 0)),
+        verified=manifest.get("verified"),
+        verified_at=datetime.fromisoformat(manifest["verified_at"]) if manifest.get("verified_at") else None,
+        started_at=datetime.fromisoformat(manifest["started_at"]) if manifest.get("started_at") else None,
+    )
+
+
+async def read_drills(repo: Repository) -> list[DrillRecord]:
+    """Every restore drill record in the repository."""
     drills: list[DrillRecord] = []
     async for key, _size in repo.list(DRILLS):
         if not key.endswith(".json"):
@@ -466,6 +474,11 @@ async def scan(repo: Repository) -> RepositoryState:
                               if isinstance(s, dict) and not s.get("ok")), None),
             )
         )
+    return drills
+
+
+async def read_verifications(repo: Repository) -> list[VerificationRecord]:
+    """Every re-verification record in the repository."""
     verifications: list[VerificationRecord] = []
     async for key, _size in repo.list(VERIFICATIONS):
         if not key.endswith(".json"):
@@ -478,9 +491,7 @@ async def scan(repo: Repository) -> RepositoryState:
                 bad_blobs=[str(b) for b in data.get("bad_blobs") or ()],
             )
         )
-    incomplete = sorted(folders - set(complete))
-    return RepositoryState(location=repo.location, backups=backups, drills=drills, incomplete=incomplete,
-                           verifications=verifications)
+    return verifications
 
 
 def _json(raw: bytes, what: str) -> dict[str, Any]:

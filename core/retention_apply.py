@@ -8,10 +8,12 @@ then removed from the shared pool.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from pydantic import BaseModel, Field
 
 from .manifest import MANIFEST_NAME, Manifest
-from .repository import BACKUPS, Repository, scan
+from .repository import BACKUPS, BackupSummary, Repository, scan
 from .retention import Candidate, Policy, decide
 from .settings import Settings
 
@@ -34,10 +36,15 @@ def policy_of(settings: Settings) -> Policy:
     )
 
 
+def candidates(backups: Iterable[BackupSummary]) -> list[Candidate]:
+    """What retention decides over: every complete backup, verified as its manifest says (the catalog uses this too)."""
+    return [Candidate(b.backup_id, b.finished_at, b.verified) for b in backups]
+
+
 async def apply_retention(repo: Repository, settings: Settings, *, prune: bool, confirm: bool) -> RetentionReport:
     policy = policy_of(settings)
     state = await scan(repo)
-    decision = decide([Candidate(b.backup_id, b.finished_at, b.verified) for b in state.backups], policy)
+    decision = decide(candidates(state.backups), policy)
     report = RetentionReport(
         policy={"keep_last": policy.last, "keep_daily": policy.daily, "keep_weekly": policy.weekly,
                 "keep_monthly": policy.monthly},

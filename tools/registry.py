@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import backup_status, plan_restore, reindex_qdrant, restore_drill, run_backup
+from . import backup_status, list_backups, plan_restore, reindex_qdrant, restore_drill, run_backup
 from .base import ToolSpec
 
 ALL: list[ToolSpec[Any, Any]] = [
     backup_status.SPEC,
+    list_backups.SPEC,
     run_backup.SPEC,
     plan_restore.SPEC,
     restore_drill.SPEC,
