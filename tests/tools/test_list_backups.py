@@ -42,8 +42,9 @@ async def catalog(env: dict[str, str]) -> dict[str, Any]:
     async with Client(build_server(load_settings(environ=env))) as client:
         answer = await client.call_tool("list_backups", {})
     assert not answer.is_error, answer.content
-    assert answer.structured_content is not None
-    return answer.structured_content
+    content: dict[str, Any] | None = answer.structured_content
+    assert content is not None
+    return content
 
 
 @pytest.mark.anyio
@@ -69,7 +70,7 @@ async def test_each_backup_is_described_and_retention_matches_what_run_backup_pr
     assert [e["backup_id"] for e in listed["backups"]] == [third.backup_id, second.backup_id, first.backup_id]
     for result in (first, second, third):
         entry = entries[result.backup_id]
-        manifest = Manifest.model_validate_json((tmp_path / "repo" / "backups" / result.backup_id /
+        manifest = Manifest.model_validate_json((tmp_path / "repo" / "backups" / str(result.backup_id) /
                                                  "manifest.json").read_bytes())  # fmt: skip
         assert entry["state"] == "complete"
         assert entry["size_bytes"] == result.stored_bytes == manifest.total_bytes
@@ -84,10 +85,10 @@ async def test_each_backup_is_described_and_retention_matches_what_run_backup_pr
     assert entries[second.backup_id]["encrypted"] is True and entries[first.backup_id]["encrypted"] is False
     # This server has no backup key set: it cannot say the encrypted one is readable.
     assert entries[second.backup_id]["configured_key_matches"] is None
-    keyed = await catalog(env | {"ENGRAM_RECOVERY_BACKUP_KEY": BACKUP_KEY})
-    assert next(e for e in keyed["backups"] if e["backup_id"] == second.backup_id)["configured_key_matches"] is True
-    other_key = await catalog(env | {"ENGRAM_RECOVERY_BACKUP_KEY": base64.b64encode(secrets.token_bytes(32)).decode()})
-    assert next(e for e in other_key["backups"] if e["backup_id"] == second.backup_id)["configured_key_matches"] is False
+    for key, matches in ((BACKUP_KEY, True), (base64.b64encode(secrets.token_bytes(32)).decode(), False)):
+        keyed = await catalog(env | {"ENGRAM_RECOVERY_BACKUP_KEY": key})
+        encrypted = next(e for e in keyed["backups"] if e["backup_id"] == second.backup_id)
+        assert encrypted["configured_key_matches"] is matches
 
     fates = {e["backup_id"]: e["retention"] for e in listed["backups"]}
     assert fates[third.backup_id] == {"action": "keep", "rules": ["newest verified", "last 1"],
