@@ -369,6 +369,14 @@ def _newest_first(entry: CatalogEntry, modified: float | None) -> tuple[datetime
     return started, finished, entry.backup_id
 
 
+def age_text(hours: float | None) -> str:
+    """'25 min', '3.5 h', '4.2 days'."""
+    hours = max(hours or 0.0, 0.0)
+    if hours < 1:
+        return f"{hours * 60:.0f} min"
+    return f"{hours:.1f} h" if hours < 48 else f"{hours / 24:.1f} days"
+
+
 def _summary(entries: list[CatalogEntry], counts: dict[str, int], blocked: str | None) -> str:
     if not entries:
         return "no backups yet: nothing could be recovered. Run run_backup (and schedule it)"
@@ -376,7 +384,7 @@ def _summary(entries: list[CatalogEntry], counts: dict[str, int], blocked: str |
     parts = [f"{counts['complete']} complete backup(s)"]
     if complete:
         newest = complete[0]
-        parts[0] += f", newest {newest.backup_id} ({newest.age_hours or 0:.1f} h old)"
+        parts[0] += f", newest {newest.backup_id} ({age_text(newest.age_hours)} old)"
         verified = next((e for e in complete if e.verified is not None and e.verified.ok), None)
         if verified is not None and verified is not newest:
             parts.append(f"newest proven good: {verified.backup_id}")

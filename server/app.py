@@ -27,8 +27,10 @@ INSTRUCTIONS = """\
 Backup and disaster recovery for an Engram deployment (PostgreSQL, the attachments
 bucket, the encryption master key, and Qdrant, which is rebuilt from Postgres).
 Start with backup_status: it says whether a recovery is possible right now and what
-would be lost. Tools that change anything refuse to act without confirm=true and
-report exactly what they did."""
+would be lost. list_backups (and the engram-recovery://backups resource) lists the
+recovery points; the disaster_recovery prompt walks through a whole recovery.
+Tools that change anything refuse to act without confirm=true and report exactly
+what they did."""
 
 
 def _progress_for(ctx: Context[Runtime, Any]) -> Progress:
@@ -80,15 +82,23 @@ def build_server(settings: Settings) -> RecoveryServer:
         finally:
             await runtime.aclose()
 
-    return RecoveryServer(
+    tools = tools_for(settings)
+    server = RecoveryServer(
         name="engram-recovery",
         title="Engram recovery",
         instructions=INSTRUCTIONS,
         version=__version__,
-        tools=[_as_mcp_tool(spec) for spec in tools_for(settings)],
+        tools=[_as_mcp_tool(spec) for spec in tools],
         lifespan=lifespan,
         log_level="WARNING",
     )
+    # Resources and the recovery prompt only read: registered whatever the access level.
+    from .prompts import register_prompts
+    from .resources import register_resources
+
+    register_resources(server, settings)
+    register_prompts(server, settings, {spec.name for spec in tools})
+    return server
 
 
 def error_text(exc: BaseException) -> str:
