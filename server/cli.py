@@ -61,6 +61,15 @@ def _parser() -> argparse.ArgumentParser:
         "<id>.dump in the current directory); a directory dump becomes a directory",
     )
 
+    backups = sub.add_parser(
+        "backups",
+        help="list the recovery points in the backup repository (a table; --json for machines)",
+        description="List every backup in the repository, newest first: snapshot time, age, size, format, "
+        "encryption, last verification and drill, and what retention will do to it. Needs only the repository "
+        "settings (no database). Exit code: 0 listed, 2 the repository cannot be read or is misconfigured.",
+    )
+    backups.add_argument("--json", action="store_true", help="print the catalog as JSON (as the list_backups tool)")
+
     sub.add_parser("config", help="print the effective configuration, every secret redacted")
     sub.add_parser("tools", help="list the tools this configuration registers")
 
@@ -172,6 +181,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_demo(args.admin_url, args.dir, serve=not args.no_serve, database=args.database)
         if args.command == "decrypt":
             return _decrypt(args.source, args.output, args.env_file)
+        if args.command == "backups":
+            from .backups_cli import run as list_backups
+
+            print(list_backups(load_settings(env_file=args.env_file, database_required=False), args.json))
+            return EXIT_OK
         settings = load_settings(env_file=args.env_file)
         if args.command == "config":
             print(json.dumps(settings.redacted(), indent=2))
