@@ -372,6 +372,8 @@ def _newest_first(entry: CatalogEntry, modified: float | None) -> tuple[datetime
 def age_text(hours: float | None) -> str:
     """'25 min', '3.5 h', '4.2 days'."""
     hours = max(hours or 0.0, 0.0)
+    if hours < 1 / 60:
+        return "<1 min"
     if hours < 1:
         return f"{hours * 60:.0f} min"
     return f"{hours:.1f} h" if hours < 48 else f"{hours / 24:.1f} days"

@@ -61,7 +61,7 @@ def _row(entry: CatalogEntry, now: datetime) -> tuple[str, ...]:
     if drill is not None:
         drilled = f"{'ok' if drill.ok else 'FAILED'} {_ago(drill.at, now)}"
         if drill.rto_seconds is not None:
-            drilled += f", RTO {drill.rto_seconds:.0f} s"
+            drilled += f", RTO {drill.rto_seconds:.{1 if drill.rto_seconds < 10 else 0}f} s"
     fate = entry.retention
     retention = {"keep": f"keep ({', '.join(fate.rules)})" if fate.rules else "keep", "prune": "PRUNE",
                  "unknown": "? (blocked)", "leftover": "-"}[fate.action]  # fmt: skip

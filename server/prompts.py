@@ -88,7 +88,7 @@ def _catalog_lines(view: CatalogView) -> list[str]:
         proof = entry.verified
         verified = f"verified {proof.how} {'ok' if proof.ok else 'FAILED'}" if proof else "never verified"
         drilled = (f"drilled {'ok' if entry.drilled.ok else 'FAILED'}"
-                   + (f", RTO {entry.drilled.rto_seconds:.0f} s" if entry.drilled.rto_seconds else "")
+                   + (f", RTO {entry.drilled.rto_seconds:.1f} s" if entry.drilled.rto_seconds else "")
                    if entry.drilled else "never drilled")  # fmt: skip
         lines.append(f"  - `{entry.backup_id}`: {age_text(entry.age_hours)} old, {verified}, {drilled}"
                      f"{', encrypted' if entry.encrypted else ''}")
