@@ -189,3 +189,26 @@ async def test_a_repository_that_is_not_a_directory_is_an_error_with_its_fix(
     assert answer.is_error
     text = " ".join(getattr(b, "text", "") for b in answer.content)
     assert "is not a directory" in text and "Fix: point ENGRAM_RECOVERY_REPOSITORY at a directory" in text
+
+
+@pytest.mark.anyio
+async def test_an_unreadable_drill_record_is_named_and_blocks_retention_as_it_blocks_run_backup(
+    engram_db: EngramDB, tmp_path: Path
+) -> None:
+    env = engram_env(engram_db, tmp_path)
+    made = await backup(env)
+    drills = tmp_path / "repo" / "drills"
+    drills.mkdir()
+    (drills / f"20261101T000000Z-{made.backup_id}.json").write_text("{not json")
+    listed = await catalog(env)
+    assert [e["backup_id"] for e in listed["backups"]] == [made.backup_id]
+    assert listed["backups"][0]["verified"]["how"] == "at write"
+    assert listed["backups"][0]["retention"]["action"] == "unknown"
+    assert f"drills/20261101T000000Z-{made.backup_id}.json" in listed["retention_blocked"]
+    assert any("the drill records could not be read" in w for w in listed["warnings"])
+    with pytest.raises(IntegrityError):
+        await backup(env)
+    async with Client(build_server(load_settings(environ=env))) as client:
+        records = await client.read_resource("engram-recovery://drills")
+    text = getattr(records.contents[0], "text", "")
+    assert "this record cannot be read" in text and f"drills/20261101T000000Z-{made.backup_id}.json" in text
