@@ -165,6 +165,8 @@ class Catalog:
                 raw = await self.repo.get_bytes(f"{BACKUPS}{backup_id}/{MANIFEST_NAME}")
                 summary = summary_of(json.loads(raw))
                 manifest = Manifest.model_validate_json(raw)
+                if summary.backup_id != backup_id:
+                    raise ValueError(f"it names backup {summary.backup_id[:40]!r}, not its folder's")
             except RecoveryError:
                 raise  # the repository itself failed: not this manifest's fault
             except (ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -189,8 +191,9 @@ class Catalog:
         blocked_reason = None
         if blocked:
             blocked_reason = (
-                f"{', '.join(blocked[:3])} cannot be read: run_backup reads every manifest and record before it "
-                "writes or prunes, so it stops there; restore the file from a copy or remove it"
+                f"{', '.join(blocked[:3])} cannot be trusted: restore it from a copy or remove it. Until then what "
+                "retention does is unknown, and run_backup, which reads every manifest and record first, stops at "
+                "an unreadable one"
             )
             warnings.insert(0, blocked_reason)
         else:

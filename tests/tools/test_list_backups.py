@@ -212,3 +212,19 @@ async def test_an_unreadable_drill_record_is_named_and_blocks_retention_as_it_bl
         records = await client.read_resource("engram-recovery://drills")
     text = getattr(records.contents[0], "text", "")
     assert "this record cannot be read" in text and f"drills/20261101T000000Z-{made.backup_id}.json" in text
+
+
+@pytest.mark.anyio
+async def test_a_manifest_copied_into_another_folder_is_not_taken_for_that_backup(
+    engram_db: EngramDB, tmp_path: Path
+) -> None:
+    env = engram_env(engram_db, tmp_path)
+    made = await backup(env)
+    repo = tmp_path / "repo" / "backups"
+    (repo / "20261101T000000Z-copy").mkdir()
+    (repo / "20261101T000000Z-copy" / "manifest.json").write_bytes((repo / str(made.backup_id) /
+                                                                     "manifest.json").read_bytes())  # fmt: skip
+    entries = {e["backup_id"]: e for e in (await catalog(env))["backups"]}
+    assert entries[str(made.backup_id)]["state"] == "complete"
+    copied = entries["20261101T000000Z-copy"]
+    assert copied["state"] == "unreadable" and f"names backup '{made.backup_id}'" in copied["problem"]
