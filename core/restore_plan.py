@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from . import engram_crypto
+from . import engram_crypto, key_rules
 from .manifest import MANIFEST_FORMAT, Manifest
 from .verify import ArtifactVerdict
 
@@ -196,35 +196,13 @@ def check_key(manifest: Manifest, keys: KeyMaterial) -> PlanCheck:
                       "Engram would silently adopt ANY master key at boot, making every row unreadable with the real "
                       "one. Run restore_drill on this backup (it decrypts real rows with the key) before booting",
                       **details)  # fmt: skip
-    wrapped = _b64(canary.wrapped_dek_b64)
-    expected = bytes.fromhex(canary.dek_sha256_hex)
-    verdict = engram_crypto.check_canary(keys.current, wrapped, expected)
-    details["canary"] = verdict
-    if verdict == "match":
-        return _check("master_key", "ok", "ok",
-                      f"master key {fingerprint} unwraps the backup's boot canary: Engram will boot with it",
-                      **details)  # fmt: skip
-    if verdict == "kms":
-        return _check("master_key", "warn", "kms_wrapped",
-                      "the backup's boot canary is wrapped by AWS KMS, so no local key can check it offline: make "
-                      "sure the KMS key and the permission to use it exist before booting", **details)  # fmt: skip
-    if keys.previous is not None and engram_crypto.check_canary(keys.previous, wrapped, expected) == "match":
-        details["previous_fingerprint"] = engram_crypto.key_fingerprint(keys.previous)
-        return _check("master_key", "fail", "previous_key_only",
-                      "the backup's canary opens with ENCRYPTION_MASTER_KEY_PREVIOUS, not ENCRYPTION_MASTER_KEY: "
-                      "Engram checks the canary with the current key only and would refuse to boot. Boot the "
-                      "restored database with the previous key as ENCRYPTION_MASTER_KEY (then rotate again)",
-                      **details)  # fmt: skip
-    if verdict in ("sha_mismatch", "malformed"):
-        return _check("master_key", "fail", "canary_corrupt",
-                      f"the canary recorded in the manifest is unusable ({verdict}): the manifest is damaged; "
-                      "choose another recovery point", **details)  # fmt: skip
-    return _check("master_key", "fail", "wrong_key",
-                  f"ENCRYPTION_MASTER_KEY (fingerprint {fingerprint}) does not unwrap this backup's boot canary"
-                  + (f" (the backup was written with key {manifest.master_key_fingerprint})"
-                     if manifest.master_key_fingerprint else "")
-                  + ": Engram would refuse to boot and no row could be read. Find the right key first",
-                  **details)  # fmt: skip
+    judged = key_rules.judge_canary(keys.current, keys.previous, _b64(canary.wrapped_dek_b64),
+                                    bytes.fromhex(canary.dek_sha256_hex), what="the backup's boot canary")
+    details |= judged.details
+    hint = {"kms_wrapped": " before booting", "canary_corrupt": " (the manifest is damaged): choose another recovery "
+            "point", "wrong_key": (f" (the backup was written with key {manifest.master_key_fingerprint})"
+                                   if manifest.master_key_fingerprint else "") + ". Find the right key first"}
+    return _check("master_key", judged.status, judged.code, judged.summary + hint.get(judged.code, ""), **details)
 
 
 def _b64(text: str) -> bytes:
