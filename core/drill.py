@@ -45,16 +45,21 @@ def _ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-async def create_scratch(conn: postgres.Connection, name: str) -> None:
+async def create_scratch(conn: postgres.Connection, name: str, owner: str | None = None) -> str:
+    """Create the scratch database, owned by `owner` (the source's owner) when that role exists; returns its owner."""
     if not _NAME.match(name):
         raise ValueError(f"{name!r} is not a drill database name")
+    exists = owner is not None and await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", owner)
+    owned = f" OWNER {_ident(owner)}" if owner is not None and exists else ""
     try:
-        await conn.execute(f"CREATE DATABASE {_ident(name)} TEMPLATE template0")
+        await conn.execute(f"CREATE DATABASE {_ident(name)}{owned} TEMPLATE template0")
     except postgres.PostgresError as exc:
         raise RecoveryError(
-            f"could not create the scratch database {name}: {exc}",
-            "the drill needs a role with CREATEDB on the server of DATABASE_URL",
+            f"could not create the scratch database {name}{f' owned by {owner}' if owned else ''}: {exc}",
+            "the drill needs a role with CREATEDB on the server of DATABASE_URL, and membership in the source "
+            "database's owner (or a superuser)",
         ) from exc
+    return str(await conn.fetchval("SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = $1", name))
 
 
 async def drop_scratch(conn: postgres.Connection, name: str) -> None:

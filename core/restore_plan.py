@@ -74,6 +74,28 @@ class ToolState:
 
 
 @dataclass(frozen=True)
+class RestoreNeeds:
+    """What restoring this dump asks of the restoring role; None where neither manifest nor dump says."""
+
+    owner: str | None  # the source database's owner: the restored database gets the same
+    object_owners: tuple[str, ...] | None
+    extensions: tuple[str, ...] | None
+    row_security_tables: tuple[str, ...] | None
+
+
+@dataclass(frozen=True)
+class RoleState:
+    """The role the plan's commands connect as, and what the server lets it do."""
+
+    name: str
+    superuser: bool
+    bypass_rls: bool
+    create_db: bool
+    create_role: bool
+    member_of: frozenset[str] = frozenset()  # of the roles the dump names: those it may act as
+
+
+@dataclass(frozen=True)
 class TargetState:
     database: str
     host: str | None
@@ -89,6 +111,9 @@ class TargetState:
     roles_present: frozenset[str] = frozenset()
     roles_needed: tuple[str, ...] = ()  # from the manifest, else from the dump's table of contents
     is_live: bool = False
+    role: RoleState | None = None
+    extensions_superuser_only: frozenset[str] = frozenset()  # the dump creates them; only a superuser may
+    extensions_unavailable: frozenset[str] = frozenset()  # the dump creates them; the server does not have them
 
     @property
     def state(self) -> str:
@@ -113,6 +138,12 @@ class LiveState:
     api_keys_created_after: int | None = None
     vault_seqs: dict[str, int] | None = None
     newer_users: list[str] | None = None
+    read_as: str | None = None  # how the rows were read (every row, or per tenant under row-level security)
+    unchecked: dict[str, str] = field(default_factory=dict)  # what could not be read completely, and why
+
+    def knows(self, what: str) -> bool:
+        """The live database was read, and `what` (newest_write, tokens, api_keys, vault_seqs) completely."""
+        return self.reachable and what not in self.unchecked
 
 
 @dataclass(frozen=True)
@@ -139,6 +170,7 @@ class Observed:
     now: datetime
     # Top-level prefixes of the live attachments bucket that the backup's inventory does not know.
     bucket_unknown_prefixes: list[str] | None = None
+    needs: RestoreNeeds = RestoreNeeds(None, None, None, None)
 
     @property
     def users_at_risk(self) -> list[str]:
@@ -311,6 +343,59 @@ def check_target(manifest: Manifest, observed: Observed) -> list[PlanCheck]:
     return checks
 
 
+def check_restore_role(observed: Observed) -> PlanCheck:
+    """Can the role the commands connect as do every step? Found now, not half-way through pg_restore."""
+    target, needs = observed.target, observed.needs
+    role = target.role
+    if role is None:
+        return _check("restore_role", "fail", "restore_role_unknown",
+                      "what the restoring role may do could not be read: the target server is unreachable")
+    if role.superuser:
+        return _check("restore_role", "ok", "ok", f"role {role.name} is a superuser: it can create the database, "
+                      "its extensions and its owners' objects, and restore rows under row-level security")
+    problems: list[tuple[str, str]] = []
+    unknown: list[str] = []
+    if target.extensions_unavailable:
+        names = ", ".join(sorted(target.extensions_unavailable))
+        problems.append(("extension_unavailable", f"the dump creates extension(s) {names} that the target server "
+                         "does not have: install them first"))
+    if target.extensions_superuser_only:
+        names = ", ".join(sorted(target.extensions_superuser_only))
+        problems.append(("extension_needs_superuser", f"the dump creates extension(s) {names}, which only a "
+                         f"superuser may create: have a superuser run CREATE EXTENSION {names} in the target "
+                         "database first, or restore as a superuser"))
+    if needs.extensions is None:
+        unknown.append("the extensions the dump creates (not recorded by this backup)")
+    secured = needs.row_security_tables
+    # Engram forces row-level security on its tenant tables: unrecorded means "assume it has them".
+    if not role.bypass_rls and (secured is None or secured):
+        what = f"{len(secured)} table(s)" if secured else "tables"
+        problems.append(("row_security_blocks_restore", f"role {role.name} is neither superuser nor BYPASSRLS: "
+                         f"pg_restore cannot load the rows of the dump's {what} under row-level security "
+                         f"(ALTER ROLE {role.name} BYPASSRLS, or restore as a superuser)"))
+    owners = set(needs.object_owners or ()) | ({needs.owner} if needs.owner else set())
+    foreign = sorted(o for o in owners if o != role.name and o not in role.member_of and o in target.roles_present)
+    if foreign:
+        problems.append(("cannot_set_owner", f"role {role.name} is not a member of {', '.join(foreign)}, which own "
+                         f"the dump's objects or database: pg_restore cannot give them back their owner (GRANT "
+                         f"{', '.join(foreign)} TO {role.name}, or restore as a superuser)"))
+    if needs.object_owners is None:
+        unknown.append("which roles own the dump's objects (not recorded by this backup)")
+    if not target.exists and not role.create_db:
+        problems.append(("cannot_create_database", f"role {role.name} may not create databases (CREATEDB) and "
+                         f"{target.database!r} does not exist: create it as {needs.owner or 'its owner'} first"))
+    details: dict[str, Any] = {"role": role.name, "bypass_rls": role.bypass_rls, "create_db": role.create_db,
+                               "unchecked": unknown}  # fmt: skip
+    if problems:
+        return _check("restore_role", "fail", problems[0][0], "; ".join(text for _code, text in problems),
+                      problems=[code for code, _text in problems], **details)  # fmt: skip
+    if unknown:
+        return _check("restore_role", "warn", "restore_role_unchecked", f"role {role.name} is not a superuser and "
+                      f"this plan cannot check {'; '.join(unknown)}: a restore step may fail half-way", **details)
+    return _check("restore_role", "ok", "ok", f"role {role.name} (not a superuser) may do every step: BYPASSRLS, "
+                  "no superuser-only extension, member of every owner", **details)  # fmt: skip
+
+
 def check_inventory(manifest: Manifest, inventory: InventoryState | None) -> PlanCheck:
     att = manifest.attachments
     if att.backend == "database":
@@ -346,6 +431,11 @@ def check_rpo(manifest: Manifest, live: LiveState) -> PlanCheck:
         return _check("rpo", "ok", "live_unreachable",
                       f"the live database is unreachable, so the loss cannot be measured: everything written after "
                       f"{point.isoformat()} is lost", backup_time=point.isoformat())  # fmt: skip
+    if not live.knows("newest_write"):
+        return _check("rpo", "warn", "cannot_check",
+                      f"{live.unchecked['newest_write']}: how much written after {point.isoformat()} would be lost is "
+                      "unknown. Plan as a superuser or a role with BYPASSRLS to measure it",
+                      backup_time=point.isoformat())  # fmt: skip
     # Engram's timestamps have whole seconds: a write in the backup's own second may be after it.
     if live.newest_write is None or live.newest_write < point.replace(microsecond=0):
         return _check("rpo", "ok", "nothing_lost",
@@ -365,6 +455,7 @@ def run_checks(manifest: Manifest, observed: Observed) -> list[PlanCheck]:
         check_key(manifest, observed.keys),
         *check_versions(manifest, observed),
         *check_target(manifest, observed),
+        *([check_restore_role(observed)] if observed.target.reachable else []),
         check_inventory(manifest, observed.inventory),
         check_rpo(manifest, observed.live),
     ]

@@ -109,13 +109,20 @@ def build_steps(manifest: Manifest, observed: Observed, ctx: CommandContext) -> 
             [f"aws s3 cp --recursive s3://{ctx.storage_bucket}/{u}/ {_q(ctx.work_dir + '/newer-users/' + u)}/"
              f"{_endpoint(ctx.storage_endpoint)}" for u in newer],
             checked=["rpo"], cannot_check=["objects uploaded between this plan and the copy"])
-    create = f"createdb {_conn(observed)} --no-password -T template0 {_q(t.database)}"
+    # Owned by the source's owner, as the dump's schema grants and default privileges expect.
+    owner = observed.needs.owner
+    create = f"createdb {_conn(observed)} --no-password -T template0{f' -O {_q(owner)}' if owner else ''} " + _q(
+        t.database)
+    unowned = [] if owner else ["the source database's owner (not recorded by this backup): set it with "
+                                "ALTER DATABASE ... OWNER TO before the restore"]
     if not t.exists:
-        add("create_target", f"Create the empty target database {t.database}", [create], checked=["target"])
+        add("create_target", f"Create the empty target database {t.database}"
+            + (f", owned by {owner} like the source" if owner else ""), [create], checked=["target", "restore_role"],
+            cannot_check=unowned)
     elif t.user_tables:
         add("replace_target", f"DROP and re-create {t.database} (allowed by allow_non_empty_target)",
-            [f"dropdb {_conn(observed)} --no-password {_q(t.database)}", create], checked=["target"],
-            cannot_check=["whether anything in the dropped database was still needed"])
+            [f"dropdb {_conn(observed)} --no-password {_q(t.database)}", create], checked=["target", "restore_role"],
+            cannot_check=["whether anything in the dropped database was still needed", *unowned])
     dump = dump_path(ctx, manifest)
     if db_artifact is not None:
         plain = sum(a.plain_size or a.size for a in manifest.artifacts if a.kind == "database")
@@ -129,7 +136,7 @@ def build_steps(manifest: Manifest, observed: Observed, ctx: CommandContext) -> 
                              if manifest.backup_key_fingerprint else "")])
         add("restore_database", "Restore the dump with stock tools, all or nothing",
             [restore_command(ctx, manifest, observed, dump)],
-            checked=["pg_restore", "target_server", "roles", "target"],
+            checked=["pg_restore", "target_server", "roles", "target", "restore_role"],
             cannot_check=["server-side limits met only during the restore (disk space, max_locks_per_transaction)"])
     counts = manifest.database.row_counts
     if counts:
@@ -181,7 +188,9 @@ def _security_steps(manifest: Manifest, observed: Observed, add_step: Callable[.
         if ids:
             statements.append(f"UPDATE {table} SET revoked_at = timezone('UTC', now()) WHERE revoked_at IS NULL "
                               f"AND id = ANY({_uuid_array(ids)})")
-    if live.api_key_ids is not None:
+    # Only from a complete, non-empty read: an empty list may be a read that saw nothing (row-level security),
+    # and "delete every key not in {}" would delete them all. Empty is for the operator to judge (consequences).
+    if live.knows("api_keys") and live.api_key_ids:
         statements.append(f"DELETE FROM api_keys WHERE NOT (id = ANY({_uuid_array(live.api_key_ids)}))")
     if statements:
         add_step("revoke_tokens", "Revoke the tokens revoked, and delete the API keys deleted, after the backup "
@@ -189,14 +198,16 @@ def _security_steps(manifest: Manifest, observed: Observed, add_step: Callable[.
                  checked=["rpo"], cannot_check=["revocations made after this plan was built; run it as a role "
                                                  "that sees every row (superuser or BYPASSRLS: api_keys has RLS)"])
     if (manifest.database.engram_schema_version or 0) >= CHANGE_SEQ_MIGRATION:
-        if live.vault_seqs:
+        if live.knows("vault_seqs") and live.vault_seqs:
             values = ", ".join(f"('{vid}'::uuid, {seq}::bigint)" for vid, seq in sorted(live.vault_seqs.items()))
             sql = (f"UPDATE vaults AS v SET change_seq = f.seq FROM (VALUES {values}) AS f(id, seq) "
                    "WHERE v.id = f.id AND v.change_seq < f.seq")
             unchecked = ["vaults created after the backup (they are not restored)"]
         else:
             sql = f"UPDATE vaults SET change_seq = change_seq + {BLIND_FENCE}"
-            unchecked = ["the live cursors (live database unreachable): every head moves by a fixed margin"]
+            why = ("live database unreachable" if not live.reachable else live.unchecked.get("vault_seqs")
+                   or "the live database holds no vault")
+            unchecked = [f"the live cursors ({why}): every head moves by a fixed margin"]
         add_step("fence_sync", "Move each vault's sync head past every cursor an Obsidian client may hold, so "
                  "writes made after the restore reach every device", [_psql(observed, sql)], cannot_check=unchecked)
 
@@ -230,14 +241,27 @@ def consequences(manifest: Manifest, observed: Observed, steps: list[PlanStep]) 
                                f"{live.users_signing_in_again or 0} user(s) must sign in again on those web sessions, "
                                "Obsidian devices and MCP clients", ))  # fmt: skip
         revoked = sum(len(v) for v in live.revoked_after.values())
-        deleted = None
-        if live.api_key_ids is not None and "api_keys" in manifest.database.row_counts:
+        backed_up = manifest.database.row_counts.get("api_keys")
+        if not live.knows("api_keys") or live.api_key_ids is None:
+            keys = (f"API keys deleted after the backup cannot be counted "
+                    f"({live.unchecked.get('api_keys', 'no api_keys table')}): ask users to rotate keys they had "
+                    "deleted, or plan again as a superuser or a role with BYPASSRLS")
+            deleted = None
+        elif not live.api_key_ids and backed_up:
+            keys = (f"the live api_keys table holds no key while the backup holds {backed_up}: if every key was "
+                    "really deleted after the backup, delete the restored ones by hand (DELETE FROM api_keys) once "
+                    "you have checked; the plan derives no statement from an empty read")
+            deleted = None
+        else:
             kept = len(live.api_key_ids) - (live.api_keys_created_after or 0)
-            deleted = max(manifest.database.row_counts["api_keys"] - kept, 0)
+            deleted = max((backed_up or 0) - kept, 0)
+            keys = f"about {deleted} API key(s) deleted after the backup would work again"
+        token_note = "" if live.knows("tokens") else f" ({live.unchecked['tokens']})"
         out.append(Consequence(topic="revoked_come_back", count=revoked + (deleted or 0),
                                step="revoke_tokens" if "revoke_tokens" in ids else None,
-                               summary=f"{revoked} token(s) revoked and about {deleted or 0} API key(s) deleted "
-                               "after the backup would work again: the revoke_tokens step re-revokes them"))
+                               summary=f"{revoked} token(s) revoked after the backup would work again{token_note}; "
+                               f"{keys}" + (": the revoke_tokens step re-revokes them" if "revoke_tokens" in ids
+                                            else "")))  # fmt: skip
     else:
         out.append(Consequence(topic="sign_in_again", summary="every web session, Obsidian device and MCP client "
                                f"that refreshed its token after {point} must sign in again (live database "

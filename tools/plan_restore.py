@@ -82,14 +82,18 @@ async def plan_restore(runtime: Runtime, params: PlanRestoreInput, progress: Pro
         await progress(0, 5, "reading the manifest")
         point = await rc.resolve(repo, params.recovery_point)
         manifest = point.manifest
-        roles = list(manifest.database.roles_referenced)
-        if not roles:
-            roles = sorted(await rc.roles_from_dump(settings, repo, point) or ())
+        db = manifest.database
+        # Backups that predate these manifest fields: the dump's own table of contents says.
+        unrecorded = not db.roles_referenced or None in (db.extensions, db.object_owners, db.row_security_tables)
+        listing = await rc.dump_listing(settings, repo, point) if unrecorded else None
+        needs = rc.restore_needs(manifest, listing)
+        roles = sorted(set(db.roles_referenced or rc.toc_owners(listing or "")) | set(needs.object_owners or ())
+                       | ({needs.owner} if needs.owner else set()))  # fmt: skip
         await progress(1, 5, f"verifying {len(manifest.artifacts)} artifact(s) of {manifest.backup_id}")
         artifacts, tools, target, live, inventory = await rc.gather_concurrently(
             rc.verify_artifacts(repo, point),
             rc.tool_state(settings),
-            rc.target_state(settings, target_db, roles),
+            rc.target_state(settings, target_db, roles, needs.extensions or ()),
             rc.live_state(settings, snapshot_time(manifest)),
             rc.inventory_state(repo, point),
         )
@@ -101,6 +105,7 @@ async def plan_restore(runtime: Runtime, params: PlanRestoreInput, progress: Pro
         manifest_sha256=point.manifest_sha256, artifacts=artifacts, keys=rc.key_material(settings), tools=tools,
         target=target, live=live, inventory=inventory, app_version=params.app_version,
         allow_non_empty_target=params.allow_non_empty_target, now=datetime.now(UTC), bucket_unknown_prefixes=unknown,
+        needs=needs,
     )  # fmt: skip
     checks = run_checks(manifest, observed)
     verdict = worst([c.status for c in checks])

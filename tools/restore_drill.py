@@ -174,7 +174,9 @@ async def _drill(
         swept.extend(await drill.sweep_leftovers(admin, now))
         name = drill.scratch_name(now)
         run.scratch = name
-        await run.step("create_database", lambda: drill.create_scratch(admin, name), lambda _: f"created {name}")
+        # Owned by the source database's owner, as a real restore must be (schema grants expect it).
+        await run.step("create_database", lambda: drill.create_scratch(admin, name, manifest.database.owner),
+                       lambda owner: f"created {name}, owned by {owner}")  # fmt: skip
     finally:
         await admin.close(timeout=2)
     scratch_dsn = _with_database(runtime.dsn, name)

@@ -331,3 +331,23 @@ async def test_directory_and_plain_dumps_pass_the_drill_too(
     assert result.verdict == "ok", result.summary
     assert steps(result)["prove_row_counts"].ok and steps(result)["prove_notes"].details["sampled"] > 0
     assert await drill_databases(admin_dsn) == before
+
+
+@pytest.mark.anyio
+async def test_the_scratch_database_is_owned_by_the_source_databases_owner(admin_dsn: str, tmp_path: Path) -> None:
+    async for db in make_engram_db(admin_dsn, secrets.token_bytes(32), notes=20, attachments=2):
+        admin = await asyncpg.connect(admin_dsn)
+        try:  # as in production: Engram's owner role owns the database, not the superuser that runs the drill
+            await admin.execute(f'ALTER DATABASE "{db.name}" OWNER TO engram_owner')
+        finally:
+            await admin.close()
+        env = engram_env(db, tmp_path, ENGRAM_RECOVERY_BACKUP_KEY=BACKUP_KEY)
+        runtime = Runtime(load_settings(environ=env))
+        try:
+            assert (await run_backup(runtime, RunBackupInput(), silent)).verified
+        finally:
+            await runtime.aclose()
+        result = await drill(env, sample_attachments=0)
+        assert result.verdict == "ok", result.summary
+        # Read back from pg_database right after CREATE DATABASE, not taken from the manifest.
+        assert steps(result)["create_database"].summary.endswith("owned by engram_owner")
