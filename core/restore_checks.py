@@ -8,9 +8,11 @@ from __future__ import annotations
 import hashlib
 import re
 import subprocess
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -99,6 +101,24 @@ async def verify_artifacts(repo: Repository, point: RecoveryPoint) -> list[Artif
         actual: Digest | None = await sha256_stream(repo.get_stream(key)) if await repo.exists(key) else None
         out.append(compare(a.name, a.sha256, a.size, actual))
     return out
+
+
+def tool_argv() -> tuple[str, ...]:
+    """This tool by absolute path: the console script beside this interpreter, else the interpreter itself."""
+    script = Path(sys.executable).parent / "engram-recovery"
+    if script.is_file():
+        return (str(script),)
+    return (sys.executable, "-m", "engram_recovery.server.cli")
+
+
+def absolute(path: str) -> str:
+    """A path as the plan's commands must name it: they may run from another directory."""
+    return str(Path(path).absolute())
+
+
+def absolute_repository(settings: Settings) -> str:
+    location = settings.repository
+    return location if "://" in location else absolute(location)
 
 
 def key_material(settings: Settings) -> KeyMaterial:

@@ -2,7 +2,9 @@
 
 Every command is exact for this deployment and carries no secret: PostgreSQL
 passwords come from PGPASSWORD or ~/.pgpass, S3 credentials from the AWS CLI's
-own environment, the backup key from ENGRAM_RECOVERY_BACKUP_KEY(_FILE).
+own environment, the backup key from ENGRAM_RECOVERY_BACKUP_KEY(_FILE). The
+tool's own commands name it by absolute path with its --env-file and the
+settings the environment gave it, so they run from a fresh shell.
 """
 
 from __future__ import annotations
@@ -38,6 +40,28 @@ class CommandContext:
     storage_bucket: str
     storage_endpoint: str | None
     qdrant_configured: bool
+    # The tool itself, spelled so the commands run from any shell: its absolute path, its --env-file,
+    # and what the environment gave it (a secret's name only: None).
+    tool: tuple[str, ...] = ("engram-recovery",)
+    env_file: str | None = None
+    environment: tuple[tuple[str, str | None], ...] = ()
+
+    def tool_command(self, args: str, needs: tuple[str, ...]) -> tuple[str, list[str]]:
+        """The tool run with `args` and the settings among `needs` spelled out; and the secrets it cannot spell."""
+        given = dict(self.environment)
+        prefix: list[str] = []
+        unspelled: list[str] = []
+        for name in needs:
+            if given.get(f"{name}_FILE"):
+                prefix.append(f"{name}_FILE={_q(str(given[f'{name}_FILE']))}")
+            elif name in given:
+                value = given[name]
+                if value is None:
+                    unspelled.append(name)
+                else:
+                    prefix.append(f"{name}={_q(value)}")
+        env_file = ["--env-file", _q(self.env_file)] if self.env_file else []
+        return " ".join([*prefix, *(_q(part) for part in self.tool), *env_file, args]), unspelled
 
 
 def _q(text: str) -> str:
@@ -65,12 +89,24 @@ def dump_path(ctx: CommandContext, manifest: Manifest) -> str:
     return str(PurePosixPath(ctx.work_dir) / f"{manifest.backup_id}{suffix}")
 
 
-def decrypt_command(ctx: CommandContext, manifest: Manifest, output: str) -> str:
+# What `decrypt backup:<id>` reads, and what `call reindex_qdrant` reads.
+DECRYPT_SETTINGS = ("ENGRAM_RECOVERY_REPOSITORY_ENDPOINT", "ENGRAM_RECOVERY_REPOSITORY_ACCESS_KEY_ID",
+                    "ENGRAM_RECOVERY_REPOSITORY_SECRET_ACCESS_KEY", "ENGRAM_RECOVERY_REPOSITORY_REGION",
+                    "ENGRAM_RECOVERY_BACKUP_KEY")  # fmt: skip
+REINDEX_SETTINGS = ("DATABASE_URL", "QDRANT_URL", "QDRANT_API_KEY", "QDRANT_COLLECTION", "EMBED_DIMS",
+                    "ENGRAM_RECOVERY_QDRANT_PATH", "ENGRAM_RECOVERY_ACCESS")  # fmt: skip
+
+
+def decrypt_command(ctx: CommandContext, manifest: Manifest, output: str) -> tuple[str, list[str]]:
     # `decrypt backup:<id>` reads the repository named here and checks the artifacts against the manifest.
-    return (
-        f"ENGRAM_RECOVERY_REPOSITORY={_q(ctx.repository)} engram-recovery decrypt "
-        f"{_q('backup:' + manifest.backup_id)} --output {_q(output)}"
-    )
+    command, unspelled = ctx.tool_command(f"decrypt {_q('backup:' + manifest.backup_id)} --output {_q(output)}",
+                                          DECRYPT_SETTINGS)  # fmt: skip
+    return f"ENGRAM_RECOVERY_REPOSITORY={_q(ctx.repository)} {command}", unspelled
+
+
+def _unspelled(names: list[str]) -> list[str]:
+    return [f"{name} came from this tool's environment and is never written into a command: export it (or "
+            f"{name}_FILE) in the shell that runs this step" for name in names]
 
 
 def restore_command(ctx: CommandContext, manifest: Manifest, observed: Observed, dump: str) -> str:
@@ -126,14 +162,15 @@ def build_steps(manifest: Manifest, observed: Observed, ctx: CommandContext) -> 
     dump = dump_path(ctx, manifest)
     if db_artifact is not None:
         plain = sum(a.plain_size or a.size for a in manifest.artifacts if a.kind == "database")
+        decrypt, unspelled = decrypt_command(ctx, manifest, dump)
         add("decrypt_database", "Decrypt and decompress the database dump from the repository (checked against "
             "the manifest as it is read)",
-            [f"mkdir -p {_q(ctx.work_dir)}", decrypt_command(ctx, manifest, dump)],
+            [f"mkdir -p {_q(ctx.work_dir)}", decrypt],
             expect=f"{dump}: {plain} bytes of pg_dump output", checked=["artifacts", "manifest"],
             cannot_check=[f"free disk space in {ctx.work_dir} (needs {plain} bytes)",
-                          "that ENGRAM_RECOVERY_BACKUP_KEY is set to the backup key"
-                          + (f" with fingerprint {manifest.backup_key_fingerprint}"
-                             if manifest.backup_key_fingerprint else "")])
+                          *_unspelled(unspelled)]
+            + ([f"that the backup key given to this step has fingerprint {manifest.backup_key_fingerprint}"]
+               if manifest.backup_key_fingerprint else []))
         add("restore_database", "Restore the dump with stock tools, all or nothing",
             [restore_command(ctx, manifest, observed, dump)],
             checked=["pg_restore", "target_server", "roles", "target", "restore_role"],
@@ -171,11 +208,12 @@ def build_steps(manifest: Manifest, observed: Observed, ctx: CommandContext) -> 
         "migrations, then checks the canary)", [], checked=["master_key", "app_version"],
         cannot_check=["the command that starts Engram in this deployment", "that the app is given this same key"])
     if ctx.qdrant_configured:
+        reindex, unspelled = ctx.tool_command("call reindex_qdrant --arg mode=all --arg recreate_collection=true "
+                                              "--arg confirm=true", REINDEX_SETTINGS)  # fmt: skip
         add("reindex_qdrant", "Rebuild Qdrant from scratch after Engram is up: the restored chunks point at "
-            "vectors of another moment",
-            ["engram-recovery call reindex_qdrant --arg mode=all --arg recreate_collection=true --arg confirm=true"],
+            "vectors of another moment", [reindex],
             cannot_check=["embedding provider quota and cost (run the same command without confirm=true first "
-                          "for its own estimate)"])
+                          "for its own estimate)", *_unspelled(unspelled)])
     add("cleanup", "Remove the decrypted dump (it holds every row, encrypted by Engram's keys only)",
         [f"rm -rf {_q(dump)}"], optional=True)
     return steps

@@ -110,10 +110,11 @@ async def plan_restore(runtime: Runtime, params: PlanRestoreInput, progress: Pro
     checks = run_checks(manifest, observed)
     verdict = worst([c.status for c in checks])
     ctx = CommandContext(
-        work_dir=params.work_dir, pg_restore=tools.pg_restore_path or settings.pg_restore,
-        repository=settings.repository, repository_endpoint=settings.repository_endpoint,
+        work_dir=rc.absolute(params.work_dir), pg_restore=tools.pg_restore_path or settings.pg_restore,
+        repository=rc.absolute_repository(settings), repository_endpoint=settings.repository_endpoint,
         storage_bucket=manifest.attachments.source_bucket or settings.storage_bucket,
         storage_endpoint=settings.storage_endpoint, qdrant_configured=manifest.qdrant.configured,
+        tool=rc.tool_argv(), env_file=settings.env_file, environment=settings.from_environment,
     )  # fmt: skip
     all_steps = build_steps(manifest, observed, ctx)
     steps = [] if verdict == "fail" else all_steps

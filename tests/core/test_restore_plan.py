@@ -310,3 +310,18 @@ def test_blobs_in_an_s3_repository_are_copied_server_side_or_through_a_file_neve
     other = replace(same, repository_endpoint="https://s3.example.org")
     step = {s.id: s for s in build_steps(m, make_observed(m, inventory=inventory), other)}["restore_attachments"]
     assert "|" not in step.commands[0] and step.commands[0].count("&&") == 2
+
+
+def test_the_tools_own_commands_spell_its_path_and_settings_but_never_a_secret() -> None:
+    m = make_manifest()
+    ctx = replace(CTX, tool=("/opt/er/bin/engram-recovery",), env_file="/srv/engram/.env",
+                  environment=(("ENGRAM_RECOVERY_BACKUP_KEY", None), ("ENGRAM_RECOVERY_REPOSITORY_REGION", "eu-west-1"),
+                               ("QDRANT_API_KEY_FILE", "/run/secrets/qdrant")))  # fmt: skip
+    steps = {s.id: s for s in build_steps(m, make_observed(m), ctx)}
+    decrypt = steps["decrypt_database"]
+    assert "ENGRAM_RECOVERY_REPOSITORY_REGION=eu-west-1 /opt/er/bin/engram-recovery --env-file /srv/engram/.env " \
+        "decrypt backup:" in decrypt.commands[-1]
+    assert "ENGRAM_RECOVERY_BACKUP_KEY" not in decrypt.commands[-1].replace("ENGRAM_RECOVERY_REPOSITORY", "")
+    assert any("ENGRAM_RECOVERY_BACKUP_KEY came from this tool's environment" in c for c in decrypt.cannot_check)
+    reindex = steps["reindex_qdrant"].commands[0]
+    assert reindex.startswith("QDRANT_API_KEY_FILE=/run/secrets/qdrant /opt/er/bin/engram-recovery --env-file ")

@@ -506,3 +506,36 @@ async def test_a_role_that_cannot_restore_is_named_and_a_superusers_restore_keep
         assert owner == {target: "engram_owner"}
     finally:
         await drop_database(admin_dsn, target)
+
+
+@pytest.mark.anyio
+async def test_the_decrypt_step_runs_from_a_fresh_shell_with_no_settings_and_no_tool_on_path(
+    backed_up: tuple[EngramDB, Path], tmp_path: Path
+) -> None:
+    db, base = backed_up
+    key_file = tmp_path / "backup.key"
+    key_file.write_text(BACKUP_KEY + "\n")
+    env_file = tmp_path / "engram.env"  # Engram's .env, as an operator points the tool at it
+    env_file.write_text(f"DATABASE_URL={db.dsn}\nENCRYPTION_MASTER_KEY={engram_crypto.encode_master_key(db.master_key)}\n"
+                        f"ENGRAM_RECOVERY_REPOSITORY={base / 'repo'}\n")  # fmt: skip
+    # The backup key from the tool's environment, by file: the command names the file, never the key.
+    settings = load_settings(environ={"ENGRAM_RECOVERY_BACKUP_KEY_FILE": str(key_file)}, env_file=env_file)
+    runtime = Runtime(settings)
+    try:
+        result = await plan_restore(runtime, PlanRestoreInput(target_database="engram_restored_" + secrets.token_hex(4),
+                                                              work_dir=str(tmp_path / "w")), silent)  # fmt: skip
+    finally:
+        await runtime.aclose()
+    assert result.executable, result.summary
+    step = next(s for s in result.steps if s.id == "decrypt_database")
+    text = " ".join(c for s in result.steps for c in s.commands)
+    assert BACKUP_KEY not in text and engram_crypto.encode_master_key(db.master_key) not in text
+    assert f"--env-file {env_file}" in step.commands[-1] and f"ENGRAM_RECOVERY_BACKUP_KEY_FILE={key_file}" in text
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for command in step.commands:  # a fresh shell: no tool on PATH, no setting in the environment
+        done = await anyio.run_process(["bash", "-c", command], env={"PATH": "/usr/bin:/bin"}, cwd=elsewhere,
+                                       check=False)  # fmt: skip
+        assert done.returncode == 0, (command, done.stderr.decode()[-2000:])
+    dump = tmp_path / "w" / f"{result.recovery_point.backup_id}.dump"
+    assert step.expect is not None and dump.stat().st_size == int(step.expect.split(": ")[1].split()[0])
