@@ -381,6 +381,10 @@ def check_restore_role(observed: Observed) -> PlanCheck:
                          f"{', '.join(foreign)} TO {role.name}, or restore as a superuser)"))
     if needs.object_owners is None:
         unknown.append("which roles own the dump's objects (not recorded by this backup)")
+    absent = sorted(r for r in set(target.roles_needed) if r not in target.roles_present)
+    if absent and not role.create_role:
+        problems.append(("cannot_create_roles", f"role {role.name} may not create roles (CREATEROLE), and the dump "
+                         f"needs {', '.join(absent)}: have a superuser create them first"))
     if not target.exists and not role.create_db:
         problems.append(("cannot_create_database", f"role {role.name} may not create databases (CREATEDB) and "
                          f"{target.database!r} does not exist: create it as {needs.owner or 'its owner'} first"))

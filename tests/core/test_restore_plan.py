@@ -26,6 +26,7 @@ from engram_recovery.core.restore_plan import (
     KeyMaterial,
     LiveState,
     Observed,
+    RestoreNeeds,
     RoleState,
     TargetState,
     ToolState,
@@ -325,3 +326,25 @@ def test_the_tools_own_commands_spell_its_path_and_settings_but_never_a_secret()
     assert any("ENGRAM_RECOVERY_BACKUP_KEY came from this tool's environment" in c for c in decrypt.cannot_check)
     reindex = steps["reindex_qdrant"].commands[0]
     assert reindex.startswith("QDRANT_API_KEY_FILE=/run/secrets/qdrant /opt/er/bin/engram-recovery --env-file ")
+
+
+def test_what_the_restoring_role_may_not_do_is_named_before_the_plan_calls_itself_executable() -> None:
+    m = make_manifest(database=make_manifest().database.model_copy(update={
+        "owner": "engram_owner", "object_owners": ["engram_owner"], "extensions": ["pg_stat_statements"],
+        "row_security_tables": ["notes"]}))  # fmt: skip
+    plain = RoleState(name="restorer", superuser=False, bypass_rls=False, create_db=False, create_role=False)
+    target = replace(make_observed(m).target, role=plain, roles_needed=("engram_owner", "engram_app"),
+                     extensions_superuser_only=frozenset({"pg_stat_statements"}))  # fmt: skip
+    observed = make_observed(m, target=target, needs=RestoreNeeds("engram_owner", ("engram_owner",),
+                                                                  ("pg_stat_statements",), ("notes",)))
+    check = by_name(observed, m)["restore_role"]
+    assert check.status == "fail" and set(check.details["problems"]) == {
+        "extension_needs_superuser", "row_security_blocks_restore", "cannot_set_owner", "cannot_create_roles",
+        "cannot_create_database"}  # fmt: skip
+    able = replace(plain, bypass_rls=True, create_db=True, create_role=True, member_of=frozenset({"engram_owner"}))
+    fine = make_observed(m, target=replace(target, role=able, extensions_superuser_only=frozenset(),
+                                           roles_present=frozenset({"engram_owner", "engram_app"})),
+                         needs=observed.needs)  # fmt: skip
+    assert by_name(fine, m)["restore_role"].status == "ok"
+    steps = {s.id: s for s in build_steps(m, fine, CTX)}
+    assert "-O engram_owner" in steps["create_target"].commands[0]
