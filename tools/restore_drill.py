@@ -266,9 +266,11 @@ SPEC = ToolSpec(
     title="Restore drill",
     description=(
         "Prove a recovery point restores: re-hashes its artifacts, restores it with stock pg_restore into a NEW "
-        "scratch database engram_drill_<time>_<random> on the same server, then checks that the master key "
-        "(from the environment) unwraps the restored boot canary, that sampled notes and attachments decrypt with "
-        "their users' keys and match their content hashes, and that every row count matches the manifest. "
+        "scratch database engram_drill_<time>_<random> (owned by the source database's owner) on the same server, "
+        "then checks, by Engram's key rules, that the master key (from the environment) unwraps the restored boot "
+        "canary (current key only; a PREVIOUS-only key gets key_verdict previous_key_only), that sampled notes and "
+        "attachments decrypt with their users' keys (current, then ENCRYPTION_MASTER_KEY_PREVIOUS) and match their "
+        "content hashes, and that every row count matches the manifest. "
         "Measures the recovery time (RTO) per step, always drops the scratch database (and stale ones from killed "
         "drills), and records the result in the repository (backup_status shows the last successful drill). "
         "Never touches an existing database. Run it after backups and at least monthly."
