@@ -275,15 +275,14 @@ async def target_state(
         assert me is not None
         member = await conn.fetch("SELECT rolname FROM pg_roles WHERE rolname = ANY($1::text[]) "
                                   "AND pg_has_role(current_user, oid, 'MEMBER')", list(roles))  # fmt: skip
-        # Extensions the dump creates that this role cannot: neither trusted nor installed in the target yet.
-        installed = {r["e"] for r in await conn.fetch("SELECT extname AS e FROM pg_extension")} if exists else set()
+        # Extensions the dump creates that this role cannot: untrusted ones. Pre-creating them does not help
+        # either: pg_restore then runs COMMENT ON EXTENSION, which only the extension's owner may.
         available = {r["name"]: (bool(r["superuser"]), bool(r["trusted"])) for r in await conn.fetch(
             "SELECT v.name, v.superuser, v.trusted FROM pg_available_extension_versions v "
             "JOIN pg_available_extensions a ON a.name = v.name AND a.default_version = v.version "
             "WHERE v.name = ANY($1::text[])", list(extensions))}  # fmt: skip
-        wanted = [e for e in extensions if e not in installed]
-        unavailable = frozenset(e for e in wanted if e not in available)
-        superuser_only = frozenset(e for e in wanted if e in available and available[e] == (True, False))
+        unavailable = frozenset(e for e in extensions if e not in available)
+        superuser_only = frozenset(e for e in extensions if e in available and available[e] == (True, False))
         tables = active = None
         if exists:
             tables = await conn.fetchval(

@@ -112,7 +112,7 @@ class TargetState:
     roles_needed: tuple[str, ...] = ()  # from the manifest, else from the dump's table of contents
     is_live: bool = False
     role: RoleState | None = None
-    extensions_superuser_only: frozenset[str] = frozenset()  # the dump creates them; only a superuser may
+    extensions_superuser_only: frozenset[str] = frozenset()  # the dump creates them; only a superuser can
     extensions_unavailable: frozenset[str] = frozenset()  # the dump creates them; the server does not have them
 
     @property
@@ -362,8 +362,8 @@ def check_restore_role(observed: Observed) -> PlanCheck:
     if target.extensions_superuser_only:
         names = ", ".join(sorted(target.extensions_superuser_only))
         problems.append(("extension_needs_superuser", f"the dump creates extension(s) {names}, which only a "
-                         f"superuser may create: have a superuser run CREATE EXTENSION {names} in the target "
-                         "database first, or restore as a superuser"))
+                         "superuser may create (created beforehand, pg_restore's COMMENT ON EXTENSION still needs "
+                         "their owner): restore as a superuser"))
     if needs.extensions is None:
         unknown.append("the extensions the dump creates (not recorded by this backup)")
     secured = needs.row_security_tables
