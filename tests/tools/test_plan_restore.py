@@ -539,3 +539,38 @@ async def test_the_decrypt_step_runs_from_a_fresh_shell_with_no_settings_and_no_
         assert done.returncode == 0, (command, done.stderr.decode()[-2000:])
     dump = tmp_path / "w" / f"{result.recovery_point.backup_id}.dump"
     assert step.expect is not None and dump.stat().st_size == int(step.expect.split(": ")[1].split()[0])
+
+
+@pytest.mark.anyio
+async def test_a_non_superuser_the_plan_calls_able_really_restores_by_the_plan(
+    engram_db: EngramDB, admin_dsn: str, tmp_path: Path
+) -> None:
+    admin = await asyncpg.connect(admin_dsn)
+    restorer = "engram_restorer_" + secrets.token_hex(4)
+    try:  # what an operator grants a restore role instead of a superuser
+        await admin.execute(f'ALTER DATABASE "{engram_db.name}" OWNER TO engram_owner')
+        await admin.execute(f"CREATE ROLE {restorer} LOGIN BYPASSRLS CREATEDB")
+        await admin.execute(f"GRANT engram_owner TO {restorer}")
+    finally:
+        await admin.close()
+    target = "engram_restored_" + secrets.token_hex(4)
+    try:
+        env = engram_env(engram_db, tmp_path, ENGRAM_RECOVERY_BACKUP_KEY=BACKUP_KEY)
+        await backup(env)
+        env |= {"DATABASE_URL": engram_db.role_dsn(restorer)}
+        result = await plan(env, target_database=target, work_dir=str(tmp_path / "w"))
+        role = check(result, "restore_role")
+        assert result.executable and role.status == "ok" and role.details["role"] == restorer, result.summary
+        await run_steps(result, shell_env(env), tmp_path)
+        owner = await column(admin_dsn, f"SELECT datname, pg_get_userbyid(datdba) FROM pg_database "
+                             f"WHERE datname = '{target}'")  # fmt: skip
+        assert owner == {target: "engram_owner"}
+        assert await fingerprints(engram_db.dsn.rsplit("/", 1)[0] + "/" + target, without=("vaults", "change_seq")) \
+            == await fingerprints(engram_db.dsn, without=("vaults", "change_seq"))
+    finally:
+        admin = await asyncpg.connect(admin_dsn)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{target}" WITH (FORCE)')
+            await admin.execute(f"DROP ROLE IF EXISTS {restorer}")
+        finally:
+            await admin.close()
