@@ -192,6 +192,8 @@ async def _backup(
             pg_dump_version=pg_dump_text, dump_format=params.format, wal_lsn_start=lsn,
             engram_schema_version=facts.engram_schema_version, oban_version=p.oban_version, role=p.role,
             row_counts=facts.row_counts, roles_referenced=facts.roles_referenced, size_bytes=facts.size_bytes,
+            owner=facts.owner, object_owners=facts.object_owners, extensions=facts.extensions,
+            row_security_tables=facts.row_security_tables,
             snapshot_at=snapshot_at, dump_artifacts=[a.name for a in outcome.artifacts],
             dump_bytes=outcome.dump_bytes,
         ),

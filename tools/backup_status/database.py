@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ...core import engram_crypto, oban
+from ...core import engram_crypto, key_rules, oban
 from ...core.errors import RecoveryError
 from ...core.pgdump import client_version
 from ..base import Verdict
@@ -162,16 +162,11 @@ async def check_master_key(ctx: StatusContext) -> Check:
             summary="the boot canary is wrapped by AWS KMS, so it cannot be checked offline; make sure the KMS key "
             "and its permissions are recoverable" + ("; " + "; ".join(warnings) if warnings else ""),
         )
-    if previous is not None and engram_crypto.check_canary(
-        previous, bytes(canary["wrapped_dek"]), bytes(canary["dek_sha256"])
-    ) == "match":
-        return Check(
-            component="master_key",
-            status="fail",
-            details=details | {"canary_matches": "previous"},
-            summary="the boot canary is wrapped by ENCRYPTION_MASTER_KEY_PREVIOUS, not the current key: Engram "
-            "checks the canary with the current key only and would refuse to boot. Finish the key rotation",
-        )
+    judged = key_rules.judge_canary(key, previous, bytes(canary["wrapped_dek"]), bytes(canary["dek_sha256"]),
+                                    what="the newest boot canary")  # fmt: skip
+    if judged.code == "previous_key_only":  # the verdict plan_restore and restore_drill give too
+        return Check(component="master_key", status=judged.status, summary=judged.summary,
+                     details=details | judged.details | {"code": judged.code})  # fmt: skip
     return Check(
         component="master_key",
         status="fail",
