@@ -22,9 +22,9 @@ from .drill import plaintext
 from .errors import ConfigurationError, IntegrityError, RecoveryError
 from .manifest import Manifest
 from .mirror import POOL, read_inventory
-from .pgdump import client_version
+from .pgclients import ClientChoice, choose
 from .repository import BACKUPS, MANIFEST_NAME, LocalRepository, Repository, scan
-from .restore_plan import InventoryState, KeyMaterial, LiveState, TargetState, ToolState
+from .restore_plan import InventoryState, KeyMaterial, LiveState, TargetState, ToolState, dump_major
 from .runtime import Runtime
 from .schema_probe import probe
 from .settings import Settings
@@ -110,12 +110,21 @@ def key_material(settings: Settings) -> KeyMaterial:
     return KeyMaterial(current=current, current_problem=problem, previous=previous, key_provider=settings.key_provider)
 
 
-async def tool_state(settings: Settings) -> ToolState:
-    try:
-        version = await client_version(settings.pg_restore)
-    except RecoveryError as exc:
-        return ToolState(pg_restore_path=None, pg_restore_major=None, problem=exc.message)
-    return ToolState(pg_restore_path=version.path, pg_restore_major=version.major)
+async def restore_client(settings: Settings, manifest: Manifest) -> ClientChoice:
+    """The pg_restore for this backup: configured, else PATH's or the bundled one, able to read its dump."""
+    needed = dump_major(manifest)
+    return await choose("pg_restore", settings.pg_restore, needed, f"read a dump written by pg_dump {needed}")
+
+
+async def tool_state(settings: Settings, manifest: Manifest) -> ToolState:
+    choice = await restore_client(settings, manifest)
+    if choice.chosen is not None:
+        return ToolState(pg_restore_path=choice.chosen.path, pg_restore_major=choice.chosen.major)
+    if not choice.considered:
+        return ToolState(pg_restore_path=None, pg_restore_major=None, problem=choice.problem, fix=choice.fix)
+    # Too old: reported with the newest one found, so the plan can say which and by how much.
+    best = max(choice.considered, key=lambda c: c.major)
+    return ToolState(pg_restore_path=best.path, pg_restore_major=best.major, problem=choice.problem, fix=choice.fix)
 
 
 def _server(settings: Settings) -> tuple[str | None, int | None, str | None]:
@@ -152,7 +161,10 @@ async def roles_from_dump(settings: Settings, repo: Repository, point: RecoveryP
     key = parse_key(settings.backup_key.get_secret_value()) if settings.backup_key else None
     if dumps[0].encryption is not None and key is None:
         return None
-    process = await anyio.open_process([settings.pg_restore, "--list"], stdin=subprocess.PIPE,
+    chosen = (await restore_client(settings, point.manifest)).chosen
+    if chosen is None:
+        return None
+    process = await anyio.open_process([chosen.path, "--list"], stdin=subprocess.PIPE,
                                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)  # fmt: skip
     async with process:
         assert process.stdin is not None and process.stdout is not None

@@ -38,6 +38,7 @@ class CommandContext:
     storage_bucket: str
     storage_endpoint: str | None
     qdrant_configured: bool
+    psql: str = "psql"  # beside the chosen pg_restore where that installation has one
 
 
 def _q(text: str) -> str:
@@ -51,9 +52,9 @@ def _conn(observed: Observed) -> str:
     return " ".join(p for p in parts if p)
 
 
-def _psql(observed: Observed, sql: str, database: str | None = None) -> str:
+def _psql(ctx: CommandContext, observed: Observed, sql: str, database: str | None = None) -> str:
     db = database or observed.target.database
-    return f"psql {_conn(observed)} -d {_q(db)} --no-password -v ON_ERROR_STOP=1 -Atc {_q(sql)}"
+    return f"{_q(ctx.psql)} {_conn(observed)} -d {_q(db)} --no-password -v ON_ERROR_STOP=1 -Atc {_q(sql)}"
 
 
 def _endpoint(url: str | None) -> str:
@@ -76,7 +77,7 @@ def decrypt_command(ctx: CommandContext, manifest: Manifest, output: str) -> str
 def restore_command(ctx: CommandContext, manifest: Manifest, observed: Observed, dump: str) -> str:
     t = observed.target
     if manifest.database.dump_format == "plain":
-        return (f"psql {_conn(observed)} -d {_q(t.database)} --no-password -v ON_ERROR_STOP=1 "
+        return (f"{_q(ctx.psql)} {_conn(observed)} -d {_q(t.database)} --no-password -v ON_ERROR_STOP=1 "
                 f"--single-transaction -q -f {_q(dump)}")
     # A directory dump restores in parallel, which excludes --single-transaction.
     mode = "--jobs=2" if manifest.database.dump_format == "directory" else "--single-transaction"
@@ -99,7 +100,7 @@ def build_steps(manifest: Manifest, observed: Observed, ctx: CommandContext) -> 
     others = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
     add("stop_app", "Stop every Engram instance and worker, so nothing writes during the restore and no Oban job "
         "(OrphanSweep, ReconcileEmbeddings) runs against a half-restored database",
-        [_psql(observed, others)] if t.exists else [],
+        [_psql(ctx, observed, others)] if t.exists else [],
         expect="0 (no other session on the target)" if t.exists else None, checked=["target_sessions"],
         cannot_check=["how this deployment starts and stops Engram (docker compose, systemd, Kubernetes)"])
     newer = observed.users_at_risk
@@ -136,11 +137,11 @@ def build_steps(manifest: Manifest, observed: Observed, ctx: CommandContext) -> 
         tables = sorted(counts)
         sql = " UNION ALL ".join(f"SELECT '{name}', count(*) FROM {_ident(name)}" for name in tables)
         add("check_database", "Compare the restored row counts with the manifest",
-            [_psql(observed, sql + " ORDER BY 1")],
+            [_psql(ctx, observed, sql + " ORDER BY 1")],
             expect="; ".join(f"{name}|{counts[name]}" for name in tables), checked=["manifest"])
     if manifest.canary.id:
         add("check_canary", "Confirm the restored boot canary is the one the key was checked against offline",
-            [_psql(observed, "SELECT id FROM system_canaries ORDER BY id DESC LIMIT 1")],
+            [_psql(ctx, observed, "SELECT id FROM system_canaries ORDER BY id DESC LIMIT 1")],
             expect=manifest.canary.id, checked=["master_key"])
     if manifest.attachments.backend == "s3" and observed.inventory is not None:
         add("restore_attachments", f"Copy the {observed.inventory.objects} attachment blob(s) back into "
@@ -158,7 +159,7 @@ def build_steps(manifest: Manifest, observed: Observed, ctx: CommandContext) -> 
                  f"{_q(f'{bucket}/{k}?versionId={v}')}{_endpoint(ctx.storage_endpoint)}" for k, v in versions],
                 optional=True, checked=["attachments"],
                 cannot_check=["that those versions still exist (a lifecycle rule may have expired them)"])
-    _security_steps(manifest, observed, add)
+    _security_steps(manifest, observed, ctx, add)
     fingerprint = engram_crypto.key_fingerprint(observed.keys.current) if observed.keys.current else "?"
     add("boot_app", f"Start Engram with ENCRYPTION_MASTER_KEY = the key with fingerprint {fingerprint} (it runs its "
         "migrations, then checks the canary)", [], checked=["master_key", "app_version"],
@@ -174,7 +175,9 @@ def build_steps(manifest: Manifest, observed: Observed, ctx: CommandContext) -> 
     return steps
 
 
-def _security_steps(manifest: Manifest, observed: Observed, add_step: Callable[..., None]) -> None:
+def _security_steps(
+    manifest: Manifest, observed: Observed, ctx: CommandContext, add_step: Callable[..., None]
+) -> None:
     live = observed.live
     statements: list[str] = []
     for table, ids in sorted(live.revoked_after.items()):
@@ -185,7 +188,7 @@ def _security_steps(manifest: Manifest, observed: Observed, add_step: Callable[.
         statements.append(f"DELETE FROM api_keys WHERE NOT (id = ANY({_uuid_array(live.api_key_ids)}))")
     if statements:
         add_step("revoke_tokens", "Revoke the tokens revoked, and delete the API keys deleted, after the backup "
-                 "(the restore brings them back to life)", [_psql(observed, "; ".join(statements))],
+                 "(the restore brings them back to life)", [_psql(ctx, observed, "; ".join(statements))],
                  checked=["rpo"], cannot_check=["revocations made after this plan was built; run it as a role "
                                                  "that sees every row (superuser or BYPASSRLS: api_keys has RLS)"])
     if (manifest.database.engram_schema_version or 0) >= CHANGE_SEQ_MIGRATION:
@@ -198,7 +201,8 @@ def _security_steps(manifest: Manifest, observed: Observed, add_step: Callable[.
             sql = f"UPDATE vaults SET change_seq = change_seq + {BLIND_FENCE}"
             unchecked = ["the live cursors (live database unreachable): every head moves by a fixed margin"]
         add_step("fence_sync", "Move each vault's sync head past every cursor an Obsidian client may hold, so "
-                 "writes made after the restore reach every device", [_psql(observed, sql)], cannot_check=unchecked)
+                 "writes made after the restore reach every device", [_psql(ctx, observed, sql)],
+                 cannot_check=unchecked)
 
 
 def _copy_back(ctx: CommandContext, repo_key: str, key: str) -> str:

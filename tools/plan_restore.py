@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from pydantic import Field
 
 from ..core import restore_checks as rc
+from ..core.pgclients import psql_beside
 from ..core.progress import Progress
 from ..core.repository import open_repository
 from ..core.restore_plan import (
@@ -88,7 +89,7 @@ async def plan_restore(runtime: Runtime, params: PlanRestoreInput, progress: Pro
         await progress(1, 5, f"verifying {len(manifest.artifacts)} artifact(s) of {manifest.backup_id}")
         artifacts, tools, target, live, inventory = await rc.gather_concurrently(
             rc.verify_artifacts(repo, point),
-            rc.tool_state(settings),
+            rc.tool_state(settings, manifest),
             rc.target_state(settings, target_db, roles),
             rc.live_state(settings, snapshot_time(manifest)),
             rc.inventory_state(repo, point),
@@ -105,10 +106,11 @@ async def plan_restore(runtime: Runtime, params: PlanRestoreInput, progress: Pro
     checks = run_checks(manifest, observed)
     verdict = worst([c.status for c in checks])
     ctx = CommandContext(
-        work_dir=params.work_dir, pg_restore=tools.pg_restore_path or settings.pg_restore,
+        work_dir=params.work_dir, pg_restore=tools.pg_restore_path or settings.pg_restore or "pg_restore",
         repository=settings.repository, repository_endpoint=settings.repository_endpoint,
         storage_bucket=manifest.attachments.source_bucket or settings.storage_bucket,
         storage_endpoint=settings.storage_endpoint, qdrant_configured=manifest.qdrant.configured,
+        psql=psql_beside(tools.pg_restore_path),
     )  # fmt: skip
     all_steps = build_steps(manifest, observed, ctx)
     steps = [] if verdict == "fail" else all_steps

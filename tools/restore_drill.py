@@ -24,7 +24,9 @@ from pydantic import BaseModel, Field
 from ..core import backup_crypto, drill, postgres
 from ..core import restore_checks as rc
 from ..core.errors import ConfigurationError, IntegrityError, RecoveryError, scrub
+from ..core.manifest import Manifest
 from ..core.mirror import read_inventory
+from ..core.pgclients import ClientVersion, psql_beside
 from ..core.progress import Progress
 from ..core.repository import DRILLS, Repository, open_repository
 from ..core.runtime import Runtime
@@ -161,6 +163,9 @@ async def _drill(
     if not dumps or (len(dumps) != 1 and not directory):
         raise IntegrityError(f"the manifest of {manifest.backup_id} lists {len(dumps)} database dump artifacts",
                              "choose another recovery point")  # fmt: skip
+    # Refuse before creating anything when no pg_restore here can read this dump.
+    client = await run.step("pg_restore", lambda: _restore_client(runtime, manifest),
+                            lambda c: f"pg_restore {c.major} ({c.origin}: {c.path})")  # fmt: skip
     admin = await _admin(runtime.dsn)
     try:
         swept.extend(await drill.sweep_leftovers(admin, now))
@@ -171,11 +176,12 @@ async def _drill(
         await admin.close(timeout=2)
     scratch_dsn = _with_database(runtime.dsn, name)
     if directory:
-        await run.step("restore", lambda: drill.restore_directory(runtime.settings.pg_restore, scratch_dsn, repo,
+        await run.step("restore", lambda: drill.restore_directory(client.path, scratch_dsn, repo,
                                                                   manifest.backup_id, backup_key),
                        lambda n: f"stock pg_restore --jobs=2 restored a directory dump of {n} bytes")  # fmt: skip
     else:
-        command = drill.RestoreCommand(runtime.settings.pg_restore, scratch_dsn, manifest.database.dump_format)
+        command = drill.RestoreCommand(client.path, scratch_dsn, manifest.database.dump_format,
+                                       psql_beside(client.path))
         stream = drill.plaintext(repo, point.prefix + dumps[0].name, dumps[0], backup_key)
         await run.step("restore", lambda: drill.restore_stream(command, stream),
                        lambda n: f"stock {command.argv[0].rsplit('/', 1)[-1]} restored {n} bytes of dump")  # fmt: skip
@@ -194,6 +200,10 @@ async def _drill(
             t0 = time.perf_counter()
             await run.progress(len(run.steps), None, "drill: proving")
             run.proof(await prove(), time.perf_counter() - t0)
+
+
+async def _restore_client(runtime: Runtime, manifest: Manifest) -> ClientVersion:
+    return (await rc.restore_client(runtime.settings, manifest)).require()
 
 
 async def _prove_attachments(
