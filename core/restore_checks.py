@@ -110,14 +110,19 @@ def key_material(settings: Settings) -> KeyMaterial:
     return KeyMaterial(current=current, current_problem=problem, previous=previous, key_provider=settings.key_provider)
 
 
-async def restore_client(settings: Settings, manifest: Manifest) -> ClientChoice:
-    """The pg_restore for this backup: configured, else PATH's or the bundled one, able to read its dump."""
-    needed = dump_major(manifest)
-    return await choose("pg_restore", settings.pg_restore, needed, f"read a dump written by pg_dump {needed}")
+async def restore_client(settings: Settings, manifest: Manifest, target_major: int | None = None) -> ClientChoice:
+    """The pg_restore for this backup: configured, else PATH's or the bundled one, able to read its dump
+    (pg_restore cannot read an archive of a newer pg_dump) and at least as new as the target server."""
+    dump = dump_major(manifest)
+    needed = max((m for m in (dump, target_major) if m is not None), default=None)
+    purpose = f"read a dump written by pg_dump {dump}"
+    if target_major is not None and (dump is None or target_major > dump):
+        purpose += f" into a PostgreSQL {target_major} server"
+    return await choose("pg_restore", settings.pg_restore, needed, purpose)
 
 
-async def tool_state(settings: Settings, manifest: Manifest) -> ToolState:
-    choice = await restore_client(settings, manifest)
+async def tool_state(settings: Settings, manifest: Manifest, target_major: int | None = None) -> ToolState:
+    choice = await restore_client(settings, manifest, target_major)
     if choice.chosen is not None:
         return ToolState(pg_restore_path=choice.chosen.path, pg_restore_major=choice.chosen.major)
     if not choice.considered:

@@ -87,13 +87,13 @@ async def plan_restore(runtime: Runtime, params: PlanRestoreInput, progress: Pro
         if not roles:
             roles = sorted(await rc.roles_from_dump(settings, repo, point) or ())
         await progress(1, 5, f"verifying {len(manifest.artifacts)} artifact(s) of {manifest.backup_id}")
-        artifacts, tools, target, live, inventory = await rc.gather_concurrently(
+        artifacts, target, live, inventory = await rc.gather_concurrently(
             rc.verify_artifacts(repo, point),
-            rc.tool_state(settings, manifest),
             rc.target_state(settings, target_db, roles),
             rc.live_state(settings, snapshot_time(manifest)),
             rc.inventory_state(repo, point),
         )
+        tools = await rc.tool_state(settings, manifest, target.server_major)
     unknown = None
     if manifest.attachments.backend == "s3" and not live.reachable:
         unknown = await rc.bucket_unknown_prefixes(runtime, inventory)

@@ -163,11 +163,12 @@ async def _drill(
     if not dumps or (len(dumps) != 1 and not directory):
         raise IntegrityError(f"the manifest of {manifest.backup_id} lists {len(dumps)} database dump artifacts",
                              "choose another recovery point")  # fmt: skip
-    # Refuse before creating anything when no pg_restore here can read this dump.
-    client = await run.step("pg_restore", lambda: _restore_client(runtime, manifest),
-                            lambda c: f"pg_restore {c.major} ({c.origin}: {c.path})")  # fmt: skip
     admin = await _admin(runtime.dsn)
     try:
+        # Refuse before creating anything when no pg_restore here can read this dump into this server.
+        server = int(await admin.fetchval("SHOW server_version_num")) // 10000
+        client = await run.step("pg_restore", lambda: _restore_client(runtime, manifest, server),
+                                lambda c: f"pg_restore {c.major} ({c.origin}: {c.path})")  # fmt: skip
         swept.extend(await drill.sweep_leftovers(admin, now))
         name = drill.scratch_name(now)
         run.scratch = name
@@ -202,8 +203,8 @@ async def _drill(
             run.proof(await prove(), time.perf_counter() - t0)
 
 
-async def _restore_client(runtime: Runtime, manifest: Manifest) -> ClientVersion:
-    return (await rc.restore_client(runtime.settings, manifest)).require()
+async def _restore_client(runtime: Runtime, manifest: Manifest, server_major: int) -> ClientVersion:
+    return (await rc.restore_client(runtime.settings, manifest, server_major)).require()
 
 
 async def _prove_attachments(
