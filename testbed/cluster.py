@@ -130,8 +130,16 @@ def start(datadir: Path, port: int | None = None, *, bindir: Path | None = None,
         datadir.chmod(0o700)
         if prefix:
             shutil.chown(datadir, OS_USER, OS_USER)
-        _run([*prefix, str(binaries / "initdb"), "-D", str(datadir), "-U", "postgres", "--auth=trust",
-              "-E", "UTF8", "--locale=C", "--no-instructions"], f"initdb of {datadir}")  # fmt: skip
+        try:
+            _run([*prefix, str(binaries / "initdb"), "-D", str(datadir), "-U", "postgres", "--auth=trust",
+                  "-E", "UTF8", "--locale=C", "--no-instructions"], f"initdb of {datadir}")  # fmt: skip
+        except ClusterError as exc:
+            if prefix and "Permission denied" in str(exc):
+                raise ClusterError(
+                    f"{exc}\nThe {OS_USER} OS user runs the server (initdb refuses root) and cannot reach {datadir}:"
+                    " a directory above it is closed to other users; use one they can traverse (chmod o+x)"
+                ) from exc
+            raise
     current = running_port(datadir)
     if current is not None:
         return Cluster(datadir, current, binaries)
