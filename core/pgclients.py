@@ -203,7 +203,7 @@ async def _bundled_fix(tool: Tool, needed: int | None, otherwise: str) -> str:
 
 
 
-def psql_beside(pg_restore: str | None) -> str:
-    """The psql of the installation `pg_restore` comes from, else plain `psql` (PATH's)."""
-    path = Path(pg_restore).with_name("psql") if pg_restore else None
-    return str(path) if path is not None and os.access(path, os.X_OK) else "psql"
+def beside(pg_restore: str | None, tool: str) -> str:
+    """`tool` (psql, createdb, ...) of the installation `pg_restore` comes from, else plain `tool` (PATH's)."""
+    path = Path(pg_restore).with_name(tool) if pg_restore else None
+    return str(path) if path is not None and os.access(path, os.X_OK) else tool

@@ -8,8 +8,8 @@ own environment, the backup key from ENGRAM_RECOVERY_BACKUP_KEY(_FILE).
 from __future__ import annotations
 
 import shlex
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -38,7 +38,11 @@ class CommandContext:
     storage_bucket: str
     storage_endpoint: str | None
     qdrant_configured: bool
-    psql: str = "psql"  # beside the chosen pg_restore where that installation has one
+    # psql, createdb, dropdb by path: beside the chosen pg_restore where that installation has them.
+    clients: Mapping[str, str] = field(default_factory=dict)
+
+    def client(self, tool: str) -> str:
+        return _q(self.clients.get(tool, tool))
 
 
 def _q(text: str) -> str:
@@ -54,7 +58,7 @@ def _conn(observed: Observed) -> str:
 
 def _psql(ctx: CommandContext, observed: Observed, sql: str, database: str | None = None) -> str:
     db = database or observed.target.database
-    return f"{_q(ctx.psql)} {_conn(observed)} -d {_q(db)} --no-password -v ON_ERROR_STOP=1 -Atc {_q(sql)}"
+    return f"{ctx.client('psql')} {_conn(observed)} -d {_q(db)} --no-password -v ON_ERROR_STOP=1 -Atc {_q(sql)}"
 
 
 def _endpoint(url: str | None) -> str:
@@ -77,7 +81,7 @@ def decrypt_command(ctx: CommandContext, manifest: Manifest, output: str) -> str
 def restore_command(ctx: CommandContext, manifest: Manifest, observed: Observed, dump: str) -> str:
     t = observed.target
     if manifest.database.dump_format == "plain":
-        return (f"{_q(ctx.psql)} {_conn(observed)} -d {_q(t.database)} --no-password -v ON_ERROR_STOP=1 "
+        return (f"{ctx.client('psql')} {_conn(observed)} -d {_q(t.database)} --no-password -v ON_ERROR_STOP=1 "
                 f"--single-transaction -q -f {_q(dump)}")
     # A directory dump restores in parallel, which excludes --single-transaction.
     mode = "--jobs=2" if manifest.database.dump_format == "directory" else "--single-transaction"
@@ -110,12 +114,12 @@ def build_steps(manifest: Manifest, observed: Observed, ctx: CommandContext) -> 
             [f"aws s3 cp --recursive s3://{ctx.storage_bucket}/{u}/ {_q(ctx.work_dir + '/newer-users/' + u)}/"
              f"{_endpoint(ctx.storage_endpoint)}" for u in newer],
             checked=["rpo"], cannot_check=["objects uploaded between this plan and the copy"])
-    create = f"createdb {_conn(observed)} --no-password -T template0 {_q(t.database)}"
+    create = f"{ctx.client('createdb')} {_conn(observed)} --no-password -T template0 {_q(t.database)}"
     if not t.exists:
         add("create_target", f"Create the empty target database {t.database}", [create], checked=["target"])
     elif t.user_tables:
         add("replace_target", f"DROP and re-create {t.database} (allowed by allow_non_empty_target)",
-            [f"dropdb {_conn(observed)} --no-password {_q(t.database)}", create], checked=["target"],
+            [f"{ctx.client('dropdb')} {_conn(observed)} --no-password {_q(t.database)}", create], checked=["target"],
             cannot_check=["whether anything in the dropped database was still needed"])
     dump = dump_path(ctx, manifest)
     if db_artifact is not None:

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from pydantic import Field
 
 from ..core import restore_checks as rc
-from ..core.pgclients import psql_beside
+from ..core.pgclients import beside
 from ..core.progress import Progress
 from ..core.repository import open_repository
 from ..core.restore_plan import (
@@ -110,7 +110,7 @@ async def plan_restore(runtime: Runtime, params: PlanRestoreInput, progress: Pro
         repository=settings.repository, repository_endpoint=settings.repository_endpoint,
         storage_bucket=manifest.attachments.source_bucket or settings.storage_bucket,
         storage_endpoint=settings.storage_endpoint, qdrant_configured=manifest.qdrant.configured,
-        psql=psql_beside(tools.pg_restore_path),
+        clients={t: beside(tools.pg_restore_path, t) for t in ("psql", "createdb", "dropdb")},
     )  # fmt: skip
     all_steps = build_steps(manifest, observed, ctx)
     steps = [] if verdict == "fail" else all_steps

@@ -26,7 +26,7 @@ from ..core import restore_checks as rc
 from ..core.errors import ConfigurationError, IntegrityError, RecoveryError, scrub
 from ..core.manifest import Manifest
 from ..core.mirror import read_inventory
-from ..core.pgclients import ClientVersion, psql_beside
+from ..core.pgclients import ClientVersion, beside
 from ..core.progress import Progress
 from ..core.repository import DRILLS, Repository, open_repository
 from ..core.runtime import Runtime
@@ -182,7 +182,7 @@ async def _drill(
                        lambda n: f"stock pg_restore --jobs=2 restored a directory dump of {n} bytes")  # fmt: skip
     else:
         command = drill.RestoreCommand(client.path, scratch_dsn, manifest.database.dump_format,
-                                       psql_beside(client.path))
+                                       beside(client.path, "psql"))
         stream = drill.plaintext(repo, point.prefix + dumps[0].name, dumps[0], backup_key)
         await run.step("restore", lambda: drill.restore_stream(command, stream),
                        lambda n: f"stock {command.argv[0].rsplit('/', 1)[-1]} restored {n} bytes of dump")  # fmt: skip

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from engram_recovery.core.pgclients import bundled, bundled_bindir, choose, client_version, psql_beside
+from engram_recovery.core.pgclients import beside, bundled, bundled_bindir, choose, client_version
 
 pytestmark = pytest.mark.anyio
 
@@ -80,7 +80,8 @@ async def test_a_server_newer_than_every_client_is_refused_with_an_upgrade_that_
         choice.require()
 
 
-async def test_psql_comes_from_the_installation_of_the_chosen_pg_restore(tmp_path: Path) -> None:
-    assert psql_beside(bundled("pg_restore")) == bundled("psql")
-    assert psql_beside(str(fake_client(tmp_path / "x", "pg_restore", 18))) == "psql"
-    assert psql_beside(None) == "psql"
+async def test_psql_and_createdb_come_from_the_installation_of_the_chosen_pg_restore(tmp_path: Path) -> None:
+    assert beside(bundled("pg_restore"), "psql") == bundled("psql")
+    assert beside(bundled("pg_restore"), "createdb") == bundled("createdb")
+    assert beside(str(fake_client(tmp_path / "x", "pg_restore", 18)), "psql") == "psql"
+    assert beside(None, "dropdb") == "dropdb"
