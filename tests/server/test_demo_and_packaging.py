@@ -12,6 +12,7 @@ import sys
 import tempfile
 import time
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -72,12 +73,15 @@ def run(argv: list[str], env: dict[str, str], timeout: float = 120) -> subproces
     return subprocess.run([EXE, *argv], capture_output=True, text=True, timeout=timeout, env=env)
 
 
-def reachable_dir(tmp_path: Path) -> Path:
-    """A directory the postgres OS user can reach (pytest's tmp_path is closed to other users)."""
-    path = Path(tempfile.mkdtemp(prefix="engram-demo-test-"))
-    path.chmod(0o711)
-    (tmp_path / "demo-dir").symlink_to(path)  # so the test's tmp_path shows where it went
-    return path
+@pytest.fixture
+def demo_dir() -> Iterator[Path]:
+    """A demo directory the postgres OS user can reach (pytest's tmp_path is closed to other users)."""
+    parent = Path(tempfile.mkdtemp(prefix="engram-demo-test-"))
+    parent.chmod(0o711)
+    try:
+        yield parent / "demo"
+    finally:
+        shutil.rmtree(parent, ignore_errors=True)
 
 
 def listening(port: int) -> bool:
@@ -85,12 +89,11 @@ def listening(port: int) -> bool:
         return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
-def test_the_demo_and_the_backup_path_work_on_a_machine_without_postgresql(tmp_path: Path) -> None:
+def test_the_demo_and_the_backup_path_work_on_a_machine_without_postgresql(tmp_path: Path, demo_dir: Path) -> None:
     """No PostgreSQL binary on PATH, no server running: the bundled 18 serves, dumps and restores."""
     hidden = path_without_postgres(tmp_path / "path")
     assert all(shutil.which(tool, path=hidden) is None for tool in ("pg_dump", "pg_restore", "psql", "initdb"))
     env = {"PATH": hidden, "HOME": str(tmp_path)}
-    demo_dir = reachable_dir(tmp_path) / "demo"
     result = run(["demo", "--no-serve", "--dir", str(demo_dir)], env)
     assert result.returncode == 0, result.stderr
     assert "starting the bundled PostgreSQL 18" in result.stderr and "drops and re-creates the database" \
@@ -130,12 +133,11 @@ def test_the_demo_refuses_a_busy_http_port_before_it_touches_anything(tmp_path: 
             assert not (tmp_path / "demo").exists()
 
 
-def test_demo_down_stops_a_serving_demo_and_removes_its_cluster(tmp_path: Path) -> None:
+def test_demo_down_stops_a_serving_demo_and_removes_its_cluster(tmp_path: Path, demo_dir: Path) -> None:
     env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path)}
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    demo_dir = reachable_dir(tmp_path) / "demo"
     log = tmp_path / "demo.log"
     with log.open("w") as stderr:
         server = subprocess.Popen([EXE, "demo", "--dir", str(demo_dir)], stdout=subprocess.DEVNULL, stderr=stderr,

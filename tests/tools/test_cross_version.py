@@ -33,11 +33,13 @@ pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture(scope="module")
-def old_bin() -> Path:
-    """The host's PostgreSQL 15 (or any pre-18) client binaries."""
+def old_bin(admin_dsn: str) -> Path:
+    """The host's PostgreSQL 15 (or any pre-18) client binaries, older than the main server."""
     found = old_client_dir()
     if found is None:
         pytest.skip("no PostgreSQL client older than 18 is installed (/usr/lib/postgresql/N/bin)")
+    if anyio.run(major_of, admin_dsn) < 18:
+        pytest.skip("the main server (ENGRAM_TEST_ADMIN_URL) is not PostgreSQL 18: no newer server to refuse 15")
     return found
 
 

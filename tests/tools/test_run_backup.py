@@ -19,14 +19,14 @@ import anyio
 import asyncpg
 import pytest
 from mcp import Client
-from support import EngramDB, engram_env, fingerprints, make_engram_db, pg_bin
+from support import EngramDB, engram_env, fingerprints, make_engram_db, pg_bin, restore_client
 
 from engram_recovery import testbed
 from engram_recovery.core import s3
 from engram_recovery.core.backup_run import verify_artifacts
 from engram_recovery.core.errors import Busy, ConfigurationError, IntegrityError, StoreUnreachable
 from engram_recovery.core.manifest import Manifest
-from engram_recovery.core.pgclients import client_version
+from engram_recovery.core.pgclients import beside, client_version
 from engram_recovery.core.pgdump import PgRestoreCommand
 from engram_recovery.core.progress import silent
 from engram_recovery.core.repository import LocalRepository, open_repository, read_state
@@ -65,10 +65,14 @@ def manifest_of(repo: Path, backup_id: str) -> Manifest:
 
 async def restore_and_compare(admin_dsn: str, source: EngramDB, dump: Path, fmt: str = "custom") -> None:
     async with testbed.scratch_database(admin_dsn, prefix="engram_restored") as target:
+        # The clients the tool would choose for this server (a newer pg_restore may emit settings an older
+        # server does not know, e.g. 18's transaction_timeout on 15).
+        pg_restore = await restore_client(target)
         if fmt == "plain":
-            argv = [pg_bin("psql"), "--quiet", "--set=ON_ERROR_STOP=1", f"--dbname={target}", f"--file={dump}"]
+            argv = [beside(pg_restore, "psql"), "--quiet", "--set=ON_ERROR_STOP=1", f"--dbname={target}",
+                    f"--file={dump}"]
         else:
-            argv = PgRestoreCommand(pg_bin("pg_restore"), target, str(dump)).argv
+            argv = PgRestoreCommand(pg_restore, target, str(dump)).argv
         done = await anyio.run_process(argv, check=False)
         assert done.returncode == 0, done.stderr.decode()[-2000:]
         restored, original = await fingerprints(target), await fingerprints(source.dsn)
