@@ -21,7 +21,7 @@ import os
 import re
 import shutil
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -107,7 +107,7 @@ class ClientChoice:
     considered: tuple[ClientVersion, ...] = ()
     problem: str | None = None
     fix: str | None = None
-    unusable: tuple[str, ...] = field(default=())
+    unusable: tuple[str, ...] = ()  # candidates that did not answer --version, with why
 
     def require(self) -> ClientVersion:
         """The chosen binary, or the ConfigurationError that tells the operator what to do."""
