@@ -113,12 +113,13 @@ class RestoreCommand:
     pg_restore: str
     dsn: str
     dump_format: str
+    psql: str = "psql"  # from the same installation as pg_restore where it has one (pgclients.sibling)
 
     @property
     def argv(self) -> list[str]:
         url, _password = split_dsn(self.dsn)
         if self.dump_format == "plain":
-            return ["psql", "--no-password", "-v", "ON_ERROR_STOP=1", "--single-transaction", "-q",
+            return [self.psql, "--no-password", "-v", "ON_ERROR_STOP=1", "--single-transaction", "-q",
                     f"--dbname={url}", "-f", "-"]  # fmt: skip
         return [self.pg_restore, "--no-password", "--exit-on-error", "--single-transaction", f"--dbname={url}"]
 

@@ -34,7 +34,8 @@ class DatabaseInfo(_Model):
     name: str
     server_version: str
     server_major: int
-    pg_dump_version: str
+    pg_dump_version: str = Field(description="`pg_dump --version` of the client that wrote the dump.")
+    pg_dump_path: str | None = Field(default=None, description="That client's path (configured, PATH or bundled).")
     dump_format: Literal["custom", "directory", "plain"]
     wal_lsn_start: str | None = None
     engram_schema_version: int | None = None

@@ -24,7 +24,7 @@ from .drill import plaintext
 from .errors import ConfigurationError, IntegrityError, RecoveryError
 from .manifest import Manifest
 from .mirror import read_inventory, verify_blobs
-from .pgdump import client_version
+from .pgclients import ClientChoice, choose
 from .repository import BACKUPS, MANIFEST_NAME, LocalRepository, Repository, scan
 from .restore_plan import (
     InventoryState,
@@ -34,6 +34,7 @@ from .restore_plan import (
     RoleState,
     TargetState,
     ToolState,
+    dump_major,
 )
 from .runtime import Runtime
 from .schema_probe import probe
@@ -138,12 +139,26 @@ def key_material(settings: Settings) -> KeyMaterial:
     return KeyMaterial(current=current, current_problem=problem, previous=previous, key_provider=settings.key_provider)
 
 
-async def tool_state(settings: Settings) -> ToolState:
-    try:
-        version = await client_version(settings.pg_restore)
-    except RecoveryError as exc:
-        return ToolState(pg_restore_path=None, pg_restore_major=None, problem=exc.message)
-    return ToolState(pg_restore_path=version.path, pg_restore_major=version.major)
+async def restore_client(settings: Settings, manifest: Manifest, target_major: int | None = None) -> ClientChoice:
+    """The pg_restore for this backup: configured, else PATH's or the bundled one, able to read its dump
+    (pg_restore cannot read an archive of a newer pg_dump) and at least as new as the target server."""
+    dump = dump_major(manifest)
+    needed = max((m for m in (dump, target_major) if m is not None), default=None)
+    purpose = f"read a dump written by pg_dump {dump}"
+    if target_major is not None and (dump is None or target_major > dump):
+        purpose += f" into a PostgreSQL {target_major} server"
+    return await choose("pg_restore", settings.pg_restore, needed, purpose)
+
+
+async def tool_state(settings: Settings, manifest: Manifest, target_major: int | None = None) -> ToolState:
+    choice = await restore_client(settings, manifest, target_major)
+    if choice.chosen is not None:
+        return ToolState(pg_restore_path=choice.chosen.path, pg_restore_major=choice.chosen.major)
+    if not choice.considered:
+        return ToolState(pg_restore_path=None, pg_restore_major=None, problem=choice.problem, fix=choice.fix)
+    # Too old: reported with the newest one found, so the plan can say which and by how much.
+    best = max(choice.considered, key=lambda c: c.major)
+    return ToolState(pg_restore_path=best.path, pg_restore_major=best.major, problem=choice.problem, fix=choice.fix)
 
 
 def _server(settings: Settings) -> tuple[str | None, int | None, str | None]:
@@ -217,7 +232,10 @@ async def dump_listing(settings: Settings, repo: Repository, point: RecoveryPoin
     key = parse_key(settings.backup_key.get_secret_value()) if settings.backup_key else None
     if dumps[0].encryption is not None and key is None:
         return None
-    process = await anyio.open_process([settings.pg_restore, "--list"], stdin=subprocess.PIPE,
+    chosen = (await restore_client(settings, point.manifest)).chosen
+    if chosen is None:
+        return None
+    process = await anyio.open_process([chosen.path, "--list"], stdin=subprocess.PIPE,
                                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)  # fmt: skip
     async with process:
         assert process.stdin is not None and process.stdout is not None

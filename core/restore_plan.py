@@ -71,6 +71,7 @@ class ToolState:
     pg_restore_path: str | None
     pg_restore_major: int | None
     problem: str | None = None
+    fix: str | None = None  # what works on this host (core/pgclients.py), when no pg_restore fits
 
 
 @dataclass(frozen=True)
@@ -253,13 +254,13 @@ def check_versions(manifest: Manifest, observed: Observed) -> list[PlanCheck]:
     needed = dump_major(manifest)
     if tools.pg_restore_major is None:
         checks.append(_check("pg_restore", "fail", "pg_restore_missing",
-                             (tools.problem or "pg_restore was not found")
-                             + ": install the PostgreSQL client or set ENGRAM_RECOVERY_PG_RESTORE"))  # fmt: skip
+                             (tools.problem or "pg_restore was not found") + ": "
+                             + (tools.fix or "install a PostgreSQL client or set ENGRAM_RECOVERY_PG_RESTORE")))
     elif needed is not None and tools.pg_restore_major < needed:
         checks.append(_check("pg_restore", "fail", "pg_restore_too_old",
                              f"pg_restore {tools.pg_restore_major} ({tools.pg_restore_path}) cannot read a dump "
-                             f"written by pg_dump {needed}: install postgresql-client-{needed} (or newer) and point "
-                             "ENGRAM_RECOVERY_PG_RESTORE at it", path=tools.pg_restore_path,
+                             f"written by pg_dump {needed}: " + (tools.fix or f"install postgresql-client-{needed} "
+                             "(or newer) and point ENGRAM_RECOVERY_PG_RESTORE at it"), path=tools.pg_restore_path,
                              major=tools.pg_restore_major, dump_major=needed))  # fmt: skip
     else:
         checks.append(_check("pg_restore", "ok", "ok",

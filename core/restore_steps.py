@@ -10,8 +10,8 @@ settings the environment gave it, so they run from a fresh shell.
 from __future__ import annotations
 
 import shlex
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -62,6 +62,11 @@ class CommandContext:
                     prefix.append(f"{name}={_q(value)}")
         env_file = ["--env-file", _q(self.env_file)] if self.env_file else []
         return " ".join([*prefix, *(_q(part) for part in self.tool), *env_file, args]), unspelled
+    # psql, createdb, dropdb by path: beside the chosen pg_restore where that installation has them.
+    clients: Mapping[str, str] = field(default_factory=dict)
+
+    def client(self, tool: str) -> str:
+        return _q(self.clients.get(tool, tool))
 
 
 def _q(text: str) -> str:
@@ -75,9 +80,9 @@ def _conn(observed: Observed) -> str:
     return " ".join(p for p in parts if p)
 
 
-def _psql(observed: Observed, sql: str, database: str | None = None) -> str:
+def _psql(ctx: CommandContext, observed: Observed, sql: str, database: str | None = None) -> str:
     db = database or observed.target.database
-    return f"psql {_conn(observed)} -d {_q(db)} --no-password -v ON_ERROR_STOP=1 -Atc {_q(sql)}"
+    return f"{ctx.client('psql')} {_conn(observed)} -d {_q(db)} --no-password -v ON_ERROR_STOP=1 -Atc {_q(sql)}"
 
 
 def _endpoint(url: str | None) -> str:
@@ -112,7 +117,7 @@ def _unspelled(names: list[str]) -> list[str]:
 def restore_command(ctx: CommandContext, manifest: Manifest, observed: Observed, dump: str) -> str:
     t = observed.target
     if manifest.database.dump_format == "plain":
-        return (f"psql {_conn(observed)} -d {_q(t.database)} --no-password -v ON_ERROR_STOP=1 "
+        return (f"{ctx.client('psql')} {_conn(observed)} -d {_q(t.database)} --no-password -v ON_ERROR_STOP=1 "
                 f"--single-transaction -q -f {_q(dump)}")
     # A directory dump restores in parallel, which excludes --single-transaction.
     mode = "--jobs=2" if manifest.database.dump_format == "directory" else "--single-transaction"
@@ -135,7 +140,7 @@ def build_steps(manifest: Manifest, observed: Observed, ctx: CommandContext) -> 
     others = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
     add("stop_app", "Stop every Engram instance and worker, so nothing writes during the restore and no Oban job "
         "(OrphanSweep, ReconcileEmbeddings) runs against a half-restored database",
-        [_psql(observed, others)] if t.exists else [],
+        [_psql(ctx, observed, others)] if t.exists else [],
         expect="0 (no other session on the target)" if t.exists else None, checked=["target_sessions"],
         cannot_check=["how this deployment starts and stops Engram (docker compose, systemd, Kubernetes)"])
     newer = observed.users_at_risk
@@ -147,8 +152,8 @@ def build_steps(manifest: Manifest, observed: Observed, ctx: CommandContext) -> 
             checked=["rpo"], cannot_check=["objects uploaded between this plan and the copy"])
     # Owned by the source's owner, as the dump's schema grants and default privileges expect.
     owner = observed.needs.owner
-    create = f"createdb {_conn(observed)} --no-password -T template0{f' -O {_q(owner)}' if owner else ''} " + _q(
-        t.database)
+    owned = f" -O {_q(owner)}" if owner else ""
+    create = f"{ctx.client('createdb')} {_conn(observed)} --no-password -T template0{owned} {_q(t.database)}"
     unowned = [] if owner else ["the source database's owner (not recorded by this backup): set it with "
                                 "ALTER DATABASE ... OWNER TO before the restore"]
     if not t.exists:
@@ -157,7 +162,8 @@ def build_steps(manifest: Manifest, observed: Observed, ctx: CommandContext) -> 
             cannot_check=unowned)
     elif t.user_tables:
         add("replace_target", f"DROP and re-create {t.database} (allowed by allow_non_empty_target)",
-            [f"dropdb {_conn(observed)} --no-password {_q(t.database)}", create], checked=["target", "restore_role"],
+            [f"{ctx.client('dropdb')} {_conn(observed)} --no-password {_q(t.database)}", create],
+            checked=["target", "restore_role"],
             cannot_check=["whether anything in the dropped database was still needed", *unowned])
     dump = dump_path(ctx, manifest)
     if db_artifact is not None:
@@ -180,11 +186,11 @@ def build_steps(manifest: Manifest, observed: Observed, ctx: CommandContext) -> 
         tables = sorted(counts)
         sql = " UNION ALL ".join(f"SELECT '{name}', count(*) FROM {_ident(name)}" for name in tables)
         add("check_database", "Compare the restored row counts with the manifest",
-            [_psql(observed, sql + " ORDER BY 1")],
+            [_psql(ctx, observed, sql + " ORDER BY 1")],
             expect="; ".join(f"{name}|{counts[name]}" for name in tables), checked=["manifest"])
     if manifest.canary.id:
         add("check_canary", "Confirm the restored boot canary is the one the key was checked against offline",
-            [_psql(observed, "SELECT id FROM system_canaries ORDER BY id DESC LIMIT 1")],
+            [_psql(ctx, observed, "SELECT id FROM system_canaries ORDER BY id DESC LIMIT 1")],
             expect=manifest.canary.id, checked=["master_key"])
     if manifest.attachments.backend == "s3" and observed.inventory is not None:
         add("restore_attachments", f"Copy the {observed.inventory.objects} attachment blob(s) back into "
@@ -202,7 +208,7 @@ def build_steps(manifest: Manifest, observed: Observed, ctx: CommandContext) -> 
                  f"{_q(f'{bucket}/{k}?versionId={v}')}{_endpoint(ctx.storage_endpoint)}" for k, v in versions],
                 optional=True, checked=["attachments"],
                 cannot_check=["that those versions still exist (a lifecycle rule may have expired them)"])
-    _security_steps(manifest, observed, add)
+    _security_steps(manifest, observed, ctx, add)
     fingerprint = engram_crypto.key_fingerprint(observed.keys.current) if observed.keys.current else "?"
     add("boot_app", f"Start Engram with ENCRYPTION_MASTER_KEY = the key with fingerprint {fingerprint} (it runs its "
         "migrations, then checks the canary)", [], checked=["master_key", "app_version"],
@@ -219,7 +225,9 @@ def build_steps(manifest: Manifest, observed: Observed, ctx: CommandContext) -> 
     return steps
 
 
-def _security_steps(manifest: Manifest, observed: Observed, add_step: Callable[..., None]) -> None:
+def _security_steps(
+    manifest: Manifest, observed: Observed, ctx: CommandContext, add_step: Callable[..., None]
+) -> None:
     live = observed.live
     statements: list[str] = []
     for table, ids in sorted(live.revoked_after.items()):
@@ -232,7 +240,7 @@ def _security_steps(manifest: Manifest, observed: Observed, add_step: Callable[.
         statements.append(f"DELETE FROM api_keys WHERE NOT (id = ANY({_uuid_array(live.api_key_ids)}))")
     if statements:
         add_step("revoke_tokens", "Revoke the tokens revoked, and delete the API keys deleted, after the backup "
-                 "(the restore brings them back to life)", [_psql(observed, "; ".join(statements))],
+                 "(the restore brings them back to life)", [_psql(ctx, observed, "; ".join(statements))],
                  checked=["rpo"], cannot_check=["revocations made after this plan was built; run it as a role "
                                                  "that sees every row (superuser or BYPASSRLS: api_keys has RLS)"])
     if (manifest.database.engram_schema_version or 0) >= CHANGE_SEQ_MIGRATION:
@@ -247,7 +255,8 @@ def _security_steps(manifest: Manifest, observed: Observed, add_step: Callable[.
                    or "the live database holds no vault")
             unchecked = [f"the live cursors ({why}): every head moves by a fixed margin"]
         add_step("fence_sync", "Move each vault's sync head past every cursor an Obsidian client may hold, so "
-                 "writes made after the restore reach every device", [_psql(observed, sql)], cannot_check=unchecked)
+                 "writes made after the restore reach every device", [_psql(ctx, observed, sql)],
+                 cannot_check=unchecked)
 
 
 def _copy_back(ctx: CommandContext, repo_key: str, key: str) -> str:

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from pydantic import Field
 
 from ..core import restore_checks as rc
+from ..core.pgclients import beside
 from ..core.progress import Progress
 from ..core.repository import open_repository
 from ..core.restore_plan import (
@@ -90,13 +91,13 @@ async def plan_restore(runtime: Runtime, params: PlanRestoreInput, progress: Pro
         roles = sorted(set(db.roles_referenced or rc.toc_owners(listing or "")) | set(needs.object_owners or ())
                        | ({needs.owner} if needs.owner else set()))  # fmt: skip
         await progress(1, 5, f"verifying {len(manifest.artifacts)} artifact(s) of {manifest.backup_id}")
-        artifacts, tools, target, live, inventory = await rc.gather_concurrently(
+        artifacts, target, live, inventory = await rc.gather_concurrently(
             rc.verify_artifacts(repo, point),
-            rc.tool_state(settings),
             rc.target_state(settings, target_db, roles, needs.extensions or ()),
             rc.live_state(settings, snapshot_time(manifest)),
             rc.inventory_state(repo, point),
         )
+        tools = await rc.tool_state(settings, manifest, target.server_major)
     unknown = None
     if manifest.attachments.backend == "s3" and not live.reachable:
         unknown = await rc.bucket_unknown_prefixes(runtime, inventory)
@@ -110,11 +111,12 @@ async def plan_restore(runtime: Runtime, params: PlanRestoreInput, progress: Pro
     checks = run_checks(manifest, observed)
     verdict = worst([c.status for c in checks])
     ctx = CommandContext(
-        work_dir=rc.absolute(params.work_dir), pg_restore=tools.pg_restore_path or settings.pg_restore,
+        work_dir=rc.absolute(params.work_dir), pg_restore=tools.pg_restore_path or settings.pg_restore or "pg_restore",
         repository=rc.absolute_repository(settings), repository_endpoint=settings.repository_endpoint,
         storage_bucket=manifest.attachments.source_bucket or settings.storage_bucket,
         storage_endpoint=settings.storage_endpoint, qdrant_configured=manifest.qdrant.configured,
         tool=rc.tool_argv(), env_file=settings.env_file, environment=settings.from_environment,
+        clients={t: beside(tools.pg_restore_path, t) for t in ("psql", "createdb", "dropdb")},
     )  # fmt: skip
     all_steps = build_steps(manifest, observed, ctx)
     steps = [] if verdict == "fail" else all_steps

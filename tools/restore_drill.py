@@ -24,7 +24,9 @@ from pydantic import BaseModel, Field
 from ..core import backup_crypto, drill, postgres
 from ..core import restore_checks as rc
 from ..core.errors import ConfigurationError, IntegrityError, RecoveryError, scrub
+from ..core.manifest import Manifest
 from ..core.mirror import BlobCheck, read_inventory, verify_blobs
+from ..core.pgclients import ClientVersion, beside
 from ..core.progress import Progress
 from ..core.repository import DRILLS, Repository, open_repository
 from ..core.runtime import Runtime
@@ -179,6 +181,10 @@ async def _drill(
                              "choose another recovery point")  # fmt: skip
     admin = await _admin(runtime.dsn)
     try:
+        # Refuse before creating anything when no pg_restore here can read this dump into this server.
+        server = int(await admin.fetchval("SHOW server_version_num")) // 10000
+        client = await run.step("pg_restore", lambda: _restore_client(runtime, manifest, server),
+                                lambda c: f"pg_restore {c.major} ({c.origin}: {c.path})")  # fmt: skip
         swept.extend(await drill.sweep_leftovers(admin, now))
         name = drill.scratch_name(now)
         run.scratch = name
@@ -189,11 +195,12 @@ async def _drill(
         await admin.close(timeout=2)
     scratch_dsn = _with_database(runtime.dsn, name)
     if directory:
-        await run.step("restore", lambda: drill.restore_directory(runtime.settings.pg_restore, scratch_dsn, repo,
+        await run.step("restore", lambda: drill.restore_directory(client.path, scratch_dsn, repo,
                                                                   manifest.backup_id, backup_key),
                        lambda n: f"stock pg_restore --jobs=2 restored a directory dump of {n} bytes")  # fmt: skip
     else:
-        command = drill.RestoreCommand(runtime.settings.pg_restore, scratch_dsn, manifest.database.dump_format)
+        command = drill.RestoreCommand(client.path, scratch_dsn, manifest.database.dump_format,
+                                       beside(client.path, "psql"))
         stream = drill.plaintext(repo, point.prefix + dumps[0].name, dumps[0], backup_key)
         await run.step("restore", lambda: drill.restore_stream(command, stream),
                        lambda n: f"stock {command.argv[0].rsplit('/', 1)[-1]} restored {n} bytes of dump")  # fmt: skip
@@ -218,6 +225,10 @@ async def _verify_blobs(repo: Repository, point: rc.RecoveryPoint) -> BlobCheck:
     assert point.manifest.attachments.inventory is not None
     entries = [e async for e in read_inventory(repo, point.prefix + point.manifest.attachments.inventory)]
     return await verify_blobs(repo, entries)
+
+
+async def _restore_client(runtime: Runtime, manifest: Manifest, server_major: int) -> ClientVersion:
+    return (await rc.restore_client(runtime.settings, manifest, server_major)).require()
 
 
 async def _prove_attachments(
