@@ -8,7 +8,12 @@ and our process's peak RSS (target < 200 MB), sampled with psutil every 20 ms, b
 the peak of its whole process tree from getrusage(RUSAGE_CHILDREN).
 
 Usage: .venv/bin/python bench/bench_backup.py [--runs 3] [--notes 250000] [--attachments 1600] [--reseed]
-The seeded database (engram_bench_1g) and its master key (.bench/) are kept between runs.
+                                              [--admin-url URL] [--database NAME]
+The server: --admin-url (or ENGRAM_TEST_ADMIN_URL), e.g. the host's PostgreSQL 15 on 127.0.0.1:5432; by
+default the bundled PostgreSQL 18 (the version Engram runs), a cluster kept in .bench/pg18 between runs
+(stop it with `python -m engram_recovery.testbed.cluster stop .bench/pg18`). Every pg_dump here, ours
+and the peers', is the client run_backup chooses for that server (core/pgclients.py): the 18 one for 18.
+The seeded database (engram_bench_1g) and its master key (.bench/, one per server) are kept between runs.
 """
 
 from __future__ import annotations
@@ -33,16 +38,39 @@ import psutil
 
 from engram_recovery import testbed
 from engram_recovery.core import engram_crypto
+from engram_recovery.core.pgclients import choose
 
-ADMIN = os.environ.get("ENGRAM_TEST_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 DB = "engram_bench_1g"
 STATE = Path(".bench")
+PG_DUMP = "pg_dump"  # set in main(): the client run_backup chooses for the server
 
 
-async def ensure_database(notes: int, attachments: int, reseed: bool) -> tuple[str, bytes, int]:
-    key_file = STATE / f"{DB}.key"
-    dsn = testbed.dsn_for(ADMIN, DB)
-    admin = await asyncpg.connect(ADMIN)
+def server_url(given: str | None) -> str:
+    """--admin-url, ENGRAM_TEST_ADMIN_URL, else the bundled PostgreSQL 18 kept in .bench/pg18."""
+    if given or os.environ.get("ENGRAM_TEST_ADMIN_URL"):
+        return given or os.environ["ENGRAM_TEST_ADMIN_URL"]
+    from engram_recovery.testbed import cluster
+
+    STATE.mkdir(exist_ok=True)
+    STATE.chmod(0o755)  # the postgres OS user runs the bundled server from .bench/pg18
+    return cluster.start(STATE / "pg18").admin_url
+
+
+async def server_version(admin_url: str) -> tuple[int, str]:
+    conn = await asyncpg.connect(admin_url)
+    try:
+        number, text = await conn.fetchval("SHOW server_version_num"), await conn.fetchval("SHOW server_version")
+        return int(number) // 10000, str(text)
+    finally:
+        await conn.close()
+
+
+async def ensure_database(
+    admin_url: str, major: int, notes: int, attachments: int, reseed: bool
+) -> tuple[str, bytes, int]:
+    key_file = STATE / f"{DB}.pg{major}.key"  # one per server: 15's and 18's databases differ
+    dsn = testbed.dsn_for(admin_url, DB)
+    admin = await asyncpg.connect(admin_url)
     try:
         exists = await admin.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", DB)
         if not (exists and key_file.exists() and not reseed):
@@ -94,16 +122,16 @@ def timed(argv: list[str], *, shell: bool = False, env: dict[str, str] | None = 
 def run_once(dsn: str, key: bytes, work: Path) -> dict[str, float]:
     out: dict[str, float] = {}
     gz = work / "seed.sql.gz"
-    seconds, _, _ = timed(["pg_dump", "--clean", "--if-exists", f"--dbname={dsn}", "|", "gzip", ">", str(gz)],
+    seconds, _, _ = timed([PG_DUMP, "--clean", "--if-exists", f"--dbname={dsn}", "|", "gzip", ">", str(gz)],
                           shell=True)
     out["gzip_s"], out["gzip_bytes"] = seconds, gz.stat().st_size
     gz.unlink()
-    seconds, _, _ = timed(["pg_dump", "-Fc", "-Z0", f"--dbname={dsn}", ">", "/dev/null"], shell=True)
+    seconds, _, _ = timed([PG_DUMP, "-Fc", "-Z0", f"--dbname={dsn}", ">", "/dev/null"], shell=True)
     out["raw_s"] = seconds
     # A reference, not a target: the same dump through the zstd command-line tool (C, no encryption,
     # no hashing, no verification), i.e. the floor for any compressing pipeline on this machine.
     zst = work / "ref.dump.zst"
-    seconds, _, _ = timed(["pg_dump", "-Fc", "-Z0", f"--dbname={dsn}", "|", "zstd", "-1", "-q", "-o", str(zst)],
+    seconds, _, _ = timed([PG_DUMP, "-Fc", "-Z0", f"--dbname={dsn}", "|", "zstd", "-1", "-q", "-o", str(zst)],
                           shell=True)
     out["zstd_cli_s"] = seconds
     zst.unlink()
@@ -148,6 +176,7 @@ def tool_only(result_file: str) -> None:
 
 
 def main() -> None:
+    global DB, PG_DUMP
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--notes", type=int, default=250_000)
@@ -155,18 +184,26 @@ def main() -> None:
     parser.add_argument("--reseed", action="store_true")
     parser.add_argument("--seed-only", action="store_true")
     parser.add_argument("--tool-only", metavar="RESULT_FILE", help=argparse.SUPPRESS)
+    parser.add_argument("--admin-url", help="the server (default: ENGRAM_TEST_ADMIN_URL, else the bundled 18)")
+    parser.add_argument("--database", default=DB, help=f"the seeded database (default {DB})")
     args = parser.parse_args()
     if args.tool_only:
         tool_only(args.tool_only)
         return
+    DB = args.database
     STATE.mkdir(exist_ok=True)
-    dsn, key, size = anyio.run(ensure_database, args.notes, args.attachments, args.reseed)
+    admin_url = server_url(args.admin_url)
+    major, version = anyio.run(server_version, admin_url)
+    client = anyio.run(choose, "pg_dump", None, major, f"dump a PostgreSQL {major} server").require()
+    PG_DUMP = client.path
+    print(f"server PostgreSQL {version}; every pg_dump is {client.text} ({client.origin}: {client.path})", flush=True)
+    dsn, key, size = anyio.run(ensure_database, admin_url, major, args.notes, args.attachments, args.reseed)
     print(f"database {DB}: {size / 2**30:.2f} GiB on disk", flush=True)
     if args.seed_only:
         return
     with tempfile.TemporaryDirectory(prefix="bench-backup-", dir=os.environ.get("BENCH_DIR")) as tmp:
         work = Path(tmp)
-        timed(["pg_dump", "-Fc", "-Z0", f"--dbname={dsn}", ">", "/dev/null"], shell=True)  # warm the cache
+        timed([PG_DUMP, "-Fc", "-Z0", f"--dbname={dsn}", ">", "/dev/null"], shell=True)  # warm the cache
         runs = []
         for number in range(1, args.runs + 1):
             r = run_once(dsn, key, work)

@@ -65,6 +65,10 @@ class DatabaseFacts:
     engram_schema_version: int | None = None
     row_counts: dict[str, int] = field(default_factory=dict)
     roles_referenced: list[str] = field(default_factory=list)
+    owner: str | None = None
+    object_owners: list[str] = field(default_factory=list)
+    extensions: list[str] = field(default_factory=list)
+    row_security_tables: list[str] = field(default_factory=list)
     size_bytes: int | None = None
     canary: CanaryInfo = field(default_factory=lambda: CanaryInfo(present=False))
     oban: ObanInfo = field(default_factory=ObanInfo)
@@ -97,6 +101,19 @@ async def quick_facts(conn: asyncpg.Connection, probe: SchemaProbe, master_key: 
                 probe.schema,
             )
         )
+        # What restoring needs from its role: the owner to give the new database, extensions (some need a
+        # superuser), and tables under row-level security (their rows restore only with BYPASSRLS).
+        facts.owner = await conn.fetchval(
+            "SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = current_database()"
+        )
+        facts.object_owners = [r["o"] for r in await conn.fetch(
+            "SELECT DISTINCT pg_get_userbyid(c.relowner) AS o FROM pg_class c JOIN pg_namespace n "
+            "ON n.oid = c.relnamespace WHERE n.nspname = $1 ORDER BY 1", probe.schema)]  # fmt: skip
+        facts.extensions = [r["e"] for r in await conn.fetch(
+            "SELECT extname AS e FROM pg_extension WHERE extname <> 'plpgsql' ORDER BY 1")]  # fmt: skip
+        facts.row_security_tables = [r["t"] for r in await conn.fetch(
+            "SELECT c.relname AS t FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE n.nspname = $1 AND c.relrowsecurity ORDER BY 1", probe.schema)]  # fmt: skip
         if probe.has_table("system_canaries"):
             facts.canary = await _canary(conn, master_key)
     except PostgresError as exc:

@@ -29,7 +29,8 @@ from .compression import SUFFIX, Compression
 from .errors import ConfigurationError, IntegrityError, RecoveryError
 from .lock import database_lock, directory_lock
 from .manifest import MANIFEST_NAME, Artifact, QdrantInfo
-from .pgdump import ClientVersion, DumpFormat, PgDumpCommand, client_version, spawn
+from .pgclients import ClientVersion, choose
+from .pgdump import DumpFormat, PgDumpCommand, spawn
 from .progress import Progress
 from .repository import BACKUPS, LocalRepository, Repository, backup_id_of, scan
 from .runtime import Runtime
@@ -71,14 +72,9 @@ async def preflight(runtime: Runtime) -> tuple[SchemaProbe, ClientVersion]:
             "back up as a superuser or a role with BYPASSRLS (e.g. ALTER ROLE <backup role> BYPASSRLS), "
             "and put that role in DATABASE_URL",
         )
-    client = await client_version(settings.pg_dump)
-    if client.major < p.server_major:
-        raise ConfigurationError(
-            f"pg_dump {client.major} ({client.path}) is older than the PostgreSQL {p.server_major} server and "
-            "cannot dump it",
-            f"install postgresql-client-{p.server_major} (or newer) and/or set ENGRAM_RECOVERY_PG_DUMP to it",
-        )
-    return p, client
+    choice = await choose("pg_dump", settings.pg_dump, p.server_major,
+                          f"dump a PostgreSQL {p.server_major} server ({p.server_version})")  # fmt: skip
+    return p, choice.require()
 
 
 @contextlib.asynccontextmanager
@@ -130,9 +126,8 @@ def _artifact(name: str, stored: Stored, compression: Compression, encrypted: bo
 
 async def dump_database(
     runtime: Runtime, repo: Repository, backup_id: str, fmt: DumpFormat, compression: Compression,
-    key: bytes | None, snapshot_id: str, progress: Progress, total: float | None,
+    key: bytes | None, snapshot_id: str, progress: Progress, total: float | None, pg_dump: str,
 ) -> DumpOutcome:
-    settings = runtime.settings
     name = dump_name(fmt, compression, key is not None)
     outcome = DumpOutcome()
     started = time.monotonic()
@@ -141,7 +136,7 @@ async def dump_database(
         await progress(done, total, f"dumping the database: {done / 2**20:,.0f} MiB")
 
     if fmt != "directory":
-        command = PgDumpCommand(settings.pg_dump, runtime.dsn, fmt, snapshot_id)
+        command = PgDumpCommand(pg_dump, runtime.dsn, fmt, snapshot_id)
         stored = await dump_to_repository(
             command.argv, command.env, repo, f"{BACKUPS}{backup_id}/{name}", Transform(compression, key), report
         )
@@ -151,7 +146,7 @@ async def dump_database(
         # size of the uncompressed dump; each file then goes through the same pipeline.
         with tempfile.TemporaryDirectory(prefix="engram-dump-") as scratch:
             target = Path(scratch) / "dump"
-            command = PgDumpCommand(settings.pg_dump, runtime.dsn, fmt, snapshot_id, output=str(target), jobs=2)
+            command = PgDumpCommand(pg_dump, runtime.dsn, fmt, snapshot_id, output=str(target), jobs=2)
             async with spawn(command.argv, command.env) as running:
                 async for _ in running.stdout:
                     pass
@@ -223,7 +218,7 @@ async def qdrant_info(runtime: Runtime) -> tuple[QdrantInfo, str | None]:
 
 async def gather_and_dump(
     runtime: Runtime, repo: Repository, backup_id: str, p: SchemaProbe, fmt: DumpFormat,
-    compression: Compression, key: bytes | None, progress: Progress,
+    compression: Compression, key: bytes | None, progress: Progress, pg_dump: str,
 ) -> tuple[DatabaseFacts, DumpOutcome, str | None, datetime]:
     """Snapshot, cheap facts, then the dump and the exact counts at once, both in that snapshot."""
     settings = runtime.settings
@@ -237,7 +232,7 @@ async def gather_and_dump(
             # No total: pg_dump's output is not the database's size (bytea doubles as hex text, indexes
             # vanish), and a progress bar that overshoots its total misleads more than none.
             outcome = await dump_database(
-                runtime, repo, backup_id, fmt, compression, key, snap.snapshot_id, progress, None
+                runtime, repo, backup_id, fmt, compression, key, snap.snapshot_id, progress, None, pg_dump
             )
 
         async with task_group() as tg:

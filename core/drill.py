@@ -23,7 +23,7 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
-from . import backup_extract, engram_crypto, postgres
+from . import backup_extract, engram_crypto, key_rules, postgres
 from .backup_crypto import Decryptor
 from .compression import decompressor
 from .errors import ConfigurationError, RecoveryError, scrub
@@ -45,16 +45,21 @@ def _ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-async def create_scratch(conn: postgres.Connection, name: str) -> None:
+async def create_scratch(conn: postgres.Connection, name: str, owner: str | None = None) -> str:
+    """Create the scratch database, owned by `owner` (the source's owner) when that role exists; returns its owner."""
     if not _NAME.match(name):
         raise ValueError(f"{name!r} is not a drill database name")
+    exists = owner is not None and await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", owner)
+    owned = f" OWNER {_ident(owner)}" if owner is not None and exists else ""
     try:
-        await conn.execute(f"CREATE DATABASE {_ident(name)} TEMPLATE template0")
+        await conn.execute(f"CREATE DATABASE {_ident(name)}{owned} TEMPLATE template0")
     except postgres.PostgresError as exc:
         raise RecoveryError(
-            f"could not create the scratch database {name}: {exc}",
-            "the drill needs a role with CREATEDB on the server of DATABASE_URL",
+            f"could not create the scratch database {name}{f' owned by {owner}' if owned else ''}: {exc}",
+            "the drill needs a role with CREATEDB on the server of DATABASE_URL, and membership in the source "
+            "database's owner (or a superuser)",
         ) from exc
+    return str(await conn.fetchval("SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = $1", name))
 
 
 async def drop_scratch(conn: postgres.Connection, name: str) -> None:
@@ -108,12 +113,13 @@ class RestoreCommand:
     pg_restore: str
     dsn: str
     dump_format: str
+    psql: str = "psql"  # from the same installation as pg_restore where it has one (pgclients.sibling)
 
     @property
     def argv(self) -> list[str]:
         url, _password = split_dsn(self.dsn)
         if self.dump_format == "plain":
-            return ["psql", "--no-password", "-v", "ON_ERROR_STOP=1", "--single-transaction", "-q",
+            return [self.psql, "--no-password", "-v", "ON_ERROR_STOP=1", "--single-transaction", "-q",
                     f"--dbname={url}", "-f", "-"]  # fmt: skip
         return [self.pg_restore, "--no-password", "--exit-on-error", "--single-transaction", f"--dbname={url}"]
 
@@ -193,20 +199,23 @@ class Proof:
     ok: bool
     summary: str
     details: dict[str, Any] = field(default_factory=dict)
+    code: str | None = None  # a machine-readable verdict where the proof has several ways to fail
 
 
-async def prove_canary(conn: postgres.Connection, manifest: Manifest, key: bytes) -> Proof:
+async def prove_canary(conn: postgres.Connection, manifest: Manifest, keys: Keys) -> Proof:
     row = await conn.fetchrow("SELECT id::text AS id, wrapped_dek, dek_sha256 FROM system_canaries "
                               "ORDER BY id DESC LIMIT 1")  # fmt: skip
     if row is None:
-        return Proof("canary", False, "the restored system_canaries is EMPTY: Engram would adopt any key at boot")
-    verdict = engram_crypto.check_canary(key, bytes(row["wrapped_dek"]), bytes(row["dek_sha256"]))
-    same = manifest.canary.id is None or manifest.canary.id == row["id"]
-    ok = verdict == "match" and same
-    summary = ("the master key unwraps the restored boot canary" if ok else
-               f"the restored canary does not open with the master key ({verdict})" if verdict != "match" else
-               "the restored canary is not the one the manifest recorded")  # fmt: skip
-    return Proof("canary", ok, summary, {"verdict": verdict, "canary_id": row["id"]})
+        return Proof("canary", False, "the restored system_canaries is EMPTY: Engram would adopt any key at boot",
+                     code="canary_empty")  # fmt: skip
+    # Engram's boot rule: the current key only (key_rules), PREVIOUS named as its own verdict.
+    judged = key_rules.judge_canary(keys.current, keys.previous, bytes(row["wrapped_dek"]), bytes(row["dek_sha256"]),
+                                    what="the restored boot canary")  # fmt: skip
+    details: dict[str, Any] = {"verdict": judged.verdict, "canary_id": row["id"]} | judged.details
+    if manifest.canary.id is not None and manifest.canary.id != row["id"]:
+        return Proof("canary", False, "the restored canary is not the one the manifest recorded", details,
+                     code="canary_replaced")  # fmt: skip
+    return Proof("canary", judged.code == "ok", judged.summary, details, code=judged.code)
 
 
 async def prove_counts(conn: postgres.Connection, manifest: Manifest) -> Proof:
@@ -221,20 +230,38 @@ async def prove_counts(conn: postgres.Connection, manifest: Manifest) -> Proof:
     return Proof("row_counts", True, f"all {n} table counts match the manifest")
 
 
-class _Deks:
-    """Users' DEKs, unwrapped once each with the master key."""
+@dataclass(frozen=True)
+class Keys:
+    """The master keys the drill reads with (never serialised)."""
 
-    def __init__(self, key: bytes) -> None:
-        self.key = key
+    current: bytes
+    previous: bytes | None = None
+
+
+class _Deks:
+    """Users' DEKs, unwrapped once each as Engram does: the current key, then the previous one."""
+
+    def __init__(self, keys: Keys) -> None:
+        self.keys = keys
         self._cache: dict[str, engram_crypto.FieldCipher] = {}
         self._raw: dict[str, bytes] = {}
+        self.by_previous: set[str] = set()
 
     def get(self, user_id: str, wrapped: bytes) -> tuple[engram_crypto.FieldCipher, bytes]:
         if user_id not in self._cache:
-            dek = engram_crypto.unwrap_dek(self.key, wrapped, user_id)
+            dek, opener = key_rules.unwrap_user_dek(self.keys.current, self.keys.previous, wrapped, user_id)
+            if opener == "previous":
+                self.by_previous.add(user_id)
             self._raw[user_id] = dek
             self._cache[user_id] = engram_crypto.FieldCipher(dek)
         return self._cache[user_id], self._raw[user_id]
+
+    def note(self) -> str:
+        """What an operator should know about keys that opened only with PREVIOUS (mid-rotation is normal)."""
+        if not self.by_previous:
+            return ""
+        return (f"; {len(self.by_previous)} user key(s) opened only with ENCRYPTION_MASTER_KEY_PREVIOUS, as Engram "
+                "does mid-rotation: keep that key until the rotation re-wraps them")
 
 
 def check_blob(deks: _Deks, table: str, row: Any, ciphertext: bytes) -> str | None:
@@ -249,25 +276,26 @@ def check_blob(deks: _Deks, table: str, row: Any, ciphertext: bytes) -> str | No
     return None if verdict in ("match", "legacy") else f"{table} {row['id']}: content hash {verdict}"
 
 
-async def prove_notes(conn: postgres.Connection, key: bytes, sample: int) -> Proof:
+async def prove_notes(conn: postgres.Connection, keys: Keys, sample: int) -> Proof:
     rows = await conn.fetch(
         "SELECT n.id::text AS id, n.user_id::text AS user_id, n.dek_version, n.content_ciphertext AS ct, "
         "n.content_nonce AS nonce, n.content_hash, u.encrypted_dek FROM notes n JOIN users u ON u.id = n.user_id "
         "WHERE n.content_ciphertext IS NOT NULL AND u.encrypted_dek IS NOT NULL ORDER BY random() LIMIT $1",
         sample,
     )
-    deks = _Deks(key)
+    deks = _Deks(keys)
     problems = [p for r in rows if (p := check_blob(deks, "notes", r, bytes(r["ct"])))]
     if not rows:
         return Proof("notes", True, "no encrypted note to sample (empty database)", {"sampled": 0})
+    details = {"sampled": len(rows), "users_by_previous_key": len(deks.by_previous)}
     if problems:
         return Proof("notes", False, f"{len(problems)} of {len(rows)} sampled note(s) failed: {problems[0]}",
-                     {"sampled": len(rows), "failed": problems[:10]})  # fmt: skip
+                     details | {"failed": problems[:10]}, code="decrypt_failed")  # fmt: skip
     return Proof("notes", True, f"{len(rows)} sampled note(s) decrypt with their users' DEKs and match their "
-                 "content hash", {"sampled": len(rows)})  # fmt: skip
+                 "content hash" + deks.note(), details)  # fmt: skip
 
 
-async def prove_attachments_in_db(conn: postgres.Connection, key: bytes, sample: int) -> Proof:
+async def prove_attachments_in_db(conn: postgres.Connection, keys: Keys, sample: int) -> Proof:
     rows = await conn.fetch(
         "SELECT a.id::text AS id, a.user_id::text AS user_id, a.dek_version, a.content_nonce AS nonce, "
         "a.content_hash, o.data, u.encrypted_dek FROM attachments a "
@@ -275,11 +303,11 @@ async def prove_attachments_in_db(conn: postgres.Connection, key: bytes, sample:
         "WHERE a.deleted_at IS NULL AND a.content_nonce IS NOT NULL ORDER BY random() LIMIT $1",
         sample,
     )
-    return _attachment_proof(key, [(r, bytes(r["data"])) for r in rows])
+    return _attachment_proof(keys, [(r, bytes(r["data"])) for r in rows])
 
 
 async def prove_attachments_mirrored(
-    conn: postgres.Connection, key: bytes, sample: int, repo: Repository, pool: dict[str, str]
+    conn: postgres.Connection, keys: Keys, sample: int, repo: Repository, pool: dict[str, str]
 ) -> Proof:
     rows = await conn.fetch(
         "SELECT a.id::text AS id, a.user_id::text AS user_id, a.dek_version, a.content_nonce AS nonce, "
@@ -289,16 +317,17 @@ async def prove_attachments_mirrored(
         sample, list(pool),
     )  # fmt: skip
     pairs = [(r, await repo.get_bytes(pool[r["storage_key"]])) for r in rows]
-    return _attachment_proof(key, pairs)
+    return _attachment_proof(keys, pairs)
 
 
-def _attachment_proof(key: bytes, pairs: list[tuple[Any, bytes]]) -> Proof:
+def _attachment_proof(keys: Keys, pairs: list[tuple[Any, bytes]]) -> Proof:
     if not pairs:
         return Proof("attachments", True, "no attachment to sample", {"sampled": 0})
-    deks = _Deks(key)
+    deks = _Deks(keys)
     problems = [p for r, blob in pairs if (p := check_blob(deks, "attachments", r, blob))]
     if problems:
         return Proof("attachments", False, f"{len(problems)} of {len(pairs)} sampled attachment(s) failed: "
-                     f"{problems[0]}", {"sampled": len(pairs), "failed": problems[:10]})  # fmt: skip
-    return Proof("attachments", True, f"{len(pairs)} sampled attachment(s) decrypt and match their content hash",
-                 {"sampled": len(pairs)})  # fmt: skip
+                     f"{problems[0]}", {"sampled": len(pairs), "failed": problems[:10]},
+                     code="decrypt_failed")  # fmt: skip
+    return Proof("attachments", True, f"{len(pairs)} sampled attachment(s) decrypt and match their content hash"
+                 + deks.note(), {"sampled": len(pairs)})  # fmt: skip

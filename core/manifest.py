@@ -34,7 +34,8 @@ class DatabaseInfo(_Model):
     name: str
     server_version: str
     server_major: int
-    pg_dump_version: str
+    pg_dump_version: str = Field(description="`pg_dump --version` of the client that wrote the dump.")
+    pg_dump_path: str | None = Field(default=None, description="That client's path (configured, PATH or bundled).")
     dump_format: Literal["custom", "directory", "plain"]
     wal_lsn_start: str | None = None
     engram_schema_version: int | None = None
@@ -42,6 +43,13 @@ class DatabaseInfo(_Model):
     role: str
     row_counts: dict[str, int] = Field(default_factory=dict)
     roles_referenced: list[str] = Field(default_factory=list, description="Roles the dump's GRANT/OWNER name.")
+    owner: str | None = Field(default=None, description="The source database's owner: a restore gives it the same.")
+    object_owners: list[str] | None = Field(default=None, description="Roles owning the dumped objects; restoring "
+                                            "as another role needs membership in each (None: not recorded).")
+    extensions: list[str] | None = Field(default=None, description="Extensions the dump creates (None: not recorded).")
+    row_security_tables: list[str] | None = Field(
+        default=None, description="Tables with row-level security: restoring their rows needs BYPASSRLS or a superuser."
+    )
     size_bytes: int | None = Field(default=None, description="pg_database_size at the snapshot.")
     snapshot_at: datetime | None = Field(default=None, description="Server clock when the snapshot was taken.")
     dump_artifacts: list[str] = Field(

@@ -51,11 +51,17 @@ class RunStats:
     batch_seconds: list[float] = field(default_factory=list)
     per_vault: dict[tuple[uuid.UUID, uuid.UUID], VaultCount] = field(default_factory=dict)
 
-    def add_enqueued(self, rows: Sequence[asyncpg.Record]) -> None:
+    def add_enqueued(self, rows: Sequence[asyncpg.Record], untouched: Sequence[asyncpg.Record]) -> None:
+        """A batch's reset rows (each enqueued unless already queued) and its already-queued rows left alone."""
         for row in rows:
             entry = self._vault(row)
-            entry.notes += 1
-            entry.content_bytes += int(row["bytes"])
+            if row["queued"]:
+                entry.already_queued += 1
+            else:
+                entry.notes += 1
+                entry.content_bytes += int(row["bytes"])
+        for row in untouched:
+            self._vault(row).already_queued += int(row["n"])
 
     def _vault(self, row: asyncpg.Record) -> VaultCount:
         key = (row["user_id"], row["vault_id"])
@@ -104,15 +110,18 @@ async def enqueue(conn: asyncpg.Connection, job: Job, progress: ProgressFn) -> R
                 # Index probes whatever the statistics say: a plan chosen while oban_jobs looked
                 # empty must not turn into a scan per note once it holds a million jobs.
                 await conn.execute("SET LOCAL enable_seqscan = off")
+                # Before the update, which would make the notes it resets look untouched.
+                untouched = await conn.fetch(job.statements.queued_untouched, lo, hi, *extra)
+                # Queued ones come back reset but are not queued again: the pending job re-embeds them.
                 rows = await conn.fetch(job.statements.update, lo, hi, *extra)
-                ids = [r["id"] for r in rows]
+                ids = [r["id"] for r in rows if not r["queued"]]
                 inserted = int(await conn.fetchval(insert_sql, ids)) if ids else 0
                 if inserted:
                     await oban.notify_insert(conn, job.target)
             elapsed = time.perf_counter() - started
-            stats.add_enqueued(rows)
+            stats.add_enqueued(rows, untouched)
             stats.batches += 1
-            stats.reset += len(ids)
+            stats.reset += len(rows)
             stats.enqueued += inserted
             stats.batch_seconds.append(round(elapsed, 4))
             stats.max_batch_seconds = max(stats.max_batch_seconds, elapsed)
@@ -216,7 +225,6 @@ async def _missing_notes(
     assert job.point_check is not None
     async with tenant_transaction(conn, tenant):
         rows = await conn.fetch(job.statements.chunks, lo, hi)
-    if not rows:
-        return []
-    found = await job.point_check([str(r["qdrant_point_id"]) for r in rows])
-    return sorted({r["note_id"] for r in rows if str(r["qdrant_point_id"]) not in found})
+        never = {r["id"] for r in await conn.fetch(job.statements.unembedded, lo, hi)}
+    found = await job.point_check([str(r["qdrant_point_id"]) for r in rows]) if rows else set()
+    return sorted(never | {r["note_id"] for r in rows if str(r["qdrant_point_id"]) not in found})

@@ -110,7 +110,9 @@ class Statements:
 
     bound: str
     update: str
+    queued_untouched: str
     chunks: str
+    unembedded: str
     count: str
     count_missing: str
 
@@ -142,6 +144,10 @@ class Statements:
         }[mode]
         sets = ", ".join(f"{c} = NULL" for c in notes.reset_columns)
         where = f"n.id > $1 AND n.id <= $2{scope_sql}{eligible}{mode_sql}"
+        # A pending EmbedNote job skips a note whose embed_hash equals its content_hash (FACTS.md): such notes
+        # are reset too, but get no second job. Checked first, so a fresh note costs no probe in the WHERE.
+        dirty = "(" + " OR ".join(f"n.{c} IS NOT NULL" for c in notes.reset_columns) + ")"
+        free = not_queued(target, "n.id::text", fenced=True)
         token_bytes = f"greatest(coalesce(octet_length(n.content_ciphertext), 0) - {GCM_TAG_BYTES}, 0)"
         count_select = (
             "SELECT n.user_id, n.vault_id, count(*) FILTER (WHERE q.note_id IS NULL) AS would, "
@@ -156,13 +162,22 @@ class Statements:
                 "ORDER BY n.id LIMIT $2) b ORDER BY b.id DESC LIMIT 1"
             ),
             update=(
-                f"UPDATE {notes.t('notes')} n SET {sets} WHERE {where} "
-                f"AND {not_queued(target, 'n.id::text', fenced=True)} "
-                f"RETURNING n.id, n.user_id, n.vault_id, {token_bytes} AS bytes"
+                f"UPDATE {notes.t('notes')} n SET {sets} WHERE {where} AND ({dirty} OR {free}) "
+                f"RETURNING n.id, n.user_id, n.vault_id, {token_bytes} AS bytes, NOT ({free}) AS queued"
+            ),
+            # What `update` leaves alone: notes already queued whose embed state is already clear.
+            queued_untouched=(
+                f"SELECT n.user_id, n.vault_id, count(*) AS n FROM {notes.t('notes')} n WHERE {where} "
+                f"AND NOT {dirty} AND NOT ({free}) GROUP BY n.user_id, n.vault_id"
             ),
             chunks=(
                 f"SELECT c.note_id, c.qdrant_point_id FROM {notes.t('chunks')} c "
                 f"WHERE c.note_id > $1 AND c.note_id <= $2{chunk_scope}"
+            ),
+            # Never embedded: no chunk at all, so no point to find missing in Qdrant either.
+            unembedded=(
+                f"SELECT n.id FROM {notes.t('notes')} n WHERE n.id > $1 AND n.id <= $2{scope_sql}{eligible} "
+                f"AND n.embed_hash IS NULL AND NOT EXISTS (SELECT 1 FROM {notes.t('chunks')} c WHERE c.note_id = n.id)"
             ),
             count=(
                 f"{count_select} WHERE TRUE{scope_sql}{eligible}{mode_sql if mode != 'missing' else ''} "

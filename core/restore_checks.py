@@ -8,9 +8,11 @@ from __future__ import annotations
 import hashlib
 import re
 import subprocess
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -22,9 +24,18 @@ from .drill import plaintext
 from .errors import ConfigurationError, IntegrityError, RecoveryError
 from .manifest import Manifest
 from .mirror import read_inventory, verify_blobs
-from .pgdump import client_version
+from .pgclients import ClientChoice, choose
 from .repository import BACKUPS, MANIFEST_NAME, LocalRepository, Repository, scan
-from .restore_plan import InventoryState, KeyMaterial, LiveState, TargetState, ToolState
+from .restore_plan import (
+    InventoryState,
+    KeyMaterial,
+    LiveState,
+    RestoreNeeds,
+    RoleState,
+    TargetState,
+    ToolState,
+    dump_major,
+)
 from .runtime import Runtime
 from .schema_probe import probe
 from .settings import Settings
@@ -93,6 +104,24 @@ async def verify_artifacts(repo: Repository, point: RecoveryPoint) -> list[Artif
     return out
 
 
+def tool_argv() -> tuple[str, ...]:
+    """This tool by absolute path: the console script beside this interpreter, else the interpreter itself."""
+    script = Path(sys.executable).parent / "engram-recovery"
+    if script.is_file():
+        return (str(script),)
+    return (sys.executable, "-m", "engram_recovery.server.cli")
+
+
+def absolute(path: str) -> str:
+    """A path as the plan's commands must name it: they may run from another directory."""
+    return str(Path(path).absolute())
+
+
+def absolute_repository(settings: Settings) -> str:
+    location = settings.repository
+    return location if "://" in location else absolute(location)
+
+
 def key_material(settings: Settings) -> KeyMaterial:
     problem: str | None = None
     current: bytes | None = None
@@ -110,12 +139,26 @@ def key_material(settings: Settings) -> KeyMaterial:
     return KeyMaterial(current=current, current_problem=problem, previous=previous, key_provider=settings.key_provider)
 
 
-async def tool_state(settings: Settings) -> ToolState:
-    try:
-        version = await client_version(settings.pg_restore)
-    except RecoveryError as exc:
-        return ToolState(pg_restore_path=None, pg_restore_major=None, problem=exc.message)
-    return ToolState(pg_restore_path=version.path, pg_restore_major=version.major)
+async def restore_client(settings: Settings, manifest: Manifest, target_major: int | None = None) -> ClientChoice:
+    """The pg_restore for this backup: configured, else PATH's or the bundled one, able to read its dump
+    (pg_restore cannot read an archive of a newer pg_dump) and at least as new as the target server."""
+    dump = dump_major(manifest)
+    needed = max((m for m in (dump, target_major) if m is not None), default=None)
+    purpose = f"read a dump written by pg_dump {dump}"
+    if target_major is not None and (dump is None or target_major > dump):
+        purpose += f" into a PostgreSQL {target_major} server"
+    return await choose("pg_restore", settings.pg_restore, needed, purpose)
+
+
+async def tool_state(settings: Settings, manifest: Manifest, target_major: int | None = None) -> ToolState:
+    choice = await restore_client(settings, manifest, target_major)
+    if choice.chosen is not None:
+        return ToolState(pg_restore_path=choice.chosen.path, pg_restore_major=choice.chosen.major)
+    if not choice.considered:
+        return ToolState(pg_restore_path=None, pg_restore_major=None, problem=choice.problem, fix=choice.fix)
+    # Too old: reported with the newest one found, so the plan can say which and by how much.
+    best = max(choice.considered, key=lambda c: c.major)
+    return ToolState(pg_restore_path=best.path, pg_restore_major=best.major, problem=choice.problem, fix=choice.fix)
 
 
 def _server(settings: Settings) -> tuple[str | None, int | None, str | None]:
@@ -144,15 +187,55 @@ def toc_owners(listing: str) -> set[str]:
     return owners
 
 
+def toc_needs(listing: str) -> RestoreNeeds:
+    """What restoring a `pg_restore --list` listing asks of its role: owners, extensions, row-level security."""
+    extensions: list[str] = []
+    secured: list[str] = []
+    for line in listing.splitlines():
+        match = _TOC_LINE.match(line.strip())
+        words = match["rest"].split() if match else []
+        if words[:1] == ["EXTENSION"] and len(words) >= 3:
+            extensions.append(words[2])
+        elif words[:2] == ["ROW", "SECURITY"] and len(words) >= 4:
+            secured.append(words[3])
+    return RestoreNeeds(owner=None, object_owners=tuple(sorted(toc_owners(listing))),
+                        extensions=tuple(sorted(extensions)), row_security_tables=tuple(sorted(secured)))  # fmt: skip
+
+
+def restore_needs(manifest: Manifest, listing: str | None) -> RestoreNeeds:
+    """From the manifest where it records them, else from the dump's table of contents; None where unknown."""
+    db = manifest.database
+    toc = toc_needs(listing) if listing is not None else None
+
+    def pick(recorded: list[str] | None, listed: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        return tuple(recorded) if recorded is not None else listed
+
+    return RestoreNeeds(
+        owner=db.owner,
+        object_owners=pick(db.object_owners, toc.object_owners if toc else None),
+        extensions=pick(db.extensions, toc.extensions if toc else None),
+        row_security_tables=pick(db.row_security_tables, toc.row_security_tables if toc else None),
+    )
+
+
 async def roles_from_dump(settings: Settings, repo: Repository, point: RecoveryPoint) -> set[str] | None:
     """When the manifest names no roles: read the dump's table of contents (its first bytes) with pg_restore -l."""
+    listing = await dump_listing(settings, repo, point)
+    return None if listing is None else toc_owners(listing)
+
+
+async def dump_listing(settings: Settings, repo: Repository, point: RecoveryPoint) -> str | None:
+    """The dump's table of contents (its first bytes, through pg_restore -l), when it can be read here."""
     dumps = [a for a in point.manifest.artifacts if a.kind == "database"]
     if point.manifest.database.dump_format != "custom" or len(dumps) != 1:
         return None
     key = parse_key(settings.backup_key.get_secret_value()) if settings.backup_key else None
     if dumps[0].encryption is not None and key is None:
         return None
-    process = await anyio.open_process([settings.pg_restore, "--list"], stdin=subprocess.PIPE,
+    chosen = (await restore_client(settings, point.manifest)).chosen
+    if chosen is None:
+        return None
+    process = await anyio.open_process([chosen.path, "--list"], stdin=subprocess.PIPE,
                                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)  # fmt: skip
     async with process:
         assert process.stdin is not None and process.stdout is not None
@@ -174,10 +257,12 @@ async def roles_from_dump(settings: Settings, repo: Repository, point: RecoveryP
             finally:
                 await process.stdin.aclose()
         await process.wait()
-    return toc_owners(out.decode(errors="replace"))
+    return out.decode(errors="replace")
 
 
-async def target_state(settings: Settings, database: str, roles: Sequence[str]) -> TargetState:
+async def target_state(
+    settings: Settings, database: str, roles: Sequence[str], extensions: Sequence[str] = ()
+) -> TargetState:
     """The target database on the configured server: exists, empty, in use, which roles the server has."""
     host, port, user = _server(settings)
     base: dict[str, Any] = {"database": database, "host": host, "port": port, "user": user,
@@ -200,6 +285,22 @@ async def target_state(settings: Settings, database: str, roles: Sequence[str]) 
         )
         assert row is not None
         present = await conn.fetch("SELECT rolname FROM pg_roles WHERE rolname = ANY($1::text[])", list(roles))
+        # What the restoring role (the one the plan's commands connect as) may do on this server.
+        me = await conn.fetchrow(
+            "SELECT rolname, rolsuper, rolbypassrls, rolcreatedb, rolcreaterole FROM pg_roles "
+            "WHERE rolname = current_user"
+        )
+        assert me is not None
+        member = await conn.fetch("SELECT rolname FROM pg_roles WHERE rolname = ANY($1::text[]) "
+                                  "AND pg_has_role(current_user, oid, 'MEMBER')", list(roles))  # fmt: skip
+        # Extensions the dump creates that this role cannot: untrusted ones. Pre-creating them does not help
+        # either: pg_restore then runs COMMENT ON EXTENSION, which only the extension's owner may.
+        available = {r["name"]: (bool(r["superuser"]), bool(r["trusted"])) for r in await conn.fetch(
+            "SELECT v.name, v.superuser, v.trusted FROM pg_available_extension_versions v "
+            "JOIN pg_available_extensions a ON a.name = v.name AND a.default_version = v.version "
+            "WHERE v.name = ANY($1::text[])", list(extensions))}  # fmt: skip
+        unavailable = frozenset(e for e in extensions if e not in available)
+        superuser_only = frozenset(e for e in extensions if e in available and available[e] == (True, False))
         tables = active = None
         if exists:
             tables = await conn.fetchval(
@@ -219,8 +320,49 @@ async def target_state(settings: Settings, database: str, roles: Sequence[str]) 
         reachable=True, server_version=str(row["v"]).split()[0], server_major=int(row["n"]) // 10000,
         exists=exists, user_tables=int(tables) if tables is not None else None,
         active_connections=int(active) if active is not None else None,
-        roles_present=frozenset(r["rolname"] for r in present), roles_needed=tuple(roles), **base,
+        roles_present=frozenset(r["rolname"] for r in present), roles_needed=tuple(roles),
+        role=RoleState(name=str(me["rolname"]), superuser=bool(me["rolsuper"]), bypass_rls=bool(me["rolbypassrls"]),
+                       create_db=bool(me["rolcreatedb"]), create_role=bool(me["rolcreaterole"]),
+                       member_of=frozenset(r["rolname"] for r in member)),
+        extensions_superuser_only=superuser_only, extensions_unavailable=unavailable, **base,
     )  # fmt: skip
+
+
+class _Reader:
+    """Reads the live database completely or not at all: through row-level security one tenant at a time.
+
+    A role that is neither superuser nor BYPASSRLS sees zero rows in Engram's
+    FORCEd tenant tables: an empty answer there proves nothing. Such tables are
+    read per tenant (app.current_tenant set in a transaction, users enumerated
+    from `users`, which has no RLS); what cannot be read that way is reported as
+    unchecked, never as empty.
+    """
+
+    def __init__(self, conn: postgres.Connection, forced: frozenset[str], sees_all: bool) -> None:
+        self.conn, self.forced, self.sees_all = conn, forced, sees_all
+        self.tenants: list[str] | None = None
+        self.unchecked: dict[str, str] = {}
+
+    def per_tenant(self, tables: Sequence[str]) -> bool:
+        return not self.sees_all and any(t in self.forced for t in tables)
+
+    async def fetch(self, what: str, tables: Sequence[str], sql: str, *args: Any) -> list[Any] | None:
+        """Every row of `sql` (which reads `tables`), or None (recorded in `unchecked`) if that is not knowable."""
+        try:
+            if not self.per_tenant(tables):
+                return list(await self.conn.fetch(sql, *args))
+            if self.tenants is None:
+                self.tenants = [r["id"] for r in await self.conn.fetch("SELECT id::text AS id FROM users ORDER BY id")]
+            rows: list[Any] = []
+            async with self.conn.transaction(readonly=True):
+                for tenant in self.tenants:
+                    # Transaction-local, as Engram's Repo sets it: it cannot leak into the next statement's tenant.
+                    await self.conn.execute("SELECT set_config('app.current_tenant', $1, true)", tenant)
+                    rows += await self.conn.fetch(sql, *args)
+            return rows
+        except postgres.PostgresError as exc:
+            self.unchecked[what] = f"cannot check {what}: {exc}"
+            return None
 
 
 async def live_state(settings: Settings, since: datetime) -> LiveState:
@@ -238,12 +380,14 @@ async def live_state(settings: Settings, since: datetime) -> LiveState:
         p = await probe(conn)
         if not p.looks_like_engram:
             return LiveState(reachable=False, problem="the configured database holds no Engram tables")
+        read = _Reader(conn, p.forced_rls, p.sees_all_rows)
         newest: datetime | None = None
         for table in ("notes", "vaults", "attachments", "users"):
             if p.has_column(table, "updated_at"):
-                value = await conn.fetchval(f"SELECT max(updated_at) FROM {table}")
-                if value is not None and (newest is None or value > newest):
-                    newest = value
+                rows = await read.fetch("newest_write", [table], f"SELECT max(updated_at) AS m FROM {table}")
+                for value in (r["m"] for r in rows or ()):
+                    if value is not None and (newest is None or value > newest):
+                        newest = value
         issued: dict[str, int] = {}
         revoked: dict[str, list[str]] = {}
         users: set[str] = set()
@@ -251,16 +395,24 @@ async def live_state(settings: Settings, since: datetime) -> LiveState:
                                "oauth_refresh_tokens": "inserted_at"}.items():  # fmt: skip
             if not p.has_table(table):
                 continue
-            rows = await conn.fetch(f"SELECT user_id::text AS u FROM {table} WHERE {created} >= $1", second)
+            rows = await read.fetch("tokens", [table], f"SELECT user_id::text AS u FROM {table} WHERE {created} >= $1",
+                                    second)  # fmt: skip
+            if rows is None:
+                continue
             issued[table] = len(rows)
             users.update(r["u"] for r in rows)
             if p.has_column(table, "revoked_at"):
-                revoked[table] = [str(r["id"]) for r in await conn.fetch(
-                    f"SELECT id FROM {table} WHERE revoked_at >= $2 AND {created} <= $1 ORDER BY id", point, second)]
+                found = await read.fetch("tokens", [table], f"SELECT id FROM {table} WHERE revoked_at >= $2 AND "
+                                         f"{created} <= $1 ORDER BY id", point, second)  # fmt: skip
+                if found is not None:
+                    revoked[table] = sorted(str(r["id"]) for r in found)
         api_ids = created_after = None
         if p.has_table("api_keys"):
-            api_ids = [str(r["id"]) for r in await conn.fetch("SELECT id FROM api_keys ORDER BY id")]
-            created_after = int(await conn.fetchval("SELECT count(*) FROM api_keys WHERE created_at >= $1", second))
+            keys = await read.fetch("api_keys", ["api_keys"], "SELECT id, created_at >= $1 AS new FROM api_keys",
+                                    second)  # fmt: skip
+            if keys is not None:
+                api_ids = sorted(str(r["id"]) for r in keys)
+                created_after = sum(1 for r in keys if r["new"])
         seqs: dict[str, int] | None = None
         if p.has_column("vaults", "change_seq"):
             cursors = "vault_device_cursors" in {r["t"] for r in await conn.fetch(
@@ -268,17 +420,22 @@ async def live_state(settings: Settings, since: datetime) -> LiveState:
             sql = ("SELECT v.id::text AS id, greatest(v.change_seq, coalesce(max(c.last_seq), 0)) AS s FROM vaults v "
                    "LEFT JOIN vault_device_cursors c ON c.vault_id = v.id GROUP BY v.id" if cursors
                    else "SELECT id::text AS id, change_seq AS s FROM vaults")
-            seqs = {r["id"]: int(r["s"]) for r in await conn.fetch(sql)}
+            found = await read.fetch("vault_seqs", ["vaults", "vault_device_cursors"] if cursors else ["vaults"], sql)
+            seqs = None if found is None else {r["id"]: int(r["s"]) for r in found}
         newer = [r["id"] for r in await conn.fetch(
             "SELECT id::text AS id FROM users WHERE created_at >= $1 ORDER BY id", second)]
     except postgres.PostgresError as exc:
         return LiveState(reachable=False, problem=f"reading the live database failed: {exc}")
     finally:
         await conn.close(timeout=2)
+    how = (f"role {p.role} sees every row" if p.sees_all_rows else
+           f"role {p.role} is under row-level security: tenant tables read per tenant "
+           f"({len(read.tenants or ())} user(s) from the users table)")  # fmt: skip
     return LiveState(
         reachable=True, newest_write=newest.replace(tzinfo=UTC) if newest else None, tokens_issued_after=issued,
         users_signing_in_again=len(users), revoked_after=revoked, api_key_ids=api_ids,
-        api_keys_created_after=created_after, vault_seqs=seqs, newer_users=newer,
+        api_keys_created_after=created_after, vault_seqs=seqs, newer_users=newer, read_as=how,
+        unchecked=dict(read.unchecked),
     )  # fmt: skip
 
 

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from . import engram_crypto
+from . import engram_crypto, key_rules
 from .manifest import MANIFEST_FORMAT, Manifest
 from .verify import ArtifactVerdict
 
@@ -71,6 +71,29 @@ class ToolState:
     pg_restore_path: str | None
     pg_restore_major: int | None
     problem: str | None = None
+    fix: str | None = None  # what works on this host (core/pgclients.py), when no pg_restore fits
+
+
+@dataclass(frozen=True)
+class RestoreNeeds:
+    """What restoring this dump asks of the restoring role; None where neither manifest nor dump says."""
+
+    owner: str | None  # the source database's owner: the restored database gets the same
+    object_owners: tuple[str, ...] | None
+    extensions: tuple[str, ...] | None
+    row_security_tables: tuple[str, ...] | None
+
+
+@dataclass(frozen=True)
+class RoleState:
+    """The role the plan's commands connect as, and what the server lets it do."""
+
+    name: str
+    superuser: bool
+    bypass_rls: bool
+    create_db: bool
+    create_role: bool
+    member_of: frozenset[str] = frozenset()  # of the roles the dump names: those it may act as
 
 
 @dataclass(frozen=True)
@@ -89,6 +112,9 @@ class TargetState:
     roles_present: frozenset[str] = frozenset()
     roles_needed: tuple[str, ...] = ()  # from the manifest, else from the dump's table of contents
     is_live: bool = False
+    role: RoleState | None = None
+    extensions_superuser_only: frozenset[str] = frozenset()  # the dump creates them; only a superuser can
+    extensions_unavailable: frozenset[str] = frozenset()  # the dump creates them; the server does not have them
 
     @property
     def state(self) -> str:
@@ -113,6 +139,12 @@ class LiveState:
     api_keys_created_after: int | None = None
     vault_seqs: dict[str, int] | None = None
     newer_users: list[str] | None = None
+    read_as: str | None = None  # how the rows were read (every row, or per tenant under row-level security)
+    unchecked: dict[str, str] = field(default_factory=dict)  # what could not be read completely, and why
+
+    def knows(self, what: str) -> bool:
+        """The live database was read, and `what` (newest_write, tokens, api_keys, vault_seqs) completely."""
+        return self.reachable and what not in self.unchecked
 
 
 @dataclass(frozen=True)
@@ -140,6 +172,7 @@ class Observed:
     now: datetime
     # Top-level prefixes of the live attachments bucket that the backup's inventory does not know.
     bucket_unknown_prefixes: list[str] | None = None
+    needs: RestoreNeeds = RestoreNeeds(None, None, None, None)
 
     @property
     def users_at_risk(self) -> list[str]:
@@ -197,35 +230,13 @@ def check_key(manifest: Manifest, keys: KeyMaterial) -> PlanCheck:
                       "Engram would silently adopt ANY master key at boot, making every row unreadable with the real "
                       "one. Run restore_drill on this backup (it decrypts real rows with the key) before booting",
                       **details)  # fmt: skip
-    wrapped = _b64(canary.wrapped_dek_b64)
-    expected = bytes.fromhex(canary.dek_sha256_hex)
-    verdict = engram_crypto.check_canary(keys.current, wrapped, expected)
-    details["canary"] = verdict
-    if verdict == "match":
-        return _check("master_key", "ok", "ok",
-                      f"master key {fingerprint} unwraps the backup's boot canary: Engram will boot with it",
-                      **details)  # fmt: skip
-    if verdict == "kms":
-        return _check("master_key", "warn", "kms_wrapped",
-                      "the backup's boot canary is wrapped by AWS KMS, so no local key can check it offline: make "
-                      "sure the KMS key and the permission to use it exist before booting", **details)  # fmt: skip
-    if keys.previous is not None and engram_crypto.check_canary(keys.previous, wrapped, expected) == "match":
-        details["previous_fingerprint"] = engram_crypto.key_fingerprint(keys.previous)
-        return _check("master_key", "fail", "previous_key_only",
-                      "the backup's canary opens with ENCRYPTION_MASTER_KEY_PREVIOUS, not ENCRYPTION_MASTER_KEY: "
-                      "Engram checks the canary with the current key only and would refuse to boot. Boot the "
-                      "restored database with the previous key as ENCRYPTION_MASTER_KEY (then rotate again)",
-                      **details)  # fmt: skip
-    if verdict in ("sha_mismatch", "malformed"):
-        return _check("master_key", "fail", "canary_corrupt",
-                      f"the canary recorded in the manifest is unusable ({verdict}): the manifest is damaged; "
-                      "choose another recovery point", **details)  # fmt: skip
-    return _check("master_key", "fail", "wrong_key",
-                  f"ENCRYPTION_MASTER_KEY (fingerprint {fingerprint}) does not unwrap this backup's boot canary"
-                  + (f" (the backup was written with key {manifest.master_key_fingerprint})"
-                     if manifest.master_key_fingerprint else "")
-                  + ": Engram would refuse to boot and no row could be read. Find the right key first",
-                  **details)  # fmt: skip
+    judged = key_rules.judge_canary(keys.current, keys.previous, _b64(canary.wrapped_dek_b64),
+                                    bytes.fromhex(canary.dek_sha256_hex), what="the backup's boot canary")
+    details |= judged.details
+    hint = {"kms_wrapped": " before booting", "canary_corrupt": " (the manifest is damaged): choose another recovery "
+            "point", "wrong_key": (f" (the backup was written with key {manifest.master_key_fingerprint})"
+                                   if manifest.master_key_fingerprint else "") + ". Find the right key first"}
+    return _check("master_key", judged.status, judged.code, judged.summary + hint.get(judged.code, ""), **details)
 
 
 def _b64(text: str) -> bytes:
@@ -243,13 +254,13 @@ def check_versions(manifest: Manifest, observed: Observed) -> list[PlanCheck]:
     needed = dump_major(manifest)
     if tools.pg_restore_major is None:
         checks.append(_check("pg_restore", "fail", "pg_restore_missing",
-                             (tools.problem or "pg_restore was not found")
-                             + ": install the PostgreSQL client or set ENGRAM_RECOVERY_PG_RESTORE"))  # fmt: skip
+                             (tools.problem or "pg_restore was not found") + ": "
+                             + (tools.fix or "install a PostgreSQL client or set ENGRAM_RECOVERY_PG_RESTORE")))
     elif needed is not None and tools.pg_restore_major < needed:
         checks.append(_check("pg_restore", "fail", "pg_restore_too_old",
                              f"pg_restore {tools.pg_restore_major} ({tools.pg_restore_path}) cannot read a dump "
-                             f"written by pg_dump {needed}: install postgresql-client-{needed} (or newer) and point "
-                             "ENGRAM_RECOVERY_PG_RESTORE at it", path=tools.pg_restore_path,
+                             f"written by pg_dump {needed}: " + (tools.fix or f"install postgresql-client-{needed} "
+                             "(or newer) and point ENGRAM_RECOVERY_PG_RESTORE at it"), path=tools.pg_restore_path,
                              major=tools.pg_restore_major, dump_major=needed))  # fmt: skip
     else:
         checks.append(_check("pg_restore", "ok", "ok",
@@ -334,6 +345,63 @@ def check_target(manifest: Manifest, observed: Observed) -> list[PlanCheck]:
     return checks
 
 
+def check_restore_role(observed: Observed) -> PlanCheck:
+    """Can the role the commands connect as do every step? Found now, not half-way through pg_restore."""
+    target, needs = observed.target, observed.needs
+    role = target.role
+    if role is None:
+        return _check("restore_role", "fail", "restore_role_unknown",
+                      "what the restoring role may do could not be read: the target server is unreachable")
+    if role.superuser:
+        return _check("restore_role", "ok", "ok", f"role {role.name} is a superuser: it can create the database, "
+                      "its extensions and its owners' objects, and restore rows under row-level security")
+    problems: list[tuple[str, str]] = []
+    unknown: list[str] = []
+    if target.extensions_unavailable:
+        names = ", ".join(sorted(target.extensions_unavailable))
+        problems.append(("extension_unavailable", f"the dump creates extension(s) {names} that the target server "
+                         "does not have: install them first"))
+    if target.extensions_superuser_only:
+        names = ", ".join(sorted(target.extensions_superuser_only))
+        problems.append(("extension_needs_superuser", f"the dump creates extension(s) {names}, which only a "
+                         "superuser may create (created beforehand, pg_restore's COMMENT ON EXTENSION still needs "
+                         "their owner): restore as a superuser"))
+    if needs.extensions is None:
+        unknown.append("the extensions the dump creates (not recorded by this backup)")
+    secured = needs.row_security_tables
+    # Engram forces row-level security on its tenant tables: unrecorded means "assume it has them".
+    if not role.bypass_rls and (secured is None or secured):
+        what = f"{len(secured)} table(s)" if secured else "tables"
+        problems.append(("row_security_blocks_restore", f"role {role.name} is neither superuser nor BYPASSRLS: "
+                         f"pg_restore cannot load the rows of the dump's {what} under row-level security "
+                         f"(ALTER ROLE {role.name} BYPASSRLS, or restore as a superuser)"))
+    owners = set(needs.object_owners or ()) | ({needs.owner} if needs.owner else set())
+    foreign = sorted(o for o in owners if o != role.name and o not in role.member_of and o in target.roles_present)
+    if foreign:
+        problems.append(("cannot_set_owner", f"role {role.name} is not a member of {', '.join(foreign)}, which own "
+                         f"the dump's objects or database: pg_restore cannot give them back their owner (GRANT "
+                         f"{', '.join(foreign)} TO {role.name}, or restore as a superuser)"))
+    if needs.object_owners is None:
+        unknown.append("which roles own the dump's objects (not recorded by this backup)")
+    absent = sorted(r for r in set(target.roles_needed) if r not in target.roles_present)
+    if absent and not role.create_role:
+        problems.append(("cannot_create_roles", f"role {role.name} may not create roles (CREATEROLE), and the dump "
+                         f"needs {', '.join(absent)}: have a superuser create them first"))
+    if not target.exists and not role.create_db:
+        problems.append(("cannot_create_database", f"role {role.name} may not create databases (CREATEDB) and "
+                         f"{target.database!r} does not exist: create it as {needs.owner or 'its owner'} first"))
+    details: dict[str, Any] = {"role": role.name, "bypass_rls": role.bypass_rls, "create_db": role.create_db,
+                               "unchecked": unknown}  # fmt: skip
+    if problems:
+        return _check("restore_role", "fail", problems[0][0], "; ".join(text for _code, text in problems),
+                      problems=[code for code, _text in problems], **details)  # fmt: skip
+    if unknown:
+        return _check("restore_role", "warn", "restore_role_unchecked", f"role {role.name} is not a superuser and "
+                      f"this plan cannot check {'; '.join(unknown)}: a restore step may fail half-way", **details)
+    return _check("restore_role", "ok", "ok", f"role {role.name} (not a superuser) may do every step: BYPASSRLS, "
+                  "no superuser-only extension, member of every owner", **details)  # fmt: skip
+
+
 def check_inventory(manifest: Manifest, inventory: InventoryState | None) -> PlanCheck:
     checked = _check_inventory(manifest, inventory)
     att = manifest.attachments
@@ -383,6 +451,11 @@ def check_rpo(manifest: Manifest, live: LiveState) -> PlanCheck:
         return _check("rpo", "ok", "live_unreachable",
                       f"the live database is unreachable, so the loss cannot be measured: everything written after "
                       f"{point.isoformat()} is lost", backup_time=point.isoformat())  # fmt: skip
+    if not live.knows("newest_write"):
+        return _check("rpo", "warn", "cannot_check",
+                      f"{live.unchecked['newest_write']}: how much written after {point.isoformat()} would be lost is "
+                      "unknown. Plan as a superuser or a role with BYPASSRLS to measure it",
+                      backup_time=point.isoformat())  # fmt: skip
     # Engram's timestamps have whole seconds: a write in the backup's own second may be after it.
     if live.newest_write is None or live.newest_write < point.replace(microsecond=0):
         return _check("rpo", "ok", "nothing_lost",
@@ -402,6 +475,7 @@ def run_checks(manifest: Manifest, observed: Observed) -> list[PlanCheck]:
         check_key(manifest, observed.keys),
         *check_versions(manifest, observed),
         *check_target(manifest, observed),
+        *([check_restore_role(observed)] if observed.target.reachable else []),
         check_inventory(manifest, observed.inventory),
         check_rpo(manifest, observed.live),
     ]

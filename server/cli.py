@@ -74,11 +74,13 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("tools", help="list the tools this configuration registers")
 
     demo = sub.add_parser("demo", help="create a demo Engram database and serve MCP against it")
-    demo.add_argument("--admin-url", default=os.environ.get("ENGRAM_DEMO_ADMIN_URL",
-                                                             "postgresql://postgres@127.0.0.1:5432/postgres"))
-    demo.add_argument("--dir", default=".demo", help="where the demo keeps its key, env file and backups")
+    demo.add_argument("--admin-url", default=os.environ.get("ENGRAM_DEMO_ADMIN_URL") or None,
+                      help="a PostgreSQL superuser URL to use (default: start the bundled PostgreSQL 18 in DIR/pg)")
+    demo.add_argument("--dir", default=".demo", help="where the demo keeps its key, env file, backups, cluster")
     demo.add_argument("--no-serve", action="store_true", help="prepare the demo and exit")
     demo.add_argument("--database", default="engram_demo", help="name of the demo database (recreated)")
+    demo.add_argument("--port", type=int, help="HTTP port (default ENGRAM_RECOVERY_HTTP_PORT, else 8765)")
+    demo.add_argument("--down", action="store_true", help="stop and remove everything the demo made")
     return parser
 
 
@@ -176,9 +178,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "demo":
-            from .demo import run_demo
+            from .demo import run_demo, run_down
 
-            return run_demo(args.admin_url, args.dir, serve=not args.no_serve, database=args.database)
+            if args.down:
+                return run_down(args.dir, args.admin_url)
+            return run_demo(args.admin_url, args.dir, serve=not args.no_serve, database=args.database,
+                            port=args.port)
         if args.command == "decrypt":
             return _decrypt(args.source, args.output, args.env_file)
         if args.command == "backups":

@@ -6,9 +6,13 @@ than assume:
 * ``"older"``: Engram's 2026-06-02 baseline plus the 2026-06-03/04 migrations; no
   ``notes.kind``, ``seq``, ``embed_retry_after``, ``parse_status``,
   ``dense_indexed_hash`` nor ``vaults.change_seq``.
-* ``"0.18.1"``: every migration shipped in release 0.18.1 (up to 20260816070000).
-* ``"latest"``: 0.18.1 plus the migrations that followed it up to 20260831030000,
-  among them ``notes.dense_indexed_hash``, which 0.18.1 itself does not have.
+* ``"0.18.1"``: every migration shipped in release 0.18.1 (up to 20260816070000), Engram's
+  newest release; the default.
+* ``"synthetic-next"``: NOT upstream Engram. 0.18.1 plus three made-up migrations
+  (20260827000000..20260831030000): ``notes.dense_indexed_hash`` and two indexes, which
+  no Engram release has. It stands for a future release that adds columns, so the
+  tools prove they detect columns (and reset ``dense_indexed_hash`` where it exists)
+  rather than assume a schema.
 """
 
 from __future__ import annotations
@@ -20,9 +24,9 @@ from typing import Final, Literal, get_args
 
 import asyncpg
 
-Variant = Literal["older", "0.18.1", "latest"]
+Variant = Literal["older", "0.18.1", "synthetic-next"]
 VARIANTS: Final[tuple[Variant, ...]] = get_args(Variant)
-DEFAULT_VARIANT: Final[Variant] = "latest"
+DEFAULT_VARIANT: Final[Variant] = "0.18.1"
 
 # Engram's runtime role (lib/engram/release.ex creates it NOINHERIT LOGIN, without
 # BYPASSRLS): under FORCE ROW LEVEL SECURITY it sees only the current tenant's rows.
@@ -75,15 +79,15 @@ _RELEASE_0_18_1 = _Step(
     ),
     rls_tables=("crdt_update_log", "note_links", "vault_index_states", "vault_index_update_log"),
 )
-_AFTER_0_18_1 = _Step(
-    sql_files=("engram_latest.sql",),
+_SYNTHETIC_NEXT = _Step(
+    sql_files=("engram_synthetic_next.sql",),
     versions=(20260827000000, 20260828000000, 20260831030000),
     rls_tables=(),
 )
 _STEPS: Final[dict[Variant, tuple[_Step, ...]]] = {
     "older": (_BASELINE,),
     "0.18.1": (_BASELINE, _RELEASE_0_18_1),
-    "latest": (_BASELINE, _RELEASE_0_18_1, _AFTER_0_18_1),
+    "synthetic-next": (_BASELINE, _RELEASE_0_18_1, _SYNTHETIC_NEXT),
 }
 
 

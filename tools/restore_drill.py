@@ -24,7 +24,9 @@ from pydantic import BaseModel, Field
 from ..core import backup_crypto, drill, postgres
 from ..core import restore_checks as rc
 from ..core.errors import ConfigurationError, IntegrityError, RecoveryError, scrub
+from ..core.manifest import Manifest
 from ..core.mirror import BlobCheck, read_inventory, verify_blobs
+from ..core.pgclients import ClientVersion, beside
 from ..core.progress import Progress
 from ..core.repository import DRILLS, Repository, open_repository
 from ..core.runtime import Runtime
@@ -49,6 +51,8 @@ class DrillStep(BaseModel):
     seconds: float
     summary: str
     details: dict[str, Any] = Field(default_factory=dict)
+    code: str | None = Field(default=None, description="Machine-readable verdict of a proof, e.g. "
+                             "'previous_key_only' (the codes of plan_restore's checks).")
 
 
 class RestoreDrillResult(ToolResult):
@@ -59,6 +63,9 @@ class RestoreDrillResult(ToolResult):
     scratch_dropped: bool = Field(description="The scratch database is gone (always true unless the server failed).")
     leftovers_dropped: list[str] = Field(default_factory=list, description="Stale drill databases swept first.")
     steps: list[DrillStep]
+    key_verdict: str | None = Field(default=None, description="The restored boot canary under Engram's key rules "
+                                    "(ok, previous_key_only, wrong_key, kms_wrapped, canary_corrupt, canary_empty): "
+                                    "the same codes as plan_restore's master_key check.")
     rto_seconds: float | None = Field(description="Verify + create + restore: the time to a restored database.")
     total_seconds: float
     record: str | None = Field(description="Repository key of the drill record backup_status reads.")
@@ -86,7 +93,7 @@ class _Run:
 
     def proof(self, proof: drill.Proof, seconds: float) -> None:
         self.steps.append(DrillStep(name=f"prove_{proof.name}", ok=proof.ok, seconds=round(seconds, 3),
-                                    summary=proof.summary, details=proof.details))  # fmt: skip
+                                    summary=proof.summary, details=proof.details, code=proof.code))  # fmt: skip
 
 
 async def _admin(dsn: str) -> postgres.Connection:
@@ -116,7 +123,8 @@ async def restore_drill(runtime: Runtime, params: RestoreDrillInput, progress: P
         try:
             point = await rc.resolve(repo, params.recovery_point)
             backup_id = point.manifest.backup_id
-            await _drill(runtime, repo, point, params, keys.current, backup_key, run, now, swept)
+            await _drill(runtime, repo, point, params, drill.Keys(keys.current, keys.previous), backup_key, run, now,
+                         swept)  # fmt: skip
         except (RecoveryError, postgres.PostgresError) as exc:
             # A database error inside a proof (a table the manifest counts is missing, say) fails the drill too.
             text = str(exc) if isinstance(exc, RecoveryError) else scrub(f"PostgreSQL error: {exc}")
@@ -139,13 +147,15 @@ async def restore_drill(runtime: Runtime, params: RestoreDrillInput, progress: P
     await progress(len(run.steps), len(run.steps), "drill finished")
     return RestoreDrillResult(
         verdict="ok" if ok else "fail", summary=summary, backup_id=backup_id, scratch_database=scratch,
-        scratch_dropped=dropped, leftovers_dropped=swept, steps=run.steps, rto_seconds=round(rto, 3) if rto else rto,
+        scratch_dropped=dropped, leftovers_dropped=swept, steps=run.steps,
+        key_verdict=next((s.code for s in run.steps if s.name == "prove_canary"), None),
+        rto_seconds=round(rto, 3) if rto else rto,
         total_seconds=round(total, 3), record=record,
     )  # fmt: skip
 
 
 async def _drill(
-    runtime: Runtime, repo: Repository, point: rc.RecoveryPoint, params: RestoreDrillInput, key: bytes,
+    runtime: Runtime, repo: Repository, point: rc.RecoveryPoint, params: RestoreDrillInput, keys: drill.Keys,
     backup_key: bytes | None, run: _Run, now: datetime, swept: list[str],
 ) -> None:
     manifest = point.manifest
@@ -171,19 +181,26 @@ async def _drill(
                              "choose another recovery point")  # fmt: skip
     admin = await _admin(runtime.dsn)
     try:
+        # Refuse before creating anything when no pg_restore here can read this dump into this server.
+        server = int(await admin.fetchval("SHOW server_version_num")) // 10000
+        client = await run.step("pg_restore", lambda: _restore_client(runtime, manifest, server),
+                                lambda c: f"pg_restore {c.major} ({c.origin}: {c.path})")  # fmt: skip
         swept.extend(await drill.sweep_leftovers(admin, now))
         name = drill.scratch_name(now)
         run.scratch = name
-        await run.step("create_database", lambda: drill.create_scratch(admin, name), lambda _: f"created {name}")
+        # Owned by the source database's owner, as a real restore must be (schema grants expect it).
+        await run.step("create_database", lambda: drill.create_scratch(admin, name, manifest.database.owner),
+                       lambda owner: f"created {name}, owned by {owner}")  # fmt: skip
     finally:
         await admin.close(timeout=2)
     scratch_dsn = _with_database(runtime.dsn, name)
     if directory:
-        await run.step("restore", lambda: drill.restore_directory(runtime.settings.pg_restore, scratch_dsn, repo,
+        await run.step("restore", lambda: drill.restore_directory(client.path, scratch_dsn, repo,
                                                                   manifest.backup_id, backup_key),
                        lambda n: f"stock pg_restore --jobs=2 restored a directory dump of {n} bytes")  # fmt: skip
     else:
-        command = drill.RestoreCommand(runtime.settings.pg_restore, scratch_dsn, manifest.database.dump_format)
+        command = drill.RestoreCommand(client.path, scratch_dsn, manifest.database.dump_format,
+                                       beside(client.path, "psql"))
         stream = drill.plaintext(repo, point.prefix + dumps[0].name, dumps[0], backup_key)
         await run.step("restore", lambda: drill.restore_stream(command, stream),
                        lambda n: f"stock {command.argv[0].rsplit('/', 1)[-1]} restored {n} bytes of dump")  # fmt: skip
@@ -193,10 +210,10 @@ async def _drill(
             raise IntegrityError(f"role {p.role} sees no rows under row-level security in the scratch database",
                                  "run the drill as a superuser or a role with BYPASSRLS")  # fmt: skip
         proofs: list[Callable[[], Awaitable[drill.Proof]]] = [
-            lambda: drill.prove_canary(conn, manifest, key),
+            lambda: drill.prove_canary(conn, manifest, keys),
             lambda: drill.prove_counts(conn, manifest),
-            lambda: drill.prove_notes(conn, key, params.sample_notes),
-            lambda: _prove_attachments(conn, repo, point, key, params.sample_attachments),
+            lambda: drill.prove_notes(conn, keys, params.sample_notes),
+            lambda: _prove_attachments(conn, repo, point, keys, params.sample_attachments),
         ]
         for prove in proofs:
             t0 = time.perf_counter()
@@ -210,8 +227,12 @@ async def _verify_blobs(repo: Repository, point: rc.RecoveryPoint) -> BlobCheck:
     return await verify_blobs(repo, entries)
 
 
+async def _restore_client(runtime: Runtime, manifest: Manifest, server_major: int) -> ClientVersion:
+    return (await rc.restore_client(runtime.settings, manifest, server_major)).require()
+
+
 async def _prove_attachments(
-    conn: postgres.Connection, repo: Repository, point: rc.RecoveryPoint, key: bytes, sample: int
+    conn: postgres.Connection, repo: Repository, point: rc.RecoveryPoint, keys: drill.Keys, sample: int
 ) -> drill.Proof:
     att = point.manifest.attachments
     if att.backend != "database" and not att.inventory:
@@ -222,9 +243,9 @@ async def _prove_attachments(
     if sample == 0:
         proof = drill.Proof("attachments", True, "not sampled (sample_attachments=0)")
     elif att.backend == "database":
-        proof = await drill.prove_attachments_in_db(conn, key, sample)
+        proof = await drill.prove_attachments_in_db(conn, keys, sample)
     else:
-        proof = await drill.prove_attachments_mirrored(conn, key, sample, repo, pool)
+        proof = await drill.prove_attachments_mirrored(conn, keys, sample, repo, pool)
     return await _lacking(conn, proof, None if att.backend == "database" else pool)
 
 
@@ -293,9 +314,11 @@ SPEC = ToolSpec(
     title="Restore drill",
     description=(
         "Prove a recovery point restores: re-hashes its artifacts, restores it with stock pg_restore into a NEW "
-        "scratch database engram_drill_<time>_<random> on the same server, then checks that the master key "
-        "(from the environment) unwraps the restored boot canary, that sampled notes and attachments decrypt with "
-        "their users' keys and match their content hashes, and that every row count matches the manifest. "
+        "scratch database engram_drill_<time>_<random> (owned by the source database's owner) on the same server, "
+        "then checks, by Engram's key rules, that the master key (from the environment) unwraps the restored boot "
+        "canary (current key only; a PREVIOUS-only key gets key_verdict previous_key_only), that sampled notes and "
+        "attachments decrypt with their users' keys (current, then ENCRYPTION_MASTER_KEY_PREVIOUS) and match their "
+        "content hashes, and that every row count matches the manifest. "
         "Measures the recovery time (RTO) per step, always drops the scratch database (and stale ones from killed "
         "drills), and records the result in the repository (backup_status shows the last successful drill). "
         "Never touches an existing database. Run it after backups and at least monthly."

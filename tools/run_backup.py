@@ -30,6 +30,7 @@ from ..core.backup_run import (
 from ..core.errors import RecoveryError
 from ..core.manifest import MANIFEST_NAME, Artifact, AttachmentsInfo, DatabaseInfo, Manifest
 from ..core.mirror import MirrorReport, mirror_attachments
+from ..core.pgclients import ClientVersion
 from ..core.progress import Progress
 from ..core.repository import BACKUPS, Repository, open_repository, scan
 from ..core.retention_apply import RetentionReport, apply_retention
@@ -115,7 +116,7 @@ async def run_backup(runtime: Runtime, params: RunBackupInput, progress: Progres
             cleaned = await clean_leftovers(repo)
             backup_id = new_backup_id(utcnow())
             try:
-                return await _backup(runtime, repo, params, key, p, client.text, timings, progress, backup_id,
+                return await _backup(runtime, repo, params, key, p, client, timings, progress, backup_id,
                                      cleaned)
             except BaseException:
                 # Failed or cancelled before its manifest: remove what this run wrote, now rather than
@@ -126,8 +127,8 @@ async def run_backup(runtime: Runtime, params: RunBackupInput, progress: Progres
 
 
 async def _backup(
-    runtime: Runtime, repo: Repository, params: RunBackupInput, key: bytes | None, p: SchemaProbe, pg_dump_text: str,
-    timings: dict[str, float], progress: Progress, backup_id: str, cleaned: list[str],
+    runtime: Runtime, repo: Repository, params: RunBackupInput, key: bytes | None, p: SchemaProbe,
+    client: ClientVersion, timings: dict[str, float], progress: Progress, backup_id: str, cleaned: list[str],
 ) -> RunBackupResult:
     settings = runtime.settings
     started_at = utcnow()
@@ -149,7 +150,7 @@ async def _backup(
         # The mirror runs beside the dump: the two describe the same moment as closely as possible.
         tg.start_soon(mirror)
         facts, outcome, lsn, snapshot_at = await gather_and_dump(
-            runtime, repo, backup_id, p, params.format, params.compression, key, progress
+            runtime, repo, backup_id, p, params.format, params.compression, key, progress, client.path
         )
         timings["dump"] = round(time.monotonic() - dump_clock, 3)
     if mirror_report is not None:
@@ -189,9 +190,11 @@ async def _backup(
         backup_id=backup_id, tool_version=TOOL_VERSION, started_at=started_at, finished_at=utcnow(),
         database=DatabaseInfo(
             name=settings.database_name, server_version=p.server_version, server_major=p.server_major,
-            pg_dump_version=pg_dump_text, dump_format=params.format, wal_lsn_start=lsn,
+            pg_dump_version=client.text, pg_dump_path=client.path, dump_format=params.format, wal_lsn_start=lsn,
             engram_schema_version=facts.engram_schema_version, oban_version=p.oban_version, role=p.role,
             row_counts=facts.row_counts, roles_referenced=facts.roles_referenced, size_bytes=facts.size_bytes,
+            owner=facts.owner, object_owners=facts.object_owners, extensions=facts.extensions,
+            row_security_tables=facts.row_security_tables,
             snapshot_at=snapshot_at, dump_artifacts=[a.name for a in outcome.artifacts],
             dump_bytes=outcome.dump_bytes,
         ),

@@ -26,6 +26,8 @@ from engram_recovery.core.restore_plan import (
     KeyMaterial,
     LiveState,
     Observed,
+    RestoreNeeds,
+    RoleState,
     TargetState,
     ToolState,
     run_checks,
@@ -36,6 +38,7 @@ from engram_recovery.core.restore_token import plan_token, premises_of, verify_p
 from engram_recovery.core.verify import Digest, compare
 
 KEY = secrets.token_bytes(32)
+SUPERUSER = RoleState(name="postgres", superuser=True, bypass_rls=True, create_db=True, create_role=True)
 STARTED = datetime(2026, 11, 20, 3, 0, tzinfo=UTC)
 
 
@@ -71,7 +74,7 @@ def make_observed(manifest: Manifest, **changes: Any) -> Observed:
         tools=ToolState(pg_restore_path="/usr/bin/pg_restore", pg_restore_major=15),
         target=TargetState(database="engram", host="127.0.0.1", port=5432, user="postgres", reachable=True,
                            server_version="15.20", server_major=15, exists=False,
-                           roles_present=frozenset({"engram_owner"})),
+                           roles_present=frozenset({"engram_owner"}), role=SUPERUSER),
         live=LiveState(reachable=False, problem="gone"), inventory=None, app_version="0.18.1",
         allow_non_empty_target=False, now=STARTED + timedelta(days=1),
     )  # fmt: skip
@@ -218,7 +221,7 @@ def test_steps_are_ordered_and_carry_the_security_fixes_from_the_live_database()
     revoked = "0193a000-0000-7000-8000-000000000001"
     live = LiveState(
         reachable=True, newest_write=STARTED, tokens_issued_after={"refresh_tokens": 2}, users_signing_in_again=1,
-        revoked_after={"refresh_tokens": [revoked]}, api_key_ids=[], api_keys_created_after=0,
+        revoked_after={"refresh_tokens": [revoked]}, api_key_ids=[KEPT], api_keys_created_after=0,
         vault_seqs={"0193a000-0000-7000-8000-0000000000aa": 42}, newer_users=["u1"],
     )  # fmt: skip
     observed = make_observed(m, live=live)
@@ -229,11 +232,35 @@ def test_steps_are_ordered_and_carry_the_security_fixes_from_the_live_database()
     assert [s.order for s in steps] == list(range(1, len(steps) + 1))
     sql = {s.id: s for s in steps}
     assert revoked in sql["revoke_tokens"].commands[0] and "DELETE FROM api_keys" in sql["revoke_tokens"].commands[0]
+    assert KEPT in sql["revoke_tokens"].commands[0]
     assert "42::bigint" in sql["fence_sync"].commands[0]
     topics = {c.topic: c for c in consequences(m, observed, steps)}
     assert topics["sign_in_again"].count == 1
-    assert topics["revoked_come_back"].count == 1 + 4  # one token, and all four keys of the backup were deleted
+    assert topics["revoked_come_back"].count == 1 + 3  # one token, and three of the backup's four keys were deleted
     assert topics["orphan_sweep"].count == 1 and topics["qdrant"].count == 120
+
+
+KEPT = "0193a000-0000-7000-8000-0000000000b1"
+
+
+@pytest.mark.parametrize("unchecked", [False, True])
+def test_no_statement_and_no_count_comes_from_an_empty_or_incomplete_read(unchecked: bool) -> None:
+    m = make_manifest(database=make_manifest().database.model_copy(update={"engram_schema_version": 20260816070000}))
+    why = {"api_keys": "cannot check api_keys: permission denied", "vault_seqs": "cannot check vault_seqs: denied",
+           "newest_write": "cannot check newest_write: denied"} if unchecked else {}
+    live = LiveState(reachable=True, newest_write=None, api_key_ids=None if unchecked else [],
+                     api_keys_created_after=None if unchecked else 0, vault_seqs=None if unchecked else {},
+                     newer_users=[], unchecked=why)  # fmt: skip
+    observed = make_observed(m, live=live)
+    steps = {s.id: s for s in build_steps(m, observed, CTX)}
+    assert "revoke_tokens" not in steps  # nothing else to revoke, and no DELETE derived from an empty read
+    assert not any("DELETE FROM api_keys" in c for s in steps.values() for c in s.commands)
+    assert "unreachable" not in " ".join(steps["fence_sync"].cannot_check)
+    topics = {c.topic: c for c in consequences(m, observed, list(steps.values()))}
+    came_back = topics["revoked_come_back"]
+    assert came_back.count == 0 and ("cannot be counted" if unchecked else "derives no statement") in came_back.summary
+    rpo = by_name(observed, m)["rpo"]
+    assert (rpo.status, rpo.code) == (("warn", "cannot_check") if unchecked else ("ok", "nothing_lost"))
 
 
 def test_commands_never_carry_a_password_or_key() -> None:
@@ -284,3 +311,40 @@ def test_blobs_in_an_s3_repository_are_copied_server_side_or_through_a_file_neve
     other = replace(same, repository_endpoint="https://s3.example.org")
     step = {s.id: s for s in build_steps(m, make_observed(m, inventory=inventory), other)}["restore_attachments"]
     assert "|" not in step.commands[0] and step.commands[0].count("&&") == 2
+
+
+def test_the_tools_own_commands_spell_its_path_and_settings_but_never_a_secret() -> None:
+    m = make_manifest()
+    ctx = replace(CTX, tool=("/opt/er/bin/engram-recovery",), env_file="/srv/engram/.env",
+                  environment=(("ENGRAM_RECOVERY_BACKUP_KEY", None), ("ENGRAM_RECOVERY_REPOSITORY_REGION", "eu-west-1"),
+                               ("QDRANT_API_KEY_FILE", "/run/secrets/qdrant")))  # fmt: skip
+    steps = {s.id: s for s in build_steps(m, make_observed(m), ctx)}
+    decrypt = steps["decrypt_database"]
+    assert "ENGRAM_RECOVERY_REPOSITORY_REGION=eu-west-1 /opt/er/bin/engram-recovery --env-file /srv/engram/.env " \
+        "decrypt backup:" in decrypt.commands[-1]
+    assert "ENGRAM_RECOVERY_BACKUP_KEY" not in decrypt.commands[-1].replace("ENGRAM_RECOVERY_REPOSITORY", "")
+    assert any("ENGRAM_RECOVERY_BACKUP_KEY came from this tool's environment" in c for c in decrypt.cannot_check)
+    reindex = steps["reindex_qdrant"].commands[0]
+    assert reindex.startswith("QDRANT_API_KEY_FILE=/run/secrets/qdrant /opt/er/bin/engram-recovery --env-file ")
+
+
+def test_what_the_restoring_role_may_not_do_is_named_before_the_plan_calls_itself_executable() -> None:
+    m = make_manifest(database=make_manifest().database.model_copy(update={
+        "owner": "engram_owner", "object_owners": ["engram_owner"], "extensions": ["pg_stat_statements"],
+        "row_security_tables": ["notes"]}))  # fmt: skip
+    plain = RoleState(name="restorer", superuser=False, bypass_rls=False, create_db=False, create_role=False)
+    target = replace(make_observed(m).target, role=plain, roles_needed=("engram_owner", "engram_app"),
+                     extensions_superuser_only=frozenset({"pg_stat_statements"}))  # fmt: skip
+    observed = make_observed(m, target=target, needs=RestoreNeeds("engram_owner", ("engram_owner",),
+                                                                  ("pg_stat_statements",), ("notes",)))
+    check = by_name(observed, m)["restore_role"]
+    assert check.status == "fail" and set(check.details["problems"]) == {
+        "extension_needs_superuser", "row_security_blocks_restore", "cannot_set_owner", "cannot_create_roles",
+        "cannot_create_database"}  # fmt: skip
+    able = replace(plain, bypass_rls=True, create_db=True, create_role=True, member_of=frozenset({"engram_owner"}))
+    fine = make_observed(m, target=replace(target, role=able, extensions_superuser_only=frozenset(),
+                                           roles_present=frozenset({"engram_owner", "engram_app"})),
+                         needs=observed.needs)  # fmt: skip
+    assert by_name(fine, m)["restore_role"].status == "ok"
+    steps = {s.id: s for s in build_steps(m, fine, CTX)}
+    assert "-O engram_owner" in steps["create_target"].commands[0]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -14,7 +13,6 @@ import pytest
 from engram_recovery import testbed
 from engram_recovery.core import engram_crypto as ec
 
-ADMIN_DSN = os.environ.get("ENGRAM_TEST_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 NOTE_FIELDS = ("content", "title", "tags", "path", "folder")
 
 
@@ -34,9 +32,9 @@ class Seeded:
         return testbed.dsn_for(self.dsn, self.name, user=role)
 
 
-async def build(variant: testbed.Variant, **options: object) -> AsyncIterator[Seeded]:
+async def build(admin_dsn: str, variant: testbed.Variant, **options: object) -> AsyncIterator[Seeded]:
     master_key = secrets.token_bytes(32)
-    async with testbed.scratch_database(ADMIN_DSN) as dsn:
+    async with testbed.scratch_database(admin_dsn) as dsn:
         name = dsn.rsplit("/", 1)[-1]
         conn = await asyncpg.connect(dsn)
         try:
@@ -50,9 +48,9 @@ async def build(variant: testbed.Variant, **options: object) -> AsyncIterator[Se
 
 
 @pytest.fixture(scope="module")
-async def seeded() -> AsyncIterator[Seeded]:
+async def seeded(admin_dsn: str) -> AsyncIterator[Seeded]:
     """One realistic database shared by the read-only tests below."""
-    async for db in build("latest"):
+    async for db in build(admin_dsn, "synthetic-next"):
         yield db
 
 
@@ -65,9 +63,9 @@ async def fetch(dsn: str, query: str, *args: object) -> list[asyncpg.Record]:
 
 
 @pytest.fixture(scope="module")
-async def older() -> AsyncIterator[Seeded]:
+async def older(admin_dsn: str) -> AsyncIterator[Seeded]:
     """An older Engram whose attachments live in S3: the seeder hands the objects back."""
-    async for db in build("older", storage="s3", attachments=6, deleted_fraction=0.0):
+    async for db in build(admin_dsn, "older", storage="s3", attachments=6, deleted_fraction=0.0):
         yield db
 
 
@@ -106,10 +104,10 @@ async def check_schema(dsn: str, variant: testbed.Variant) -> None:
     for column in ("kind", "seq", "embed_retry_after", "parse_status"):
         assert (("notes", column) in columns) is release, column
     assert (("vaults", "change_seq") in columns) is release
-    assert (("notes", "dense_indexed_hash") in columns) is (variant == "latest")
+    assert (("notes", "dense_indexed_hash") in columns) is (variant == "synthetic-next")
     assert {("notes", "content_ciphertext"), ("users", "encrypted_dek"), ("system_canaries", "dek_sha256")} <= columns
     # Also proves the seeder put back every index it dropped for the bulk load.
-    assert notes_indexes == {"older": 8, "0.18.1": 13, "latest": 14}[variant]
+    assert notes_indexes == {"older": 8, "0.18.1": 13, "synthetic-next": 14}[variant]
     assert comment == "14"
     assert states == [
         "available",
@@ -135,11 +133,11 @@ async def check_schema(dsn: str, variant: testbed.Variant) -> None:
 
 @pytest.mark.anyio
 async def test_each_variant_has_the_columns_indexes_and_oban_table_of_its_release(
-    seeded: Seeded, older: Seeded
+    seeded: Seeded, older: Seeded, admin_dsn: str
 ) -> None:
-    await check_schema(seeded.dsn, "latest")
+    await check_schema(seeded.dsn, "synthetic-next")
     await check_schema(older.dsn, "older")
-    async with testbed.scratch_database(ADMIN_DSN) as dsn:
+    async with testbed.scratch_database(admin_dsn) as dsn:
         conn = await asyncpg.connect(dsn)
         try:
             await testbed.create_engram_schema(conn, variant="0.18.1")
@@ -151,8 +149,8 @@ async def test_each_variant_has_the_columns_indexes_and_oban_table_of_its_releas
 
 
 @pytest.mark.anyio
-async def test_an_unknown_variant_is_refused() -> None:
-    async with testbed.scratch_database(ADMIN_DSN) as dsn:
+async def test_an_unknown_variant_is_refused(admin_dsn: str) -> None:
+    async with testbed.scratch_database(admin_dsn) as dsn:
         conn = await asyncpg.connect(dsn)
         try:
             with pytest.raises(ValueError, match="unknown Engram schema variant"):
@@ -320,17 +318,18 @@ async def test_seeding_needs_a_connection_that_sees_every_row(seeded: Seeded) ->
 
 
 @pytest.mark.anyio
-async def test_twenty_thousand_notes_seed_in_batches() -> None:
+async def test_twenty_thousand_notes_seed_in_batches(admin_dsn: str) -> None:
     started = time.perf_counter()
-    async for db in build("latest", users=2, vaults_per_user=2, notes=20_000, attachments=0, batch_size=5_000):
+    async for db in build(admin_dsn, "synthetic-next", users=2, vaults_per_user=2, notes=20_000, attachments=0,
+                          batch_size=5_000):
         assert db.report.counts["notes"] == 20_000
         total = time.perf_counter() - started
         print(f"\n20,000 notes: seed {db.report.seconds:.1f} s, {total:.1f} s with schema and roles")
 
 
 @pytest.mark.anyio
-async def test_demo_builds_a_small_deployment_and_refuses_a_used_database() -> None:
-    async with testbed.scratch_database(ADMIN_DSN, prefix="engram_demo_test") as dsn:
+async def test_demo_builds_a_small_deployment_and_refuses_a_used_database(admin_dsn: str) -> None:
+    async with testbed.scratch_database(admin_dsn, prefix="engram_demo_test") as dsn:
         key = secrets.token_bytes(32)
         report = await testbed.demo(dsn, key)
         assert (len(report.user_ids), report.counts["notes"]) == (3, 200)
@@ -340,12 +339,12 @@ async def test_demo_builds_a_small_deployment_and_refuses_a_used_database() -> N
 
 
 @pytest.mark.anyio
-async def test_scratch_databases_are_dropped_even_while_connected() -> None:
-    async with testbed.scratch_database(ADMIN_DSN) as dsn:
+async def test_scratch_databases_are_dropped_even_while_connected(admin_dsn: str) -> None:
+    async with testbed.scratch_database(admin_dsn) as dsn:
         name = dsn.rsplit("/", 1)[-1]
         lingering = await asyncpg.connect(dsn)
         assert await lingering.fetchval("SELECT current_database()") == name
-    assert not await fetch(ADMIN_DSN, "SELECT 1 FROM pg_database WHERE datname = $1", name)
+    assert not await fetch(admin_dsn, "SELECT 1 FROM pg_database WHERE datname = $1", name)
     assert lingering.is_closed() or not await _alive(lingering)
 
 

@@ -42,12 +42,30 @@ def closed_port() -> int:
 
 
 @pytest.mark.anyio
+async def test_a_pg_dump_that_cannot_dump_the_server_fails_the_postgres_check_with_a_fix(
+    engram_db: EngramDB, tmp_path: Path
+) -> None:
+    old = tmp_path / "pg_dump"
+    old.write_text("#!/bin/sh\necho 'pg_dump (PostgreSQL) 12.22'\n")
+    old.chmod(0o755)
+    pg = check(await status(engram_env(engram_db, tmp_path, ENGRAM_RECOVERY_PG_DUMP=str(old))), "postgres")
+    assert pg.status == "fail" and pg.details["pg_dump"]["usable"] is False
+    assert f"pg_dump 12 ({old}, set by ENGRAM_RECOVERY_PG_DUMP) cannot dump a PostgreSQL" in pg.summary
+    assert "Fix: unset ENGRAM_RECOVERY_PG_DUMP to use the bundled pg_dump 18" in pg.summary
+
+
+@pytest.mark.anyio
 async def test_healthy_database_passes_postgres_and_master_key_checks(engram_db: EngramDB, tmp_path: Path) -> None:
     result = await status(engram_env(engram_db, tmp_path))
     pg = check(result, "postgres")
     assert pg.status == "ok", pg.summary
     assert pg.details["sees_all_rows"] is True
-    assert pg.details["pg_dump"]["major"] >= 15
+    # Which pg_dump run_backup would use, and that it can dump this server.
+    dump = pg.details["pg_dump"]
+    server_major = int(pg.details["server_version"].split(".")[0])
+    assert dump["usable"] is True and dump["major"] >= dump["needed_major"] == server_major
+    assert dump["origin"] in ("PATH", "bundled") and dump["path"] in pg.summary
+    assert dump["version"].startswith("pg_dump (PostgreSQL)")
     assert pg.details["wal"]["archiving"] is False
     assert "row_estimates" in pg.estimates
     key = check(result, "master_key")

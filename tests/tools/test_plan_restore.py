@@ -14,7 +14,7 @@ import secrets
 import shutil
 import sys
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -433,3 +433,144 @@ async def test_a_directory_dump_restores_by_the_plan_into_a_new_database(
         assert await fingerprints(db.dsn.rsplit("/", 1)[0] + "/" + target) == await fingerprints(db.dsn)
     finally:
         await drop_database(admin_dsn, target)
+
+
+async def as_engram_0_18_1_in_production(db: EngramDB, admin_dsn: str) -> None:
+    """What a prod-style Engram database has beyond the test bed's tables: its owner role owns the database,
+    and release 0.18.1's migration 20260629230000 created pg_stat_statements (superuser-only)."""
+    admin = await asyncpg.connect(admin_dsn)
+    try:
+        await admin.execute(f'ALTER DATABASE "{db.name}" OWNER TO engram_owner')
+    finally:
+        await admin.close()
+    conn = await asyncpg.connect(db.dsn)
+    try:
+        await conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+    finally:
+        await conn.close()
+
+
+@pytest.mark.anyio
+async def test_under_row_level_security_the_live_database_is_read_per_tenant_never_as_empty(
+    engram_db: EngramDB, admin_dsn: str, tmp_path: Path
+) -> None:
+    await as_engram_0_18_1_in_production(engram_db, admin_dsn)
+    env = engram_env(engram_db, tmp_path, ENGRAM_RECOVERY_BACKUP_KEY=BACKUP_KEY)
+    await backup(env)
+    live = await asyncpg.connect(engram_db.dsn)
+    try:  # one API key deleted after the backup: the plan must count exactly it
+        deleted = await live.fetchval("DELETE FROM api_keys WHERE id = (SELECT id FROM api_keys ORDER BY id LIMIT 1) "
+                                      "RETURNING id")  # fmt: skip
+        assert deleted is not None
+    finally:
+        await live.close()
+    owner_env = env | {"DATABASE_URL": engram_db.role_dsn("engram_owner")}
+    since = datetime.now(UTC) - timedelta(hours=1)
+    by_owner = await restore_checks.live_state(load_settings(environ=owner_env), since)
+    by_superuser = await restore_checks.live_state(load_settings(environ=env), since)
+    assert by_owner.api_key_ids and by_owner.api_key_ids == by_superuser.api_key_ids
+    assert by_owner.vault_seqs and by_owner.vault_seqs == by_superuser.vault_seqs
+    assert by_owner.newest_write is not None and by_owner.newest_write == by_superuser.newest_write
+    assert by_owner.reachable and by_owner.unchecked == {} and "per tenant" in (by_owner.read_as or "")
+    result = await plan(owner_env, target_database="engram_restored_" + secrets.token_hex(4),
+                        work_dir=str(tmp_path / "w"))  # fmt: skip
+    text = result.model_dump_json()
+    assert "ANY('{}'" not in text.replace('\\"', '"') and "live database unreachable" not in text
+    assert {c.topic: c for c in result.consequences}["revoked_come_back"].count == 1
+    # engram_owner can read per tenant but cannot restore: the plan says so before anything runs.
+    role = check(result, "restore_role")
+    assert not result.executable and result.steps == [] and role.status == "fail"
+    assert {"extension_needs_superuser", "row_security_blocks_restore"} <= set(role.details["problems"])
+    assert "pg_stat_statements" in role.summary
+
+
+@pytest.mark.anyio
+async def test_a_role_that_cannot_restore_is_named_and_a_superusers_restore_keeps_the_sources_owner(
+    engram_db: EngramDB, admin_dsn: str, tmp_path: Path
+) -> None:
+    await as_engram_0_18_1_in_production(engram_db, admin_dsn)
+    env = engram_env(engram_db, tmp_path, ENGRAM_RECOVERY_BACKUP_KEY=BACKUP_KEY)
+    await backup(env)
+    target = "engram_restored_" + secrets.token_hex(4)
+    # BYPASSRLS, but neither CREATEDB nor a member of engram_owner, which owns the database and its tables.
+    backup_role = await plan(env | {"DATABASE_URL": engram_db.role_dsn("engram_backup")}, target_database=target)
+    role = check(backup_role, "restore_role")
+    assert not backup_role.executable and role.status == "fail"
+    assert {"cannot_set_owner", "cannot_create_database", "extension_needs_superuser"} <= set(role.details["problems"])
+    result = await plan(env, target_database=target, work_dir=str(tmp_path / "w"))
+    assert result.executable and check(result, "restore_role").status == "ok", result.summary
+    try:
+        await run_steps(result, shell_env(env), tmp_path)
+        owner = await column(admin_dsn, f"SELECT datname, pg_get_userbyid(datdba) FROM pg_database "
+                             f"WHERE datname = '{target}'")  # fmt: skip
+        assert owner == {target: "engram_owner"}
+    finally:
+        await drop_database(admin_dsn, target)
+
+
+@pytest.mark.anyio
+async def test_the_decrypt_step_runs_from_a_fresh_shell_with_no_settings_and_no_tool_on_path(
+    backed_up: tuple[EngramDB, Path], tmp_path: Path
+) -> None:
+    db, base = backed_up
+    key_file = tmp_path / "backup.key"
+    key_file.write_text(BACKUP_KEY + "\n")
+    env_file = tmp_path / "engram.env"  # Engram's .env, as an operator points the tool at it
+    env_file.write_text(f"DATABASE_URL={db.dsn}\nENCRYPTION_MASTER_KEY={engram_crypto.encode_master_key(db.master_key)}\n"
+                        f"ENGRAM_RECOVERY_REPOSITORY={base / 'repo'}\n")  # fmt: skip
+    # The backup key from the tool's environment, by file: the command names the file, never the key.
+    settings = load_settings(environ={"ENGRAM_RECOVERY_BACKUP_KEY_FILE": str(key_file)}, env_file=env_file)
+    runtime = Runtime(settings)
+    try:
+        result = await plan_restore(runtime, PlanRestoreInput(target_database="engram_restored_" + secrets.token_hex(4),
+                                                              work_dir=str(tmp_path / "w")), silent)  # fmt: skip
+    finally:
+        await runtime.aclose()
+    assert result.executable, result.summary
+    step = next(s for s in result.steps if s.id == "decrypt_database")
+    text = " ".join(c for s in result.steps for c in s.commands)
+    assert BACKUP_KEY not in text and engram_crypto.encode_master_key(db.master_key) not in text
+    assert f"--env-file {env_file}" in step.commands[-1] and f"ENGRAM_RECOVERY_BACKUP_KEY_FILE={key_file}" in text
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for command in step.commands:  # a fresh shell: no tool on PATH, no setting in the environment
+        done = await anyio.run_process(["bash", "-c", command], env={"PATH": "/usr/bin:/bin"}, cwd=elsewhere,
+                                       check=False)  # fmt: skip
+        assert done.returncode == 0, (command, done.stderr.decode()[-2000:])
+    dump = tmp_path / "w" / f"{result.recovery_point.backup_id}.dump"
+    assert step.expect is not None and dump.stat().st_size == int(step.expect.split(": ")[1].split()[0])
+
+
+@pytest.mark.anyio
+async def test_a_non_superuser_the_plan_calls_able_really_restores_by_the_plan(
+    engram_db: EngramDB, admin_dsn: str, tmp_path: Path
+) -> None:
+    admin = await asyncpg.connect(admin_dsn)
+    restorer = "engram_restorer_" + secrets.token_hex(4)
+    try:  # what an operator grants a restore role instead of a superuser
+        await admin.execute(f'ALTER DATABASE "{engram_db.name}" OWNER TO engram_owner')
+        await admin.execute(f"CREATE ROLE {restorer} LOGIN BYPASSRLS CREATEDB")
+        await admin.execute(f"GRANT engram_owner TO {restorer}")
+    finally:
+        await admin.close()
+    target = "engram_restored_" + secrets.token_hex(4)
+    try:
+        env = engram_env(engram_db, tmp_path, ENGRAM_RECOVERY_BACKUP_KEY=BACKUP_KEY)
+        await backup(env)
+        env |= {"DATABASE_URL": engram_db.role_dsn(restorer)}
+        result = await plan(env, target_database=target, work_dir=str(tmp_path / "w"))
+        role = check(result, "restore_role")
+        assert result.executable and role.status == "ok" and role.details["role"] == restorer, result.summary
+        await run_steps(result, shell_env(env), tmp_path)
+        owner = await column(admin_dsn, f"SELECT datname, pg_get_userbyid(datdba) FROM pg_database "
+                             f"WHERE datname = '{target}'")  # fmt: skip
+        assert owner == {target: "engram_owner"}
+        assert await fingerprints(engram_db.dsn.rsplit("/", 1)[0] + "/" + target, without=("vaults", "change_seq")) \
+            == await fingerprints(engram_db.dsn, without=("vaults", "change_seq"))
+    finally:
+        admin = await asyncpg.connect(admin_dsn)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{target}" WITH (FORCE)')
+            await admin.execute(f"DROP ROLE IF EXISTS {restorer}")
+        finally:
+            await admin.close()

@@ -130,13 +130,15 @@ async def test_confirmed_run_enqueues_each_eligible_note_once_in_oban_insert_all
     assert eligible - queued_before <= reset
     # Folder markers, deleted notes and notes of the deleted vault: no job, embed state untouched.
     assert await fetch(db, INELIGIBLE_STATE, list(eligible)) == ineligible_before
-    assert result.notes_reset == result.enqueued
+    # The already queued are reset too (where a stamp was set), and counted, but get no second job.
+    assert result.already_queued == len(eligible & queued_before) > 0
+    assert result.enqueued < result.notes_reset <= result.enqueued + result.already_queued
     jobs_after = await embed_jobs_per_note(db)
     assert jobs_after == jobs_before | dict.fromkeys(eligible - queued_before, 1)
     assert result.backlog.total == sum(jobs_after.values())
 
     again = await reindex_qdrant(runtime, ReindexInput(mode="all", confirm=True), silent)
-    assert again.enqueued == 0 and again.notes_reset == 0
+    assert again.enqueued == 0 and again.notes_reset == 0 and again.already_queued == len(eligible)
     assert await embed_jobs_per_note(db) == jobs_after
 
 
@@ -174,6 +176,59 @@ async def test_rebuild_after_qdrant_loss_restores_every_live_notes_points(db: En
     assert await scalar(db, "SELECT count(*) FROM oban_jobs WHERE state <> 'completed' AND queue = 'embed'") == 0
     again = await reindex_qdrant(runtime, ReindexInput(mode="missing"), silent)
     assert again.notes_to_enqueue == 0
+
+
+async def test_after_a_qdrant_loss_a_note_with_a_pending_job_is_reset_so_that_job_reembeds_it(
+    db: EngramDB, runtime: Runtime
+) -> None:
+    worker = worker_for(db, runtime)
+    client = runtime.qdrant()
+    name = runtime.settings.qdrant_collection
+    await fetch(db, "DELETE FROM oban_jobs WHERE worker = 'Engram.Workers.EmbedNote'")
+    await fetch(db, "UPDATE notes SET embed_hash = NULL")
+    eligible = sorted(r[0] for r in await fetch(db, ELIGIBLE))
+    await worker.embed_notes(eligible)  # everything embedded: embed_hash = content_hash everywhere
+    # Jobs already pending when Qdrant is lost (an edit's job, a ReconcileEmbeddings job and its stamp, one
+    # suspended): each would SKIP its note, whose embed_hash still equals its content_hash.
+    pending = {eligible[0]: "available", eligible[1]: "scheduled", eligible[2]: "suspended"}
+    for note, state in pending.items():
+        await fetch(db, "INSERT INTO oban_jobs (state, queue, worker, args, max_attempts, priority, scheduled_at) "
+                    "VALUES ($1, 'embed', 'Engram.Workers.EmbedNote', jsonb_build_object('note_id', $2::text), 5, 9, "
+                    "timezone('UTC', now()) - interval '1 second')", state, str(note))  # fmt: skip
+    await fetch(db, "UPDATE notes SET embed_retry_after = timezone('UTC', now()) + interval '30 minutes' "
+                "WHERE id = $1", eligible[1])  # fmt: skip
+    await client.delete_collection(name)  # the loss
+
+    plan = await reindex_qdrant(runtime, ReindexInput(mode="all"), silent)
+    result = await reindex_qdrant(runtime, ReindexInput(mode="all", confirm=True), silent)
+    # Counted apart, the same in the dry run and the confirmed run, and never queued twice.
+    assert plan.already_queued == result.already_queued == len(pending)
+    assert plan.notes_to_enqueue == result.enqueued == len(eligible) - len(pending)
+    assert result.notes_reset == len(eligible) and str(len(pending)) in result.summary
+    assert await embed_jobs_per_note(db) == dict.fromkeys(eligible, 1)
+    stamps = await fetch(db, "SELECT embed_hash, embed_retry_after FROM notes WHERE id = ANY($1::uuid[])",
+                         list(pending))  # fmt: skip
+    assert [(r["embed_hash"], r["embed_retry_after"]) for r in stamps] == [(None, None)] * len(pending)
+    # Oban runs the scheduled job when due; the suspended one waits for its queue to resume.
+    await fetch(db, "UPDATE oban_jobs SET state = 'available' WHERE state = 'scheduled' AND queue = 'embed'")
+    await worker.drain()
+    assert {note for _, note, outcome in worker.executed if outcome == "embedded"} == set(eligible) - {eligible[2]}
+    assert not [outcome for _, _, outcome in worker.executed if outcome != "embedded"]
+
+
+async def test_missing_mode_includes_notes_that_were_never_embedded(db: EngramDB, runtime: Runtime) -> None:
+    worker = worker_for(db, runtime)
+    await fetch(db, "DELETE FROM oban_jobs WHERE worker = 'Engram.Workers.EmbedNote'")
+    await fetch(db, "UPDATE notes SET embed_hash = NULL")
+    await fetch(db, "DELETE FROM chunks")
+    eligible = sorted(r[0] for r in await fetch(db, ELIGIBLE))
+    never = eligible[::9]
+    await worker.embed_notes([n for n in eligible if n not in never])
+    # Not in Qdrant either, though no chunk row names a point to find missing.
+    plan = await reindex_qdrant(runtime, ReindexInput(mode="missing"), silent)
+    assert plan.notes_to_enqueue == len(never)
+    result = await reindex_qdrant(runtime, ReindexInput(mode="missing", confirm=True), silent)
+    assert result.enqueued == len(never) and set(await embed_jobs_per_note(db)) == set(never)
 
 
 async def test_missing_mode_enqueues_only_notes_whose_points_are_gone(db: EngramDB, runtime: Runtime) -> None:

@@ -23,6 +23,7 @@ from engram_recovery.core.runtime import Runtime
 from engram_recovery.core.settings import load_settings
 from engram_recovery.server.app import build_server
 from engram_recovery.testbed.seaweedfs import SeaweedFS
+from engram_recovery.tools.plan_restore import PlanRestoreInput, plan_restore
 from engram_recovery.tools.restore_drill import RestoreDrillInput, RestoreDrillResult, restore_drill
 from engram_recovery.tools.run_backup import RunBackupInput, run_backup
 
@@ -174,6 +175,70 @@ async def test_a_wrong_master_key_fails_the_proofs_and_still_drops(
 
 
 @pytest.mark.anyio
+async def test_a_previous_only_key_gets_the_plans_own_verdict_and_rows_still_read_as_engram_reads_them(
+    backed_up: tuple[EngramDB, Path], tmp_path: Path
+) -> None:
+    db, _ = backed_up
+    current = engram_crypto.encode_master_key(secrets.token_bytes(32))
+    env = copy_repo(backed_up, tmp_path, ENCRYPTION_MASTER_KEY=current,
+                    ENCRYPTION_MASTER_KEY_PREVIOUS=engram_crypto.encode_master_key(db.master_key))  # fmt: skip
+    result = await drill(env, sample_notes=10_000)
+    by = steps(result)
+    # Engram would refuse to boot (canary: current key only) but reads every user's DEK with PREVIOUS.
+    assert result.verdict == "fail" and result.key_verdict == "previous_key_only"
+    assert not by["prove_canary"].ok and by["prove_canary"].code == "previous_key_only"
+    assert "ENCRYPTION_MASTER_KEY_PREVIOUS" in by["prove_canary"].summary and "wrong key" not in result.summary
+    assert by["prove_notes"].ok and by["prove_attachments"].ok, result.summary
+    assert by["prove_notes"].details["users_by_previous_key"] == len(db.report.user_ids)
+    planned = await plan_restore_check(env)
+    assert planned == ("fail", "previous_key_only")
+
+
+async def plan_restore_check(env: dict[str, str]) -> tuple[str, str]:
+    runtime = Runtime(load_settings(environ=env))
+    try:
+        result = await plan_restore(runtime, PlanRestoreInput(allow_non_empty_target=True), silent)
+    finally:
+        await runtime.aclose()
+    key = next(c for c in result.checks if c.name == "master_key")
+    return result.verdict, key.code
+
+
+@pytest.mark.anyio
+async def test_mid_rotation_a_dek_wrapped_by_the_previous_key_reads_and_the_drill_passes(
+    admin_dsn: str, tmp_path: Path
+) -> None:
+    old = secrets.token_bytes(32)
+    async for db in make_engram_db(admin_dsn, secrets.token_bytes(32), notes=30, attachments=3):
+        conn = await asyncpg.connect(db.dsn)
+        try:
+            # One user not yet re-wrapped by the rotation: its DEK still sits under the old key.
+            row = await conn.fetchrow("SELECT id, encrypted_dek FROM users WHERE encrypted_dek IS NOT NULL "
+                                      "ORDER BY id LIMIT 1")  # fmt: skip
+            assert row is not None
+            user, blob = row["id"], row["encrypted_dek"]
+            dek = engram_crypto.unwrap_dek(db.master_key, bytes(blob), user)
+            await conn.execute("UPDATE users SET encrypted_dek = $1 WHERE id = $2",
+                               engram_crypto.wrap_dek(old, dek, user), user)  # fmt: skip
+            others = await conn.fetchval("SELECT count(*) FROM notes WHERE user_id = $1", user)
+        finally:
+            await conn.close()
+        assert others > 0
+        env = engram_env(db, tmp_path, ENGRAM_RECOVERY_BACKUP_KEY=BACKUP_KEY,
+                         ENCRYPTION_MASTER_KEY_PREVIOUS=engram_crypto.encode_master_key(old))  # fmt: skip
+        runtime = Runtime(load_settings(environ=env))
+        try:
+            assert (await run_backup(runtime, RunBackupInput(), silent)).verified
+        finally:
+            await runtime.aclose()
+        result = await drill(env, sample_notes=10_000, sample_attachments=10_000)
+        by = steps(result)
+        assert result.verdict == "ok" and result.key_verdict == "ok", result.summary
+        assert by["prove_notes"].details["users_by_previous_key"] == 1
+        assert "ENCRYPTION_MASTER_KEY_PREVIOUS" in by["prove_notes"].summary
+
+
+@pytest.mark.anyio
 async def test_a_database_error_inside_a_proof_fails_the_drill_cleanly(
     backed_up: tuple[EngramDB, Path], tmp_path: Path, admin_dsn: str
 ) -> None:
@@ -268,3 +333,23 @@ async def test_directory_and_plain_dumps_pass_the_drill_too(
     assert result.verdict == "ok", result.summary
     assert steps(result)["prove_row_counts"].ok and steps(result)["prove_notes"].details["sampled"] > 0
     assert await drill_databases(admin_dsn) == before
+
+
+@pytest.mark.anyio
+async def test_the_scratch_database_is_owned_by_the_source_databases_owner(admin_dsn: str, tmp_path: Path) -> None:
+    async for db in make_engram_db(admin_dsn, secrets.token_bytes(32), notes=20, attachments=2):
+        admin = await asyncpg.connect(admin_dsn)
+        try:  # as in production: Engram's owner role owns the database, not the superuser that runs the drill
+            await admin.execute(f'ALTER DATABASE "{db.name}" OWNER TO engram_owner')
+        finally:
+            await admin.close()
+        env = engram_env(db, tmp_path, ENGRAM_RECOVERY_BACKUP_KEY=BACKUP_KEY)
+        runtime = Runtime(load_settings(environ=env))
+        try:
+            assert (await run_backup(runtime, RunBackupInput(), silent)).verified
+        finally:
+            await runtime.aclose()
+        result = await drill(env, sample_attachments=0)
+        assert result.verdict == "ok", result.summary
+        # Read back from pg_database right after CREATE DATABASE, not taken from the manifest.
+        assert steps(result)["create_database"].summary.endswith("owned by engram_owner")

@@ -20,13 +20,14 @@ import asyncpg
 import format_reader
 import pytest
 from mcp import Client
-from support import EngramDB, engram_env, fingerprints, make_engram_db
+from support import EngramDB, engram_env, fingerprints, make_engram_db, pg_bin, restore_client
 
 from engram_recovery import testbed
 from engram_recovery.core import s3
 from engram_recovery.core.backup_run import verify_artifacts
 from engram_recovery.core.errors import Busy, ConfigurationError, IntegrityError, StoreUnreachable
 from engram_recovery.core.manifest import Manifest
+from engram_recovery.core.pgclients import beside, client_version
 from engram_recovery.core.pgdump import PgRestoreCommand
 from engram_recovery.core.progress import silent
 from engram_recovery.core.repository import LocalRepository, open_repository, read_state
@@ -67,10 +68,14 @@ def manifest_of(repo: Path, backup_id: str) -> Manifest:
 
 async def restore_and_compare(admin_dsn: str, source: EngramDB, dump: Path, fmt: str = "custom") -> None:
     async with testbed.scratch_database(admin_dsn, prefix="engram_restored") as target:
+        # The clients the tool would choose for this server (a newer pg_restore may emit settings an older
+        # server does not know, e.g. 18's transaction_timeout on 15).
+        pg_restore = await restore_client(target)
         if fmt == "plain":
-            argv = ["psql", "--quiet", "--set=ON_ERROR_STOP=1", f"--dbname={target}", f"--file={dump}"]
+            argv = [beside(pg_restore, "psql"), "--quiet", "--set=ON_ERROR_STOP=1", f"--dbname={target}",
+                    f"--file={dump}"]
         else:
-            argv = PgRestoreCommand("pg_restore", target, str(dump)).argv
+            argv = PgRestoreCommand(pg_restore, target, str(dump)).argv
         done = await anyio.run_process(argv, check=False)
         assert done.returncode == 0, done.stderr.decode()[-2000:]
         restored, original = await fingerprints(target), await fingerprints(source.dsn)
@@ -124,7 +129,14 @@ async def test_the_manifest_binds_the_facts_of_one_moment(engram_db: EngramDB, t
     m = manifest_of(tmp_path / "repo", result.backup_id)
     assert m.verified is True and m.verified_at is not None
     assert m.database.wal_lsn_start and "/" in m.database.wal_lsn_start
-    assert m.database.server_major == 15 and "pg_dump" in m.database.pg_dump_version
+    conn = await asyncpg.connect(engram_db.dsn)
+    try:
+        assert m.database.server_major == int(await conn.fetchval("SHOW server_version_num")) // 10000
+    finally:
+        await conn.close()
+    # The client that wrote the dump, by version and path: what a restore needs to match.
+    client = await client_version(m.database.pg_dump_path or "")
+    assert client.text == m.database.pg_dump_version and client.major >= m.database.server_major
     assert m.database.engram_schema_version == max(testbed.migration_versions("0.18.1"))
     conn = await asyncpg.connect(engram_db.dsn)
     try:
@@ -225,9 +237,11 @@ async def test_a_pg_dump_older_than_the_server_is_refused(engram_db: EngramDB, t
     old = tmp_path / "pg_dump_12"
     old.write_text("#!/bin/sh\necho 'pg_dump (PostgreSQL) 12.22'\n")
     old.chmod(0o755)
-    with pytest.raises(ConfigurationError, match="older than the PostgreSQL 15") as info:
+    with pytest.raises(ConfigurationError, match=r"pg_dump 12 \(.*ENGRAM_RECOVERY_PG_DUMP\) cannot dump a PostgreSQL") \
+            as info:
         await backup(engram_env(engram_db, tmp_path, ENGRAM_RECOVERY_PG_DUMP=str(old)))
-    assert "postgresql-client-15" in info.value.hint
+    # The fix works on this host: the bundled client is there to use.
+    assert f"unset ENGRAM_RECOVERY_PG_DUMP to use the bundled pg_dump 18 ({pg_bin('pg_dump')})" in info.value.hint
     assert not (tmp_path / "repo" / "backups").exists()
 
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ...core import engram_crypto, oban
-from ...core.errors import RecoveryError
-from ...core.pgdump import client_version
+from ...core import engram_crypto, key_rules, oban
+from ...core.pgclients import choose
 from ..base import Verdict
 from .common import Check, StatusContext, format_size
 
@@ -53,19 +52,13 @@ async def check_postgres(ctx: StatusContext) -> Check:
     if not p.looks_like_engram:
         status = "fail"
         problems.append("this database has no users/vaults/notes tables: is DATABASE_URL Engram's database?")
-    try:
-        client = await client_version(settings.pg_dump)
-        details["pg_dump"] = {"path": client.path, "major": client.major}
-        if client.major < p.server_major:
-            status = "fail"
-            problems.append(
-                f"pg_dump {client.major} cannot dump a PostgreSQL {p.server_major} server: install "
-                f"postgresql-client-{p.server_major} or set ENGRAM_RECOVERY_PG_DUMP"
-            )
-    except RecoveryError as exc:
+    # Which pg_dump run_backup would use for this server, and whether it can dump it.
+    choice = await choose("pg_dump", settings.pg_dump, p.server_major,
+                          f"dump a PostgreSQL {p.server_major} server ({p.server_version})")  # fmt: skip
+    details["pg_dump"] = choice.describe()
+    if choice.chosen is None:
         status = "fail"
-        details["pg_dump"] = {"error": exc.message}
-        problems.append(str(exc))
+        problems.append(f"{choice.problem}. Fix: {choice.fix}")
     details["sees_all_rows"] = p.sees_all_rows
     if not p.sees_all_rows:
         status = "fail"
@@ -78,7 +71,8 @@ async def check_postgres(ctx: StatusContext) -> Check:
         "; ".join(problems)
         if problems
         else f"PostgreSQL {p.server_version} reachable, {format_size(details['database_bytes'])}, dumpable by "
-        f"pg_dump {details['pg_dump']['major']}, role sees all rows"
+        f"pg_dump {details['pg_dump']['major']} ({details['pg_dump']['origin']}: {details['pg_dump']['path']}), "
+        "role sees all rows"
     )
     return Check(component="postgres", status=status, summary=summary, details=details, estimates=["row_estimates"])
 
@@ -162,16 +156,11 @@ async def check_master_key(ctx: StatusContext) -> Check:
             summary="the boot canary is wrapped by AWS KMS, so it cannot be checked offline; make sure the KMS key "
             "and its permissions are recoverable" + ("; " + "; ".join(warnings) if warnings else ""),
         )
-    if previous is not None and engram_crypto.check_canary(
-        previous, bytes(canary["wrapped_dek"]), bytes(canary["dek_sha256"])
-    ) == "match":
-        return Check(
-            component="master_key",
-            status="fail",
-            details=details | {"canary_matches": "previous"},
-            summary="the boot canary is wrapped by ENCRYPTION_MASTER_KEY_PREVIOUS, not the current key: Engram "
-            "checks the canary with the current key only and would refuse to boot. Finish the key rotation",
-        )
+    judged = key_rules.judge_canary(key, previous, bytes(canary["wrapped_dek"]), bytes(canary["dek_sha256"]),
+                                    what="the newest boot canary")  # fmt: skip
+    if judged.code == "previous_key_only":  # the verdict plan_restore and restore_drill give too
+        return Check(component="master_key", status=judged.status, summary=judged.summary,
+                     details=details | judged.details | {"code": judged.code})  # fmt: skip
     return Check(
         component="master_key",
         status="fail",

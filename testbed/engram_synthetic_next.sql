@@ -1,4 +1,5 @@
--- Engram's migrations after release 0.18.1 (20260827000000..20260831030000).
+-- NOT upstream Engram: a synthetic release after 0.18.1 (made-up versions 20260827000000..20260831030000),
+-- so the tools are tested against a schema that grew columns and indexes they must detect.
 
 -- 20260827000000: embed_hash means "content indexed", dense_indexed_hash means
 -- "has dense vectors"; a reindex must clear both or EmbedNote skips the note.
