@@ -30,10 +30,14 @@ def _first_line(exc: BaseException) -> str:
 
 def explain(exc: BaseException, tool: str) -> RecoveryError:
     """`exc` as an operator-facing error (a RecoveryError passes through unchanged)."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]  # a task group's failure: explain the first of its causes
     if isinstance(exc, RecoveryError):
         return exc
     if isinstance(exc, asyncpg.PostgresError):
         return postgres.describe(exc)
+    if isinstance(exc, BrokenPipeError):
+        return RecoveryError(f"{tool}: the reader of the output went away", "keep the output open until it ends")
     if isinstance(exc, asyncpg.InterfaceError | ConnectionError):
         return StoreUnreachable(
             f"{tool}: the connection to PostgreSQL broke: {_first_line(exc)}",

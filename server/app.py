@@ -72,7 +72,8 @@ class RecoveryTool(Tool):
         runtime: Runtime = context.request_context.lifespan_context
         with self.running.one():
             try:
-                result: ToolResult = await spec.run(runtime, params, _progress_for(context))
+                async with runtime.tool_call():
+                    result: ToolResult = await spec.run(runtime, params, _progress_for(context))
             except RecoveryError as exc:
                 log.info("tool %s failed: %s", spec.name, exc.message)
                 raise ToolError(str(exc)) from exc
