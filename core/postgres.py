@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 from typing import Any, cast
 from urllib.parse import urlsplit
 
+import anyio
 import asyncpg
 
 from .errors import RecoveryError, StoreUnreachable
@@ -126,11 +127,21 @@ class Pool:
     async def acquire(self) -> AsyncIterator[asyncpg.Connection]:
         pool = await self._get()
         try:
-            async with pool.acquire(timeout=CONNECT_TIMEOUT) as conn:
-                # The proxy behaves as a Connection; asyncpg's stubs type it separately.
-                yield cast(asyncpg.Connection, conn)
-        except (OSError, TimeoutError, asyncpg.InterfaceError) as exc:
+            # The pool opens connections lazily: this is where a wrong database, role or password shows.
+            conn = await pool.acquire(timeout=CONNECT_TIMEOUT)
+        except (asyncpg.PostgresError, OSError, TimeoutError, asyncpg.InterfaceError) as exc:
             raise connect_failure(exc, self._dsn) from exc
+        try:
+            # The proxy behaves as a Connection; asyncpg's stubs type it separately.
+            yield cast(asyncpg.Connection, conn)
+        except (OSError, asyncpg.InterfaceError) as exc:
+            raise StoreUnreachable(
+                f"the connection to PostgreSQL was lost: {exc.__class__.__name__}: {exc}",
+                "check that the database server is still running, then run it again",
+            ) from exc
+        finally:
+            with anyio.CancelScope(shield=True):
+                await pool.release(conn)
 
     async def close(self) -> None:
         if self._pool is not None:

@@ -114,6 +114,10 @@ def _parse_one(spec: ToolSpec[Any, Any], key: str, raw: str, schema: dict[str, A
                 return float(raw) if not _INTEGER.fullmatch(raw) else int(raw)
             except ValueError:
                 continue
+        if kind == "string" and "enum" in alt:
+            if raw in alt["enum"]:
+                return raw
+            continue
         if kind == "string":
             if len(raw) >= 2 and raw[0] == raw[-1] == '"':
                 try:
