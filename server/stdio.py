@@ -88,14 +88,15 @@ def judge(line: str) -> tuple[str | None, Any]:
         # A notification, even a broken one, is never answered (JSON-RPC 2.0, section 4.1).
         log.info("ignored a notification that is not valid JSON-RPC")
         return None, None
+    if "method" not in value and ("result" in value or "error" in value):
+        log.info("ignored a response that is not valid JSON-RPC")  # nothing is answered to a response
+        return None, None
     request_id = _readable_id(value.get("id"))
     if "id" in value and request_id is None:
         return _error(None, INVALID_REQUEST, "Invalid Request: id must be a string or an integer"), None
     if value.get("jsonrpc") != "2.0":
         return _error(request_id, INVALID_REQUEST, 'Invalid Request: "jsonrpc" must be "2.0"'), None
     if "method" not in value:
-        if "result" in value or "error" in value:
-            return None, None  # a malformed response: nothing is answered to a response
         return _error(request_id, INVALID_REQUEST, "Invalid Request: no method"), None
     if not isinstance(value["method"], str):
         return _error(request_id, INVALID_REQUEST, "Invalid Request: method must be a string"), None
