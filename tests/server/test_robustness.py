@@ -373,3 +373,47 @@ async def test_nothing_changes_when_every_call_is_refused(engram_db: EngramDB, t
             assert (await client.call_tool(tool, {"confirm": "true", "dry_run": 0})).is_error
     assert await fingerprints(engram_db.dsn) == before
     assert _listing(tmp_path / "repo") == []
+
+
+@pytest.mark.anyio
+async def test_the_cron_line_runs_beside_a_serving_http_server_that_uses_the_embedded_qdrant(
+    engram_db: EngramDB, tmp_path: Path
+) -> None:
+    import socket
+
+    import httpx2
+    from mcp.client.streamable_http import streamable_http_client
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    token = "robustness-token-0123456789abcdef"
+    env = engram_env(engram_db, tmp_path, ENGRAM_RECOVERY_QDRANT_PATH=str(tmp_path / "qdrant"),
+                     ENGRAM_RECOVERY_HTTP_TOKEN=token)
+    server = await anyio.open_process([EXE, "serve", "--http", "--port", str(port)], env=env,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        with anyio.fail_after(30):
+            while True:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                    break
+                except OSError:
+                    assert server.returncode is None
+                    await anyio.sleep(0.1)
+        async with httpx2.AsyncClient(headers={"authorization": f"Bearer {token}"}) as http, \
+                Client(streamable_http_client(f"http://127.0.0.1:{port}/mcp", http_client=http)) as client:
+            served = await client.call_tool("backup_status", {})  # the server has opened the Qdrant folder
+            assert served.structured_content is not None
+            # As the README's cron line does, while the server keeps serving.
+            backup = await _arun(["call", "run_backup"], env)
+            status = await _arun(["call", "backup_status"], env)
+            assert (await client.call_tool("backup_status", {})).structured_content is not None
+    finally:
+        server.terminate()
+        with anyio.fail_after(30):
+            await server.wait()
+    assert backup.returncode == 0, backup.stdout + backup.stderr
+    assert json.loads(backup.stdout)["verified"]
+    qdrant = next(c for c in json.loads(status.stdout)["checks"] if c["component"] == "qdrant")
+    assert "in use by another process" not in qdrant["summary"]
