@@ -112,6 +112,7 @@ class _Wire:
         self._inner = inner
         self._lock = anyio.Lock()
         self._pending: Counter[str] = Counter()
+        self._cancelled: set[str] = set()
         self._changed = anyio.Event()
 
     def opened(self, request_id: Any) -> None:
@@ -119,6 +120,10 @@ class _Wire:
 
     def is_pending(self, request_id: Any) -> bool:
         return self._pending[_key(request_id)] > 0
+
+    def cancelled(self, request_id: Any) -> None:
+        if self.is_pending(request_id):
+            self._cancelled.add(_key(request_id))
 
     def _answered(self, key: str) -> None:
         if self._pending[key] > 0:
@@ -160,8 +165,14 @@ class _Wire:
             quiet += 1
             if quiet >= GRACE_TICKS:
                 for key in list(self._pending):
-                    log.warning("request %s got no answer from the MCP SDK; answering it with an internal error", key)
-                    await self.send(_error(json.loads(key), INTERNAL_ERROR, "Internal error: the request was dropped"))
+                    # The SDK stays silent on a request the client cancelled (MCP allows either); a script
+                    # that reads one answer per request still gets one, and the session still ends.
+                    if key in self._cancelled:
+                        await self.send(_error(json.loads(key), INTERNAL_ERROR, "Request cancelled by the client"))
+                    else:
+                        log.warning("request %s got no answer from the MCP SDK; answering it with an error", key)
+                        await self.send(_error(json.loads(key), INTERNAL_ERROR, "Internal error: the request was "
+                                               "dropped"))
                     del self._pending[key]
 
 
@@ -182,6 +193,8 @@ class _JudgingReader:
                 continue
             if message is None:
                 continue
+            if isinstance(message, types.JSONRPCNotification) and message.method == "notifications/cancelled":
+                self._wire.cancelled((message.params or {}).get("requestId"))
             if isinstance(message, types.JSONRPCRequest):
                 if self._wire.is_pending(message.id):
                     await self._wire.send(_error(

@@ -171,6 +171,24 @@ async def test_stdio_answers_every_invalid_line_with_its_code_and_exits_after_eo
 
 
 @pytest.mark.anyio
+async def test_stdio_answers_a_request_the_sdk_leaves_silent_and_still_ends(
+    engram_db: EngramDB, tmp_path: Path
+) -> None:
+    # The SDK answers nothing to a request its client cancelled: a script reading one answer per request
+    # would wait for ever, and EOF would be held back for ever.
+    script = _lines(INIT, INITIALIZED,
+                    {"jsonrpc": "2.0", "id": 6, "method": "tools/call", "params": {"name": "backup_status"}},
+                    {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 6}})
+    started = time.monotonic()
+    result = await _arun(["serve"], engram_env(engram_db, tmp_path), script)
+    assert result.returncode == 0 and time.monotonic() - started < 30
+    replies = {r["id"]: r for r in map(json.loads, result.stdout.splitlines())}
+    assert set(replies) == {1, 6}
+    assert replies[6]["error"] == {"code": -32603, "message": "Request cancelled by the client"}
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.anyio
 async def test_stdio_without_configuration_starts_lists_tools_and_each_call_names_the_variable() -> None:
     script = _lines(INIT, INITIALIZED, {"jsonrpc": "2.0", "id": 2, "method": "tools/list"},
                     {"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {"name": "run_backup"}})
