@@ -70,7 +70,13 @@ def translate(exc: Exception, what: str, location: S3Location) -> RecoveryError:
                 f"S3 refused the credentials while trying to {what} ({code}) on {where}",
                 "check the access key id and secret access key configured for this bucket",
             )
-        if code in ("AccessDenied", "403", "AllAccessDisabled"):
+        if code == "403":  # a HEAD answer carries no body: wrong keys and missing permission look alike
+            return StoreUnreachable(
+                f"S3 refused the credentials or denied access while trying to {what} (403) on {where}",
+                "check the access key id and secret access key configured for this bucket, and that they may "
+                "list, read and write it",
+            )
+        if code in ("AccessDenied", "AllAccessDisabled"):
             return StoreUnreachable(
                 f"S3 denied access while trying to {what} ({code}) on {where}",
                 "the credentials are valid but lack permission: grant them s3:ListBucket, s3:GetObject and "

@@ -62,6 +62,13 @@ def _readable_id(value: Any) -> int | str | None:
     return value
 
 
+def _claims(value: dict[str, Any]) -> str:
+    """What a message says it is, by JSON-RPC 2.0's members: Request, Notification, Response or Error."""
+    if "method" in value:
+        return "Request" if "id" in value else "Notification"
+    return "Error" if "error" in value else "Response"
+
+
 def judge(line: str) -> tuple[str | None, Any]:
     """What to do with one line: (an error reply to send, None) or (None, the decoded message to forward).
 
@@ -77,8 +84,12 @@ def judge(line: str) -> tuple[str | None, Any]:
         value = json.loads(line, parse_constant=_reject_constant)
     except (ValueError, RecursionError):
         return _error(None, PARSE_ERROR, "Parse error: the line is not JSON"), None
-    # The SDK reads a request whose id it cannot use as a notification, and would never answer it.
-    if message is not None and not (isinstance(message, types.JSONRPCNotification) and "id" in value):
+    # The SDK reads loosely: a request whose id it cannot use passes as a notification, one with bad params
+    # but a "result" as a response, and it would never answer either. Its reading counts only when the kind
+    # it found is the kind the line claims to be.
+    if message is not None and isinstance(value, dict) and _claims(value) == type(message).__name__.removeprefix(
+        "JSONRPC"
+    ):
         return None, message
     if isinstance(value, list):
         return _error(None, INVALID_REQUEST, "Invalid Request: JSON-RPC batches are not part of MCP"), None
