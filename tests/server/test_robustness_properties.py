@@ -51,6 +51,11 @@ _STRICT = jsonschema.Draft202012Validator.TYPE_CHECKER.redefine(
 StrictValidator = jsonschema.validators.extend(jsonschema.Draft202012Validator, type_checker=_STRICT)
 
 
+def _listing(tmp_path: Path) -> list[str]:
+    """The backup repository's files and folders (the tests' repository is tmp_path/repo)."""
+    return sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "repo").rglob("*"))
+
+
 def _value_for(schema: dict[str, Any]) -> st.SearchStrategy[Any]:
     """Plausible values of one property (valid ones among them), mixed with any JSON."""
     options: list[st.SearchStrategy[Any]] = [JSON]
@@ -107,7 +112,7 @@ async def test_generated_arguments_are_judged_by_the_advertised_schema_and_chang
     async with Client(server) as client:
         made = await client.call_tool("run_backup", {})  # so plan_restore has a recovery point to judge
         assert not made.is_error
-        repo_before = sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "repo").rglob("*"))
+        repo_before = _listing(tmp_path)
         db_before = await fingerprints(engram_db.dsn)
         tools = {t.name: t.input_schema for t in (await client.list_tools()).tools}
         seen: Counter[str] = Counter()
@@ -120,7 +125,7 @@ async def test_generated_arguments_are_judged_by_the_advertised_schema_and_chang
             await anyio.to_thread.run_sync(judged)
     assert seen["invalid"] > 50 and seen["valid"] > 0
     assert await fingerprints(engram_db.dsn) == db_before
-    assert sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "repo").rglob("*")) == repo_before
+    assert _listing(tmp_path) == repo_before
     captured = capfd.readouterr()
     assert "Traceback" not in captured.out + captured.err
 
@@ -196,7 +201,11 @@ async def test_generated_stdio_lines_are_each_answered_when_due_and_the_server_e
     engram_db: EngramDB, tmp_path: Path
 ) -> None:
     env = engram_env(engram_db, tmp_path)
+    async with Client(build_server(load_settings(environ=env))) as client:
+        assert not (await client.call_tool("run_backup", {})).is_error  # a repository with content to keep
     db_before = await fingerprints(engram_db.dsn)
+    repo_before = _listing(tmp_path)
+    assert repo_before
     longest = 0.0
 
     # No shrinking: every example is a server process, and shrinking one took minutes; the failing
@@ -222,4 +231,4 @@ async def test_generated_stdio_lines_are_each_answered_when_due_and_the_server_e
     await anyio.to_thread.run_sync(run)
     assert longest < EXIT_BOUND
     assert await fingerprints(engram_db.dsn) == db_before
-    assert not (tmp_path / "repo").exists() or not any((tmp_path / "repo").rglob("manifest.json"))
+    assert _listing(tmp_path) == repo_before
