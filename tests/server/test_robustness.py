@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -435,3 +436,19 @@ async def test_the_cron_line_runs_beside_a_serving_http_server_that_uses_the_emb
     assert json.loads(backup.stdout)["verified"]
     qdrant = next(c for c in json.loads(status.stdout)["checks"] if c["component"] == "qdrant")
     assert "in use by another process" not in qdrant["summary"]
+
+
+@pytest.mark.anyio
+@pytest.mark.skipif(shutil.which("npx") is None, reason="Node.js (npx) is not installed")
+async def test_the_official_inspector_without_settings_shows_the_configuration_error() -> None:
+    # The inspector passes the server only the environment given with -e: here, none.
+    argv = ["npx", "-y", "@modelcontextprotocol/inspector@2.12.0", "--cli", EXE, "serve",
+            "--method", "tools/call", "--tool-name", "backup_status"]
+    env = os.environ | {"npm_config_update_notifier": "false"}
+    called = await anyio.to_thread.run_sync(
+        lambda: subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env))
+    # The inspector exits 5 for a tool result with isError, and prints the result itself on stdout.
+    assert called.returncode == 5, called.stderr[-2000:]
+    result = json.loads(called.stdout)
+    assert result["isError"] is True
+    assert "DATABASE_URL is not set\nFix: set DATABASE_URL" in result["content"][0]["text"]
