@@ -205,10 +205,11 @@ async def qdrant_info(runtime: Runtime) -> tuple[QdrantInfo, str | None]:
     try:
         with anyio.fail_after(QDRANT_TIMEOUT):
             state = await qdrant.collection_state(runtime.qdrant(), settings.qdrant_collection)
-    except (*qdrant.QDRANT_ERRORS, TimeoutError) as exc:
+    except (*qdrant.QDRANT_ERRORS, TimeoutError, RecoveryError) as exc:
+        why = exc.message if isinstance(exc, RecoveryError) else f"Qdrant did not answer ({exc.__class__.__name__})"
         return info, (
-            f"Qdrant did not answer ({exc.__class__.__name__}): its collection is not recorded in this "
-            "recovery point (it can be rebuilt from Postgres with reindex_qdrant)"
+            f"{why}: its collection is not recorded in this recovery point (it can be rebuilt from Postgres with "
+            "reindex_qdrant)"
         )
     return info.model_copy(update={
         "exists": state.exists, "points": state.points, "dense_size": state.dense_size,

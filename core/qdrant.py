@@ -7,8 +7,11 @@ the tests use.
 
 from __future__ import annotations
 
+import fcntl
+import os
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from qdrant_client import AsyncQdrantClient, models
@@ -32,16 +35,54 @@ class CollectionState:
 
 def open_client(settings: Settings) -> AsyncQdrantClient:
     if settings.qdrant_path:
-        return AsyncQdrantClient(location=":memory:") if settings.qdrant_path == ":memory:" else (
-            AsyncQdrantClient(path=settings.qdrant_path)
+        if settings.qdrant_path == ":memory:":
+            return AsyncQdrantClient(location=":memory:")
+        in_use = StoreUnreachable(
+            f"the embedded Qdrant folder {settings.qdrant_path} is in use by another process",
+            "wait for the other engram-recovery call to finish, or point QDRANT_URL at a Qdrant server (which "
+            "admits many clients); Qdrant is optional: backups, plans and drills do not need it",
         )
+        # Embedded Qdrant locks its folder: one process at a time (e.g. the demo's server holds it). Asked
+        # first, because the client leaks its lock file's handle when it finds the folder locked.
+        if _folder_locked(Path(settings.qdrant_path)):
+            raise in_use
+        try:
+            return AsyncQdrantClient(path=settings.qdrant_path)
+        except RuntimeError as exc:
+            raise in_use from exc
+        except (OSError, ValueError) as exc:
+            raise ConfigurationError(
+                f"ENGRAM_RECOVERY_QDRANT_PATH={settings.qdrant_path} cannot be opened: {exc}",
+                "point ENGRAM_RECOVERY_QDRANT_PATH at a writable directory (or ':memory:'), or unset it",
+            ) from exc
     if settings.qdrant_url:
         api_key = settings.qdrant_api_key.get_secret_value() if settings.qdrant_api_key else None
-        # We report reachability ourselves; the client's background version probe only warns from a thread.
-        return AsyncQdrantClient(url=settings.qdrant_url, api_key=api_key, timeout=5, check_compatibility=False)
+        try:
+            # We report reachability ourselves; the client's background version probe only warns from a thread.
+            return AsyncQdrantClient(url=settings.qdrant_url, api_key=api_key, timeout=5, check_compatibility=False)
+        except ValueError as exc:
+            raise ConfigurationError(
+                f"QDRANT_URL={settings.qdrant_url!r} is not a usable URL: {exc}",
+                "set QDRANT_URL to the Qdrant server, e.g. http://127.0.0.1:6333",
+            ) from exc
     raise ConfigurationError(
         "Qdrant is not configured", "set QDRANT_URL (or ENGRAM_RECOVERY_QDRANT_PATH for an embedded Qdrant)"
     )
+
+
+def _folder_locked(folder: Path) -> bool:
+    """Whether another client holds the embedded folder's lock (the `flock` qdrant-client takes on `.lock`)."""
+    try:
+        fd = os.open(folder / ".lock", os.O_RDWR)
+    except OSError:
+        return False  # no lock file yet: nobody has opened the folder
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # releases the probe's own lock with the descriptor
+    return False
 
 
 def translate(exc: Exception, what: str) -> RecoveryError:

@@ -7,8 +7,11 @@ reports which store failed.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
+import anyio
 from qdrant_client import AsyncQdrantClient
 
 from . import qdrant
@@ -22,6 +25,7 @@ class Runtime:
     settings: Settings
     pool: Pool = field(init=False)
     _qdrant: AsyncQdrantClient | None = field(default=None, init=False)
+    _calls: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
         self.pool = Pool(self.settings.database_url.get_secret_value())
@@ -47,6 +51,20 @@ class Runtime:
         if self._qdrant is None:
             self._qdrant = qdrant.open_client(self.settings)
         return self._qdrant
+
+    @asynccontextmanager
+    async def tool_call(self) -> AsyncIterator[None]:
+        """One tool call. An embedded Qdrant folder admits one process: it is released when no call runs,
+        so a long-running server (the demo's) does not lock out the cron line and the inspector beside it."""
+        self._calls += 1
+        try:
+            yield
+        finally:
+            self._calls -= 1
+            if not self._calls and self._qdrant is not None and self.settings.qdrant_path not in (None, ":memory:"):
+                client, self._qdrant = self._qdrant, None
+                with anyio.CancelScope(shield=True):
+                    await client.close()
 
     async def aclose(self) -> None:
         await self.pool.close()

@@ -65,14 +65,36 @@ def translate(exc: Exception, what: str, location: S3Location) -> RecoveryError:
     where = f"bucket {location.bucket!r}" + (f" at {location.endpoint}" if location.endpoint else "")
     if isinstance(exc, ClientError):
         code = str(exc.response.get("Error", {}).get("Code", "Unknown"))
-        if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403"):
+        if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken"):
             return StoreUnreachable(
                 f"S3 refused the credentials while trying to {what} ({code}) on {where}",
                 "check the access key id and secret access key configured for this bucket",
             )
+        if code == "403":  # a HEAD answer carries no body: wrong keys and missing permission look alike
+            return StoreUnreachable(
+                f"S3 refused the credentials or denied access while trying to {what} (403) on {where}",
+                "check the access key id and secret access key configured for this bucket, and that they may "
+                "list, read and write it",
+            )
+        if code in ("AccessDenied", "AllAccessDisabled"):
+            return StoreUnreachable(
+                f"S3 denied access while trying to {what} ({code}) on {where}",
+                "the credentials are valid but lack permission: grant them s3:ListBucket, s3:GetObject and "
+                "s3:PutObject on this bucket (and s3:DeleteObject for pruning), or use keys that have it",
+            )
         if code in ("NoSuchBucket", "404"):
             return StoreUnreachable(
                 f"S3 {where} does not exist (while trying to {what})", "create the bucket or fix its name"
+            )
+        if code in ("AuthorizationHeaderMalformed", "PermanentRedirect", "301", "IllegalLocationConstraintException",
+                    "InvalidRegion"):
+            region = exc.response.get("Error", {}).get("Region") or exc.response.get("ResponseMetadata", {}).get(
+                "HTTPHeaders", {}).get("x-amz-bucket-region")
+            return StoreUnreachable(
+                f"S3 {where} is in another region than {location.region!r} ({code}"
+                + (f"; it is in {region!r}" if region else "") + f") while trying to {what}",
+                "set the region of this bucket (STORAGE_REGION for attachments, ENGRAM_RECOVERY_REPOSITORY_REGION "
+                "for the repository)" + (f" to {region}" if region else ""),
             )
         return RecoveryError(f"S3 error {code} while trying to {what} on {where}", "see the S3 server's logs")
     if isinstance(exc, EndpointConnectionError | BotoCoreError | OSError | TimeoutError):

@@ -32,8 +32,8 @@ SECRET_VARIABLES = (
 
 # A hint per variable, shown when that variable is missing or malformed.
 HINTS: dict[str, str] = {
-    "DATABASE_URL": "set DATABASE_URL to Engram's database, e.g. postgresql://engram:PASSWORD@127.0.0.1:5432/engram "
-    "(Engram's ecto:// form is accepted too)",
+    "DATABASE_URL": "set DATABASE_URL to Engram's database, e.g. postgresql://engram@127.0.0.1:5432/engram with "
+    "the password written as engram:PASSWORD@ (Engram's ecto:// form is accepted too)",
     "ENCRYPTION_MASTER_KEY_VERSION": "set ENCRYPTION_MASTER_KEY_VERSION to a whole number (Engram's default is 1)",
     "KEY_PROVIDER": "set KEY_PROVIDER to 'local' or 'aws_kms', as in Engram's own configuration",
     "STORAGE_BACKEND": "set STORAGE_BACKEND to 'database' or 's3', as in Engram's own configuration",
@@ -117,9 +117,7 @@ class Settings(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
-        url = self.database_url.get_secret_value()
-        if urlsplit(url).scheme not in ("postgresql", "postgres"):
-            raise ValueError("DATABASE_URL|must be a postgresql:// (or Engram's ecto://) URL")
+        _check_database_url(self.database_url.get_secret_value())
         if self.storage_backend == "s3":
             missing = [
                 name
@@ -130,15 +128,18 @@ class Settings(BaseModel):
                 if not value
             ]
             if missing:
-                raise ValueError(f"STORAGE_BACKEND|is 's3' but {' and '.join(missing)} not set")
+                raise ValueError(f"STORAGE_BACKEND|is 's3' but {' and '.join(missing)} not set|set "
+                                 f"{' and '.join(missing)} (or STORAGE_BACKEND=database)")
         if self.qdrant_url and self.qdrant_path:
-            raise ValueError("QDRANT_URL|and ENGRAM_RECOVERY_QDRANT_PATH are both set: choose one Qdrant")
+            raise ValueError("QDRANT_URL|and ENGRAM_RECOVERY_QDRANT_PATH are both set: choose one Qdrant|unset one "
+                             "of QDRANT_URL and ENGRAM_RECOVERY_QDRANT_PATH")
         if self.repository.startswith("s3://") and not (
             self.repository_access_key_id and self.repository_secret_access_key
         ):
             raise ValueError(
                 "ENGRAM_RECOVERY_REPOSITORY|is an s3:// repository but ENGRAM_RECOVERY_REPOSITORY_ACCESS_KEY_ID "
-                "and ENGRAM_RECOVERY_REPOSITORY_SECRET_ACCESS_KEY are not both set"
+                "and ENGRAM_RECOVERY_REPOSITORY_SECRET_ACCESS_KEY are not both set|set both (or their _FILE forms), "
+                "or use a directory as the repository"
             )
         return self
 
@@ -174,6 +175,26 @@ class Settings(BaseModel):
             else:
                 shown[str(env_name)] = value
         return shown
+
+
+def _check_database_url(url: str) -> None:
+    """DATABASE_URL must be a postgresql:// URL that parses; say which part is wrong (never its password)."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (parsing the port is the check)
+    except ValueError as exc:
+        raise ValueError(
+            f"DATABASE_URL|is not a valid URL ({exc})|write it as postgresql://USER@HOST:5432/DATABASE, the "
+            "password as USER:PASSWORD@ (an IPv6 host goes in brackets: [::1]; characters such as @ : / in the "
+            "password are percent-encoded)"
+        ) from None
+    if parts.scheme not in ("postgresql", "postgres"):
+        scheme = f"a {parts.scheme}:// URL" if parts.scheme else "not a URL"
+        raise ValueError(
+            f"DATABASE_URL|is {scheme}, not a postgresql:// one|point DATABASE_URL at Engram's PostgreSQL database, "
+            "e.g. postgresql://engram@127.0.0.1:5432/engram with the password as engram:PASSWORD@ (Engram's ecto:// "
+            "form is accepted too)"
+        )
 
 
 def redact_url(url: str) -> str:
@@ -298,10 +319,10 @@ def _configuration_error(exc: ValidationError) -> ConfigurationError:
     for error in exc.errors(include_input=False, include_url=False):
         variable = str(error["loc"][0]) if error["loc"] else ""
         message = str(error["msg"]).removeprefix("Value error, ")
-        if "|" in message:  # raised by our own validators as "VARIABLE|what is wrong"
-            variable, message = message.split("|", 1)
+        if "|" in message:  # raised by our own validators as "VARIABLE|what is wrong|the fix"
+            variable, message, hint = (message.split("|", 2) + [""])[:3]
             problems.append(f"{variable} {message}")
-            hints.append(f"set or unset the variables named: {message.strip()}")
+            hints.append(hint or HINTS.get(variable, f"correct {variable} (see the configuration table in README.md)"))
             continue
         if error["type"] == "missing":
             problems.append(f"{variable} is not set")

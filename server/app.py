@@ -3,22 +3,25 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from typing import Any
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any, cast
 
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.mcpserver.tools import Tool
 from mcp.server.mcpserver.utilities.func_metadata import FuncMetadata
+from pydantic import Field, ValidationError
 
 from .. import __version__
-from ..core.errors import RecoveryError, scrub
+from ..core.errors import ConfigurationError, RecoveryError, scrub
+from ..core.failures import explain
 from ..core.progress import Progress
 from ..core.runtime import Runtime
 from ..core.settings import Settings
 from ..tools import registry
 from ..tools.base import ToolInput, ToolResult, ToolSpec
+from .arguments import describe as describe_arguments
 from .stdio import RecoveryServer
 
 log = logging.getLogger("engram_recovery")
@@ -44,19 +47,67 @@ def _progress_for(ctx: Context[Runtime, Any]) -> Progress:
     return report
 
 
-def _as_mcp_tool(spec: ToolSpec[Any, Any]) -> Tool:
-    async def handler(ctx: Context[Runtime, Any], **arguments: Any) -> ToolResult:
-        runtime: Runtime = ctx.request_context.lifespan_context
-        params: ToolInput = spec.input_model.model_validate(arguments)
-        try:
-            result: ToolResult = await spec.run(runtime, params, _progress_for(ctx))
-            return result
-        except RecoveryError as exc:
-            log.info("tool %s failed: %s", spec.name, exc.message)
-            raise ToolError(str(exc)) from exc
+class RecoveryTool(Tool):
+    """A tool that validates strictly and answers every failure with a cause and a fix.
 
-    return Tool(
-        fn=handler,
+    The SDK's own path pre-parses JSON inside strings ("false" became False) and
+    prefixes every failure with "Error executing tool X", which for an exception
+    it did not expect is all the client sees. Here arguments are validated
+    strictly against the advertised schema, a RecoveryError keeps its message and
+    fix, and anything else becomes one operator-facing line (core/failures.py).
+    """
+
+    spec: Any = Field(exclude=True)
+    problem: Any = Field(default=None, exclude=True)
+    running: Any = Field(exclude=True)
+
+    async def run(
+        self, arguments: dict[str, Any], context: Context[Any, Any], convert_result: bool = False
+    ) -> Any:
+        spec: ToolSpec[Any, Any] = self.spec
+        if self.problem is not None:
+            raise ToolError(str(self.problem))
+        try:
+            params: ToolInput = spec.input_model.model_validate(arguments, strict=True)
+        except ValidationError as exc:
+            raise ToolError(str(describe_arguments(spec, exc, arguments))) from exc
+        runtime: Runtime = context.request_context.lifespan_context
+        with self.running.one():
+            try:
+                async with runtime.tool_call():
+                    result: ToolResult = await spec.run(runtime, params, _progress_for(context))
+            except RecoveryError as exc:
+                log.info("tool %s failed: %s", spec.name, exc.message)
+                raise ToolError(str(exc)) from exc
+            except Exception as exc:  # the boundary: nothing unexplained reaches the client
+                error = explain(exc, spec.name)
+                log.warning("%s", str(error).replace("\n", " "))
+                log.debug("traceback of the failure of %s", spec.name, exc_info=exc)
+                raise ToolError(str(error)) from exc
+        return self.fn_metadata.convert_result(result) if convert_result else result
+
+
+class Running:
+    """How many tool calls are running now (the stdio loop asks before it gives up on a request)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    @contextmanager
+    def one(self) -> Iterator[None]:
+        self.count += 1
+        try:
+            yield
+        finally:
+            self.count -= 1
+
+
+def _as_mcp_tool(spec: ToolSpec[Any, Any], running: Running, problem: ConfigurationError | None) -> Tool:
+    async def unused(ctx: Context[Runtime, Any]) -> None:  # RecoveryTool.run replaces the SDK's call path
+        raise AssertionError("not called")
+
+    return RecoveryTool(
+        fn=unused,
         name=spec.name,
         title=spec.title,
         description=spec.description,
@@ -65,39 +116,58 @@ def _as_mcp_tool(spec: ToolSpec[Any, Any]) -> Tool:
         is_async=True,
         context_kwarg="ctx",
         annotations=spec.annotations,
+        spec=spec,
+        problem=problem,
+        running=running,
     )
 
 
-def tools_for(settings: Settings) -> list[ToolSpec[Any, Any]]:
-    """The tools this configuration registers: read-only mode leaves out every tool that writes."""
-    return [spec for spec in registry.ALL if settings.access == "full" or not spec.writes]
+def tools_for(settings: Settings | None) -> list[ToolSpec[Any, Any]]:
+    """The tools this configuration registers: read-only mode leaves out every tool that writes.
+
+    Without settings every tool is listed: each call then answers with the configuration error.
+    """
+    return [spec for spec in registry.ALL if settings is None or settings.access == "full" or not spec.writes]
 
 
-def build_server(settings: Settings) -> RecoveryServer:
+def build_server(settings: Settings | ConfigurationError) -> RecoveryServer:
+    """The server; given a ConfigurationError instead of settings it still starts (initialize, tools/list)
+    and answers every tool call with that error, so an MCP client can show the operator why."""
+    problem = settings if isinstance(settings, ConfigurationError) else None
+    configured = settings if isinstance(settings, Settings) else None
+
     @asynccontextmanager
     async def lifespan(_: MCPServer[Runtime]) -> AsyncIterator[Runtime]:
-        runtime = Runtime(settings)
+        if configured is None:
+            # No tool reaches the runtime without settings (RecoveryTool.run answers first).
+            yield cast(Runtime, None)
+            return
+        runtime = Runtime(configured)
         try:
             yield runtime
         finally:
             await runtime.aclose()
 
-    tools = tools_for(settings)
+    tools = tools_for(configured)
+    running = Running()
     server = RecoveryServer(
         name="engram-recovery",
         title="Engram recovery",
         instructions=INSTRUCTIONS,
         version=__version__,
-        tools=[_as_mcp_tool(spec) for spec in tools],
+        tools=[_as_mcp_tool(spec, running, problem) for spec in tools],
         lifespan=lifespan,
         log_level="WARNING",
     )
-    # Resources and the recovery prompt only read: registered whatever the access level.
-    from .prompts import register_prompts
-    from .resources import register_resources
+    server.busy = lambda: running.count > 0
+    if configured is not None:
+        # Resources and the recovery prompt only read: registered whatever the access level. Without
+        # settings there is nothing to describe; the tools answer with the configuration error.
+        from .prompts import register_prompts
+        from .resources import register_resources
 
-    register_resources(server, settings)
-    register_prompts(server, settings, {spec.name for spec in tools})
+        register_resources(server, configured)
+        register_prompts(server, configured, {spec.name for spec in tools})
     return server
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -11,7 +12,8 @@ from typing import Any
 
 import anyio
 
-from ..core.errors import RecoveryError, scrub
+from .. import __version__
+from ..core.errors import ConfigurationError, RecoveryError, scrub
 from ..core.settings import Settings, load_settings
 
 EXIT_OK, EXIT_WARN, EXIT_FAIL = 0, 1, 2
@@ -23,6 +25,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Backup and disaster recovery for Engram, as an MCP server.",
     )
     parser.add_argument("--env-file", help="read settings from this Engram .env file (the environment wins)")
+    parser.add_argument("--version", action="version", version=f"engram-recovery {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of unexpected failures on stderr")
+    parser.add_argument("--log-file", metavar="PATH", help="append a debug log (with tracebacks) to this file")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="serve MCP over stdio (default) or Streamable HTTP")
@@ -39,7 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     call.add_argument("tool", help="the tool to run (see `engram-recovery tools`)")
     call.add_argument(
         "--arg", action="append", default=[], metavar="KEY=VALUE",
-        help="a tool argument; VALUE is parsed as JSON when it is valid JSON (true, 3, \"x\"), else a string",
+        help="a tool argument, once per name; VALUE is read by the argument's type: true/false, a whole number, "
+        "text, or JSON for an object",
     )
 
     decrypt = sub.add_parser(
@@ -84,17 +90,42 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _parse_args(pairs: Sequence[str]) -> dict[str, Any]:
-    arguments: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep or not key:
-            raise RecoveryError(f"--arg {pair!r} is not KEY=VALUE", "write it as --arg deep=true")
+class _OneLine(logging.Formatter):
+    """Log records as single lines: a traceback never reaches stderr unless --debug asked for it."""
+
+    def formatException(self, ei: Any) -> str:  # noqa: N802 (logging's name)
+        return ""
+
+    def formatStack(self, stack_info: str) -> str:  # noqa: N802
+        return ""
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.exc_text = ""
+        saved = record.exc_info
+        record.exc_info = None
         try:
-            arguments[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            arguments[key] = raw
-    return arguments
+            return super().format(record).replace("\n", " ")
+        finally:
+            record.exc_info = saved
+
+
+def _configure_logging(debug: bool, log_file: str | None) -> None:
+    root = logging.getLogger()
+    stderr = logging.StreamHandler(sys.stderr)
+    stderr.setFormatter(logging.Formatter("engram-recovery: %(levelname)s %(name)s: %(message)s") if debug
+                        else _OneLine("engram-recovery: %(message)s"))
+    stderr.setLevel(logging.DEBUG if debug else logging.WARNING)
+    root.addHandler(stderr)
+    root.setLevel(logging.DEBUG if debug or log_file else logging.WARNING)
+    if log_file:
+        to_file = logging.FileHandler(log_file, encoding="utf-8")
+        to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        to_file.setLevel(logging.DEBUG)
+        root.addHandler(to_file)
+    if not debug:
+        # Libraries at DEBUG would flood the log file; ours is what explains a failure.
+        for noisy in ("asyncio", "botocore", "aiobotocore", "urllib3", "httpx", "httpcore", "mcp", "sse_starlette"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def _exit_code(result: dict[str, Any] | None, is_error: bool) -> int:
@@ -104,15 +135,14 @@ def _exit_code(result: dict[str, Any] | None, is_error: bool) -> int:
     return {"warn": EXIT_WARN, "fail": EXIT_FAIL}.get(str(verdict), EXIT_OK)
 
 
-async def _call(settings: Settings, tool: str, arguments: dict[str, Any]) -> int:
+async def _call(settings: Settings, tool: str, arguments: dict[str, Any] | Sequence[str]) -> int:
+    """Run one tool through the in-process MCP client. `arguments`: JSON values, or `--arg` pairs to parse."""
     from mcp import Client
 
-    from .app import build_server
-
-    server = build_server(settings)
     # Imported here, not at module level: the MCP and Qdrant imports cost seconds that
     # `decrypt` and `config` should not pay.
     from ..tools import registry
+    from .app import build_server
 
     if tool not in registry.BY_NAME:
         raise RecoveryError(f"there is no tool named {tool!r}", f"choose one of: {', '.join(sorted(registry.BY_NAME))}")
@@ -120,6 +150,11 @@ async def _call(settings: Settings, tool: str, arguments: dict[str, Any]) -> int
         raise RecoveryError(
             f"{tool} is not available in read-only mode", "set ENGRAM_RECOVERY_ACCESS=full to run tools that write"
         )
+    if not isinstance(arguments, dict):
+        from .arguments import parse_cli
+
+        arguments = parse_cli(registry.BY_NAME[tool], arguments)
+    server = build_server(settings)
     live = sys.stderr.isatty()
 
     async def on_progress(progress: float, total: float | None, message: str | None) -> None:
@@ -176,6 +211,7 @@ def _decrypt(source: str, output: str | None, env_file: str | None) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    _configure_logging(args.debug, args.log_file)
     try:
         if args.command == "demo":
             from .demo import run_demo, run_down
@@ -191,18 +227,26 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             print(list_backups(load_settings(env_file=args.env_file, database_required=False), args.json))
             return EXIT_OK
+        if args.command == "tools":
+            return _tools(args.env_file)
+        if args.command == "serve" and not args.http:
+            from .transports import serve
+
+            # Without settings the stdio server still starts and says why in every tool result:
+            # an MCP client shows that, where a server that exits shows only "connection closed".
+            try:
+                configured: Settings | ConfigurationError = load_settings(env_file=args.env_file)
+            except ConfigurationError as exc:
+                print(f"engram-recovery: {exc}", file=sys.stderr)
+                configured = exc
+            serve(configured, http=False)
+            return EXIT_OK
         settings = load_settings(env_file=args.env_file)
         if args.command == "config":
             print(json.dumps(settings.redacted(), indent=2))
             return EXIT_OK
-        if args.command == "tools":
-            from .app import tools_for
-
-            for spec in tools_for(settings):
-                print(f"{spec.name:16} {spec.title}{'  (writes)' if spec.writes else ''}")
-            return EXIT_OK
         if args.command == "call":
-            code: int = anyio.run(_call, settings, args.tool, _parse_args(args.arg))
+            code: int = anyio.run(_call, settings, args.tool, list(args.arg))
             return code
         if args.command == "serve":
             from .transports import serve
@@ -212,9 +256,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RecoveryError as exc:
         print(f"engram-recovery: {exc}", file=sys.stderr)
         return EXIT_FAIL
+    except Exception as exc:  # the CLI's boundary: one line and a fix, the traceback only in the debug log
+        from ..core.failures import explain
+
+        error = explain(exc, args.command)
+        logging.getLogger("engram_recovery").debug("traceback", exc_info=exc)
+        print(f"engram-recovery: {error}", file=sys.stderr)
+        return EXIT_FAIL
     except KeyboardInterrupt:
         return 130
     return EXIT_FAIL
+
+
+def _tools(env_file: str | None) -> int:
+    """List the tools; needs no settings (without them, every tool is listed)."""
+    from .app import tools_for
+
+    try:
+        settings: Settings | None = load_settings(env_file=env_file)
+    except ConfigurationError:
+        settings = None
+    for spec in tools_for(settings):
+        print(f"{spec.name:16} {spec.title}{'  (writes)' if spec.writes else ''}")
+    return EXIT_OK
 
 
 if __name__ == "__main__":

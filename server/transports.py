@@ -81,11 +81,16 @@ def http_app(server: MCPServer[Runtime], settings: Settings, host: str, port: in
     return BearerAndOrigin(inner, settings.http_token.get_secret_value(), tuple(origins))
 
 
-def serve(settings: Settings, *, http: bool, host: str | None = None, port: int | None = None) -> None:
+def serve(
+    settings: Settings | ConfigurationError, *, http: bool, host: str | None = None, port: int | None = None
+) -> None:
+    """Serve stdio (settings may be the ConfigurationError to answer every call with) or HTTP."""
     server = build_server(settings)
     if not http:
         anyio.run(server.run_stdio_draining)
         return
+    if isinstance(settings, ConfigurationError):
+        raise settings
     import uvicorn
 
     bind_host = host or settings.http_host

@@ -21,9 +21,9 @@ if TYPE_CHECKING:
 
 
 class ToolInput(ArgModelBase):
-    """Base of every tool's input: unknown arguments are refused, not ignored."""
+    """Base of every tool's input: unknown arguments are refused, not ignored; nothing is coerced."""
 
-    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=False)
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=False, strict=True)
 
 
 class ToolResult(BaseModel):

@@ -8,6 +8,7 @@ state for exactly the notes it enqueues. The Engram app does the embedding.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from collections.abc import Sequence
@@ -21,6 +22,7 @@ from qdrant_client import AsyncQdrantClient
 from ..core import oban, qdrant
 from ..core import reindex as engine
 from ..core.errors import ConfigurationError, StoreUnreachable
+from ..core.lock import REINDEX, database_lock
 from ..core.postgres import describe
 from ..core.progress import Progress
 from ..core.reindex_plan import BatchPolicy, Mode, NoteTable, Scope, Statements, estimated_tokens, parse_uuid
@@ -126,7 +128,10 @@ async def reindex_qdrant(runtime: Runtime, params: ReindexInput, progress: Progr
             "set QDRANT_URL (and QDRANT_API_KEY), or use mode='all' / mode='stale' without recreate/delete_orphans",
         )
     dry_run = not params.confirm
-    async with runtime.pool.acquire() as conn:
+    # Two confirmed runs would both proceed safely (batch by batch) but silently; the second is refused
+    # and told who runs. A dry run changes nothing and needs no lock.
+    lock = contextlib.nullcontext() if dry_run else database_lock(runtime.dsn, REINDEX)
+    async with lock, runtime.pool.acquire() as conn:
         return await _guarded(runtime, conn, params, scope, dry_run, progress, started)
 
 

@@ -120,8 +120,10 @@ async def restore_drill(runtime: Runtime, params: RestoreDrillInput, progress: P
     backup_id: str | None = None
     record: str | None = None
     async with open_repository(settings) as repo:
+        # A recovery point that does not resolve is the caller's input, answered as plan_restore answers it
+        # (an error with its fix), not a drill that ran and failed.
+        point = await rc.resolve(repo, params.recovery_point)
         try:
-            point = await rc.resolve(repo, params.recovery_point)
             backup_id = point.manifest.backup_id
             await _drill(runtime, repo, point, params, drill.Keys(keys.current, keys.previous), backup_key, run, now,
                          swept)  # fmt: skip

@@ -17,7 +17,8 @@ from support import EngramDB, make_engram_db
 
 from engram_recovery import testbed
 from engram_recovery.core import qdrant
-from engram_recovery.core.errors import ConfigurationError, StoreUnreachable
+from engram_recovery.core.errors import Busy, ConfigurationError, StoreUnreachable
+from engram_recovery.core.lock import REINDEX, database_lock
 from engram_recovery.core.progress import silent
 from engram_recovery.core.reindex_plan import BatchPolicy
 from engram_recovery.core.runtime import Runtime
@@ -335,7 +336,8 @@ async def test_bad_input_is_refused_and_changes_nothing(db: EngramDB, runtime: R
     cases = [*BAD_INPUT, ({"user_id": str(other_user), "vault_id": str(db.report.vault_ids[mine][0])}, "another user")]
     for arguments, message in cases:
         with pytest.raises(ConfigurationError, match=message):
-            await reindex_qdrant(runtime, ReindexInput(mode="all", confirm=True, **arguments), silent)
+            params = ReindexInput.model_validate({"mode": "all", "confirm": True, **arguments})
+            await reindex_qdrant(runtime, params, silent)
     assert await fetch(db, state) == before
 
 
@@ -423,18 +425,39 @@ async def test_concurrent_runs_never_enqueue_a_note_twice(
     jobs_before = await embed_jobs_per_note(db)
     results = []
 
+    refused: list[Busy] = []
+
     async def one() -> None:
         rt = Runtime(settings)
         try:
             results.append(await reindex_qdrant(rt, ReindexInput(mode="all", confirm=True), silent))
+        except Busy as exc:  # the second of two overlapping runs is refused (see the test below)
+            refused.append(exc)
         finally:
             await rt.aclose()
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(one)
         tg.start_soon(one)
+    assert len(results) + len(refused) == 2 and results
     assert sum(r.enqueued for r in results) == len(eligible - queued)
     assert await embed_jobs_per_note(db) == jobs_before | dict.fromkeys(eligible - queued, 1)
+
+
+async def test_a_second_confirmed_run_is_refused_as_busy_naming_the_other_and_dry_runs_stay_allowed(
+    db: EngramDB, runtime: Runtime
+) -> None:
+    jobs_before = await embed_jobs_per_note(db)
+    async with database_lock(db.dsn, REINDEX):
+        with pytest.raises(Busy) as refused:
+            await reindex_qdrant(runtime, ReindexInput(mode="all", confirm=True), silent)
+        dry = await reindex_qdrant(runtime, ReindexInput(mode="all"), silent)
+    assert "another confirmed reindex_qdrant of this database is running" in refused.value.message
+    assert "engram-recovery reindex_qdrant (pid " in refused.value.message and "dry run" in refused.value.hint
+    assert dry.dry_run and dry.notes_to_enqueue > 0
+    assert await embed_jobs_per_note(db) == jobs_before
+    # Released with its holder: the next confirmed run proceeds.
+    assert (await reindex_qdrant(runtime, ReindexInput(mode="all", confirm=True), silent)).enqueued > 0
 
 
 async def test_recreate_collection_and_orphan_cleanup(db: EngramDB, runtime: Runtime) -> None:

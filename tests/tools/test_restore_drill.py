@@ -325,7 +325,7 @@ async def test_directory_and_plain_dumps_pass_the_drill_too(
     env = engram_env(backed_up[0], tmp_path, ENGRAM_RECOVERY_BACKUP_KEY=BACKUP_KEY)
     runtime = Runtime(load_settings(environ=env))
     try:
-        assert (await run_backup(runtime, RunBackupInput(format=fmt), silent)).verified
+        assert (await run_backup(runtime, RunBackupInput.model_validate({"format": fmt}), silent)).verified
     finally:
         await runtime.aclose()
     before = await drill_databases(admin_dsn)

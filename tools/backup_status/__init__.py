@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 import anyio
 from pydantic import Field
 
-from ...core.errors import RecoveryError
+from ...core.failures import explain
 from ...core.progress import Progress
 from ...core.runtime import Runtime
 from ..base import ToolInput, ToolResult, ToolSpec, Verdict, read_only_annotations
@@ -59,17 +59,23 @@ CHECKS: list[tuple[Component, CheckFn]] = [
 ]
 
 
+OPTIONAL: frozenset[Component] = frozenset({"qdrant"})
+
+
 async def _run_check(ctx: StatusContext, component: Component, fn: CheckFn, limit: float) -> Check:
     started = time.perf_counter()
+    # Qdrant holds derived data (rebuildable from PostgreSQL): when it cannot be checked, that is a warning.
+    failed: Verdict = "warn" if component in OPTIONAL else "fail"
     try:
         with anyio.fail_after(limit):
             check = await fn(ctx)
-    except RecoveryError as exc:
-        check = Check(component=component, status="fail", summary=str(exc).replace("\n", " "),
-                      details={"error": exc.kind})
     except TimeoutError:
-        check = Check(component=component, status="fail", summary=f"did not answer within {limit:g} s",
+        check = Check(component=component, status=failed, summary=f"did not answer within {limit:g} s",
                       details={"error": "timeout"})
+    except Exception as exc:  # one check's failure is its finding, never the whole tool's
+        error = explain(exc, f"the {component} check")
+        check = Check(component=component, status=failed, summary=str(error).replace("\n", " "),
+                      details={"error": error.kind})
     check.elapsed_ms = round((time.perf_counter() - started) * 1000, 1)
     return check
 
