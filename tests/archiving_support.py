@@ -35,18 +35,34 @@ class ArchiveCluster:
 
 
 @contextmanager
-def archive_cluster(*settings: str) -> Iterator[ArchiveCluster]:
-    """A fast cluster of its own (a slot, a checkpoint or wal_level must not touch the session's server)."""
+def archive_cluster(*settings: str, conf: tuple[str, ...] = (), hba: str | None = None) -> Iterator[ArchiveCluster]:
+    """A fast cluster of its own (a slot, a checkpoint or wal_level must not touch the session's server).
+
+    `settings` go on the command line; `conf` lines into postgresql.conf and `hba` replaces
+    pg_hba.conf, as an operator's files would be (ALTER SYSTEM overrides those, not the command line).
+    """
     root = Path(tempfile.mkdtemp(prefix="engram-pitr-"))
     root.chmod(0o711)
     try:
         pg = cluster.start(root / "data", fast=True, extra=settings)
         try:
+            if conf or hba is not None:
+                pg.stop()
+                with (pg.datadir / "postgresql.conf").open("a") as out:
+                    out.write("".join(f"{line}\n" for line in conf))
+                if hba is not None:
+                    (pg.datadir / "pg_hba.conf").write_text(hba)
+                pg = cluster.start(pg.datadir, pg.port, fast=True, extra=settings)
             yield ArchiveCluster(root, pg)
         finally:
-            pg.stop()
+            cluster.stop(root / "data")
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def restart(archive: ArchiveCluster) -> None:
+    archive.pg.stop()
+    cluster.start(archive.pg.datadir, archive.pg.port, fast=True)
 
 
 async def create_replication_role(url: str, role: str = ROLE) -> None:
