@@ -18,127 +18,22 @@ import os
 import shutil
 import sys
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
+from tempfile import TemporaryDirectory
 from typing import Any
 
 import anyio
-from pydantic import BaseModel
 
+from .barman_catalog import ArchiveCatalog, ArchivedWal, BaseBackup, parse_backup, parse_waldump, parse_xlogdb
 from .errors import ConfigurationError, RecoveryError, StoreUnreachable, scrub
+from .pgclients import bundled, client_version
 from .settings import Settings
 
 OUTPUT_KEEP = 4000  # characters of Barman's output kept for an error message
-
-
-# --- the typed view of Barman's catalog --------------------------------------------------------------
-
-
-class BaseBackup(BaseModel):
-    """One base backup as Barman's `show-backup` reports it."""
-
-    backup_id: str
-    status: str
-    begin_time: datetime
-    end_time: datetime
-    begin_wal: str
-    end_wal: str
-    begin_lsn: str
-    end_lsn: str
-    timeline: int
-    size_bytes: int
-    server_version: int
-
-    @property
-    def usable(self) -> bool:
-        return self.status == "DONE"
-
-
-class ArchivedWal(BaseModel):
-    """A WAL segment in Barman's archive, with the time Barman recorded for it (when the segment was complete)."""
-
-    name: str
-    archived_at: datetime
-    size_bytes: int
-
-
-class RestorableWindow(BaseModel):
-    """From the end of the oldest usable base backup (the first consistent point) to the newest archived WAL.
-
-    The end is when the newest segment was complete: no commit after it can be
-    replayed. It is an upper bound: a target after the archive's last commit but
-    before `end` makes PostgreSQL stop with "recovery ended before configured
-    recovery target was reached" (docs/pitr.md); under Engram's steady writes the two
-    are seconds apart.
-    """
-
-    start: datetime
-    end: datetime
-
-    def contains(self, moment: datetime) -> bool:
-        return self.start <= moment <= self.end
-
-
-class ArchiveCatalog(BaseModel):
-    """What Barman holds for one server: its base backups (oldest first) and its newest archived WAL."""
-
-    server: str
-    backups: list[BaseBackup]
-    newest_wal: ArchivedWal | None
-
-    @property
-    def window(self) -> RestorableWindow | None:
-        usable = [b for b in self.backups if b.usable]
-        if not usable or self.newest_wal is None:
-            return None
-        end = max(self.newest_wal.archived_at, usable[-1].end_time)
-        return RestorableWindow(start=usable[0].end_time, end=end)
-
-    def base_backup_for(self, target: datetime) -> BaseBackup | None:
-        """The newest usable base backup that ended at or before `target` (replay runs forward from it)."""
-        candidates = [b for b in self.backups if b.usable and b.end_time <= target]
-        return candidates[-1] if candidates else None
-
-    def rpo_seconds(self, now: datetime) -> float | None:
-        """Seconds of writes that a recovery right now could lose: the age of the newest archived WAL."""
-        return None if self.newest_wal is None else max(0.0, (now - self.newest_wal.archived_at).total_seconds())
-
-
-def _time(value: str) -> datetime:
-    moment = datetime.fromisoformat(value)
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
-
-
-def parse_backup(show_backup: dict[str, Any]) -> BaseBackup:
-    """`barman -f json show-backup SERVER ID`, the inner object for the server."""
-    base = show_backup["base_backup_information"]
-    return BaseBackup(
-        backup_id=show_backup["backup_id"], status=show_backup["status"],
-        begin_time=_time(base["begin_time"]), end_time=_time(base["end_time"]),
-        begin_wal=base["begin_wal"], end_wal=base["end_wal"], begin_lsn=base["begin_lsn"], end_lsn=base["end_lsn"],
-        timeline=int(base["timeline"]), size_bytes=int(base.get("backup_size_bytes") or 0),
-        server_version=int(show_backup["postgresql_version"]),
-    )  # fmt: skip
-
-
-def parse_xlogdb(text: str) -> ArchivedWal | None:
-    """The newest segment in Barman's WAL catalog (`<server>-xlog.db`: name, size, time, compression per line).
-
-    Barman's JSON output names the newest WAL (`last_available`) but not when it
-    arrived; its catalog file has both, one tab-separated line per segment, and
-    that layout has been stable across Barman's releases. History files (`.history`)
-    and backup labels (`.backup`) are skipped: only a segment bounds the window.
-    """
-    newest: ArchivedWal | None = None
-    for line in text.splitlines():
-        fields = line.split("\t")
-        if len(fields) < 3 or len(fields[0]) != 24 or "." in fields[0]:
-            continue
-        wal = ArchivedWal(name=fields[0], size_bytes=int(fields[1]),
-                          archived_at=datetime.fromtimestamp(float(fields[2]), UTC))  # fmt: skip
-        if newest is None or (wal.name[8:], wal.name[:8]) >= (newest.name[8:], newest.name[:8]):
-            newest = wal
-    return newest
+SCAN_SEGMENTS = 16  # the newest segments read for the newest commit before the window's end is left approximate
+_SUBCOMMANDS = frozenset({"check", "list-backups", "show-backup", "show-server", "cron", "receive-wal", "archive-wal",
+                          "get-wal", "switch-wal", "backup", "recover"})  # fmt: skip
 
 
 # --- the command object ------------------------------------------------------------------------------
@@ -181,7 +76,12 @@ class BarmanCommand:
         return [*self._base(), "receive-wal", *flags, self.server]
 
     def archive_wal(self) -> list[str]:
+        """Move the segments pg_receivewal completed into the archive (what `cron` does each minute)."""
         return [*self._base(), "archive-wal", self.server]
+
+    def get_wal(self, name: str) -> list[str]:
+        """One archived segment, decompressed, on stdout."""
+        return [*self._base(), "get-wal", self.server, name]
 
     def switch_wal(self, *, archive_timeout: int = 60) -> list[str]:
         """Close the current WAL segment on the server (after a checkpoint) and wait until Barman archived it."""
@@ -204,6 +104,32 @@ class BarmanCommand:
                 raise ValueError("a recovery target time needs a time zone")
             argv += [f"--target-time={target_time.isoformat()}", "--target-action=promote"]
         return [*argv, self.server, backup_id, destination]
+
+
+@dataclass(frozen=True)
+class PgWalDump:
+    """pg_waldump's transaction records of one segment: their commit and abort times bound the window.
+
+    It reads only WAL of its own major version, hence one per server major.
+    """
+
+    binary: str
+
+    def argv(self, directory: str, segment: str) -> list[str]:
+        return [self.binary, "--rmgr=Transaction", f"--path={directory}", segment]
+
+
+async def find_waldump(major: int) -> PgWalDump | None:
+    """A pg_waldump of exactly `major`: the bundled one, else Debian's layout; None when there is none."""
+    for path in (bundled("pg_waldump"), f"/usr/lib/postgresql/{major}/bin/pg_waldump", shutil.which("pg_waldump")):
+        if path is None or not os.access(path, os.X_OK):
+            continue
+        try:
+            if (await client_version(path, "bundled")).major == major:
+                return PgWalDump(path)
+        except ConfigurationError:
+            continue
+    return None
 
 
 def find_binary(configured: str | None) -> str:
@@ -263,10 +189,12 @@ class Barman:
             messages = [str(m) for m in json.loads(stdout).get("_ERROR", [])]
         except (ValueError, AttributeError):
             pass
-        text = " ".join(messages) or "\n".join(line for line in (stderr + "\n" + stdout).splitlines()
-                                               if line.strip())  # fmt: skip
+        lines = [line.strip() for line in (stderr + "\n" + stdout).splitlines() if line.strip()]
+        # Barman's progress lines ("Starting local restore ...") only bury its ERROR lines.
+        errors = [line.removeprefix("ERROR: ") for line in lines if line.startswith("ERROR")]
+        text = " ".join(messages) or "\n".join(errors or lines)
         text = scrub(text.strip())[-OUTPUT_KEEP:] or "no message"
-        action = argv[argv.index(self.command.server) - 1] if self.command.server in argv else argv[-1]
+        action = next((arg for arg in argv[1:] if arg in _SUBCOMMANDS), "command")
         config = f" -c {self.command.config}" if self.command.config else ""
         if "Unknown server" in text or "Unknown server" in stderr:
             fix = (f"configure a server [{self.command.server}] in Barman's configuration, or set "
@@ -303,7 +231,7 @@ class Barman:
         return {name: (item.get("status") == "OK", str(item.get("hint", ""))) for name, item in checks.items()}
 
     async def catalog(self) -> ArchiveCatalog:
-        """Every base backup (oldest first) and the newest archived WAL, as Barman knows them."""
+        """Every base backup (oldest first), the newest archived segment and the newest commit in the archive."""
         listed = (await self.run_json(self.command.list_backups()))["result"]
         backups = [parse_backup(await self.run_json(self.command.show_backup(entry["backup_id"])))
                    for entry in listed]  # fmt: skip
@@ -311,13 +239,49 @@ class Barman:
         server = await self.run_json(self.command.show_server())
         directory = anyio.Path(str(server.get("xlogdb_directory") or server["wals_directory"]))
         try:
-            newest = parse_xlogdb(await (directory / f"{self.command.server}-xlog.db").read_text())
+            segments = parse_xlogdb(await (directory / f"{self.command.server}-xlog.db").read_text())
         except FileNotFoundError:
-            newest = None  # nothing archived yet
-        return ArchiveCatalog(server=self.command.server, backups=backups, newest_wal=newest)
+            segments = []  # nothing archived yet
+        usable = [b for b in backups if b.usable]
+        last_commit = await self._last_commit(segments, usable[0]) if usable and segments else None
+        return ArchiveCatalog(server=self.command.server, backups=backups,
+                              newest_wal=segments[-1] if segments else None, last_commit=last_commit)  # fmt: skip
+
+    async def _last_commit(self, segments: list[ArchivedWal], oldest: BaseBackup) -> datetime | None:
+        """The newest commit or abort time in the newest segments (none before the oldest backup counts)."""
+        waldump = await find_waldump(oldest.server_version // 10000)
+        if waldump is None:
+            return None
+        floor = ArchivedWal(name=oldest.begin_wal, archived_at=oldest.begin_time, size_bytes=0).order
+        env = dict(os.environ if self.env is None else self.env) | {"TZ": "UTC"}
+        with TemporaryDirectory(prefix="engram-waldump-") as scratch:
+            for segment in reversed(segments[-SCAN_SEGMENTS:]):
+                if segment.order < floor:
+                    break
+                path = Path(scratch) / segment.name
+                with path.open("wb") as out:
+                    got = await anyio.run_process(self.command.get_wal(segment.name), stdout=out, check=False, env=env)
+                if got.returncode != 0:
+                    raise self._failure(self.command.get_wal(segment.name), got.returncode, "",
+                                        got.stderr.decode(errors="replace"))  # fmt: skip
+                # pg_waldump exits 1 at the zeroes after a WAL switch; what it printed before that counts.
+                listing = await anyio.run_process(waldump.argv(scratch, segment.name), check=False, env=env)
+                path.unlink()
+                newest = parse_waldump(listing.stdout.decode(errors="replace"))
+                if newest is not None:
+                    return newest
+        return None
 
     async def cron(self) -> None:
         await self.run(self.command.cron())
+
+    async def create_slot(self) -> None:
+        """Create the receiver's slot, reserving WAL from now on: what the server writes before the receiver
+        first connects is kept for it (`create_slot = auto` creates it only when receive-wal starts)."""
+        await self.run(self.command.receive_wal(create_slot=True))
+
+    async def archive_wal(self) -> None:
+        await self.run(self.command.archive_wal())
 
     async def stop_receiving(self) -> None:
         await self.run(self.command.receive_wal(stop=True))

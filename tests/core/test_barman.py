@@ -13,13 +13,13 @@ import asyncpg
 import pytest
 from archiving_support import archive_cluster, barman_config, barman_for, create_replication_role, steady_writes
 
-from engram_recovery.core.barman import (
+from engram_recovery.core.barman import Barman, BarmanCommand
+from engram_recovery.core.barman_catalog import (
     ArchiveCatalog,
     ArchivedWal,
-    Barman,
-    BarmanCommand,
     BaseBackup,
     parse_backup,
+    parse_waldump,
     parse_xlogdb,
 )
 from engram_recovery.core.errors import ConfigurationError, RecoveryError
@@ -48,16 +48,30 @@ def test_recover_sends_the_target_time_with_its_offset_and_promotes() -> None:
         BarmanCommand("barman", "engram").recover("x", "/srv/restore", target_time=target.replace(tzinfo=None))
 
 
-def test_the_wal_catalog_gives_the_newest_segment_and_skips_history_and_backup_labels() -> None:
+def test_the_wal_catalog_lists_segments_in_wal_order_and_skips_history_and_backup_labels() -> None:
     text = ("000000010000000000000004\t16539\t1795599979.9\tgzip\tNone\n"
             "00000002.history\t42\t1795600500.0\tNone\tNone\n"
             "000000010000000000000005.00000028.backup\t300\t1795600600.0\tNone\tNone\n"
             "000000020000000000000005\t18223\t1795600400.5\tgzip\tNone\n"
             "000000010000000000000006\t16866\t1795600300.0\tgzip\tNone\n")  # fmt: skip
-    newest = parse_xlogdb(text)
-    assert newest is not None and newest.name == "000000010000000000000006"
-    assert newest.archived_at == datetime.fromtimestamp(1795600300.0, UTC) and newest.size_bytes == 16866
-    assert parse_xlogdb("") is None
+    segments = parse_xlogdb(text)
+    assert [s.name for s in segments] == ["000000010000000000000004", "000000020000000000000005",
+                                          "000000010000000000000006"]  # fmt: skip
+    assert segments[-1].archived_at == datetime.fromtimestamp(1795600300.0, UTC) and segments[-1].size_bytes == 16866
+    assert parse_xlogdb("") == []
+
+
+def test_the_newest_commit_or_abort_is_read_from_pg_waldump() -> None:
+    listing = (
+        "rmgr: Transaction len (rec/tot): 34/34, tx: 754, lsn: 0/06000268, prev 0/06000220, "
+        "desc: COMMIT 2026-11-25 09:46:23.745550 UTC\n"
+        "rmgr: Transaction len (rec/tot): 34/34, tx: 755, lsn: 0/06000300, prev 0/06000268, "
+        "desc: ABORT 2026-11-25 09:46:24 UTC\n"
+        "rmgr: Transaction len (rec/tot): 501/501, tx: 753, lsn: 0/06000028, prev 0/05001440, "
+        "desc: COMMIT 2026-11-25 09:46:20.716983 UTC; inval msgs: catcache 82\n"
+    )
+    assert parse_waldump(listing) == datetime(2026, 11, 25, 9, 46, 24, tzinfo=UTC)
+    assert parse_waldump("pg_waldump: error: error in WAL record at 0/6000300") is None
 
 
 def _backup(backup_id: str, end: datetime, status: str = "DONE") -> BaseBackup:
@@ -66,20 +80,26 @@ def _backup(backup_id: str, end: datetime, status: str = "DONE") -> BaseBackup:
                       end_lsn="0/5000000", timeline=1, size_bytes=1, server_version=180006)  # fmt: skip
 
 
-def test_the_window_runs_from_the_oldest_usable_backup_to_the_newest_wal_and_picks_the_base_backup() -> None:
+def test_the_window_runs_from_the_oldest_usable_backup_to_the_newest_commit_and_picks_the_base_backup() -> None:
     catalog = ArchiveCatalog(
         server="engram",
         backups=[_backup("a", T0 - timedelta(days=2), "FAILED"), _backup("b", T0 - timedelta(days=1)),
                  _backup("c", T0)],
         newest_wal=ArchivedWal(name="000000010000000000000009", archived_at=T0 + timedelta(hours=3), size_bytes=1),
-    )
+        last_commit=T0 + timedelta(hours=2),
+    )  # fmt: skip
     window = catalog.window
-    assert window is not None and (window.start, window.end) == (T0 - timedelta(days=1), T0 + timedelta(hours=3))
-    assert not window.contains(T0 + timedelta(hours=4)) and not window.contains(T0 - timedelta(days=2))
+    assert window is not None and window.end_is_exact
+    assert (window.start, window.end) == (T0 - timedelta(days=1), T0 + timedelta(hours=2))
+    # Past the newest commit PostgreSQL would stop with "recovery ended before configured recovery target".
+    assert not window.contains(T0 + timedelta(hours=2, seconds=1)) and not window.contains(T0 - timedelta(days=2))
     assert catalog.base_backup_for(T0 - timedelta(hours=1)) == catalog.backups[1]
     assert catalog.base_backup_for(T0 + timedelta(hours=1)) == catalog.backups[2]
     assert catalog.base_backup_for(T0 - timedelta(days=3)) is None
-    assert catalog.rpo_seconds(T0 + timedelta(hours=3, seconds=42)) == 42
+    assert catalog.rpo_seconds(T0 + timedelta(hours=2, seconds=42)) == 42
+    unread = catalog.model_copy(update={"last_commit": None}).window
+    assert unread is not None and not unread.end_is_exact and unread.end == T0 + timedelta(hours=3)
+    assert catalog.model_copy(update={"last_commit": T0 - timedelta(days=3)}).window is None
     assert ArchiveCatalog(server="engram", backups=[], newest_wal=None).window is None
 
 
@@ -111,10 +131,12 @@ async def _marks(url: str) -> list[int]:
 @pytest.mark.anyio
 @pytest.mark.slow
 async def test_a_base_backup_plus_streamed_wal_recovers_to_a_time_between_two_marked_writes(tmp_path: Path) -> None:
-    with archive_cluster("archive_timeout=60") as archive:
+    # Commit timestamps to compare the window's end with; no autovacuum commit after the second mark.
+    with archive_cluster("archive_timeout=60", "track_commit_timestamp=on", "autovacuum=off") as archive:
         await create_replication_role(archive.url)
         barman = barman_for(barman_config(archive, tmp_path / "barman"))
-        await barman.cron()  # creates the slot and starts receive-wal in the background
+        await barman.create_slot()  # before the receiver starts: no WAL written meanwhile is lost to it
+        await barman.cron()  # starts receive-wal in the background
         try:
             async with steady_writes(archive.url):
                 await barman.switch_wal(archive_timeout=30)
@@ -125,6 +147,8 @@ async def test_a_base_backup_plus_streamed_wal_recovers_to_a_time_between_two_ma
                     await conn.execute("INSERT INTO marks (n) VALUES (1)")
                     between: datetime = await conn.fetchval("SELECT clock_timestamp()")
                     await conn.execute("INSERT INTO marks (n) VALUES (2)")
+                    second: datetime = await conn.fetchval(
+                        "SELECT pg_xact_commit_timestamp(xmin) FROM marks WHERE n = 2")
                 finally:
                     await conn.close()
                 await barman.switch_wal(archive_timeout=30)
@@ -137,12 +161,18 @@ async def test_a_base_backup_plus_streamed_wal_recovers_to_a_time_between_two_ma
         assert backup.server_version // 10000 == 18 and backup.begin_time <= backup.end_time < between
         window = catalog.window
         assert window is not None and window.contains(between) and catalog.base_backup_for(between) == backup
+        # The second mark is the newest commit: the window ends exactly there, read from the WAL itself.
+        assert window.end_is_exact and window.end == second
         assert catalog.newest_wal is not None and catalog.newest_wal.name > backup.end_wal
 
         restored = archive.root / "restored"
         await barman.recover(backup.backup_id, restored, target_time=between)
         with pytest.raises(ConfigurationError, match="already exists"):
             await barman.recover(backup.backup_id, restored, target_time=between)
+        with pytest.raises(RecoveryError) as early:
+            await barman.recover(backup.backup_id, archive.root / "early", target_time=backup.begin_time)
+        assert early.value.message.startswith("barman recover failed (exit code 1): The requested target time")
+        assert "is before the backup end time" in early.value.message and "Starting" not in early.value.message
         cluster.adopt(restored)
         scratch = cluster.start(restored, fast=True)
         try:

@@ -1,0 +1,138 @@
+"""What Barman's archive holds, typed: base backups, archived WAL segments, and the window a recovery can reach.
+
+Read from Barman's machine-readable output (`barman -f json show-backup`), its WAL
+catalog file, and pg_waldump's listing of the newest segments (core/barman.py runs
+them). Everything here is pure, so the window logic is tested without Barman.
+
+The window runs from the end of the oldest usable base backup (its first
+consistent point) to the newest commit in the archive. Not to the newest segment's
+arrival: PostgreSQL replays up to the first commit after the target time, and when
+the archive ends before one it stops with "recovery ended before configured
+recovery target was reached" rather than opening the database (docs/pitr.md).
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class BaseBackup(BaseModel):
+    """One base backup as Barman's `show-backup` reports it."""
+
+    backup_id: str
+    status: str
+    begin_time: datetime
+    end_time: datetime
+    begin_wal: str
+    end_wal: str
+    begin_lsn: str
+    end_lsn: str
+    timeline: int
+    size_bytes: int
+    server_version: int
+
+    @property
+    def usable(self) -> bool:
+        return self.status == "DONE"
+
+
+class ArchivedWal(BaseModel):
+    """A WAL segment in Barman's archive, with the time Barman recorded for it (when the segment was complete)."""
+
+    name: str
+    archived_at: datetime
+    size_bytes: int
+
+    @property
+    def order(self) -> tuple[str, str]:
+        # Log and segment number first, then the timeline: a segment name sorts by timeline first.
+        return (self.name[8:], self.name[:8])
+
+
+class RestorableWindow(BaseModel):
+    start: datetime = Field(description="The end of the oldest usable base backup: its first consistent point.")
+    end: datetime = Field(description="The newest commit in the archive (exact), or the newest segment's arrival.")
+    end_is_exact: bool = Field(description="False when pg_waldump could not read the newest segments.")
+
+    def contains(self, moment: datetime) -> bool:
+        return self.start <= moment <= self.end
+
+
+class ArchiveCatalog(BaseModel):
+    """What Barman holds for one server: its base backups (oldest first), newest segment and newest commit."""
+
+    server: str
+    backups: list[BaseBackup]
+    newest_wal: ArchivedWal | None
+    last_commit: datetime | None = Field(default=None, description="None: not read (no pg_waldump for the server).")
+
+    @property
+    def window(self) -> RestorableWindow | None:
+        """None when there is no usable base backup, no WAL, or no commit since the oldest backup ended."""
+        usable = [b for b in self.backups if b.usable]
+        if not usable or self.newest_wal is None:
+            return None
+        start = usable[0].end_time
+        if self.last_commit is not None:
+            return RestorableWindow(start=start, end=self.last_commit, end_is_exact=True) \
+                if self.last_commit >= start else None  # fmt: skip
+        return RestorableWindow(start=start, end=max(start, self.newest_wal.archived_at), end_is_exact=False)
+
+    def base_backup_for(self, target: datetime) -> BaseBackup | None:
+        """The newest usable base backup that ended at or before `target` (replay runs forward from it)."""
+        candidates = [b for b in self.backups if b.usable and b.end_time <= target]
+        return candidates[-1] if candidates else None
+
+    def rpo_seconds(self, now: datetime) -> float | None:
+        """Seconds of writes a recovery right now would lose, at most: since the newest commit in the archive."""
+        newest = self.last_commit or (self.newest_wal.archived_at if self.newest_wal else None)
+        return None if newest is None else max(0.0, (now - newest).total_seconds())
+
+
+def _time(value: str) -> datetime:
+    moment = datetime.fromisoformat(value)
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def parse_backup(show_backup: dict[str, Any]) -> BaseBackup:
+    """`barman -f json show-backup SERVER ID`, the inner object for the server."""
+    base = show_backup["base_backup_information"]
+    return BaseBackup(
+        backup_id=show_backup["backup_id"], status=show_backup["status"],
+        begin_time=_time(base["begin_time"]), end_time=_time(base["end_time"]),
+        begin_wal=base["begin_wal"], end_wal=base["end_wal"], begin_lsn=base["begin_lsn"], end_lsn=base["end_lsn"],
+        timeline=int(base["timeline"]), size_bytes=int(base.get("backup_size_bytes") or 0),
+        server_version=int(show_backup["postgresql_version"]),
+    )  # fmt: skip
+
+
+def parse_xlogdb(text: str) -> list[ArchivedWal]:
+    """The segments in Barman's WAL catalog (`<server>-xlog.db`: name, size, time, compression per line), oldest first.
+
+    Barman's JSON output names the newest WAL (`last_available`) but not when it
+    arrived; its catalog file has both, one tab-separated line per segment, and
+    that layout has been stable across Barman's releases. History files (`.history`)
+    and backup labels (`.backup`) are skipped: only segments hold commits.
+    """
+    segments: list[ArchivedWal] = []
+    for line in text.splitlines():
+        fields = line.split("\t")
+        if len(fields) < 3 or len(fields[0]) != 24 or "." in fields[0]:
+            continue
+        segments.append(ArchivedWal(name=fields[0], size_bytes=int(fields[1]),
+                                    archived_at=datetime.fromtimestamp(float(fields[2]), UTC)))  # fmt: skip
+    return sorted(segments, key=lambda wal: wal.order)
+
+
+# pg_waldump --rmgr=Transaction, run with TZ=UTC: "desc: COMMIT 2026-11-25 09:46:23.745550 UTC; ..."
+_END_OF_TRANSACTION = re.compile(r"desc: (?:COMMIT|ABORT) (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)?) UTC")
+
+
+def parse_waldump(text: str) -> datetime | None:
+    """The newest commit or abort time in pg_waldump's listing (both can end a recovery at a target time)."""
+    found = _END_OF_TRANSACTION.findall(text)
+    return max(datetime.fromisoformat(f"{stamp}+00:00") for stamp in found) if found else None
