@@ -243,21 +243,23 @@ class Barman:
         except FileNotFoundError:
             segments = []  # nothing archived yet
         usable = [b for b in backups if b.usable]
-        last_commit = await self._last_commit(segments, usable[0]) if usable and segments else None
+        last_commit, read = await self._last_commit(segments, usable[0]) if usable and segments else (None, False)
         return ArchiveCatalog(server=self.command.server, backups=backups,
-                              newest_wal=segments[-1] if segments else None, last_commit=last_commit)  # fmt: skip
+                              newest_wal=segments[-1] if segments else None, last_commit=last_commit,
+                              commits_read=read)  # fmt: skip
 
-    async def _last_commit(self, segments: list[ArchivedWal], oldest: BaseBackup) -> datetime | None:
-        """The newest commit or abort time in the newest segments (none before the oldest backup counts)."""
+    async def _last_commit(self, segments: list[ArchivedWal], oldest: BaseBackup) -> tuple[datetime | None, bool]:
+        """The newest commit or abort time in the newest segments (none before the oldest backup counts), and
+        whether the answer is sure: False without a pg_waldump of the server's version, or when the segments
+        read held no commit but older ones since the backup were left unread."""
         waldump = await find_waldump(oldest.server_version // 10000)
         if waldump is None:
-            return None
+            return None, False
         floor = ArchivedWal(name=oldest.begin_wal, archived_at=oldest.begin_time, size_bytes=0).order
         env = dict(os.environ if self.env is None else self.env) | {"TZ": "UTC"}
         with TemporaryDirectory(prefix="engram-waldump-") as scratch:
-            for segment in reversed(segments[-SCAN_SEGMENTS:]):
-                if segment.order < floor:
-                    break
+            newest_first = [segment for segment in reversed(segments) if segment.order >= floor]
+            for segment in newest_first[:SCAN_SEGMENTS]:
                 path = Path(scratch) / segment.name
                 with path.open("wb") as out:
                     got = await anyio.run_process(self.command.get_wal(segment.name), stdout=out, check=False, env=env)
@@ -269,8 +271,8 @@ class Barman:
                 path.unlink()
                 newest = parse_waldump(listing.stdout.decode(errors="replace"))
                 if newest is not None:
-                    return newest
-        return None
+                    return newest, True
+        return None, len(newest_first) <= SCAN_SEGMENTS
 
     async def cron(self) -> None:
         await self.run(self.command.cron())

@@ -68,7 +68,9 @@ class ArchiveCatalog(BaseModel):
     server: str
     backups: list[BaseBackup]
     newest_wal: ArchivedWal | None
-    last_commit: datetime | None = Field(default=None, description="None: not read (no pg_waldump for the server).")
+    last_commit: datetime | None = Field(default=None, description="The newest commit or abort in the archive.")
+    commits_read: bool = Field(default=False, description="The WAL since the oldest backup was read for commits "
+                               "(False: no pg_waldump of the server's version, or too many segments to read).")
 
     @property
     def window(self) -> RestorableWindow | None:
@@ -80,6 +82,8 @@ class ArchiveCatalog(BaseModel):
         if self.last_commit is not None:
             return RestorableWindow(start=start, end=self.last_commit, end_is_exact=True) \
                 if self.last_commit >= start else None  # fmt: skip
+        if self.commits_read:
+            return None  # no commit since the oldest backup: a time target would replay past the WAL's end
         return RestorableWindow(start=start, end=max(start, self.newest_wal.archived_at), end_is_exact=False)
 
     def base_backup_for(self, target: datetime) -> BaseBackup | None:

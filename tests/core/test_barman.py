@@ -86,7 +86,7 @@ def test_the_window_runs_from_the_oldest_usable_backup_to_the_newest_commit_and_
         backups=[_backup("a", T0 - timedelta(days=2), "FAILED"), _backup("b", T0 - timedelta(days=1)),
                  _backup("c", T0)],
         newest_wal=ArchivedWal(name="000000010000000000000009", archived_at=T0 + timedelta(hours=3), size_bytes=1),
-        last_commit=T0 + timedelta(hours=2),
+        last_commit=T0 + timedelta(hours=2), commits_read=True,
     )  # fmt: skip
     window = catalog.window
     assert window is not None and window.end_is_exact
@@ -97,9 +97,11 @@ def test_the_window_runs_from_the_oldest_usable_backup_to_the_newest_commit_and_
     assert catalog.base_backup_for(T0 + timedelta(hours=1)) == catalog.backups[2]
     assert catalog.base_backup_for(T0 - timedelta(days=3)) is None
     assert catalog.rpo_seconds(T0 + timedelta(hours=2, seconds=42)) == 42
-    unread = catalog.model_copy(update={"last_commit": None}).window
+    unread = catalog.model_copy(update={"last_commit": None, "commits_read": False}).window
     assert unread is not None and not unread.end_is_exact and unread.end == T0 + timedelta(hours=3)
     assert catalog.model_copy(update={"last_commit": T0 - timedelta(days=3)}).window is None
+    # The WAL since the oldest backup holds no commit: no time can be reached by replay.
+    assert catalog.model_copy(update={"last_commit": None, "commits_read": True}).window is None
     assert ArchiveCatalog(server="engram", backups=[], newest_wal=None).window is None
 
 
@@ -162,7 +164,7 @@ async def test_a_base_backup_plus_streamed_wal_recovers_to_a_time_between_two_ma
         window = catalog.window
         assert window is not None and window.contains(between) and catalog.base_backup_for(between) == backup
         # The second mark is the newest commit: the window ends exactly there, read from the WAL itself.
-        assert window.end_is_exact and window.end == second
+        assert window.end_is_exact and window.end == second and catalog.commits_read
         assert catalog.newest_wal is not None and catalog.newest_wal.name > backup.end_wal
 
         restored = archive.root / "restored"
