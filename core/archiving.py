@@ -151,12 +151,14 @@ def _role(facts: ServerFacts, role: str) -> ArchivingCheck:
 
 def _slot(facts: ServerFacts, slot: str) -> ArchivingCheck:
     found = facts.slot
-    create = f"SELECT pg_create_physical_replication_slot('{slot}');"
+    # Reserved now: the server keeps WAL from this moment even before the receiver first connects, and
+    # pg_receivewal (PostgreSQL 15+) starts from the slot's position. Barman's own create_slot does not reserve.
+    create = f"SELECT pg_create_physical_replication_slot('{slot}', true);"
     if found is None:
         return ArchivingCheck(
             name="replication_slot", status="warn",
             summary=f"no replication slot {slot!r}: WAL the receiver has not fetched yet may be recycled",
-            fix=f"create the physical slot {slot} (or let Barman do it: create_slot = auto, then `barman cron`)",
+            fix=f"create the physical slot {slot}, reserving WAL from now on, before Barman's receiver starts",
             sql=[create],
         )  # fmt: skip
     if found["slot_type"] != "physical":

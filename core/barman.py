@@ -277,11 +277,6 @@ class Barman:
     async def cron(self) -> None:
         await self.run(self.command.cron())
 
-    async def create_slot(self) -> None:
-        """Create the receiver's slot, reserving WAL from now on: what the server writes before the receiver
-        first connects is kept for it (`create_slot = auto` creates it only when receive-wal starts)."""
-        await self.run(self.command.receive_wal(create_slot=True))
-
     async def archive_wal(self) -> None:
         await self.run(self.command.archive_wal())
 

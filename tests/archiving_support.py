@@ -65,10 +65,13 @@ def restart(archive: ArchiveCluster) -> None:
     cluster.start(archive.pg.datadir, archive.pg.port, fast=True)
 
 
-async def create_replication_role(url: str, role: str = ROLE) -> None:
+async def create_replication_role(url: str, role: str = ROLE, slot: str | None = SLOT) -> None:
+    """The role Barman streams as and, as check_archiving advises, its slot reserving WAL from now on."""
     conn = await asyncpg.connect(url)
     try:
         await conn.execute(f"CREATE ROLE {role} WITH LOGIN REPLICATION")
+        if slot is not None:
+            await conn.execute("SELECT pg_create_physical_replication_slot($1, true)", slot)
     finally:
         await conn.close()
 

@@ -104,7 +104,7 @@ async def test_archiving_on_with_barman_streaming_is_ok_and_says_nothing_needs_c
     with archive_cluster("archive_timeout=60") as archive:
         await create_replication_role(archive.url)
         barman = barman_for(barman_config(archive, tmp_path / "barman"))
-        await barman.cron()  # creates the slot and connects pg_receivewal to it
+        await barman.cron()  # connects pg_receivewal to the slot
         try:
             result: dict[str, Any] = {}
             with anyio.fail_after(30):
