@@ -65,11 +65,24 @@ def restart(archive: ArchiveCluster) -> None:
     cluster.start(archive.pg.datadir, archive.pg.port, fast=True)
 
 
+# Barman's ordinary connection, as docs/pitr.md grants it: no superuser.
+BARMAN_ROLE_GRANTS = (
+    "CREATE ROLE barman WITH LOGIN",
+    "GRANT EXECUTE ON FUNCTION pg_backup_start(text, boolean) TO barman",
+    "GRANT EXECUTE ON FUNCTION pg_backup_stop(boolean) TO barman",
+    "GRANT EXECUTE ON FUNCTION pg_switch_wal() TO barman",
+    "GRANT EXECUTE ON FUNCTION pg_create_restore_point(text) TO barman",
+    "GRANT pg_read_all_settings, pg_read_all_stats, pg_checkpoint TO barman",
+)
+
+
 async def create_replication_role(url: str, role: str = ROLE, slot: str | None = SLOT) -> None:
-    """The role Barman streams as and, as check_archiving advises, its slot reserving WAL from now on."""
+    """The roles Barman connects as (docs/pitr.md) and, as check_archiving advises, its slot reserving WAL."""
     conn = await asyncpg.connect(url)
     try:
         await conn.execute(f"CREATE ROLE {role} WITH LOGIN REPLICATION")
+        for statement in BARMAN_ROLE_GRANTS:
+            await conn.execute(statement)
         if slot is not None:
             await conn.execute("SELECT pg_create_physical_replication_slot($1, true)", slot)
     finally:
@@ -77,14 +90,14 @@ async def create_replication_role(url: str, role: str = ROLE, slot: str | None =
 
 
 def barman_config(archive: ArchiveCluster, home: Path) -> Path:
-    """The configuration docs/pitr.md gives, pointed at this cluster (superuser conninfo: a test has no other)."""
+    """The configuration docs/pitr.md gives, pointed at this cluster."""
     home.mkdir(parents=True, exist_ok=True)
     config = home / "barman.conf"
     config.write_text(
         f"[barman]\nbarman_home = {home}\nbarman_user = {getpass.getuser()}\nlog_file = {home}/barman.log\n"
         "log_level = INFO\ncompression = gzip\n\n"
         f"[{SERVER}]\ndescription = Engram's PostgreSQL 18\n"
-        f"conninfo = host=127.0.0.1 port={archive.pg.port} user=postgres dbname=postgres\n"
+        f"conninfo = host=127.0.0.1 port={archive.pg.port} user=barman dbname=postgres\n"
         f"streaming_conninfo = host=127.0.0.1 port={archive.pg.port} user={ROLE}\n"
         f"backup_method = postgres\nstreaming_archiver = on\nslot_name = {SLOT}\ncreate_slot = auto\n"
         f"path_prefix = {bundled_bindir()}\n"
