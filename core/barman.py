@@ -20,6 +20,7 @@ import sys
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from subprocess import CompletedProcess
 from tempfile import TemporaryDirectory
 from typing import Any
 
@@ -164,12 +165,11 @@ class Barman:
             )
         return cls(BarmanCommand(find_binary(settings.barman), settings.barman_server, settings.barman_config))
 
-    async def run(self, argv: list[str], *, limit: float = 120) -> str:
-        """Run argv for at most `limit` seconds; its stdout, or a RecoveryError with Barman's message and a fix."""
+    async def _exec(self, argv: list[str], limit: float) -> CompletedProcess[bytes]:
         env = dict(os.environ if self.env is None else self.env)
         try:
             with anyio.fail_after(limit):
-                result = await anyio.run_process(argv, check=False, env=env, stdin=None)
+                return await anyio.run_process(argv, check=False, env=env, stdin=None)
         except OSError as exc:
             raise ConfigurationError(f"cannot run {argv[0]}: {exc.strerror}",
                                      "check ENGRAM_RECOVERY_BARMAN (Barman's path)") from exc  # fmt: skip
@@ -178,6 +178,10 @@ class Barman:
                 f"`barman {' '.join(argv[1:])}` did not finish within {limit:.0f} s",
                 "run the same command by hand to see where it waits (Barman's log_file tells more)",
             ) from exc
+
+    async def run(self, argv: list[str], *, limit: float = 120) -> str:
+        """Run argv for at most `limit` seconds; its stdout, or a RecoveryError with Barman's message and a fix."""
+        result = await self._exec(argv, limit)
         stdout = result.stdout.decode(errors="replace")
         if result.returncode != 0:
             raise self._failure(argv, result.returncode, stdout, result.stderr.decode(errors="replace"))
@@ -221,8 +225,7 @@ class Barman:
     async def check(self) -> dict[str, tuple[bool, str]]:
         """Barman's own checks: name -> (passed, hint). A failed check is a finding, not an error."""
         argv = self.command.check()
-        env = dict(os.environ if self.env is None else self.env)
-        result = await anyio.run_process(argv, check=False, env=env)
+        result = await self._exec(argv, 120)  # exit code 1 when a check failed: the JSON says which
         try:
             checks = json.loads(result.stdout.decode(errors="replace"))[self.command.server]
         except (ValueError, KeyError, TypeError):
@@ -235,7 +238,7 @@ class Barman:
         listed = (await self.run_json(self.command.list_backups()))["result"]
         backups = [parse_backup(await self.run_json(self.command.show_backup(entry["backup_id"])))
                    for entry in listed]  # fmt: skip
-        backups.sort(key=lambda b: b.end_time)
+        backups.sort(key=lambda b: b.begin_time)
         server = await self.run_json(self.command.show_server())
         directory = anyio.Path(str(server.get("xlogdb_directory") or server["wals_directory"]))
         try:
@@ -252,8 +255,8 @@ class Barman:
         """The newest commit or abort time in the newest segments (none before the oldest backup counts), and
         whether the answer is sure: False without a pg_waldump of the server's version, or when the segments
         read held no commit but older ones since the backup were left unread."""
-        waldump = await find_waldump(oldest.server_version // 10000)
-        if waldump is None:
+        waldump = await find_waldump(oldest.server_version // 10000) if oldest.server_version else None
+        if waldump is None or oldest.begin_wal is None:
             return None, False
         floor = ArchivedWal(name=oldest.begin_wal, archived_at=oldest.begin_time, size_bytes=0).order
         env = dict(os.environ if self.env is None else self.env) | {"TZ": "UTC"}

@@ -24,20 +24,20 @@ class BaseBackup(BaseModel):
     """One base backup as Barman's `show-backup` reports it."""
 
     backup_id: str
-    status: str
+    status: str = Field(description="DONE is usable; FAILED, STARTED, WAITING_FOR_WALS, ... are not (yet).")
     begin_time: datetime
-    end_time: datetime
-    begin_wal: str
-    end_wal: str
-    begin_lsn: str
-    end_lsn: str
-    timeline: int
+    end_time: datetime | None = Field(description="None while running, or when it failed before its end.")
+    begin_wal: str | None
+    end_wal: str | None
+    begin_lsn: str | None
+    end_lsn: str | None
+    timeline: int | None
     size_bytes: int
-    server_version: int
+    server_version: int | None
 
     @property
     def usable(self) -> bool:
-        return self.status == "DONE"
+        return self.status == "DONE" and self.end_time is not None and self.begin_wal is not None
 
 
 class ArchivedWal(BaseModel):
@@ -79,6 +79,7 @@ class ArchiveCatalog(BaseModel):
         if not usable or self.newest_wal is None:
             return None
         start = usable[0].end_time
+        assert start is not None  # usable backups have ended
         if self.last_commit is not None:
             return RestorableWindow(start=start, end=self.last_commit, end_is_exact=True) \
                 if self.last_commit >= start else None  # fmt: skip
@@ -88,7 +89,7 @@ class ArchiveCatalog(BaseModel):
 
     def base_backup_for(self, target: datetime) -> BaseBackup | None:
         """The newest usable base backup that ended at or before `target` (replay runs forward from it)."""
-        candidates = [b for b in self.backups if b.usable and b.end_time <= target]
+        candidates = [b for b in self.backups if b.usable and b.end_time is not None and b.end_time <= target]
         return candidates[-1] if candidates else None
 
     def rpo_seconds(self, now: datetime) -> float | None:
@@ -97,20 +98,34 @@ class ArchiveCatalog(BaseModel):
         return None if newest is None else max(0.0, (now - newest).total_seconds())
 
 
-def _time(value: str) -> datetime:
-    moment = datetime.fromisoformat(value)
+def _time(value: Any) -> datetime | None:
+    if not value:
+        return None
+    moment = datetime.fromisoformat(str(value))
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
+def _backup_id_time(backup_id: str) -> datetime:
+    """Barman names a backup after its start, 20261125T094619, in its host's local time (taken as UTC, as
+    containers run): only a fallback, for a backup that failed before recording its begin time."""
+    return datetime.strptime(backup_id[:15], "%Y%m%dT%H%M%S").replace(tzinfo=UTC)
+
+
 def parse_backup(show_backup: dict[str, Any]) -> BaseBackup:
-    """`barman -f json show-backup SERVER ID`, the inner object for the server."""
-    base = show_backup["base_backup_information"]
+    """`barman -f json show-backup SERVER ID`, the inner object for the server.
+
+    A backup that failed or is still running lacks its end (and may lack more): those
+    fields are None and the backup is not usable, rather than the whole catalog failing.
+    """
+    base = show_backup.get("base_backup_information") or {}
+    backup_id = str(show_backup["backup_id"])
+    timeline, version = base.get("timeline"), show_backup.get("postgresql_version")
     return BaseBackup(
-        backup_id=show_backup["backup_id"], status=show_backup["status"],
-        begin_time=_time(base["begin_time"]), end_time=_time(base["end_time"]),
-        begin_wal=base["begin_wal"], end_wal=base["end_wal"], begin_lsn=base["begin_lsn"], end_lsn=base["end_lsn"],
-        timeline=int(base["timeline"]), size_bytes=int(base.get("backup_size_bytes") or 0),
-        server_version=int(show_backup["postgresql_version"]),
+        backup_id=backup_id, status=str(show_backup.get("status") or "UNKNOWN"),
+        begin_time=_time(base.get("begin_time")) or _backup_id_time(backup_id), end_time=_time(base.get("end_time")),
+        begin_wal=base.get("begin_wal"), end_wal=base.get("end_wal"), begin_lsn=base.get("begin_lsn"),
+        end_lsn=base.get("end_lsn"), timeline=int(timeline) if timeline else None,
+        size_bytes=int(base.get("backup_size_bytes") or 0), server_version=int(version) if version else None,
     )  # fmt: skip
 
 

@@ -114,6 +114,11 @@ def test_show_backup_json_reads_into_a_base_backup() -> None:
     backup = parse_backup(shown)
     assert backup.end_time == datetime(2026, 11, 25, 9, 46, 20, 113188, tzinfo=UTC)
     assert backup.usable and backup.size_bytes == 23054552 and backup.server_version == 180006
+    # A backup that failed early has no end: it is listed, not usable, and does not break the catalog.
+    failed = parse_backup({"backup_id": "20261125T101500", "status": "FAILED", "postgresql_version": None,
+                           "base_backup_information": {"begin_time": None, "end_time": None, "begin_wal": None}})
+    assert not failed.usable and failed.end_time is None
+    assert failed.begin_time == datetime(2026, 11, 25, 10, 15, tzinfo=UTC)
 
 
 async def _marks(url: str) -> list[int]:
@@ -160,7 +165,11 @@ async def test_a_base_backup_plus_streamed_wal_recovers_to_a_time_between_two_ma
             catalog = await barman.catalog()
         finally:
             await barman.stop_receiving()
+        # With the receiver stopped, Barman's own check says so: a finding, not an error.
+        assert (await barman.check())["receive_wal_running"][0] is False
         assert [b.backup_id for b in catalog.backups] == [backup.backup_id]
+        assert backup.usable and backup.server_version == catalog.backups[0].server_version
+        assert backup.end_time is not None and backup.end_wal is not None and backup.server_version is not None
         assert backup.server_version // 10000 == 18 and backup.begin_time <= backup.end_time < between
         window = catalog.window
         assert window is not None and window.contains(between) and catalog.base_backup_for(between) == backup

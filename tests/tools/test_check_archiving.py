@@ -112,8 +112,13 @@ async def test_archiving_on_with_barman_streaming_is_ok_and_says_nothing_needs_c
                 while result.get("verdict") != "ok":
                     result = await check(archive.url)
                     await anyio.sleep(0.2)
+            # Engram's role in a production-style deployment is no superuser: pg_hba cannot be read, and says so.
+            limited = await check(archive.url.replace("postgres@", "barman@"))
         finally:
             await barman.stop_receiving()
+    assert limited["verdict"] == "warn" and {k: v for k, v in by_name(limited).items() if v != "ok"} == {
+        "pg_hba": "warn"}  # fmt: skip
+    assert "pg_hba.conf could not be read" in limited["summary"] and limited["remedies"]["compose_override"] is None
     assert result["summary"] == "ready for streaming archiving", result["summary"]
     assert result["slot_name"] == SLOT and set(by_name(result).values()) == {"ok"}
     assert result["remedies"] == {"restart_needed": False, "compose_override": None, "compose_commands": [],
