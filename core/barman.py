@@ -26,7 +26,15 @@ from typing import Any
 
 import anyio
 
-from .barman_catalog import ArchiveCatalog, ArchivedWal, BaseBackup, parse_backup, parse_waldump, parse_xlogdb
+from .barman_catalog import (
+    ArchiveCatalog,
+    ArchivedWal,
+    BaseBackup,
+    find_gaps,
+    parse_backup,
+    parse_waldump,
+    parse_xlogdb,
+)
 from .errors import ConfigurationError, RecoveryError, StoreUnreachable, scrub
 from .pgclients import bundled, client_version
 from .settings import Settings
@@ -246,10 +254,15 @@ class Barman:
         except FileNotFoundError:
             segments = []  # nothing archived yet
         usable = [b for b in backups if b.usable]
-        last_commit, read = await self._last_commit(segments, usable[0]) if usable and segments else (None, False)
-        return ArchiveCatalog(server=self.command.server, backups=backups,
-                              newest_wal=segments[-1] if segments else None, last_commit=last_commit,
-                              commits_read=read)  # fmt: skip
+        since = usable[0].begin_wal if usable else None
+        size = int(server.get("xlog_segment_size") or 16 << 20)
+        catalog = ArchiveCatalog(server=self.command.server, backups=backups,
+                                 newest_wal=segments[-1] if segments else None,
+                                 gaps=find_gaps(segments, since, size) if since else [])  # fmt: skip
+        replayable = catalog.replayable
+        if replayable and segments:
+            catalog.last_commit, catalog.commits_read = await self._last_commit(segments, replayable[0])
+        return catalog
 
     async def _last_commit(self, segments: list[ArchivedWal], oldest: BaseBackup) -> tuple[datetime | None, bool]:
         """The newest commit or abort time in the newest segments (none before the oldest backup counts), and

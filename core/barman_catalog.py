@@ -49,8 +49,45 @@ class ArchivedWal(BaseModel):
 
     @property
     def order(self) -> tuple[str, str]:
-        # Log and segment number first, then the timeline: a segment name sorts by timeline first.
-        return (self.name[8:], self.name[:8])
+        return wal_order(self.name)
+
+
+def wal_order(name: str) -> tuple[str, str]:
+    """Log and segment number first, then the timeline: a segment name alone sorts by timeline first."""
+    return (name[8:], name[:8])
+
+
+def find_gaps(segments: list[ArchivedWal], since: str, segment_size: int = 16 << 20) -> list[WalGap]:
+    """Runs of segment numbers absent from `segments` (in WAL order) from `since` on, on any timeline.
+
+    A segment name is timeline, log and segment, 8 hex digits each, with 4 GiB /
+    segment_size segments per log. A promotion starts a new timeline within the
+    sequence, so a position counts as present on whichever timeline holds it.
+    """
+    per_log = (1 << 32) // segment_size
+
+    def position(name: str) -> int:
+        return int(name[8:16], 16) * per_log + int(name[16:24], 16)
+
+    gaps: list[WalGap] = []
+    previous: ArchivedWal | None = None
+    for segment in segments:
+        if segment.order < wal_order(since):
+            continue
+        if previous is not None and position(segment.name) - position(previous.name) > 1:
+            gaps.append(WalGap(after=previous.name, before=segment.name,
+                               missing=position(segment.name) - position(previous.name) - 1))  # fmt: skip
+        if previous is None or position(segment.name) >= position(previous.name):
+            previous = segment
+    return gaps
+
+
+class WalGap(BaseModel):
+    """Segments missing from the archive: replay cannot cross them, so no backup before a gap reaches past it."""
+
+    after: str = Field(description="The last archived segment before the gap.")
+    before: str = Field(description="The first archived segment after it.")
+    missing: int
 
 
 class RestorableWindow(BaseModel):
@@ -71,11 +108,21 @@ class ArchiveCatalog(BaseModel):
     last_commit: datetime | None = Field(default=None, description="The newest commit or abort in the archive.")
     commits_read: bool = Field(default=False, description="The WAL since the oldest backup was read for commits "
                                "(False: no pg_waldump of the server's version, or too many segments to read).")
+    gaps: list[WalGap] = Field(default_factory=list, description="Missing segments since the oldest usable backup.")
+
+    @property
+    def replayable(self) -> list[BaseBackup]:
+        """The usable backups from which the WAL runs without a gap to the newest segment, oldest first."""
+        usable = [b for b in self.backups if b.usable]
+        if not self.gaps:
+            return usable
+        last_gap = max(wal_order(gap.before) for gap in self.gaps)
+        return [b for b in usable if b.begin_wal is not None and wal_order(b.begin_wal) >= last_gap]
 
     @property
     def window(self) -> RestorableWindow | None:
-        """None when there is no usable base backup, no WAL, or no commit since the oldest backup ended."""
-        usable = [b for b in self.backups if b.usable]
+        """None when there is no replayable base backup, no WAL, or no commit since the oldest one ended."""
+        usable = self.replayable
         if not usable or self.newest_wal is None:
             return None
         start = usable[0].end_time
@@ -89,7 +136,7 @@ class ArchiveCatalog(BaseModel):
 
     def base_backup_for(self, target: datetime) -> BaseBackup | None:
         """The newest usable base backup that ended at or before `target` (replay runs forward from it)."""
-        candidates = [b for b in self.backups if b.usable and b.end_time is not None and b.end_time <= target]
+        candidates = [b for b in self.replayable if b.end_time is not None and b.end_time <= target]
         return candidates[-1] if candidates else None
 
     def rpo_seconds(self, now: datetime) -> float | None:

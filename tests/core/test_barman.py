@@ -18,6 +18,8 @@ from engram_recovery.core.barman_catalog import (
     ArchiveCatalog,
     ArchivedWal,
     BaseBackup,
+    WalGap,
+    find_gaps,
     parse_backup,
     parse_waldump,
     parse_xlogdb,
@@ -105,6 +107,34 @@ def test_the_window_runs_from_the_oldest_usable_backup_to_the_newest_commit_and_
     assert ArchiveCatalog(server="engram", backups=[], newest_wal=None).window is None
 
 
+def _wal(name: str) -> ArchivedWal:
+    return ArchivedWal(name=name, archived_at=T0, size_bytes=1)
+
+
+def test_missing_segments_are_gaps_across_logs_and_timelines_and_cut_the_window() -> None:
+    names = ["0000000100000000000000FE", "0000000100000000000000FF", "000000010000000100000000",  # log 0 -> 1
+             "000000010000000100000003",  # 01 and 02 missing
+             "000000020000000100000004", "000000020000000100000005"]  # a promotion: timeline 2 goes on
+    segments = [_wal(n) for n in names]
+    assert find_gaps(segments, "0000000100000000000000FE") == [
+        WalGap(after="000000010000000100000000", before="000000010000000100000003", missing=2)]
+    assert find_gaps(segments, "000000010000000100000003") == []
+    # 64 MiB segments: 64 per log, so 3F is followed by the next log's 00.
+    assert find_gaps([_wal("00000001000000000000003F"), _wal("000000010000000100000000")],
+                     "00000001000000000000003F", 64 << 20) == []  # fmt: skip
+
+    before = _backup("before", T0).model_copy(update={"begin_wal": "0000000100000000000000FE"})
+    after = _backup("after", T0 + timedelta(hours=1)).model_copy(update={"begin_wal": "000000020000000100000004"})
+    catalog = ArchiveCatalog(server="engram", backups=[before, after], newest_wal=segments[-1],
+                             last_commit=T0 + timedelta(hours=2), commits_read=True,
+                             gaps=find_gaps(segments, "0000000100000000000000FE"))  # fmt: skip
+    # Replay from the older backup would stop at the gap: the window starts at the backup after it.
+    assert catalog.replayable == [after]
+    assert catalog.window is not None and catalog.window.start == T0 + timedelta(hours=1)
+    assert catalog.base_backup_for(T0 + timedelta(minutes=30)) is None
+    assert catalog.model_copy(update={"backups": [before]}).window is None
+
+
 def test_show_backup_json_reads_into_a_base_backup() -> None:
     shown = {"backup_id": "20261125T094619", "status": "DONE", "postgresql_version": 180006,
              "base_backup_information": {"begin_time": "2026-11-25 09:46:19.577646+00:00",
@@ -174,7 +204,7 @@ async def test_a_base_backup_plus_streamed_wal_recovers_to_a_time_between_two_ma
         window = catalog.window
         assert window is not None and window.contains(between) and catalog.base_backup_for(between) == backup
         # The second mark is the newest commit: the window ends exactly there, read from the WAL itself.
-        assert window.end_is_exact and window.end == second and catalog.commits_read
+        assert window.end_is_exact and window.end == second and catalog.commits_read and catalog.gaps == []
         assert catalog.newest_wal is not None and catalog.newest_wal.name > backup.end_wal
 
         restored = archive.root / "restored"
