@@ -93,6 +93,11 @@ class Settings(BaseModel):
     pg_dump: str | None = _env("ENGRAM_RECOVERY_PG_DUMP")
     pg_restore: str | None = _env("ENGRAM_RECOVERY_PG_RESTORE")
     qdrant_path: str | None = _env("ENGRAM_RECOVERY_QDRANT_PATH")
+    # Point-in-time recovery through Barman (core/barman.py): its configuration file and the server named in it.
+    barman: str | None = _env("ENGRAM_RECOVERY_BARMAN")
+    barman_config: str | None = _env("ENGRAM_RECOVERY_BARMAN_CONFIG")
+    barman_server: str = Field(default="engram", validation_alias="ENGRAM_RECOVERY_BARMAN_SERVER",
+                               pattern=r"^[A-Za-z0-9_.-]+$")  # fmt: skip
 
     # --- where the settings came from (set by load_settings; never a secret's value) --------------
     # So a plan can spell commands that work from a fresh shell: `--env-file` plus what the

@@ -120,8 +120,14 @@ def running_port(datadir: Path) -> int | None:
     return port
 
 
-def start(datadir: Path, port: int | None = None, *, bindir: Path | None = None, fast: bool = False) -> Cluster:
-    """Create the cluster in `datadir` if it has none, and start it (if it is not running) on `port` or a free one."""
+def start(
+    datadir: Path, port: int | None = None, *, bindir: Path | None = None, fast: bool = False,
+    extra: tuple[str, ...] = (),
+) -> Cluster:  # fmt: skip
+    """Create the cluster in `datadir` if it has none, and start it (if it is not running) on `port` or a free one.
+
+    `extra` adds server settings (`name=value`) for this start, e.g. archiving on or off.
+    """
     binaries = _bindir(bindir)
     prefix = _as_owner()
     datadir = datadir.absolute()
@@ -143,7 +149,7 @@ def start(datadir: Path, port: int | None = None, *, bindir: Path | None = None,
     current = running_port(datadir)
     if current is not None:
         return Cluster(datadir, current, binaries)
-    settings = ["listen_addresses=127.0.0.1", "unix_socket_directories=", *(FAST if fast else ())]
+    settings = ["listen_addresses=127.0.0.1", "unix_socket_directories=", *(FAST if fast else ()), *extra]
     log = datadir / "server.log"
     attempts = 1 if port is not None else 3
     for attempt in range(attempts):
@@ -169,6 +175,15 @@ def stop(datadir: Path, bindir: Path | None = None) -> bool:
     _run([*_as_owner(), str(binaries / "pg_ctl"), "-D", str(datadir.absolute()), "-m", "fast", "-w", "stop"],
          f"stopping PostgreSQL in {datadir}")  # fmt: skip
     return True
+
+
+def adopt(datadir: Path) -> None:
+    """Give a data directory that another tool wrote (a Barman recovery, run as root) to the server's OS user."""
+    if not _as_owner():
+        return
+    datadir.chmod(0o700)
+    for path in (datadir, *datadir.rglob("*")):
+        shutil.chown(path, OS_USER, OS_USER)
 
 
 @contextmanager

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import backup_status, list_backups, plan_restore, reindex_qdrant, restore_drill, run_backup
+from . import backup_status, check_archiving, list_backups, plan_restore, reindex_qdrant, restore_drill, run_backup
 from .base import ToolSpec
 
 ALL: list[ToolSpec[Any, Any]] = [
@@ -14,6 +14,7 @@ ALL: list[ToolSpec[Any, Any]] = [
     plan_restore.SPEC,
     restore_drill.SPEC,
     reindex_qdrant.SPEC,
+    check_archiving.SPEC,
 ]
 
 BY_NAME = {spec.name: spec for spec in ALL}
