@@ -196,16 +196,23 @@ async def _drill(
     finally:
         await admin.close(timeout=2)
     scratch_dsn = _with_database(runtime.dsn, name)
+    if directory and client.prefix:
+        raise ConfigurationError(
+            "a directory-format dump cannot be drilled through ENGRAM_RECOVERY_PG_CLIENT_PREFIX: pg_restore reads "
+            "its files where the prefix runs it, not here",
+            "unset the prefix for the drill (the bundled pg_restore is used), or drill a custom-format backup",
+        )
     if directory:
         await run.step("restore", lambda: drill.restore_directory(client.path, scratch_dsn, repo,
                                                                   manifest.backup_id, backup_key),
                        lambda n: f"stock pg_restore --jobs=2 restored a directory dump of {n} bytes")  # fmt: skip
     else:
         command = drill.RestoreCommand(client.path, scratch_dsn, manifest.database.dump_format,
-                                       beside(client.path, "psql"))
+                                       beside(client.path, "psql"), prefix=client.prefix)
         stream = drill.plaintext(repo, point.prefix + dumps[0].name, dumps[0], backup_key)
+        restorer = command.argv[len(command.prefix)].rsplit("/", 1)[-1]
         await run.step("restore", lambda: drill.restore_stream(command, stream),
-                       lambda n: f"stock {command.argv[0].rsplit('/', 1)[-1]} restored {n} bytes of dump")  # fmt: skip
+                       lambda n: f"stock {restorer} restored {n} bytes of dump")  # fmt: skip
     async with postgres.connection(scratch_dsn) as conn:
         p = await probe(conn)
         if not p.sees_all_rows:

@@ -6,6 +6,7 @@ result, and the order of the steps.
 
 from __future__ import annotations
 
+import shlex
 import time
 from typing import Literal
 
@@ -150,7 +151,7 @@ async def _backup(
         # The mirror runs beside the dump: the two describe the same moment as closely as possible.
         tg.start_soon(mirror)
         facts, outcome, lsn, snapshot_at = await gather_and_dump(
-            runtime, repo, backup_id, p, params.format, params.compression, key, progress, client.path
+            runtime, repo, backup_id, p, params.format, params.compression, key, progress, client
         )
         timings["dump"] = round(time.monotonic() - dump_clock, 3)
     if mirror_report is not None:
@@ -190,7 +191,8 @@ async def _backup(
         backup_id=backup_id, tool_version=TOOL_VERSION, started_at=started_at, finished_at=utcnow(),
         database=DatabaseInfo(
             name=settings.database_name, server_version=p.server_version, server_major=p.server_major,
-            pg_dump_version=client.text, pg_dump_path=client.path, dump_format=params.format, wal_lsn_start=lsn,
+            pg_dump_version=client.text, pg_dump_path=shlex.join(client.command), dump_format=params.format,
+            wal_lsn_start=lsn,
             engram_schema_version=facts.engram_schema_version, oban_version=p.oban_version, role=p.role,
             row_counts=facts.row_counts, roles_referenced=facts.roles_referenced, size_bytes=facts.size_bytes,
             owner=facts.owner, object_owners=facts.object_owners, extensions=facts.extensions,
