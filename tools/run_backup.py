@@ -41,6 +41,11 @@ from ..core.taskgroups import task_group
 from .base import ToolInput, ToolResult, ToolSpec, Verdict
 
 TOOL_VERSION = "0.1.0"
+UNENCRYPTED = (
+    "ENGRAM_RECOVERY_BACKUP_KEY is not set, so this backup is not encrypted: its dump holds Engram's users, "
+    "refresh tokens, API keys and every wrapped data key in the clear (note contents stay encrypted by Engram). "
+    "Set ENGRAM_RECOVERY_BACKUP_KEY_FILE to a file holding `openssl rand -base64 32`, kept with the master key"
+)
 
 
 class RunBackupInput(ToolInput):
@@ -170,6 +175,8 @@ async def _backup(
     timings["verify"] = round(time.monotonic() - clock, 3)
     qinfo, qwarning = await qdrant_info(runtime)
     warnings = facts.warnings + ([qwarning] if qwarning else [])
+    if key is None:
+        warnings.append(UNENCRYPTED)
     lacking = _lacking(facts, mirror_report)
     if lacking is not None:
         count, first = lacking
@@ -299,8 +306,10 @@ async def _dry_run(
     )
     if state.incomplete:
         summary += f"; would delete {len(state.incomplete)} leftover folder(s) of interrupted runs"
+    warnings = [] if encrypted else [UNENCRYPTED]
     return RunBackupResult(
-        verdict="ok", summary=summary, dry_run=True, backup_id=None, repository=repo.location,
+        verdict="warn" if warnings else "ok", warnings=warnings, summary=summary, dry_run=True, backup_id=None,
+        repository=repo.location,
         format=params.format, compression=params.compression, encrypted=encrypted, database_bytes=size,
         durations=timings, attachments=attachments, retention=retention,
     )
