@@ -344,7 +344,7 @@ def _call_jsonl(args: argparse.Namespace) -> int:
         settings = load_settings(env_file=args.env_file)
         code: int = anyio.run(_call, settings, args.tool, list(args.arg), "jsonl")
         return code
-    except Exception as exc:  # noqa: BLE001 (the log must get its line whatever went wrong)
+    except Exception as exc:  # the log must get its line, whatever went wrong
         from ..core.failures import explain
 
         error = exc if isinstance(exc, RecoveryError) else explain(exc, "call")

@@ -45,7 +45,7 @@ def _on_a_terminal(args: list[str], env: dict[str, str]) -> tuple[int, str]:
 
 def _piped(args: list[str], env: dict[str, str], umask: int | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([EXE, *args], capture_output=True, text=True, timeout=120, env=env,
-                          preexec_fn=(lambda: os.umask(umask)) if umask is not None else None)  # noqa: PLW1509
+                          preexec_fn=(lambda: os.umask(umask)) if umask is not None else None)
 
 
 async def test_call_on_a_terminal_prints_a_summary_and_piped_or_with_json_prints_json(
