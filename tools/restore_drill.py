@@ -187,6 +187,12 @@ async def _drill(
         server = int(await admin.fetchval("SHOW server_version_num")) // 10000
         client = await run.step("pg_restore", lambda: _restore_client(runtime, manifest, server),
                                 lambda c: f"pg_restore {c.major} ({c.origin}: {c.path})")  # fmt: skip
+        if directory and client.prefix:
+            raise ConfigurationError(
+                "a directory-format dump cannot be drilled through ENGRAM_RECOVERY_PG_CLIENT_PREFIX: pg_restore reads "
+                "its files where the prefix runs it, not here",
+                "unset the prefix for the drill (the bundled pg_restore is used), or drill a custom-format backup",
+            )
         swept.extend(await drill.sweep_leftovers(admin, now))
         name = drill.scratch_name(now)
         run.scratch = name
@@ -196,12 +202,6 @@ async def _drill(
     finally:
         await admin.close(timeout=2)
     scratch_dsn = _with_database(runtime.dsn, name)
-    if directory and client.prefix:
-        raise ConfigurationError(
-            "a directory-format dump cannot be drilled through ENGRAM_RECOVERY_PG_CLIENT_PREFIX: pg_restore reads "
-            "its files where the prefix runs it, not here",
-            "unset the prefix for the drill (the bundled pg_restore is used), or drill a custom-format backup",
-        )
     if directory:
         await run.step("restore", lambda: drill.restore_directory(client.path, scratch_dsn, repo,
                                                                   manifest.backup_id, backup_key),

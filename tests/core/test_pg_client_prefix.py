@@ -122,3 +122,30 @@ async def test_a_backup_through_a_prefix_whose_pg_dump_is_too_old_is_refused_bef
     assert "pg_dump 15" in caught.value.message and "ENGRAM_RECOVERY_PG_CLIENT_PREFIX" in caught.value.message
     assert log.read_text().splitlines() == ["pg_dump --version"]
     assert not (tmp_path / "repo" / "backups").exists() or not any((tmp_path / "repo" / "backups").iterdir())
+
+
+async def test_a_directory_dump_is_refused_through_a_prefix_which_would_write_it_elsewhere(
+    engram_db: EngramDB, tmp_path: Path
+) -> None:
+    bundled = bundled_bindir()
+    assert bundled is not None
+    script, _log = prefix_command(tmp_path, bundled)
+    plain = engram_env(engram_db, tmp_path)
+    prefixed = engram_env(engram_db, tmp_path, ENGRAM_RECOVERY_PG_CLIENT_PREFIX=str(script))
+    runtime = Runtime(load_settings(environ=prefixed))
+    try:
+        with pytest.raises(ConfigurationError) as caught:
+            await run_backup(runtime, RunBackupInput(format="directory"), silent)
+        assert "directory-format" in caught.value.message and "custom" in caught.value.hint
+        assert not list((tmp_path / "repo").glob("backups/*"))  # nothing of the run is left
+        # A directory backup made without the prefix is not drilled through it either.
+        direct = Runtime(load_settings(environ=plain))
+        try:
+            made = await run_backup(direct, RunBackupInput(format="directory"), silent)
+        finally:
+            await direct.aclose()
+        drilled = await restore_drill(runtime, RestoreDrillInput(recovery_point=str(made.backup_id)), silent)
+        assert drilled.verdict == "fail" and "ENGRAM_RECOVERY_PG_CLIENT_PREFIX" in drilled.summary
+        assert drilled.scratch_database is None  # refused before creating anything
+    finally:
+        await runtime.aclose()
