@@ -115,7 +115,7 @@ async def extract(
     digest = hashlib.sha256()
     stored = plain = 0
     temp = output.with_name(f".{output.name}.partial-{secrets.token_hex(4)}")
-    handle: BinaryIO = await anyio.to_thread.run_sync(temp.open, "wb")
+    handle: BinaryIO = await anyio.to_thread.run_sync(_private_file, temp)
     try:
         async for chunk in chunks:
             digest.update(chunk)
@@ -140,6 +140,11 @@ async def extract(
     return Extracted(str(output), stored, plain, extractor.encrypted)
 
 
+def _private_file(path: Path) -> BinaryIO:
+    """A new file only its owner can read: a decrypted dump holds users, tokens and wrapped keys in the clear."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb")
+
+
 def plain_name(name: str) -> str:
     """db.dump.zst.enc -> db.dump"""
     for suffix in (".enc", ".zst", ".gz"):
@@ -161,7 +166,7 @@ async def extract_backup(repo: Repository, backup_id: str, key: bytes | None, ou
     manifest = Manifest.model_validate_json(await repo.get_bytes(folder + MANIFEST_NAME))
     names = manifest.database.dump_artifacts
     if manifest.database.dump_format == "directory":
-        await anyio.to_thread.run_sync(lambda: output.mkdir(parents=True, exist_ok=True))
+        await anyio.to_thread.run_sync(lambda: output.mkdir(mode=0o700, parents=True, exist_ok=True))
     results: list[Extracted] = []
     for name in names:
         artifact = manifest.artifact(name)

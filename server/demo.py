@@ -13,6 +13,7 @@ generated. What it made is recorded in `.demo/state.json`, from which
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import secrets
@@ -117,6 +118,7 @@ async def _prepare(admin_url: str, directory: Path, database: str, port: int) ->
         f"ENGRAM_RECOVERY_QDRANT_PATH={(directory / 'qdrant').resolve()}\n"
         f"ENGRAM_RECOVERY_HTTP_TOKEN_FILE={(directory / 'http.token').resolve()}\n"
         f"ENGRAM_RECOVERY_HTTP_PORT={port}\n"
+        f"ENGRAM_RECOVERY_BACKUP_KEY_FILE={(directory / 'backup.key').resolve()}\n"
         "ENGRAM_RECOVERY_KEY_ESCROW=demo key file .demo/master.key,printed copy in the demo safe\n",
         encoding="utf-8",
     )
@@ -164,6 +166,8 @@ def run_demo(
         state["admin_url"] = _without_password(admin_url)
     _secret_file(root / "master.key", engram_crypto.encode_master_key(secrets.token_bytes(32)))
     _secret_file(root / "http.token", secrets.token_hex(32))
+    # The demo encrypts its backups, as a deployment should (run_backup warns without a key).
+    _secret_file(root / "backup.key", base64.b64encode(secrets.token_bytes(32)).decode())
     env_file, created = anyio.run(_prepare, admin_url, root, database, bind_port)
     state["database"] = database
     state["roles_created"] = sorted(set(state.get("roles_created", [])) | set(created))

@@ -187,6 +187,12 @@ async def _drill(
         server = int(await admin.fetchval("SHOW server_version_num")) // 10000
         client = await run.step("pg_restore", lambda: _restore_client(runtime, manifest, server),
                                 lambda c: f"pg_restore {c.major} ({c.origin}: {c.path})")  # fmt: skip
+        if directory and client.prefix:
+            raise ConfigurationError(
+                "a directory-format dump cannot be drilled through ENGRAM_RECOVERY_PG_CLIENT_PREFIX: pg_restore reads "
+                "its files where the prefix runs it, not here",
+                "unset the prefix for the drill (the bundled pg_restore is used), or drill a custom-format backup",
+            )
         swept.extend(await drill.sweep_leftovers(admin, now))
         name = drill.scratch_name(now)
         run.scratch = name
@@ -202,10 +208,11 @@ async def _drill(
                        lambda n: f"stock pg_restore --jobs=2 restored a directory dump of {n} bytes")  # fmt: skip
     else:
         command = drill.RestoreCommand(client.path, scratch_dsn, manifest.database.dump_format,
-                                       beside(client.path, "psql"))
+                                       beside(client.path, "psql"), prefix=client.prefix)
         stream = drill.plaintext(repo, point.prefix + dumps[0].name, dumps[0], backup_key)
+        restorer = command.argv[len(command.prefix)].rsplit("/", 1)[-1]
         await run.step("restore", lambda: drill.restore_stream(command, stream),
-                       lambda n: f"stock {command.argv[0].rsplit('/', 1)[-1]} restored {n} bytes of dump")  # fmt: skip
+                       lambda n: f"stock {restorer} restored {n} bytes of dump")  # fmt: skip
     async with postgres.connection(scratch_dsn) as conn:
         p = await probe(conn)
         if not p.sees_all_rows:

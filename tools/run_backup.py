@@ -6,6 +6,7 @@ result, and the order of the steps.
 
 from __future__ import annotations
 
+import shlex
 import time
 from typing import Literal
 
@@ -40,6 +41,11 @@ from ..core.taskgroups import task_group
 from .base import ToolInput, ToolResult, ToolSpec, Verdict
 
 TOOL_VERSION = "0.1.0"
+UNENCRYPTED = (
+    "ENGRAM_RECOVERY_BACKUP_KEY is not set, so this backup is not encrypted: its dump holds Engram's users, "
+    "refresh tokens, API keys and every wrapped data key in the clear (note contents stay encrypted by Engram). "
+    "Set ENGRAM_RECOVERY_BACKUP_KEY_FILE to a file holding `openssl rand -base64 32`, kept with the master key"
+)
 
 
 class RunBackupInput(ToolInput):
@@ -150,7 +156,7 @@ async def _backup(
         # The mirror runs beside the dump: the two describe the same moment as closely as possible.
         tg.start_soon(mirror)
         facts, outcome, lsn, snapshot_at = await gather_and_dump(
-            runtime, repo, backup_id, p, params.format, params.compression, key, progress, client.path
+            runtime, repo, backup_id, p, params.format, params.compression, key, progress, client
         )
         timings["dump"] = round(time.monotonic() - dump_clock, 3)
     if mirror_report is not None:
@@ -169,6 +175,8 @@ async def _backup(
     timings["verify"] = round(time.monotonic() - clock, 3)
     qinfo, qwarning = await qdrant_info(runtime)
     warnings = facts.warnings + ([qwarning] if qwarning else [])
+    if key is None:
+        warnings.append(UNENCRYPTED)
     lacking = _lacking(facts, mirror_report)
     if lacking is not None:
         count, first = lacking
@@ -190,7 +198,8 @@ async def _backup(
         backup_id=backup_id, tool_version=TOOL_VERSION, started_at=started_at, finished_at=utcnow(),
         database=DatabaseInfo(
             name=settings.database_name, server_version=p.server_version, server_major=p.server_major,
-            pg_dump_version=client.text, pg_dump_path=client.path, dump_format=params.format, wal_lsn_start=lsn,
+            pg_dump_version=client.text, pg_dump_path=shlex.join(client.command), dump_format=params.format,
+            wal_lsn_start=lsn,
             engram_schema_version=facts.engram_schema_version, oban_version=p.oban_version, role=p.role,
             row_counts=facts.row_counts, roles_referenced=facts.roles_referenced, size_bytes=facts.size_bytes,
             owner=facts.owner, object_owners=facts.object_owners, extensions=facts.extensions,
@@ -297,8 +306,10 @@ async def _dry_run(
     )
     if state.incomplete:
         summary += f"; would delete {len(state.incomplete)} leftover folder(s) of interrupted runs"
+    warnings = [] if encrypted else [UNENCRYPTED]
     return RunBackupResult(
-        verdict="ok", summary=summary, dry_run=True, backup_id=None, repository=repo.location,
+        verdict="warn" if warnings else "ok", warnings=warnings, summary=summary, dry_run=True, backup_id=None,
+        repository=repo.location,
         format=params.format, compression=params.compression, encrypted=encrypted, database_bytes=size,
         durations=timings, attachments=attachments, retention=retention,
     )

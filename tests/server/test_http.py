@@ -102,3 +102,20 @@ def test_http_without_a_configured_token_refuses_to_start(admin_dsn: str, tmp_pa
     assert result.returncode == 2
     assert "ENGRAM_RECOVERY_HTTP_TOKEN" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_the_container_healthcheck_passes_on_the_401_of_a_running_server_and_fails_without_one(
+    http_server: str,
+) -> None:
+    """deploy/Dockerfile's HEALTHCHECK command, run as the image runs it (no token in its environment)."""
+    command = [sys.executable, "-m", "engram_recovery.server.healthcheck"]
+    env = {"PATH": os.environ["PATH"]}
+    healthy = subprocess.run([*command, http_server], capture_output=True, text=True, timeout=30, env=env)
+    assert healthy.returncode == 0 and "asks for its bearer token" in healthy.stdout
+    port = http_server.rsplit(":", 1)[1].split("/")[0]
+    by_default = subprocess.run(command, capture_output=True, text=True, timeout=30,
+                                env=env | {"ENGRAM_RECOVERY_HTTP_PORT": port})  # fmt: skip
+    assert by_default.returncode == 0, by_default.stderr
+    down = subprocess.run([*command, f"http://127.0.0.1:{_free_port()}/mcp"], capture_output=True, text=True,
+                          timeout=30, env=env)  # fmt: skip
+    assert down.returncode == 1 and "did not answer" in down.stderr

@@ -7,9 +7,11 @@ bad finding is a normal result with its verdict (CLI exit 1 warn, 2 fail).
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -407,8 +409,10 @@ async def test_the_cron_line_runs_beside_a_serving_http_server_that_uses_the_emb
         s.bind(("127.0.0.1", 0))
         port = int(s.getsockname()[1])
     token = "robustness-token-0123456789abcdef"
+    # With a backup key, as the README's deployment has: a clean run is exit 0, so a Qdrant warning would show.
     env = engram_env(engram_db, tmp_path, ENGRAM_RECOVERY_QDRANT_PATH=str(tmp_path / "qdrant"),
-                     ENGRAM_RECOVERY_HTTP_TOKEN=token)
+                     ENGRAM_RECOVERY_HTTP_TOKEN=token,
+                     ENGRAM_RECOVERY_BACKUP_KEY=base64.b64encode(secrets.token_bytes(32)).decode())
     server = await anyio.open_process([EXE, "serve", "--http", "--port", str(port)], env=env,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

@@ -54,7 +54,8 @@ async def check_postgres(ctx: StatusContext) -> Check:
         problems.append("this database has no users/vaults/notes tables: is DATABASE_URL Engram's database?")
     # Which pg_dump run_backup would use for this server, and whether it can dump it.
     choice = await choose("pg_dump", settings.pg_dump, p.server_major,
-                          f"dump a PostgreSQL {p.server_major} server ({p.server_version})")  # fmt: skip
+                          f"dump a PostgreSQL {p.server_major} server ({p.server_version})",
+                          settings.pg_client_prefix)  # fmt: skip
     details["pg_dump"] = choice.describe()
     if choice.chosen is None:
         status = "fail"
