@@ -38,7 +38,7 @@ import psutil
 
 from engram_recovery import testbed
 from engram_recovery.core import engram_crypto
-from engram_recovery.core.pgclients import choose
+from engram_recovery.core.stores.pgclient.versions import choose
 
 DB = "engram_bench_1g"
 STATE = Path(".bench")

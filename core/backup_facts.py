@@ -18,10 +18,11 @@ from datetime import datetime
 import anyio
 import asyncpg
 
-from . import engram_crypto, postgres
+from . import engram_crypto
 from .manifest import CanaryInfo, ObanInfo
-from .postgres import PostgresError
 from .schema_probe import SchemaProbe
+from .stores import postgres
+from .stores.postgres import PostgresError
 
 # The tables whose exact row counts go into the manifest (those this database has).
 COUNTED_TABLES = (

@@ -22,8 +22,8 @@ import anyio.to_thread
 from .backup_crypto import Encryptor
 from .compression import Codec, Compression, Data, compressor
 from .errors import RecoveryError
-from .pgdump import PipedProcess
 from .repository import Repository
+from .stores.pgclient.process import PipedProcess
 from .taskgroups import task_group
 
 BLOCK = 1 << 20

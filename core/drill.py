@@ -23,13 +23,14 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
-from . import backup_extract, engram_crypto, key_rules, postgres
+from . import backup_extract, engram_crypto, key_rules
 from .backup_crypto import Decryptor
 from .compression import decompressor
 from .errors import ConfigurationError, RecoveryError, scrub
 from .manifest import Artifact, Manifest
-from .pgdump import split_dsn
 from .repository import Repository
+from .stores import postgres
+from .stores.pgclient.process import split_dsn
 
 PREFIX = "engram_drill_"
 _NAME = re.compile(r"^engram_drill_(\d{9,11})_[0-9a-f]{8}$")

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import anyio
 
-from . import postgres
 from .errors import Busy
-from .postgres import PostgresError
+from .stores import postgres
+from .stores.postgres import PostgresError
 
 
 def _key(label: str) -> int:

@@ -43,12 +43,12 @@ import anyio
 from anyio.abc import ObjectReceiveStream
 from botocore.exceptions import ResponseStreamingError
 
-from . import s3
 from .errors import IntegrityError, RecoveryError
 from .progress import Progress
 from .repository import BACKUPS, Repository, scan
 from .repository_s3 import S3Repository
-from .s3 import S3_ERRORS, S3Location
+from .stores import s3
+from .stores.s3 import S3_ERRORS, S3Location
 from .taskgroups import task_group
 
 POOL = "attachments/pool/"

@@ -37,8 +37,8 @@ import anyio
 
 from .errors import ConfigurationError, IntegrityError, StoreUnreachable
 from .localfs import WINDOW, Checkpoint, HashedWriter, differing_windows, fsync_dir, hash_file, os_error
-from .s3 import S3Location
 from .settings import Settings
+from .stores.s3 import S3Location
 
 BACKUPS = "backups/"
 DRILLS = "drills/"

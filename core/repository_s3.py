@@ -19,11 +19,11 @@ from urllib.parse import urlsplit
 
 import anyio
 
-from . import s3
 from .errors import ConfigurationError, StoreUnreachable
 from .repository import READ_CHUNK, Repository, check_key
-from .s3 import S3_ERRORS, S3Location
 from .settings import Settings
+from .stores import s3
+from .stores.s3 import S3_ERRORS, S3Location
 from .taskgroups import task_group
 
 # S3 wants parts of at least 5 MiB (except the last); 8 MiB keeps memory low and requests few.

@@ -18,13 +18,12 @@ from urllib.parse import urlsplit
 
 import anyio
 
-from . import engram_crypto, postgres, s3
+from . import engram_crypto
 from .backup_crypto import parse_key
 from .drill import plaintext
 from .errors import ConfigurationError, IntegrityError, RecoveryError
 from .manifest import Manifest
 from .mirror import read_inventory, verify_blobs
-from .pgclients import ClientChoice, choose
 from .repository import BACKUPS, MANIFEST_NAME, LocalRepository, Repository, scan
 from .restore_plan import (
     InventoryState,
@@ -39,6 +38,8 @@ from .restore_plan import (
 from .runtime import Runtime
 from .schema_probe import probe
 from .settings import Settings
+from .stores import postgres, s3
+from .stores.pgclient.versions import ClientChoice, choose
 from .verify import ArtifactVerdict, Digest, compare, sha256_stream, verify_files
 
 SYSTEM_SCHEMAS = ("pg_catalog", "information_schema")

@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 import anyio
 from qdrant_client import AsyncQdrantClient
 
-from . import qdrant
-from .postgres import Pool
-from .s3 import S3Location
 from .settings import Settings
+from .stores import qdrant
+from .stores.postgres import Pool
+from .stores.s3 import S3Location
 
 
 @dataclass

@@ -15,10 +15,10 @@ from pydantic import Field, ValidationError
 
 from .. import __version__
 from ..core.errors import ConfigurationError, RecoveryError, scrub
-from ..core.failures import explain
 from ..core.progress import Progress
 from ..core.runtime import Runtime
 from ..core.settings import Settings
+from ..core.stores.failures import explain
 from ..tools import registry
 from ..tools.base import ToolInput, ToolResult, ToolSpec
 from .arguments import describe as describe_arguments

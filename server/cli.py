@@ -257,7 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"engram-recovery: {exc}", file=sys.stderr)
         return EXIT_FAIL
     except Exception as exc:  # the CLI's boundary: one line and a fix, the traceback only in the debug log
-        from ..core.failures import explain
+        from ..core.stores.failures import explain
 
         error = explain(exc, args.command)
         logging.getLogger("engram_recovery").debug("traceback", exc_info=exc)

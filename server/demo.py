@@ -95,7 +95,7 @@ def _roles() -> tuple[str, ...]:
 
 async def _prepare(admin_url: str, directory: Path, database: str, port: int) -> tuple[Path, list[str]]:
     from .. import testbed
-    from ..core.postgres import connection
+    from ..core.stores.postgres import connection
 
     key_b64 = (directory / "master.key").read_text(encoding="utf-8").strip()
     async with connection(admin_url) as admin:
@@ -215,7 +215,7 @@ def _alive(pid: int) -> bool:
 
 
 async def _drop(admin_url: str, database: str, roles: list[str]) -> list[str]:
-    from ..core.postgres import connection
+    from ..core.stores.postgres import connection
 
     kept: list[str] = []
     async with connection(admin_url) as admin:

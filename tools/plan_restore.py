@@ -13,7 +13,6 @@ from datetime import UTC, datetime
 from pydantic import Field
 
 from ..core import restore_checks as rc
-from ..core.pgclients import beside
 from ..core.progress import Progress
 from ..core.repository import open_repository
 from ..core.restore_plan import (
@@ -29,6 +28,7 @@ from ..core.restore_plan import (
 from ..core.restore_steps import CommandContext, build_steps, consequences
 from ..core.restore_token import Premises, plan_token, premises_of
 from ..core.runtime import Runtime
+from ..core.stores.pgclient.versions import beside
 from .base import ToolInput, ToolResult, ToolSpec, read_only_annotations
 
 

@@ -21,16 +21,17 @@ import anyio
 from mcp_types import ToolAnnotations
 from pydantic import BaseModel, Field
 
-from ..core import backup_crypto, drill, postgres
+from ..core import backup_crypto, drill
 from ..core import restore_checks as rc
 from ..core.errors import ConfigurationError, IntegrityError, RecoveryError, scrub
 from ..core.manifest import Manifest
 from ..core.mirror import BlobCheck, read_inventory, verify_blobs
-from ..core.pgclients import ClientVersion, beside
 from ..core.progress import Progress
 from ..core.repository import DRILLS, Repository, open_repository
 from ..core.runtime import Runtime
 from ..core.schema_probe import probe
+from ..core.stores import postgres
+from ..core.stores.pgclient.versions import ClientVersion, beside
 from .base import ToolInput, ToolResult, ToolSpec, Verdict
 
 T = TypeVar("T")

@@ -30,12 +30,12 @@ from ..core.backup_run import (
 from ..core.errors import RecoveryError
 from ..core.manifest import MANIFEST_NAME, Artifact, AttachmentsInfo, DatabaseInfo, Manifest
 from ..core.mirror import MirrorReport, mirror_attachments
-from ..core.pgclients import ClientVersion
 from ..core.progress import Progress
 from ..core.repository import BACKUPS, Repository, open_repository, scan
 from ..core.retention_apply import RetentionReport, apply_retention
 from ..core.runtime import Runtime
 from ..core.schema_probe import SchemaProbe
+from ..core.stores.pgclient.versions import ClientVersion
 from ..core.taskgroups import task_group
 from .base import ToolInput, ToolResult, ToolSpec, Verdict
 

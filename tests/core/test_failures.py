@@ -20,9 +20,9 @@ from botocore.exceptions import ClientError
 from mcp import Client
 from support import EngramDB, engram_env, fingerprints
 
-from engram_recovery.core import failures, postgres, s3
 from engram_recovery.core.errors import StoreUnreachable
 from engram_recovery.core.settings import load_settings
+from engram_recovery.core.stores import failures, postgres, s3
 from engram_recovery.server.app import build_server
 
 

@@ -14,7 +14,7 @@ import anyio
 import pytest
 from anyio.abc import SocketAttribute, SocketStream
 
-from engram_recovery.core import mirror, s3
+from engram_recovery.core import mirror
 from engram_recovery.core.errors import IntegrityError, StoreUnreachable
 from engram_recovery.core.mirror import (
     STREAM_CHUNK,
@@ -28,7 +28,8 @@ from engram_recovery.core.mirror import (
 from engram_recovery.core.progress import silent
 from engram_recovery.core.repository import LocalRepository, Repository
 from engram_recovery.core.repository_s3 import S3Repository
-from engram_recovery.core.s3 import S3Location
+from engram_recovery.core.stores import s3
+from engram_recovery.core.stores.s3 import S3Location
 from engram_recovery.testbed.seaweedfs import SeaweedFS
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from engram_recovery.core.pgclients import beside, bundled, bundled_bindir, choose, client_version
+from engram_recovery.core.stores.pgclient.versions import beside, bundled, bundled_bindir, choose, client_version
 
 pytestmark = pytest.mark.anyio
 

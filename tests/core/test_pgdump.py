@@ -9,7 +9,13 @@ import threading
 import pytest
 
 from engram_recovery.core.errors import RecoveryError
-from engram_recovery.core.pgdump import COALESCE_BYTES, PgDumpCommand, PgRestoreCommand, PipedProcess, split_dsn
+from engram_recovery.core.stores.pgclient.process import (
+    COALESCE_BYTES,
+    PgDumpCommand,
+    PgRestoreCommand,
+    PipedProcess,
+    split_dsn,
+)
 
 DSN = "postgresql://backup%40ops:s3cr%2Ft@db.internal:6432/engram?sslmode=require"
 

@@ -293,7 +293,7 @@ def test_cli_shows_a_traceback_only_with_debug_or_in_the_log_file(
 
 @pytest.mark.anyio
 async def test_statement_timeout_is_named_with_its_fix(engram_db: EngramDB) -> None:
-    from engram_recovery.core import postgres
+    from engram_recovery.core.stores import postgres
 
     conn = await asyncpg.connect(engram_db.dsn)
     try:

@@ -24,13 +24,14 @@ import pytest
 from mcp import Client
 from support import EngramDB, engram_env, fingerprints, make_engram_db
 
-from engram_recovery.core import engram_crypto, restore_checks, s3
+from engram_recovery.core import engram_crypto, restore_checks
 from engram_recovery.core.progress import silent
 from engram_recovery.core.repository import open_repository
 from engram_recovery.core.restore_steps import BLIND_FENCE
 from engram_recovery.core.restore_token import Premises, verify_plan_token
 from engram_recovery.core.runtime import Runtime
 from engram_recovery.core.settings import load_settings
+from engram_recovery.core.stores import s3
 from engram_recovery.server.app import build_server
 from engram_recovery.testbed.seaweedfs import SeaweedFS
 from engram_recovery.tools.plan_restore import PlanRestoreInput, PlanRestoreResult, plan_restore

@@ -17,10 +17,11 @@ import pytest
 from mcp import Client
 from support import EngramDB, engram_env, make_engram_db
 
-from engram_recovery.core import engram_crypto, s3
+from engram_recovery.core import engram_crypto
 from engram_recovery.core.progress import silent
 from engram_recovery.core.runtime import Runtime
 from engram_recovery.core.settings import load_settings
+from engram_recovery.core.stores import s3
 from engram_recovery.server.app import build_server
 from engram_recovery.testbed.seaweedfs import SeaweedFS
 from engram_recovery.tools.plan_restore import PlanRestoreInput, plan_restore

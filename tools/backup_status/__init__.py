@@ -14,9 +14,9 @@ from datetime import UTC, datetime
 import anyio
 from pydantic import Field
 
-from ...core.failures import explain
 from ...core.progress import Progress
 from ...core.runtime import Runtime
+from ...core.stores.failures import explain
 from ..base import ToolInput, ToolResult, ToolSpec, Verdict, read_only_annotations
 from .common import Check, CheckFn, Component, StatusContext, worst
 from .database import check_master_key, check_oban, check_postgres

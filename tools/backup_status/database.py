@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ...core import engram_crypto, key_rules, oban
-from ...core.pgclients import choose
+from ...core.stores.pgclient.versions import choose
 from ..base import Verdict
 from .common import Check, StatusContext, format_size
 

@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 import anyio
 
-from .errors import ConfigurationError
+from ...errors import ConfigurationError
 
 Tool = Literal["pg_dump", "pg_restore", "psql"]
 Origin = Literal["configured", "PATH", "bundled"]

@@ -26,7 +26,7 @@ from botocore.config import Config
 from botocore.credentials import Credentials
 from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
 
-from .errors import RecoveryError, StoreUnreachable
+from ..errors import RecoveryError, StoreUnreachable
 
 
 @dataclass(frozen=True)

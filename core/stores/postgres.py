@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 import anyio
 import asyncpg
 
-from .errors import RecoveryError, StoreUnreachable
+from ..errors import RecoveryError, StoreUnreachable
 
 CONNECT_TIMEOUT = 5.0
 

@@ -14,8 +14,8 @@ import errno
 import asyncpg
 from botocore.exceptions import BotoCoreError, ClientError
 
+from ..errors import RecoveryError, StoreUnreachable, scrub
 from . import postgres
-from .errors import RecoveryError, StoreUnreachable, scrub
 
 REPORT_HINT = (
     "run the same call with `engram-recovery --debug ...` (or --log-file PATH) to see the traceback, "

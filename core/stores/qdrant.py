@@ -17,8 +17,8 @@ from typing import Any
 from qdrant_client import AsyncQdrantClient, models
 from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
-from .errors import ConfigurationError, RecoveryError, StoreUnreachable
-from .settings import Settings
+from ..errors import ConfigurationError, RecoveryError, StoreUnreachable
+from ..settings import Settings
 
 QDRANT_ERRORS = (ResponseHandlingException, UnexpectedResponse, OSError, TimeoutError, ValueError)
 

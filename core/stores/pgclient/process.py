@@ -20,8 +20,8 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 import anyio
 from anyio.abc import ByteReceiveStream, Process
 
-from .errors import ConfigurationError, RecoveryError, scrub
-from .taskgroups import task_group
+from ...errors import ConfigurationError, RecoveryError, scrub
+from ...taskgroups import task_group
 
 # Re-exported for callers that need to run the binaries synchronously in a thread.
 CalledProcessError = subprocess.CalledProcessError
