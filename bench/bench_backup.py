@@ -37,7 +37,7 @@ import asyncpg
 import psutil
 
 from engram_recovery import testbed
-from engram_recovery.core import engram_crypto
+from engram_recovery.core.engram import crypto as engram_crypto
 from engram_recovery.core.stores.pgclient.versions import choose
 
 DB = "engram_bench_1g"

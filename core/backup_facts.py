@@ -18,9 +18,9 @@ from datetime import datetime
 import anyio
 import asyncpg
 
-from . import engram_crypto
+from .engram import crypto as engram_crypto
+from .engram.schema_probe import SchemaProbe
 from .manifest import CanaryInfo, ObanInfo
-from .schema_probe import SchemaProbe
 from .stores import postgres
 from .stores.postgres import PostgresError
 

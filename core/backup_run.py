@@ -26,13 +26,13 @@ from . import backup_crypto
 from .backup_facts import DatabaseFacts, counted_facts, exported_snapshot, quick_facts
 from .backup_pipeline import Stored, Transform, dump_to_repository, file_to_repository
 from .compression import SUFFIX, Compression
+from .engram.schema_probe import SchemaProbe, probe
 from .errors import ConfigurationError, IntegrityError, RecoveryError
 from .lock import database_lock, directory_lock
 from .manifest import MANIFEST_NAME, Artifact, QdrantInfo
 from .progress import Progress
 from .repository import BACKUPS, LocalRepository, Repository, backup_id_of, scan
 from .runtime import Runtime
-from .schema_probe import SchemaProbe, probe
 from .stores import qdrant
 from .stores.pgclient.process import DumpFormat, PgDumpCommand, spawn
 from .stores.pgclient.versions import ClientVersion, choose

@@ -23,9 +23,11 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
-from . import backup_extract, engram_crypto, key_rules
+from . import backup_extract
 from .backup_crypto import Decryptor
 from .compression import decompressor
+from .engram import crypto as engram_crypto
+from .engram import keys as key_rules
 from .errors import ConfigurationError, RecoveryError, scrub
 from .manifest import Artifact, Manifest
 from .repository import Repository

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
-from . import oban
+from .engram import oban
 from .reindex_plan import NIL, BatchPolicy, Mode, Statements
 
 # Every run and batch of this tool serialises on this key (a fixed 64-bit number derived

@@ -18,9 +18,10 @@ from urllib.parse import urlsplit
 
 import anyio
 
-from . import engram_crypto
 from .backup_crypto import parse_key
 from .drill import plaintext
+from .engram import crypto as engram_crypto
+from .engram.schema_probe import probe
 from .errors import ConfigurationError, IntegrityError, RecoveryError
 from .manifest import Manifest
 from .mirror import read_inventory, verify_blobs
@@ -36,7 +37,6 @@ from .restore_plan import (
     dump_major,
 )
 from .runtime import Runtime
-from .schema_probe import probe
 from .settings import Settings
 from .stores import postgres, s3
 from .stores.pgclient.versions import ClientChoice, choose

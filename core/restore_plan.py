@@ -17,7 +17,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from . import engram_crypto, key_rules
+from .engram import crypto as engram_crypto
+from .engram import keys as key_rules
 from .manifest import MANIFEST_FORMAT, Manifest
 from .verify import ArtifactVerdict
 

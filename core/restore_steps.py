@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
 
-from . import engram_crypto
+from .engram import crypto as engram_crypto
 from .manifest import Manifest
 from .restore_plan import CHANGE_SEQ_MIGRATION, Consequence, Observed, PlanStep, snapshot_time
 

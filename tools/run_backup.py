@@ -13,7 +13,7 @@ import anyio
 from mcp_types import ToolAnnotations
 from pydantic import BaseModel, Field
 
-from ..core import backup_crypto, engram_crypto
+from ..core import backup_crypto
 from ..core.backup_facts import LACKING_SHOWN, DatabaseFacts
 from ..core.backup_run import (
     backup_key,
@@ -27,6 +27,8 @@ from ..core.backup_run import (
     require_verified,
     utcnow,
 )
+from ..core.engram import crypto as engram_crypto
+from ..core.engram.schema_probe import SchemaProbe
 from ..core.errors import RecoveryError
 from ..core.manifest import MANIFEST_NAME, Artifact, AttachmentsInfo, DatabaseInfo, Manifest
 from ..core.mirror import MirrorReport, mirror_attachments
@@ -34,7 +36,6 @@ from ..core.progress import Progress
 from ..core.repository import BACKUPS, Repository, open_repository, scan
 from ..core.retention_apply import RetentionReport, apply_retention
 from ..core.runtime import Runtime
-from ..core.schema_probe import SchemaProbe
 from ..core.stores.pgclient.versions import ClientVersion
 from ..core.taskgroups import task_group
 from .base import ToolInput, ToolResult, ToolSpec, Verdict

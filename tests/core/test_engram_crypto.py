@@ -11,7 +11,7 @@ import uuid
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from engram_recovery.core import engram_crypto as ec
+from engram_recovery.core.engram import crypto as ec
 
 MASTER = bytes(range(32))
 USER = "0190f3a4-5b6c-7d8e-9f01-23456789abcd"

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from engram_recovery.core import engram_crypto
+from engram_recovery.core.engram import crypto as engram_crypto
 from engram_recovery.core.manifest import (
     Artifact,
     AttachmentsInfo,

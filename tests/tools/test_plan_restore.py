@@ -24,7 +24,8 @@ import pytest
 from mcp import Client
 from support import EngramDB, engram_env, fingerprints, make_engram_db
 
-from engram_recovery.core import engram_crypto, restore_checks
+from engram_recovery.core import restore_checks
+from engram_recovery.core.engram import crypto as engram_crypto
 from engram_recovery.core.progress import silent
 from engram_recovery.core.repository import open_repository
 from engram_recovery.core.restore_steps import BLIND_FENCE

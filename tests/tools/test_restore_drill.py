@@ -17,7 +17,7 @@ import pytest
 from mcp import Client
 from support import EngramDB, engram_env, make_engram_db
 
-from engram_recovery.core import engram_crypto
+from engram_recovery.core.engram import crypto as engram_crypto
 from engram_recovery.core.progress import silent
 from engram_recovery.core.runtime import Runtime
 from engram_recovery.core.settings import load_settings

@@ -9,9 +9,9 @@ from typing import Any, Literal
 import anyio
 from pydantic import BaseModel, Field
 
+from ...core.engram.schema_probe import SchemaProbe, probe
 from ...core.errors import RecoveryError
 from ...core.runtime import Runtime
-from ...core.schema_probe import SchemaProbe, probe
 from ..base import Verdict
 
 Component = Literal["postgres", "last_backup", "master_key", "attachments", "qdrant", "oban", "restore_drill"]

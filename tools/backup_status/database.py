@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from ...core import engram_crypto, key_rules, oban
+from ...core.engram import crypto as engram_crypto
+from ...core.engram import keys as key_rules
+from ...core.engram import oban
 from ...core.stores.pgclient.versions import choose
 from ..base import Verdict
 from .common import Check, StatusContext, format_size

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ...core.schema_probe import SchemaProbe
+from ...core.engram.schema_probe import SchemaProbe
 from ...core.stores import qdrant, s3
 from ..base import Verdict
 from .common import Check, StatusContext

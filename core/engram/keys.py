@@ -18,7 +18,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Literal
 
-from . import engram_crypto
+from . import crypto as engram_crypto
 
 KeyCode = Literal["ok", "kms_wrapped", "previous_key_only", "canary_corrupt", "wrong_key"]
 Status = Literal["ok", "warn", "fail"]

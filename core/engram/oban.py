@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from .errors import ConfigurationError
+from ..errors import ConfigurationError
 from .schema_probe import SchemaProbe
 
 EMBED_WORKER = "Engram.Workers.EmbedNote"
