@@ -19,8 +19,8 @@ import anyio
 import anyio.from_thread
 import anyio.to_thread
 
-from .backup_crypto import Encryptor
-from .compression import Codec, Compression, Data, compressor
+from .artifact.compression import Codec, Compression, Data, compressor
+from .artifact.encryption import Encryptor
 from .errors import RecoveryError
 from .repository import Repository
 from .stores.pgclient.process import PipedProcess

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import anyio
 
-from . import backup_crypto
+from .artifact import encryption as backup_crypto
+from .artifact.compression import SUFFIX, Compression
 from .backup_facts import DatabaseFacts, counted_facts, exported_snapshot, quick_facts
 from .backup_pipeline import Stored, Transform, dump_to_repository, file_to_repository
-from .compression import SUFFIX, Compression
 from .engram.schema_probe import SchemaProbe, probe
 from .errors import ConfigurationError, IntegrityError, RecoveryError
 from .lock import database_lock, directory_lock

@@ -322,8 +322,8 @@ async def open_catalog(settings: Settings) -> AsyncIterator[Catalog]:
         )
     fingerprint = None
     if settings.backup_key is not None:
-        from .backup_crypto import fingerprint as key_fingerprint
-        from .backup_crypto import parse_key
+        from .artifact.encryption import fingerprint as key_fingerprint
+        from .artifact.encryption import parse_key
 
         fingerprint = key_fingerprint(parse_key(settings.backup_key.get_secret_value()))
     async with repo:

@@ -23,9 +23,9 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
-from . import backup_extract
-from .backup_crypto import Decryptor
-from .compression import decompressor
+from .artifact import extract as backup_extract
+from .artifact.compression import decompressor
+from .artifact.encryption import Decryptor
 from .engram import crypto as engram_crypto
 from .engram import keys as key_rules
 from .errors import ConfigurationError, RecoveryError, scrub

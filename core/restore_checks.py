@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 import anyio
 
-from .backup_crypto import parse_key
+from .artifact.encryption import parse_key
 from .drill import plaintext
 from .engram import crypto as engram_crypto
 from .engram.schema_probe import probe

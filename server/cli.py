@@ -178,7 +178,7 @@ async def _call(settings: Settings, tool: str, arguments: dict[str, Any] | Seque
 def _decrypt(source: str, output: str | None, env_file: str | None) -> int:
     from pathlib import Path
 
-    from ..core import backup_extract
+    from ..core.artifact import extract as backup_extract
     from ..core.repository import open_repository
     from ..core.settings import parse_env_file
 

@@ -21,8 +21,9 @@ import anyio
 from mcp_types import ToolAnnotations
 from pydantic import BaseModel, Field
 
-from ..core import backup_crypto, drill
+from ..core import drill
 from ..core import restore_checks as rc
+from ..core.artifact import encryption as backup_crypto
 from ..core.engram.schema_probe import probe
 from ..core.errors import ConfigurationError, IntegrityError, RecoveryError, scrub
 from ..core.manifest import Manifest

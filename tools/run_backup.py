@@ -13,7 +13,7 @@ import anyio
 from mcp_types import ToolAnnotations
 from pydantic import BaseModel, Field
 
-from ..core import backup_crypto
+from ..core.artifact import encryption as backup_crypto
 from ..core.backup_facts import LACKING_SHOWN, DatabaseFacts
 from ..core.backup_run import (
     backup_key,

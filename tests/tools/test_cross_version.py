@@ -16,7 +16,7 @@ from support import EngramDB, engram_env, fingerprints, make_engram_db, old_clie
 
 from engram_recovery import testbed
 from engram_recovery.core import restore_checks as rc
-from engram_recovery.core.backup_extract import extract_backup
+from engram_recovery.core.artifact.extract import extract_backup
 from engram_recovery.core.errors import ConfigurationError
 from engram_recovery.core.manifest import Manifest
 from engram_recovery.core.progress import silent

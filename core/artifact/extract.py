@@ -19,11 +19,11 @@ from typing import BinaryIO
 import anyio
 import anyio.to_thread
 
-from . import backup_crypto
+from ..errors import ConfigurationError, IntegrityError, StoreUnreachable
+from ..manifest import MANIFEST_NAME, Manifest
+from ..repository import BACKUPS, Repository
+from . import encryption as backup_crypto
 from .compression import Codec, decompressor, sniff
-from .errors import ConfigurationError, IntegrityError, StoreUnreachable
-from .manifest import MANIFEST_NAME, Manifest
-from .repository import BACKUPS, Repository
 
 _SNIFF = 4
 

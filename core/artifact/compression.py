@@ -14,7 +14,7 @@ from typing import Literal, Protocol
 
 import zstandard
 
-from .errors import IntegrityError
+from ..errors import IntegrityError
 
 Compression = Literal["zstd", "gzip", "none"]
 ZSTD_LEVEL = 1
