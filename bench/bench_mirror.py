@@ -29,7 +29,7 @@ import anyio
 
 from engram_recovery.core.mirror import mirror_attachments
 from engram_recovery.core.progress import silent
-from engram_recovery.core.repository_s3 import S3Repository
+from engram_recovery.core.repository.s3 import S3Repository
 from engram_recovery.core.stores import s3
 from engram_recovery.core.stores.s3 import S3Location
 from engram_recovery.testbed.seaweedfs import SeaweedFS, seaweedfs

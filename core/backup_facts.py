@@ -20,7 +20,7 @@ import asyncpg
 
 from .engram import crypto as engram_crypto
 from .engram.schema_probe import SchemaProbe
-from .manifest import CanaryInfo, ObanInfo
+from .repository.manifest import CanaryInfo, ObanInfo
 from .stores import postgres
 from .stores.postgres import PostgresError
 

@@ -22,7 +22,7 @@ import anyio.to_thread
 from .artifact.compression import Codec, Compression, Data, compressor
 from .artifact.encryption import Encryptor
 from .errors import RecoveryError
-from .repository import Repository
+from .repository.base import Repository
 from .stores.pgclient.process import PipedProcess
 from .taskgroups import task_group
 

@@ -29,9 +29,9 @@ from .backup_pipeline import Stored, Transform, dump_to_repository, file_to_repo
 from .engram.schema_probe import SchemaProbe, probe
 from .errors import ConfigurationError, IntegrityError, RecoveryError
 from .lock import database_lock, directory_lock
-from .manifest import MANIFEST_NAME, Artifact, QdrantInfo
 from .progress import Progress
-from .repository import BACKUPS, LocalRepository, Repository, backup_id_of, scan
+from .repository.base import BACKUPS, LocalRepository, Repository, backup_id_of, scan
+from .repository.manifest import MANIFEST_NAME, Artifact, QdrantInfo
 from .runtime import Runtime
 from .stores import qdrant
 from .stores.pgclient.process import DumpFormat, PgDumpCommand, spawn

@@ -29,8 +29,8 @@ from .artifact.encryption import Decryptor
 from .engram import crypto as engram_crypto
 from .engram import keys as key_rules
 from .errors import ConfigurationError, RecoveryError, scrub
-from .manifest import Artifact, Manifest
-from .repository import Repository
+from .repository.base import Repository
+from .repository.manifest import Artifact, Manifest
 from .stores import postgres
 from .stores.pgclient.process import split_dsn
 

@@ -45,8 +45,8 @@ from botocore.exceptions import ResponseStreamingError
 
 from .errors import IntegrityError, RecoveryError
 from .progress import Progress
-from .repository import BACKUPS, Repository, scan
-from .repository_s3 import S3Repository
+from .repository.base import BACKUPS, Repository, scan
+from .repository.s3 import S3Repository
 from .stores import s3
 from .stores.s3 import S3_ERRORS, S3Location
 from .taskgroups import task_group

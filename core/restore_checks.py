@@ -23,9 +23,10 @@ from .drill import plaintext
 from .engram import crypto as engram_crypto
 from .engram.schema_probe import probe
 from .errors import ConfigurationError, IntegrityError, RecoveryError
-from .manifest import Manifest
 from .mirror import read_inventory, verify_blobs
-from .repository import BACKUPS, MANIFEST_NAME, LocalRepository, Repository, scan
+from .repository.base import BACKUPS, MANIFEST_NAME, LocalRepository, Repository, scan
+from .repository.manifest import Manifest
+from .repository.verify import ArtifactVerdict, Digest, compare, sha256_stream, verify_files
 from .restore_plan import (
     InventoryState,
     KeyMaterial,
@@ -40,7 +41,6 @@ from .runtime import Runtime
 from .settings import Settings
 from .stores import postgres, s3
 from .stores.pgclient.versions import ClientChoice, choose
-from .verify import ArtifactVerdict, Digest, compare, sha256_stream, verify_files
 
 SYSTEM_SCHEMAS = ("pg_catalog", "information_schema")
 

@@ -19,8 +19,8 @@ from pydantic import BaseModel, Field
 
 from .engram import crypto as engram_crypto
 from .engram import keys as key_rules
-from .manifest import MANIFEST_FORMAT, Manifest
-from .verify import ArtifactVerdict
+from .repository.manifest import MANIFEST_FORMAT, Manifest
+from .repository.verify import ArtifactVerdict
 
 Verdict = Literal["ok", "warn", "fail"]
 

@@ -16,7 +16,7 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from .engram import crypto as engram_crypto
-from .manifest import Manifest
+from .repository.manifest import Manifest
 from .restore_plan import CHANGE_SEQ_MIGRATION, Consequence, Observed, PlanStep, snapshot_time
 
 # Re-embedding estimates: Engram's chunker aims at ~512-token chunks; most run shorter.

@@ -15,7 +15,7 @@ import json
 from pydantic import BaseModel
 
 from .engram import crypto as engram_crypto
-from .manifest import Manifest
+from .repository.manifest import Manifest
 from .restore_plan import Observed
 
 

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 
 import anyio
 
-from ..core.catalog import CatalogEntry, CatalogView, age_text, open_catalog
+from ..core.repository.catalog import CatalogEntry, CatalogView, age_text, open_catalog
 from ..core.settings import Settings
 
 COLUMNS = ("ID", "SNAPSHOT (UTC)", "AGE", "SIZE", "FORMAT", "ENCRYPTED", "LAST VERIFIED", "LAST DRILL", "RETENTION")

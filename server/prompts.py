@@ -19,8 +19,8 @@ from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.prompts import Prompt
 from pydantic import Field
 
-from ..core.catalog import CatalogView, age_text, open_catalog
 from ..core.errors import RecoveryError, scrub
+from ..core.repository.catalog import CatalogView, age_text, open_catalog
 from ..core.settings import Settings
 
 PROMPT_NAME = "disaster_recovery"

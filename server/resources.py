@@ -16,8 +16,8 @@ from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError
 from mcp_types import Annotations
 
-from ..core.catalog import NoSuchBackup, open_catalog
 from ..core.errors import RecoveryError, scrub
+from ..core.repository.catalog import NoSuchBackup, open_catalog
 from ..core.settings import Settings
 
 SCHEME = "engram-recovery://"

@@ -5,8 +5,8 @@ Read-only. The answers come from core/catalog.py; this module is the tool.
 
 from __future__ import annotations
 
-from ..core.catalog import CatalogView, open_catalog
 from ..core.progress import Progress
+from ..core.repository.catalog import CatalogView, open_catalog
 from ..core.runtime import Runtime
 from .base import ToolInput, ToolResult, ToolSpec, read_only_annotations
 

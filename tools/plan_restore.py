@@ -14,7 +14,7 @@ from pydantic import Field
 
 from ..core import restore_checks as rc
 from ..core.progress import Progress
-from ..core.repository import open_repository
+from ..core.repository.base import open_repository
 from ..core.restore_plan import (
     Consequence,
     Observed,

@@ -26,10 +26,10 @@ from ..core import restore_checks as rc
 from ..core.artifact import encryption as backup_crypto
 from ..core.engram.schema_probe import probe
 from ..core.errors import ConfigurationError, IntegrityError, RecoveryError, scrub
-from ..core.manifest import Manifest
 from ..core.mirror import BlobCheck, read_inventory, verify_blobs
 from ..core.progress import Progress
-from ..core.repository import DRILLS, Repository, open_repository
+from ..core.repository.base import DRILLS, Repository, open_repository
+from ..core.repository.manifest import Manifest
 from ..core.runtime import Runtime
 from ..core.stores import postgres
 from ..core.stores.pgclient.versions import ClientVersion, beside

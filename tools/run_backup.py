@@ -30,11 +30,11 @@ from ..core.backup_run import (
 from ..core.engram import crypto as engram_crypto
 from ..core.engram.schema_probe import SchemaProbe
 from ..core.errors import RecoveryError
-from ..core.manifest import MANIFEST_NAME, Artifact, AttachmentsInfo, DatabaseInfo, Manifest
 from ..core.mirror import MirrorReport, mirror_attachments
 from ..core.progress import Progress
-from ..core.repository import BACKUPS, Repository, open_repository, scan
-from ..core.retention_apply import RetentionReport, apply_retention
+from ..core.repository.base import BACKUPS, Repository, open_repository, scan
+from ..core.repository.manifest import MANIFEST_NAME, Artifact, AttachmentsInfo, DatabaseInfo, Manifest
+from ..core.repository.prune import RetentionReport, apply_retention
 from ..core.runtime import Runtime
 from ..core.stores.pgclient.versions import ClientVersion
 from ..core.taskgroups import task_group

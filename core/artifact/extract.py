@@ -20,8 +20,8 @@ import anyio
 import anyio.to_thread
 
 from ..errors import ConfigurationError, IntegrityError, StoreUnreachable
-from ..manifest import MANIFEST_NAME, Manifest
-from ..repository import BACKUPS, Repository
+from ..repository.base import BACKUPS, Repository
+from ..repository.manifest import MANIFEST_NAME, Manifest
 from . import encryption as backup_crypto
 from .compression import Codec, decompressor, sniff
 

@@ -26,8 +26,8 @@ from engram_recovery.core.mirror import (
     read_inventory,
 )
 from engram_recovery.core.progress import silent
-from engram_recovery.core.repository import LocalRepository, Repository
-from engram_recovery.core.repository_s3 import S3Repository
+from engram_recovery.core.repository.base import LocalRepository, Repository
+from engram_recovery.core.repository.s3 import S3Repository
 from engram_recovery.core.stores import s3
 from engram_recovery.core.stores.s3 import S3Location
 from engram_recovery.testbed.seaweedfs import SeaweedFS

@@ -12,10 +12,10 @@ import anyio
 import anyio.lowlevel
 import pytest
 
-from engram_recovery.core import localfs
 from engram_recovery.core.errors import ConfigurationError, StoreUnreachable
-from engram_recovery.core.repository import LocalRepository, Repository, open_repository, read_state
-from engram_recovery.core.repository_s3 import PART_SIZE, S3Repository
+from engram_recovery.core.repository import localfs
+from engram_recovery.core.repository.base import LocalRepository, Repository, open_repository, read_state
+from engram_recovery.core.repository.s3 import PART_SIZE, S3Repository
 from engram_recovery.core.settings import load_settings
 from engram_recovery.core.stores import s3
 from engram_recovery.core.stores.s3 import S3Location

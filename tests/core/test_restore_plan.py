@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from engram_recovery.core.engram import crypto as engram_crypto
-from engram_recovery.core.manifest import (
+from engram_recovery.core.repository.manifest import (
     Artifact,
     AttachmentsInfo,
     CanaryInfo,
@@ -21,6 +21,7 @@ from engram_recovery.core.manifest import (
     ObanInfo,
     QdrantInfo,
 )
+from engram_recovery.core.repository.verify import Digest, compare
 from engram_recovery.core.restore_plan import (
     InventoryState,
     KeyMaterial,
@@ -35,7 +36,6 @@ from engram_recovery.core.restore_plan import (
 )
 from engram_recovery.core.restore_steps import CommandContext, build_steps, consequences
 from engram_recovery.core.restore_token import plan_token, premises_of, verify_plan_token
-from engram_recovery.core.verify import Digest, compare
 
 KEY = secrets.token_bytes(32)
 SUPERUSER = RoleState(name="postgres", superuser=True, bypass_rls=True, create_db=True, create_role=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from engram_recovery.core.retention import Candidate, Policy, decide
+from engram_recovery.core.repository.retention import Candidate, Policy, decide
 
 START = datetime(2026, 11, 24, 3, 0, tzinfo=UTC)
 

@@ -27,7 +27,7 @@ from support import EngramDB, engram_env, fingerprints, make_engram_db
 from engram_recovery.core import restore_checks
 from engram_recovery.core.engram import crypto as engram_crypto
 from engram_recovery.core.progress import silent
-from engram_recovery.core.repository import open_repository
+from engram_recovery.core.repository.base import open_repository
 from engram_recovery.core.restore_steps import BLIND_FENCE
 from engram_recovery.core.restore_token import Premises, verify_plan_token
 from engram_recovery.core.runtime import Runtime

@@ -25,10 +25,10 @@ from support import EngramDB, engram_env, fingerprints, make_engram_db, pg_bin, 
 from engram_recovery import testbed
 from engram_recovery.core.backup_run import verify_artifacts
 from engram_recovery.core.errors import Busy, ConfigurationError, IntegrityError, StoreUnreachable
-from engram_recovery.core.manifest import Manifest
 from engram_recovery.core.progress import silent
-from engram_recovery.core.repository import LocalRepository, open_repository, read_state
-from engram_recovery.core.retention_apply import apply_retention
+from engram_recovery.core.repository.base import LocalRepository, open_repository, read_state
+from engram_recovery.core.repository.manifest import Manifest
+from engram_recovery.core.repository.prune import apply_retention
 from engram_recovery.core.runtime import Runtime
 from engram_recovery.core.settings import load_settings
 from engram_recovery.core.stores import s3

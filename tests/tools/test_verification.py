@@ -25,7 +25,7 @@ from support import EngramDB, engram_env, make_engram_db
 from engram_recovery.core import mirror
 from engram_recovery.core.mirror import InventoryEntry
 from engram_recovery.core.progress import silent
-from engram_recovery.core.repository import LocalRepository
+from engram_recovery.core.repository.base import LocalRepository
 from engram_recovery.core.runtime import Runtime
 from engram_recovery.core.settings import load_settings
 from engram_recovery.core.stores import s3

@@ -7,10 +7,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from ...core.errors import RecoveryError
-from ...core.repository import RepositoryState, Verified, open_repository, read_state
-from ...core.retention import Candidate, decide
-from ...core.retention_apply import policy_of
-from ...core.verification import record, reverify
+from ...core.repository.base import RepositoryState, Verified, open_repository, read_state
+from ...core.repository.prune import policy_of
+from ...core.repository.retention import Candidate, decide
+from ...core.repository.verification import record, reverify
 from ..base import Verdict
 from .common import Check, StatusContext, format_age, format_size
 

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from .errors import RecoveryError
-from .mirror import read_inventory, verify_blobs
-from .repository import VERIFICATIONS, Repository, VerificationRecord
-from .restore_checks import resolve, verify_artifacts
+from ..errors import RecoveryError
+from ..mirror import read_inventory, verify_blobs
+from ..restore_checks import resolve, verify_artifacts
+from .base import VERIFICATIONS, Repository, VerificationRecord
 
 
 async def reverify(repo: Repository, backup_id: str, how: str) -> VerificationRecord:

@@ -19,12 +19,12 @@ from urllib.parse import urlsplit
 
 import anyio
 
-from .errors import ConfigurationError, StoreUnreachable
-from .repository import READ_CHUNK, Repository, check_key
-from .settings import Settings
-from .stores import s3
-from .stores.s3 import S3_ERRORS, S3Location
-from .taskgroups import task_group
+from ..errors import ConfigurationError, StoreUnreachable
+from ..settings import Settings
+from ..stores import s3
+from ..stores.s3 import S3_ERRORS, S3Location
+from ..taskgroups import task_group
+from .base import READ_CHUNK, Repository, check_key
 
 # S3 wants parts of at least 5 MiB (except the last); 8 MiB keeps memory low and requests few.
 PART_SIZE = 8 << 20

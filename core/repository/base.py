@@ -35,10 +35,10 @@ from typing import IO, Any, Self
 
 import anyio
 
-from .errors import ConfigurationError, IntegrityError, StoreUnreachable
+from ..errors import ConfigurationError, IntegrityError, StoreUnreachable
+from ..settings import Settings
+from ..stores.s3 import S3Location
 from .localfs import WINDOW, Checkpoint, HashedWriter, differing_windows, fsync_dir, hash_file, os_error
-from .settings import Settings
-from .stores.s3 import S3Location
 
 BACKUPS = "backups/"
 DRILLS = "drills/"
@@ -326,7 +326,7 @@ class LocalRepository(Repository):
 def open_repository(settings: Settings) -> Repository:
     """The configured repository (not yet connected: use it with `async with`)."""
     if settings.repository.startswith("s3://"):
-        from .repository_s3 import S3Repository
+        from .s3 import S3Repository
 
         return S3Repository.from_settings(settings)
     return LocalRepository(Path(settings.repository).expanduser())

@@ -17,8 +17,8 @@ from typing import IO, TYPE_CHECKING
 import anyio
 import anyio.to_thread
 
-from .errors import RecoveryError, StoreUnreachable
-from .taskgroups import task_group
+from ..errors import RecoveryError, StoreUnreachable
+from ..taskgroups import task_group
 
 if TYPE_CHECKING:
     from _hashlib import HASH

@@ -12,10 +12,10 @@ from collections.abc import Iterable
 
 from pydantic import BaseModel, Field
 
+from ..settings import Settings
+from .base import BACKUPS, BackupSummary, Repository, scan
 from .manifest import MANIFEST_NAME, Manifest
-from .repository import BACKUPS, BackupSummary, Repository, scan
 from .retention import Candidate, Policy, decide
-from .settings import Settings
 
 
 class RetentionReport(BaseModel):
@@ -70,7 +70,7 @@ async def apply_retention(repo: Repository, settings: Settings, *, prune: bool, 
 
 
 async def _collect_pool(repo: Repository, kept: list[str]) -> tuple[int, int]:
-    from .mirror import INVENTORY_NAME, POOL, collect_garbage, inventory_key
+    from ..mirror import INVENTORY_NAME, POOL, collect_garbage, inventory_key
 
     async for _entry in repo.list(POOL):
         break

@@ -24,9 +24,9 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, Field, ValidationError
 
-from .errors import ConfigurationError, IntegrityError, RecoveryError, scrub
-from .manifest import MANIFEST_NAME, Manifest
-from .repository import (
+from ..errors import ConfigurationError, IntegrityError, RecoveryError, scrub
+from ..settings import Settings
+from .base import (
     BACKUPS,
     DRILLS,
     BackupSummary,
@@ -41,9 +41,9 @@ from .repository import (
     read_verifications,
     summary_of,
 )
+from .manifest import MANIFEST_NAME, Manifest
+from .prune import candidates, policy_of
 from .retention import Candidate, Decision, Policy, decide
-from .retention_apply import candidates, policy_of
-from .settings import Settings
 
 T = TypeVar("T")
 _NEXT = "\x00next backup"  # the recovery point the next run_backup would add; never a real id
@@ -322,8 +322,8 @@ async def open_catalog(settings: Settings) -> AsyncIterator[Catalog]:
         )
     fingerprint = None
     if settings.backup_key is not None:
-        from .artifact.encryption import fingerprint as key_fingerprint
-        from .artifact.encryption import parse_key
+        from ..artifact.encryption import fingerprint as key_fingerprint
+        from ..artifact.encryption import parse_key
 
         fingerprint = key_fingerprint(parse_key(settings.backup_key.get_secret_value()))
     async with repo:
