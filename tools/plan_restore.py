@@ -12,21 +12,12 @@ from datetime import UTC, datetime
 
 from pydantic import Field
 
-from ..core import restore_checks as rc
 from ..core.progress import Progress
 from ..core.repository.base import open_repository
-from ..core.restore_plan import (
-    Consequence,
-    Observed,
-    PlanCheck,
-    PlanStep,
-    Verdict,
-    run_checks,
-    snapshot_time,
-    worst,
-)
-from ..core.restore_steps import CommandContext, build_steps, consequences
-from ..core.restore_token import Premises, plan_token, premises_of
+from ..core.restore import observe as rc
+from ..core.restore.plan import Consequence, Observed, PlanCheck, PlanStep, Verdict, run_checks, snapshot_time, worst
+from ..core.restore.steps import CommandContext, build_steps, consequences
+from ..core.restore.token import Premises, plan_token, premises_of
 from ..core.runtime import Runtime
 from ..core.stores.pgclient.versions import beside
 from .base import ToolInput, ToolResult, ToolSpec, read_only_annotations

@@ -19,13 +19,13 @@ from mcp_types import ToolAnnotations
 from pydantic import BaseModel, Field
 from qdrant_client import AsyncQdrantClient
 
-from ..core import reindex as engine
+from ..core.backup.lock import REINDEX, database_lock
 from ..core.engram import oban
 from ..core.engram.schema_probe import probe
 from ..core.errors import ConfigurationError, StoreUnreachable
-from ..core.lock import REINDEX, database_lock
 from ..core.progress import Progress
-from ..core.reindex_plan import BatchPolicy, Mode, NoteTable, Scope, Statements, estimated_tokens, parse_uuid
+from ..core.reindex import engine
+from ..core.reindex.plan import BatchPolicy, Mode, NoteTable, Scope, Statements, estimated_tokens, parse_uuid
 from ..core.runtime import Runtime
 from ..core.stores import qdrant
 from ..core.stores.postgres import describe

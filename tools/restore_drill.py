@@ -21,15 +21,15 @@ import anyio
 from mcp_types import ToolAnnotations
 from pydantic import BaseModel, Field
 
-from ..core import drill
-from ..core import restore_checks as rc
 from ..core.artifact import encryption as backup_crypto
+from ..core.backup.mirror import BlobCheck, read_inventory, verify_blobs
 from ..core.engram.schema_probe import probe
 from ..core.errors import ConfigurationError, IntegrityError, RecoveryError, scrub
-from ..core.mirror import BlobCheck, read_inventory, verify_blobs
 from ..core.progress import Progress
 from ..core.repository.base import DRILLS, Repository, open_repository
 from ..core.repository.manifest import Manifest
+from ..core.restore import drill
+from ..core.restore import observe as rc
 from ..core.runtime import Runtime
 from ..core.stores import postgres
 from ..core.stores.pgclient.versions import ClientVersion, beside

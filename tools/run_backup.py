@@ -14,8 +14,9 @@ from mcp_types import ToolAnnotations
 from pydantic import BaseModel, Field
 
 from ..core.artifact import encryption as backup_crypto
-from ..core.backup_facts import LACKING_SHOWN, DatabaseFacts
-from ..core.backup_run import (
+from ..core.backup.facts import LACKING_SHOWN, DatabaseFacts
+from ..core.backup.mirror import MirrorReport, mirror_attachments
+from ..core.backup.run import (
     backup_key,
     clean_leftovers,
     discard,
@@ -30,7 +31,6 @@ from ..core.backup_run import (
 from ..core.engram import crypto as engram_crypto
 from ..core.engram.schema_probe import SchemaProbe
 from ..core.errors import RecoveryError
-from ..core.mirror import MirrorReport, mirror_attachments
 from ..core.progress import Progress
 from ..core.repository.base import BACKUPS, Repository, open_repository, scan
 from ..core.repository.manifest import MANIFEST_NAME, Artifact, AttachmentsInfo, DatabaseInfo, Manifest

@@ -70,7 +70,7 @@ async def apply_retention(repo: Repository, settings: Settings, *, prune: bool, 
 
 
 async def _collect_pool(repo: Repository, kept: list[str]) -> tuple[int, int]:
-    from ..mirror import INVENTORY_NAME, POOL, collect_garbage, inventory_key
+    from ..backup.mirror import INVENTORY_NAME, POOL, collect_garbage, inventory_key
 
     async for _entry in repo.list(POOL):
         break

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+from ..backup.mirror import read_inventory, verify_blobs
 from ..errors import RecoveryError
-from ..mirror import read_inventory, verify_blobs
-from ..restore_checks import resolve, verify_artifacts
+from ..restore.observe import resolve, verify_artifacts
 from .base import VERIFICATIONS, Repository, VerificationRecord
 
 

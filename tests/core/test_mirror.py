@@ -14,9 +14,8 @@ import anyio
 import pytest
 from anyio.abc import SocketAttribute, SocketStream
 
-from engram_recovery.core import mirror
-from engram_recovery.core.errors import IntegrityError, StoreUnreachable
-from engram_recovery.core.mirror import (
+from engram_recovery.core.backup import mirror
+from engram_recovery.core.backup.mirror import (
     STREAM_CHUNK,
     InventoryEntry,
     collect_garbage,
@@ -25,6 +24,7 @@ from engram_recovery.core.mirror import (
     pool_key,
     read_inventory,
 )
+from engram_recovery.core.errors import IntegrityError, StoreUnreachable
 from engram_recovery.core.progress import silent
 from engram_recovery.core.repository.base import LocalRepository, Repository
 from engram_recovery.core.repository.s3 import S3Repository

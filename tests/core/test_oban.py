@@ -11,11 +11,11 @@ import asyncpg
 import pytest
 from support import EngramDB, make_engram_db
 
-from engram_recovery.core import reindex as engine
 from engram_recovery.core.engram import oban
 from engram_recovery.core.engram.schema_probe import probe
 from engram_recovery.core.errors import ConfigurationError
-from engram_recovery.core.reindex_plan import NIL, BatchPolicy, NoteTable, Scope, Statements
+from engram_recovery.core.reindex import engine
+from engram_recovery.core.reindex.plan import NIL, BatchPolicy, NoteTable, Scope, Statements
 
 pytestmark = pytest.mark.anyio
 

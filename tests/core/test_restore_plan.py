@@ -22,7 +22,7 @@ from engram_recovery.core.repository.manifest import (
     QdrantInfo,
 )
 from engram_recovery.core.repository.verify import Digest, compare
-from engram_recovery.core.restore_plan import (
+from engram_recovery.core.restore.plan import (
     InventoryState,
     KeyMaterial,
     LiveState,
@@ -34,8 +34,8 @@ from engram_recovery.core.restore_plan import (
     run_checks,
     worst,
 )
-from engram_recovery.core.restore_steps import CommandContext, build_steps, consequences
-from engram_recovery.core.restore_token import plan_token, premises_of, verify_plan_token
+from engram_recovery.core.restore.steps import CommandContext, build_steps, consequences
+from engram_recovery.core.restore.token import plan_token, premises_of, verify_plan_token
 
 KEY = secrets.token_bytes(32)
 SUPERUSER = RoleState(name="postgres", superuser=True, bypass_rls=True, create_db=True, create_role=True)

@@ -24,12 +24,12 @@ import pytest
 from mcp import Client
 from support import EngramDB, engram_env, fingerprints, make_engram_db
 
-from engram_recovery.core import restore_checks
 from engram_recovery.core.engram import crypto as engram_crypto
 from engram_recovery.core.progress import silent
 from engram_recovery.core.repository.base import open_repository
-from engram_recovery.core.restore_steps import BLIND_FENCE
-from engram_recovery.core.restore_token import Premises, verify_plan_token
+from engram_recovery.core.restore import observe as restore_checks
+from engram_recovery.core.restore.steps import BLIND_FENCE
+from engram_recovery.core.restore.token import Premises, verify_plan_token
 from engram_recovery.core.runtime import Runtime
 from engram_recovery.core.settings import load_settings
 from engram_recovery.core.stores import s3

@@ -23,7 +23,7 @@ from mcp import Client
 from support import EngramDB, engram_env, fingerprints, make_engram_db, pg_bin, restore_client
 
 from engram_recovery import testbed
-from engram_recovery.core.backup_run import verify_artifacts
+from engram_recovery.core.backup.run import verify_artifacts
 from engram_recovery.core.errors import Busy, ConfigurationError, IntegrityError, StoreUnreachable
 from engram_recovery.core.progress import silent
 from engram_recovery.core.repository.base import LocalRepository, open_repository, read_state

@@ -22,8 +22,8 @@ import asyncpg
 import pytest
 from support import EngramDB, engram_env, make_engram_db
 
-from engram_recovery.core import mirror
-from engram_recovery.core.mirror import InventoryEntry
+from engram_recovery.core.backup import mirror
+from engram_recovery.core.backup.mirror import InventoryEntry
 from engram_recovery.core.progress import silent
 from engram_recovery.core.repository.base import LocalRepository
 from engram_recovery.core.runtime import Runtime

@@ -16,12 +16,12 @@ from pydantic import Field
 
 from ...core.progress import Progress
 from ...core.runtime import Runtime
+from ...core.status.common import Check, CheckFn, Component, StatusContext, worst
+from ...core.status.database import check_master_key, check_oban, check_postgres
+from ...core.status.repository import check_last_backup, check_restore_drill
+from ...core.status.stores import check_attachments, check_qdrant
 from ...core.stores.failures import explain
 from ..base import ToolInput, ToolResult, ToolSpec, Verdict, read_only_annotations
-from .common import Check, CheckFn, Component, StatusContext, worst
-from .database import check_master_key, check_oban, check_postgres
-from .repository import check_last_backup, check_restore_drill
-from .stores import check_attachments, check_qdrant
 
 __all__ = ["SPEC", "BackupStatusInput", "BackupStatusResult", "Check", "backup_status"]
 

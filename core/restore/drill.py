@@ -23,16 +23,16 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
-from .artifact import extract as backup_extract
-from .artifact.compression import decompressor
-from .artifact.encryption import Decryptor
-from .engram import crypto as engram_crypto
-from .engram import keys as key_rules
-from .errors import ConfigurationError, RecoveryError, scrub
-from .repository.base import Repository
-from .repository.manifest import Artifact, Manifest
-from .stores import postgres
-from .stores.pgclient.process import split_dsn
+from ..artifact import extract as backup_extract
+from ..artifact.compression import decompressor
+from ..artifact.encryption import Decryptor
+from ..engram import crypto as engram_crypto
+from ..engram import keys as key_rules
+from ..errors import ConfigurationError, RecoveryError, scrub
+from ..repository.base import Repository
+from ..repository.manifest import Artifact, Manifest
+from ..stores import postgres
+from ..stores.pgclient.process import split_dsn
 
 PREFIX = "engram_drill_"
 _NAME = re.compile(r"^engram_drill_(\d{9,11})_[0-9a-f]{8}$")

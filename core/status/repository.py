@@ -6,12 +6,12 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from ...core.errors import RecoveryError
-from ...core.repository.base import RepositoryState, Verified, open_repository, read_state
-from ...core.repository.prune import policy_of
-from ...core.repository.retention import Candidate, decide
-from ...core.repository.verification import record, reverify
-from ..base import Verdict
+from ...tools.base import Verdict
+from ..errors import RecoveryError
+from ..repository.base import RepositoryState, Verified, open_repository, read_state
+from ..repository.prune import policy_of
+from ..repository.retention import Candidate, decide
+from ..repository.verification import record, reverify
 from .common import Check, StatusContext, format_age, format_size
 
 DRILL_MAX_AGE = timedelta(days=31)

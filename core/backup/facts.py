@@ -18,11 +18,11 @@ from datetime import datetime
 import anyio
 import asyncpg
 
-from .engram import crypto as engram_crypto
-from .engram.schema_probe import SchemaProbe
-from .repository.manifest import CanaryInfo, ObanInfo
-from .stores import postgres
-from .stores.postgres import PostgresError
+from ..engram import crypto as engram_crypto
+from ..engram.schema_probe import SchemaProbe
+from ..repository.manifest import CanaryInfo, ObanInfo
+from ..stores import postgres
+from ..stores.postgres import PostgresError
 
 # The tables whose exact row counts go into the manifest (those this database has).
 COUNTED_TABLES = (

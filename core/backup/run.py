@@ -22,21 +22,21 @@ from pathlib import Path
 
 import anyio
 
-from .artifact import encryption as backup_crypto
-from .artifact.compression import SUFFIX, Compression
-from .backup_facts import DatabaseFacts, counted_facts, exported_snapshot, quick_facts
-from .backup_pipeline import Stored, Transform, dump_to_repository, file_to_repository
-from .engram.schema_probe import SchemaProbe, probe
-from .errors import ConfigurationError, IntegrityError, RecoveryError
+from ..artifact import encryption as backup_crypto
+from ..artifact.compression import SUFFIX, Compression
+from ..engram.schema_probe import SchemaProbe, probe
+from ..errors import ConfigurationError, IntegrityError, RecoveryError
+from ..progress import Progress
+from ..repository.base import BACKUPS, LocalRepository, Repository, backup_id_of, scan
+from ..repository.manifest import MANIFEST_NAME, Artifact, QdrantInfo
+from ..runtime import Runtime
+from ..stores import qdrant
+from ..stores.pgclient.process import DumpFormat, PgDumpCommand, spawn
+from ..stores.pgclient.versions import ClientVersion, choose
+from ..taskgroups import task_group
+from .facts import DatabaseFacts, counted_facts, exported_snapshot, quick_facts
 from .lock import database_lock, directory_lock
-from .progress import Progress
-from .repository.base import BACKUPS, LocalRepository, Repository, backup_id_of, scan
-from .repository.manifest import MANIFEST_NAME, Artifact, QdrantInfo
-from .runtime import Runtime
-from .stores import qdrant
-from .stores.pgclient.process import DumpFormat, PgDumpCommand, spawn
-from .stores.pgclient.versions import ClientVersion, choose
-from .taskgroups import task_group
+from .pipeline import Stored, Transform, dump_to_repository, file_to_repository
 
 QDRANT_TIMEOUT = 10.0
 

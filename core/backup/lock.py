@@ -24,9 +24,9 @@ from pathlib import Path
 
 import anyio
 
-from .errors import Busy
-from .stores import postgres
-from .stores.postgres import PostgresError
+from ..errors import Busy
+from ..stores import postgres
+from ..stores.postgres import PostgresError
 
 
 def _key(label: str) -> int:

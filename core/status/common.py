@@ -9,10 +9,10 @@ from typing import Any, Literal
 import anyio
 from pydantic import BaseModel, Field
 
-from ...core.engram.schema_probe import SchemaProbe, probe
-from ...core.errors import RecoveryError
-from ...core.runtime import Runtime
-from ..base import Verdict
+from ...tools.base import Verdict
+from ..engram.schema_probe import SchemaProbe, probe
+from ..errors import RecoveryError
+from ..runtime import Runtime
 
 Component = Literal["postgres", "last_backup", "master_key", "attachments", "qdrant", "oban", "restore_drill"]
 

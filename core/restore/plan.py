@@ -17,10 +17,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from .engram import crypto as engram_crypto
-from .engram import keys as key_rules
-from .repository.manifest import MANIFEST_FORMAT, Manifest
-from .repository.verify import ArtifactVerdict
+from ..engram import crypto as engram_crypto
+from ..engram import keys as key_rules
+from ..repository.manifest import MANIFEST_FORMAT, Manifest
+from ..repository.verify import ArtifactVerdict
 
 Verdict = Literal["ok", "warn", "fail"]
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
-from .engram import oban
-from .reindex_plan import NIL, BatchPolicy, Mode, Statements
+from ..engram import oban
+from .plan import NIL, BatchPolicy, Mode, Statements
 
 # Every run and batch of this tool serialises on this key (a fixed 64-bit number derived
 # from the tool's name), so two runs cannot both see a note as not queued.

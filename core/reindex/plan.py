@@ -12,9 +12,9 @@ import uuid
 from dataclasses import dataclass
 from typing import Literal
 
-from .engram.oban import ObanTarget, not_queued, pending_note_ids_sql
-from .engram.schema_probe import SchemaProbe
-from .errors import ConfigurationError
+from ..engram.oban import ObanTarget, not_queued, pending_note_ids_sql
+from ..engram.schema_probe import SchemaProbe
+from ..errors import ConfigurationError
 
 Mode = Literal["all", "missing", "stale"]
 # Below every uuid PostgreSQL or Engram generates (uuidv7 and v4 are never all zero),

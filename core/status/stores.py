@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ...core.engram.schema_probe import SchemaProbe
-from ...core.stores import qdrant, s3
-from ..base import Verdict
+from ...tools.base import Verdict
+from ..engram.schema_probe import SchemaProbe
+from ..stores import qdrant, s3
 from .common import Check, StatusContext
 
 # --- attachments --------------------------------------------------------------------------

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from ...core.engram import crypto as engram_crypto
-from ...core.engram import keys as key_rules
-from ...core.engram import oban
-from ...core.stores.pgclient.versions import choose
-from ..base import Verdict
+from ...tools.base import Verdict
+from ..engram import crypto as engram_crypto
+from ..engram import keys as key_rules
+from ..engram import oban
+from ..stores.pgclient.versions import choose
 from .common import Check, StatusContext, format_size
 
 INCOMPLETE_STATES = ("available", "scheduled", "executing", "retryable", "suspended")

@@ -18,29 +18,20 @@ from urllib.parse import urlsplit
 
 import anyio
 
-from .artifact.encryption import parse_key
+from ..artifact.encryption import parse_key
+from ..backup.mirror import read_inventory, verify_blobs
+from ..engram import crypto as engram_crypto
+from ..engram.schema_probe import probe
+from ..errors import ConfigurationError, IntegrityError, RecoveryError
+from ..repository.base import BACKUPS, MANIFEST_NAME, LocalRepository, Repository, scan
+from ..repository.manifest import Manifest
+from ..repository.verify import ArtifactVerdict, Digest, compare, sha256_stream, verify_files
+from ..runtime import Runtime
+from ..settings import Settings
+from ..stores import postgres, s3
+from ..stores.pgclient.versions import ClientChoice, choose
 from .drill import plaintext
-from .engram import crypto as engram_crypto
-from .engram.schema_probe import probe
-from .errors import ConfigurationError, IntegrityError, RecoveryError
-from .mirror import read_inventory, verify_blobs
-from .repository.base import BACKUPS, MANIFEST_NAME, LocalRepository, Repository, scan
-from .repository.manifest import Manifest
-from .repository.verify import ArtifactVerdict, Digest, compare, sha256_stream, verify_files
-from .restore_plan import (
-    InventoryState,
-    KeyMaterial,
-    LiveState,
-    RestoreNeeds,
-    RoleState,
-    TargetState,
-    ToolState,
-    dump_major,
-)
-from .runtime import Runtime
-from .settings import Settings
-from .stores import postgres, s3
-from .stores.pgclient.versions import ClientChoice, choose
+from .plan import InventoryState, KeyMaterial, LiveState, RestoreNeeds, RoleState, TargetState, ToolState, dump_major
 
 SYSTEM_SCHEMAS = ("pg_catalog", "information_schema")
 

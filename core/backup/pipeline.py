@@ -19,12 +19,12 @@ import anyio
 import anyio.from_thread
 import anyio.to_thread
 
-from .artifact.compression import Codec, Compression, Data, compressor
-from .artifact.encryption import Encryptor
-from .errors import RecoveryError
-from .repository.base import Repository
-from .stores.pgclient.process import PipedProcess
-from .taskgroups import task_group
+from ..artifact.compression import Codec, Compression, Data, compressor
+from ..artifact.encryption import Encryptor
+from ..errors import RecoveryError
+from ..repository.base import Repository
+from ..stores.pgclient.process import PipedProcess
+from ..taskgroups import task_group
 
 BLOCK = 1 << 20
 QUEUE_BLOCKS = 4

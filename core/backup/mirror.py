@@ -43,13 +43,13 @@ import anyio
 from anyio.abc import ObjectReceiveStream
 from botocore.exceptions import ResponseStreamingError
 
-from .errors import IntegrityError, RecoveryError
-from .progress import Progress
-from .repository.base import BACKUPS, Repository, scan
-from .repository.s3 import S3Repository
-from .stores import s3
-from .stores.s3 import S3_ERRORS, S3Location
-from .taskgroups import task_group
+from ..errors import IntegrityError, RecoveryError
+from ..progress import Progress
+from ..repository.base import BACKUPS, Repository, scan
+from ..repository.s3 import S3Repository
+from ..stores import s3
+from ..stores.s3 import S3_ERRORS, S3Location
+from ..taskgroups import task_group
 
 POOL = "attachments/pool/"
 INVENTORY_NAME = "attachments-inventory.jsonl"

@@ -14,9 +14,9 @@ import json
 
 from pydantic import BaseModel
 
-from .engram import crypto as engram_crypto
-from .repository.manifest import Manifest
-from .restore_plan import Observed
+from ..engram import crypto as engram_crypto
+from ..repository.manifest import Manifest
+from .plan import Observed
 
 
 class Premises(BaseModel):

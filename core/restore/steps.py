@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
 
-from .engram import crypto as engram_crypto
-from .repository.manifest import Manifest
-from .restore_plan import CHANGE_SEQ_MIGRATION, Consequence, Observed, PlanStep, snapshot_time
+from ..engram import crypto as engram_crypto
+from ..repository.manifest import Manifest
+from .plan import CHANGE_SEQ_MIGRATION, Consequence, Observed, PlanStep, snapshot_time
 
 # Re-embedding estimates: Engram's chunker aims at ~512-token chunks; most run shorter.
 TOKENS_PER_CHUNK = 400

@@ -1,0 +1,7 @@
+"""run_backup: the steps that make a recovery point trustworthy.
+
+run.py (preflight, the dump in the snapshot the facts were read in, read-back verification),
+pipeline.py (pg_dump -> zstd -> AES-GCM -> repository, streamed), facts.py (what the manifest
+records, read in the dump's snapshot), mirror.py (the attachments bucket into the repository's
+pool), lock.py (one backup of a database at a time).
+"""

@@ -1,0 +1,1 @@
+"""reindex_qdrant: plan.py (the SQL, pure), engine.py (the batches, each one transaction)."""

@@ -1,0 +1,2 @@
+"""backup_status: one check per component; common.py (Check, StatusContext), database.py,
+stores.py, repository.py."""
