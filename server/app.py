@@ -54,7 +54,7 @@ class RecoveryTool(Tool):
     prefixes every failure with "Error executing tool X", which for an exception
     it did not expect is all the client sees. Here arguments are validated
     strictly against the advertised schema, a RecoveryError keeps its message and
-    fix, and anything else becomes one operator-facing line (core/failures.py).
+    fix, and anything else becomes one operator-facing line (core/stores/failures.py).
     """
 
     spec: Any = Field(exclude=True)

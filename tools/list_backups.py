@@ -1,6 +1,6 @@
 """list_backups: the catalog of recovery points, newest first.
 
-Read-only. The answers come from core/catalog.py; this module is the tool.
+Read-only. The answers come from core/repository/catalog.py; this module is the tool.
 """
 
 from __future__ import annotations

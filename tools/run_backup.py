@@ -1,6 +1,6 @@
 """run_backup: one consistent recovery point (database dump, attachments, key check), verified.
 
-The steps live in core/backup_run.py; this module is the tool: its input, its
+The steps live in core/backup/run.py; this module is the tool: its input, its
 result, and the order of the steps.
 """
 

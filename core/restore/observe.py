@@ -1,6 +1,6 @@
 """The I/O behind a restore plan: find the recovery point, re-hash it, look at the target and the live database.
 
-Everything here only reads. The judging happens in core/restore_plan.py.
+Everything here only reads. The judging happens in core/restore/plan.py.
 """
 
 from __future__ import annotations

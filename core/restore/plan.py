@@ -1,8 +1,8 @@
 """Turning a manifest plus the observed state into a verified restore plan: pure, no I/O.
 
-core/restore_checks.py gathers the observed state (hashes, versions, the target,
+core/restore/observe.py gathers the observed state (hashes, versions, the target,
 the live database); this module judges it and writes the ordered steps with
-their exact commands (core/restore_steps.py). A plan whose verification fails
+their exact commands (core/restore/steps.py). A plan whose verification fails
 offers no executable steps: the operator fixes the cause first.
 """
 
@@ -72,7 +72,7 @@ class ToolState:
     pg_restore_path: str | None
     pg_restore_major: int | None
     problem: str | None = None
-    fix: str | None = None  # what works on this host (core/pgclients.py), when no pg_restore fits
+    fix: str | None = None  # what works on this host (core/stores/pgclient/versions.py), when no pg_restore fits
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """The last line of defence: any exception a tool did not anticipate, as a cause and a fix.
 
-Stores translate their own failures where they happen (core/postgres.py,
-core/s3.py, core/localfs.py). What escapes them anyway (a driver error raised
+Stores translate their own failures where they happen (core/stores/postgres.py,
+core/stores/s3.py, core/repository/localfs.py). What escapes them anyway (a driver error raised
 in a place nobody wrapped, a full disk under a temporary file, a bug) reaches
 the operator here as one line and a fix, never as a traceback or as the SDK's
 bare "Error executing tool X". The traceback goes to the debug log only.
