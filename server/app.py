@@ -142,11 +142,8 @@ def build_server(settings: Settings | ConfigurationError) -> RecoveryServer:
             # No tool reaches the runtime without settings (RecoveryTool.run answers first).
             yield cast(Runtime, None)
             return
-        runtime = Runtime(configured)
-        try:
+        async with Runtime(configured) as runtime:
             yield runtime
-        finally:
-            await runtime.aclose()
 
     tools = tools_for(configured)
     running = Running()

@@ -15,11 +15,13 @@ from pydantic import Field
 from ..core.progress import Progress
 from ..core.repository.base import open_repository
 from ..core.restore import observe as rc
-from ..core.restore.plan import Consequence, Observed, PlanCheck, PlanStep, Verdict, run_checks, snapshot_time, worst
+from ..core.restore.plan import Consequence, Observed, PlanCheck, PlanStep, run_checks, snapshot_time
 from ..core.restore.steps import CommandContext, build_steps, consequences
 from ..core.restore.token import Premises, plan_token, premises_of
 from ..core.runtime import Runtime
 from ..core.stores.pgclient.versions import beside
+from ..core.taskgroups import gather
+from ..core.verdict import Verdict, worst
 from .base import ToolInput, ToolResult, ToolSpec, read_only_annotations
 
 
@@ -82,7 +84,7 @@ async def plan_restore(runtime: Runtime, params: PlanRestoreInput, progress: Pro
         roles = sorted(set(db.roles_referenced or rc.toc_owners(listing or "")) | set(needs.object_owners or ())
                        | ({needs.owner} if needs.owner else set()))  # fmt: skip
         await progress(1, 5, f"verifying {len(manifest.artifacts)} artifact(s) of {manifest.backup_id}")
-        artifacts, target, live, inventory = await rc.gather_concurrently(
+        artifacts, target, live, inventory = await gather(
             rc.verify_artifacts(repo, point),
             rc.target_state(settings, target_db, roles, needs.extensions or ()),
             rc.live_state(settings, snapshot_time(manifest)),

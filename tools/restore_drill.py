@@ -33,7 +33,8 @@ from ..core.restore import observe as rc
 from ..core.runtime import Runtime
 from ..core.stores import postgres
 from ..core.stores.pgclient.versions import ClientVersion, beside
-from .base import ToolInput, ToolResult, ToolSpec, Verdict
+from ..core.verdict import Verdict
+from .base import ToolInput, ToolResult, ToolSpec
 
 T = TypeVar("T")
 RTO_STEPS = ("verify", "create_database", "restore")

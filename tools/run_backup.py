@@ -38,7 +38,8 @@ from ..core.repository.prune import RetentionReport, apply_retention
 from ..core.runtime import Runtime
 from ..core.stores.pgclient.versions import ClientVersion
 from ..core.taskgroups import task_group
-from .base import ToolInput, ToolResult, ToolSpec, Verdict
+from ..core.verdict import Verdict
+from .base import ToolInput, ToolResult, ToolSpec
 
 TOOL_VERSION = "0.1.0"
 

@@ -19,6 +19,8 @@ from pathlib import Path
 import anyio
 import anyio.to_thread
 
+from ..taskgroups import task_group
+
 BLOCK_BYTES = 4 << 20
 # A thread per artifact up to this many: the machines this runs on have few cores.
 DEFAULT_CONCURRENCY = 2
@@ -112,7 +114,7 @@ async def verify_files(
                 actual = None
         results[index] = compare(name, sha, size, actual)
 
-    async with anyio.create_task_group() as tg:
+    async with task_group() as tg:
         for index, (name, path, sha, size) in enumerate(items):
             tg.start_soon(one, index, name, path, sha, size)
     return [results[i] for i in range(len(items))]

@@ -33,6 +33,7 @@ from ..repository.base import Repository
 from ..repository.manifest import Artifact, Manifest
 from ..stores import postgres
 from ..stores.pgclient.process import split_dsn
+from ..taskgroups import task_group
 
 PREFIX = "engram_drill_"
 _NAME = re.compile(r"^engram_drill_(\d{9,11})_[0-9a-f]{8}$")
@@ -155,7 +156,7 @@ async def restore_stream(command: RestoreCommand, chunks: AsyncIterator[bytes]) 
                 del stderr[:-STDERR_KEEP]
 
         feed_error: BaseException | None = None
-        async with anyio.create_task_group() as tg:
+        async with task_group() as tg:
             tg.start_soon(drain)
             try:
                 async for chunk in chunks:

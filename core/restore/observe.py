@@ -30,6 +30,7 @@ from ..runtime import Runtime
 from ..settings import Settings
 from ..stores import postgres, s3
 from ..stores.pgclient.versions import ClientChoice, choose
+from ..taskgroups import task_group
 from .drill import plaintext
 from .plan import InventoryState, KeyMaterial, LiveState, RestoreNeeds, RoleState, TargetState, ToolState, dump_major
 
@@ -238,7 +239,7 @@ async def dump_listing(settings: Settings, repo: Repository, point: RecoveryPoin
             async for part in stdout:
                 out.extend(part)
 
-        async with anyio.create_task_group() as tg:
+        async with task_group() as tg:
             tg.start_soon(read)
             try:
                 # pg_restore stops reading once it has the TOC: a closed pipe is the normal end.
@@ -448,19 +449,6 @@ async def inventory_state(repo: Repository, point: RecoveryPoint) -> InventorySt
         missing_count=len(checked.bad), entries=[(e.key, e.repo_key, e.version_id) for e in entries],
         checked_by=checked.how,
     )
-
-
-async def gather_concurrently(*jobs: Any) -> list[Any]:
-    """Run independent reads at once (hashing, the target, the live database)."""
-    results: list[Any] = [None] * len(jobs)
-
-    async def one(i: int, job: Any) -> None:
-        results[i] = await job
-
-    async with anyio.create_task_group() as tg:
-        for i, job in enumerate(jobs):
-            tg.start_soon(one, i, job)
-    return results
 
 
 async def bucket_unknown_prefixes(runtime: Runtime, inventory: InventoryState | None) -> list[str] | None:

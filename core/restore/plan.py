@@ -13,7 +13,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, Field
 
@@ -21,8 +21,7 @@ from ..engram import crypto as engram_crypto
 from ..engram import keys as key_rules
 from ..repository.manifest import MANIFEST_FORMAT, Manifest
 from ..repository.verify import ArtifactVerdict
-
-Verdict = Literal["ok", "warn", "fail"]
+from ..verdict import Verdict
 
 # The newest Engram migration each release ships: the app runs every migration it
 # knows at boot, before its canary check, and cannot run against a newer schema.
@@ -181,10 +180,6 @@ class Observed:
         if self.live.reachable:
             return self.live.newer_users or []
         return self.bucket_unknown_prefixes or []
-
-
-def worst(statuses: Sequence[Verdict]) -> Verdict:
-    return "fail" if "fail" in statuses else "warn" if "warn" in statuses else "ok"
 
 
 def _check(name: str, status: Verdict, code: str, summary: str, **details: Any) -> PlanCheck:

@@ -9,10 +9,10 @@ from typing import Any, Literal
 import anyio
 from pydantic import BaseModel, Field
 
-from ...tools.base import Verdict
 from ..engram.schema_probe import SchemaProbe, probe
 from ..errors import RecoveryError
 from ..runtime import Runtime
+from ..verdict import Verdict
 
 Component = Literal["postgres", "last_backup", "master_key", "attachments", "qdrant", "oban", "restore_drill"]
 
@@ -24,10 +24,6 @@ class Check(BaseModel):
     details: dict[str, Any] = Field(default_factory=dict)
     estimates: list[str] = Field(default_factory=list, description="Which numbers in details are estimates.")
     elapsed_ms: float = 0.0
-
-
-def worst(statuses: list[Verdict]) -> Verdict:
-    return "fail" if "fail" in statuses else "warn" if "warn" in statuses else "ok"
 
 
 class StatusContext:

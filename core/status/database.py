@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from ...tools.base import Verdict
 from ..engram import crypto as engram_crypto
 from ..engram import keys as key_rules
 from ..engram import oban
 from ..stores.pgclient.versions import choose
+from ..verdict import Verdict
 from .common import Check, StatusContext, format_size
 
 INCOMPLETE_STATES = ("available", "scheduled", "executing", "retryable", "suspended")

@@ -6,12 +6,12 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from ...tools.base import Verdict
 from ..errors import RecoveryError
 from ..repository.base import RepositoryState, Verified, open_repository, read_state
 from ..repository.prune import policy_of
 from ..repository.retention import Candidate, decide
 from ..repository.verification import record, reverify
+from ..verdict import Verdict
 from .common import Check, StatusContext, format_age, format_size
 
 DRILL_MAX_AGE = timedelta(days=31)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ...tools.base import Verdict
 from ..engram.schema_probe import SchemaProbe
 from ..stores import qdrant, s3
+from ..verdict import Verdict
 from .common import Check, StatusContext
 
 # --- attachments --------------------------------------------------------------------------

@@ -32,10 +32,10 @@ from engram_recovery.core.restore.plan import (
     TargetState,
     ToolState,
     run_checks,
-    worst,
 )
 from engram_recovery.core.restore.steps import CommandContext, build_steps, consequences
 from engram_recovery.core.restore.token import plan_token, premises_of, verify_plan_token
+from engram_recovery.core.verdict import worst
 
 KEY = secrets.token_bytes(32)
 SUPERUSER = RoleState(name="postgres", superuser=True, bypass_rls=True, create_db=True, create_role=True)

@@ -16,12 +16,14 @@ from pydantic import Field
 
 from ...core.progress import Progress
 from ...core.runtime import Runtime
-from ...core.status.common import Check, CheckFn, Component, StatusContext, worst
+from ...core.status.common import Check, CheckFn, Component, StatusContext
 from ...core.status.database import check_master_key, check_oban, check_postgres
 from ...core.status.repository import check_last_backup, check_restore_drill
 from ...core.status.stores import check_attachments, check_qdrant
 from ...core.stores.failures import explain
-from ..base import ToolInput, ToolResult, ToolSpec, Verdict, read_only_annotations
+from ...core.taskgroups import task_group
+from ...core.verdict import Verdict, worst
+from ..base import ToolInput, ToolResult, ToolSpec, read_only_annotations
 
 __all__ = ["SPEC", "BackupStatusInput", "BackupStatusResult", "Check", "backup_status"]
 
@@ -89,7 +91,7 @@ async def backup_status(runtime: Runtime, params: BackupStatusInput, progress: P
         results[component] = await _run_check(ctx, component, fn, timeout)
         await progress(len(results), len(CHECKS), f"checked {component}")
 
-    async with anyio.create_task_group() as tg:
+    async with task_group() as tg:
         for component, fn in CHECKS:
             tg.start_soon(run_one, component, fn)
     checks = [results[c] for c, _ in CHECKS]
