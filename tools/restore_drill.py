@@ -22,12 +22,12 @@ from mcp_types import ToolAnnotations
 from pydantic import BaseModel, Field
 
 from ..core.artifact import encryption as backup_crypto
-from ..core.backup.mirror import BlobCheck, read_inventory, verify_blobs
 from ..core.engram.schema_probe import probe
 from ..core.errors import ConfigurationError, IntegrityError, RecoveryError, scrub
 from ..core.progress import Progress
 from ..core.repository.base import DRILLS, Repository, open_repository
 from ..core.repository.manifest import Manifest
+from ..core.repository.pool import BlobCheck, read_inventory, verify_blobs
 from ..core.restore import drill
 from ..core.restore import observe as rc
 from ..core.runtime import Runtime

@@ -12,8 +12,8 @@ inventory (JSON lines: key, size, etag, version_id, repo_key, and the blob's
 content checksum: `sha256` taken from the bytes as they were streamed in, or
 `md5`, the source's own ETag where it is one, for blobs copied server-side;
 inventories written before checksums have neither and are checked by size only)
-under its own folder; `collect_garbage` is retention's tool for removing pool entries no kept
-inventory references. The mirror itself never deletes anything.
+under its own folder (core/repository/pool.py, where `collect_garbage`, retention's tool,
+removes pool entries no kept inventory references). The mirror itself never deletes anything.
 
 What to copy is decided from listings alone (ListObjectsV2 or ListObjectVersions
 on the source, a listing of the pool on the destination, both 1,000 keys a
@@ -30,10 +30,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import re
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,14 +44,13 @@ from botocore.exceptions import ResponseStreamingError
 
 from ..errors import IntegrityError, RecoveryError
 from ..progress import Progress
-from ..repository.base import BACKUPS, Repository, scan
+from ..repository.base import Repository, scan
+from ..repository.pool import INVENTORY_NAME, POOL, InventoryEntry, inventory_key, pool_key, read_inventory
 from ..repository.s3 import S3Repository
 from ..stores import s3
 from ..stores.s3 import S3_ERRORS, S3Location
 from ..taskgroups import task_group
 
-POOL = "attachments/pool/"
-INVENTORY_NAME = "attachments-inventory.jsonl"
 STREAM_CHUNK = 1 << 20
 # Streamed objects larger than one chunk may be buffered by the repository (an S3
 # repository holds up to three 8 MiB parts per upload): only this many at a time,
@@ -62,7 +60,6 @@ LARGE_STREAMS = 4
 COPY_CUTOFF = 4_995 * (1 << 20)
 COPY_PART = 512 * (1 << 20)
 _PROGRESS_EVERY = 0.5  # seconds: enough for a progress bar, few enough for an MCP client
-_SAFE_ETAG = re.compile(r"^[A-Za-z0-9-]{1,128}$")
 # A single-part upload's ETag is the MD5 of its bytes (unless SSE-KMS/SSE-C encrypted them).
 _MD5 = re.compile(r"^[0-9a-f]{32}$")
 
@@ -77,35 +74,6 @@ class SourceObject:
     size: int
     etag: str
     version_id: str | None = None
-
-
-@dataclass(frozen=True)
-class InventoryEntry:
-    key: str
-    size: int
-    etag: str
-    version_id: str | None
-    repo_key: str
-    sha256: str | None = None  # of the blob's bytes, taken while they were streamed into the repository
-    md5: str | None = None  # of the blob's bytes: computed while streaming, or the source's own ETag
-
-    @property
-    def checksum(self) -> tuple[str, str] | None:
-        """(algorithm, hex) to check the stored blob's content with; None: size only (an older inventory)."""
-        if self.sha256:
-            return "sha256", self.sha256
-        return ("md5", self.md5) if self.md5 else None
-
-    def to_json(self) -> str:
-        data: dict[str, Any] = {"key": self.key, "size": self.size, "etag": self.etag}
-        if self.version_id is not None:
-            data["version_id"] = self.version_id
-        data["repo_key"] = self.repo_key
-        if self.sha256 is not None:
-            data["sha256"] = self.sha256
-        if self.md5 is not None:
-            data["md5"] = self.md5
-        return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
 
 
 @dataclass(frozen=True)
@@ -180,50 +148,6 @@ class MirrorReport:
     dry_run: bool = False
     keys: frozenset[str] = frozenset()  # the source keys this recovery point holds
     recopied_objects: int = 0  # in the pool at the right size, copied again because their content was suspect
-
-
-def pool_key(key: str, etag: str) -> str:
-    """Where the blob of (`key`, `etag`) lives in the repository."""
-    digest = hashlib.sha256(key.encode("utf-8")).hexdigest()
-    # An ETag is normally hex (with "-N" for multipart uploads); anything else is hashed
-    # so that no server can hand us a path component.
-    tag = etag if _SAFE_ETAG.match(etag) else "x" + hashlib.sha256(etag.encode("utf-8")).hexdigest()
-    return f"{POOL}{digest[:2]}/{digest}/{tag}"
-
-
-def inventory_key(backup_id: str, name: str = INVENTORY_NAME) -> str:
-    return f"{BACKUPS}{backup_id}/{name}"
-
-
-async def read_inventory(repo: Repository, key: str) -> AsyncIterator[InventoryEntry]:
-    """The entries of the inventory stored under repository key `key`."""
-    pending = b""
-    async for chunk in repo.get_stream(key):
-        pending += chunk
-        *lines, pending = pending.split(b"\n")
-        for line in lines:
-            if line.strip():
-                yield _entry(line, key)
-    if pending.strip():
-        yield _entry(pending, key)
-
-
-def _entry(line: bytes, where: str) -> InventoryEntry:
-    try:
-        data = json.loads(line)
-        return InventoryEntry(
-            key=str(data["key"]),
-            size=int(data["size"]),
-            etag=str(data["etag"]),
-            version_id=data.get("version_id"),
-            repo_key=str(data["repo_key"]),
-            sha256=data.get("sha256"),
-            md5=data.get("md5"),
-        )
-    except (ValueError, KeyError, TypeError) as exc:
-        raise IntegrityError(
-            f"the attachments inventory {where} has a malformed line", "restore that file from a copy of the repository"
-        ) from exc
 
 
 def _location(repo: S3Repository) -> S3Location:
@@ -510,82 +434,3 @@ class _Session:
         finally:
             body.close()
         return sha256, md5.hexdigest()
-
-
-async def collect_garbage(repo: Repository, kept_inventories: Iterable[str]) -> tuple[int, int]:
-    """Delete pool entries that no kept inventory references; return (objects, bytes) deleted.
-
-    `kept_inventories` are the repository keys of the inventories of every backup
-    retention keeps (`inventory_key(backup_id)`), including backups whose run is
-    still in progress. A kept inventory that cannot be read stops the collection
-    before anything is deleted: guessing would delete blobs a backup needs.
-    """
-    referenced: set[str] = set()
-    for key in kept_inventories:
-        if not await repo.exists(key):
-            raise IntegrityError(
-                f"the attachments inventory {key} of a kept backup is missing; nothing was deleted",
-                "pass only inventories that exist (backups mirrored from S3), or repair the backup",
-            )
-        async for entry in read_inventory(repo, key):
-            referenced.add(entry.repo_key)
-    doomed: list[tuple[str, int]] = [(k, size) async for k, size in repo.list(POOL) if k not in referenced]
-    for start in range(0, len(doomed), 1000):
-        await repo.delete([k for k, _size in doomed[start : start + 1000]])
-    return len(doomed), sum(size for _k, size in doomed)
-
-
-@dataclass(frozen=True)
-class BlobCheck:
-    """The mirrored blobs of one inventory, re-read and checked against it."""
-
-    objects: int
-    by_content: int  # checked against a recorded checksum
-    size_only: int  # named by an older inventory without checksums: only their size could be checked
-    bad: list[tuple[str, str]]  # (pool key, what is wrong), in inventory order
-
-    @property
-    def how(self) -> str:
-        if not self.size_only:
-            return "content (checksums)"
-        return "size only" if not self.by_content else f"content, {self.size_only} by size only (older inventory)"
-
-
-async def verify_blobs(repo: Repository, entries: list[InventoryEntry], concurrency: int = 8) -> BlobCheck:
-    """Re-read every blob `entries` name and compare its content with the checksum the inventory recorded."""
-    problems: dict[int, str] = {}
-    sizes = {key: size async for key, size in repo.list(POOL)}
-    limiter = anyio.CapacityLimiter(max(1, concurrency))
-
-    async def one(index: int, entry: InventoryEntry) -> None:
-        stored = sizes.get(entry.repo_key)
-        if stored is None:
-            problems[index] = "missing from the repository"
-            return
-        if stored != entry.size:
-            problems[index] = f"{stored} bytes stored, {entry.size} recorded"
-            return
-        checksum = entry.checksum
-        if checksum is None:
-            return
-        algorithm, expected = checksum
-        async with limiter:
-            try:
-                _size, actual = await repo.checksum(entry.repo_key, algorithm)
-            except RecoveryError as exc:
-                problems[index] = f"unreadable: {exc.message}"
-                return
-        if actual != expected:
-            problems[index] = (f"content differs from what was copied ({algorithm} {actual[:12]}..., recorded "
-                               f"{expected[:12]}...)")  # fmt: skip
-
-    # In batches: a million blobs must not mean a million tasks at once.
-    for start in range(0, len(entries), 1000):
-        async with task_group() as tg:
-            for index in range(start, min(start + 1000, len(entries))):
-                tg.start_soon(one, index, entries[index])
-    size_only = sum(1 for e in entries if e.checksum is None)
-    return BlobCheck(
-        objects=len(entries), by_content=len(entries) - size_only, size_only=size_only,
-        bad=[(entries[i].repo_key, problems[i]) for i in sorted(problems)],
-    )

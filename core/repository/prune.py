@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field
 from ..settings import Settings
 from .base import BACKUPS, BackupSummary, Repository, scan
 from .manifest import MANIFEST_NAME, Manifest
+from .pool import INVENTORY_NAME, POOL, collect_garbage, inventory_key
 from .retention import Candidate, Policy, decide
 
 
@@ -70,8 +71,6 @@ async def apply_retention(repo: Repository, settings: Settings, *, prune: bool, 
 
 
 async def _collect_pool(repo: Repository, kept: list[str]) -> tuple[int, int]:
-    from ..backup.mirror import INVENTORY_NAME, POOL, collect_garbage, inventory_key
-
     async for _entry in repo.list(POOL):
         break
     else:

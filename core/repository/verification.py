@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from ..backup.mirror import read_inventory, verify_blobs
 from ..errors import RecoveryError
 from ..restore.observe import resolve, verify_artifacts
 from .base import VERIFICATIONS, Repository, VerificationRecord
+from .pool import read_inventory, verify_blobs
 
 
 async def reverify(repo: Repository, backup_id: str, how: str) -> VerificationRecord:

@@ -19,12 +19,12 @@ from urllib.parse import urlsplit
 import anyio
 
 from ..artifact.encryption import parse_key
-from ..backup.mirror import read_inventory, verify_blobs
 from ..engram import crypto as engram_crypto
 from ..engram.schema_probe import probe
 from ..errors import ConfigurationError, IntegrityError, RecoveryError
 from ..repository.base import BACKUPS, MANIFEST_NAME, LocalRepository, Repository, scan
 from ..repository.manifest import Manifest
+from ..repository.pool import read_inventory, verify_blobs
 from ..repository.verify import ArtifactVerdict, Digest, compare, sha256_stream, verify_files
 from ..runtime import Runtime
 from ..settings import Settings
