@@ -179,7 +179,7 @@ def _decrypt(source: str, output: str | None, env_file: str | None) -> int:
     from pathlib import Path
 
     from ..core.artifact import extract as backup_extract
-    from ..core.repository.base import open_repository
+    from ..core.repository import open_repository
     from ..core.settings import parse_env_file
 
     env = (parse_env_file(Path(env_file)) if env_file else {}) | dict(os.environ)

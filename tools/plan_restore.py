@@ -13,7 +13,9 @@ from datetime import UTC, datetime
 from pydantic import Field
 
 from ..core.progress import Progress
-from ..core.repository.base import open_repository
+from ..core.repository import open_repository
+from ..core.repository.points import resolve
+from ..core.repository.verify import verify_artifacts
 from ..core.restore import observe as rc
 from ..core.restore.plan import Consequence, Observed, PlanCheck, PlanStep, run_checks, snapshot_time
 from ..core.restore.steps import CommandContext, build_steps, consequences
@@ -74,7 +76,7 @@ async def plan_restore(runtime: Runtime, params: PlanRestoreInput, progress: Pro
     target_db = params.target_database or settings.database_name
     async with open_repository(settings) as repo:
         await progress(0, 5, "reading the manifest")
-        point = await rc.resolve(repo, params.recovery_point)
+        point = await resolve(repo, params.recovery_point)
         manifest = point.manifest
         db = manifest.database
         # Backups that predate these manifest fields: the dump's own table of contents says.
@@ -85,7 +87,7 @@ async def plan_restore(runtime: Runtime, params: PlanRestoreInput, progress: Pro
                        | ({needs.owner} if needs.owner else set()))  # fmt: skip
         await progress(1, 5, f"verifying {len(manifest.artifacts)} artifact(s) of {manifest.backup_id}")
         artifacts, target, live, inventory = await gather(
-            rc.verify_artifacts(repo, point),
+            verify_artifacts(repo, point),
             rc.target_state(settings, target_db, roles, needs.extensions or ()),
             rc.live_state(settings, snapshot_time(manifest)),
             rc.inventory_state(repo, point),

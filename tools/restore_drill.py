@@ -25,9 +25,12 @@ from ..core.artifact import encryption as backup_crypto
 from ..core.engram.schema_probe import probe
 from ..core.errors import ConfigurationError, IntegrityError, RecoveryError, scrub
 from ..core.progress import Progress
-from ..core.repository.base import DRILLS, Repository, open_repository
+from ..core.repository import open_repository
+from ..core.repository.base import DRILLS, Repository
 from ..core.repository.manifest import Manifest
+from ..core.repository.points import RecoveryPoint, resolve
 from ..core.repository.pool import BlobCheck, read_inventory, verify_blobs
+from ..core.repository.verify import verify_artifacts
 from ..core.restore import drill
 from ..core.restore import observe as rc
 from ..core.runtime import Runtime
@@ -125,7 +128,7 @@ async def restore_drill(runtime: Runtime, params: RestoreDrillInput, progress: P
     async with open_repository(settings) as repo:
         # A recovery point that does not resolve is the caller's input, answered as plan_restore answers it
         # (an error with its fix), not a drill that ran and failed.
-        point = await rc.resolve(repo, params.recovery_point)
+        point = await resolve(repo, params.recovery_point)
         try:
             backup_id = point.manifest.backup_id
             await _drill(runtime, repo, point, params, drill.Keys(keys.current, keys.previous), backup_key, run, now,
@@ -160,11 +163,11 @@ async def restore_drill(runtime: Runtime, params: RestoreDrillInput, progress: P
 
 
 async def _drill(
-    runtime: Runtime, repo: Repository, point: rc.RecoveryPoint, params: RestoreDrillInput, keys: drill.Keys,
+    runtime: Runtime, repo: Repository, point: RecoveryPoint, params: RestoreDrillInput, keys: drill.Keys,
     backup_key: bytes | None, run: _Run, now: datetime, swept: list[str],
 ) -> None:
     manifest = point.manifest
-    verdicts = await run.step("verify", lambda: rc.verify_artifacts(repo, point),
+    verdicts = await run.step("verify", lambda: verify_artifacts(repo, point),
                               lambda v: f"{len(v)} artifact(s) match their SHA-256")  # fmt: skip
     bad = [v for v in verdicts if not v.ok]
     if bad:
@@ -226,7 +229,7 @@ async def _drill(
             run.proof(await prove(), time.perf_counter() - t0)
 
 
-async def _verify_blobs(repo: Repository, point: rc.RecoveryPoint) -> BlobCheck:
+async def _verify_blobs(repo: Repository, point: RecoveryPoint) -> BlobCheck:
     assert point.manifest.attachments.inventory is not None
     entries = [e async for e in read_inventory(repo, point.prefix + point.manifest.attachments.inventory)]
     return await verify_blobs(repo, entries)
@@ -237,7 +240,7 @@ async def _restore_client(runtime: Runtime, manifest: Manifest, server_major: in
 
 
 async def _prove_attachments(
-    conn: postgres.Connection, repo: Repository, point: rc.RecoveryPoint, keys: drill.Keys, sample: int
+    conn: postgres.Connection, repo: Repository, point: RecoveryPoint, keys: drill.Keys, sample: int
 ) -> drill.Proof:
     att = point.manifest.attachments
     if att.backend != "database" and not att.inventory:

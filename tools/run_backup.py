@@ -32,9 +32,11 @@ from ..core.engram import crypto as engram_crypto
 from ..core.engram.schema_probe import SchemaProbe
 from ..core.errors import RecoveryError
 from ..core.progress import Progress
-from ..core.repository.base import BACKUPS, Repository, open_repository, scan
+from ..core.repository import open_repository
+from ..core.repository.base import BACKUPS, Repository
 from ..core.repository.manifest import MANIFEST_NAME, Artifact, AttachmentsInfo, DatabaseInfo, Manifest
 from ..core.repository.prune import RetentionReport, apply_retention
+from ..core.repository.records import scan
 from ..core.runtime import Runtime
 from ..core.stores.pgclient.versions import ClientVersion
 from ..core.taskgroups import task_group

@@ -6,21 +6,17 @@ holder dies (a killed process leaves no stale lock file to clean by hand):
 * a PostgreSQL session advisory lock on the Engram database: two cron entries,
   an assistant and a human, on any machines, backing up the same database (a
   second key, for the same reason, serialises confirmed reindex_qdrant runs);
-* for a local repository, `flock` on `<repository>/.lock`: two deployments
-  writing (and pruning) the same directory. `flock` (not `fcntl` record locks)
-  because it conflicts between two opens in the same process too.
+* the repository's own lock (`Repository.lock`; for a local directory, `flock` on
+  `<repository>/.lock`): two deployments writing (and pruning) the same directory.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
-import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import anyio
 
@@ -58,8 +54,6 @@ REINDEX = Purpose(
     "wait for it to finish (its EmbedNote jobs then show in backup_status's oban check), then run again if "
     "needed; a dry run (confirm=false) is allowed meanwhile; the lock is released when its holder ends",
 )
-LOCK_FILE = ".lock"
-_BUSY_HINT = BACKUP.hint
 
 
 @asynccontextmanager
@@ -88,17 +82,3 @@ async def database_lock(dsn: str, purpose: Purpose = BACKUP) -> AsyncIterator[No
         # Closing the session releases the lock; no explicit unlock that could fail half-way.
         with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
             await conn.close(timeout=2)
-
-
-@asynccontextmanager
-async def directory_lock(root: Path) -> AsyncIterator[None]:
-    path = root / LOCK_FILE
-    fd = await anyio.to_thread.run_sync(lambda: os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
-            raise Busy(f"another backup is writing to the repository {root}", _BUSY_HINT) from exc
-        yield
-    finally:
-        os.close(fd)  # releases the flock

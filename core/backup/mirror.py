@@ -44,9 +44,9 @@ from botocore.exceptions import ResponseStreamingError
 
 from ..errors import IntegrityError, RecoveryError
 from ..progress import Progress
-from ..repository.base import Repository, scan
+from ..repository.base import CopyTarget, Repository
 from ..repository.pool import INVENTORY_NAME, POOL, InventoryEntry, inventory_key, pool_key, read_inventory
-from ..repository.s3 import S3Repository
+from ..repository.records import scan
 from ..stores import s3
 from ..stores.s3 import S3_ERRORS, S3Location
 from ..taskgroups import task_group
@@ -150,18 +150,6 @@ class MirrorReport:
     recopied_objects: int = 0  # in the pool at the right size, copied again because their content was suspect
 
 
-def _location(repo: S3Repository) -> S3Location:
-    assert repo.s3_location is not None  # an S3Repository always has one
-    return repo.s3_location
-
-
-def _same_endpoint(a: S3Location, b: S3Location) -> bool:
-    # CopyObject is authorised by the destination's credentials alone; with the same
-    # key we know they can read the source bucket, with another we cannot tell.
-    same = (a.endpoint or "").rstrip("/").lower() == (b.endpoint or "").rstrip("/").lower()
-    return same and a.access_key_id == b.access_key_id
-
-
 async def mirror_attachments(
     source: S3Location,
     repo: Repository,
@@ -173,7 +161,7 @@ async def mirror_attachments(
 ) -> MirrorReport:
     """Copy new and changed objects of `source` into the pool and write this backup's inventory."""
     started = time.monotonic()
-    target = repo if isinstance(repo, S3Repository) and _same_endpoint(source, _location(repo)) else None
+    target = repo.copy_target(source)
     server_side = target is not None
     known = await known_pool(repo)
     async with _Session(source, target, concurrency) as session:
@@ -228,7 +216,7 @@ async def _lines(entries: list[InventoryEntry]) -> AsyncIterator[bytes]:
 class _Session:
     """The S3 clients of one mirror run, opened once and shared by every worker."""
 
-    def __init__(self, source: S3Location, target: S3Repository | None, concurrency: int) -> None:
+    def __init__(self, source: S3Location, target: CopyTarget | None, concurrency: int) -> None:
         self.source = source
         self.target = target
         self.concurrency = concurrency
@@ -243,7 +231,7 @@ class _Session:
         if self.target is not None:
             # Our own client for the destination, with a pool as large as the worker count;
             # server-side copies and the pool listing both go to the destination endpoint.
-            destination = _location(self.target)
+            destination = self.target.location
             self._dst = await self._stack.enter_async_context(s3.bulk_client(destination, self.concurrency))
             if destination.endpoint:
                 self._copier = await self._stack.enter_async_context(s3.Copier(destination, self.concurrency))
@@ -279,7 +267,7 @@ class _Session:
                 async for item in s3.list_objects(self._dst, self.target.bucket, self.target.prefix + POOL):
                     present[item.key[strip:]] = Pooled(item.size, etag=item.etag)
             except S3_ERRORS as exc:
-                raise s3.translate(exc, "list the backup repository", _location(self.target)) from exc
+                raise s3.translate(exc, "list the backup repository", self.target.location) from exc
 
         async with task_group() as tg:
             tg.start_soon(list_source)
@@ -358,7 +346,7 @@ class _Session:
         # A server-side copy can fail on either bucket; S3 names the missing one only in the message.
         if self.target is None or (self.source.bucket in str(exc) and self.target.bucket not in str(exc)):
             return self.source
-        return _location(self.target)
+        return self.target.location
 
     async def _head(self, key: str) -> SourceObject | None:
         try:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import secrets
-import shutil
 import tempfile
 import time
 from collections.abc import AsyncIterator
@@ -27,15 +26,16 @@ from ..artifact.compression import SUFFIX, Compression
 from ..engram.schema_probe import SchemaProbe, probe
 from ..errors import ConfigurationError, IntegrityError, RecoveryError
 from ..progress import Progress
-from ..repository.base import BACKUPS, LocalRepository, Repository, backup_id_of, scan
+from ..repository.base import BACKUPS, Repository
 from ..repository.manifest import MANIFEST_NAME, Artifact, QdrantInfo
+from ..repository.records import backup_id_of, scan
 from ..runtime import Runtime
 from ..stores import qdrant
 from ..stores.pgclient.process import DumpFormat, PgDumpCommand, spawn
 from ..stores.pgclient.versions import ClientVersion, choose
 from ..taskgroups import task_group
 from .facts import DatabaseFacts, counted_facts, exported_snapshot, quick_facts
-from .lock import database_lock, directory_lock
+from .lock import BACKUP, database_lock
 from .pipeline import Stored, Transform, dump_to_repository, file_to_repository
 
 QDRANT_TIMEOUT = 10.0
@@ -80,13 +80,9 @@ async def preflight(runtime: Runtime) -> tuple[SchemaProbe, ClientVersion]:
 
 @contextlib.asynccontextmanager
 async def locks(runtime: Runtime, repo: Repository) -> AsyncIterator[None]:
-    """The database's advisory lock and, for a local repository, the directory's flock."""
-    async with database_lock(runtime.dsn):
-        if isinstance(repo, LocalRepository):
-            async with directory_lock(repo.root):
-                yield
-        else:
-            yield
+    """The database's advisory lock and the repository's own (a local directory's flock)."""
+    async with database_lock(runtime.dsn), repo.lock(BACKUP.hint):
+        yield
 
 
 async def clean_leftovers(repo: Repository) -> list[str]:
@@ -105,9 +101,7 @@ async def discard(repo: Repository, backup_id: str) -> None:
     with contextlib.suppress(RecoveryError, OSError):
         if await repo.exists(folder + MANIFEST_NAME):
             return
-        await repo.delete([key async for key, _size in repo.list(folder)])
-        if isinstance(repo, LocalRepository):
-            await anyio.to_thread.run_sync(shutil.rmtree, repo.root / BACKUPS / backup_id, True)
+        await repo.purge(folder)
 
 
 @dataclass

@@ -26,23 +26,19 @@ from pydantic import BaseModel, Field, ValidationError
 
 from ..errors import ConfigurationError, IntegrityError, RecoveryError, scrub
 from ..settings import Settings
-from .base import (
-    BACKUPS,
-    DRILLS,
+from . import open_repository
+from .base import BACKUPS, DRILLS, Repository, check_key
+from .manifest import MANIFEST_NAME, Manifest
+from .prune import candidates, policy_of
+from .records import (
     BackupSummary,
     DrillRecord,
-    LocalRepository,
-    Repository,
     RepositoryState,
     backup_id_of,
-    check_key,
-    open_repository,
     read_drills,
     read_verifications,
     summary_of,
 )
-from .manifest import MANIFEST_NAME, Manifest
-from .prune import candidates, policy_of
 from .retention import Candidate, Decision, Policy, decide
 
 T = TypeVar("T")
@@ -316,10 +312,9 @@ class Catalog:
 async def open_catalog(settings: Settings) -> AsyncIterator[Catalog]:
     """The catalog of the configured repository; an absent local directory is an empty repository."""
     repo = open_repository(settings)
-    if isinstance(repo, LocalRepository) and repo.root.exists() and not repo.root.is_dir():
-        raise ConfigurationError(
-            f"the backup repository {repo.root} is not a directory", "point ENGRAM_RECOVERY_REPOSITORY at a directory"
-        )
+    problem = repo.unusable()
+    if problem is not None:
+        raise ConfigurationError(problem, "point ENGRAM_RECOVERY_REPOSITORY at a directory")
     fingerprint = None
     if settings.backup_key is not None:
         from ..artifact.encryption import fingerprint as key_fingerprint

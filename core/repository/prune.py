@@ -13,9 +13,10 @@ from collections.abc import Iterable
 from pydantic import BaseModel, Field
 
 from ..settings import Settings
-from .base import BACKUPS, BackupSummary, Repository, scan
+from .base import BACKUPS, Repository
 from .manifest import MANIFEST_NAME, Manifest
 from .pool import INVENTORY_NAME, POOL, collect_garbage, inventory_key
+from .records import BackupSummary, scan
 from .retention import Candidate, Policy, decide
 
 

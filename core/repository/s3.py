@@ -24,7 +24,7 @@ from ..settings import Settings
 from ..stores import s3
 from ..stores.s3 import S3_ERRORS, S3Location
 from ..taskgroups import task_group
-from .base import READ_CHUNK, Repository, check_key
+from .base import READ_CHUNK, CopyTarget, Repository, check_key
 
 # S3 wants parts of at least 5 MiB (except the last); 8 MiB keeps memory low and requests few.
 PART_SIZE = 8 << 20
@@ -71,12 +71,16 @@ class S3Repository(Repository):
         )
         return cls(location, parts.path)
 
+    def copy_target(self, source: S3Location) -> CopyTarget | None:
+        if not s3.same_account(source, self.s3_location):
+            return None
+        return CopyTarget(self.s3_location, self.bucket, self.prefix)
+
     def s3_key(self, key: str) -> str:
         """The object key in the bucket for a repository key (for server-side CopyObject)."""
         return self.prefix + check_key(key)
 
     async def __aenter__(self) -> Self:
-        assert self.s3_location is not None
         self._stack = contextlib.AsyncExitStack()
         try:
             self._client = await self._stack.enter_async_context(s3.client(self.s3_location))
@@ -100,7 +104,6 @@ class S3Repository(Repository):
         return self._client
 
     def _fail(self, exc: Exception, what: str) -> Exception:
-        assert self.s3_location is not None
         return s3.translate(exc, what, self.s3_location)
 
     async def check_writable(self) -> None:

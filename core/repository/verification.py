@@ -14,9 +14,11 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from ..errors import RecoveryError
-from ..restore.observe import resolve, verify_artifacts
-from .base import VERIFICATIONS, Repository, VerificationRecord
+from .base import VERIFICATIONS, Repository
+from .points import resolve
 from .pool import read_inventory, verify_blobs
+from .records import VerificationRecord
+from .verify import verify_artifacts
 
 
 async def reverify(repo: Repository, backup_id: str, how: str) -> VerificationRecord:

@@ -5,12 +5,10 @@ Everything here only reads. The judging happens in core/restore/plan.py.
 
 from __future__ import annotations
 
-import hashlib
 import re
 import subprocess
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -21,11 +19,11 @@ import anyio
 from ..artifact.encryption import parse_key
 from ..engram import crypto as engram_crypto
 from ..engram.schema_probe import probe
-from ..errors import ConfigurationError, IntegrityError, RecoveryError
-from ..repository.base import BACKUPS, MANIFEST_NAME, LocalRepository, Repository, scan
+from ..errors import RecoveryError
+from ..repository.base import Repository
 from ..repository.manifest import Manifest
+from ..repository.points import RecoveryPoint
 from ..repository.pool import read_inventory, verify_blobs
-from ..repository.verify import ArtifactVerdict, Digest, compare, sha256_stream, verify_files
 from ..runtime import Runtime
 from ..settings import Settings
 from ..stores import postgres, s3
@@ -35,66 +33,6 @@ from .drill import plaintext
 from .plan import InventoryState, KeyMaterial, LiveState, RestoreNeeds, RoleState, TargetState, ToolState, dump_major
 
 SYSTEM_SCHEMAS = ("pg_catalog", "information_schema")
-
-
-@dataclass(frozen=True)
-class RecoveryPoint:
-    manifest: Manifest
-    manifest_sha256: str
-    prefix: str  # repository key prefix of the backup's folder
-
-
-async def resolve(repo: Repository, recovery_point: str) -> RecoveryPoint:
-    """`latest`, a backup id, or `before:<ISO time>` (the newest backup whose snapshot is older than that)."""
-    state = await scan(repo)
-    if not state.backups:
-        raise ConfigurationError(
-            f"the backup repository {repo.location} holds no complete backup", "run run_backup first"
-        )
-    spec = recovery_point.strip()
-    if spec == "latest":
-        chosen = state.newest
-    elif spec.startswith("before:"):
-        try:
-            limit = datetime.fromisoformat(spec.removeprefix("before:").strip())
-        except ValueError:
-            raise ConfigurationError(
-                f"{spec!r} does not hold an ISO time", "write it as before:2026-11-23T18:00:00Z"
-            ) from None
-        limit = limit if limit.tzinfo else limit.replace(tzinfo=UTC)
-        # A backup holds the data of its snapshot, taken at its start: it qualifies if it started before the limit.
-        chosen = max((b for b in state.backups if (b.started_at or b.finished_at) < limit),
-                     key=lambda b: b.finished_at, default=None)  # fmt: skip
-    else:
-        chosen = next((b for b in state.backups if b.backup_id == spec), None)
-    if chosen is None:
-        known = ", ".join(b.backup_id for b in sorted(state.backups, key=lambda b: b.finished_at)[-5:])
-        raise ConfigurationError(
-            f"no complete backup matches {spec!r}", f"use 'latest', 'before:<ISO time>' or one of: {known}"
-        )
-    prefix = f"{BACKUPS}{chosen.backup_id}/"
-    raw = await repo.get_bytes(prefix + MANIFEST_NAME)
-    try:
-        manifest = Manifest.model_validate_json(raw)
-    except ValueError as exc:
-        raise IntegrityError(
-            f"the manifest of {chosen.backup_id} is not a valid manifest", "choose another recovery point"
-        ) from exc
-    return RecoveryPoint(manifest, hashlib.sha256(raw).hexdigest(), prefix)
-
-
-async def verify_artifacts(repo: Repository, point: RecoveryPoint) -> list[ArtifactVerdict]:
-    """Re-hash every artifact as stored; a local repository is read straight from disk, in large blocks."""
-    artifacts = point.manifest.artifacts
-    if isinstance(repo, LocalRepository):
-        items = [(a.name, repo.root / (point.prefix + a.name), a.sha256, a.size) for a in artifacts]
-        return await verify_files(items)
-    out: list[ArtifactVerdict] = []
-    for a in artifacts:
-        key = point.prefix + a.name
-        actual: Digest | None = await sha256_stream(repo.get_stream(key)) if await repo.exists(key) else None
-        out.append(compare(a.name, a.sha256, a.size, actual))
-    return out
 
 
 def tool_argv() -> tuple[str, ...]:

@@ -7,8 +7,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from ..errors import RecoveryError
-from ..repository.base import RepositoryState, Verified, open_repository, read_state
+from ..repository import open_repository
 from ..repository.prune import policy_of
+from ..repository.records import RepositoryState, Verified, read_state
 from ..repository.retention import Candidate, decide
 from ..repository.verification import record, reverify
 from ..verdict import Verdict

@@ -186,6 +186,13 @@ async def head(s3: Any, bucket: str, key: str) -> ObjectInfo | None:
     return ObjectInfo(key=key, size=int(answer["ContentLength"]), etag=str(answer.get("ETag", "")).strip('"'))
 
 
+def same_account(a: S3Location, b: S3Location) -> bool:
+    """Can a CopyObject into `b` read from `a`? It is authorised by the destination's credentials alone;
+    with the same endpoint and key we know they can read the source bucket, with another we cannot tell."""
+    same = (a.endpoint or "").rstrip("/").lower() == (b.endpoint or "").rstrip("/").lower()
+    return same and a.access_key_id == b.access_key_id
+
+
 def error_code(exc: BaseException) -> str:
     """The S3 error code of a ClientError ('' for anything else)."""
     if isinstance(exc, ClientError):

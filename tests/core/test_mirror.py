@@ -19,7 +19,8 @@ from engram_recovery.core.backup.mirror import STREAM_CHUNK, mirror_attachments
 from engram_recovery.core.errors import IntegrityError, StoreUnreachable
 from engram_recovery.core.progress import silent
 from engram_recovery.core.repository import pool
-from engram_recovery.core.repository.base import LocalRepository, Repository
+from engram_recovery.core.repository.base import Repository
+from engram_recovery.core.repository.local import LocalRepository
 from engram_recovery.core.repository.pool import (
     InventoryEntry,
     collect_garbage,

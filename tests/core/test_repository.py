@@ -13,8 +13,10 @@ import anyio.lowlevel
 import pytest
 
 from engram_recovery.core.errors import ConfigurationError, StoreUnreachable
-from engram_recovery.core.repository import localfs
-from engram_recovery.core.repository.base import LocalRepository, Repository, open_repository, read_state
+from engram_recovery.core.repository import localfs, open_repository
+from engram_recovery.core.repository.base import Repository
+from engram_recovery.core.repository.local import LocalRepository
+from engram_recovery.core.repository.records import read_state
 from engram_recovery.core.repository.s3 import PART_SIZE, S3Repository
 from engram_recovery.core.settings import load_settings
 from engram_recovery.core.stores import s3

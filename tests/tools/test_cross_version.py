@@ -18,7 +18,7 @@ from engram_recovery import testbed
 from engram_recovery.core.artifact.extract import extract_backup
 from engram_recovery.core.errors import ConfigurationError
 from engram_recovery.core.progress import silent
-from engram_recovery.core.repository.base import open_repository
+from engram_recovery.core.repository import open_repository
 from engram_recovery.core.repository.manifest import Manifest
 from engram_recovery.core.restore import observe as rc
 from engram_recovery.core.runtime import Runtime

@@ -26,7 +26,8 @@ from support import EngramDB, engram_env, fingerprints, make_engram_db
 
 from engram_recovery.core.engram import crypto as engram_crypto
 from engram_recovery.core.progress import silent
-from engram_recovery.core.repository.base import open_repository
+from engram_recovery.core.repository import open_repository
+from engram_recovery.core.repository.points import resolve
 from engram_recovery.core.restore import observe as restore_checks
 from engram_recovery.core.restore.steps import BLIND_FENCE
 from engram_recovery.core.restore.token import Premises, verify_plan_token
@@ -308,7 +309,7 @@ async def test_s3_attachments_come_back_by_the_plan_and_a_missing_blob_stops_it(
         )
         # Now one mirrored blob disappears from the repository.
         async with open_repository(load_settings(environ=env)) as repo:
-            point = await restore_checks.resolve(repo, "latest")
+            point = await resolve(repo, "latest")
             inventory = await restore_checks.inventory_state(repo, point)
             assert inventory is not None and inventory.entries
             await repo.delete([inventory.entries[0][1]])

@@ -26,9 +26,11 @@ from engram_recovery import testbed
 from engram_recovery.core.backup.run import verify_artifacts
 from engram_recovery.core.errors import Busy, ConfigurationError, IntegrityError, StoreUnreachable
 from engram_recovery.core.progress import silent
-from engram_recovery.core.repository.base import LocalRepository, open_repository, read_state
+from engram_recovery.core.repository import open_repository
+from engram_recovery.core.repository.local import LocalRepository
 from engram_recovery.core.repository.manifest import Manifest
 from engram_recovery.core.repository.prune import apply_retention
+from engram_recovery.core.repository.records import read_state
 from engram_recovery.core.runtime import Runtime
 from engram_recovery.core.settings import load_settings
 from engram_recovery.core.stores import s3

@@ -24,7 +24,7 @@ from support import EngramDB, engram_env, make_engram_db
 
 from engram_recovery.core.progress import silent
 from engram_recovery.core.repository import pool
-from engram_recovery.core.repository.base import LocalRepository
+from engram_recovery.core.repository.local import LocalRepository
 from engram_recovery.core.repository.pool import InventoryEntry
 from engram_recovery.core.runtime import Runtime
 from engram_recovery.core.settings import load_settings
