@@ -13,8 +13,7 @@ from datetime import UTC, datetime
 from pydantic import Field
 
 from ..core.progress import Progress
-from ..core.repository import open_repository
-from ..core.repository.points import resolve
+from ..core.repository import open_repository, points
 from ..core.repository.verify import verify_artifacts
 from ..core.restore import observe as rc
 from ..core.restore.plan import Consequence, Observed, PlanCheck, PlanStep, run_checks, snapshot_time
@@ -76,7 +75,7 @@ async def plan_restore(runtime: Runtime, params: PlanRestoreInput, progress: Pro
     target_db = params.target_database or settings.database_name
     async with open_repository(settings) as repo:
         await progress(0, 5, "reading the manifest")
-        point = await resolve(repo, params.recovery_point)
+        point = await points.resolve(repo, params.recovery_point)
         manifest = point.manifest
         db = manifest.database
         # Backups that predate these manifest fields: the dump's own table of contents says.

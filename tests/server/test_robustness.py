@@ -26,7 +26,7 @@ from mcp import Client
 from qdrant_client import QdrantClient
 from support import EngramDB, engram_env, fingerprints
 
-from engram_recovery.core.restore import observe as restore_checks
+from engram_recovery.core.repository import points as restore_checks
 from engram_recovery.core.settings import load_settings
 from engram_recovery.server import cli
 from engram_recovery.server.app import build_server
