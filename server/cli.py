@@ -180,6 +180,7 @@ def _decrypt(source: str, output: str | None, env_file: str | None) -> int:
 
     from ..core.artifact import extract as backup_extract
     from ..core.repository import open_repository
+    from ..core.restore.decrypt import extract_backup
     from ..core.settings import parse_env_file
 
     env = (parse_env_file(Path(env_file)) if env_file else {}) | dict(os.environ)
@@ -188,7 +189,7 @@ def _decrypt(source: str, output: str | None, env_file: str | None) -> int:
     async def from_repository(backup_id: str) -> list[backup_extract.Extracted]:
         settings = load_settings(env_file=env_file, database_required=False)
         async with open_repository(settings) as repo:
-            return await backup_extract.extract_backup(repo, backup_id, key, Path(output or f"{backup_id}.dump"))
+            return await extract_backup(repo, backup_id, key, Path(output or f"{backup_id}.dump"))
 
     async def from_file(path: Path, target: Path) -> list[backup_extract.Extracted]:
         return [await backup_extract.extract(backup_extract.file_chunks(path), key, target)]
@@ -218,7 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             if args.down:
                 return run_down(args.dir, args.admin_url)
-            return run_demo(args.admin_url, args.dir, serve=not args.no_serve, database=args.database,
+            return run_demo(args.admin_url, args.dir, serve=not args.no_serve, call=_call, database=args.database,
                             port=args.port)
         if args.command == "decrypt":
             return _decrypt(args.source, args.output, args.env_file)

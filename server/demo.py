@@ -20,6 +20,7 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -28,7 +29,7 @@ import anyio
 
 from ..core.engram import crypto as engram_crypto
 from ..core.errors import ConfigurationError
-from ..core.settings import load_settings
+from ..core.settings import Settings, load_settings
 
 DEMO_DB = "engram_demo"
 DEFAULT_PORT = 8765
@@ -128,9 +129,16 @@ def _write_state(root: Path, state: dict[str, Any]) -> None:
 
 
 def run_demo(
-    admin_url: str | None, directory: str, *, serve: bool, database: str = DEMO_DB, port: int | None = None
+    admin_url: str | None,
+    directory: str,
+    *,
+    serve: bool,
+    call: Callable[[Settings, str, dict[str, Any]], Awaitable[int]],
+    database: str = DEMO_DB,
+    port: int | None = None,
 ) -> int:
-    from .cli import _call
+    """`call` runs one tool as `engram-recovery call` does (the CLI passes its own: the demo never
+    imports the CLI, which imports the demo)."""
     from .transports import serve as serve_mcp
 
     if not database.replace("_", "").isalnum():
@@ -174,7 +182,7 @@ def run_demo(
                              env_file=env_file)  # fmt: skip
     _say("backup_status says:")
     # A fresh demo has no backup yet, so its status fails; that is the demo's point, not an error of it.
-    anyio.run(_call, settings, "backup_status", {})
+    anyio.run(call, settings, "backup_status", {})
     if not serve:
         return 0
     _require_free(bind_port)  # still free after setting up?

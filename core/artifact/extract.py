@@ -19,9 +19,7 @@ from typing import BinaryIO
 import anyio
 import anyio.to_thread
 
-from ..errors import ConfigurationError, IntegrityError, StoreUnreachable
-from ..repository.base import BACKUPS, Repository
-from ..repository.manifest import MANIFEST_NAME, Manifest
+from ..errors import ConfigurationError, IntegrityError
 from . import encryption as backup_crypto
 from .compression import Codec, decompressor, sniff
 
@@ -145,30 +143,6 @@ def plain_name(name: str) -> str:
     for suffix in (".enc", ".zst", ".gz"):
         name = name.removesuffix(suffix)
     return name
-
-
-async def extract_backup(repo: Repository, backup_id: str, key: bytes | None, output: Path) -> list[Extracted]:
-    """The database dump of a recovery point, checked against its manifest, as stock pg_dump output.
-
-    A custom or plain dump becomes the file `output`; a directory dump becomes the directory `output`.
-    """
-    folder = f"{BACKUPS}{backup_id}/"
-    if not await repo.exists(folder + MANIFEST_NAME):
-        raise StoreUnreachable(
-            f"there is no complete backup {backup_id} in {repo.location}",
-            "list the recovery points with backup_status, and pass one of their ids",
-        )
-    manifest = Manifest.model_validate_json(await repo.get_bytes(folder + MANIFEST_NAME))
-    names = manifest.database.dump_artifacts
-    if manifest.database.dump_format == "directory":
-        await anyio.to_thread.run_sync(lambda: output.mkdir(parents=True, exist_ok=True))
-    results: list[Extracted] = []
-    for name in names:
-        artifact = manifest.artifact(name)
-        assert artifact is not None
-        target = output / plain_name(name.split("/", 1)[1]) if manifest.database.dump_format == "directory" else output
-        results.append(await extract(repo.get_stream(folder + name), key, target, artifact.sha256))
-    return results
 
 
 async def file_chunks(path: Path, size: int = 1 << 20) -> AsyncIterator[bytes]:

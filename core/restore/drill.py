@@ -23,7 +23,6 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
-from ..artifact import extract as backup_extract
 from ..artifact.compression import decompressor
 from ..artifact.encryption import Decryptor
 from ..engram import crypto as engram_crypto
@@ -34,6 +33,7 @@ from ..repository.manifest import Artifact, Manifest
 from ..stores import postgres
 from ..stores.pgclient.process import split_dsn
 from ..taskgroups import task_group
+from .decrypt import extract_backup
 
 PREFIX = "engram_drill_"
 _NAME = re.compile(r"^engram_drill_(\d{9,11})_[0-9a-f]{8}$")
@@ -183,7 +183,7 @@ async def restore_directory(pg_restore: str, dsn: str, repo: Repository, backup_
     """A directory dump: decrypt its files into local scratch space, then stock pg_restore --jobs=2 on them."""
     with tempfile.TemporaryDirectory(prefix="engram-drill-") as scratch:
         target = Path(scratch) / "dump"
-        extracted = await backup_extract.extract_backup(repo, backup_id, key, target)
+        extracted = await extract_backup(repo, backup_id, key, target)
         url, password = split_dsn(dsn)
         env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
         if password is not None:

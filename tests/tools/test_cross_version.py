@@ -15,12 +15,12 @@ import pytest
 from support import EngramDB, engram_env, fingerprints, make_engram_db, old_client_dir, pg_bin
 
 from engram_recovery import testbed
-from engram_recovery.core.artifact.extract import extract_backup
 from engram_recovery.core.errors import ConfigurationError
 from engram_recovery.core.progress import silent
 from engram_recovery.core.repository import open_repository
 from engram_recovery.core.repository.manifest import Manifest
 from engram_recovery.core.restore import observe as rc
+from engram_recovery.core.restore.decrypt import extract_backup
 from engram_recovery.core.runtime import Runtime
 from engram_recovery.core.settings import load_settings
 from engram_recovery.core.stores.pgclient.process import PgRestoreCommand
