@@ -20,8 +20,8 @@ from mcp.server.mcpserver.prompts import Prompt
 from pydantic import Field
 
 from ..core.errors import RecoveryError, scrub
-from ..core.repository.catalog import CatalogView, age_text, open_catalog
 from ..core.settings import Settings
+from ..core.status.catalog import CatalogView, age_text, open_catalog
 
 PROMPT_NAME = "disaster_recovery"
 

@@ -17,8 +17,8 @@ from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError
 from mcp_types import Annotations
 
 from ..core.errors import RecoveryError, scrub
-from ..core.repository.catalog import NoSuchBackup, open_catalog
 from ..core.settings import Settings
+from ..core.status.catalog import NoSuchBackup, open_catalog
 
 SCHEME = "engram-recovery://"
 BACKUPS_URI = f"{SCHEME}backups"

@@ -25,12 +25,11 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, Field, ValidationError
 
 from ..errors import ConfigurationError, IntegrityError, RecoveryError, scrub
-from ..settings import Settings
-from . import open_repository
-from .base import BACKUPS, DRILLS, Repository, check_key
-from .manifest import MANIFEST_NAME, Manifest
-from .prune import candidates, policy_of
-from .records import (
+from ..repository import open_repository
+from ..repository.base import BACKUPS, DRILLS, Repository, check_key
+from ..repository.manifest import MANIFEST_NAME, Manifest
+from ..repository.prune import candidates, policy_of
+from ..repository.records import (
     BackupSummary,
     DrillRecord,
     RepositoryState,
@@ -39,7 +38,8 @@ from .records import (
     read_verifications,
     summary_of,
 )
-from .retention import Candidate, Decision, Policy, decide
+from ..repository.retention import Candidate, Decision, Policy, decide
+from ..settings import Settings
 
 T = TypeVar("T")
 _NEXT = "\x00next backup"  # the recovery point the next run_backup would add; never a real id
