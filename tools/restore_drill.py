@@ -26,7 +26,8 @@ from ..core.engram.schema_probe import probe
 from ..core.errors import ConfigurationError, IntegrityError, RecoveryError, scrub
 from ..core.progress import Progress
 from ..core.repository import open_repository
-from ..core.repository.base import DRILLS, Repository
+from ..core.repository.base import Repository
+from ..core.repository.layout import drill_record_key
 from ..core.repository.manifest import Manifest
 from ..core.repository.points import RecoveryPoint, resolve
 from ..core.repository.pool import BlobCheck, read_inventory, verify_blobs
@@ -306,7 +307,7 @@ async def _record(
     repo: Repository, now: datetime, backup_id: str, ok: bool, rto: float | None, steps: list[DrillStep],
     scratch: str | None,
 ) -> str | None:
-    key = f"{DRILLS}{now.strftime('%Y%m%dT%H%M%SZ')}-{backup_id}.json"
+    key = drill_record_key(now, backup_id)
     body = {"at": now.isoformat(), "backup_id": backup_id, "ok": ok, "rto_seconds": rto,
             "scratch_database": scratch, "steps": [s.model_dump() for s in steps]}  # fmt: skip
     try:

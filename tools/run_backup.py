@@ -33,8 +33,9 @@ from ..core.engram.schema_probe import SchemaProbe
 from ..core.errors import RecoveryError
 from ..core.progress import Progress
 from ..core.repository import open_repository
-from ..core.repository.base import BACKUPS, Repository
-from ..core.repository.manifest import MANIFEST_NAME, Artifact, AttachmentsInfo, DatabaseInfo, Manifest
+from ..core.repository.base import Repository
+from ..core.repository.layout import manifest_key
+from ..core.repository.manifest import Artifact, AttachmentsInfo, DatabaseInfo, Manifest
 from ..core.repository.prune import RetentionReport, apply_retention
 from ..core.repository.records import scan
 from ..core.runtime import Runtime
@@ -136,7 +137,6 @@ async def _backup(
 ) -> RunBackupResult:
     settings = runtime.settings
     started_at = utcnow()
-    folder = f"{BACKUPS}{backup_id}/"
     attachments = _database_attachments()
     mirror_artifacts: list[Artifact] = []
     attachments_result: AttachmentsResult
@@ -210,8 +210,8 @@ async def _backup(
     )
     raw = manifest.model_dump_json(indent=2).encode()
     # Last write of the run: only now does the backup exist for every reader.
-    size, digest = await repo.put_bytes(folder + MANIFEST_NAME, raw)
-    if await repo.verify(folder + MANIFEST_NAME, size, digest) is not None:
+    size, digest = await repo.put_bytes(manifest_key(backup_id), raw)
+    if await repo.verify(manifest_key(backup_id), size, digest) is not None:
         raise RecoveryError(f"the manifest of {backup_id} did not read back identically", "check the repository")
     retention = await apply_retention(repo, settings, prune=params.prune, confirm=params.confirm)
     ratio = outcome.stored_bytes / outcome.dump_bytes if outcome.dump_bytes else None

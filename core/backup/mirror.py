@@ -45,7 +45,8 @@ from botocore.exceptions import ResponseStreamingError
 from ..errors import IntegrityError, RecoveryError
 from ..progress import Progress
 from ..repository.base import CopyTarget, Repository
-from ..repository.pool import INVENTORY_NAME, POOL, InventoryEntry, inventory_key, pool_key, read_inventory
+from ..repository.layout import INVENTORY_NAME, POOL, inventory_key, pool_key
+from ..repository.pool import InventoryEntry, read_inventory
 from ..repository.records import scan
 from ..stores import s3
 from ..stores.s3 import S3_ERRORS, S3Location

@@ -26,9 +26,10 @@ from ..artifact.compression import SUFFIX, Compression
 from ..engram.schema_probe import SchemaProbe, probe
 from ..errors import ConfigurationError, IntegrityError, RecoveryError
 from ..progress import Progress
-from ..repository.base import BACKUPS, Repository
-from ..repository.manifest import MANIFEST_NAME, Artifact, QdrantInfo
-from ..repository.records import backup_id_of, scan
+from ..repository.base import Repository
+from ..repository.layout import artifact_key, backup_id_of, backup_prefix, manifest_key
+from ..repository.manifest import Artifact, QdrantInfo
+from ..repository.records import scan
 from ..runtime import Runtime
 from ..stores import qdrant
 from ..stores.pgclient.process import DumpFormat, PgDumpCommand, spawn
@@ -89,7 +90,7 @@ async def clean_leftovers(repo: Repository) -> list[str]:
     """Delete the folders of interrupted runs (no manifest) and temporary files; call under the lock."""
     state = await scan(repo)
     for backup_id in state.incomplete:
-        await repo.delete([key async for key, _size in repo.list(f"{BACKUPS}{backup_id}/")])
+        await repo.delete([key async for key, _size in repo.list(backup_prefix(backup_id))])
     # A run killed during its first write leaves only a temporary file (or an open upload) in its folder.
     swept = {backup_id_of(key) for key in await repo.sweep_temporary()}
     return sorted(set(state.incomplete) | {b for b in swept if b})
@@ -97,9 +98,9 @@ async def clean_leftovers(repo: Repository) -> list[str]:
 
 async def discard(repo: Repository, backup_id: str) -> None:
     """Best effort: delete an unfinished backup's folder (never one whose manifest was written)."""
-    folder = f"{BACKUPS}{backup_id}/"
+    folder = backup_prefix(backup_id)
     with contextlib.suppress(RecoveryError, OSError):
-        if await repo.exists(folder + MANIFEST_NAME):
+        if await repo.exists(manifest_key(backup_id)):
             return
         await repo.purge(folder)
 
@@ -133,7 +134,7 @@ async def dump_database(
     if fmt != "directory":
         command = PgDumpCommand(pg_dump, runtime.dsn, fmt, snapshot_id)
         stored = await dump_to_repository(
-            command.argv, command.env, repo, f"{BACKUPS}{backup_id}/{name}", Transform(compression, key), report
+            command.argv, command.env, repo, artifact_key(backup_id, name), Transform(compression, key), report
         )
         outcome.artifacts.append(_artifact(name, stored, compression, key is not None))
     else:
@@ -150,7 +151,7 @@ async def dump_database(
             for number, path in enumerate(files, start=1):
                 member = f"{name}/{path.name}{SUFFIX[compression]}" + (".enc" if key is not None else "")
                 stored = await file_to_repository(
-                    _read_file(path), repo, f"{BACKUPS}{backup_id}/{member}", Transform(compression, key)
+                    _read_file(path), repo, artifact_key(backup_id, member), Transform(compression, key)
                 )
                 outcome.artifacts.append(_artifact(member, stored, compression, key is not None))
                 await progress(number, len(files), f"storing the directory dump: {number}/{len(files)} files")
@@ -174,7 +175,7 @@ async def verify_artifacts(repo: Repository, backup_id: str, artifacts: list[Art
     problems: list[str] = []
     for artifact in artifacts:
         try:
-            problem = await repo.verify(f"{BACKUPS}{backup_id}/{artifact.name}", artifact.size, artifact.sha256)
+            problem = await repo.verify(artifact_key(backup_id, artifact.name), artifact.size, artifact.sha256)
         except RecoveryError as exc:
             problem = exc.message
         if problem is not None:

@@ -1,12 +1,6 @@
 """The backup repository: where recovery points live.
 
-Layout (a local directory, or the same keys under an s3://bucket/prefix):
-
-    backups/<backup_id>/manifest.json   written last: its presence makes a backup complete
-    backups/<backup_id>/<artifacts>     a folder without a manifest is an interrupted run's leftover
-    attachments/...                     the shared, content-addressed pool of mirrored attachment blobs
-    drills/<timestamp>-<backup_id>.json restore drill records
-    verifications/<timestamp>-<backup_id>.json   re-verifications of a backup after it was written (deep status)
+Its keys (a local directory, or the same keys under an s3://bucket/prefix) come from layout.py.
 
 Every write is atomic: a local file is written under a temporary name in the
 same directory, fsynced and renamed; an S3 object is one PutObject or a
@@ -26,30 +20,16 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from ..errors import ConfigurationError
 from ..stores.s3 import S3Location
+from .layout import check_key
 
-BACKUPS = "backups/"
-DRILLS = "drills/"
-VERIFICATIONS = "verifications/"
-ATTACHMENTS = "attachments/"
-MANIFEST_NAME = "manifest.json"
 READ_CHUNK = 1 << 20
-_TMP_MARK = ".tmp-"
 # Threads that re-read one local file's windows at once: the cores, up to 4 (reading is from the page cache).
 VERIFY_THREADS = max(1, min(4, os.cpu_count() or 1))
-
-
-def check_key(key: str) -> str:
-    """Refuse keys that could escape the repository or collide with temporary files."""
-    path = PurePosixPath(key)
-    if not key or key.startswith("/") or ".." in path.parts or key.endswith("/") or _TMP_MARK in path.name:
-        raise ConfigurationError(f"invalid repository key {key!r}", "use a relative path such as backups/<id>/x")
-    return key
 
 
 @dataclass(frozen=True)

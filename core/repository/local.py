@@ -16,7 +16,8 @@ from typing import IO
 import anyio
 
 from ..errors import Busy, StoreUnreachable
-from .base import _TMP_MARK, READ_CHUNK, VERIFY_THREADS, Repository, check_key
+from .base import READ_CHUNK, VERIFY_THREADS, Repository
+from .layout import TMP_MARK, check_key
 from .localfs import WINDOW, Checkpoint, HashedWriter, differing_windows, fsync_dir, hash_file, os_error
 
 # `flock` (not `fcntl` record locks) because it conflicts between two opens in the same process too.
@@ -75,7 +76,7 @@ class LocalRepository(Repository):
 
     async def put_stream(self, key: str, chunks: AsyncIterator[bytes]) -> tuple[int, str]:
         final = self._path(key)
-        temp = final.with_name(f".{final.name}{_TMP_MARK}{secrets.token_hex(6)}")
+        temp = final.with_name(f".{final.name}{TMP_MARK}{secrets.token_hex(6)}")
         handle: IO[bytes] | None = None
         try:
             await anyio.to_thread.run_sync(lambda: final.parent.mkdir(parents=True, exist_ok=True))
@@ -175,7 +176,7 @@ class LocalRepository(Repository):
             return out
         for dirpath, _dirs, files in os.walk(base):
             for name in files:
-                if _TMP_MARK in name:
+                if TMP_MARK in name:
                     continue
                 full = Path(dirpath) / name
                 key = full.relative_to(self.root).as_posix()
@@ -213,7 +214,7 @@ class LocalRepository(Repository):
             for dirpath, _dirs, files in os.walk(self.root, topdown=False):
                 directory = Path(dirpath)
                 for name in files:
-                    if _TMP_MARK in name:
+                    if TMP_MARK in name:
                         (directory / name).unlink(missing_ok=True)
                         swept.append((directory / name).relative_to(self.root).as_posix())
                 # A folder an interrupted run created but never filled.

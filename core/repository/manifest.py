@@ -13,7 +13,6 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 MANIFEST_FORMAT = "engram-recovery/manifest@1"
-MANIFEST_NAME = "manifest.json"
 
 
 class _Model(BaseModel):

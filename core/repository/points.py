@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from ..errors import ConfigurationError, IntegrityError
-from .base import BACKUPS, MANIFEST_NAME, Repository
+from .base import Repository
+from .layout import backup_prefix, manifest_key
 from .manifest import Manifest
 from .records import scan
 
@@ -48,8 +49,8 @@ async def resolve(repo: Repository, recovery_point: str) -> RecoveryPoint:
         raise ConfigurationError(
             f"no complete backup matches {spec!r}", f"use 'latest', 'before:<ISO time>' or one of: {known}"
         )
-    prefix = f"{BACKUPS}{chosen.backup_id}/"
-    raw = await repo.get_bytes(prefix + MANIFEST_NAME)
+    prefix = backup_prefix(chosen.backup_id)
+    raw = await repo.get_bytes(manifest_key(chosen.backup_id))
     try:
         manifest = Manifest.model_validate_json(raw)
     except ValueError as exc:

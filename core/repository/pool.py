@@ -13,9 +13,7 @@ status all use.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import re
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -24,11 +22,8 @@ import anyio
 
 from ..errors import IntegrityError, RecoveryError
 from ..taskgroups import task_group
-from .base import BACKUPS, Repository
-
-POOL = "attachments/pool/"
-INVENTORY_NAME = "attachments-inventory.jsonl"
-_SAFE_ETAG = re.compile(r"^[A-Za-z0-9-]{1,128}$")
+from .base import Repository
+from .layout import POOL
 
 
 @dataclass(frozen=True)
@@ -58,19 +53,6 @@ class InventoryEntry:
         if self.md5 is not None:
             data["md5"] = self.md5
         return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
-
-
-def pool_key(key: str, etag: str) -> str:
-    """Where the blob of (`key`, `etag`) lives in the repository."""
-    digest = hashlib.sha256(key.encode("utf-8")).hexdigest()
-    # An ETag is normally hex (with "-N" for multipart uploads); anything else is hashed
-    # so that no server can hand us a path component.
-    tag = etag if _SAFE_ETAG.match(etag) else "x" + hashlib.sha256(etag.encode("utf-8")).hexdigest()
-    return f"{POOL}{digest[:2]}/{digest}/{tag}"
-
-
-def inventory_key(backup_id: str, name: str = INVENTORY_NAME) -> str:
-    return f"{BACKUPS}{backup_id}/{name}"
 
 
 async def read_inventory(repo: Repository, key: str) -> AsyncIterator[InventoryEntry]:

@@ -13,9 +13,10 @@ from collections.abc import Iterable
 from pydantic import BaseModel, Field
 
 from ..settings import Settings
-from .base import BACKUPS, Repository
-from .manifest import MANIFEST_NAME, Manifest
-from .pool import INVENTORY_NAME, POOL, collect_garbage, inventory_key
+from .base import Repository
+from .layout import INVENTORY_NAME, POOL, backup_prefix, inventory_key, manifest_key
+from .manifest import Manifest
+from .pool import collect_garbage
 from .records import BackupSummary, scan
 from .retention import Candidate, Policy, decide
 
@@ -62,8 +63,8 @@ async def apply_retention(repo: Repository, settings: Settings, *, prune: bool, 
         )
         return report
     for backup_id in decision.delete:
-        folder = f"{BACKUPS}{backup_id}/"
-        await repo.delete([folder + MANIFEST_NAME])
+        folder = backup_prefix(backup_id)
+        await repo.delete([manifest_key(backup_id)])
         await repo.delete([key async for key, _size in repo.list(folder)])
         report.deleted.append(backup_id)
     report.pool_objects_deleted, report.pool_bytes_deleted = await _collect_pool(repo, decision.keep)
@@ -81,7 +82,7 @@ async def _collect_pool(repo: Repository, kept: list[str]) -> tuple[int, int]:
     # instead of letting that backup's blobs be deleted as unreferenced.
     inventories: list[str] = []
     for backup_id in kept:
-        manifest = Manifest.model_validate_json(await repo.get_bytes(f"{BACKUPS}{backup_id}/{MANIFEST_NAME}"))
+        manifest = Manifest.model_validate_json(await repo.get_bytes(manifest_key(backup_id)))
         if manifest.attachments.backend == "s3":
             inventories.append(inventory_key(backup_id, manifest.attachments.inventory or INVENTORY_NAME))
     return await collect_garbage(repo, inventories)

@@ -12,7 +12,8 @@ from typing import Any
 from ..errors import IntegrityError, StoreUnreachable
 from ..settings import Settings
 from . import open_repository
-from .base import BACKUPS, DRILLS, MANIFEST_NAME, VERIFICATIONS, Repository
+from .base import Repository
+from .layout import BACKUPS, DRILLS, VERIFICATIONS, backup_id_of, manifest_key
 
 
 @dataclass(frozen=True)
@@ -101,12 +102,6 @@ class RepositoryState:
         return max((d for d in self.drills if d.ok), key=lambda d: d.at, default=None)
 
 
-def backup_id_of(key: str) -> str | None:
-    """'backups/<id>/anything' -> '<id>'."""
-    parts = key.split("/")
-    return parts[1] if len(parts) >= 3 and parts[0] == "backups" else None
-
-
 async def scan(repo: Repository) -> RepositoryState:
     """Complete backups (those with a manifest), leftovers of interrupted runs, and drill records."""
     folders: set[str] = set()
@@ -116,9 +111,9 @@ async def scan(repo: Repository) -> RepositoryState:
         if backup_id is None:
             continue
         folders.add(backup_id)
-        if key == f"{BACKUPS}{backup_id}/{MANIFEST_NAME}":
+        if key == manifest_key(backup_id):
             complete.append(backup_id)
-    backups = [summary_of(_json(await repo.get_bytes(f"{BACKUPS}{backup_id}/{MANIFEST_NAME}"), backup_id))
+    backups = [summary_of(_json(await repo.get_bytes(manifest_key(backup_id)), backup_id))
                for backup_id in sorted(complete)]
     incomplete = sorted(folders - set(complete))
     return RepositoryState(location=repo.location, backups=backups, drills=await read_drills(repo),

@@ -24,7 +24,8 @@ from ..settings import Settings
 from ..stores import s3
 from ..stores.s3 import S3_ERRORS, S3Location
 from ..taskgroups import task_group
-from .base import READ_CHUNK, CopyTarget, Repository, check_key
+from .base import READ_CHUNK, CopyTarget, Repository
+from .layout import check_key
 
 # S3 wants parts of at least 5 MiB (except the last); 8 MiB keeps memory low and requests few.
 PART_SIZE = 8 << 20

@@ -14,7 +14,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from ..errors import RecoveryError
-from .base import VERIFICATIONS, Repository
+from .base import Repository
+from .layout import verification_record_key
 from .points import resolve
 from .pool import read_inventory, verify_blobs
 from .records import VerificationRecord
@@ -45,6 +46,6 @@ async def reverify(repo: Repository, backup_id: str, how: str) -> VerificationRe
 
 async def record(repo: Repository, verification: VerificationRecord) -> str:
     """Store the record; return its repository key."""
-    key = f"{VERIFICATIONS}{verification.at.strftime('%Y%m%dT%H%M%S%fZ')}-{verification.backup_id}.json"
+    key = verification_record_key(verification.at, verification.backup_id)
     await repo.put_bytes(key, verification.to_json())
     return key

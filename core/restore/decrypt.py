@@ -11,8 +11,9 @@ import anyio.to_thread
 
 from ..artifact.extract import Extracted, extract, plain_name
 from ..errors import StoreUnreachable
-from ..repository.base import BACKUPS, Repository
-from ..repository.manifest import MANIFEST_NAME, Manifest
+from ..repository.base import Repository
+from ..repository.layout import backup_prefix, manifest_key
+from ..repository.manifest import Manifest
 
 
 async def extract_backup(repo: Repository, backup_id: str, key: bytes | None, output: Path) -> list[Extracted]:
@@ -20,13 +21,13 @@ async def extract_backup(repo: Repository, backup_id: str, key: bytes | None, ou
 
     A custom or plain dump becomes the file `output`; a directory dump becomes the directory `output`.
     """
-    folder = f"{BACKUPS}{backup_id}/"
-    if not await repo.exists(folder + MANIFEST_NAME):
+    folder = backup_prefix(backup_id)
+    if not await repo.exists(manifest_key(backup_id)):
         raise StoreUnreachable(
             f"there is no complete backup {backup_id} in {repo.location}",
             "list the recovery points with backup_status, and pass one of their ids",
         )
-    manifest = Manifest.model_validate_json(await repo.get_bytes(folder + MANIFEST_NAME))
+    manifest = Manifest.model_validate_json(await repo.get_bytes(manifest_key(backup_id)))
     names = manifest.database.dump_artifacts
     if manifest.database.dump_format == "directory":
         await anyio.to_thread.run_sync(lambda: output.mkdir(parents=True, exist_ok=True))

@@ -26,14 +26,14 @@ from pydantic import BaseModel, Field, ValidationError
 
 from ..errors import ConfigurationError, IntegrityError, RecoveryError, scrub
 from ..repository import open_repository
-from ..repository.base import BACKUPS, DRILLS, Repository, check_key
-from ..repository.manifest import MANIFEST_NAME, Manifest
+from ..repository.base import Repository
+from ..repository.layout import BACKUPS, DRILLS, backup_id_of, backup_prefix, check_key, manifest_key
+from ..repository.manifest import Manifest
 from ..repository.prune import candidates, policy_of
 from ..repository.records import (
     BackupSummary,
     DrillRecord,
     RepositoryState,
-    backup_id_of,
     read_drills,
     read_verifications,
     summary_of,
@@ -158,7 +158,7 @@ class Catalog:
                 )
                 continue
             try:
-                raw = await self.repo.get_bytes(f"{BACKUPS}{backup_id}/{MANIFEST_NAME}")
+                raw = await self.repo.get_bytes(manifest_key(backup_id))
                 summary = summary_of(json.loads(raw))
                 manifest = Manifest.model_validate_json(raw)
                 if summary.backup_id != backup_id:
@@ -171,7 +171,7 @@ class Catalog:
                     backup_id=backup_id, state="unreadable", size_bytes=size,
                     retention=RetentionFate(action="unknown"), problem=problem,
                 )
-                blocked.append(f"{BACKUPS}{backup_id}/{MANIFEST_NAME}")
+                blocked.append(manifest_key(backup_id))
                 continue
             summaries.append(summary)
             entries[backup_id] = self._entry(manifest, summary, size, now)
@@ -218,7 +218,7 @@ class Catalog:
             has, total, newest = folders.get(backup_id, (False, 0, None))
             if modified is not None:
                 newest = max(newest or modified, modified)
-            folders[backup_id] = (has or key == f"{BACKUPS}{backup_id}/{MANIFEST_NAME}", total + size, newest)
+            folders[backup_id] = (has or key == manifest_key(backup_id), total + size, newest)
         return folders
 
     async def _records(
@@ -271,9 +271,9 @@ class Catalog:
 
     async def manifest_text(self, backup_id: str) -> str:
         """One backup's manifest as stored (it holds no secret; scrubbed all the same)."""
-        key = f"{BACKUPS}{_valid_id(backup_id)}/{MANIFEST_NAME}"
+        key = manifest_key(_valid_id(backup_id))
         if not await self.repo.exists(key):
-            folder = [k async for k, _ in self.repo.list(f"{BACKUPS}{backup_id}/")]
+            folder = [k async for k, _ in self.repo.list(backup_prefix(backup_id))]
             if folder:
                 raise NoSuchBackup(
                     f"backup {backup_id} is incomplete: it has no manifest (an interrupted or running run)",
@@ -301,7 +301,7 @@ class Catalog:
                 continue
             records.append({"record": key, **data})
         records.sort(key=lambda r: (str(r.get("at", "")), r["record"]), reverse=True)
-        known = backup_id is None or records or await self.repo.exists(f"{BACKUPS}{backup_id}/{MANIFEST_NAME}")
+        known = backup_id is None or records or await self.repo.exists(manifest_key(backup_id))
         if not known:
             raise NoSuchBackup(f"there is no backup {backup_id} in {self.repo.location}, nor a drill of one",
                                "list the backups with list_backups or `engram-recovery backups`")
@@ -328,7 +328,7 @@ async def open_catalog(settings: Settings) -> AsyncIterator[Catalog]:
 def _valid_id(backup_id: str) -> str:
     if "/" in backup_id or not backup_id:
         raise NoSuchBackup(f"{backup_id!r} is not a backup id", "use an id from list_backups")
-    check_key(f"{BACKUPS}{backup_id}/{MANIFEST_NAME}")
+    check_key(manifest_key(backup_id))
     return backup_id
 
 

@@ -18,16 +18,11 @@ from engram_recovery.core.backup import mirror
 from engram_recovery.core.backup.mirror import STREAM_CHUNK, mirror_attachments
 from engram_recovery.core.errors import IntegrityError, StoreUnreachable
 from engram_recovery.core.progress import silent
-from engram_recovery.core.repository import pool
+from engram_recovery.core.repository import layout
 from engram_recovery.core.repository.base import Repository
+from engram_recovery.core.repository.layout import inventory_key, pool_key
 from engram_recovery.core.repository.local import LocalRepository
-from engram_recovery.core.repository.pool import (
-    InventoryEntry,
-    collect_garbage,
-    inventory_key,
-    pool_key,
-    read_inventory,
-)
+from engram_recovery.core.repository.pool import InventoryEntry, collect_garbage, read_inventory
 from engram_recovery.core.repository.s3 import S3Repository
 from engram_recovery.core.stores import s3
 from engram_recovery.core.stores.s3 import S3Location
@@ -122,7 +117,7 @@ async def test_the_inventory_matches_the_bucket_exactly_and_every_blob_is_a_fait
         assert await repo.get_bytes(entry.repo_key) == objects[entry.key]
     stored = await repo.sha256(inventory_key("b1"))
     assert (report.inventory_size, report.inventory_sha256) == stored
-    assert report.inventory_name == pool.INVENTORY_NAME
+    assert report.inventory_name == layout.INVENTORY_NAME
     assert (report.objects, report.bytes) == (len(objects), sum(map(len, objects.values())))
     assert (report.copied_objects, report.skipped_objects, report.versioned) == (len(objects), 0, False)
     # Same endpoint and same credentials: the S3 repository gets server-side copies.
@@ -434,4 +429,4 @@ def test_pool_keys_separate_keys_and_etags_and_never_contain_path_tricks() -> No
     assert pool_key("a", "0cc175b9c0f1b6a831c399e269772661") != pool_key("b", "0cc175b9c0f1b6a831c399e269772661")
     assert pool_key("a", "e1") != pool_key("a", "e2")
     weird = pool_key("../../etc/passwd", "../x/y")
-    assert ".." not in weird and weird.count("/") == 4 and weird.startswith(pool.POOL)
+    assert ".." not in weird and weird.count("/") == 4 and weird.startswith(layout.POOL)
