@@ -19,6 +19,7 @@ import anyio
 import asyncpg
 
 from ..engram import crypto as engram_crypto
+from ..engram.canary import read_canary
 from ..engram.schema_probe import SchemaProbe
 from ..repository.manifest import CanaryInfo, ObanInfo
 from ..stores import postgres
@@ -133,12 +134,10 @@ async def quick_facts(conn: asyncpg.Connection, probe: SchemaProbe, master_key: 
 
 
 async def _canary(conn: asyncpg.Connection, master_key: str | None) -> CanaryInfo:
-    row = await conn.fetchrow(
-        "SELECT id, wrapped_dek, dek_sha256, inserted_at FROM system_canaries ORDER BY id DESC LIMIT 1"
-    )
-    if row is None:
+    canary = await read_canary(conn)
+    if canary is None:
         return CanaryInfo(present=False)
-    wrapped, sha = bytes(row["wrapped_dek"]), bytes(row["dek_sha256"])
+    wrapped, sha = canary.wrapped_dek, canary.dek_sha256
     matches: bool | None = None
     if master_key:
         try:
@@ -152,11 +151,11 @@ async def _canary(conn: asyncpg.Connection, master_key: str | None) -> CanaryInf
         wrap = "unknown"
     return CanaryInfo(
         present=True,
-        id=str(row["id"]),
+        id=canary.id,
         wrapped_dek_b64=base64.b64encode(wrapped).decode(),
         dek_sha256_hex=sha.hex(),
         wrap_format=wrap,
-        inserted_at=row["inserted_at"],
+        inserted_at=canary.inserted_at,
         matches_configured_key=matches,
     )
 

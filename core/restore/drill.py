@@ -27,6 +27,7 @@ from ..artifact.compression import decompressor
 from ..artifact.encryption import Decryptor
 from ..engram import crypto as engram_crypto
 from ..engram import keys as key_rules
+from ..engram.canary import read_canary
 from ..errors import ConfigurationError, RecoveryError, scrub
 from ..repository.base import Repository
 from ..repository.manifest import Artifact, Manifest
@@ -207,16 +208,15 @@ class Proof:
 
 
 async def prove_canary(conn: postgres.Connection, manifest: Manifest, keys: Keys) -> Proof:
-    row = await conn.fetchrow("SELECT id::text AS id, wrapped_dek, dek_sha256 FROM system_canaries "
-                              "ORDER BY id DESC LIMIT 1")  # fmt: skip
-    if row is None:
+    canary = await read_canary(conn)
+    if canary is None:
         return Proof("canary", False, "the restored system_canaries is EMPTY: Engram would adopt any key at boot",
                      code="canary_empty")  # fmt: skip
     # Engram's boot rule: the current key only (key_rules), PREVIOUS named as its own verdict.
-    judged = key_rules.judge_canary(keys.current, keys.previous, bytes(row["wrapped_dek"]), bytes(row["dek_sha256"]),
+    judged = key_rules.judge_canary(keys.current, keys.previous, canary.wrapped_dek, canary.dek_sha256,
                                     what="the restored boot canary")  # fmt: skip
-    details: dict[str, Any] = {"verdict": judged.verdict, "canary_id": row["id"]} | judged.details
-    if manifest.canary.id is not None and manifest.canary.id != row["id"]:
+    details: dict[str, Any] = {"verdict": judged.verdict, "canary_id": canary.id} | judged.details
+    if manifest.canary.id is not None and manifest.canary.id != canary.id:
         return Proof("canary", False, "the restored canary is not the one the manifest recorded", details,
                      code="canary_replaced")  # fmt: skip
     return Proof("canary", judged.code == "ok", judged.summary, details, code=judged.code)

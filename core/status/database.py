@@ -7,6 +7,7 @@ from typing import Any
 from ..engram import crypto as engram_crypto
 from ..engram import keys as key_rules
 from ..engram import oban
+from ..engram.canary import read_canary
 from ..stores.pgclient.versions import choose
 from ..verdict import Verdict
 from .common import Check, StatusContext, format_size
@@ -129,9 +130,7 @@ async def check_master_key(ctx: StatusContext) -> Check:
             summary="this database has no system_canaries table, so the key cannot be checked against it",
         )
     async with ctx.runtime.pool.acquire() as conn:
-        canary = await conn.fetchrow(
-            "SELECT id, wrapped_dek, dek_sha256 FROM system_canaries ORDER BY id DESC LIMIT 1"
-        )
+        canary = await read_canary(conn)
     if canary is None:
         return Check(
             component="master_key",
@@ -141,8 +140,8 @@ async def check_master_key(ctx: StatusContext) -> Check:
             "new data would be unreadable with the real one. Boot the app once with the right key (it writes a "
             "canary), and never restore a database whose canary table is empty without checking the key",
         )
-    details["canary_id"] = str(canary["id"])
-    verdict = engram_crypto.check_canary(key, bytes(canary["wrapped_dek"]), bytes(canary["dek_sha256"]))
+    details["canary_id"] = canary.id
+    verdict = engram_crypto.check_canary(key, canary.wrapped_dek, canary.dek_sha256)
     details["canary"] = verdict
     if verdict == "match":
         status: Verdict = "warn" if warnings else "ok"
@@ -158,7 +157,7 @@ async def check_master_key(ctx: StatusContext) -> Check:
             summary="the boot canary is wrapped by AWS KMS, so it cannot be checked offline; make sure the KMS key "
             "and its permissions are recoverable" + ("; " + "; ".join(warnings) if warnings else ""),
         )
-    judged = key_rules.judge_canary(key, previous, bytes(canary["wrapped_dek"]), bytes(canary["dek_sha256"]),
+    judged = key_rules.judge_canary(key, previous, canary.wrapped_dek, canary.dek_sha256,
                                     what="the newest boot canary")  # fmt: skip
     if judged.code == "previous_key_only":  # the verdict plan_restore and restore_drill give too
         return Check(component="master_key", status=judged.status, summary=judged.summary,
