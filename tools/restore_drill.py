@@ -11,15 +11,14 @@ the result is recorded in the repository, where backup_status reads it.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import anyio
 from mcp_types import ToolAnnotations
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from ..core.artifact import encryption as backup_crypto
 from ..core.engram.schema_probe import probe
@@ -31,6 +30,7 @@ from ..core.repository.layout import drill_record_key
 from ..core.repository.manifest import Manifest
 from ..core.repository.points import RecoveryPoint, resolve
 from ..core.repository.pool import BlobCheck, read_inventory, verify_blobs
+from ..core.repository.records import DrillRecord, DrillStep
 from ..core.repository.verify import verify_artifacts
 from ..core.restore import drill
 from ..core.restore import observe as rc
@@ -50,16 +50,6 @@ class RestoreDrillInput(ToolInput):
     )
     sample_notes: int = Field(default=50, ge=1, le=10_000, description="Notes to decrypt and hash-check.")
     sample_attachments: int = Field(default=20, ge=0, le=10_000, description="Attachments to decrypt and check.")
-
-
-class DrillStep(BaseModel):
-    name: str
-    ok: bool
-    seconds: float
-    summary: str
-    details: dict[str, Any] = Field(default_factory=dict)
-    code: str | None = Field(default=None, description="Machine-readable verdict of a proof, e.g. "
-                             "'previous_key_only' (the codes of plan_restore's checks).")
 
 
 class RestoreDrillResult(ToolResult):
@@ -308,10 +298,9 @@ async def _record(
     scratch: str | None,
 ) -> str | None:
     key = drill_record_key(now, backup_id)
-    body = {"at": now.isoformat(), "backup_id": backup_id, "ok": ok, "rto_seconds": rto,
-            "scratch_database": scratch, "steps": [s.model_dump() for s in steps]}  # fmt: skip
+    record = DrillRecord(at=now, backup_id=backup_id, ok=ok, rto_seconds=rto, scratch_database=scratch, steps=steps)
     try:
-        await repo.put_bytes(key, json.dumps(body, indent=2).encode())
+        await repo.put_bytes(key, record.to_json())
     except RecoveryError as exc:
         steps.append(DrillStep(name="record", ok=False, seconds=0.0, summary=str(exc).replace("\n", " ")))
         return None

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer
+
 from ..errors import IntegrityError, StoreUnreachable
 from ..settings import Settings
 from . import open_repository
@@ -26,13 +28,39 @@ class BackupSummary:
     started_at: datetime | None = None
 
 
-@dataclass(frozen=True)
-class DrillRecord:
+class DrillStep(BaseModel):
+    name: str
+    ok: bool
+    seconds: float
+    summary: str
+    details: dict[str, Any] = Field(default_factory=dict)
+    code: str | None = Field(default=None, description="Machine-readable verdict of a proof, e.g. "
+                             "'previous_key_only' (the codes of plan_restore's checks).")
+
+
+class DrillRecord(BaseModel):
+    """A restore drill as restore_drill writes it (drills/<time>-<backup_id>.json) and status reads it."""
+
+    model_config = ConfigDict(extra="ignore")
+
     at: datetime
     backup_id: str
     ok: bool
     rto_seconds: float | None = None
-    problem: str | None = None  # the first failed step, for a failed drill
+    scratch_database: str | None = None
+    steps: list[DrillStep] = Field(default_factory=list)
+
+    @field_serializer("at")
+    def _at(self, at: datetime) -> str:
+        return at.isoformat()
+
+    @property
+    def problem(self) -> str | None:
+        """The first failed step, for a failed drill."""
+        return next((f"{s.name}: {s.summary}"[:300] for s in self.steps if not s.ok), None)
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.model_dump(mode="json"), indent=2).encode()
 
 
 @dataclass(frozen=True)
@@ -139,16 +167,11 @@ async def read_drills(repo: Repository) -> list[DrillRecord]:
         if not key.endswith(".json"):
             continue
         data = _json(await repo.get_bytes(key), key)
-        drills.append(
-            DrillRecord(
-                at=datetime.fromisoformat(data["at"]),
-                backup_id=str(data["backup_id"]),
-                ok=bool(data["ok"]),
-                rto_seconds=data.get("rto_seconds"),
-                problem=next((f"{s.get('name')}: {s.get('summary')}"[:300] for s in data.get("steps") or ()
-                              if isinstance(s, dict) and not s.get("ok")), None),
-            )
-        )
+        try:
+            drills.append(DrillRecord.model_validate(data))
+        except ValidationError as exc:
+            raise IntegrityError(f"{key}: not a drill record ({exc.error_count()} problem(s))",
+                                 "remove or restore that file") from exc
     return drills
 
 
