@@ -108,7 +108,7 @@ async def restore_drill(runtime: Runtime, params: RestoreDrillInput, progress: P
         raise ConfigurationError(keys.current_problem or "ENCRYPTION_MASTER_KEY is not available to this tool",
                                  "set ENCRYPTION_MASTER_KEY or ENCRYPTION_MASTER_KEY_FILE: the drill proves the key "
                                  "opens the restored data")  # fmt: skip
-    backup_key = backup_crypto.parse_key(settings.backup_key.get_secret_value()) if settings.backup_key else None
+    backup_key = backup_crypto.backup_key(settings)
     started, now = time.perf_counter(), datetime.now(UTC)
     run = _Run(progress)
     scratch: str | None = None

@@ -29,6 +29,7 @@ from ..core.backup.run import (
     utcnow,
 )
 from ..core.engram import crypto as engram_crypto
+from ..core.engram.keys import MasterKeys
 from ..core.engram.schema_probe import SchemaProbe
 from ..core.errors import RecoveryError
 from ..core.progress import Progress
@@ -184,12 +185,8 @@ async def _backup(
                 f"{', '.join(first[:5])}): Engram cannot serve those files now either; restore them from an older "
                 "backup or the bucket's versions, or have their owners upload them again"
             )
-    if facts.canary.matches_configured_key and settings.encryption_master_key:
-        master_fp = engram_crypto.key_fingerprint(
-            engram_crypto.decode_master_key(settings.encryption_master_key.get_secret_value())
-        )
-    else:
-        master_fp = None
+    master = MasterKeys.from_settings(settings).current
+    master_fp = engram_crypto.key_fingerprint(master) if facts.canary.matches_configured_key and master else None
     manifest = Manifest(
         backup_id=backup_id, tool_version=TOOL_VERSION, started_at=started_at, finished_at=utcnow(),
         database=DatabaseInfo(

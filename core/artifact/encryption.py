@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from ..errors import ConfigurationError, IntegrityError
+from ..settings import Settings
 
 MAGIC = b"ENGRBAK"
 VERSION = 1
@@ -66,6 +67,12 @@ def parse_key(text: str) -> bytes:
 def key_id(key: bytes) -> bytes:
     """8 bytes that name the key without revealing it (SHA-256 of a label and the key)."""
     return hashlib.sha256(_KEY_ID_LABEL + key).digest()[:8]
+
+
+def backup_key(settings: Settings) -> bytes | None:
+    """ENGRAM_RECOVERY_BACKUP_KEY, decoded here and nowhere else (None: not configured; malformed:
+    ConfigurationError, at the moment of use)."""
+    return parse_key(settings.backup_key.get_secret_value()) if settings.backup_key else None
 
 
 def fingerprint(key: bytes) -> str:

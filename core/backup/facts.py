@@ -20,6 +20,7 @@ import asyncpg
 
 from ..engram import crypto as engram_crypto
 from ..engram.canary import read_canary
+from ..engram.keys import MasterKeys
 from ..engram.schema_probe import SchemaProbe
 from ..repository.manifest import CanaryInfo, ObanInfo
 from ..stores import postgres
@@ -81,7 +82,7 @@ class DatabaseFacts:
     lacking_in_database: tuple[int, list[str]] | None = None
 
 
-async def quick_facts(conn: asyncpg.Connection, probe: SchemaProbe, master_key: str | None) -> DatabaseFacts:
+async def quick_facts(conn: asyncpg.Connection, probe: SchemaProbe, keys: MasterKeys) -> DatabaseFacts:
     """Cheap facts (no table scans): read first, so a problem is known before the dump starts."""
     facts = DatabaseFacts()
     try:
@@ -117,7 +118,7 @@ async def quick_facts(conn: asyncpg.Connection, probe: SchemaProbe, master_key: 
             "SELECT c.relname AS t FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
             "WHERE n.nspname = $1 AND c.relrowsecurity ORDER BY 1", probe.schema)]  # fmt: skip
         if probe.has_table("system_canaries"):
-            facts.canary = await _canary(conn, master_key)
+            facts.canary = await _canary(conn, keys)
     except PostgresError as exc:
         raise postgres.describe(exc) from exc
     if not facts.canary.present:
@@ -133,16 +134,15 @@ async def quick_facts(conn: asyncpg.Connection, probe: SchemaProbe, master_key: 
     return facts
 
 
-async def _canary(conn: asyncpg.Connection, master_key: str | None) -> CanaryInfo:
+async def _canary(conn: asyncpg.Connection, keys: MasterKeys) -> CanaryInfo:
     canary = await read_canary(conn)
     if canary is None:
         return CanaryInfo(present=False)
     wrapped, sha = canary.wrapped_dek, canary.dek_sha256
     matches: bool | None = None
-    if master_key:
+    if keys.current_set:  # set but malformed: it does not match
         try:
-            key = engram_crypto.decode_master_key(master_key)
-            matches = engram_crypto.check_canary(key, wrapped, sha) == "match"
+            matches = keys.current is not None and engram_crypto.check_canary(keys.current, wrapped, sha) == "match"
         except engram_crypto.EngramCryptoError:
             matches = False
     try:

@@ -23,6 +23,7 @@ import anyio
 
 from ..artifact import encryption as backup_crypto
 from ..artifact.compression import SUFFIX, Compression
+from ..engram.keys import MasterKeys
 from ..engram.schema_probe import SchemaProbe, probe
 from ..errors import ConfigurationError, IntegrityError, RecoveryError
 from ..progress import Progress
@@ -53,8 +54,7 @@ def dump_name(fmt: DumpFormat, compression: Compression, encrypted: bool) -> str
 
 
 def backup_key(runtime: Runtime) -> bytes | None:
-    secret = runtime.settings.backup_key
-    return backup_crypto.parse_key(secret.get_secret_value()) if secret else None
+    return backup_crypto.backup_key(runtime.settings)
 
 
 async def preflight(runtime: Runtime) -> tuple[SchemaProbe, ClientVersion]:
@@ -219,9 +219,8 @@ async def gather_and_dump(
 ) -> tuple[DatabaseFacts, DumpOutcome, str | None, datetime]:
     """Snapshot, cheap facts, then the dump and the exact counts at once, both in that snapshot."""
     settings = runtime.settings
-    master = settings.encryption_master_key.get_secret_value() if settings.encryption_master_key else None
     async with exported_snapshot(runtime.dsn) as snap:
-        facts = await quick_facts(snap.conn, p, master)
+        facts = await quick_facts(snap.conn, p, MasterKeys.from_settings(settings))
         outcome = DumpOutcome()
 
         async def run_dump() -> None:

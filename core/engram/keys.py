@@ -18,6 +18,9 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Literal
 
+from pydantic import SecretStr
+
+from ..settings import Settings
 from . import crypto as engram_crypto
 
 KeyCode = Literal["ok", "kms_wrapped", "previous_key_only", "canary_corrupt", "wrong_key"]
@@ -29,6 +32,36 @@ PREVIOUS_ONLY = (
     "with the current key only and would refuse to boot (PREVIOUS only opens users' keys). Boot with the previous "
     "key as ENCRYPTION_MASTER_KEY, or finish the key rotation"
 )
+
+
+@dataclass(frozen=True)
+class MasterKeys:
+    """ENCRYPTION_MASTER_KEY and ENCRYPTION_MASTER_KEY_PREVIOUS as configured, decoded here and nowhere
+    else (never serialised). A malformed key is not an exception: each caller words it as its finding."""
+
+    current: bytes | None
+    current_error: str | None  # why the configured current key cannot be used (None: absent or fine)
+    previous: bytes | None
+    previous_error: str | None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> MasterKeys:
+        current, current_error = _decode(settings.encryption_master_key)
+        previous, previous_error = _decode(settings.encryption_master_key_previous)
+        return cls(current, current_error, previous, previous_error)
+
+    @property
+    def current_set(self) -> bool:
+        return self.current is not None or self.current_error is not None
+
+
+def _decode(secret: SecretStr | None) -> tuple[bytes | None, str | None]:
+    if secret is None:
+        return None, None
+    try:
+        return engram_crypto.decode_master_key(secret.get_secret_value()), None
+    except engram_crypto.InvalidMasterKey as exc:
+        return None, str(exc)
 
 
 @dataclass(frozen=True)

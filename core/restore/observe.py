@@ -16,8 +16,8 @@ from urllib.parse import urlsplit
 
 import anyio
 
-from ..artifact.encryption import parse_key
-from ..engram import crypto as engram_crypto
+from ..artifact.encryption import backup_key
+from ..engram.keys import MasterKeys
 from ..engram.schema_probe import probe
 from ..errors import RecoveryError
 from ..repository.base import Repository
@@ -54,20 +54,11 @@ def absolute_repository(settings: Settings) -> str:
 
 
 def key_material(settings: Settings) -> KeyMaterial:
-    problem: str | None = None
-    current: bytes | None = None
-    if settings.encryption_master_key is not None:
-        try:
-            current = engram_crypto.decode_master_key(settings.encryption_master_key.get_secret_value())
-        except engram_crypto.InvalidMasterKey as exc:
-            problem = f"ENCRYPTION_MASTER_KEY is malformed ({exc}): it must be base64 of exactly 32 bytes"
-    previous: bytes | None = None
-    if settings.encryption_master_key_previous is not None:
-        try:
-            previous = engram_crypto.decode_master_key(settings.encryption_master_key_previous.get_secret_value())
-        except engram_crypto.InvalidMasterKey:
-            previous = None
-    return KeyMaterial(current=current, current_problem=problem, previous=previous, key_provider=settings.key_provider)
+    keys = MasterKeys.from_settings(settings)
+    problem = (f"ENCRYPTION_MASTER_KEY is malformed ({keys.current_error}): it must be base64 of exactly 32 bytes"
+               if keys.current_error else None)  # fmt: skip
+    return KeyMaterial(current=keys.current, current_problem=problem, previous=keys.previous,
+                       key_provider=settings.key_provider)  # fmt: skip
 
 
 async def restore_client(settings: Settings, manifest: Manifest, target_major: int | None = None) -> ClientChoice:
@@ -160,7 +151,7 @@ async def dump_listing(settings: Settings, repo: Repository, point: RecoveryPoin
     dumps = [a for a in point.manifest.artifacts if a.kind == "database"]
     if point.manifest.database.dump_format != "custom" or len(dumps) != 1:
         return None
-    key = parse_key(settings.backup_key.get_secret_value()) if settings.backup_key else None
+    key = backup_key(settings)
     if dumps[0].encryption is not None and key is None:
         return None
     chosen = (await restore_client(settings, point.manifest)).chosen

@@ -24,6 +24,8 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, Field, ValidationError
 
+from ..artifact.encryption import backup_key
+from ..artifact.encryption import fingerprint as key_fingerprint
 from ..errors import ConfigurationError, IntegrityError, RecoveryError, scrub
 from ..repository import open_repository
 from ..repository.base import Repository
@@ -315,12 +317,8 @@ async def open_catalog(settings: Settings) -> AsyncIterator[Catalog]:
     problem = repo.unusable()
     if problem is not None:
         raise ConfigurationError(problem, "point ENGRAM_RECOVERY_REPOSITORY at a directory")
-    fingerprint = None
-    if settings.backup_key is not None:
-        from ..artifact.encryption import fingerprint as key_fingerprint
-        from ..artifact.encryption import parse_key
-
-        fingerprint = key_fingerprint(parse_key(settings.backup_key.get_secret_value()))
+    key = backup_key(settings)
+    fingerprint = key_fingerprint(key) if key is not None else None
     async with repo:
         yield Catalog(repo, policy_of(settings), fingerprint)
 

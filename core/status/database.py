@@ -8,6 +8,7 @@ from ..engram import crypto as engram_crypto
 from ..engram import keys as key_rules
 from ..engram import oban
 from ..engram.canary import read_canary
+from ..engram.keys import MasterKeys
 from ..stores.pgclient.versions import choose
 from ..verdict import Verdict
 from .common import Check, StatusContext, format_size
@@ -104,23 +105,21 @@ async def check_master_key(ctx: StatusContext) -> Check:
             "the key a restored database is unreadable. Set ENCRYPTION_MASTER_KEY or ENCRYPTION_MASTER_KEY_FILE",
             details=details,
         )
-    try:
-        key = engram_crypto.decode_master_key(settings.encryption_master_key.get_secret_value())
-    except ValueError as exc:
+    keys = MasterKeys.from_settings(settings)
+    if keys.current is None:
         return Check(
             component="master_key",
             status="fail",
-            summary=f"ENCRYPTION_MASTER_KEY is malformed: {exc}. It must be base64 of exactly 32 bytes",
+            summary=f"ENCRYPTION_MASTER_KEY is malformed: {keys.current_error}. It must be base64 of exactly 32 bytes",
             details=details,
         )
+    key = keys.current
     details["fingerprint"] = engram_crypto.key_fingerprint(key)
-    previous: bytes | None = None
-    if settings.encryption_master_key_previous is not None:
-        try:
-            previous = engram_crypto.decode_master_key(settings.encryption_master_key_previous.get_secret_value())
-            details["previous_fingerprint"] = engram_crypto.key_fingerprint(previous)
-        except ValueError as exc:
-            warnings.append(f"ENCRYPTION_MASTER_KEY_PREVIOUS is malformed: {exc}")
+    previous = keys.previous
+    if previous is not None:
+        details["previous_fingerprint"] = engram_crypto.key_fingerprint(previous)
+    elif keys.previous_error is not None:
+        warnings.append(f"ENCRYPTION_MASTER_KEY_PREVIOUS is malformed: {keys.previous_error}")
     details["previous_set"] = settings.encryption_master_key_previous is not None
 
     p = await ctx.probe()
