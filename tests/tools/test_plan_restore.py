@@ -7,13 +7,11 @@ plan to stop with that premise's own verdict.
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import secrets
 import shutil
 import sys
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -22,7 +20,7 @@ import anyio
 import asyncpg
 import pytest
 from mcp import Client
-from support import EngramDB, engram_env, fingerprints, make_engram_db
+from support import BACKUP_KEY, EngramDB, engram_env, fingerprints, make_engram_db
 
 from engram_recovery.core.engram import crypto as engram_crypto
 from engram_recovery.core.progress import silent
@@ -39,7 +37,6 @@ from engram_recovery.testbed.seaweedfs import SeaweedFS
 from engram_recovery.tools.plan_restore import PlanRestoreInput, PlanRestoreResult, plan_restore
 from engram_recovery.tools.run_backup import RunBackupInput, run_backup
 
-BACKUP_KEY = base64.b64encode(secrets.token_bytes(32)).decode()
 # reindex_qdrant runs last, after the tables were compared (it re-queues embedding on purpose);
 # boot_app has no command (starting Engram is deployment-specific).
 NOT_RUN_HERE = {"reindex_qdrant"}
@@ -141,15 +138,6 @@ async def test_round_trip_following_the_plan_exactly_restores_every_table(
     assert source["storage_objects"][0] > 0  # the attachments came back with the rows
     consequences = {c.topic: c for c in result.consequences}
     assert "unreachable" in consequences["sign_in_again"].summary
-
-
-@pytest.fixture(scope="module")
-async def backed_up(admin_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[tuple[EngramDB, Path]]:
-    """One seeded database and one backup of it, shared by the tests that only read them."""
-    async for db in make_engram_db(admin_dsn, secrets.token_bytes(32)):
-        base = tmp_path_factory.mktemp("plan")
-        await backup(engram_env(db, base, ENGRAM_RECOVERY_BACKUP_KEY=BACKUP_KEY))
-        yield db, base
 
 
 def env_of(backed: tuple[EngramDB, Path], **extra: str) -> dict[str, str]:
