@@ -33,11 +33,12 @@ from ..repository.manifest import Artifact, QdrantInfo
 from ..repository.records import scan
 from ..runtime import Runtime
 from ..stores import qdrant
+from ..stores.advisory import database_lock
 from ..stores.pgclient.process import DumpFormat, PgDumpCommand, spawn
 from ..stores.pgclient.versions import ClientVersion, choose
 from ..taskgroups import task_group
 from .facts import DatabaseFacts, counted_facts, exported_snapshot, quick_facts
-from .lock import BACKUP, database_lock
+from .lock import BACKUP
 from .pipeline import Stored, Transform, dump_to_repository, file_to_repository
 
 QDRANT_TIMEOUT = 10.0
@@ -82,7 +83,7 @@ async def preflight(runtime: Runtime) -> tuple[SchemaProbe, ClientVersion]:
 @contextlib.asynccontextmanager
 async def locks(runtime: Runtime, repo: Repository) -> AsyncIterator[None]:
     """The database's advisory lock and the repository's own (a local directory's flock)."""
-    async with database_lock(runtime.dsn), repo.lock(BACKUP.hint):
+    async with database_lock(runtime.dsn, BACKUP), repo.lock(BACKUP.hint):
         yield
 
 
