@@ -1,5 +1,6 @@
-"""plan_restore and restore_drill.
+"""plan_restore, restore_drill and the decrypt command.
 
-plan_restore gathers (observe.py, I/O only) and judges (plan.py, steps.py, token.py: pure).
-restore_drill: drill.py (the scratch database, the restore with stock tools, the proofs).
+plan_restore: planner.py (the run) gathers (observe.py, I/O only) and judges (plan.py, steps.py,
+token.py: pure). restore_drill: drill.py (the scratch database, the restore with stock tools, the
+proofs). decrypt.py: a recovery point's dump back into the stock file pg_dump wrote.
 """
