@@ -21,62 +21,7 @@ import anyio.to_thread
 
 from ..errors import ConfigurationError, IntegrityError
 from . import encryption as backup_crypto
-from .compression import Codec, decompressor, sniff
-
-_SNIFF = 4
-
-
-class Extractor:
-    """Feed stored bytes; get the plain dump bytes back. `finish` raises if anything was cut or altered."""
-
-    def __init__(self, key: bytes | None) -> None:
-        self._key = key
-        self._head = bytearray()
-        self._decrypt: backup_crypto.Decryptor | None = None
-        self._decided = False
-        self._plain_head = bytearray()
-        self._codec: Codec | None = None
-        self.encrypted = False
-
-    def update(self, data: bytes) -> bytes:
-        if not self._decided:
-            self._head += data
-            if len(self._head) < len(backup_crypto.MAGIC):
-                return b""
-            self._decided = True
-            data, self._head = bytes(self._head), bytearray()
-            if data.startswith(backup_crypto.MAGIC):
-                if self._key is None:
-                    raise ConfigurationError(
-                        "this artifact is encrypted and no backup key is configured",
-                        "set ENGRAM_RECOVERY_BACKUP_KEY or ENGRAM_RECOVERY_BACKUP_KEY_FILE to the backup key",
-                    )
-                self.encrypted = True
-                self._decrypt = backup_crypto.Decryptor(self._key)
-        plain = self._decrypt.update(data) if self._decrypt is not None else data
-        return self._decompress(plain)
-
-    def _decompress(self, plain: bytes) -> bytes:
-        if self._codec is None:
-            self._plain_head += plain
-            if len(self._plain_head) < _SNIFF:
-                return b""
-            self._codec = decompressor(sniff(bytes(self._plain_head)))
-            plain, self._plain_head = bytes(self._plain_head), bytearray()
-        return self._codec.update(plain)
-
-    def finish(self) -> bytes:
-        out = b""
-        if not self._decided:  # a file shorter than our magic: not encrypted
-            self._decided = True
-            out += self._decompress(bytes(self._head))
-        if self._decrypt is not None:
-            self._decrypt.finish()
-        if self._codec is None:
-            # Fewer than 4 plain bytes in all: nothing to sniff, so nothing was compressed.
-            out += bytes(self._plain_head)
-            return out
-        return out + self._codec.finish()
+from .codec import ENCRYPTED_SUFFIX, Decoder
 
 
 def key_from_environment(env: Mapping[str, str]) -> bytes | None:
@@ -109,7 +54,7 @@ async def extract(
     chunks: AsyncIterator[bytes], key: bytes | None, output: Path, expect_sha256: str | None = None
 ) -> Extracted:
     """Write the plain dump to `output` atomically: a damaged artifact leaves no output file at all."""
-    extractor = Extractor(key)
+    extractor = Decoder(key)
     digest = hashlib.sha256()
     stored = plain = 0
     temp = output.with_name(f".{output.name}.partial-{secrets.token_hex(4)}")
@@ -140,7 +85,7 @@ async def extract(
 
 def plain_name(name: str) -> str:
     """db.dump.zst.enc -> db.dump"""
-    for suffix in (".enc", ".zst", ".gz"):
+    for suffix in (ENCRYPTED_SUFFIX, ".zst", ".gz"):
         name = name.removesuffix(suffix)
     return name
 

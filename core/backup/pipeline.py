@@ -19,8 +19,7 @@ import anyio
 import anyio.from_thread
 import anyio.to_thread
 
-from ..artifact.compression import Codec, Compression, Data, compressor
-from ..artifact.encryption import Encryptor
+from ..artifact.codec import Encoder
 from ..errors import RecoveryError
 from ..repository.base import Repository
 from ..stores.pgclient.process import PipedProcess
@@ -31,26 +30,6 @@ QUEUE_BLOCKS = 4
 PROGRESS_EVERY = 0.5
 
 Report = Callable[[int], Awaitable[None]]
-
-
-class Transform:
-    """Compression then (optionally) encryption of one stream."""
-
-    def __init__(self, compression: Compression, key: bytes | None, level: int | None = None) -> None:
-        self._codec: Codec = compressor(compression, level)
-        self._encryptor = Encryptor(key) if key is not None else None
-        self.plain_bytes = 0
-
-    def update(self, data: Data) -> bytes:
-        self.plain_bytes += len(data)
-        out = self._codec.update(data)
-        return self._encryptor.update(out) if self._encryptor is not None else out
-
-    def finish(self) -> bytes:
-        out = self._codec.finish()
-        if self._encryptor is None:
-            return out
-        return self._encryptor.update(out) + self._encryptor.finish()
 
 
 @dataclass(frozen=True)
@@ -91,7 +70,7 @@ class _Outcome:
 
 
 async def dump_to_repository(
-    argv: list[str], env: dict[str, str], repo: Repository, key: str, transform: Transform, report: Report
+    argv: list[str], env: dict[str, str], repo: Repository, key: str, transform: Encoder, report: Report
 ) -> Stored:
     """Stream the command's stdout through `transform` into `key`; the object exists only if it succeeded."""
     started = time.monotonic()
@@ -151,7 +130,7 @@ async def dump_to_repository(
 
 
 async def file_to_repository(
-    chunks: AsyncIterator[bytes], repo: Repository, key: str, transform: Transform
+    chunks: AsyncIterator[bytes], repo: Repository, key: str, transform: Encoder
 ) -> Stored:
     """One file of a directory-format dump, through the same transform."""
     started = time.monotonic()

@@ -22,6 +22,7 @@ from pathlib import Path
 import anyio
 
 from ..artifact import encryption as backup_crypto
+from ..artifact.codec import ENCRYPTED_SUFFIX, Encoder
 from ..artifact.compression import SUFFIX, Compression
 from ..engram.keys import MasterKeys
 from ..engram.schema_probe import SchemaProbe, probe
@@ -39,7 +40,7 @@ from ..stores.pgclient.versions import ClientVersion, choose
 from ..taskgroups import task_group
 from .facts import DatabaseFacts, counted_facts, exported_snapshot, quick_facts
 from .lock import BACKUP
-from .pipeline import Stored, Transform, dump_to_repository, file_to_repository
+from .pipeline import Stored, dump_to_repository, file_to_repository
 
 QDRANT_TIMEOUT = 10.0
 
@@ -51,7 +52,7 @@ def new_backup_id(now: datetime) -> str:
 
 def dump_name(fmt: DumpFormat, compression: Compression, encrypted: bool) -> str:
     base = {"custom": "db.dump", "plain": "db.sql", "directory": "db.dir"}[fmt]
-    return base + SUFFIX[compression] + (".enc" if encrypted else "")
+    return base + SUFFIX[compression] + (ENCRYPTED_SUFFIX if encrypted else "")
 
 
 def backup_key(runtime: Runtime) -> bytes | None:
@@ -135,7 +136,7 @@ async def dump_database(
     if fmt != "directory":
         command = PgDumpCommand(pg_dump, runtime.dsn, fmt, snapshot_id)
         stored = await dump_to_repository(
-            command.argv, command.env, repo, artifact_key(backup_id, name), Transform(compression, key), report
+            command.argv, command.env, repo, artifact_key(backup_id, name), Encoder(compression, key), report
         )
         outcome.artifacts.append(_artifact(name, stored, compression, key is not None))
     else:
@@ -150,9 +151,9 @@ async def dump_database(
                 await running.finished()
             files = sorted(p for p in target.iterdir() if p.is_file())
             for number, path in enumerate(files, start=1):
-                member = f"{name}/{path.name}{SUFFIX[compression]}" + (".enc" if key is not None else "")
+                member = f"{name}/{path.name}{SUFFIX[compression]}" + (ENCRYPTED_SUFFIX if key is not None else "")
                 stored = await file_to_repository(
-                    _read_file(path), repo, artifact_key(backup_id, member), Transform(compression, key)
+                    _read_file(path), repo, artifact_key(backup_id, member), Encoder(compression, key)
                 )
                 outcome.artifacts.append(_artifact(member, stored, compression, key is not None))
                 await progress(number, len(files), f"storing the directory dump: {number}/{len(files)} files")

@@ -23,8 +23,7 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
-from ..artifact.compression import decompressor
-from ..artifact.encryption import Decryptor
+from ..artifact.codec import Decoder, decode_stream
 from ..engram import crypto as engram_crypto
 from ..engram import keys as key_rules
 from ..engram.canary import read_canary
@@ -90,25 +89,11 @@ async def scratch_exists(conn: postgres.Connection, name: str) -> bool:
 
 
 async def plaintext(repo: Repository, key: str, artifact: Artifact, backup_key: bytes | None) -> AsyncIterator[bytes]:
-    """The artifact as pg_dump wrote it: decrypted, then decompressed, chunk by chunk."""
-    if artifact.encryption is not None and backup_key is None:
-        raise ConfigurationError(
-            f"{artifact.name} is encrypted but ENGRAM_RECOVERY_BACKUP_KEY is not set",
-            "set ENGRAM_RECOVERY_BACKUP_KEY or ENGRAM_RECOVERY_BACKUP_KEY_FILE to the backup key",
-        )
-    decryptor = Decryptor(backup_key) if artifact.encryption is not None and backup_key is not None else None
-    codec = decompressor(artifact.compression)
-    async for chunk in repo.get_stream(key):
-        data = await anyio.to_thread.run_sync(decryptor.update, chunk) if decryptor else chunk
-        if data:
-            out = await anyio.to_thread.run_sync(codec.update, data)
-            if out:
-                yield out
-    if decryptor is not None:
-        decryptor.finish()
-    tail = codec.finish()
-    if tail:
-        yield tail
+    """The artifact as pg_dump wrote it: decrypted, then decompressed, chunk by chunk (as its manifest says)."""
+    decoder = Decoder(backup_key, compression=artifact.compression, encrypted=artifact.encryption is not None,
+                      name=artifact.name)  # fmt: skip
+    async for out in decode_stream(repo.get_stream(key), decoder):
+        yield out
 
 
 @dataclass(frozen=True)

@@ -10,9 +10,9 @@ import pytest
 import zstandard
 
 from engram_recovery.core.artifact import encryption as backup_crypto
+from engram_recovery.core.artifact.codec import Decoder as Extractor
 from engram_recovery.core.artifact.compression import compressor
 from engram_recovery.core.artifact.encryption import HEADER_SIZE, RECORD_OVERHEAD, Decryptor, Encryptor
-from engram_recovery.core.artifact.extract import Extractor
 from engram_recovery.core.errors import ConfigurationError, IntegrityError
 
 KEY = secrets.token_bytes(32)
