@@ -12,7 +12,7 @@ Usage: .venv/bin/python bench/bench_backup.py [--runs 3] [--notes 250000] [--att
 The server: --admin-url (or ENGRAM_TEST_ADMIN_URL), e.g. the host's PostgreSQL 15 on 127.0.0.1:5432; by
 default the bundled PostgreSQL 18 (the version Engram runs), a cluster kept in .bench/pg18 between runs
 (stop it with `python -m engram_recovery.testbed.cluster stop .bench/pg18`). Every pg_dump here, ours
-and the peers', is the client run_backup chooses for that server (core/pgclients.py): the 18 one for 18.
+and the peers', is the client run_backup chooses for that server (core/stores/pgclient/versions.py): the 18 one for 18.
 The seeded database (engram_bench_1g) and its master key (.bench/, one per server) are kept between runs.
 """
 
@@ -37,8 +37,8 @@ import asyncpg
 import psutil
 
 from engram_recovery import testbed
-from engram_recovery.core import engram_crypto
-from engram_recovery.core.pgclients import choose
+from engram_recovery.core.engram import crypto as engram_crypto
+from engram_recovery.core.stores.pgclient.versions import choose
 
 DB = "engram_bench_1g"
 STATE = Path(".bench")

@@ -32,7 +32,8 @@ import anyio
 import asyncpg
 
 from engram_recovery import testbed
-from engram_recovery.core import backup_extract, engram_crypto
+from engram_recovery.core.artifact import extract as backup_extract
+from engram_recovery.core.engram import crypto as engram_crypto
 from engram_recovery.core.progress import silent
 from engram_recovery.core.runtime import Runtime
 from engram_recovery.core.settings import load_settings

@@ -27,11 +27,11 @@ from pathlib import Path
 
 import anyio
 
-from engram_recovery.core import s3
-from engram_recovery.core.mirror import mirror_attachments
+from engram_recovery.core.backup.mirror import mirror_attachments
 from engram_recovery.core.progress import silent
-from engram_recovery.core.repository_s3 import S3Repository
-from engram_recovery.core.s3 import S3Location
+from engram_recovery.core.repository.s3 import S3Repository
+from engram_recovery.core.stores import s3
+from engram_recovery.core.stores.s3 import S3Location
 from engram_recovery.testbed.seaweedfs import SeaweedFS, seaweedfs
 
 RCLONE = str(Path(sys.executable).with_name("rclone"))

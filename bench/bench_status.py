@@ -24,7 +24,7 @@ import asyncpg
 from mcp import Client
 
 from engram_recovery import testbed
-from engram_recovery.core import engram_crypto
+from engram_recovery.core.engram import crypto as engram_crypto
 from engram_recovery.core.settings import load_settings
 from engram_recovery.server.app import build_server
 

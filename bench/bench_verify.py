@@ -23,7 +23,7 @@ from pathlib import Path
 
 import anyio
 
-from engram_recovery.core.verify import sha256_path
+from engram_recovery.core.repository.verify import sha256_path
 
 
 def make_file(path: Path, size_mib: int) -> None:

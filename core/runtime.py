@@ -1,8 +1,8 @@
 """What a running server shares between tool calls: settings and store handles.
 
-Built by the server's lifespan and closed with it. Nothing connects at import
-or at start-up, so a server whose stores are down still starts and each tool
-reports which store failed.
+Built by the server's lifespan and closed with it (`async with Runtime(settings) as runtime:`).
+Nothing connects at import or at start-up, so a server whose stores are down still starts and
+each tool reports which store failed.
 """
 
 from __future__ import annotations
@@ -10,14 +10,15 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from types import TracebackType
 
 import anyio
 from qdrant_client import AsyncQdrantClient
 
-from . import qdrant
-from .postgres import Pool
-from .s3 import S3Location
 from .settings import Settings
+from .stores import qdrant
+from .stores.postgres import Pool
+from .stores.s3 import S3Location
 
 
 @dataclass
@@ -65,6 +66,14 @@ class Runtime:
                 client, self._qdrant = self._qdrant, None
                 with anyio.CancelScope(shield=True):
                     await client.close()
+
+    async def __aenter__(self) -> Runtime:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
 
     async def aclose(self) -> None:
         await self.pool.close()

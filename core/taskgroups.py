@@ -7,8 +7,9 @@ handlers and reach the operator as a traceback.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import anyio
 from anyio.abc import TaskGroup
@@ -36,3 +37,17 @@ async def task_group() -> AsyncIterator[TaskGroup]:
         # The operator-facing error wins over the driver error that it may have caused downstream.
         chosen = next((e for e in real if isinstance(e, RecoveryError)), real[0])
         raise chosen from chosen.__cause__
+
+
+async def gather(*jobs: Awaitable[Any]) -> list[Any]:
+    """Run independent awaitables at once (hashing, the target, the live database), results in order;
+    a failure is the one exception that caused it, as for `task_group`."""
+    results: list[Any] = [None] * len(jobs)
+
+    async def one(i: int, job: Awaitable[Any]) -> None:
+        results[i] = await job
+
+    async with task_group() as tg:
+        for i, job in enumerate(jobs):
+            tg.start_soon(one, i, job)
+    return results

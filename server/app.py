@@ -15,10 +15,10 @@ from pydantic import Field, ValidationError
 
 from .. import __version__
 from ..core.errors import ConfigurationError, RecoveryError, scrub
-from ..core.failures import explain
 from ..core.progress import Progress
 from ..core.runtime import Runtime
 from ..core.settings import Settings
+from ..core.stores.failures import explain
 from ..tools import registry
 from ..tools.base import ToolInput, ToolResult, ToolSpec
 from .arguments import describe as describe_arguments
@@ -54,7 +54,7 @@ class RecoveryTool(Tool):
     prefixes every failure with "Error executing tool X", which for an exception
     it did not expect is all the client sees. Here arguments are validated
     strictly against the advertised schema, a RecoveryError keeps its message and
-    fix, and anything else becomes one operator-facing line (core/failures.py).
+    fix, and anything else becomes one operator-facing line (core/stores/failures.py).
     """
 
     spec: Any = Field(exclude=True)
@@ -142,11 +142,8 @@ def build_server(settings: Settings | ConfigurationError) -> RecoveryServer:
             # No tool reaches the runtime without settings (RecoveryTool.run answers first).
             yield cast(Runtime, None)
             return
-        runtime = Runtime(configured)
-        try:
+        async with Runtime(configured) as runtime:
             yield runtime
-        finally:
-            await runtime.aclose()
 
     tools = tools_for(configured)
     running = Running()

@@ -12,8 +12,8 @@ from datetime import UTC, datetime
 
 import anyio
 
-from ..core.catalog import CatalogEntry, CatalogView, age_text, open_catalog
 from ..core.settings import Settings
+from ..core.status.catalog import CatalogEntry, CatalogView, age_text, open_catalog
 
 COLUMNS = ("ID", "SNAPSHOT (UTC)", "AGE", "SIZE", "FORMAT", "ENCRYPTED", "LAST VERIFIED", "LAST DRILL", "RETENTION")
 

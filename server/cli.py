@@ -239,8 +239,9 @@ async def _call(
 def _decrypt(source: str, output: str | None, env_file: str | None) -> int:
     from pathlib import Path
 
-    from ..core import backup_extract
+    from ..core.artifact import extract as backup_extract
     from ..core.repository import open_repository
+    from ..core.restore.decrypt import extract_backup
     from ..core.settings import parse_env_file
 
     env = (parse_env_file(Path(env_file)) if env_file else {}) | dict(os.environ)
@@ -249,7 +250,7 @@ def _decrypt(source: str, output: str | None, env_file: str | None) -> int:
     async def from_repository(backup_id: str) -> list[backup_extract.Extracted]:
         settings = load_settings(env_file=env_file, database_required=False)
         async with open_repository(settings) as repo:
-            return await backup_extract.extract_backup(repo, backup_id, key, Path(output or f"{backup_id}.dump"))
+            return await extract_backup(repo, backup_id, key, Path(output or f"{backup_id}.dump"))
 
     async def from_file(path: Path, target: Path) -> list[backup_extract.Extracted]:
         return [await backup_extract.extract(backup_extract.file_chunks(path), key, target)]
@@ -279,7 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             if args.down:
                 return run_down(args.dir, args.admin_url)
-            return run_demo(args.admin_url, args.dir, serve=not args.no_serve, database=args.database,
+            return run_demo(args.admin_url, args.dir, serve=not args.no_serve, call=_call, database=args.database,
                             port=args.port)
         if args.command == "decrypt":
             return _decrypt(args.source, args.output, args.env_file)
@@ -327,7 +328,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"engram-recovery: {exc}", file=sys.stderr)
         return EXIT_FAIL
     except Exception as exc:  # the CLI's boundary: one line and a fix, the traceback only in the debug log
-        from ..core.failures import explain
+        from ..core.stores.failures import explain
 
         error = explain(exc, args.command)
         logging.getLogger("engram_recovery").debug("traceback", exc_info=exc)
@@ -345,7 +346,7 @@ def _call_jsonl(args: argparse.Namespace) -> int:
         code: int = anyio.run(_call, settings, args.tool, list(args.arg), "jsonl")
         return code
     except Exception as exc:  # the log must get its line, whatever went wrong
-        from ..core.failures import explain
+        from ..core.stores.failures import explain
 
         error = exc if isinstance(exc, RecoveryError) else explain(exc, "call")
         logging.getLogger("engram_recovery").debug("traceback", exc_info=exc)

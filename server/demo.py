@@ -21,15 +21,16 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import anyio
 
-from ..core import engram_crypto
+from ..core.engram import crypto as engram_crypto
 from ..core.errors import ConfigurationError
-from ..core.settings import load_settings
+from ..core.settings import Settings, load_settings
 
 DEMO_DB = "engram_demo"
 DEFAULT_PORT = 8765
@@ -96,7 +97,7 @@ def _roles() -> tuple[str, ...]:
 
 async def _prepare(admin_url: str, directory: Path, database: str, port: int) -> tuple[Path, list[str]]:
     from .. import testbed
-    from ..core.postgres import connection
+    from ..core.stores.postgres import connection
 
     key_b64 = (directory / "master.key").read_text(encoding="utf-8").strip()
     async with connection(admin_url) as admin:
@@ -130,9 +131,16 @@ def _write_state(root: Path, state: dict[str, Any]) -> None:
 
 
 def run_demo(
-    admin_url: str | None, directory: str, *, serve: bool, database: str = DEMO_DB, port: int | None = None
+    admin_url: str | None,
+    directory: str,
+    *,
+    serve: bool,
+    call: Callable[[Settings, str, dict[str, Any]], Awaitable[int]],
+    database: str = DEMO_DB,
+    port: int | None = None,
 ) -> int:
-    from .cli import _call
+    """`call` runs one tool as `engram-recovery call` does (the CLI passes its own: the demo never
+    imports the CLI, which imports the demo)."""
     from .transports import serve as serve_mcp
 
     if not database.replace("_", "").isalnum():
@@ -178,7 +186,7 @@ def run_demo(
                              env_file=env_file)  # fmt: skip
     _say("backup_status says:")
     # A fresh demo has no backup yet, so its status fails; that is the demo's point, not an error of it.
-    anyio.run(_call, settings, "backup_status", {})
+    anyio.run(call, settings, "backup_status", {})
     if not serve:
         return 0
     _require_free(bind_port)  # still free after setting up?
@@ -219,7 +227,7 @@ def _alive(pid: int) -> bool:
 
 
 async def _drop(admin_url: str, database: str, roles: list[str]) -> list[str]:
-    from ..core.postgres import connection
+    from ..core.stores.postgres import connection
 
     kept: list[str] = []
     async with connection(admin_url) as admin:

@@ -19,9 +19,9 @@ from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.prompts import Prompt
 from pydantic import Field
 
-from ..core.catalog import CatalogView, age_text, open_catalog
 from ..core.errors import RecoveryError, scrub
 from ..core.settings import Settings
+from ..core.status.catalog import CatalogView, age_text, open_catalog
 
 PROMPT_NAME = "disaster_recovery"
 

@@ -16,9 +16,9 @@ from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError
 from mcp_types import Annotations
 
-from ..core.catalog import NoSuchBackup, open_catalog
 from ..core.errors import RecoveryError, scrub
 from ..core.settings import Settings
+from ..core.status.catalog import NoSuchBackup, open_catalog
 
 SCHEME = "engram-recovery://"
 BACKUPS_URI = f"{SCHEME}backups"

@@ -17,7 +17,7 @@ from typing import Any
 
 # Absolute on purpose: `mypy tests` checks tests/testbed/ as a package named `testbed`, which
 # resolves to this directory, and a `..core` import would then climb above the top level.
-from engram_recovery.core import engram_crypto as ec
+from engram_recovery.core.engram import crypto as ec
 
 NOTE_COLUMNS = (
     *("id", "user_id", "vault_id", "version", "content_hash", "mtime", "deleted_at", "created_at"),

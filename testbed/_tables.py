@@ -19,7 +19,7 @@ import asyncpg
 
 # Absolute on purpose: `mypy tests` checks tests/testbed/ as a package named `testbed`, which
 # resolves to this directory, and a `..core` import would then climb above the top level.
-from engram_recovery.core import engram_crypto as ec
+from engram_recovery.core.engram import crypto as ec
 
 from ._bulk import AAD_BOUND, UserKeys, VaultRef, projector, random_uuid4, uuid7_at
 

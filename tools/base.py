@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Generic, Literal, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from mcp.server.mcpserver.utilities.func_metadata import ArgModelBase
 from mcp_types import ToolAnnotations
@@ -30,7 +30,6 @@ class ToolResult(BaseModel):
     """Base of every tool's structured result."""
 
 
-Verdict = Literal["ok", "warn", "fail"]
 
 In = TypeVar("In", bound=ToolInput)
 R = TypeVar("R", bound=ToolResult)

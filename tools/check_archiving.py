@@ -1,7 +1,7 @@
 """check_archiving: is Engram's PostgreSQL ready for point-in-time recovery through a streaming Barman sidecar?
 
 Read-only. It reads the server's settings, roles, replication slots, pg_hba rules and
-archiver statistics, judges each prerequisite (core/archiving.py), and writes out the
+archiver statistics, judges each prerequisite (core/archive/prerequisites.py), and writes out the
 exact changes: a `command:` override for Engram's compose stack and SQL for a bare host.
 """
 
@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from ..core import archiving
-from ..core.archiving import ArchivingCheck, Remedies
+from ..core.archive import prerequisites as archiving
+from ..core.archive.prerequisites import ArchivingCheck, Remedies
 from ..core.progress import Progress
 from ..core.runtime import Runtime
-from .base import ToolInput, ToolResult, ToolSpec, Verdict, read_only_annotations
+from ..core.verdict import Verdict
+from .base import ToolInput, ToolResult, ToolSpec, read_only_annotations
 
 _IDENTIFIER = r"^[a-z_][a-z0-9_]{0,62}$"
 

@@ -1,13 +1,13 @@
 """list_backups: the catalog of recovery points, newest first.
 
-Read-only. The answers come from core/catalog.py; this module is the tool.
+Read-only. The answers come from core/status/catalog.py; this module is the tool.
 """
 
 from __future__ import annotations
 
-from ..core.catalog import CatalogView, open_catalog
 from ..core.progress import Progress
 from ..core.runtime import Runtime
+from ..core.status.catalog import CatalogView, open_catalog
 from .base import ToolInput, ToolResult, ToolSpec, read_only_annotations
 
 

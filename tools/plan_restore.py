@@ -8,26 +8,10 @@ steps. A failed check leaves the plan without executable steps.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
 from pydantic import Field
 
-from ..core import restore_checks as rc
-from ..core.pgclients import beside
 from ..core.progress import Progress
-from ..core.repository import open_repository
-from ..core.restore_plan import (
-    Consequence,
-    Observed,
-    PlanCheck,
-    PlanStep,
-    Verdict,
-    run_checks,
-    snapshot_time,
-    worst,
-)
-from ..core.restore_steps import CommandContext, build_steps, consequences
-from ..core.restore_token import Premises, plan_token, premises_of
+from ..core.restore.planner import PlanReport, PlanRequest, plan
 from ..core.runtime import Runtime
 from .base import ToolInput, ToolResult, ToolSpec, read_only_annotations
 
@@ -55,89 +39,13 @@ class PlanRestoreInput(ToolInput):
     )
 
 
-class RecoveryPointInfo(ToolResult):
-    backup_id: str
-    started_at: datetime
-    finished_at: datetime
-    manifest_sha256: str
-
-
-class PlanRestoreResult(ToolResult):
-    verdict: Verdict = Field(description="fail: do not restore (steps withheld); warn: read every warning first.")
-    summary: str
-    executable: bool = Field(description="True when the steps may be run, in order.")
-    recovery_point: RecoveryPointInfo
-    target_database: str
-    checks: list[PlanCheck]
-    steps: list[PlanStep]
-    consequences: list[Consequence]
-    premises: Premises
-    plan_token: str = Field(description="Bound to the premises: a later execution refuses it if any changed.")
-    planned_at: datetime
+class PlanRestoreResult(ToolResult, PlanReport):
+    pass
 
 
 async def plan_restore(runtime: Runtime, params: PlanRestoreInput, progress: Progress) -> PlanRestoreResult:
-    settings = runtime.settings
-    target_db = params.target_database or settings.database_name
-    async with open_repository(settings) as repo:
-        await progress(0, 5, "reading the manifest")
-        point = await rc.resolve(repo, params.recovery_point)
-        manifest = point.manifest
-        db = manifest.database
-        # Backups that predate these manifest fields: the dump's own table of contents says.
-        unrecorded = not db.roles_referenced or None in (db.extensions, db.object_owners, db.row_security_tables)
-        listing = await rc.dump_listing(settings, repo, point) if unrecorded else None
-        needs = rc.restore_needs(manifest, listing)
-        roles = sorted(set(db.roles_referenced or rc.toc_owners(listing or "")) | set(needs.object_owners or ())
-                       | ({needs.owner} if needs.owner else set()))  # fmt: skip
-        await progress(1, 5, f"verifying {len(manifest.artifacts)} artifact(s) of {manifest.backup_id}")
-        artifacts, target, live, inventory = await rc.gather_concurrently(
-            rc.verify_artifacts(repo, point),
-            rc.target_state(settings, target_db, roles, needs.extensions or ()),
-            rc.live_state(settings, snapshot_time(manifest)),
-            rc.inventory_state(repo, point),
-        )
-        tools = await rc.tool_state(settings, manifest, target.server_major)
-    unknown = None
-    if manifest.attachments.backend == "s3" and not live.reachable:
-        unknown = await rc.bucket_unknown_prefixes(runtime, inventory)
-    await progress(4, 5, "judging")
-    observed = Observed(
-        manifest_sha256=point.manifest_sha256, artifacts=artifacts, keys=rc.key_material(settings), tools=tools,
-        target=target, live=live, inventory=inventory, app_version=params.app_version,
-        allow_non_empty_target=params.allow_non_empty_target, now=datetime.now(UTC), bucket_unknown_prefixes=unknown,
-        needs=needs,
-    )  # fmt: skip
-    checks = run_checks(manifest, observed)
-    verdict = worst([c.status for c in checks])
-    ctx = CommandContext(
-        work_dir=rc.absolute(params.work_dir), pg_restore=tools.pg_restore_path or settings.pg_restore or "pg_restore",
-        repository=rc.absolute_repository(settings), repository_endpoint=settings.repository_endpoint,
-        storage_bucket=manifest.attachments.source_bucket or settings.storage_bucket,
-        storage_endpoint=settings.storage_endpoint, qdrant_configured=manifest.qdrant.configured,
-        tool=rc.tool_argv(), env_file=settings.env_file, environment=settings.from_environment,
-        clients={t: beside(tools.pg_restore_path, t) for t in ("psql", "createdb", "dropdb")},
-    )  # fmt: skip
-    all_steps = build_steps(manifest, observed, ctx)
-    steps = [] if verdict == "fail" else all_steps
-    premises = premises_of(manifest, observed)
-    failed = [c for c in checks if c.status == "fail"]
-    warned = [c for c in checks if c.status == "warn"]
-    if failed:
-        summary = "DO NOT RESTORE yet: " + " | ".join(f"{c.name}: {c.summary}" for c in failed)
-    elif warned:
-        summary = f"restorable in {len(steps)} steps, after reading: " + " | ".join(c.name for c in warned)
-    else:
-        summary = f"restorable in {len(steps)} steps; every check passed"
-    await progress(5, 5, "planned")
-    return PlanRestoreResult(
-        verdict=verdict, summary=summary, executable=verdict != "fail",
-        recovery_point=RecoveryPointInfo(backup_id=manifest.backup_id, started_at=manifest.started_at,
-                                         finished_at=manifest.finished_at, manifest_sha256=point.manifest_sha256),
-        target_database=target_db, checks=checks, steps=steps,
-        consequences=consequences(manifest, observed, all_steps), premises=premises,
-        plan_token=plan_token(premises, observed.keys.current), planned_at=observed.now,
-    )  # fmt: skip
+    report = await plan(runtime, PlanRequest(**params.model_dump()), progress)
+    return PlanRestoreResult.model_validate(report.model_dump())
 
 
 SPEC = ToolSpec(

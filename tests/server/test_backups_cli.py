@@ -20,10 +20,10 @@ import anyio.to_thread
 import pytest
 from support import EngramDB, engram_env, make_engram_db
 
-from engram_recovery.core import s3
 from engram_recovery.core.progress import silent
 from engram_recovery.core.runtime import Runtime
 from engram_recovery.core.settings import load_settings
+from engram_recovery.core.stores import s3
 from engram_recovery.testbed.seaweedfs import SeaweedFS
 from engram_recovery.tools.run_backup import RunBackupInput, RunBackupResult, run_backup
 

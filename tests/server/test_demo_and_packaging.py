@@ -179,7 +179,13 @@ def test_wheel_installs_everything_under_engram_recovery_only(tmp_path: Path) ->
     names = zipfile.ZipFile(wheel).namelist()
     tops = {name.split("/", 1)[0] for name in names}
     assert tops == {"engram_recovery", next(t for t in tops if t.endswith(".dist-info"))}
-    for module in ("server/app.py", "tools/backup_status/__init__.py", "core/settings.py", "testbed/schema.py"):
+    # Every package of the source tree is in the wheel (pyproject lists them one by one).
+    packages = [
+        init.relative_to(ROOT).as_posix() for top in ("core", "tools", "server", "testbed")
+        for init in (ROOT / top).rglob("__init__.py") if "__pycache__" not in init.parts
+    ]
+    assert len(packages) >= 5
+    for module in ("server/app.py", "core/settings.py", "testbed/schema.py", *packages):
         assert f"engram_recovery/{module}" in names
     assert not any(n.startswith("engram_recovery/tests/") or n.startswith("engram_recovery/bench/") for n in names)
     assert any(n.startswith("engram_recovery/testbed/") and n.endswith(".sql") for n in names)

@@ -28,7 +28,7 @@ from mcp import Client
 from qdrant_client import QdrantClient
 from support import EngramDB, engram_env, fingerprints
 
-from engram_recovery.core import restore_checks
+from engram_recovery.core.repository import points as restore_checks
 from engram_recovery.core.settings import load_settings
 from engram_recovery.server import cli
 from engram_recovery.server.app import build_server
@@ -295,7 +295,7 @@ def test_cli_shows_a_traceback_only_with_debug_or_in_the_log_file(
 
 @pytest.mark.anyio
 async def test_statement_timeout_is_named_with_its_fix(engram_db: EngramDB) -> None:
-    from engram_recovery.core import postgres
+    from engram_recovery.core.stores import postgres
 
     conn = await asyncpg.connect(engram_db.dsn)
     try:

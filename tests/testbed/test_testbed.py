@@ -11,7 +11,7 @@ import asyncpg
 import pytest
 
 from engram_recovery import testbed
-from engram_recovery.core import engram_crypto as ec
+from engram_recovery.core.engram import crypto as ec
 
 NOTE_FIELDS = ("content", "title", "tags", "path", "folder")
 

@@ -25,7 +25,7 @@ from archiving_support import (
 )
 from mcp import Client
 
-from engram_recovery.core.archiving import ServerFacts, judge
+from engram_recovery.core.archive.prerequisites import ServerFacts, judge
 from engram_recovery.core.settings import load_settings
 from engram_recovery.server.app import build_server
 

@@ -15,15 +15,15 @@ import pytest
 from support import EngramDB, engram_env, fingerprints, make_engram_db, old_client_dir, pg_bin
 
 from engram_recovery import testbed
-from engram_recovery.core import restore_checks as rc
-from engram_recovery.core.backup_extract import extract_backup
 from engram_recovery.core.errors import ConfigurationError
-from engram_recovery.core.manifest import Manifest
-from engram_recovery.core.pgdump import PgRestoreCommand
 from engram_recovery.core.progress import silent
 from engram_recovery.core.repository import open_repository
+from engram_recovery.core.repository.manifest import Manifest
+from engram_recovery.core.restore import observe as rc
+from engram_recovery.core.restore.decrypt import extract_backup
 from engram_recovery.core.runtime import Runtime
 from engram_recovery.core.settings import load_settings
+from engram_recovery.core.stores.pgclient.process import PgRestoreCommand
 from engram_recovery.tools.backup_status import BackupStatusInput, backup_status
 from engram_recovery.tools.plan_restore import PlanRestoreInput, plan_restore
 from engram_recovery.tools.restore_drill import RestoreDrillInput, restore_drill

@@ -16,8 +16,8 @@ from mcp import Client
 from support import EngramDB, engram_env
 
 from engram_recovery.core.errors import IntegrityError
-from engram_recovery.core.manifest import Manifest
 from engram_recovery.core.progress import silent
+from engram_recovery.core.repository.manifest import Manifest
 from engram_recovery.core.runtime import Runtime
 from engram_recovery.core.settings import load_settings
 from engram_recovery.server.app import build_server

@@ -7,13 +7,11 @@ plan to stop with that premise's own verdict.
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import secrets
 import shutil
 import sys
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -22,21 +20,23 @@ import anyio
 import asyncpg
 import pytest
 from mcp import Client
-from support import EngramDB, engram_env, fingerprints, make_engram_db
+from support import BACKUP_KEY, EngramDB, engram_env, fingerprints, make_engram_db
 
-from engram_recovery.core import engram_crypto, restore_checks, s3
+from engram_recovery.core.engram import crypto as engram_crypto
 from engram_recovery.core.progress import silent
 from engram_recovery.core.repository import open_repository
-from engram_recovery.core.restore_steps import BLIND_FENCE
-from engram_recovery.core.restore_token import Premises, verify_plan_token
+from engram_recovery.core.repository.points import resolve
+from engram_recovery.core.restore import observe as restore_checks
+from engram_recovery.core.restore.steps import BLIND_FENCE
+from engram_recovery.core.restore.token import Premises, verify_plan_token
 from engram_recovery.core.runtime import Runtime
 from engram_recovery.core.settings import load_settings
+from engram_recovery.core.stores import s3
 from engram_recovery.server.app import build_server
 from engram_recovery.testbed.seaweedfs import SeaweedFS
 from engram_recovery.tools.plan_restore import PlanRestoreInput, PlanRestoreResult, plan_restore
 from engram_recovery.tools.run_backup import RunBackupInput, run_backup
 
-BACKUP_KEY = base64.b64encode(secrets.token_bytes(32)).decode()
 # reindex_qdrant runs last, after the tables were compared (it re-queues embedding on purpose);
 # boot_app has no command (starting Engram is deployment-specific).
 NOT_RUN_HERE = {"reindex_qdrant"}
@@ -138,15 +138,6 @@ async def test_round_trip_following_the_plan_exactly_restores_every_table(
     assert source["storage_objects"][0] > 0  # the attachments came back with the rows
     consequences = {c.topic: c for c in result.consequences}
     assert "unreachable" in consequences["sign_in_again"].summary
-
-
-@pytest.fixture(scope="module")
-async def backed_up(admin_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[tuple[EngramDB, Path]]:
-    """One seeded database and one backup of it, shared by the tests that only read them."""
-    async for db in make_engram_db(admin_dsn, secrets.token_bytes(32)):
-        base = tmp_path_factory.mktemp("plan")
-        await backup(engram_env(db, base, ENGRAM_RECOVERY_BACKUP_KEY=BACKUP_KEY))
-        yield db, base
 
 
 def env_of(backed: tuple[EngramDB, Path], **extra: str) -> dict[str, str]:
@@ -306,7 +297,7 @@ async def test_s3_attachments_come_back_by_the_plan_and_a_missing_blob_stops_it(
         )
         # Now one mirrored blob disappears from the repository.
         async with open_repository(load_settings(environ=env)) as repo:
-            point = await restore_checks.resolve(repo, "latest")
+            point = await resolve(repo, "latest")
             inventory = await restore_checks.inventory_state(repo, point)
             assert inventory is not None and inventory.entries
             await repo.delete([inventory.entries[0][1]])

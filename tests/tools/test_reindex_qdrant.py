@@ -16,14 +16,15 @@ from mcp import Client
 from support import EngramDB, make_engram_db
 
 from engram_recovery import testbed
-from engram_recovery.core import qdrant
 from engram_recovery.core.errors import Busy, ConfigurationError, StoreUnreachable
-from engram_recovery.core.lock import REINDEX, database_lock
 from engram_recovery.core.progress import silent
-from engram_recovery.core.reindex_plan import BatchPolicy
+from engram_recovery.core.reindex import run as tool
+from engram_recovery.core.reindex.plan import BatchPolicy
+from engram_recovery.core.reindex.run import REINDEX
 from engram_recovery.core.runtime import Runtime
 from engram_recovery.core.settings import Settings
-from engram_recovery.tools import reindex_qdrant as tool
+from engram_recovery.core.stores import qdrant
+from engram_recovery.core.stores.advisory import database_lock
 from engram_recovery.tools.reindex_qdrant import ReindexInput, reindex_qdrant
 
 DIMS = 8

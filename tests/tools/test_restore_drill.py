@@ -2,32 +2,29 @@
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import secrets
 import shutil
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
 from mcp import Client
-from support import EngramDB, engram_env, make_engram_db
+from support import BACKUP_KEY, EngramDB, engram_env, make_engram_db
 
-from engram_recovery.core import engram_crypto, s3
+from engram_recovery.core.engram import crypto as engram_crypto
 from engram_recovery.core.progress import silent
 from engram_recovery.core.runtime import Runtime
 from engram_recovery.core.settings import load_settings
+from engram_recovery.core.stores import s3
 from engram_recovery.server.app import build_server
 from engram_recovery.testbed.seaweedfs import SeaweedFS
 from engram_recovery.tools.plan_restore import PlanRestoreInput, plan_restore
 from engram_recovery.tools.restore_drill import RestoreDrillInput, RestoreDrillResult, restore_drill
 from engram_recovery.tools.run_backup import RunBackupInput, run_backup
-
-BACKUP_KEY = base64.b64encode(secrets.token_bytes(32)).decode()
 
 
 async def drill_databases(admin_dsn: str) -> list[str]:
@@ -45,18 +42,6 @@ async def drill(env: dict[str, str], **params: Any) -> RestoreDrillResult:
         return await restore_drill(runtime, RestoreDrillInput(**params), silent)
     finally:
         await runtime.aclose()
-
-
-@pytest.fixture(scope="module")
-async def backed_up(admin_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[tuple[EngramDB, Path]]:
-    async for db in make_engram_db(admin_dsn, secrets.token_bytes(32)):
-        base = tmp_path_factory.mktemp("drill")
-        runtime = Runtime(load_settings(environ=engram_env(db, base, ENGRAM_RECOVERY_BACKUP_KEY=BACKUP_KEY)))
-        try:
-            assert (await run_backup(runtime, RunBackupInput(), silent)).verified
-        finally:
-            await runtime.aclose()
-        yield db, base
 
 
 def copy_repo(backed: tuple[EngramDB, Path], tmp_path: Path, **extra: str) -> dict[str, str]:

@@ -23,17 +23,19 @@ from mcp import Client
 from support import EngramDB, engram_env, fingerprints, make_engram_db, pg_bin, restore_client
 
 from engram_recovery import testbed
-from engram_recovery.core import s3
-from engram_recovery.core.backup_run import verify_artifacts
+from engram_recovery.core.backup.run import verify_artifacts
 from engram_recovery.core.errors import Busy, ConfigurationError, IntegrityError, StoreUnreachable
-from engram_recovery.core.manifest import Manifest
-from engram_recovery.core.pgclients import beside, client_version
-from engram_recovery.core.pgdump import PgRestoreCommand
 from engram_recovery.core.progress import silent
-from engram_recovery.core.repository import LocalRepository, open_repository, read_state
-from engram_recovery.core.retention_apply import apply_retention
+from engram_recovery.core.repository import open_repository
+from engram_recovery.core.repository.local import LocalRepository
+from engram_recovery.core.repository.manifest import Manifest
+from engram_recovery.core.repository.prune import apply_retention
+from engram_recovery.core.repository.records import read_state
 from engram_recovery.core.runtime import Runtime
 from engram_recovery.core.settings import load_settings
+from engram_recovery.core.stores import s3
+from engram_recovery.core.stores.pgclient.process import PgRestoreCommand
+from engram_recovery.core.stores.pgclient.versions import beside, client_version
 from engram_recovery.server import cli
 from engram_recovery.server.app import build_server
 from engram_recovery.testbed.seaweedfs import SeaweedFS

@@ -22,12 +22,13 @@ import asyncpg
 import pytest
 from support import EngramDB, engram_env, make_engram_db
 
-from engram_recovery.core import mirror, s3
-from engram_recovery.core.mirror import InventoryEntry
 from engram_recovery.core.progress import silent
-from engram_recovery.core.repository import LocalRepository
+from engram_recovery.core.repository import pool
+from engram_recovery.core.repository.local import LocalRepository
+from engram_recovery.core.repository.pool import InventoryEntry
 from engram_recovery.core.runtime import Runtime
 from engram_recovery.core.settings import load_settings
+from engram_recovery.core.stores import s3
 from engram_recovery.server import cli
 from engram_recovery.testbed.seaweedfs import SeaweedFS
 from engram_recovery.tools.backup_status import BackupStatusInput, Check, backup_status
@@ -276,11 +277,11 @@ async def test_an_older_inventory_without_checksums_is_still_read_and_checked_by
     old = [InventoryEntry("u/v/objects/1", 10, "e1", None, "attachments/pool/ab/abc/e1"),
            InventoryEntry("u/v/objects/2", 10, "e2", None, "attachments/pool/ab/abd/e2")]  # fmt: skip
     assert old[0].checksum is None and "sha256" not in old[0].to_json()
-    checked = await mirror.verify_blobs(repo, old)
+    checked = await pool.verify_blobs(repo, old)
     assert checked.bad == [] and checked.how == "size only"
     sealed = InventoryEntry("u/v/objects/2", 10, "e2", None, "attachments/pool/ab/abd/e2",
                             sha256=hashlib.sha256(b"abcdefghiX").hexdigest())  # fmt: skip
-    mixed = await mirror.verify_blobs(repo, [old[0], sealed])
+    mixed = await pool.verify_blobs(repo, [old[0], sealed])
     assert [key for key, _why in mixed.bad] == [sealed.repo_key] and "size only" in mixed.how
 
 

@@ -1,0 +1,76 @@
+"""Every key of a repository, built here and nowhere else.
+
+    backups/<backup_id>/manifest.json   written last: its presence makes a backup complete
+    backups/<backup_id>/<artifacts>     a folder without a manifest is an interrupted run's leftover
+    attachments/pool/<h[:2]>/<h>/<etag> mirrored attachment blobs, shared by all points (h = sha256 of the source key)
+    drills/<timestamp>-<backup_id>.json restore drill records
+    verifications/<timestamp>-<backup_id>.json   re-verifications of a backup after it was written (deep status)
+
+The same keys serve a local directory and an s3://bucket/prefix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from datetime import datetime
+from pathlib import PurePosixPath
+
+from ..errors import ConfigurationError
+
+BACKUPS = "backups/"
+DRILLS = "drills/"
+VERIFICATIONS = "verifications/"
+POOL = "attachments/pool/"
+MANIFEST_NAME = "manifest.json"
+INVENTORY_NAME = "attachments-inventory.jsonl"
+TMP_MARK = ".tmp-"
+_SAFE_ETAG = re.compile(r"^[A-Za-z0-9-]{1,128}$")
+
+
+def check_key(key: str) -> str:
+    """Refuse keys that could escape the repository or collide with temporary files."""
+    path = PurePosixPath(key)
+    if not key or key.startswith("/") or ".." in path.parts or key.endswith("/") or TMP_MARK in path.name:
+        raise ConfigurationError(f"invalid repository key {key!r}", "use a relative path such as backups/<id>/x")
+    return key
+
+
+def backup_prefix(backup_id: str) -> str:
+    """The folder of a backup: every key of it starts with this."""
+    return f"{BACKUPS}{backup_id}/"
+
+
+def artifact_key(backup_id: str, name: str) -> str:
+    return f"{BACKUPS}{backup_id}/{name}"
+
+
+def manifest_key(backup_id: str) -> str:
+    return artifact_key(backup_id, MANIFEST_NAME)
+
+
+def inventory_key(backup_id: str, name: str = INVENTORY_NAME) -> str:
+    return artifact_key(backup_id, name)
+
+
+def backup_id_of(key: str) -> str | None:
+    """'backups/<id>/anything' -> '<id>'."""
+    parts = key.split("/")
+    return parts[1] if len(parts) >= 3 and parts[0] + "/" == BACKUPS else None
+
+
+def pool_key(key: str, etag: str) -> str:
+    """Where the blob of (`key`, `etag`) lives in the repository."""
+    digest = hashlib.sha256(key.encode("utf-8")).hexdigest()
+    # An ETag is normally hex (with "-N" for multipart uploads); anything else is hashed
+    # so that no server can hand us a path component.
+    tag = etag if _SAFE_ETAG.match(etag) else "x" + hashlib.sha256(etag.encode("utf-8")).hexdigest()
+    return f"{POOL}{digest[:2]}/{digest}/{tag}"
+
+
+def drill_record_key(at: datetime, backup_id: str) -> str:
+    return f"{DRILLS}{at.strftime('%Y%m%dT%H%M%SZ')}-{backup_id}.json"
+
+
+def verification_record_key(at: datetime, backup_id: str) -> str:
+    return f"{VERIFICATIONS}{at.strftime('%Y%m%dT%H%M%S%fZ')}-{backup_id}.json"

@@ -1,0 +1,71 @@
+"""What backup_status's checks share: the check model, the context, small formatting helpers."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from typing import Any, Literal
+
+import anyio
+from pydantic import BaseModel, Field
+
+from ..engram.schema_probe import SchemaProbe, probe
+from ..errors import RecoveryError
+from ..runtime import Runtime
+from ..verdict import Verdict
+
+Component = Literal["postgres", "last_backup", "master_key", "attachments", "qdrant", "oban", "restore_drill"]
+
+
+class Check(BaseModel):
+    component: Component
+    status: Verdict
+    summary: str = Field(description="One line for a human.")
+    details: dict[str, Any] = Field(default_factory=dict)
+    estimates: list[str] = Field(default_factory=list, description="Which numbers in details are estimates.")
+    elapsed_ms: float = 0.0
+
+
+class StatusContext:
+    """What several checks share: one probe of the database, taken once."""
+
+    def __init__(self, runtime: Runtime, deep: bool) -> None:
+        self.runtime = runtime
+        self.deep = deep
+        self._probe: SchemaProbe | None = None
+        self._probe_error: RecoveryError | None = None
+        self._lock = anyio.Lock()
+
+    async def probe(self) -> SchemaProbe:
+        async with self._lock:
+            if self._probe is None and self._probe_error is None:
+                try:
+                    async with self.runtime.pool.acquire() as conn:
+                        self._probe = await probe(conn)
+                except RecoveryError as exc:
+                    self._probe_error = exc
+            if self._probe_error is not None:
+                raise self._probe_error
+            assert self._probe is not None
+            return self._probe
+
+
+CheckFn = Callable[[StatusContext], Awaitable[Check]]
+
+
+def format_size(n: int | None) -> str:
+    value = float(n or 0)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
+
+
+def format_age(delta: timedelta) -> str:
+    seconds = max(delta.total_seconds(), 0)
+    if seconds < 3600:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
