@@ -1,0 +1,491 @@
+"""The database step of a restore: a backup's dump into an empty database with stock pg_restore, then proved.
+
+How the bytes reach pg_restore depends on what the dump and the machine allow:
+
+- custom format, parallel (the default when scratch space holds the plain dump):
+  the artifact is decrypted and decompressed ONCE, in a pipeline of threads
+  (read, decrypt, decompress overlap), and the plain bytes go two ways at the same
+  time: into `pg_restore --section=pre-data --section=data` on stdin, which
+  creates the tables and loads the rows while decryption is still running, and into
+  a scratch file. Once the stream ends, `pg_restore --jobs=N --section=post-data`
+  on that file builds the indexes and constraints in parallel (the expensive part
+  `--jobs` speeds up; a custom dump written to a pipe has no data offsets, so its
+  data section would gain little from --jobs anyway). Decryption thus costs no wall
+  time of its own;
+- custom or plain format, streamed (one job, or scratch space too small): one
+  pass, decrypted straight into pg_restore's (psql's) stdin, all in one transaction;
+- directory format: its files decrypted into scratch space two at a time, then
+  `pg_restore --jobs=N` on the directory (a directory cannot be streamed).
+
+Then the restored database is checked against the backup: every table, constraint
+and index the dump's table of contents (`pg_restore --list`) names exists, and
+every row count equals the manifest's `row_counts`. The manifest records counts but
+no object list, so the dump's own TOC stands for it; a plain dump has none, and
+only its tables (from the counts) are checked then, which the result says.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO, Literal
+
+import anyio
+import anyio.to_thread
+
+from . import backup_extract, postgres
+from .backup_crypto import Decryptor
+from .compression import decompressor
+from .drill import RestoreCommand, restore_stream
+from .errors import ConfigurationError, IntegrityError, RecoveryError, scrub
+from .manifest import Artifact, Manifest
+from .pgdump import PgDumpCommand, split_dsn
+from .repository import BACKUPS, READ_CHUNK, Repository
+from .taskgroups import task_group
+
+STDERR_KEEP = 16 << 10
+# Scratch space must hold the plain dump with this much to spare (filesystems misreport, others write too).
+SPACE_MARGIN = 1.1
+_PIPELINE_DEPTH = 4  # chunks in flight between two stages: enough to overlap them, little memory
+
+Mode = Literal["parallel", "streamed", "directory"]
+
+
+@dataclass(frozen=True)
+class Choice:
+    mode: Mode
+    jobs: int
+    why: str
+
+
+def choose_mode(manifest: Manifest, jobs: int, free_bytes: int | None) -> Choice:
+    """How to feed pg_restore (pure): parallel where format, jobs and scratch space allow it, else streamed."""
+    fmt = manifest.database.dump_format
+    need = plain_size(manifest)
+    room = free_bytes is not None and (need is None or free_bytes >= need * SPACE_MARGIN)
+    if fmt == "directory":
+        if not room:
+            raise ConfigurationError(
+                f"a directory dump must be decrypted to scratch space first: it needs about {need} bytes and "
+                f"{free_bytes} are free",
+                "free space there or point TMPDIR at a file system with room (a directory dump cannot be streamed)",
+            )
+        return Choice("directory", max(1, jobs), "directory format: decrypted to scratch, then pg_restore --jobs")
+    if fmt == "plain":
+        return Choice("streamed", 1, "plain format: psql reads it on stdin (no parallel restore of a plain dump)")
+    if jobs <= 1:
+        return Choice("streamed", 1, "one job asked: streamed into pg_restore in one transaction")
+    if not room:
+        return Choice("streamed", 1, f"scratch space short ({free_bytes} bytes free, about {need} needed): "
+                                     "streamed into pg_restore in one transaction")  # fmt: skip
+    return Choice("parallel", jobs, f"custom format: rows loaded while decrypting, post-data with --jobs={jobs}")
+
+
+def _free_space(folder: Path) -> int | None:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def plain_size(manifest: Manifest) -> int | None:
+    dumps = [a for a in manifest.artifacts if a.kind == "database"]
+    sizes = [a.plain_size for a in dumps]
+    if sizes and all(s is not None for s in sizes):
+        return sum(s for s in sizes if s is not None)
+    return manifest.database.dump_bytes
+
+
+@dataclass(frozen=True)
+class SchemaCheck:
+    """The restored database against the backup."""
+
+    tables: int
+    constraints: int
+    indexes: int
+    missing: list[str]  # "index public.notes_user_id_index", ...
+    counts_wrong: dict[str, tuple[int, int]]  # table -> (manifest, restored)
+    objects_from: str  # where the object list came from
+
+    @property
+    def ok(self) -> bool:
+        return not self.missing and not self.counts_wrong
+
+    @property
+    def summary(self) -> str:
+        if self.ok:
+            return (f"{self.tables} tables, {self.constraints} constraints and {self.indexes} indexes present; "
+                    f"row counts match the manifest ({self.objects_from})")  # fmt: skip
+        parts = [f"missing: {', '.join(self.missing[:10])}"] if self.missing else []
+        parts += [f"row counts differ: {self.counts_wrong}"] if self.counts_wrong else []
+        return "; ".join(parts)
+
+
+@dataclass(frozen=True)
+class DatabaseRestore:
+    mode: Mode
+    jobs: int
+    why: str
+    stored_bytes: int
+    plain_bytes: int
+    check: SchemaCheck
+    timings: dict[str, float] = field(default_factory=dict)  # phase -> seconds
+
+
+@dataclass(frozen=True)
+class TocEntry:
+    kind: Literal["table", "constraint", "index"]
+    schema: str
+    name: str  # the table, the index, or "table constraint"
+
+    def describe(self) -> str:
+        return f"{self.kind} {self.schema}.{self.name.replace(' ', '.')}"
+
+
+# Longest first; None: an entry of another kind whose name starts like one of ours.
+_KINDS: list[tuple[str, Literal["table", "constraint", "index"] | None, int]] = [
+    ("FK CONSTRAINT ", "constraint", 2), ("CONSTRAINT ", "constraint", 2), ("INDEX ATTACH ", None, 0),
+    ("INDEX ", "index", 1), ("TABLE DATA ", None, 0), ("TABLE ATTACH ", None, 0), ("TABLE ", "table", 1),
+]  # fmt: skip
+
+
+def parse_toc(text: str) -> list[TocEntry]:
+    """Tables, constraints and indexes from `pg_restore --list` output (`id; catalog oid TYPE schema tag owner`)."""
+    out: list[TocEntry] = []
+    for line in text.splitlines():
+        if line.startswith(";") or "; " not in line:
+            continue
+        rest = line.split("; ", 1)[1].split(" ", 2)
+        if len(rest) < 3:
+            continue
+        for prefix, kind, words in _KINDS:
+            if rest[2].startswith(prefix):
+                tokens = rest[2][len(prefix) :].split()
+                if kind is not None and len(tokens) >= 1 + words:
+                    out.append(TocEntry(kind, tokens[0], " ".join(tokens[1 : 1 + words])))
+                break
+    return out
+
+
+async def restore_database(
+    repo: Repository, manifest: Manifest, backup_key: bytes | None, dsn: str, pg_restore: str, *,
+    jobs: int = 2, scratch: Path | None = None, psql: str = "psql",
+    progress: Callable[[str], Awaitable[None]] | None = None,
+) -> DatabaseRestore:  # fmt: skip
+    """Restore `manifest`'s dump into the (empty) database at `dsn`, then check it against the backup."""
+    started = time.monotonic()
+    folder = Path(scratch or tempfile.gettempdir())
+    free = await anyio.to_thread.run_sync(_free_space, folder)
+    choice = choose_mode(manifest, jobs, free)
+    dumps = [a for a in manifest.artifacts if a.kind == "database"]
+    if not dumps or (len(dumps) != 1 and choice.mode != "directory"):
+        raise IntegrityError(f"the manifest of {manifest.backup_id} lists {len(dumps)} database dump artifacts",
+                             "choose another recovery point")  # fmt: skip
+    prefix = f"{BACKUPS}{manifest.backup_id}/"
+    timings: dict[str, float] = {}
+    if progress is not None:
+        await progress(f"restoring the database: {choice.why}")
+    with tempfile.TemporaryDirectory(prefix="engram-restore-", dir=folder if free is not None else None) as work:
+        plain = Path(work) / "dump"
+        if choice.mode == "directory":
+            plain_bytes, toc = await _directory(repo, manifest, backup_key, dsn, pg_restore, choice.jobs, plain,
+                                                timings)  # fmt: skip
+        elif choice.mode == "parallel":
+            stream = plaintext(repo, prefix + dumps[0].name, dumps[0], backup_key)
+            plain_bytes, toc = await _parallel(stream, dsn, pg_restore, choice.jobs, plain, timings)
+        else:
+            stream = plaintext(repo, prefix + dumps[0].name, dumps[0], backup_key)
+            plain_bytes, toc = await _streamed(stream, manifest, dsn, pg_restore, psql, timings)
+    mark = time.monotonic()
+    check = await check_restored(dsn, manifest, toc)
+    timings["verify"] = time.monotonic() - mark
+    timings["total"] = time.monotonic() - started
+    return DatabaseRestore(choice.mode, choice.jobs, choice.why, sum(a.size for a in dumps), plain_bytes, check,
+                           {k: round(v, 3) for k, v in timings.items()})  # fmt: skip
+
+
+async def plaintext(repo: Repository, key: str, artifact: Artifact, backup_key: bytes | None) -> AsyncIterator[bytes]:
+    """The artifact as pg_dump wrote it, its stages (read, decrypt, decompress) running at the same time."""
+    if artifact.encryption is not None and backup_key is None:
+        raise ConfigurationError(
+            f"{artifact.name} is encrypted but ENGRAM_RECOVERY_BACKUP_KEY is not set",
+            "set ENGRAM_RECOVERY_BACKUP_KEY or ENGRAM_RECOVERY_BACKUP_KEY_FILE to the backup key",
+        )
+    decryptor = Decryptor(backup_key) if artifact.encryption is not None and backup_key is not None else None
+    codec = decompressor(artifact.compression)
+    raw_send, raw_receive = anyio.create_memory_object_stream[bytes](_PIPELINE_DEPTH)
+    out_send, out_receive = anyio.create_memory_object_stream[bytes](_PIPELINE_DEPTH)
+    digest_size = [0]
+
+    async def read() -> None:
+        async with raw_send:
+            async for chunk in repo.get_stream(key, READ_CHUNK * 4):
+                digest_size[0] += len(chunk)
+                await raw_send.send(chunk)
+
+    def open_chunk(chunk: bytes) -> bytes:
+        return codec.update(decryptor.update(chunk) if decryptor is not None else chunk)
+
+    def close() -> bytes:
+        if decryptor is not None:
+            decryptor.finish()  # raises on a truncated artifact
+        return codec.finish()
+
+    async def transform() -> None:
+        async with out_send, raw_receive:
+            async for chunk in raw_receive:
+                data = await anyio.to_thread.run_sync(open_chunk, chunk)
+                if data:
+                    await out_send.send(data)
+            tail = await anyio.to_thread.run_sync(close)
+            if tail:
+                await out_send.send(tail)
+
+    async with task_group() as tg:
+        tg.start_soon(read)
+        tg.start_soon(transform)
+        async with out_receive:
+            async for data in out_receive:
+                yield data
+    if digest_size[0] != artifact.size:
+        raise IntegrityError(f"{artifact.name} is {digest_size[0]} bytes in the repository, {artifact.size} recorded",
+                             "verify the backup (backup_status deep) and choose another recovery point")  # fmt: skip
+
+
+def _env(dsn: str, app: str) -> dict[str, str]:
+    env = PgDumpCommand("", dsn).env
+    env["PGAPPNAME"] = app
+    return env
+
+
+async def _run(argv: list[str], dsn: str, what: str) -> str:
+    done = await anyio.run_process(argv, env=_env(dsn, "engram-recovery restore"), check=False)
+    if done.returncode != 0:
+        text = scrub(done.stderr.decode(errors="replace").strip()[-STDERR_KEEP:])
+        raise RecoveryError(f"{what} failed (exit {done.returncode}): {text or 'no message'}",
+                            "the dump could not be restored with stock tools: see the message; the target "
+                            "database is partly restored: drop and recreate it before trying again")  # fmt: skip
+    return done.stdout.decode(errors="replace")
+
+
+def _restore_argv(pg_restore: str, dsn: str, *extra: str) -> list[str]:
+    url, _password = split_dsn(dsn)
+    return [pg_restore, "--no-password", "--exit-on-error", f"--dbname={url}", *extra]
+
+
+class _Feed:
+    """A client binary reading our bytes on stdin; stderr kept for its error message."""
+
+    def __init__(self, argv: list[str], dsn: str, *, early_exit_ok: bool = False) -> None:
+        self.argv, self.dsn, self.early_exit_ok = argv, dsn, early_exit_ok
+        self.stderr = bytearray()
+        self.stdout = bytearray()
+        self.closed = False
+
+    async def run(self, receive: anyio.abc.ObjectReceiveStream[bytes]) -> None:
+        try:
+            process = await anyio.open_process(self.argv, env=_env(self.dsn, "engram-recovery restore"),
+                                               stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                               stderr=subprocess.PIPE)  # fmt: skip
+        except OSError as exc:
+            raise ConfigurationError(f"cannot start {self.argv[0]}: {exc.strerror}",
+                                     "check ENGRAM_RECOVERY_PG_RESTORE") from exc  # fmt: skip
+        async with process, receive:
+            assert process.stdin is not None and process.stderr is not None and process.stdout is not None
+            err, out = process.stderr, process.stdout
+
+            async def drain(stream: Any, into: bytearray) -> None:
+                async for part in stream:
+                    into.extend(part)
+                    del into[:-STDERR_KEEP]
+
+            async with task_group() as tg:
+                tg.start_soon(drain, err, self.stderr)
+                tg.start_soon(drain, out, self.stdout)
+                try:
+                    async for chunk in receive:
+                        if not self.closed:
+                            await process.stdin.send(chunk)
+                except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                    self.closed = True  # it stopped reading: its exit code says whether that was right
+                    async for _chunk in receive:
+                        pass  # keep the tee moving for the other consumers
+                finally:
+                    await process.stdin.aclose()
+            code = await process.wait()
+        if code != 0 and not (self.early_exit_ok and code in (0, -13)):
+            name = self.argv[0].rsplit("/", 1)[-1]
+            text = scrub(self.stderr.decode(errors="replace").strip())
+            raise RecoveryError(f"{name} failed (exit {code}): {text or 'no message'}",
+                                "the dump could not be restored with stock tools: see the message; drop and "
+                                "recreate the target database before trying again")  # fmt: skip
+
+
+async def _tee(stream: AsyncIterator[bytes], sinks: Sequence[anyio.abc.ObjectSendStream[bytes]]) -> int:
+    total = 0
+    try:
+        async for chunk in stream:
+            total += len(chunk)
+            for sink in sinks:
+                await sink.send(chunk)
+    finally:
+        for sink in sinks:
+            await sink.aclose()
+    return total
+
+
+async def _to_file(path: Path, receive: anyio.abc.ObjectReceiveStream[bytes]) -> None:
+    handle: BinaryIO = await anyio.to_thread.run_sync(path.open, "wb")
+    try:
+        async with receive:
+            async for chunk in receive:
+                await anyio.to_thread.run_sync(handle.write, chunk)
+    finally:
+        await anyio.to_thread.run_sync(handle.close)
+
+
+async def _parallel(
+    stream: AsyncIterator[bytes], dsn: str, pg_restore: str, jobs: int, plain: Path, timings: dict[str, float]
+) -> tuple[int, list[TocEntry]]:
+    mark = time.monotonic()
+    loader = _Feed(_restore_argv(pg_restore, dsn, "--section=pre-data", "--section=data"), dsn)
+    load_send, load_receive = anyio.create_memory_object_stream[bytes](_PIPELINE_DEPTH)
+    file_send, file_receive = anyio.create_memory_object_stream[bytes](_PIPELINE_DEPTH)
+    total = [0]
+
+    async def feed() -> None:
+        total[0] = await _tee(stream, [load_send, file_send])
+
+    async with task_group() as tg:
+        tg.start_soon(loader.run, load_receive)
+        tg.start_soon(_to_file, plain, file_receive)
+        tg.start_soon(feed)
+    timings["decrypt_and_load"] = time.monotonic() - mark
+    mark = time.monotonic()
+    # The TOC is read while the indexes build: both only need the file.
+    toc_text = [""]
+
+    async def listing() -> None:
+        toc_text[0] = await _run([pg_restore, "--list", str(plain)], dsn, "pg_restore --list")
+
+    async with task_group() as tg:
+        tg.start_soon(listing)
+        tg.start_soon(_run, _restore_argv(pg_restore, dsn, f"--jobs={jobs}", "--section=post-data", str(plain)), dsn,
+                      "pg_restore (post-data)")  # fmt: skip
+    timings["post_data"] = time.monotonic() - mark
+    return total[0], parse_toc(toc_text[0])
+
+
+async def _streamed(
+    stream: AsyncIterator[bytes], manifest: Manifest, dsn: str, pg_restore: str, psql: str,
+    timings: dict[str, float],
+) -> tuple[int, list[TocEntry]]:  # fmt: skip
+    mark = time.monotonic()
+    command = RestoreCommand(pg_restore, dsn, manifest.database.dump_format, psql)
+    if manifest.database.dump_format == "plain":
+        total = await restore_stream(command, stream)
+        timings["decrypt_and_restore"] = time.monotonic() - mark
+        return total, []
+    # The TOC is at the head of a custom dump: `pg_restore --list` reads it from the same stream and stops.
+    lister = _Feed([pg_restore, "--list"], dsn, early_exit_ok=True)
+    list_send, list_receive = anyio.create_memory_object_stream[bytes](_PIPELINE_DEPTH)
+    load_send, load_receive = anyio.create_memory_object_stream[bytes](_PIPELINE_DEPTH)
+    fed = [0]
+
+    async def restore() -> None:
+        async def chunks() -> AsyncIterator[bytes]:
+            async with load_receive:
+                async for chunk in load_receive:
+                    yield chunk
+
+        fed[0] = await restore_stream(command, chunks())
+
+    async with task_group() as tg:
+        tg.start_soon(lister.run, list_receive)
+        tg.start_soon(restore)
+        tg.start_soon(_tee, stream, [load_send, list_send])
+    timings["decrypt_and_restore"] = time.monotonic() - mark
+    return fed[0], parse_toc(lister.stdout.decode(errors="replace"))
+
+
+async def _directory(
+    repo: Repository, manifest: Manifest, backup_key: bytes | None, dsn: str, pg_restore: str, jobs: int,
+    plain: Path, timings: dict[str, float],
+) -> tuple[int, list[TocEntry]]:  # fmt: skip
+    mark = time.monotonic()
+    await anyio.to_thread.run_sync(lambda: plain.mkdir(parents=True))
+    limiter = anyio.CapacityLimiter(max(1, min(jobs, os.cpu_count() or 1)))
+    total = [0]
+
+    async def one(artifact: Artifact) -> None:
+        async with limiter:
+            target = plain / backup_extract.plain_name(artifact.name.split("/", 1)[1])
+            done = await backup_extract.extract(repo.get_stream(f"{BACKUPS}{manifest.backup_id}/{artifact.name}"),
+                                                backup_key, target, artifact.sha256)  # fmt: skip
+            total[0] += done.plain_bytes
+
+    async with task_group() as tg:
+        for name in manifest.database.dump_artifacts:
+            artifact = manifest.artifact(name)
+            assert artifact is not None
+            tg.start_soon(one, artifact)
+    timings["decrypt"] = time.monotonic() - mark
+    mark = time.monotonic()
+    await _run(_restore_argv(pg_restore, dsn, f"--jobs={jobs}", str(plain)), dsn, "pg_restore")
+    timings["restore"] = time.monotonic() - mark
+    toc = await _run([pg_restore, "--list", str(plain)], dsn, "pg_restore --list")
+    return total[0], parse_toc(toc)
+
+
+def _ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+async def check_restored(dsn: str, manifest: Manifest, toc: list[TocEntry]) -> SchemaCheck:
+    """Every table, constraint and index of `toc` present at `dsn`, and every row count as the manifest says."""
+    async with postgres.connection(dsn) as conn:
+        tables = {(r["s"], r["n"]) for r in await conn.fetch(
+            "SELECT n.nspname AS s, c.relname AS n FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE c.relkind IN ('r', 'p')")}  # fmt: skip
+        indexes = {(r["s"], r["n"]) for r in await conn.fetch(
+            "SELECT n.nspname AS s, c.relname AS n FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE c.relkind IN ('i', 'I')")}  # fmt: skip
+        constraints = {(r["s"], f"{r['t']} {r['n']}") for r in await conn.fetch(
+            "SELECT n.nspname AS s, c.relname AS t, co.conname AS n FROM pg_constraint co "
+            "JOIN pg_class c ON c.oid = co.conrelid JOIN pg_namespace n ON n.oid = co.connamespace")}  # fmt: skip
+    present = {"table": tables, "index": indexes, "constraint": constraints}
+    expected = list(toc)
+    if not toc:  # a plain dump: only the tables the counts name
+        expected = [TocEntry("table", *(t.split(".", 1) if "." in t else ("public", t)))
+                    for t in manifest.database.row_counts]  # fmt: skip
+    missing = [e.describe() for e in expected if (e.schema, e.name) not in present[e.kind]]
+    absent = {e.name for e in expected if e.kind == "table" and (e.schema, e.name) not in tables}
+    wrong: dict[str, tuple[int, int]] = {}
+    names = sorted(t for t in manifest.database.row_counts if t not in absent)
+
+    async def count(share: list[str]) -> None:
+        async with postgres.connection(dsn) as conn:
+            for table in share:
+                qualified = ".".join(_ident(p) for p in table.split(".", 1))
+                actual = int(await conn.fetchval(f"SELECT count(*) FROM {qualified}"))
+                if actual != manifest.database.row_counts[table]:
+                    wrong[table] = (manifest.database.row_counts[table], actual)
+
+    # Two connections: the big tables' scans overlap instead of queueing.
+    async with task_group() as tg:
+        for share in (names[0::2], names[1::2]):
+            if share:
+                tg.start_soon(count, share)
+    for table in sorted(absent & set(manifest.database.row_counts)):
+        wrong[table] = (manifest.database.row_counts[table], 0)
+    return SchemaCheck(
+        tables=sum(e.kind == "table" for e in expected), constraints=sum(e.kind == "constraint" for e in expected),
+        indexes=sum(e.kind == "index" for e in expected), missing=missing, counts_wrong=dict(sorted(wrong.items())),
+        objects_from="the dump's table of contents" if toc else "plain dump: tables from the row counts only",
+    )  # fmt: skip
