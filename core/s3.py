@@ -306,7 +306,8 @@ class Copier:
     async def copy(
         self, source_bucket: str, source_key: str, bucket: str, key: str, *,
         version_id: str | None = None, if_match: str | None = None,
-    ) -> None:  # fmt: skip
+    ) -> str | None:  # fmt: skip
+        """Copy one object; return the new object's ETag where the answer names one."""
         assert self._http is not None and self.location.endpoint
         url = f"{self.location.endpoint.rstrip('/')}/{bucket}/{quote(key, safe='/~')}"
         copy_source = quote(f"{source_bucket}/{source_key}", safe="/~")
@@ -327,12 +328,23 @@ class Copier:
                 raise ConnectionError(f"{exc.__class__.__name__} talking to {self.location.endpoint}") from exc
             # S3 may report a failed copy in the body of a 200 answer.
             if status == 200 and b"<Error>" not in body:
-                return
+                return _etag(body)
             error = _client_error(status, body)
             if (status in self._RETRY_STATUS or status == 200) and attempt < 2:
                 await anyio.sleep(0.1 * 2**attempt)
                 continue
             raise error
+        raise AssertionError("the last attempt returns or raises")
+
+
+def _etag(body: bytes) -> str | None:
+    """The ETag of a CopyObjectResult answer."""
+    try:
+        root = ElementTree.fromstring(body) if body else None
+    except ElementTree.ParseError:
+        return None
+    found = None if root is None else next((e.text for e in root.iter() if e.tag.rsplit("}", 1)[-1] == "ETag"), None)
+    return found.strip('"') if found else None
 
 
 def _client_error(status: int, body: bytes) -> ClientError:
