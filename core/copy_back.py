@@ -106,18 +106,27 @@ async def copy_back(
     repo: Repository, manifest: Manifest, target: S3Location, progress: Progress = silent, *, concurrency: int = 16
 ) -> CopyBackReport:
     """Put every attachment of `manifest`'s inventory back into `target` (an existing bucket)."""
-    started = time.monotonic()
     info = manifest.attachments
     if info.backend != "s3" or info.in_database_dump or not info.inventory:
         in_dump = info.backend == "database" or info.in_database_dump
         why = ("STORAGE_BACKEND=database: the attachment bytes are rows of the database dump, restored with it"
                if in_dump else "this backup recorded no attachments")  # fmt: skip
         return CopyBackReport(0, 0, 0, 0, 0, [], False, 0.0, nothing_to_do=why)
-    entries = [e async for e in read_inventory(repo, inventory_key(manifest.backup_id, info.inventory))]
+    return await copy_inventory(repo, inventory_key(manifest.backup_id, info.inventory), target, progress,
+                                versioned=bool(info.source_versioned), concurrency=concurrency)  # fmt: skip
+
+
+async def copy_inventory(
+    repo: Repository, inventory: str, target: S3Location, progress: Progress = silent, *, versioned: bool = False,
+    concurrency: int = 16,
+) -> CopyBackReport:  # fmt: skip
+    """Put every entry of the inventory stored at repository key `inventory` back into `target`."""
+    started = time.monotonic()
+    entries = [e async for e in read_inventory(repo, inventory)]
     source = repo.s3_location
     server_side = source is not None and _same_endpoint(source, target)
     async with _Session(repo, target, server_side, concurrency) as session:
-        pooled, present = await session.survey(bool(info.source_versioned))
+        pooled, present = await session.survey(versioned)
         failures: list[Failure] = []
         for e in entries:
             size = pooled.get(e.repo_key)
