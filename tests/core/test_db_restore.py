@@ -17,6 +17,7 @@ from support import EngramDB, engram_env, fingerprints, make_engram_db, pg_bin
 from engram_recovery import testbed
 from engram_recovery.core import backup_crypto
 from engram_recovery.core.db_restore import check_restored, choose_mode, parse_toc, restore_database
+from engram_recovery.core.errors import IntegrityError
 from engram_recovery.core.manifest import Manifest
 from engram_recovery.core.progress import silent
 from engram_recovery.core.repository import BACKUPS, LocalRepository
@@ -104,6 +105,22 @@ async def test_a_tampered_row_count_and_a_missing_index_are_reported(
     assert not check.ok and not check.counts_wrong
     assert check.missing == [f"index public.{index.name}"]
     assert index.name in check.summary
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("jobs", [2, 1], ids=["parallel", "streamed"])
+async def test_a_dump_that_is_not_the_one_recorded_is_refused_by_its_checksum(
+    backed_up: dict[str, Backed], admin_dsn: str, tmp_path: Path, jobs: int
+) -> None:
+    db, base, manifest = backed_up["custom"]
+    # A well-formed artifact whose bytes are not the recorded ones (a plain one would have no other protection).
+    dump = next(a for a in manifest.artifacts if a.kind == "database")
+    other = manifest.model_copy(update={"artifacts": [
+        a.model_copy(update={"sha256": "0" * 64}) if a is dump else a for a in manifest.artifacts]})  # fmt: skip
+    async with testbed.scratch_database(admin_dsn) as target, LocalRepository(base / "repo") as repo:
+        with pytest.raises(IntegrityError, match=f"{dump.name} is not what the backup stored") as refused:
+            await restore_database(repo, other, key(), target, pg_bin("pg_restore"), jobs=jobs, scratch=tmp_path)
+    assert "drop it" in refused.value.hint
 
 
 async def toc_of(base: Path, manifest: Manifest) -> str:
