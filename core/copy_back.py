@@ -21,9 +21,12 @@ not raised, so one bad blob does not hide the rest; a store that fails (bucket g
 credentials, network) stops the run with the count of what is already done.
 
 A STORAGE_BACKEND=database backup has nothing here: its attachment bytes are rows
-of the dump. A versioned source is restored as recorded: each key's current version
-gets the bytes of the version the inventory names (the old version ids themselves
-cannot be recreated by any S3 API; the report gives the count).
+of the dump. A versioned source is restored to the versions the inventory recorded:
+where the bucket's current version is the recorded one, nothing is done; where the
+bucket still holds the recorded version under newer ones (or under a delete marker),
+that version is copied onto the current object inside the bucket (server-side, no
+pool read); otherwise its bytes come from the pool. (A version id itself cannot be
+recreated by any S3 API: the restored object is a new version with the recorded bytes.)
 """
 
 from __future__ import annotations
@@ -71,6 +74,7 @@ class CopyBackReport:
     server_side_copy: bool
     seconds: float
     recorded_versions: int = 0  # entries naming a version of a versioned source
+    from_versions: int = 0  # of the copied: from the recorded version still in the bucket (server-side, no pool read)
     nothing_to_do: str | None = None
 
     @property
@@ -130,6 +134,8 @@ async def copy_inventory(
         failures: list[Failure] = []
         for e in entries:
             size = pooled.get(e.repo_key)
+            if session.has_version(e):
+                continue  # the bucket still holds the recorded version: restored from there, not from the pool
             if size is None:
                 failures.append(Failure(e.key, e.repo_key, "missing from the repository's pool; not restored"))
             elif size != e.size:
@@ -144,6 +150,7 @@ async def copy_inventory(
         copied_bytes=sum(e.size for e in copied), skipped_objects=skipped, failures=failures,
         server_side_copy=server_side, seconds=round(time.monotonic() - started, 3),
         recorded_versions=sum(e.version_id is not None for e in entries),
+        from_versions=sum(session.has_version(e) for e in copied),
     )  # fmt: skip
 
 
@@ -154,11 +161,12 @@ class _Session:
         self.repo, self.target, self.server_side, self.concurrency = repo, target, server_side, max(1, concurrency)
         self._dst: Any = None
         self._copier: s3.Copier | None = None
+        self._versions: set[tuple[str, str]] = set()  # (key, version id) the bucket holds, when it is versioned
         self._stack = AsyncExitStack()
 
     async def __aenter__(self) -> _Session:
         self._dst = await self._stack.enter_async_context(s3.bulk_client(self.target, self.concurrency))
-        if self.server_side and self.target.endpoint:
+        if self.target.endpoint:  # for copies from the pool, and from a version to the current object
             self._copier = await self._stack.enter_async_context(s3.Copier(self.target, self.concurrency))
         return self
 
@@ -176,8 +184,7 @@ class _Session:
         async def bucket() -> None:
             try:
                 if versioned and await s3.versioning_status(self._dst, self.target.bucket) != "Disabled":
-                    async for v in s3.list_latest_versions(self._dst, self.target.bucket):
-                        present[v.key] = _Present(v.size, v.etag, v.version_id)
+                    await self._list_versions(present)
                 else:
                     async for o in s3.list_objects(self._dst, self.target.bucket):
                         present[o.key] = _Present(o.size, o.etag, None)
@@ -188,6 +195,19 @@ class _Session:
             tg.start_soon(pool)
             tg.start_soon(bucket)
         return pooled, present
+
+    async def _list_versions(self, present: dict[str, _Present]) -> None:
+        """Every version in the bucket (one request per 1,000); the current one of each key that is not deleted."""
+        paginator = self._dst.get_paginator("list_object_versions")
+        async for page in paginator.paginate(Bucket=self.target.bucket):
+            for item in page.get("Versions", ()):
+                version = str(item.get("VersionId") or "null")
+                self._versions.add((item["Key"], version))
+                if item.get("IsLatest"):
+                    present[item["Key"]] = _Present(int(item["Size"]), str(item.get("ETag", "")).strip('"'), version)
+
+    def has_version(self, entry: InventoryEntry) -> bool:
+        return entry.version_id is not None and (entry.key, entry.version_id) in self._versions
 
     async def copy_all(
         self, todo: list[InventoryEntry], progress: Progress, failures: list[Failure]
@@ -232,6 +252,8 @@ class _Session:
     async def _copy_one(self, entry: InventoryEntry) -> str | None:
         """Copy one blob; None when it landed as recorded, else why it was refused (nothing left behind)."""
         checksum = entry.checksum
+        if self.has_version(entry):
+            return await self._from_version(entry)
         if self.server_side and (checksum is None or entry.md5):
             return await self._server_side(entry)
         return await self._stream(entry)
@@ -245,7 +267,11 @@ class _Session:
             answer = await self._dst.copy_object(Bucket=self.target.bucket, Key=entry.key,
                                                  CopySource={"Bucket": location.bucket, "Key": source_key})  # fmt: skip
             etag = str(answer.get("CopyObjectResult", {}).get("ETag", "")).strip('"') or None
-        expected = entry.md5
+        return await self._check_copy(entry, etag)
+
+    async def _check_copy(self, entry: InventoryEntry, etag: str | None) -> str | None:
+        """The object a server-side copy just wrote, against the recorded MD5; deleted when it differs."""
+        expected = entry.md5 or md5_of_etag(entry.etag)
         if expected is None:
             return None  # an older inventory: its size was checked against the pool listing
         actual = md5_of_etag(etag or "")
@@ -255,6 +281,18 @@ class _Session:
             await self._dst.delete_object(Bucket=self.target.bucket, Key=entry.key)
             return f"content differs from the backup (md5 {actual[:12]}..., recorded {expected[:12]}...)"
         return None
+
+    async def _from_version(self, entry: InventoryEntry) -> str | None:
+        """The recorded version, copied onto the current object inside the bucket: the server's own bytes."""
+        assert entry.version_id is not None
+        bucket = self.target.bucket
+        if self._copier is not None:
+            etag = await self._copier.copy(bucket, entry.key, bucket, entry.key, version_id=entry.version_id)
+        else:
+            answer = await self._dst.copy_object(Bucket=bucket, Key=entry.key, CopySource={
+                "Bucket": bucket, "Key": entry.key, "VersionId": entry.version_id})  # fmt: skip
+            etag = str(answer.get("CopyObjectResult", {}).get("ETag", "")).strip('"') or None
+        return await self._check_copy(entry, etag)
 
     async def _hash_target(self, key: str) -> str:
         answer = await self._dst.get_object(Bucket=self.target.bucket, Key=key)

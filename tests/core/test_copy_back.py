@@ -216,13 +216,18 @@ async def test_a_versioned_bucket_gets_its_recorded_versions_back_and_keeps_what
     async with backed.repository() as repo:
         entries = await entries_of(repo, backed.manifest)
         assert backed.manifest.attachments.source_versioned and all(e.version_id for e in entries)
-        changed = sorted(backed.at_backup)[:2]
+        changed = sorted(backed.at_backup)[:3]
+        recorded = {e.key: e.version_id for e in entries}
         async with s3.bulk_client(backed.source) as c:
             await c.put_object(Bucket=backed.source.bucket, Key=changed[0], Body=b"overwritten after the backup")
             await c.delete_object(Bucket=backed.source.bucket, Key=changed[1])  # a delete marker on top
+            # The recorded version itself destroyed: only the repository's pool still has its bytes.
+            await c.put_object(Bucket=backed.source.bucket, Key=changed[2], Body=b"a newer version")
+            await c.delete_object(Bucket=backed.source.bucket, Key=changed[2], VersionId=recorded[changed[2]])
         report = await copy_back(repo, backed.manifest, backed.source)
     assert report.ok and report.recorded_versions == len(entries)
-    assert report.copied_objects == 2 and report.skipped_objects == len(entries) - 2
+    assert report.copied_objects == 3 and report.skipped_objects == len(entries) - 3
+    assert report.from_versions == 2  # copied inside the bucket from the versions it still holds
     assert {k: v for k, v in (await contents(backed.source)).items() if k in backed.at_backup} == backed.at_backup
 
 
