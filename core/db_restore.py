@@ -32,7 +32,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
@@ -47,6 +47,7 @@ from .drill import RestoreCommand, restore_stream
 from .errors import ConfigurationError, IntegrityError, RecoveryError, scrub
 from .manifest import Artifact, Manifest
 from .pgdump import PgDumpCommand, split_dsn
+from .progress import Progress, silent
 from .repository import BACKUPS, READ_CHUNK, Repository
 from .taskgroups import task_group
 
@@ -176,8 +177,7 @@ def parse_toc(text: str) -> list[TocEntry]:
 
 async def restore_database(
     repo: Repository, manifest: Manifest, backup_key: bytes | None, dsn: str, pg_restore: str, *,
-    jobs: int = 2, scratch: Path | None = None, psql: str = "psql",
-    progress: Callable[[str], Awaitable[None]] | None = None,
+    jobs: int = 2, scratch: Path | None = None, psql: str = "psql", progress: Progress = silent,
 ) -> DatabaseRestore:  # fmt: skip
     """Restore `manifest`'s dump into the (empty) database at `dsn`, then check it against the backup."""
     started = time.monotonic()
@@ -190,8 +190,7 @@ async def restore_database(
                              "choose another recovery point")  # fmt: skip
     prefix = f"{BACKUPS}{manifest.backup_id}/"
     timings: dict[str, float] = {}
-    if progress is not None:
-        await progress(f"restoring the database: {choice.why}")
+    await progress(0, 2, f"restoring the database: {choice.why}")
     with tempfile.TemporaryDirectory(prefix="engram-restore-", dir=folder if free is not None else None) as work:
         plain = Path(work) / "dump"
         if choice.mode == "directory":
@@ -203,8 +202,10 @@ async def restore_database(
         else:
             stream = plaintext(repo, prefix + dumps[0].name, dumps[0], backup_key)
             plain_bytes, toc = await _streamed(stream, manifest, dsn, pg_restore, psql, timings)
+    await progress(1, 2, f"restored {plain_bytes} bytes of dump; checking tables, constraints, indexes and row counts")
     mark = time.monotonic()
     check = await check_restored(dsn, manifest, toc)
+    await progress(2, 2, check.summary)
     timings["verify"] = time.monotonic() - mark
     timings["total"] = time.monotonic() - started
     return DatabaseRestore(choice.mode, choice.jobs, choice.why, sum(a.size for a in dumps), plain_bytes, check,

@@ -71,9 +71,15 @@ async def test_a_restored_backup_equals_the_source_at_backup_time_whatever_the_w
         monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=scratch_mb << 20))
     source = await fingerprints(db.dsn)
     async with testbed.scratch_database(admin_dsn) as target, LocalRepository(base / "repo") as repo:
+        said: list[tuple[float, float | None, str | None]] = []
+
+        async def progress(done: float, total: float | None = None, message: str | None = None) -> None:
+            said.append((done, total, message))
+
         result = await restore_database(repo, manifest, key(), target, pg_bin("pg_restore"), jobs=jobs,
-                                        psql=pg_bin("psql"), scratch=tmp_path)  # fmt: skip
+                                        psql=pg_bin("psql"), scratch=tmp_path, progress=progress)  # fmt: skip
         assert result.mode == mode
+        assert [(d, t) for d, t, _m in said] == [(0, 2), (1, 2), (2, 2)] and result.why in (said[0][2] or "")
         assert result.check.ok, result.check.summary
         assert await fingerprints(target) == source
     if fmt != "plain":  # the TOC named the schema's objects, and each was found
