@@ -17,11 +17,10 @@ How the bytes reach pg_restore depends on what the dump and the machine allow:
 - directory format: its files decrypted into scratch space two at a time, then
   `pg_restore --jobs=N` on the directory (a directory cannot be streamed).
 
-Then the restored database is checked against the backup: every table, constraint
-and index the dump's table of contents (`pg_restore --list`) names exists, and
-every row count equals the manifest's `row_counts`. The manifest records counts but
-no object list, so the dump's own TOC stands for it; a plain dump has none, and
-only its tables (from the counts) are checked then, which the result says.
+Then the restored database is checked against the backup (core/schema_check.py):
+every table, constraint and index the dump's table of contents names exists, and
+every row count equals the manifest's `row_counts`; the TOC is read from the same
+file or stream, never by a second decryption.
 """
 
 from __future__ import annotations
@@ -40,7 +39,7 @@ from typing import Any, BinaryIO, Literal
 import anyio
 import anyio.to_thread
 
-from . import backup_extract, postgres
+from . import backup_extract
 from .backup_crypto import Decryptor
 from .compression import decompressor
 from .drill import RestoreCommand, restore_stream
@@ -49,6 +48,7 @@ from .manifest import Artifact, Manifest
 from .pgdump import PgDumpCommand, split_dsn
 from .progress import Progress, silent
 from .repository import BACKUPS, READ_CHUNK, Repository
+from .schema_check import SchemaCheck, TocEntry, check_restored, parse_toc
 from .taskgroups import task_group
 
 STDERR_KEEP = 16 << 10
@@ -105,31 +105,6 @@ def plain_size(manifest: Manifest) -> int | None:
 
 
 @dataclass(frozen=True)
-class SchemaCheck:
-    """The restored database against the backup."""
-
-    tables: int
-    constraints: int
-    indexes: int
-    missing: list[str]  # "index public.notes_user_id_index", ...
-    counts_wrong: dict[str, tuple[int, int]]  # table -> (manifest, restored)
-    objects_from: str  # where the object list came from
-
-    @property
-    def ok(self) -> bool:
-        return not self.missing and not self.counts_wrong
-
-    @property
-    def summary(self) -> str:
-        if self.ok:
-            return (f"{self.tables} tables, {self.constraints} constraints and {self.indexes} indexes present; "
-                    f"row counts match the manifest ({self.objects_from})")  # fmt: skip
-        parts = [f"missing: {', '.join(self.missing[:10])}"] if self.missing else []
-        parts += [f"row counts differ: {self.counts_wrong}"] if self.counts_wrong else []
-        return "; ".join(parts)
-
-
-@dataclass(frozen=True)
 class DatabaseRestore:
     mode: Mode
     jobs: int
@@ -138,41 +113,6 @@ class DatabaseRestore:
     plain_bytes: int
     check: SchemaCheck
     timings: dict[str, float] = field(default_factory=dict)  # phase -> seconds
-
-
-@dataclass(frozen=True)
-class TocEntry:
-    kind: Literal["table", "constraint", "index"]
-    schema: str
-    name: str  # the table, the index, or "table constraint"
-
-    def describe(self) -> str:
-        return f"{self.kind} {self.schema}.{self.name.replace(' ', '.')}"
-
-
-# Longest first; None: an entry of another kind whose name starts like one of ours.
-_KINDS: list[tuple[str, Literal["table", "constraint", "index"] | None, int]] = [
-    ("FK CONSTRAINT ", "constraint", 2), ("CONSTRAINT ", "constraint", 2), ("INDEX ATTACH ", None, 0),
-    ("INDEX ", "index", 1), ("TABLE DATA ", None, 0), ("TABLE ATTACH ", None, 0), ("TABLE ", "table", 1),
-]  # fmt: skip
-
-
-def parse_toc(text: str) -> list[TocEntry]:
-    """Tables, constraints and indexes from `pg_restore --list` output (`id; catalog oid TYPE schema tag owner`)."""
-    out: list[TocEntry] = []
-    for line in text.splitlines():
-        if line.startswith(";") or "; " not in line:
-            continue
-        rest = line.split("; ", 1)[1].split(" ", 2)
-        if len(rest) < 3:
-            continue
-        for prefix, kind, words in _KINDS:
-            if rest[2].startswith(prefix):
-                tokens = rest[2][len(prefix) :].split()
-                if kind is not None and len(tokens) >= 1 + words:
-                    out.append(TocEntry(kind, tokens[0], " ".join(tokens[1 : 1 + words])))
-                break
-    return out
 
 
 async def restore_database(
@@ -449,51 +389,3 @@ async def _directory(
     timings["restore"] = time.monotonic() - mark
     toc = await _run([pg_restore, "--list", str(plain)], dsn, "pg_restore --list")
     return total[0], parse_toc(toc)
-
-
-def _ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
-async def check_restored(dsn: str, manifest: Manifest, toc: list[TocEntry]) -> SchemaCheck:
-    """Every table, constraint and index of `toc` present at `dsn`, and every row count as the manifest says."""
-    async with postgres.connection(dsn) as conn:
-        tables = {(r["s"], r["n"]) for r in await conn.fetch(
-            "SELECT n.nspname AS s, c.relname AS n FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-            "WHERE c.relkind IN ('r', 'p')")}  # fmt: skip
-        indexes = {(r["s"], r["n"]) for r in await conn.fetch(
-            "SELECT n.nspname AS s, c.relname AS n FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-            "WHERE c.relkind IN ('i', 'I')")}  # fmt: skip
-        constraints = {(r["s"], f"{r['t']} {r['n']}") for r in await conn.fetch(
-            "SELECT n.nspname AS s, c.relname AS t, co.conname AS n FROM pg_constraint co "
-            "JOIN pg_class c ON c.oid = co.conrelid JOIN pg_namespace n ON n.oid = co.connamespace")}  # fmt: skip
-    present = {"table": tables, "index": indexes, "constraint": constraints}
-    expected = list(toc)
-    if not toc:  # a plain dump: only the tables the counts name
-        expected = [TocEntry("table", *(t.split(".", 1) if "." in t else ("public", t)))
-                    for t in manifest.database.row_counts]  # fmt: skip
-    missing = [e.describe() for e in expected if (e.schema, e.name) not in present[e.kind]]
-    absent = {e.name for e in expected if e.kind == "table" and (e.schema, e.name) not in tables}
-    wrong: dict[str, tuple[int, int]] = {}
-    names = sorted(t for t in manifest.database.row_counts if t not in absent)
-
-    async def count(share: list[str]) -> None:
-        async with postgres.connection(dsn) as conn:
-            for table in share:
-                qualified = ".".join(_ident(p) for p in table.split(".", 1))
-                actual = int(await conn.fetchval(f"SELECT count(*) FROM {qualified}"))
-                if actual != manifest.database.row_counts[table]:
-                    wrong[table] = (manifest.database.row_counts[table], actual)
-
-    # Two connections: the big tables' scans overlap instead of queueing.
-    async with task_group() as tg:
-        for share in (names[0::2], names[1::2]):
-            if share:
-                tg.start_soon(count, share)
-    for table in sorted(absent & set(manifest.database.row_counts)):
-        wrong[table] = (manifest.database.row_counts[table], 0)
-    return SchemaCheck(
-        tables=sum(e.kind == "table" for e in expected), constraints=sum(e.kind == "constraint" for e in expected),
-        indexes=sum(e.kind == "index" for e in expected), missing=missing, counts_wrong=dict(sorted(wrong.items())),
-        objects_from="the dump's table of contents" if toc else "plain dump: tables from the row counts only",
-    )  # fmt: skip

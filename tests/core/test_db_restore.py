@@ -16,12 +16,13 @@ from support import EngramDB, engram_env, fingerprints, make_engram_db, pg_bin
 
 from engram_recovery import testbed
 from engram_recovery.core import backup_crypto
-from engram_recovery.core.db_restore import check_restored, choose_mode, parse_toc, restore_database
+from engram_recovery.core.db_restore import choose_mode, restore_database
 from engram_recovery.core.errors import IntegrityError
 from engram_recovery.core.manifest import Manifest
 from engram_recovery.core.progress import silent
 from engram_recovery.core.repository import BACKUPS, LocalRepository
 from engram_recovery.core.runtime import Runtime
+from engram_recovery.core.schema_check import check_restored, parse_toc
 from engram_recovery.core.settings import load_settings
 from engram_recovery.tools.run_backup import RunBackupInput, run_backup
 
