@@ -39,11 +39,11 @@ from typing import Any, BinaryIO, Literal
 import anyio
 import anyio.to_thread
 
-from . import backup_extract
+from . import backup_extract, postgres
 from .backup_crypto import Decryptor
 from .compression import decompressor
 from .drill import RestoreCommand, restore_stream
-from .errors import ConfigurationError, IntegrityError, RecoveryError, scrub
+from .errors import ConfigurationError, IntegrityError, RecoveryError, UnsafeOperation, scrub
 from .manifest import Artifact, Manifest
 from .pgdump import PgDumpCommand, split_dsn
 from .progress import Progress, silent
@@ -89,6 +89,23 @@ def choose_mode(manifest: Manifest, jobs: int, free_bytes: int | None) -> Choice
     return Choice("parallel", jobs, f"custom format: rows loaded while decrypting, post-data with --jobs={jobs}")
 
 
+async def refuse_non_empty(dsn: str) -> None:
+    """A restore goes into an empty database only: pg_restore over existing objects fails half-way or mixes rows."""
+    async with postgres.connection(dsn) as conn:
+        found = await conn.fetch(
+            "SELECT n.nspname || '.' || c.relname AS name FROM pg_class c "
+            "JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE n.nspname NOT IN ('pg_catalog', 'information_schema', 'pg_toast') AND n.nspname NOT LIKE 'pg_temp%' "
+            "AND n.nspname NOT LIKE 'pg_toast_temp%' AND c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f') "
+            "ORDER BY 1 LIMIT 6")  # fmt: skip
+        database = await conn.fetchval("SELECT current_database()")
+    if found:
+        names = ", ".join(r["name"] for r in found[:5]) + (", ..." if len(found) > 5 else "")
+        raise UnsafeOperation(f"the database {database} is not empty ({names}): nothing was restored into it",
+                              "restore into a new, empty database (CREATE DATABASE ... TEMPLATE template0), or drop "
+                              "and recreate this one if that is what the plan chose")  # fmt: skip
+
+
 def _free_space(folder: Path) -> int | None:
     try:
         return shutil.disk_usage(folder).free
@@ -128,6 +145,7 @@ async def restore_database(
     if not dumps or (len(dumps) != 1 and choice.mode != "directory"):
         raise IntegrityError(f"the manifest of {manifest.backup_id} lists {len(dumps)} database dump artifacts",
                              "choose another recovery point")  # fmt: skip
+    await refuse_non_empty(dsn)
     prefix = f"{BACKUPS}{manifest.backup_id}/"
     timings: dict[str, float] = {}
     await progress(0, 2, f"restoring the database: {choice.why}")

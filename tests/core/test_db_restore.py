@@ -17,7 +17,7 @@ from support import EngramDB, engram_env, fingerprints, make_engram_db, pg_bin
 from engram_recovery import testbed
 from engram_recovery.core import backup_crypto
 from engram_recovery.core.db_restore import choose_mode, restore_database
-from engram_recovery.core.errors import IntegrityError
+from engram_recovery.core.errors import IntegrityError, UnsafeOperation
 from engram_recovery.core.manifest import Manifest
 from engram_recovery.core.progress import silent
 from engram_recovery.core.repository import BACKUPS, LocalRepository
@@ -128,6 +128,17 @@ async def test_a_dump_that_is_not_the_one_recorded_is_refused_by_its_checksum(
         with pytest.raises(IntegrityError, match=f"{dump.name} is not what the backup stored") as refused:
             await restore_database(repo, other, key(), target, pg_bin("pg_restore"), jobs=jobs, scratch=tmp_path)
     assert "drop it" in refused.value.hint
+
+
+@pytest.mark.anyio
+async def test_nothing_is_restored_into_a_database_that_is_not_empty(backed_up: dict[str, Backed]) -> None:
+    db, base, manifest = backed_up["custom"]
+    before = await fingerprints(db.dsn)
+    async with LocalRepository(base / "repo") as repo:
+        with pytest.raises(UnsafeOperation, match="is not empty") as refused:
+            await restore_database(repo, manifest, key(), db.dsn, pg_bin("pg_restore"))
+    assert "empty database" in refused.value.hint
+    assert await fingerprints(db.dsn) == before
 
 
 async def toc_of(base: Path, manifest: Manifest) -> str:
