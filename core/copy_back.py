@@ -94,16 +94,19 @@ class _Present:
     version_id: str | None
 
 
-def already_there(entry: InventoryEntry, present: _Present | None) -> bool:
-    """Is `entry` in the bucket exactly as recorded? (pure)"""
+def already_there(entry: InventoryEntry, present: _Present | None) -> bool | None:
+    """Is `entry` in the bucket exactly as recorded? (pure) None: the listing cannot tell, ask the object."""
     if present is None or present.size != entry.size:
         return False
     if entry.version_id is not None and present.version_id == entry.version_id:
         return True  # the recorded version is the current one
+    if present.etag == entry.etag:
+        return True  # the very upload that was backed up (an MD5 of its bytes, or of its parts)
     recorded = entry.md5 or md5_of_etag(entry.etag)
-    if recorded is not None:
+    if recorded is not None and md5_of_etag(present.etag) is not None:
         return md5_of_etag(present.etag) == recorded
-    return present.etag == entry.etag  # no MD5 known: the same upload's ETag, at least
+    # A multipart ETag (one we uploaded in parts, say): the checksums we stored with it will tell.
+    return None if entry.checksum is not None else False
 
 
 async def copy_back(
@@ -141,7 +144,9 @@ async def copy_inventory(
             elif size != e.size:
                 failures.append(Failure(e.key, e.repo_key, f"{size} bytes in the pool, {e.size} recorded"))
         bad = {f.key for f in failures}
-        todo = [e for e in entries if e.key not in bad and not already_there(e, present.get(e.key))]
+        verdicts = {e.key: already_there(e, present.get(e.key)) for e in entries if e.key not in bad}
+        await session.ask_objects(entries, verdicts)
+        todo = [e for e in entries if e.key not in bad and not verdicts[e.key]]
         skipped = len(entries) - len(todo) - len(bad)
         await progress(0, len(todo), f"restoring {len(todo)} of {len(entries)} attachments ({skipped} already there)")
         copied = await session.copy_all(todo, progress, failures)
@@ -205,6 +210,24 @@ class _Session:
                 self._versions.add((item["Key"], version))
                 if item.get("IsLatest"):
                     present[item["Key"]] = _Present(int(item["Size"]), str(item.get("ETag", "")).strip('"'), version)
+
+    async def ask_objects(self, entries: list[InventoryEntry], verdicts: dict[str, bool | None]) -> None:
+        """Settle the undecided verdicts with a HEAD each: the checksums a copy-back stored on the object."""
+        limiter = anyio.CapacityLimiter(self.concurrency)
+
+        async def one(entry: InventoryEntry) -> None:
+            async with limiter:
+                try:
+                    answer = await self._dst.head_object(Bucket=self.target.bucket, Key=entry.key)
+                except S3_ERRORS as exc:
+                    raise s3.translate(exc, f"read {entry.key!r}", self.target) from exc
+            stored = answer.get("Metadata", {})
+            verdicts[entry.key] = entry.checksum is not None and stored.get(entry.checksum[0]) == entry.checksum[1]
+
+        async with task_group() as tg:
+            for entry in entries:
+                if entry.key in verdicts and verdicts[entry.key] is None:
+                    tg.start_soon(one, entry)
 
     def has_version(self, entry: InventoryEntry) -> bool:
         return entry.version_id is not None and (entry.key, entry.version_id) in self._versions
@@ -314,7 +337,10 @@ class _Session:
             if problem is None:
                 await self._dst.put_object(Bucket=self.target.bucket, Key=entry.key, Body=bytes(data))
             return problem
-        upload = await self._dst.create_multipart_upload(Bucket=self.target.bucket, Key=entry.key)
+        # The recorded checksums go with the object: its multipart ETag is no MD5, and a re-run asks them instead.
+        # Completed only once the bytes match them, so they never describe other bytes.
+        stored = {name: value for name, value in (("sha256", entry.sha256), ("md5", entry.md5)) if value}
+        upload = await self._dst.create_multipart_upload(Bucket=self.target.bucket, Key=entry.key, Metadata=stored)
         upload_id, size, pending = upload["UploadId"], 0, bytearray()
         parts: list[dict[str, Any]] = []
         try:

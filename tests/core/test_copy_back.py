@@ -13,6 +13,7 @@ import pytest
 from anyio.abc import SocketAttribute, SocketStream
 from support import EngramDB, engram_env, make_engram_db
 
+from engram_recovery.core import copy_back as copy_back_module
 from engram_recovery.core import s3
 from engram_recovery.core.copy_back import copy_back
 from engram_recovery.core.errors import StoreUnreachable
@@ -141,6 +142,22 @@ async def test_a_blob_corrupted_in_the_pool_is_refused_by_checksum_and_named(
     assert victim.key not in restored  # nothing damaged left behind, even by a server-side copy
     assert restored == {k: v for k, v in backed.at_backup.items() if k != victim.key}
     assert report.copied_objects == len(entries) - 1
+
+
+@pytest.mark.anyio
+async def test_blobs_uploaded_in_parts_are_recognised_on_a_rerun_by_the_checksums_stored_with_them(
+    s3_db: EngramDB, weed: SeaweedFS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backed = await backup(s3_db, weed, tmp_path, s3_repo=False)
+    monkeypatch.setattr(copy_back_module, "SINGLE_PUT", 100)  # every blob above 100 bytes goes up in parts
+    target = await new_bucket(weed)
+    async with backed.repository() as repo:
+        first = await copy_back(repo, backed.manifest, target)
+        restored = await contents(target)
+        assert first.ok and restored == {k: (v[0], restored[k][1], v[2]) for k, v in backed.at_backup.items()}
+        assert any(etag.endswith("-1") for _size, etag, _body in restored.values())  # multipart ETags: no MD5
+        again = await copy_back(repo, backed.manifest, target)
+    assert again.ok and again.copied_objects == 0 and again.skipped_objects == len(backed.at_backup)
 
 
 @dataclass
