@@ -20,7 +20,10 @@ S3 repository's pool into a fresh bucket on the same SeaweedFS (server-side copy
 ETag checked) beside `rclone copy --transfers 16 --checkers 16 --fast-list` of the same
 objects between the same endpoints into another fresh bucket (one remote for both, so
 rclone copies server-side too: the strongest form of the peer), then each re-run with
-nothing to do. Starts its own SeaweedFS (target: ours <= 1.0x).
+nothing to do. `--repository local` puts the pool in a local directory instead: ours
+streams each blob (hashed) into the bucket, rclone copies the same directory. Starts its
+own SeaweedFS (target: ours <= 1.0x). rclone copies the pool's own key layout; ours puts
+each blob under its original key: the same objects and bytes, named as Engram named them.
 
 The order of ours and the peer alternates between runs; every figure is printed, then
 the medians and the median of the per-run ratios ours/peer.
@@ -32,6 +35,7 @@ import argparse
 import base64
 import os
 import secrets
+import shutil
 import statistics
 import subprocess
 import sys
@@ -52,7 +56,7 @@ from engram_recovery.core.manifest import Manifest
 from engram_recovery.core.mirror import inventory_key, mirror_attachments
 from engram_recovery.core.pgclients import choose
 from engram_recovery.core.progress import silent
-from engram_recovery.core.repository import BACKUPS, LocalRepository
+from engram_recovery.core.repository import BACKUPS, LocalRepository, Repository
 from engram_recovery.core.repository_s3 import S3Repository
 from engram_recovery.core.runtime import Runtime
 from engram_recovery.core.s3 import S3Location
@@ -238,7 +242,7 @@ def rclone_copy(weed: SeaweedFS, source: str, target: str) -> tuple[float, int]:
             "RCLONE_CONFIG_WEED_SECRET_ACCESS_KEY": weed.secret_access_key,
             "RCLONE_CONFIG_WEED_REGION": weed.region}  # fmt: skip
     argv = [RCLONE, "copy", "--transfers", "16", "--checkers", "16", "--fast-list", "--stats", "0", "-v",
-            f"weed:{source}", f"weed:{target}"]  # fmt: skip
+            source if source.startswith("/") else f"weed:{source}", f"weed:{target}"]  # fmt: skip
     started = time.perf_counter()
     done = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
     seconds = time.perf_counter() - started
@@ -254,11 +258,18 @@ async def bench_attachments(args: argparse.Namespace) -> None:
         await fill(source, args.objects, args.size)
         repo_bucket = location(weed, "bench-repo")
         await create_bucket(repo_bucket)
-        async with S3Repository(repo_bucket, "engram") as repo:
+        local = Path(tempfile.mkdtemp(prefix="bench-restore-repo-", dir=args.scratch))
+
+        def repository() -> Repository:
+            return LocalRepository(local) if args.repository == "local" else S3Repository(repo_bucket, "engram")
+
+        async with repository() as repo:
             mirrored = await mirror_attachments(source, repo, "b1", silent)
-        pool = f"{repo_bucket.bucket}/engram/attachments/pool"
+        pool = str(local / "attachments/pool") if args.repository == "local" else (
+            f"{repo_bucket.bucket}/engram/attachments/pool")  # fmt: skip
         print(f"{args.objects} objects of {args.size} bytes filled and mirrored into the pool in "
               f"{time.perf_counter() - started:.1f} s ({mirrored.copied_objects} copied)")  # fmt: skip
+        server_side = args.repository == "s3"
         figures: dict[str, list[float]] = {}
         for run in range(1, args.runs + 1):
             tag = secrets.token_hex(3)
@@ -269,11 +280,11 @@ async def bench_attachments(args: argparse.Namespace) -> None:
             def ours_phase(phase: str, ours_bucket: S3Location) -> Callable[[], Awaitable[float]]:
                 async def go() -> float:
                     began = time.perf_counter()
-                    async with S3Repository(repo_bucket, "engram") as repo:
+                    async with repository() as repo:
                         report = await copy_inventory(repo, inventory_key("b1"), ours_bucket, concurrency=16)
                     seconds = time.perf_counter() - began
                     expected = args.objects if phase == "first" else 0
-                    if not report.ok or report.copied_objects != expected or not report.server_side_copy:
+                    if not report.ok or report.copied_objects != expected or report.server_side_copy != server_side:
                         raise SystemExit(f"ours {phase}: {report}")
                     return seconds
 
@@ -300,7 +311,9 @@ async def bench_attachments(args: argparse.Namespace) -> None:
                   f"(ratio {ratio(row['ours_first'], row['rclone_first'])}); re-run ours {row['ours_rerun']:.2f} s | "
                   f"rclone {row['rclone_rerun']:.2f} s (ratio {ratio(row['ours_rerun'], row['rclone_rerun'])})",
                   flush=True)  # fmt: skip
-    print(f"median of {args.runs} runs ({args.objects} x {args.size} B; target <= 1.0):")
+    shutil.rmtree(local, ignore_errors=True)
+    how = "server-side, both" if args.repository == "s3" else "streamed from a local repository, both"
+    print(f"median of {args.runs} runs ({args.objects} x {args.size} B, {how}; target <= 1.0):")
     summary(figures, [("copy  ", "ours_first", "rclone_first"), ("re-run", "ours_rerun", "rclone_rerun")])
 
 
@@ -317,6 +330,10 @@ def main() -> None:
     att.add_argument("--runs", type=int, default=3)
     att.add_argument("--objects", type=int, default=5000)
     att.add_argument("--size", type=int, default=64 * 1024)
+    att.add_argument("--repository", choices=["s3", "local"], default="s3",
+                     help="where the pool is: an S3 repository on the same endpoint (server-side copies), or a "
+                          "local directory (streamed uploads; rclone copies the same directory)")  # fmt: skip
+    att.add_argument("--scratch", default=None, help="where a local repository goes (default TMPDIR)")
     args = parser.parse_args()
     anyio.run(bench_db if args.step == "db" else bench_attachments, args)
 

@@ -31,6 +31,7 @@ recreated by any S3 API: the restored object is a new version with the recorded 
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import time
 from contextlib import AsyncExitStack
@@ -335,7 +336,12 @@ class _Session:
             md5.update(data)
             problem = _compare(entry, len(data), sha256.hexdigest(), md5.hexdigest())
             if problem is None:
-                await self._dst.put_object(Bucket=self.target.bucket, Key=entry.key, Body=bytes(data))
+                # Content-MD5: the server too refuses bytes other than the ones just checked.
+                if self._copier is not None:
+                    await self._copier.put(self.target.bucket, entry.key, bytes(data), md5=md5.digest())
+                else:
+                    await self._dst.put_object(Bucket=self.target.bucket, Key=entry.key, Body=bytes(data),
+                                               ContentMD5=base64.b64encode(md5.digest()).decode())  # fmt: skip
             return problem
         # The recorded checksums go with the object: its multipart ETag is no MD5, and a re-run asks them instead.
         # Completed only once the bytes match them, so they never describe other bytes.
