@@ -145,8 +145,10 @@ async def small_bed(admin_url: str, notes: int) -> tuple[str, bytes]:
     try:
         await testbed.create_engram_schema(conn)
         await testbed.create_roles(conn, SMALL)
-        await testbed.seed(conn, master_key=key, users=5, vaults_per_user=2, notes=notes, attachments=notes // 100,
-                           attachment_size=64 << 10)  # fmt: skip
+        # The 1 GiB bed's proportions (bench_backup.py): note bodies and attachment rows about equally large.
+        await testbed.seed(conn, master_key=key, users=20, vaults_per_user=3, notes=notes,
+                           attachments=max(1, notes * 1600 // 250_000), attachment_size=256 << 10,
+                           note_size=2000)  # fmt: skip
         await conn.execute("VACUUM ANALYZE")
     finally:
         await conn.close()

@@ -4,14 +4,12 @@ How the bytes reach pg_restore depends on what the dump and the machine allow:
 
 - custom format, parallel (the default when scratch space holds the plain dump):
   the artifact is decrypted and decompressed ONCE, in a pipeline of threads
-  (read, decrypt, decompress overlap), and the plain bytes go two ways at the same
-  time: into `pg_restore --section=pre-data --section=data` on stdin, which
-  creates the tables and loads the rows while decryption is still running, and into
-  a scratch file. Once the stream ends, `pg_restore --jobs=N --section=post-data`
-  on that file builds the indexes and constraints in parallel (the expensive part
-  `--jobs` speeds up; a custom dump written to a pipe has no data offsets, so its
-  data section would gain little from --jobs anyway). Decryption thus costs no wall
-  time of its own;
+  (read, decrypt, decompress overlap); the plain bytes feed `--jobs` stock
+  pg_restore loaders at once, each loading its share of the tables while
+  decryption is still running, and a scratch file, on which
+  `pg_restore --jobs=N --section=post-data` then builds the indexes and
+  constraints in parallel (core/restore_feed.py). Decryption costs no wall time
+  of its own;
 - custom or plain format, streamed (one job, or scratch space too small): one
   pass, decrypted straight into pg_restore's (psql's) stdin, all in one transaction;
 - directory format: its files decrypted into scratch space two at a time, then
@@ -28,13 +26,12 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import subprocess
 import tempfile
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import Literal
 
 import anyio
 import anyio.to_thread
@@ -43,15 +40,14 @@ from . import backup_extract, postgres
 from .backup_crypto import Decryptor
 from .compression import decompressor
 from .drill import RestoreCommand, restore_stream
-from .errors import ConfigurationError, IntegrityError, RecoveryError, UnsafeOperation, scrub
+from .errors import ConfigurationError, IntegrityError, UnsafeOperation
 from .manifest import Artifact, Manifest
-from .pgdump import PgDumpCommand, split_dsn
 from .progress import Progress, silent
 from .repository import BACKUPS, READ_CHUNK, Repository
+from .restore_feed import Feed, load_parallel, restore_argv, run, tee
 from .schema_check import SchemaCheck, TocEntry, check_restored, parse_toc
 from .taskgroups import task_group
 
-STDERR_KEEP = 16 << 10
 # Scratch space must hold the plain dump with this much to spare (filesystems misreport, others write too).
 SPACE_MARGIN = 1.1
 _PIPELINE_DEPTH = 4  # chunks in flight between two stages: enough to overlap them, little memory
@@ -156,7 +152,8 @@ async def restore_database(
                                                 timings)  # fmt: skip
         elif choice.mode == "parallel":
             stream = plaintext(repo, prefix + dumps[0].name, dumps[0], backup_key)
-            plain_bytes, toc = await _parallel(stream, dsn, pg_restore, choice.jobs, plain, timings)
+            plain_bytes, toc_text = await load_parallel(stream, dsn, pg_restore, choice.jobs, plain, timings)
+            toc = parse_toc(toc_text)
         else:
             stream = plaintext(repo, prefix + dumps[0].name, dumps[0], backup_key)
             plain_bytes, toc = await _streamed(stream, manifest, dsn, pg_restore, psql, timings)
@@ -224,130 +221,6 @@ async def plaintext(repo: Repository, key: str, artifact: Artifact, backup_key: 
                              "recovery point or another copy of the repository")  # fmt: skip
 
 
-def _env(dsn: str, app: str) -> dict[str, str]:
-    env = PgDumpCommand("", dsn).env
-    env["PGAPPNAME"] = app
-    return env
-
-
-async def _run(argv: list[str], dsn: str, what: str) -> str:
-    done = await anyio.run_process(argv, env=_env(dsn, "engram-recovery restore"), check=False)
-    if done.returncode != 0:
-        text = scrub(done.stderr.decode(errors="replace").strip()[-STDERR_KEEP:])
-        raise RecoveryError(f"{what} failed (exit {done.returncode}): {text or 'no message'}",
-                            "the dump could not be restored with stock tools: see the message; the target "
-                            "database is partly restored: drop and recreate it before trying again")  # fmt: skip
-    return done.stdout.decode(errors="replace")
-
-
-def _restore_argv(pg_restore: str, dsn: str, *extra: str) -> list[str]:
-    url, _password = split_dsn(dsn)
-    return [pg_restore, "--no-password", "--exit-on-error", f"--dbname={url}", *extra]
-
-
-class _Feed:
-    """A client binary reading our bytes on stdin; stderr kept for its error message."""
-
-    def __init__(self, argv: list[str], dsn: str, *, early_exit_ok: bool = False) -> None:
-        self.argv, self.dsn, self.early_exit_ok = argv, dsn, early_exit_ok
-        self.stderr = bytearray()
-        self.stdout = bytearray()
-        self.closed = False
-
-    async def run(self, receive: anyio.abc.ObjectReceiveStream[bytes]) -> None:
-        try:
-            process = await anyio.open_process(self.argv, env=_env(self.dsn, "engram-recovery restore"),
-                                               stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                               stderr=subprocess.PIPE)  # fmt: skip
-        except OSError as exc:
-            raise ConfigurationError(f"cannot start {self.argv[0]}: {exc.strerror}",
-                                     "check ENGRAM_RECOVERY_PG_RESTORE") from exc  # fmt: skip
-        async with process, receive:
-            assert process.stdin is not None and process.stderr is not None and process.stdout is not None
-            err, out = process.stderr, process.stdout
-
-            async def drain(stream: Any, into: bytearray) -> None:
-                async for part in stream:
-                    into.extend(part)
-                    del into[:-STDERR_KEEP]
-
-            async with task_group() as tg:
-                tg.start_soon(drain, err, self.stderr)
-                tg.start_soon(drain, out, self.stdout)
-                try:
-                    async for chunk in receive:
-                        if not self.closed:
-                            await process.stdin.send(chunk)
-                except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                    self.closed = True  # it stopped reading: its exit code says whether that was right
-                    async for _chunk in receive:
-                        pass  # keep the tee moving for the other consumers
-                finally:
-                    await process.stdin.aclose()
-            code = await process.wait()
-        if code != 0 and not (self.early_exit_ok and code in (0, -13)):
-            name = self.argv[0].rsplit("/", 1)[-1]
-            text = scrub(self.stderr.decode(errors="replace").strip())
-            raise RecoveryError(f"{name} failed (exit {code}): {text or 'no message'}",
-                                "the dump could not be restored with stock tools: see the message; drop and "
-                                "recreate the target database before trying again")  # fmt: skip
-
-
-async def _tee(stream: AsyncIterator[bytes], sinks: Sequence[anyio.abc.ObjectSendStream[bytes]]) -> int:
-    total = 0
-    try:
-        async for chunk in stream:
-            total += len(chunk)
-            for sink in sinks:
-                await sink.send(chunk)
-    finally:
-        for sink in sinks:
-            await sink.aclose()
-    return total
-
-
-async def _to_file(path: Path, receive: anyio.abc.ObjectReceiveStream[bytes]) -> None:
-    handle: BinaryIO = await anyio.to_thread.run_sync(path.open, "wb")
-    try:
-        async with receive:
-            async for chunk in receive:
-                await anyio.to_thread.run_sync(handle.write, chunk)
-    finally:
-        handle.close()  # not in a thread: a cancelled task must still close it
-
-
-async def _parallel(
-    stream: AsyncIterator[bytes], dsn: str, pg_restore: str, jobs: int, plain: Path, timings: dict[str, float]
-) -> tuple[int, list[TocEntry]]:
-    mark = time.monotonic()
-    loader = _Feed(_restore_argv(pg_restore, dsn, "--section=pre-data", "--section=data"), dsn)
-    load_send, load_receive = anyio.create_memory_object_stream[bytes](_PIPELINE_DEPTH)
-    file_send, file_receive = anyio.create_memory_object_stream[bytes](_PIPELINE_DEPTH)
-    total = [0]
-
-    async def feed() -> None:
-        total[0] = await _tee(stream, [load_send, file_send])
-
-    async with task_group() as tg:
-        tg.start_soon(loader.run, load_receive)
-        tg.start_soon(_to_file, plain, file_receive)
-        tg.start_soon(feed)
-    timings["decrypt_and_load"] = time.monotonic() - mark
-    mark = time.monotonic()
-    # The TOC is read while the indexes build: both only need the file.
-    toc_text = [""]
-
-    async def listing() -> None:
-        toc_text[0] = await _run([pg_restore, "--list", str(plain)], dsn, "pg_restore --list")
-
-    async with task_group() as tg:
-        tg.start_soon(listing)
-        tg.start_soon(_run, _restore_argv(pg_restore, dsn, f"--jobs={jobs}", "--section=post-data", str(plain)), dsn,
-                      "pg_restore (post-data)")  # fmt: skip
-    timings["post_data"] = time.monotonic() - mark
-    return total[0], parse_toc(toc_text[0])
-
-
 async def _streamed(
     stream: AsyncIterator[bytes], manifest: Manifest, dsn: str, pg_restore: str, psql: str,
     timings: dict[str, float],
@@ -359,7 +232,7 @@ async def _streamed(
         timings["decrypt_and_restore"] = time.monotonic() - mark
         return total, []
     # The TOC is at the head of a custom dump: `pg_restore --list` reads it from the same stream and stops.
-    lister = _Feed([pg_restore, "--list"], dsn, early_exit_ok=True)
+    lister = Feed([pg_restore, "--list"], dsn, keep_stdout=True)
     list_send, list_receive = anyio.create_memory_object_stream[bytes](_PIPELINE_DEPTH)
     load_send, load_receive = anyio.create_memory_object_stream[bytes](_PIPELINE_DEPTH)
     fed = [0]
@@ -375,7 +248,7 @@ async def _streamed(
     async with task_group() as tg:
         tg.start_soon(lister.run, list_receive)
         tg.start_soon(restore)
-        tg.start_soon(_tee, stream, [load_send, list_send])
+        tg.start_soon(tee, stream, [load_send, list_send])
     timings["decrypt_and_restore"] = time.monotonic() - mark
     return fed[0], parse_toc(lister.stdout.decode(errors="replace"))
 
@@ -403,7 +276,7 @@ async def _directory(
             tg.start_soon(one, artifact)
     timings["decrypt"] = time.monotonic() - mark
     mark = time.monotonic()
-    await _run(_restore_argv(pg_restore, dsn, f"--jobs={jobs}", str(plain)), dsn, "pg_restore")
+    await run(restore_argv(pg_restore, dsn, f"--jobs={jobs}", str(plain)), dsn, "pg_restore")
     timings["restore"] = time.monotonic() - mark
-    toc = await _run([pg_restore, "--list", str(plain)], dsn, "pg_restore --list")
+    toc = await run([pg_restore, "--list", str(plain)], dsn, "pg_restore --list")
     return total[0], parse_toc(toc)

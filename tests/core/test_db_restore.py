@@ -21,6 +21,7 @@ from engram_recovery.core.errors import IntegrityError, UnsafeOperation
 from engram_recovery.core.manifest import Manifest
 from engram_recovery.core.progress import silent
 from engram_recovery.core.repository import BACKUPS, LocalRepository
+from engram_recovery.core.restore_feed import shares
 from engram_recovery.core.runtime import Runtime
 from engram_recovery.core.schema_check import check_restored, parse_toc
 from engram_recovery.core.settings import load_settings
@@ -174,3 +175,17 @@ def test_the_toc_parser_reads_tables_constraints_and_indexes() -> None:
         ("table", "notes"), ("constraint", "notes notes_pkey"), ("index", "notes_user_id_index"),
         ("constraint", "notes notes_user_id_fkey"),
     ]  # fmt: skip
+
+
+def test_the_loaders_share_the_table_data_and_the_first_keeps_everything_else() -> None:
+    toc = (";\n; comment\n"
+           "10; 1259 1 TABLE public a o\n"
+           "20; 0 1 TABLE DATA public a o\n"
+           "21; 0 2 TABLE DATA public b o\n"
+           "22; 0 3 TABLE DATA public c o\n"
+           "30; 0 0 SEQUENCE SET public s o\n")  # fmt: skip
+    first, second = shares(toc, 2)
+    assert first.splitlines() == ["10; 1259 1 TABLE public a o", "20; 0 1 TABLE DATA public a o",
+                                  "22; 0 3 TABLE DATA public c o", "30; 0 0 SEQUENCE SET public s o"]  # fmt: skip
+    assert second.splitlines() == ["21; 0 2 TABLE DATA public b o"]
+    assert len(shares(toc, 8)) == 3 and len(shares("10; 1259 1 TABLE public a o\n", 2)) == 1
