@@ -213,7 +213,8 @@ async def bench_db(args: argparse.Namespace) -> None:
                     async with testbed.scratch_database(admin_url, prefix="bench_restore_ours") as target:
                         began = time.perf_counter()
                         done = await restore_database(repo, manifest, backup_crypto.parse_key(backup_key), target,
-                                                      pg_restore, jobs=2, scratch=Path(work))  # fmt: skip
+                                                      pg_restore, jobs=2, scratch=Path(work),
+                                                      loaders=args.loaders)  # fmt: skip
                         seconds = time.perf_counter() - began
                     if not done.check.ok:
                         raise SystemExit(f"our restore failed its check: {done.check.summary}")
@@ -327,6 +328,7 @@ def main() -> None:
     db.add_argument("--admin-url", help="the server (default: ENGRAM_TEST_ADMIN_URL, else the bundled 18)")
     db.add_argument("--database", default=DB, help=f"the seeded bed to back up (default {DB})")
     db.add_argument("--seed-notes", type=int, default=0, help="seed a small bed of this many notes instead")
+    db.add_argument("--loaders", type=int, default=1, help="pg_restore processes loading rows side by side")
     db.add_argument("--scratch", default=None, help="where the repository and scratch files go (default TMPDIR)")
     att = sub.add_parser("attachments", help="the attachments step beside rclone copy")
     att.add_argument("--runs", type=int, default=3)

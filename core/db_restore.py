@@ -4,12 +4,11 @@ How the bytes reach pg_restore depends on what the dump and the machine allow:
 
 - custom format, parallel (the default when scratch space holds the plain dump):
   the artifact is decrypted and decompressed ONCE, in a pipeline of threads
-  (read, decrypt, decompress overlap); the plain bytes feed `--jobs` stock
-  pg_restore loaders at once, each loading its share of the tables while
-  decryption is still running, and a scratch file, on which
-  `pg_restore --jobs=N --section=post-data` then builds the indexes and
-  constraints in parallel (core/restore_feed.py). Decryption costs no wall time
-  of its own;
+  (read, decrypt, decompress overlap); the plain bytes feed stock pg_restore
+  (pre-data and data: the rows load while decryption is still running) and a
+  scratch file, on which `pg_restore --jobs=N --section=post-data` then builds the
+  indexes and constraints in parallel (core/restore_feed.py; `loaders` > 1 loads
+  tables side by side too). Decryption costs no wall time of its own;
 - custom or plain format, streamed (one job, or scratch space too small): one
   pass, decrypted straight into pg_restore's (psql's) stdin, all in one transaction;
 - directory format: its files decrypted into scratch space two at a time, then
@@ -130,7 +129,7 @@ class DatabaseRestore:
 
 async def restore_database(
     repo: Repository, manifest: Manifest, backup_key: bytes | None, dsn: str, pg_restore: str, *,
-    jobs: int = 2, scratch: Path | None = None, psql: str = "psql", progress: Progress = silent,
+    jobs: int = 2, scratch: Path | None = None, psql: str = "psql", progress: Progress = silent, loaders: int = 1,
 ) -> DatabaseRestore:  # fmt: skip
     """Restore `manifest`'s dump into the (empty) database at `dsn`, then check it against the backup."""
     started = time.monotonic()
@@ -152,7 +151,8 @@ async def restore_database(
                                                 timings)  # fmt: skip
         elif choice.mode == "parallel":
             stream = plaintext(repo, prefix + dumps[0].name, dumps[0], backup_key)
-            plain_bytes, toc_text = await load_parallel(stream, dsn, pg_restore, choice.jobs, plain, timings)
+            plain_bytes, toc_text = await load_parallel(stream, dsn, pg_restore, choice.jobs, plain, timings,
+                                                        loaders)  # fmt: skip
             toc = parse_toc(toc_text)
         else:
             stream = plaintext(repo, prefix + dumps[0].name, dumps[0], backup_key)

@@ -56,16 +56,17 @@ def key() -> bytes:
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize(("fmt", "jobs", "scratch_mb", "mode"), [
-    ("custom", 2, None, "parallel"),
-    ("custom", 2, 0, "streamed"),  # scratch space short: one streamed pass
-    ("custom", 1, None, "streamed"),
-    ("directory", 2, None, "directory"),
-    ("plain", 2, None, "streamed"),
+@pytest.mark.parametrize(("fmt", "jobs", "scratch_mb", "mode", "loaders"), [
+    ("custom", 2, None, "parallel", 1),
+    ("custom", 2, None, "parallel", 2),  # tables loaded side by side from the one stream
+    ("custom", 2, 0, "streamed", 1),  # scratch space short: one streamed pass
+    ("custom", 1, None, "streamed", 1),
+    ("directory", 2, None, "directory", 1),
+    ("plain", 2, None, "streamed", 1),
 ])  # fmt: skip
 async def test_a_restored_backup_equals_the_source_at_backup_time_whatever_the_way_in(
     backed_up: dict[str, Backed], admin_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-    fmt: str, jobs: int, scratch_mb: int | None, mode: str,
+    fmt: str, jobs: int, scratch_mb: int | None, mode: str, loaders: int,
 ) -> None:  # fmt: skip
     db, base, manifest = backed_up[fmt]
     if scratch_mb is not None:
@@ -79,7 +80,8 @@ async def test_a_restored_backup_equals_the_source_at_backup_time_whatever_the_w
             said.append((done, total, message))
 
         result = await restore_database(repo, manifest, key(), target, pg_bin("pg_restore"), jobs=jobs,
-                                        psql=pg_bin("psql"), scratch=tmp_path, progress=progress)  # fmt: skip
+                                        psql=pg_bin("psql"), scratch=tmp_path, progress=progress,
+                                        loaders=loaders)  # fmt: skip
         assert result.mode == mode
         assert [(d, t) for d, t, _m in said] == [(0, 2), (1, 2), (2, 2)] and result.why in (said[0][2] or "")
         assert result.check.ok, result.check.summary
