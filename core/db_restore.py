@@ -2,15 +2,16 @@
 
 How the bytes reach pg_restore depends on what the dump and the machine allow:
 
-- custom format, parallel (the default when scratch space holds the plain dump):
-  the artifact is decrypted and decompressed ONCE, in a pipeline of threads
-  (read, decrypt, decompress overlap); the plain bytes feed stock pg_restore
-  (pre-data and data: the rows load while decryption is still running) and a
-  scratch file, on which `pg_restore --jobs=N --section=post-data` then builds the
-  indexes and constraints in parallel (core/restore_feed.py; `loaders` > 1 loads
-  tables side by side too). Decryption costs no wall time of its own;
-- custom or plain format, streamed (one job, or scratch space too small): one
-  pass, decrypted straight into pg_restore's (psql's) stdin, all in one transaction;
+- custom format, parallel (the default): the artifact is decrypted and
+  decompressed ONCE, in a pipeline of threads (read, decrypt, decompress overlap);
+  the plain bytes feed stock pg_restore, which loads the rows while decryption is
+  still running, and `pg_restore --jobs=N --section=post-data` then builds the
+  indexes and constraints in parallel from the dump's head alone
+  (core/restore_feed.py). Decryption costs no wall time of its own, and scratch
+  space holds only the table of contents;
+- custom or plain format, streamed (one job, or not even room for the TOC in scratch
+  space): one pass, decrypted straight into pg_restore's (psql's) stdin, all in one
+  transaction;
 - directory format: its files decrypted into scratch space two at a time, then
   `pg_restore --jobs=N` on the directory (a directory cannot be streamed).
 
@@ -27,7 +28,8 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -49,6 +51,8 @@ from .taskgroups import task_group
 
 # Scratch space must hold the plain dump with this much to spare (filesystems misreport, others write too).
 SPACE_MARGIN = 1.1
+# What the parallel path writes: the dump's head (its table of contents), generously counted.
+HEAD_ROOM = 64 << 20
 _PIPELINE_DEPTH = 4  # chunks in flight between two stages: enough to overlap them, little memory
 
 Mode = Literal["parallel", "streamed", "directory"]
@@ -78,9 +82,10 @@ def choose_mode(manifest: Manifest, jobs: int, free_bytes: int | None) -> Choice
         return Choice("streamed", 1, "plain format: psql reads it on stdin (no parallel restore of a plain dump)")
     if jobs <= 1:
         return Choice("streamed", 1, "one job asked: streamed into pg_restore in one transaction")
-    if not room:
-        return Choice("streamed", 1, f"scratch space short ({free_bytes} bytes free, about {need} needed): "
-                                     "streamed into pg_restore in one transaction")  # fmt: skip
+    head = min(need, HEAD_ROOM) if need is not None else HEAD_ROOM
+    if free_bytes is None or free_bytes < head:
+        return Choice("streamed", 1, f"scratch space short ({free_bytes} bytes free, {head} wanted for the dump's "
+                                     "table of contents): streamed into pg_restore in one transaction")  # fmt: skip
     return Choice("parallel", jobs, f"custom format: rows loaded while decrypting, post-data with --jobs={jobs}")
 
 
@@ -151,8 +156,8 @@ async def restore_database(
                                                 timings)  # fmt: skip
         elif choice.mode == "parallel":
             stream = plaintext(repo, prefix + dumps[0].name, dumps[0], backup_key)
-            plain_bytes, toc_text = await load_parallel(stream, dsn, pg_restore, choice.jobs, plain, timings,
-                                                        loaders)  # fmt: skip
+            plain_bytes, toc_text = await load_parallel(stream, dsn, pg_restore, choice.jobs,
+                                                        Path(work) / "head.dump", timings, loaders)  # fmt: skip
             toc = parse_toc(toc_text)
         else:
             stream = plaintext(repo, prefix + dumps[0].name, dumps[0], backup_key)
@@ -167,7 +172,7 @@ async def restore_database(
                            {k: round(v, 3) for k, v in timings.items()})  # fmt: skip
 
 
-async def plaintext(repo: Repository, key: str, artifact: Artifact, backup_key: bytes | None) -> AsyncIterator[bytes]:
+async def plaintext(repo: Repository, key: str, artifact: Artifact, backup_key: bytes | None) -> AsyncGenerator[bytes]:
     """The artifact as pg_dump wrote it, its stages (read, decrypt, decompress) running at the same time."""
     if artifact.encryption is not None and backup_key is None:
         raise ConfigurationError(
@@ -222,13 +227,14 @@ async def plaintext(repo: Repository, key: str, artifact: Artifact, backup_key: 
 
 
 async def _streamed(
-    stream: AsyncIterator[bytes], manifest: Manifest, dsn: str, pg_restore: str, psql: str,
+    stream: AsyncGenerator[bytes], manifest: Manifest, dsn: str, pg_restore: str, psql: str,
     timings: dict[str, float],
 ) -> tuple[int, list[TocEntry]]:  # fmt: skip
     mark = time.monotonic()
     command = RestoreCommand(pg_restore, dsn, manifest.database.dump_format, psql)
     if manifest.database.dump_format == "plain":
-        total = await restore_stream(command, stream)
+        async with aclosing(stream):  # psql may stop reading early: the decryption pipeline ends here too
+            total = await restore_stream(command, stream)
         timings["decrypt_and_restore"] = time.monotonic() - mark
         return total, []
     # The TOC is at the head of a custom dump: `pg_restore --list` reads it from the same stream and stops.
@@ -239,11 +245,12 @@ async def _streamed(
 
     async def restore() -> None:
         async def chunks() -> AsyncIterator[bytes]:
-            async with load_receive:
-                async for chunk in load_receive:
-                    yield chunk
+            async for chunk in load_receive:
+                yield chunk
 
-        fed[0] = await restore_stream(command, chunks())
+        # Closed here, in the task that reads it, however restore_stream ends (it may stop reading early).
+        async with load_receive:
+            fed[0] = await restore_stream(command, chunks())
 
     async with task_group() as tg:
         tg.start_soon(lister.run, list_receive)

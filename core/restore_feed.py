@@ -6,24 +6,28 @@ one decryption can feed several stock pg_restore processes at once:
 
 1. `pg_restore --list` reads the head of the stream and stops: the TOC;
 2. `pg_restore --section=pre-data`, fed that same head, creates the tables;
-3. `jobs` loaders, `pg_restore --section=data --use-list=<their share>`, each read
-   the whole stream (the head replayed, then the rest as it is decrypted) and load
-   only their share of the tables, so the big tables load side by side, while the
-   same bytes also go to a scratch file;
-4. `pg_restore --jobs=N --section=post-data` on that file builds the indexes and
-   constraints in parallel.
+3. the rows: by default one `pg_restore --section=pre-data --section=data` fed
+   from the first byte (steps 2 and 3 in one, no waiting for the TOC); with
+   `loaders` > 1, that many `pg_restore --section=data --use-list=<their share>`,
+   each reading the whole stream (the head replayed, then the rest as it is
+   decrypted) and loading only its share of the tables, side by side;
+4. `pg_restore --jobs=N --section=post-data` builds the indexes and constraints in
+   parallel from a file holding only the head: post-data needs the TOC, never the
+   rows (a pipe-written dump has no data offsets for it to seek anyway), so no
+   scratch copy of the dump is written at all.
 
-Decryption, the file and the loading all run at the same time; nothing reads the
-dump twice from the repository.
+Decryption and loading run at the same time; nothing reads the dump twice from the
+repository.
 """
 
 from __future__ import annotations
 
 import subprocess
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
+from contextlib import aclosing
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -70,13 +74,17 @@ class Feed:
         self.exited = anyio.Event()
 
     async def run(self, receive: anyio.abc.ObjectReceiveStream[bytes]) -> None:
+        async with receive:  # closed even when cancelled before the process starts
+            await self._run(receive)
+
+    async def _run(self, receive: anyio.abc.ObjectReceiveStream[bytes]) -> None:
         try:
             process = await anyio.open_process(self.argv, env=env_for(self.dsn), stdin=subprocess.PIPE,
                                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
         except OSError as exc:
             raise ConfigurationError(f"cannot start {self.argv[0]}: {exc.strerror}",
                                      "check ENGRAM_RECOVERY_PG_RESTORE") from exc  # fmt: skip
-        async with process, receive:
+        async with process:
             assert process.stdin is not None and process.stderr is not None and process.stdout is not None
             err, out = process.stderr, process.stdout
 
@@ -106,27 +114,19 @@ class Feed:
             raise RecoveryError(f"{name} failed (exit {code}): {text or 'no message'}", _FIX)
 
 
-async def tee(stream: AsyncIterator[bytes], sinks: Sequence[anyio.abc.ObjectSendStream[bytes]]) -> int:
+async def tee(stream: AsyncGenerator[bytes], sinks: Sequence[anyio.abc.ObjectSendStream[bytes]]) -> int:
+    """Each chunk of `stream` to every sink; the stream is closed in this task, however it ends."""
     total = 0
     try:
-        async for chunk in stream:
-            total += len(chunk)
-            for sink in sinks:
-                await sink.send(chunk)
+        async with aclosing(stream):
+            async for chunk in stream:
+                total += len(chunk)
+                for sink in sinks:
+                    await sink.send(chunk)
     finally:
         for sink in sinks:
             await sink.aclose()
     return total
-
-
-async def to_file(path: Path, receive: anyio.abc.ObjectReceiveStream[bytes]) -> None:
-    handle: BinaryIO = await anyio.to_thread.run_sync(path.open, "wb")
-    try:
-        async with receive:
-            async for chunk in receive:
-                await anyio.to_thread.run_sync(handle.write, chunk)
-    finally:
-        handle.close()  # not in a thread: a cancelled task must still close it
 
 
 def shares(toc: str, jobs: int) -> list[str]:
@@ -146,68 +146,72 @@ def _desc(line: str) -> str:
 
 
 async def load_parallel(
-    stream: AsyncIterator[bytes], dsn: str, pg_restore: str, jobs: int, plain: Path, timings: dict[str, float],
+    stream: AsyncGenerator[bytes], dsn: str, pg_restore: str, jobs: int, head_file: Path, timings: dict[str, float],
     loaders: int = 1,
 ) -> tuple[int, str]:
     """Restore a custom dump from its decrypted stream, as the module says; returns (plain bytes, TOC text).
 
     `loaders` > 1 loads the tables side by side (step 3). Each loader reads the whole stream through
     its pipe, so on a small machine whose cores the server's COPYs already keep busy one loader is
-    faster (2 cores: 1.15-1.2x pg_restore -j2 with one, 1.4-1.6x with two, in smoke runs); the bench
+    faster (2 cores: 1.15-1.5x pg_restore -j2 with one, 1.4-1.6x with two, in smoke runs); the bench
     measures both (`--loaders`).
     """
-    if loaders <= 1:
-        loaded = await _load_one(stream, dsn, pg_restore, plain, timings)
-        return loaded, await _post_data(dsn, pg_restore, jobs, plain, timings, with_toc=True)
     mark = time.monotonic()
     lister = Feed([pg_restore, "--list"], dsn, keep_stdout=True)
-    # Unbuffered: the head kept for replay is then little more than what the TOC took.
+    # Unbuffered: the head kept is then little more than what the TOC took.
     list_send, list_receive = anyio.create_memory_object_stream[bytes](0)
-    file_send, file_receive = anyio.create_memory_object_stream[bytes](DEPTH)
     head: list[bytes] = []
-    sinks: list[anyio.abc.ObjectSendStream[bytes]] = [file_send]
+    sinks: list[anyio.abc.ObjectSendStream[bytes]] = []
     total = [0]
 
-    async def start_loaders(tg: anyio.abc.TaskGroup) -> None:
+    def start(tg: anyio.abc.TaskGroup, argv: list[str]) -> anyio.abc.ObjectSendStream[bytes]:
+        send, receive = anyio.create_memory_object_stream[bytes](DEPTH)
+        tg.start_soon(Feed(argv, dsn).run, receive)
+        sinks.append(send)
+        return send
+
+    async def start_shares(tg: anyio.abc.TaskGroup) -> None:
         """The TOC is known: create the tables from the head, then start the loaders and replay the head."""
         await list_send.aclose()
         await lister.exited.wait()
-        toc = lister.stdout.decode(errors="replace")
         pre_send, pre_receive = anyio.create_memory_object_stream[bytes](len(head) + 1)
         for chunk in head:
             pre_send.send_nowait(chunk)
         pre_send.close()
         await Feed(restore_argv(pg_restore, dsn, "--section=pre-data"), dsn).run(pre_receive)
         timings["toc_and_pre_data"] = time.monotonic() - mark
-        for number, share in enumerate(shares(toc, loaders)):
-            listing = plain.with_name(f"share-{number}.list")
+        for number, share in enumerate(shares(lister.stdout.decode(errors="replace"), loaders)):
+            listing = head_file.with_name(f"share-{number}.list")
             await anyio.to_thread.run_sync(listing.write_text, share)
-            send, receive = anyio.create_memory_object_stream[bytes](DEPTH)
-            sinks.append(send)
-            loader = Feed(restore_argv(pg_restore, dsn, "--section=data", f"--use-list={listing}"), dsn)
-            tg.start_soon(loader.run, receive)
+            start(tg, restore_argv(pg_restore, dsn, "--section=data", f"--use-list={listing}"))
         for chunk in head:
             for sink in sinks:
                 await sink.send(chunk)
-        head.clear()
 
     async def pump(tg: anyio.abc.TaskGroup) -> None:
-        started = False
+        # One loader starts at once, on the first byte; side-by-side loaders wait for the TOC.
+        started = loaders <= 1
+        if started:
+            start(tg, restore_argv(pg_restore, dsn, "--section=pre-data", "--section=data"))
         try:
-            async for chunk in stream:
-                total[0] += len(chunk)
-                if started:
+            async with aclosing(stream):  # closed in this task, which iterates it (its pipeline has a task group)
+                async for chunk in stream:
+                    total[0] += len(chunk)
+                    if not started:  # side-by-side loaders: all is kept until the TOC is known, then replayed
+                        head.append(chunk)
+                        if not lister.exited.is_set():
+                            await list_send.send(chunk)
+                        if lister.exited.is_set():
+                            await start_shares(tg)
+                            started = True
+                        continue
+                    if not lister.exited.is_set():  # one loader: the head is kept for the TOC's sake only
+                        head.append(chunk)
+                        await list_send.send(chunk)
                     for sink in sinks:
                         await sink.send(chunk)
-                    continue
-                head.append(chunk)
-                if not lister.exited.is_set():
-                    await list_send.send(chunk)
-                if lister.exited.is_set():
-                    await start_loaders(tg)
-                    started = True
             if not started:  # a dump shorter than its reading of the TOC took
-                await start_loaders(tg)
+                await start_shares(tg)
         finally:
             list_send.close()
             for sink in sinks:
@@ -215,48 +219,12 @@ async def load_parallel(
 
     async with task_group() as tg:
         tg.start_soon(lister.run, list_receive)
-        tg.start_soon(to_file, plain, file_receive)
         tg.start_soon(pump, tg)
     timings["decrypt_and_load"] = time.monotonic() - mark
-    await _post_data(dsn, pg_restore, jobs, plain, timings, with_toc=False)
-    return total[0], lister.stdout.decode(errors="replace")
-
-
-async def _load_one(
-    stream: AsyncIterator[bytes], dsn: str, pg_restore: str, plain: Path, timings: dict[str, float]
-) -> int:
-    """One loader, `--section=pre-data --section=data`, fed from the first byte; the same bytes to the file."""
     mark = time.monotonic()
-    loader = Feed(restore_argv(pg_restore, dsn, "--section=pre-data", "--section=data"), dsn)
-    load_send, load_receive = anyio.create_memory_object_stream[bytes](DEPTH)
-    file_send, file_receive = anyio.create_memory_object_stream[bytes](DEPTH)
-    total = [0]
-
-    async def feed() -> None:
-        total[0] = await tee(stream, [load_send, file_send])
-
-    async with task_group() as tg:
-        tg.start_soon(loader.run, load_receive)
-        tg.start_soon(to_file, plain, file_receive)
-        tg.start_soon(feed)
-    timings["decrypt_and_load"] = time.monotonic() - mark
-    return total[0]
-
-
-async def _post_data(
-    dsn: str, pg_restore: str, jobs: int, plain: Path, timings: dict[str, float], *, with_toc: bool
-) -> str:
-    """Indexes and constraints with --jobs from the file; the TOC read from it meanwhile when asked for."""
-    mark = time.monotonic()
-    toc = [""]
-
-    async def listing() -> None:
-        toc[0] = await run([pg_restore, "--list", str(plain)], dsn, "pg_restore --list")
-
-    async with task_group() as tg:
-        if with_toc:
-            tg.start_soon(listing)
-        tg.start_soon(run, restore_argv(pg_restore, dsn, f"--jobs={jobs}", "--section=post-data", str(plain)), dsn,
-                      "pg_restore (post-data)")  # fmt: skip
+    # Post-data needs only the TOC, at the head of the dump: no scratch copy of the rows at all.
+    await anyio.to_thread.run_sync(head_file.write_bytes, b"".join(head))
+    await run(restore_argv(pg_restore, dsn, f"--jobs={jobs}", "--section=post-data", str(head_file)), dsn,
+              "pg_restore (post-data)")  # fmt: skip
     timings["post_data"] = time.monotonic() - mark
-    return toc[0]
+    return total[0], lister.stdout.decode(errors="replace")

@@ -16,7 +16,7 @@ from support import EngramDB, engram_env, fingerprints, make_engram_db, pg_bin
 
 from engram_recovery import testbed
 from engram_recovery.core import backup_crypto
-from engram_recovery.core.db_restore import choose_mode, restore_database
+from engram_recovery.core.db_restore import HEAD_ROOM, choose_mode, plain_size, restore_database
 from engram_recovery.core.errors import IntegrityError, UnsafeOperation
 from engram_recovery.core.manifest import Manifest
 from engram_recovery.core.progress import silent
@@ -159,7 +159,9 @@ def test_the_mode_follows_format_jobs_and_scratch_space(backed_up: dict[str, Bac
     manifest = backed_up["custom"][2]
     size = manifest.database.dump_bytes or 0
     assert choose_mode(manifest, 2, size * 2).mode == "parallel"
-    assert choose_mode(manifest, 2, size // 2).mode == "streamed"
+    head = min(plain_size(manifest) or size, HEAD_ROOM)  # room for the dump's TOC is all the parallel path needs
+    assert choose_mode(manifest, 2, head).mode == "parallel"
+    assert choose_mode(manifest, 2, head - 1).mode == "streamed"
     assert choose_mode(manifest, 1, size * 2).mode == "streamed"
     assert choose_mode(backed_up["plain"][2], 2, size * 10).mode == "streamed"
     with pytest.raises(Exception, match="directory dump"):
