@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import re
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
@@ -49,7 +48,7 @@ from ..repository.layout import INVENTORY_NAME, POOL, inventory_key, pool_key
 from ..repository.pool import InventoryEntry, read_inventory
 from ..repository.records import scan
 from ..stores import s3
-from ..stores.s3 import S3_ERRORS, S3Location
+from ..stores.s3 import S3_ERRORS, S3Location, md5_of_etag
 from ..taskgroups import task_group
 
 STREAM_CHUNK = 1 << 20
@@ -61,12 +60,6 @@ LARGE_STREAMS = 4
 COPY_CUTOFF = 4_995 * (1 << 20)
 COPY_PART = 512 * (1 << 20)
 _PROGRESS_EVERY = 0.5  # seconds: enough for a progress bar, few enough for an MCP client
-# A single-part upload's ETag is the MD5 of its bytes (unless SSE-KMS/SSE-C encrypted them).
-_MD5 = re.compile(r"^[0-9a-f]{32}$")
-
-
-def md5_of_etag(etag: str) -> str | None:
-    return etag if _MD5.match(etag) else None
 
 
 @dataclass(frozen=True)

@@ -72,6 +72,11 @@ class Repository(ABC):
         """Where objects of `source` can be copied server-side into this repository (None: they cannot)."""
         return None
 
+    def s3_object(self, key: str) -> tuple[S3Location, str] | None:
+        """The endpoint and object key holding `key`, for a server-side copy out of the repository
+        (None: the repository is not in S3)."""
+        return None
+
     @asynccontextmanager
     async def lock(self, busy_hint: str) -> AsyncIterator[None]:
         """Held while a backup writes and prunes: keeps a second writer of the same storage out

@@ -77,6 +77,9 @@ class S3Repository(Repository):
             return None
         return CopyTarget(self.s3_location, self.bucket, self.prefix)
 
+    def s3_object(self, key: str) -> tuple[S3Location, str] | None:
+        return self.s3_location, self.s3_key(key)
+
     def s3_key(self, key: str) -> str:
         """The object key in the bucket for a repository key (for server-side CopyObject)."""
         return self.prefix + check_key(key)

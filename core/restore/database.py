@@ -1,0 +1,291 @@
+"""The database step of a restore: a backup's dump into an empty database with stock pg_restore, then proved.
+
+How the bytes reach pg_restore depends on what the dump and the machine allow:
+
+- custom format, parallel (the default): the artifact is decrypted and
+  decompressed ONCE, in a pipeline of threads (read, decrypt, decompress overlap);
+  the plain bytes feed stock pg_restore, which loads the rows while decryption is
+  still running, and `pg_restore --jobs=N --section=post-data` then builds the
+  indexes and constraints in parallel from the dump's head alone
+  (core/restore_feed.py). Decryption costs no wall time of its own, and scratch
+  space holds only the table of contents;
+- custom or plain format, streamed (one job, or not even room for the TOC in scratch
+  space): one pass, decrypted straight into pg_restore's (psql's) stdin, all in one
+  transaction;
+- directory format: its files decrypted into scratch space two at a time, then
+  `pg_restore --jobs=N` on the directory (a directory cannot be streamed).
+
+Then the restored database is checked against the backup (core/schema_check.py):
+every table, constraint and index the dump's table of contents names exists, and
+every row count equals the manifest's `row_counts`; the TOC is read from the same
+file or stream, never by a second decryption.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import anyio
+import anyio.to_thread
+
+from ..artifact import extract as backup_extract
+from ..artifact.compression import decompressor
+from ..artifact.encryption import Decryptor
+from ..errors import ConfigurationError, IntegrityError, UnsafeOperation
+from ..progress import Progress, silent
+from ..repository.base import READ_CHUNK, Repository
+from ..repository.layout import artifact_key, backup_prefix
+from ..repository.manifest import Artifact, Manifest
+from ..stores import postgres
+from ..taskgroups import task_group
+from .drill import RestoreCommand, restore_stream
+from .feed import Feed, load_parallel, restore_argv, run, tee
+from .schema_check import SchemaCheck, TocEntry, check_restored, parse_toc
+
+# Scratch space must hold the plain dump with this much to spare (filesystems misreport, others write too).
+SPACE_MARGIN = 1.1
+# What the parallel path writes: the dump's head (its table of contents), generously counted.
+HEAD_ROOM = 64 << 20
+_PIPELINE_DEPTH = 4  # chunks in flight between two stages: enough to overlap them, little memory
+
+Mode = Literal["parallel", "streamed", "directory"]
+
+
+@dataclass(frozen=True)
+class Choice:
+    mode: Mode
+    jobs: int
+    why: str
+
+
+def choose_mode(manifest: Manifest, jobs: int, free_bytes: int | None) -> Choice:
+    """How to feed pg_restore (pure): parallel where format, jobs and scratch space allow it, else streamed."""
+    fmt = manifest.database.dump_format
+    need = plain_size(manifest)
+    room = free_bytes is not None and (need is None or free_bytes >= need * SPACE_MARGIN)
+    if fmt == "directory":
+        if not room:
+            raise ConfigurationError(
+                f"a directory dump must be decrypted to scratch space first: it needs about {need} bytes and "
+                f"{free_bytes} are free",
+                "free space there or point TMPDIR at a file system with room (a directory dump cannot be streamed)",
+            )
+        return Choice("directory", max(1, jobs), "directory format: decrypted to scratch, then pg_restore --jobs")
+    if fmt == "plain":
+        return Choice("streamed", 1, "plain format: psql reads it on stdin (no parallel restore of a plain dump)")
+    if jobs <= 1:
+        return Choice("streamed", 1, "one job asked: streamed into pg_restore in one transaction")
+    head = min(need, HEAD_ROOM) if need is not None else HEAD_ROOM
+    if free_bytes is None or free_bytes < head:
+        return Choice("streamed", 1, f"scratch space short ({free_bytes} bytes free, {head} wanted for the dump's "
+                                     "table of contents): streamed into pg_restore in one transaction")  # fmt: skip
+    return Choice("parallel", jobs, f"custom format: rows loaded while decrypting, post-data with --jobs={jobs}")
+
+
+async def refuse_non_empty(dsn: str) -> None:
+    """A restore goes into an empty database only: pg_restore over existing objects fails half-way or mixes rows."""
+    async with postgres.connection(dsn) as conn:
+        found = await conn.fetch(
+            "SELECT n.nspname || '.' || c.relname AS name FROM pg_class c "
+            "JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE n.nspname NOT IN ('pg_catalog', 'information_schema', 'pg_toast') AND n.nspname NOT LIKE 'pg_temp%' "
+            "AND n.nspname NOT LIKE 'pg_toast_temp%' AND c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f') "
+            "ORDER BY 1 LIMIT 6")  # fmt: skip
+        database = await conn.fetchval("SELECT current_database()")
+    if found:
+        names = ", ".join(r["name"] for r in found[:5]) + (", ..." if len(found) > 5 else "")
+        raise UnsafeOperation(f"the database {database} is not empty ({names}): nothing was restored into it",
+                              "restore into a new, empty database (CREATE DATABASE ... TEMPLATE template0), or drop "
+                              "and recreate this one if that is what the plan chose")  # fmt: skip
+
+
+def _free_space(folder: Path) -> int | None:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def plain_size(manifest: Manifest) -> int | None:
+    dumps = [a for a in manifest.artifacts if a.kind == "database"]
+    sizes = [a.plain_size for a in dumps]
+    if sizes and all(s is not None for s in sizes):
+        return sum(s for s in sizes if s is not None)
+    return manifest.database.dump_bytes
+
+
+@dataclass(frozen=True)
+class DatabaseRestore:
+    mode: Mode
+    jobs: int
+    why: str
+    stored_bytes: int
+    plain_bytes: int
+    check: SchemaCheck
+    timings: dict[str, float] = field(default_factory=dict)  # phase -> seconds
+
+
+async def restore_database(
+    repo: Repository, manifest: Manifest, backup_key: bytes | None, dsn: str, pg_restore: str, *,
+    jobs: int = 2, scratch: Path | None = None, psql: str = "psql", progress: Progress = silent, loaders: int = 1,
+) -> DatabaseRestore:  # fmt: skip
+    """Restore `manifest`'s dump into the (empty) database at `dsn`, then check it against the backup."""
+    started = time.monotonic()
+    folder = Path(scratch or tempfile.gettempdir())
+    free = await anyio.to_thread.run_sync(_free_space, folder)
+    choice = choose_mode(manifest, jobs, free)
+    dumps = [a for a in manifest.artifacts if a.kind == "database"]
+    if not dumps or (len(dumps) != 1 and choice.mode != "directory"):
+        raise IntegrityError(f"the manifest of {manifest.backup_id} lists {len(dumps)} database dump artifacts",
+                             "choose another recovery point")  # fmt: skip
+    await refuse_non_empty(dsn)
+    prefix = backup_prefix(manifest.backup_id)
+    timings: dict[str, float] = {}
+    await progress(0, 2, f"restoring the database: {choice.why}")
+    with tempfile.TemporaryDirectory(prefix="engram-restore-", dir=folder if free is not None else None) as work:
+        plain = Path(work) / "dump"
+        if choice.mode == "directory":
+            plain_bytes, toc = await _directory(repo, manifest, backup_key, dsn, pg_restore, choice.jobs, plain,
+                                                timings)  # fmt: skip
+        elif choice.mode == "parallel":
+            stream = plaintext(repo, prefix + dumps[0].name, dumps[0], backup_key)
+            plain_bytes, toc_text = await load_parallel(stream, dsn, pg_restore, choice.jobs,
+                                                        Path(work) / "head.dump", timings, loaders)  # fmt: skip
+            toc = parse_toc(toc_text)
+        else:
+            stream = plaintext(repo, prefix + dumps[0].name, dumps[0], backup_key)
+            plain_bytes, toc = await _streamed(stream, manifest, dsn, pg_restore, psql, timings)
+    await progress(1, 2, f"restored {plain_bytes} bytes of dump; checking tables, constraints, indexes and row counts")
+    mark = time.monotonic()
+    check = await check_restored(dsn, manifest, toc)
+    await progress(2, 2, check.summary)
+    timings["verify"] = time.monotonic() - mark
+    timings["total"] = time.monotonic() - started
+    return DatabaseRestore(choice.mode, choice.jobs, choice.why, sum(a.size for a in dumps), plain_bytes, check,
+                           {k: round(v, 3) for k, v in timings.items()})  # fmt: skip
+
+
+async def plaintext(repo: Repository, key: str, artifact: Artifact, backup_key: bytes | None) -> AsyncGenerator[bytes]:
+    """The artifact as pg_dump wrote it, its stages (read, decrypt, decompress) running at the same time."""
+    if artifact.encryption is not None and backup_key is None:
+        raise ConfigurationError(
+            f"{artifact.name} is encrypted but ENGRAM_RECOVERY_BACKUP_KEY is not set",
+            "set ENGRAM_RECOVERY_BACKUP_KEY or ENGRAM_RECOVERY_BACKUP_KEY_FILE to the backup key",
+        )
+    decryptor = Decryptor(backup_key) if artifact.encryption is not None and backup_key is not None else None
+    codec = decompressor(artifact.compression)
+    raw_send, raw_receive = anyio.create_memory_object_stream[bytes](_PIPELINE_DEPTH)
+    out_send, out_receive = anyio.create_memory_object_stream[bytes](_PIPELINE_DEPTH)
+    digest, stored = hashlib.sha256(), [0]
+
+    async def read() -> None:
+        async with raw_send:
+            async for chunk in repo.get_stream(key, READ_CHUNK * 4):
+                stored[0] += len(chunk)
+                # In a thread (hashlib lets go of the GIL): the check overlaps decryption instead of adding to it.
+                await anyio.to_thread.run_sync(digest.update, chunk)
+                await raw_send.send(chunk)
+
+    def open_chunk(chunk: bytes) -> bytes:
+        return codec.update(decryptor.update(chunk) if decryptor is not None else chunk)
+
+    def close() -> bytes:
+        if decryptor is not None:
+            decryptor.finish()  # raises on a truncated artifact
+        return codec.finish()
+
+    async def transform() -> None:
+        async with out_send, raw_receive:
+            async for chunk in raw_receive:
+                data = await anyio.to_thread.run_sync(open_chunk, chunk)
+                if data:
+                    await out_send.send(data)
+            tail = await anyio.to_thread.run_sync(close)
+            if tail:
+                await out_send.send(tail)
+
+    async with task_group() as tg:
+        tg.start_soon(read)
+        tg.start_soon(transform)
+        async with out_receive:
+            async for data in out_receive:
+                yield data
+    if (stored[0], digest.hexdigest()) != (artifact.size, artifact.sha256):
+        # An unencrypted artifact has no authentication of its own: this is what catches its alteration.
+        actual = digest.hexdigest()
+        raise IntegrityError(f"{artifact.name} is not what the backup stored ({stored[0]} bytes, SHA-256 "
+                             f"{actual[:16]}..., recorded {artifact.size} bytes, {artifact.sha256[:16]}...)",
+                             "the target database holds a restore of an altered dump: drop it, then restore another "
+                             "recovery point or another copy of the repository")  # fmt: skip
+
+
+async def _streamed(
+    stream: AsyncGenerator[bytes], manifest: Manifest, dsn: str, pg_restore: str, psql: str,
+    timings: dict[str, float],
+) -> tuple[int, list[TocEntry]]:  # fmt: skip
+    mark = time.monotonic()
+    command = RestoreCommand(pg_restore, dsn, manifest.database.dump_format, psql)
+    if manifest.database.dump_format == "plain":
+        async with aclosing(stream):  # psql may stop reading early: the decryption pipeline ends here too
+            total = await restore_stream(command, stream)
+        timings["decrypt_and_restore"] = time.monotonic() - mark
+        return total, []
+    # The TOC is at the head of a custom dump: `pg_restore --list` reads it from the same stream and stops.
+    lister = Feed([pg_restore, "--list"], dsn, keep_stdout=True)
+    list_send, list_receive = anyio.create_memory_object_stream[bytes](_PIPELINE_DEPTH)
+    load_send, load_receive = anyio.create_memory_object_stream[bytes](_PIPELINE_DEPTH)
+    fed = [0]
+
+    async def restore() -> None:
+        async def chunks() -> AsyncIterator[bytes]:
+            async for chunk in load_receive:
+                yield chunk
+
+        # Closed here, in the task that reads it, however restore_stream ends (it may stop reading early).
+        async with load_receive:
+            fed[0] = await restore_stream(command, chunks())
+
+    async with task_group() as tg:
+        tg.start_soon(lister.run, list_receive)
+        tg.start_soon(restore)
+        tg.start_soon(tee, stream, [load_send, list_send])
+    timings["decrypt_and_restore"] = time.monotonic() - mark
+    return fed[0], parse_toc(lister.stdout.decode(errors="replace"))
+
+
+async def _directory(
+    repo: Repository, manifest: Manifest, backup_key: bytes | None, dsn: str, pg_restore: str, jobs: int,
+    plain: Path, timings: dict[str, float],
+) -> tuple[int, list[TocEntry]]:  # fmt: skip
+    mark = time.monotonic()
+    await anyio.to_thread.run_sync(lambda: plain.mkdir(parents=True))
+    limiter = anyio.CapacityLimiter(max(1, min(jobs, os.cpu_count() or 1)))
+    total = [0]
+
+    async def one(artifact: Artifact) -> None:
+        async with limiter:
+            target = plain / backup_extract.plain_name(artifact.name.split("/", 1)[1])
+            done = await backup_extract.extract(repo.get_stream(artifact_key(manifest.backup_id, artifact.name)),
+                                                backup_key, target, artifact.sha256)  # fmt: skip
+            total[0] += done.plain_bytes
+
+    async with task_group() as tg:
+        for name in manifest.database.dump_artifacts:
+            artifact = manifest.artifact(name)
+            assert artifact is not None
+            tg.start_soon(one, artifact)
+    timings["decrypt"] = time.monotonic() - mark
+    mark = time.monotonic()
+    await run(restore_argv(pg_restore, dsn, f"--jobs={jobs}", str(plain)), dsn, "pg_restore")
+    timings["restore"] = time.monotonic() - mark
+    toc = await run([pg_restore, "--list", str(plain)], dsn, "pg_restore --list")
+    return total[0], parse_toc(toc)
