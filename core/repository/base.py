@@ -72,6 +72,10 @@ class Repository(ABC):
         """Where objects of `source` can be copied server-side into this repository (None: they cannot)."""
         return None
 
+    def s3_endpoint(self) -> S3Location | None:
+        """The S3 endpoint and bucket holding this repository (None: the repository is not in S3)."""
+        return None
+
     def s3_object(self, key: str) -> tuple[S3Location, str] | None:
         """The endpoint and object key holding `key`, for a server-side copy out of the repository
         (None: the repository is not in S3)."""

@@ -77,6 +77,9 @@ class S3Repository(Repository):
             return None
         return CopyTarget(self.s3_location, self.bucket, self.prefix)
 
+    def s3_endpoint(self) -> S3Location | None:
+        return self.s3_location
+
     def s3_object(self, key: str) -> tuple[S3Location, str] | None:
         return self.s3_location, self.s3_key(key)
 

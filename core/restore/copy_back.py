@@ -131,8 +131,7 @@ async def copy_inventory(
     """Put every entry of the inventory stored at repository key `inventory` back into `target`."""
     started = time.monotonic()
     entries = [e async for e in read_inventory(repo, inventory)]
-    located = repo.s3_object(POOL)
-    source = located[0] if located is not None else None
+    source = repo.s3_endpoint()
     server_side = source is not None and _same_endpoint(source, target)
     async with _Session(repo, target, server_side, concurrency) as session:
         pooled, present = await session.survey(versioned)
