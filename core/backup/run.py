@@ -35,7 +35,8 @@ from ..repository.records import scan
 from ..runtime import Runtime
 from ..stores import qdrant
 from ..stores.advisory import database_lock
-from ..stores.pgclient.process import DumpFormat, PgDumpCommand, spawn
+from ..stores.pgclient.commands import DumpFormat, PgDumpCommand
+from ..stores.pgclient.process import spawn
 from ..stores.pgclient.versions import ClientVersion, choose
 from ..taskgroups import task_group
 from .facts import DatabaseFacts, counted_facts, exported_snapshot, quick_facts
