@@ -199,7 +199,7 @@ async def require_verified(repo: Repository, backup_id: str, artifacts: list[Art
 async def qdrant_info(runtime: Runtime) -> tuple[QdrantInfo, str | None]:
     """Qdrant is derived data: its state is recorded when it answers, and its absence is only a warning."""
     settings = runtime.settings
-    if not (settings.qdrant_url or settings.qdrant_path):
+    if not settings.qdrant_configured:
         return QdrantInfo(configured=False), None
     info = QdrantInfo(configured=True, collection=settings.qdrant_collection)
     try:

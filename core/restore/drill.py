@@ -28,6 +28,7 @@ from ..repository.manifest import Artifact, Manifest
 from ..stores import postgres
 from ..stores.pgclient.commands import PgClientCommand, PgRestoreCommand
 from ..stores.pgclient.process import Feed, feed_all, run
+from ..stores.postgres import quote_ident
 from .decrypt import extract_backup
 
 PREFIX = "engram_drill_"
@@ -40,18 +41,14 @@ def scratch_name(now: datetime) -> str:
     return f"{PREFIX}{int(now.timestamp())}_{secrets.token_hex(4)}"
 
 
-def _ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
 async def create_scratch(conn: postgres.Connection, name: str, owner: str | None = None) -> str:
     """Create the scratch database, owned by `owner` (the source's owner) when that role exists; returns its owner."""
     if not _NAME.match(name):
         raise ValueError(f"{name!r} is not a drill database name")
     exists = owner is not None and await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", owner)
-    owned = f" OWNER {_ident(owner)}" if owner is not None and exists else ""
+    owned = f" OWNER {quote_ident(owner)}" if owner is not None and exists else ""
     try:
-        await conn.execute(f"CREATE DATABASE {_ident(name)}{owned} TEMPLATE template0")
+        await conn.execute(f"CREATE DATABASE {quote_ident(name)}{owned} TEMPLATE template0")
     except postgres.PostgresError as exc:
         raise RecoveryError(
             f"could not create the scratch database {name}{f' owned by {owner}' if owned else ''}: {exc}",
@@ -64,7 +61,7 @@ async def create_scratch(conn: postgres.Connection, name: str, owner: str | None
 async def drop_scratch(conn: postgres.Connection, name: str) -> None:
     if not _NAME.match(name):  # never anything that is not ours
         raise ValueError(f"refusing to drop {name!r}: not a drill database")
-    await conn.execute(f"DROP DATABASE IF EXISTS {_ident(name)} WITH (FORCE)")
+    await conn.execute(f"DROP DATABASE IF EXISTS {quote_ident(name)} WITH (FORCE)")
 
 
 async def sweep_leftovers(conn: postgres.Connection, now: datetime) -> list[str]:
@@ -132,7 +129,7 @@ async def prove_canary(conn: postgres.Connection, manifest: Manifest, keys: Keys
 async def prove_counts(conn: postgres.Connection, manifest: Manifest) -> Proof:
     wrong: dict[str, dict[str, int]] = {}
     for table, expected in sorted(manifest.database.row_counts.items()):
-        actual = int(await conn.fetchval(f"SELECT count(*) FROM {_ident(table)}"))
+        actual = int(await conn.fetchval(f"SELECT count(*) FROM {quote_ident(table)}"))
         if actual != expected:
             wrong[table] = {"manifest": expected, "restored": actual}
     n = len(manifest.database.row_counts)

@@ -196,7 +196,7 @@ async def _drill(
                        lambda owner: f"created {name}, owned by {owner}")  # fmt: skip
     finally:
         await admin.close(timeout=2)
-    scratch_dsn = _with_database(runtime.dsn, name)
+    scratch_dsn = postgres.with_database(runtime.dsn, name)
     if directory:
         await run.step("restore", lambda: drill.restore_directory(client.path, scratch_dsn, repo,
                                                                   manifest.backup_id, backup_key),
@@ -270,13 +270,6 @@ async def _lacking(conn: postgres.Connection, proof: drill.Proof, pool: dict[str
     else:
         proof.summary += "; no live attachment lacks its blob"
     return proof
-
-
-def _with_database(dsn: str, database: str) -> str:
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(dsn)
-    return urlunsplit((parts.scheme, parts.netloc, "/" + database, parts.query, parts.fragment))
 
 
 async def _drop(dsn: str, name: str, run: _Run) -> bool:
