@@ -170,6 +170,11 @@ class Settings(BaseModel):
         return f"{scheme}{self.storage_host}{port}"
 
     @property
+    def qdrant_configured(self) -> bool:
+        """Whether a Qdrant is configured at all (a server, or a local path)."""
+        return bool(self.qdrant_url or self.qdrant_path)
+
+    @property
     def database_name(self) -> str:
         return urlsplit(self.database_url.get_secret_value()).path.lstrip("/") or "postgres"
 

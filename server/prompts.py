@@ -71,7 +71,7 @@ def _deployment(settings: Settings, tools: Collection[str]) -> list[str]:
     )
     if settings.key_escrow:
         lines.append(f"- The master key is escrowed in: {', '.join(settings.key_escrow)}.")
-    if settings.qdrant_url or settings.qdrant_path:
+    if settings.qdrant_configured:
         lines.append(f"- Qdrant: collection `{settings.qdrant_collection}`, rebuilt after a restore.")
     else:
         lines.append("- Qdrant: not configured here; reindex_qdrant cannot check the collection.")

@@ -21,6 +21,7 @@ import asyncpg
 from ..engram import crypto as engram_crypto
 from ..engram.canary import read_canary
 from ..engram.keys import MasterKeys
+from ..engram.oban import EMBED_WORKER, INCOMPLETE_STATES
 from ..engram.schema_probe import SchemaProbe
 from ..repository.manifest import CanaryInfo, ObanInfo
 from ..stores import postgres
@@ -31,8 +32,6 @@ COUNTED_TABLES = (
     "users", "vaults", "notes", "chunks", "attachments", "storage_objects", "system_canaries",
     "refresh_tokens", "device_refresh_tokens", "oauth_refresh_tokens", "oauth_clients", "api_keys", "oban_jobs",
 )
-INCOMPLETE_STATES = ("available", "scheduled", "executing", "retryable", "suspended")
-EMBED_WORKER = "Engram.Workers.EmbedNote"
 
 
 @dataclass

@@ -322,7 +322,7 @@ class _Session:
                 return Copied(obj, sha256=sha256, md5=md5)
             except S3_ERRORS as exc:
                 code = s3.error_code(exc)
-                if code in ("NoSuchKey", "NoSuchVersion", "404"):
+                if code in s3.MISSING or code == "NoSuchVersion":
                     return None  # deleted since it was listed: not part of this recovery point
                 if code not in ("PreconditionFailed", "412") or obj.version_id is not None:
                     raise s3.translate(exc, f"copy {obj.key!r}", self._blame(exc)) from exc

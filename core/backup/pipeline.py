@@ -22,6 +22,7 @@ import anyio.to_thread
 from ..artifact.codec import Encoder
 from ..errors import RecoveryError
 from ..repository.base import Repository
+from ..stores.pgclient.commands import PgClientCommand
 from ..stores.pgclient.process import PipedProcess
 from ..taskgroups import task_group
 
@@ -70,12 +71,12 @@ class _Outcome:
 
 
 async def dump_to_repository(
-    argv: list[str], env: dict[str, str], repo: Repository, key: str, transform: Encoder, report: Report
+    command: PgClientCommand, repo: Repository, key: str, transform: Encoder, report: Report
 ) -> Stored:
     """Stream the command's stdout through `transform` into `key`; the object exists only if it succeeded."""
     started = time.monotonic()
     recycle_large_buffers()
-    process = await anyio.to_thread.run_sync(PipedProcess, argv, env)
+    process = await anyio.to_thread.run_sync(PipedProcess, command.argv, command.env)
     send, receive = anyio.create_memory_object_stream[bytes](max_buffer_size=QUEUE_BLOCKS)
     outcome = _Outcome()
 

@@ -34,6 +34,7 @@ from ..verdict import Verdict
 from .facts import LACKING_SHOWN, DatabaseFacts
 from .mirror import MirrorReport, mirror_attachments
 from .run import (
+    DumpJob,
     backup_key,
     clean_leftovers,
     discard,
@@ -168,9 +169,8 @@ async def _backup(run: BackupRun) -> BackupReport:
     async with task_group() as tg:
         # The mirror runs beside the dump: the two describe the same moment as closely as possible.
         tg.start_soon(mirror)
-        facts, outcome, lsn, snapshot_at = await gather_and_dump(
-            runtime, repo, backup_id, p, params.format, params.compression, key, progress, client
-        )
+        job = DumpJob(runtime, repo, backup_id, params.format, params.compression, key, client, progress)
+        facts, outcome, lsn, snapshot_at = await gather_and_dump(job, p)
         timings["dump"] = round(time.monotonic() - dump_clock, 3)
     if mirror_report is not None:
         timings["mirror"] = round(mirror_report.seconds, 3)

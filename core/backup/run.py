@@ -35,7 +35,8 @@ from ..repository.records import scan
 from ..runtime import Runtime
 from ..stores import qdrant
 from ..stores.advisory import database_lock
-from ..stores.pgclient.process import DumpFormat, PgDumpCommand, spawn
+from ..stores.pgclient.commands import DumpFormat, PgDumpCommand
+from ..stores.pgclient.process import spawn
 from ..stores.pgclient.versions import ClientVersion, choose
 from ..taskgroups import task_group
 from .facts import DatabaseFacts, counted_facts, exported_snapshot, quick_facts
@@ -123,10 +124,24 @@ def _artifact(name: str, stored: Stored, compression: Compression, encrypted: bo
     )
 
 
-async def dump_database(
-    runtime: Runtime, repo: Repository, backup_id: str, fmt: DumpFormat, compression: Compression,
-    key: bytes | None, snapshot_id: str, progress: Progress, total: float | None, pg_dump: ClientVersion,
-) -> DumpOutcome:
+@dataclass(frozen=True)
+class DumpJob:
+    """What a backup's dump needs: the deployment, where it goes, how it is encoded, which pg_dump runs it."""
+
+    runtime: Runtime
+    repo: Repository
+    backup_id: str
+    fmt: DumpFormat
+    compression: Compression
+    key: bytes | None  # the backup key; None: unencrypted
+    pg_dump: ClientVersion
+    progress: Progress
+
+
+async def dump_database(job: DumpJob, snapshot_id: str, total: float | None = None) -> DumpOutcome:
+    runtime, repo, backup_id, fmt, compression, key = (job.runtime, job.repo, job.backup_id, job.fmt,
+                                                       job.compression, job.key)  # fmt: skip
+    progress, pg_dump = job.progress, job.pg_dump
     name = dump_name(fmt, compression, key is not None)
     outcome = DumpOutcome()
     started = time.monotonic()
@@ -137,7 +152,7 @@ async def dump_database(
     if fmt != "directory":
         command = PgDumpCommand(pg_dump.path, runtime.dsn, fmt, snapshot_id, prefix=pg_dump.prefix)
         stored = await dump_to_repository(
-            command.argv, command.env, repo, artifact_key(backup_id, name), Encoder(compression, key), report
+            command, repo, artifact_key(backup_id, name), Encoder(compression, key), report
         )
         outcome.artifacts.append(_artifact(name, stored, compression, key is not None))
     else:
@@ -198,7 +213,7 @@ async def require_verified(repo: Repository, backup_id: str, artifacts: list[Art
 async def qdrant_info(runtime: Runtime) -> tuple[QdrantInfo, str | None]:
     """Qdrant is derived data: its state is recorded when it answers, and its absence is only a warning."""
     settings = runtime.settings
-    if not (settings.qdrant_url or settings.qdrant_path):
+    if not settings.qdrant_configured:
         return QdrantInfo(configured=False), None
     info = QdrantInfo(configured=True, collection=settings.qdrant_collection)
     try:
@@ -216,13 +231,11 @@ async def qdrant_info(runtime: Runtime) -> tuple[QdrantInfo, str | None]:
     }), None
 
 
-async def gather_and_dump(
-    runtime: Runtime, repo: Repository, backup_id: str, p: SchemaProbe, fmt: DumpFormat,
-    compression: Compression, key: bytes | None, progress: Progress, pg_dump: ClientVersion,
-) -> tuple[DatabaseFacts, DumpOutcome, str | None, datetime]:
+async def gather_and_dump(job: DumpJob, p: SchemaProbe) -> tuple[DatabaseFacts, DumpOutcome, str | None, datetime]:
     """Snapshot, cheap facts, then the dump and the exact counts at once, both in that snapshot."""
+    runtime = job.runtime
     settings = runtime.settings
-    if fmt == "directory" and pg_dump.prefix:
+    if job.fmt == "directory" and job.pg_dump.prefix:
         # pg_dump would write the directory where the prefix runs it (a container), out of our reach.
         raise ConfigurationError(
             "a directory-format dump cannot go through ENGRAM_RECOVERY_PG_CLIENT_PREFIX: pg_dump would write its "
@@ -237,9 +250,7 @@ async def gather_and_dump(
             nonlocal outcome
             # No total: pg_dump's output is not the database's size (bytea doubles as hex text, indexes
             # vanish), and a progress bar that overshoots its total misleads more than none.
-            outcome = await dump_database(
-                runtime, repo, backup_id, fmt, compression, key, snap.snapshot_id, progress, None, pg_dump
-            )
+            outcome = await dump_database(job, snap.snapshot_id)
 
         async with task_group() as tg:
             tg.start_soon(run_dump)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import asyncpg
 
 from ..errors import ConfigurationError
+from ..stores.postgres import quote_ident
 from .schema_probe import SchemaProbe
 
 EMBED_WORKER = "Engram.Workers.EmbedNote"
@@ -45,7 +46,7 @@ class ObanTarget:
 
     @property
     def table(self) -> str:
-        return f"{_ident(self.schema)}.oban_jobs"
+        return f"{quote_ident(self.schema)}.oban_jobs"
 
     @property
     def channel(self) -> str:
@@ -199,5 +200,3 @@ async def embed_backlog(conn: asyncpg.Connection, target: ObanTarget) -> Backlog
     return Backlog(by_state=by_state, discarded=counts.get("discarded", 0))
 
 
-def _ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'

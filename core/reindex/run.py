@@ -123,7 +123,7 @@ async def reindex(runtime: Runtime, params: ReindexRequest, progress: Progress) 
         )
     scope = Scope(parse_uuid(params.user_id, "user_id"), parse_uuid(params.vault_id, "vault_id"))
     needs_qdrant = params.mode == "missing" or params.recreate_collection or params.delete_orphans
-    if needs_qdrant and not (settings.qdrant_url or settings.qdrant_path):
+    if needs_qdrant and not settings.qdrant_configured:
         raise ConfigurationError(
             "Qdrant is not configured, but this mode reads or changes it",
             "set QDRANT_URL (and QDRANT_API_KEY), or use mode='all' / mode='stale' without recreate/delete_orphans",

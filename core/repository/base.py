@@ -45,6 +45,15 @@ class CopyTarget:
         return self.prefix + check_key(key)
 
 
+def mismatch(actual_size: int, actual_sha256: str, size: int, sha256: str) -> str | None:
+    """The one wording of an artifact that does not read back as recorded (None when it does): what was stored
+    against what the manifest recorded. Callers add what it means for them (a backup's storage, a restore's choice)."""
+    if (actual_size, actual_sha256.lower()) == (size, sha256.lower()):
+        return None
+    return (f"stored {actual_size} bytes with SHA-256 {actual_sha256[:16]}..., recorded {size} bytes with "
+            f"{sha256[:16]}...")  # fmt: skip
+
+
 class Repository(ABC):
     """What every repository can do. Callers ask it (the capabilities below), never switch on its type."""
 
@@ -152,11 +161,7 @@ class Repository(ABC):
         The verification step of a backup. StoreUnreachable when `key` cannot be read at all.
         """
         actual_size, actual = await self.sha256(key)
-        if (actual_size, actual) == (size, sha256):
-            return None
-        return (
-            f"stored {actual_size} bytes with SHA-256 {actual[:16]}..., recorded {size} bytes with {sha256[:16]}..."
-        )
+        return mismatch(actual_size, actual, size, sha256)
 
     async def sweep_temporary(self) -> builtins.list[str]:
         """Remove what interrupted writes left behind (temporary files, open multipart uploads); return their keys."""

@@ -33,13 +33,6 @@ PART_SIZE = 8 << 20
 PARTS_IN_FLIGHT = 2
 
 
-_MISSING = frozenset({"404", "NoSuchKey", "NotFound"})
-
-
-def _code(exc: BaseException) -> str:
-    """The S3 error code of a botocore ClientError ('' for transport errors)."""
-    response = getattr(exc, "response", None)
-    return str(response.get("Error", {}).get("Code", "")) if isinstance(response, dict) else ""
 
 
 class S3Repository(Repository):
@@ -181,7 +174,7 @@ class S3Repository(Repository):
         try:
             answer = await self.client.get_object(Bucket=self.bucket, Key=self.s3_key(key))
         except S3_ERRORS as exc:
-            if _code(exc) in _MISSING:
+            if s3.error_code(exc) in s3.MISSING:
                 raise StoreUnreachable(
                     f"{key} is missing from the backup repository {self.location}",
                     "the backup is damaged or was pruned: choose another recovery point",
@@ -200,7 +193,7 @@ class S3Repository(Repository):
         try:
             await self.client.head_object(Bucket=self.bucket, Key=self.s3_key(key))
         except S3_ERRORS as exc:
-            if _code(exc) in _MISSING:
+            if s3.error_code(exc) in s3.MISSING:
                 return False
             raise self._fail(exc, f"look for {key}") from exc
         return True

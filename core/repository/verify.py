@@ -20,10 +20,10 @@ import anyio
 import anyio.to_thread
 
 from ..taskgroups import task_group
-from .base import Repository
+from .base import Repository, mismatch
+from .localfs import hash_file
 from .points import RecoveryPoint
 
-BLOCK_BYTES = 4 << 20
 # A thread per artifact up to this many: the machines this runs on have few cores.
 DEFAULT_CONCURRENCY = 2
 
@@ -48,23 +48,15 @@ class ArtifactVerdict:
         return self.problem is None
 
 
-def sha256_file(path: str | Path, block_bytes: int = BLOCK_BYTES) -> Digest:
-    """SHA-256 and size of a file, read in large blocks into one reused buffer."""
-    digest = hashlib.sha256()
-    buffer = bytearray(block_bytes)
-    view = memoryview(buffer)
-    size = 0
-    # Unbuffered: Python's own buffer would only add a copy in front of readinto.
-    with open(path, "rb", buffering=0) as handle:
-        while read := handle.readinto(buffer):
-            digest.update(view[:read])
-            size += read
-    return Digest(digest.hexdigest(), size)
+def sha256_file(path: str | Path) -> Digest:
+    """SHA-256 and size of a file, read in large blocks into one reused buffer (localfs.hash_file)."""
+    size, sha256 = hash_file(Path(path))
+    return Digest(sha256, size)
 
 
-async def sha256_path(path: str | Path, block_bytes: int = BLOCK_BYTES) -> Digest:
+async def sha256_path(path: str | Path) -> Digest:
     """`sha256_file` in a worker thread, so the event loop keeps serving."""
-    return await anyio.to_thread.run_sync(sha256_file, path, block_bytes)
+    return await anyio.to_thread.run_sync(sha256_file, path)
 
 
 async def sha256_stream(chunks: AsyncIterable[bytes]) -> Digest:
@@ -87,17 +79,10 @@ def compare(name: str, expected_sha256: str, expected_size: int, actual: Digest 
             name, expected_sha256, expected_size, None, None,
             problem=f"{name} is missing from the repository: this recovery point is incomplete; choose another",
         )
-    problem: str | None = None
-    if actual.size != expected_size:
-        problem = (
-            f"{name} is {actual.size} bytes but the manifest recorded {expected_size}: truncated or replaced; "
-            "do not restore from it, choose another recovery point"
-        )
-    elif actual.sha256 != expected_sha256.lower():
-        problem = (
-            f"{name} does not match its recorded SHA-256 (altered or corrupted in storage); do not restore from "
-            "it, choose another recovery point"
-        )
+    problem = mismatch(actual.size, actual.sha256, expected_size, expected_sha256)
+    if problem is not None:
+        problem = (f"{name}: {problem}: truncated, replaced or altered in storage; do not restore from it, choose "
+                   "another recovery point")  # fmt: skip
     return ArtifactVerdict(name, expected_sha256, expected_size, actual.sha256, actual.size, problem)
 
 

@@ -46,9 +46,11 @@ from ..repository.base import READ_CHUNK, Repository
 from ..repository.layout import artifact_key, backup_prefix
 from ..repository.manifest import Artifact, Manifest
 from ..stores import postgres
+from ..stores.pgclient.commands import stdin_restore
+from ..stores.pgclient.process import Feed, feed_all, run
 from ..taskgroups import task_group
-from .drill import RestoreCommand, restore_stream
-from .feed import Feed, load_parallel, restore_argv, run, tee
+from .drill import STOCK_FIX
+from .feed import APPLICATION, FIX, feed, load_parallel, restore_into, tee
 from .schema_check import SchemaCheck, TocEntry, check_restored, parse_toc
 
 # Scratch space must hold the plain dump with this much to spare (filesystems misreport, others write too).
@@ -233,14 +235,14 @@ async def _streamed(
     timings: dict[str, float],
 ) -> tuple[int, list[TocEntry]]:  # fmt: skip
     mark = time.monotonic()
-    command = RestoreCommand(pg_restore, dsn, manifest.database.dump_format, psql)
+    command = stdin_restore(manifest.database.dump_format, pg_restore, psql, dsn, application=APPLICATION)
     if manifest.database.dump_format == "plain":
         async with aclosing(stream):  # psql may stop reading early: the decryption pipeline ends here too
-            total = await restore_stream(command, stream)
+            total = await feed_all(Feed(command, STOCK_FIX, drain=False), stream)
         timings["decrypt_and_restore"] = time.monotonic() - mark
         return total, []
     # The TOC is at the head of a custom dump: `pg_restore --list` reads it from the same stream and stops.
-    lister = Feed([pg_restore, "--list"], dsn, keep_stdout=True)
+    lister = feed(restore_into(pg_restore, dsn, list_only=True), keep_stdout=True)
     list_send, list_receive = anyio.create_memory_object_stream[bytes](_PIPELINE_DEPTH)
     load_send, load_receive = anyio.create_memory_object_stream[bytes](_PIPELINE_DEPTH)
     fed = [0]
@@ -250,9 +252,9 @@ async def _streamed(
             async for chunk in load_receive:
                 yield chunk
 
-        # Closed here, in the task that reads it, however restore_stream ends (it may stop reading early).
+        # Closed here, in the task that reads it, however feed_all ends (it may stop reading early).
         async with load_receive:
-            fed[0] = await restore_stream(command, chunks())
+            fed[0] = await feed_all(Feed(command, STOCK_FIX, drain=False), chunks())
 
     async with task_group() as tg:
         tg.start_soon(lister.run, list_receive)
@@ -285,7 +287,7 @@ async def _directory(
             tg.start_soon(one, artifact)
     timings["decrypt"] = time.monotonic() - mark
     mark = time.monotonic()
-    await run(restore_argv(pg_restore, dsn, f"--jobs={jobs}", str(plain)), dsn, "pg_restore")
+    await run(restore_into(pg_restore, dsn, jobs=jobs, source=str(plain)), FIX, "pg_restore")
     timings["restore"] = time.monotonic() - mark
-    toc = await run([pg_restore, "--list", str(plain)], dsn, "pg_restore --list")
+    toc = await run(restore_into(pg_restore, dsn, list_only=True, source=str(plain)), FIX, "pg_restore --list")
     return total[0], parse_toc(toc)

@@ -8,10 +8,8 @@ name does not start with that prefix.
 
 from __future__ import annotations
 
-import os
 import re
 import secrets
-import subprocess
 import tempfile
 import uuid
 from collections.abc import AsyncIterator
@@ -20,33 +18,27 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import anyio
-import anyio.to_thread
-
 from ..artifact.codec import Decoder, decode_stream
 from ..engram import crypto as engram_crypto
 from ..engram import keys as key_rules
 from ..engram.canary import read_canary
-from ..errors import ConfigurationError, RecoveryError, scrub
+from ..errors import RecoveryError
 from ..repository.base import Repository
 from ..repository.manifest import Artifact, Manifest
 from ..stores import postgres
-from ..stores.pgclient.process import split_dsn
-from ..taskgroups import task_group
+from ..stores.pgclient.commands import PgClientCommand, PgRestoreCommand
+from ..stores.pgclient.process import Feed, feed_all, run
+from ..stores.postgres import quote_ident
 from .decrypt import extract_backup
 
 PREFIX = "engram_drill_"
 _NAME = re.compile(r"^engram_drill_(\d{9,11})_[0-9a-f]{8}$")
 STALE_AFTER = timedelta(hours=6)
-STDERR_KEEP = 16 << 10
+STOCK_FIX = "the dump could not be restored with stock tools: see the message"
 
 
 def scratch_name(now: datetime) -> str:
     return f"{PREFIX}{int(now.timestamp())}_{secrets.token_hex(4)}"
-
-
-def _ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
 
 
 async def create_scratch(conn: postgres.Connection, name: str, owner: str | None = None) -> str:
@@ -54,9 +46,9 @@ async def create_scratch(conn: postgres.Connection, name: str, owner: str | None
     if not _NAME.match(name):
         raise ValueError(f"{name!r} is not a drill database name")
     exists = owner is not None and await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", owner)
-    owned = f" OWNER {_ident(owner)}" if owner is not None and exists else ""
+    owned = f" OWNER {quote_ident(owner)}" if owner is not None and exists else ""
     try:
-        await conn.execute(f"CREATE DATABASE {_ident(name)}{owned} TEMPLATE template0")
+        await conn.execute(f"CREATE DATABASE {quote_ident(name)}{owned} TEMPLATE template0")
     except postgres.PostgresError as exc:
         raise RecoveryError(
             f"could not create the scratch database {name}{f' owned by {owner}' if owned else ''}: {exc}",
@@ -69,7 +61,7 @@ async def create_scratch(conn: postgres.Connection, name: str, owner: str | None
 async def drop_scratch(conn: postgres.Connection, name: str) -> None:
     if not _NAME.match(name):  # never anything that is not ours
         raise ValueError(f"refusing to drop {name!r}: not a drill database")
-    await conn.execute(f"DROP DATABASE IF EXISTS {_ident(name)} WITH (FORCE)")
+    await conn.execute(f"DROP DATABASE IF EXISTS {quote_ident(name)} WITH (FORCE)")
 
 
 async def sweep_leftovers(conn: postgres.Connection, now: datetime) -> list[str]:
@@ -96,78 +88,9 @@ async def plaintext(repo: Repository, key: str, artifact: Artifact, backup_key: 
         yield out
 
 
-@dataclass(frozen=True)
-class RestoreCommand:
-    """Stock pg_restore (custom format) or psql (plain format) reading the dump on stdin, all or nothing."""
-
-    pg_restore: str
-    dsn: str
-    dump_format: str
-    psql: str = "psql"  # from the same installation as pg_restore where it has one (pgclients.sibling)
-    prefix: tuple[str, ...] = ()  # ENGRAM_RECOVERY_PG_CLIENT_PREFIX; the dump still arrives on stdin
-
-    @property
-    def argv(self) -> list[str]:
-        return [*self.prefix, *self._argv]
-
-    @property
-    def _argv(self) -> list[str]:
-        url, _password = split_dsn(self.dsn)
-        if self.dump_format == "plain":
-            return [self.psql, "--no-password", "-v", "ON_ERROR_STOP=1", "--single-transaction", "-q",
-                    f"--dbname={url}", "-f", "-"]  # fmt: skip
-        return [self.pg_restore, "--no-password", "--exit-on-error", "--single-transaction", f"--dbname={url}"]
-
-    @property
-    def env(self) -> dict[str, str]:
-        _url, password = split_dsn(self.dsn)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-        if password is not None:
-            env["PGPASSWORD"] = password
-        return env
-
-
-async def restore_stream(command: RestoreCommand, chunks: AsyncIterator[bytes]) -> int:
-    """Feed the dump to the restore process; raise with its stderr if it fails. Returns bytes fed."""
-    stderr = bytearray()
-    fed = 0
-    try:
-        process = await anyio.open_process(command.argv, env=command.env, stdin=subprocess.PIPE,
-                                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
-    except OSError as exc:
-        raise ConfigurationError(f"cannot start {command.argv[0]}: {exc.strerror}",
-                                 "check ENGRAM_RECOVERY_PG_RESTORE") from exc  # fmt: skip
-    async with process:
-        assert process.stdin is not None and process.stderr is not None
-        stderr_stream = process.stderr
-
-        async def drain() -> None:
-            async for part in stderr_stream:
-                stderr.extend(part)
-                del stderr[:-STDERR_KEEP]
-
-        feed_error: BaseException | None = None
-        async with task_group() as tg:
-            tg.start_soon(drain)
-            try:
-                async for chunk in chunks:
-                    await process.stdin.send(chunk)
-                    fed += len(chunk)
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                pass  # the process died: its exit code and stderr say why
-            except BaseException as exc:
-                feed_error = exc
-                process.kill()
-            finally:
-                await process.stdin.aclose()
-        code = await process.wait()
-    if feed_error is not None:
-        raise feed_error
-    if code != 0:
-        text = scrub(stderr.decode(errors="replace").strip())
-        raise RecoveryError(f"{command.argv[0].rsplit('/', 1)[-1]} failed (exit {code}): {text or 'no message'}",
-                            "the dump could not be restored with stock tools: see the message")  # fmt: skip
-    return fed
+async def restore_stream(command: PgClientCommand, chunks: AsyncIterator[bytes]) -> int:
+    """Feed the dump to the restore process (stdin_restore); raise with its stderr if it fails. Returns bytes fed."""
+    return await feed_all(Feed(command, STOCK_FIX, drain=False), chunks)
 
 
 async def restore_directory(pg_restore: str, dsn: str, repo: Repository, backup_id: str, key: bytes | None) -> int:
@@ -175,16 +98,7 @@ async def restore_directory(pg_restore: str, dsn: str, repo: Repository, backup_
     with tempfile.TemporaryDirectory(prefix="engram-drill-") as scratch:
         target = Path(scratch) / "dump"
         extracted = await extract_backup(repo, backup_id, key, target)
-        url, password = split_dsn(dsn)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-        if password is not None:
-            env["PGPASSWORD"] = password
-        argv = [pg_restore, "--no-password", "--exit-on-error", "--jobs=2", f"--dbname={url}", str(target)]
-        done = await anyio.run_process(argv, env=env, check=False)
-        if done.returncode != 0:
-            text = scrub(done.stderr.decode(errors="replace").strip()[-STDERR_KEEP:])
-            raise RecoveryError(f"pg_restore failed (exit {done.returncode}): {text or 'no message'}",
-                                "the dump could not be restored with stock tools: see the message")  # fmt: skip
+        await run(PgRestoreCommand(pg_restore, dsn, jobs=2, source=str(target)), STOCK_FIX)
     return sum(e.plain_bytes for e in extracted)
 
 
@@ -215,7 +129,7 @@ async def prove_canary(conn: postgres.Connection, manifest: Manifest, keys: Keys
 async def prove_counts(conn: postgres.Connection, manifest: Manifest) -> Proof:
     wrong: dict[str, dict[str, int]] = {}
     for table, expected in sorted(manifest.database.row_counts.items()):
-        actual = int(await conn.fetchval(f"SELECT count(*) FROM {_ident(table)}"))
+        actual = int(await conn.fetchval(f"SELECT count(*) FROM {quote_ident(table)}"))
         if actual != expected:
             wrong[table] = {"manifest": expected, "restored": actual}
     n = len(manifest.database.row_counts)

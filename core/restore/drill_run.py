@@ -29,6 +29,7 @@ from ..repository.records import DrillRecord, DrillStep
 from ..repository.verify import verify_artifacts
 from ..runtime import Runtime
 from ..stores import postgres
+from ..stores.pgclient.commands import stdin_restore
 from ..stores.pgclient.versions import ClientVersion, beside
 from ..verdict import Verdict
 from . import drill
@@ -195,16 +196,16 @@ async def _drill(
                        lambda owner: f"created {name}, owned by {owner}")  # fmt: skip
     finally:
         await admin.close(timeout=2)
-    scratch_dsn = _with_database(runtime.dsn, name)
+    scratch_dsn = postgres.with_database(runtime.dsn, name)
     if directory:
         await run.step("restore", lambda: drill.restore_directory(client.path, scratch_dsn, repo,
                                                                   manifest.backup_id, backup_key),
                        lambda n: f"stock pg_restore --jobs=2 restored a directory dump of {n} bytes")  # fmt: skip
     else:
-        command = drill.RestoreCommand(client.path, scratch_dsn, manifest.database.dump_format,
-                                       beside(client.path, "psql"), prefix=client.prefix)
+        command = stdin_restore(manifest.database.dump_format, client.path, beside(client.path, "psql"), scratch_dsn,
+                                prefix=client.prefix)
         stream = drill.plaintext(repo, point.prefix + dumps[0].name, dumps[0], backup_key)
-        restorer = command.argv[len(command.prefix)].rsplit("/", 1)[-1]
+        restorer = command.name
         await run.step("restore", lambda: drill.restore_stream(command, stream),
                        lambda n: f"stock {restorer} restored {n} bytes of dump")  # fmt: skip
     async with postgres.connection(scratch_dsn) as conn:
@@ -269,13 +270,6 @@ async def _lacking(conn: postgres.Connection, proof: drill.Proof, pool: dict[str
     else:
         proof.summary += "; no live attachment lacks its blob"
     return proof
-
-
-def _with_database(dsn: str, database: str) -> str:
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(dsn)
-    return urlunsplit((parts.scheme, parts.netloc, "/" + database, parts.query, parts.fragment))
 
 
 async def _drop(dsn: str, name: str, run: _Run) -> bool:

@@ -22,7 +22,6 @@ repository.
 
 from __future__ import annotations
 
-import subprocess
 import time
 from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
@@ -33,85 +32,23 @@ import anyio
 import anyio.abc
 import anyio.to_thread
 
-from ..errors import ConfigurationError, RecoveryError, scrub
-from ..stores.pgclient.process import PgDumpCommand, split_dsn
+from ..stores.pgclient.commands import PgClientCommand, PgRestoreCommand
+from ..stores.pgclient.process import Feed, run
 from ..taskgroups import task_group
 
-STDERR_KEEP = 16 << 10
 DEPTH = 4  # chunks in flight between two stages: enough to overlap them, little memory
-_FIX = "the dump could not be restored with stock tools: see the message; drop and recreate the target database " \
-       "before trying again"  # fmt: skip
+FIX = "the dump could not be restored with stock tools: see the message; drop and recreate the target database " \
+      "before trying again"  # fmt: skip
+APPLICATION = "engram-recovery restore"
 
 
-def env_for(dsn: str) -> dict[str, str]:
-    env = PgDumpCommand("", dsn).env
-    env["PGAPPNAME"] = "engram-recovery restore"
-    return env
+def restore_into(pg_restore: str, dsn: str, **options: Any) -> PgRestoreCommand:
+    """pg_restore into the restore's target, named as ours in pg_stat_activity."""
+    return PgRestoreCommand(pg_restore, dsn, application=APPLICATION, **options)
 
 
-async def run(argv: list[str], dsn: str, what: str) -> str:
-    """Run a client binary to the end; its stdout, or the RecoveryError its stderr explains."""
-    done = await anyio.run_process(argv, env=env_for(dsn), check=False)
-    if done.returncode != 0:
-        text = scrub(done.stderr.decode(errors="replace").strip()[-STDERR_KEEP:])
-        raise RecoveryError(f"{what} failed (exit {done.returncode}): {text or 'no message'}", _FIX)
-    return done.stdout.decode(errors="replace")
-
-
-def restore_argv(pg_restore: str, dsn: str, *extra: str) -> list[str]:
-    url, _password = split_dsn(dsn)
-    return [pg_restore, "--no-password", "--exit-on-error", f"--dbname={url}", *extra]
-
-
-class Feed:
-    """A client binary reading our bytes on stdin. It may stop reading early (a --list, a loader whose
-    share is done): the rest is then consumed and dropped, so a tee feeding it never stalls."""
-
-    def __init__(self, argv: list[str], dsn: str, *, keep_stdout: bool = False) -> None:
-        self.argv, self.dsn, self.keep_stdout = argv, dsn, keep_stdout
-        self.stderr = bytearray()
-        self.stdout = bytearray()
-        self.exited = anyio.Event()
-
-    async def run(self, receive: anyio.abc.ObjectReceiveStream[bytes]) -> None:
-        async with receive:  # closed even when cancelled before the process starts
-            await self._run(receive)
-
-    async def _run(self, receive: anyio.abc.ObjectReceiveStream[bytes]) -> None:
-        try:
-            process = await anyio.open_process(self.argv, env=env_for(self.dsn), stdin=subprocess.PIPE,
-                                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
-        except OSError as exc:
-            raise ConfigurationError(f"cannot start {self.argv[0]}: {exc.strerror}",
-                                     "check ENGRAM_RECOVERY_PG_RESTORE") from exc  # fmt: skip
-        async with process:
-            assert process.stdin is not None and process.stderr is not None and process.stdout is not None
-            err, out = process.stderr, process.stdout
-
-            async def drain(stream: Any, into: bytearray, keep: bool) -> None:
-                async for part in stream:
-                    into.extend(part)
-                    if not keep:
-                        del into[:-STDERR_KEEP]
-
-            async with task_group() as tg:
-                tg.start_soon(drain, err, self.stderr, False)
-                tg.start_soon(drain, out, self.stdout, self.keep_stdout)
-                try:
-                    async for chunk in receive:
-                        await process.stdin.send(chunk)
-                except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                    pass  # it stopped reading: its exit code says whether that was right
-                finally:
-                    await process.stdin.aclose()
-            code = await process.wait()
-            self.exited.set()
-            async for _chunk in receive:
-                pass  # keep the tee moving for the other consumers
-        if code != 0:
-            name = self.argv[0].rsplit("/", 1)[-1]
-            text = scrub(self.stderr.decode(errors="replace").strip())
-            raise RecoveryError(f"{name} failed (exit {code}): {text or 'no message'}", _FIX)
+def feed(command: PgClientCommand, *, keep_stdout: bool = False) -> Feed:
+    return Feed(command, FIX, keep_stdout=keep_stdout)
 
 
 async def tee(stream: AsyncGenerator[bytes], sinks: Sequence[anyio.abc.ObjectSendStream[bytes]]) -> int:
@@ -157,16 +94,16 @@ async def load_parallel(
     measures both (`--loaders`).
     """
     mark = time.monotonic()
-    lister = Feed([pg_restore, "--list"], dsn, keep_stdout=True)
+    lister = feed(restore_into(pg_restore, dsn, list_only=True), keep_stdout=True)
     # Unbuffered: the head kept is then little more than what the TOC took.
     list_send, list_receive = anyio.create_memory_object_stream[bytes](0)
     head: list[bytes] = []
     sinks: list[anyio.abc.ObjectSendStream[bytes]] = []
     total = [0]
 
-    def start(tg: anyio.abc.TaskGroup, argv: list[str]) -> anyio.abc.ObjectSendStream[bytes]:
+    def start(tg: anyio.abc.TaskGroup, command: PgClientCommand) -> anyio.abc.ObjectSendStream[bytes]:
         send, receive = anyio.create_memory_object_stream[bytes](DEPTH)
-        tg.start_soon(Feed(argv, dsn).run, receive)
+        tg.start_soon(feed(command).run, receive)
         sinks.append(send)
         return send
 
@@ -178,12 +115,12 @@ async def load_parallel(
         for chunk in head:
             pre_send.send_nowait(chunk)
         pre_send.close()
-        await Feed(restore_argv(pg_restore, dsn, "--section=pre-data"), dsn).run(pre_receive)
+        await feed(restore_into(pg_restore, dsn, sections=("pre-data",))).run(pre_receive)
         timings["toc_and_pre_data"] = time.monotonic() - mark
         for number, share in enumerate(shares(lister.stdout.decode(errors="replace"), loaders)):
             listing = head_file.with_name(f"share-{number}.list")
             await anyio.to_thread.run_sync(listing.write_text, share)
-            start(tg, restore_argv(pg_restore, dsn, "--section=data", f"--use-list={listing}"))
+            start(tg, restore_into(pg_restore, dsn, sections=("data",), use_list=str(listing)))
         for chunk in head:
             for sink in sinks:
                 await sink.send(chunk)
@@ -192,7 +129,7 @@ async def load_parallel(
         # One loader starts at once, on the first byte; side-by-side loaders wait for the TOC.
         started = loaders <= 1
         if started:
-            start(tg, restore_argv(pg_restore, dsn, "--section=pre-data", "--section=data"))
+            start(tg, restore_into(pg_restore, dsn, sections=("pre-data", "data")))
         try:
             async with aclosing(stream):  # closed in this task, which iterates it (its pipeline has a task group)
                 async for chunk in stream:
@@ -224,7 +161,7 @@ async def load_parallel(
     mark = time.monotonic()
     # Post-data needs only the TOC, at the head of the dump: no scratch copy of the rows at all.
     await anyio.to_thread.run_sync(head_file.write_bytes, b"".join(head))
-    await run(restore_argv(pg_restore, dsn, f"--jobs={jobs}", "--section=post-data", str(head_file)), dsn,
+    await run(restore_into(pg_restore, dsn, jobs=jobs, sections=("post-data",), source=str(head_file)), FIX,
               "pg_restore (post-data)")  # fmt: skip
     timings["post_data"] = time.monotonic() - mark
     return total[0], lister.stdout.decode(errors="replace")

@@ -5,16 +5,14 @@ Everything here only reads. The judging happens in core/restore/plan.py.
 
 from __future__ import annotations
 
+import contextlib
 import re
-import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
-
-import anyio
 
 from ..artifact.encryption import backup_key
 from ..engram.keys import MasterKeys
@@ -27,8 +25,9 @@ from ..repository.pool import read_inventory, verify_blobs
 from ..runtime import Runtime
 from ..settings import Settings
 from ..stores import postgres, s3
+from ..stores.pgclient.commands import PgRestoreCommand
+from ..stores.pgclient.process import Feed, feed_all
 from ..stores.pgclient.versions import ClientChoice, choose
-from ..taskgroups import task_group
 from .drill import plaintext
 from .plan import InventoryState, KeyMaterial, LiveState, RestoreNeeds, RoleState, TargetState, ToolState, dump_major
 
@@ -165,29 +164,20 @@ async def dump_listing(settings: Settings, repo: Repository, point: RecoveryPoin
     chosen = (await restore_client(settings, point.manifest)).chosen
     if chosen is None:
         return None
-    process = await anyio.open_process([*chosen.command, "--list"], stdin=subprocess.PIPE,
-                                       stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)  # fmt: skip
-    async with process:
-        assert process.stdin is not None and process.stdout is not None
-        out = bytearray()
-        stdout = process.stdout
+    lister = Feed(PgRestoreCommand(chosen.path, list_only=True, prefix=chosen.prefix), "", keep_stdout=True,
+                  drain=False)  # fmt: skip
 
-        async def read() -> None:
-            async for part in stdout:
-                out.extend(part)
+    async def chunks() -> AsyncIterator[bytes]:
+        try:
+            async for chunk in plaintext(repo, point.prefix + dumps[0].name, dumps[0], key):
+                yield chunk
+        except RecoveryError:
+            pass  # what was read may hold the TOC: pg_restore says
 
-        async with task_group() as tg:
-            tg.start_soon(read)
-            try:
-                # pg_restore stops reading once it has the TOC: a closed pipe is the normal end.
-                async for chunk in plaintext(repo, point.prefix + dumps[0].name, dumps[0], key):
-                    await process.stdin.send(chunk)
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError, RecoveryError):
-                pass
-            finally:
-                await process.stdin.aclose()
-        await process.wait()
-    return out.decode(errors="replace")
+    # pg_restore stops reading once it has the TOC: a closed pipe is the normal end.
+    with contextlib.suppress(RecoveryError):  # an unreadable listing is no listing: the plan says so elsewhere
+        await feed_all(lister, chunks())
+    return lister.stdout.decode(errors="replace")
 
 
 async def target_state(

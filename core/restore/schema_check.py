@@ -14,6 +14,7 @@ from typing import Literal
 
 from ..repository.manifest import Manifest
 from ..stores import postgres
+from ..stores.postgres import quote_ident
 from ..taskgroups import task_group
 
 
@@ -77,10 +78,6 @@ def parse_toc(text: str) -> list[TocEntry]:
     return out
 
 
-def _ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
 async def check_restored(dsn: str, manifest: Manifest, toc: list[TocEntry]) -> SchemaCheck:
     """Every table, constraint and index of `toc` present at `dsn`, and every row count as the manifest says."""
     async with postgres.connection(dsn) as conn:
@@ -106,7 +103,7 @@ async def check_restored(dsn: str, manifest: Manifest, toc: list[TocEntry]) -> S
     async def count(share: list[str]) -> None:
         async with postgres.connection(dsn) as conn:
             for table in share:
-                qualified = ".".join(_ident(p) for p in table.split(".", 1))
+                qualified = ".".join(quote_ident(p) for p in table.split(".", 1))
                 actual = int(await conn.fetchval(f"SELECT count(*) FROM {qualified}"))
                 if actual != manifest.database.row_counts[table]:
                     wrong[table] = (manifest.database.row_counts[table], actual)

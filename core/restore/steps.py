@@ -17,6 +17,7 @@ from typing import Any
 
 from ..engram import crypto as engram_crypto
 from ..repository.manifest import Manifest
+from ..stores.postgres import quote_ident
 from .plan import CHANGE_SEQ_MIGRATION, Consequence, Observed, PlanStep, snapshot_time
 
 # Re-embedding estimates: Engram's chunker aims at ~512-token chunks; most run shorter.
@@ -184,7 +185,7 @@ def build_steps(manifest: Manifest, observed: Observed, ctx: CommandContext) -> 
     counts = manifest.database.row_counts
     if counts:
         tables = sorted(counts)
-        sql = " UNION ALL ".join(f"SELECT '{name}', count(*) FROM {_ident(name)}" for name in tables)
+        sql = " UNION ALL ".join(f"SELECT '{name}', count(*) FROM {quote_ident(name)}" for name in tables)
         add("check_database", "Compare the restored row counts with the manifest",
             [_psql(ctx, observed, sql + " ORDER BY 1")],
             expect="; ".join(f"{name}|{counts[name]}" for name in tables), checked=["manifest"])
@@ -271,10 +272,6 @@ def _copy_back(ctx: CommandContext, repo_key: str, key: str) -> str:
     local = _q(str(PurePosixPath(ctx.work_dir) / "blob.tmp"))
     return (f"aws s3 cp {source} {local}{_endpoint(ctx.repository_endpoint)} && aws s3 cp {local} {destination}"
             f"{_endpoint(ctx.storage_endpoint)} && rm -f {local}")
-
-
-def _ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
 
 
 def consequences(manifest: Manifest, observed: Observed, steps: list[PlanStep]) -> list[Consequence]:

@@ -10,12 +10,23 @@ import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, cast
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import anyio
 import asyncpg
 
 from ..errors import RecoveryError, StoreUnreachable
+
+
+def quote_ident(name: str) -> str:
+    """A PostgreSQL identifier, double-quoted (for the names SQL cannot take as parameters)."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def with_database(dsn: str, database: str) -> str:
+    """The same connection URL pointing at another database of the server."""
+    parts = urlsplit(dsn)
+    return urlunsplit((parts.scheme, parts.netloc, "/" + database, parts.query, parts.fragment))
 
 CONNECT_TIMEOUT = 5.0
 

@@ -182,7 +182,7 @@ async def head(s3: Any, bucket: str, key: str) -> ObjectInfo | None:
     try:
         answer = await s3.head_object(Bucket=bucket, Key=key)
     except ClientError as exc:
-        if error_code(exc) in ("NoSuchKey", "404"):
+        if error_code(exc) in MISSING:
             return None
         raise
     return ObjectInfo(key=key, size=int(answer["ContentLength"]), etag=str(answer.get("ETag", "")).strip('"'))
@@ -193,6 +193,10 @@ def same_account(a: S3Location, b: S3Location) -> bool:
     with the same endpoint and key we know they can read the source bucket, with another we cannot tell."""
     same = (a.endpoint or "").rstrip("/").lower() == (b.endpoint or "").rstrip("/").lower()
     return same and a.access_key_id == b.access_key_id
+
+
+# The codes S3 servers answer for an object that does not exist (HEAD has no body: its code is the status).
+MISSING = frozenset({"404", "NoSuchKey", "NotFound"})
 
 
 def error_code(exc: BaseException) -> str:

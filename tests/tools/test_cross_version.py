@@ -23,7 +23,7 @@ from engram_recovery.core.restore import observe as rc
 from engram_recovery.core.restore.decrypt import extract_backup
 from engram_recovery.core.runtime import Runtime
 from engram_recovery.core.settings import load_settings
-from engram_recovery.core.stores.pgclient.process import PgRestoreCommand
+from engram_recovery.core.stores.pgclient.commands import PgRestoreCommand
 from engram_recovery.tools.backup_status import BackupStatusInput, backup_status
 from engram_recovery.tools.plan_restore import PlanRestoreInput, plan_restore
 from engram_recovery.tools.restore_drill import RestoreDrillInput, restore_drill

@@ -34,7 +34,7 @@ from engram_recovery.core.repository.records import read_state
 from engram_recovery.core.runtime import Runtime
 from engram_recovery.core.settings import load_settings
 from engram_recovery.core.stores import s3
-from engram_recovery.core.stores.pgclient.process import PgRestoreCommand
+from engram_recovery.core.stores.pgclient.commands import PgRestoreCommand
 from engram_recovery.core.stores.pgclient.versions import beside, client_version
 from engram_recovery.server import cli
 from engram_recovery.server.app import build_server

@@ -1,2 +1,3 @@
-"""PostgreSQL's client binaries: process.py runs them (argv, filtered environment, stderr tail),
-versions.py chooses which installation's binary fits a server or a dump."""
+"""PostgreSQL's client binaries: commands.py builds them (one family: argv with the client prefix, one
+environment filter), process.py runs them (stdout read, stdin fed, or to the end; stderr's tail in our
+error), versions.py chooses which installation's binary fits a server or a dump."""

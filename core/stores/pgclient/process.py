@@ -1,7 +1,11 @@
-"""The one place that runs PostgreSQL's client binaries (pg_dump, pg_restore).
+"""The one place that runs PostgreSQL's client binaries, built by commands.py's command family.
 
-Each binary is wrapped in a small command object whose argv can be inspected
-and tested without running it.
+Three ways to run one, by what flows through it, each keeping the tail of its
+stderr for our error: `spawn`/`Running` (stdout read by async code: pg_dump of a
+directory), `PipedProcess` (stdout read by a worker thread in large blocks: the
+streaming pg_dump), `Feed` (our bytes on stdin, stdout optionally kept: pg_restore
+and psql fed a decrypted dump, `feed_all` over an async iterator), and `run`
+(a client to its end on local files: pg_restore of a directory, --list of a file).
 """
 
 from __future__ import annotations
@@ -13,102 +17,24 @@ import subprocess
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from typing import Literal
-from urllib.parse import quote, unquote, urlsplit, urlunsplit
+from typing import Any
 
 import anyio
+import anyio.abc
 from anyio.abc import ByteReceiveStream, Process
 
 from ...errors import ConfigurationError, RecoveryError, scrub
 from ...taskgroups import task_group
+from .commands import DumpFormat, PgClientCommand, PgDumpCommand, PgRestoreCommand, split_dsn
+
+__all__ = ["STDERR_KEEP", "CalledProcessError", "DumpFormat", "Feed", "PgDumpCommand", "PgRestoreCommand",
+           "PipedProcess", "Running", "feed_all", "run", "spawn", "split_dsn"]  # fmt: skip
 
 # Re-exported for callers that need to run the binaries synchronously in a thread.
 CalledProcessError = subprocess.CalledProcessError
 
 
-# --- running pg_dump ------------------------------------------------------------------------------
-
-DumpFormat = Literal["custom", "directory", "plain"]
-_FORMAT_FLAG: dict[str, str] = {"custom": "c", "directory": "d", "plain": "p"}
-STDERR_KEEP = 16 << 10
-_REDIRECTING = frozenset(
-    {"PGHOST", "PGHOSTADDR", "PGPORT", "PGDATABASE", "PGUSER", "PGPASSWORD", "PGSERVICE", "PGOPTIONS"}
-)
-
-
-def split_dsn(dsn: str) -> tuple[str, str | None]:
-    """(the URL without its password, the password): the password travels in PGPASSWORD, never in argv."""
-    parts = urlsplit(dsn)
-    if parts.password is None:
-        return dsn, None
-    netloc = (quote(unquote(parts.username or ""), safe="") + "@" if parts.username else "") + (
-        f"[{parts.hostname}]" if parts.hostname and ":" in parts.hostname else parts.hostname or ""
-    ) + (f":{parts.port}" if parts.port else "")
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment)), unquote(parts.password)
-
-
-@dataclass(frozen=True)
-class PgDumpCommand:
-    """pg_dump, uncompressed (we compress in the pipeline), at an exported snapshot when one is given."""
-
-    binary: str
-    dsn: str
-    format: DumpFormat = "custom"
-    snapshot: str | None = None
-    output: str | None = None  # the directory for format="directory"; stdout otherwise
-    jobs: int = 1
-    prefix: tuple[str, ...] = ()  # ENGRAM_RECOVERY_PG_CLIENT_PREFIX: pg_dump runs as `<prefix> <binary> ...`
-
-    @property
-    def argv(self) -> list[str]:
-        url, _password = split_dsn(self.dsn)
-        argv = [*self.prefix, self.binary, f"--format={_FORMAT_FLAG[self.format]}", "--compress=0", "--no-password"]
-        if self.snapshot:
-            argv.append(f"--snapshot={self.snapshot}")
-        if self.format == "plain":
-            # What Engram's documented restore (`psql < file`) expects of a plain dump.
-            argv += ["--clean", "--if-exists"]
-        if self.format == "directory":
-            if not self.output:
-                raise ValueError("a directory-format dump needs an output directory")
-            argv += [f"--file={self.output}", f"--jobs={self.jobs}"]
-        argv.append(f"--dbname={url}")
-        return argv
-
-    @property
-    def env(self) -> dict[str, str]:
-        _url, password = split_dsn(self.dsn)
-        # Only variables that would point the dump elsewhere are dropped; TLS settings (PGSSL*) still apply.
-        env = {k: v for k, v in os.environ.items() if k not in _REDIRECTING}
-        env["PGAPPNAME"] = "engram-recovery run_backup"
-        if password is not None:
-            env["PGPASSWORD"] = password
-        return env
-
-
-@dataclass(frozen=True)
-class PgRestoreCommand:
-    """Stock pg_restore of a custom/directory dump into an existing (empty) database."""
-
-    binary: str
-    dsn: str
-    source: str
-    jobs: int = 1
-    no_owner: bool = False
-    prefix: tuple[str, ...] = ()
-
-    @property
-    def argv(self) -> list[str]:
-        url, _password = split_dsn(self.dsn)
-        argv = [*self.prefix, self.binary, "--no-password", "--exit-on-error", f"--dbname={url}", f"--jobs={self.jobs}"]
-        if self.no_owner:
-            argv += ["--no-owner", "--no-privileges"]
-        return [*argv, self.source]
-
-    @property
-    def env(self) -> dict[str, str]:
-        return PgDumpCommand(self.binary, self.dsn).env
+STDERR_KEEP = 16 << 10  # the tail of a client's stderr we keep: its final error is what an operator needs
 
 
 class Running:
@@ -251,3 +177,88 @@ class PipedProcess:
         for stream in (self.process.stdout, self.process.stderr):
             if stream is not None:
                 stream.close()
+
+
+# --- clients fed on stdin (pg_restore, psql), and clients run to their end ---------------------------
+
+_RESTORE_HINT = "check ENGRAM_RECOVERY_PG_RESTORE"
+
+
+def _failure(name: str, code: int, stderr: bytes | bytearray, fix: str) -> RecoveryError:
+    text = scrub(bytes(stderr).decode(errors="replace").strip()[-STDERR_KEEP:])
+    return RecoveryError(f"{name} failed (exit {code}): {text or 'no message'}", fix)
+
+
+async def run(command: PgClientCommand, fix: str, what: str | None = None) -> str:
+    """Run a client binary to the end; its stdout, or the RecoveryError its stderr explains (`what` names it)."""
+    done = await anyio.run_process(command.argv, env=command.env, check=False)
+    if done.returncode != 0:
+        raise _failure(what or command.name, done.returncode, done.stderr, fix)
+    return done.stdout.decode(errors="replace")
+
+
+class Feed:
+    """A client binary reading our bytes on stdin. It may stop reading early (a --list, a loader whose share is
+    done): with `drain`, the rest is then consumed and dropped, so a tee feeding it never stalls."""
+
+    def __init__(self, command: PgClientCommand, fix: str, *, keep_stdout: bool = False, drain: bool = True) -> None:
+        self.command, self.fix, self.keep_stdout, self.drain = command, fix, keep_stdout, drain
+        self.stderr = bytearray()
+        self.stdout = bytearray()
+        self.exited = anyio.Event()
+
+    async def run(self, receive: anyio.abc.ObjectReceiveStream[bytes]) -> None:
+        async with receive:  # closed even when cancelled before the process starts
+            await self._run(receive)
+
+    async def _run(self, receive: anyio.abc.ObjectReceiveStream[bytes]) -> None:
+        argv = self.command.argv
+        try:
+            process = await anyio.open_process(argv, env=self.command.env, stdin=subprocess.PIPE,
+                                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+        except OSError as exc:
+            raise ConfigurationError(f"cannot start {argv[0]}: {exc.strerror}", _RESTORE_HINT) from exc
+        async with process:
+            assert process.stdin is not None and process.stderr is not None and process.stdout is not None
+            err, out = process.stderr, process.stdout
+
+            async def drain(stream: Any, into: bytearray, keep: bool) -> None:
+                async for part in stream:
+                    into.extend(part)
+                    if not keep:
+                        del into[:-STDERR_KEEP]
+
+            async with task_group() as tg:
+                tg.start_soon(drain, err, self.stderr, False)
+                tg.start_soon(drain, out, self.stdout, self.keep_stdout)
+                try:
+                    async for chunk in receive:
+                        await process.stdin.send(chunk)
+                except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                    pass  # it stopped reading: its exit code says whether that was right
+                finally:
+                    await process.stdin.aclose()
+            code = await process.wait()
+            self.exited.set()
+            if self.drain:
+                async for _chunk in receive:
+                    pass  # keep the tee moving for the other consumers
+        if code != 0:
+            raise _failure(self.command.name, code, self.stderr, self.fix)
+
+
+async def feed_all(feed: Feed, chunks: AsyncIterator[bytes]) -> int:
+    """Feed `chunks` to one client until it ends or stops reading; the bytes fed. A failing source kills the
+    client and raises its own error; a failing client raises the RecoveryError its stderr explains."""
+    send, receive = anyio.create_memory_object_stream[bytes](4)
+    fed = 0
+    async with task_group() as tg:
+        tg.start_soon(feed.run, receive)
+        async with send:
+            try:
+                async for chunk in chunks:
+                    await send.send(chunk)
+                    fed += len(chunk)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                pass  # the client stopped reading: its exit code says whether that was right
+    return fed

@@ -13,7 +13,7 @@ import anyio.lowlevel
 import pytest
 
 from engram_recovery.core.errors import ConfigurationError, StoreUnreachable
-from engram_recovery.core.repository import localfs, open_repository
+from engram_recovery.core.repository import localfs, open_repository, verify
 from engram_recovery.core.repository.base import Repository
 from engram_recovery.core.repository.local import LocalRepository
 from engram_recovery.core.repository.records import read_state
@@ -175,6 +175,19 @@ async def test_verify_rereads_what_was_stored(repo: Repository) -> None:
     )
     with pytest.raises(StoreUnreachable, match="missing"):
         await repo.verify("backups/b1/gone", 1, "0" * 64)
+
+
+@pytest.mark.anyio
+async def test_a_mismatch_reads_the_same_in_a_backup_check_and_a_restore_check(repo: Repository) -> None:
+    # The repository's own re-read (a backup's verification) and a restore's verify_artifacts word it alike.
+    data = secrets.token_bytes(1 << 16)
+    size, digest = await repo.put_stream("backups/b1/db.dump", chunks_of(data, 1 << 14))
+    fact = await repo.verify("backups/b1/db.dump", size + 1, digest)
+    assert fact == f"stored {size} bytes with SHA-256 {digest[:16]}..., recorded {size + 1} bytes with {digest[:16]}..."
+    judged = verify.compare("db.dump", digest, size + 1, verify.Digest(digest, size))
+    assert judged.problem is not None and judged.problem.startswith(f"db.dump: {fact}: ")
+    if (path := repo.local_file("backups/b1/db.dump")) is not None:  # one file hasher for both
+        assert verify.sha256_file(path) == verify.Digest(digest, size)
 
 
 # --- local files: durable writes, checkpoints and verification by windows --------------------------------------

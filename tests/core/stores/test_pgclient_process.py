@@ -9,13 +9,14 @@ import threading
 import pytest
 
 from engram_recovery.core.errors import RecoveryError
-from engram_recovery.core.stores.pgclient.process import (
-    COALESCE_BYTES,
+from engram_recovery.core.stores.pgclient.commands import (
     PgDumpCommand,
     PgRestoreCommand,
-    PipedProcess,
+    PsqlCommand,
     split_dsn,
+    stdin_restore,
 )
+from engram_recovery.core.stores.pgclient.process import COALESCE_BYTES, PipedProcess
 
 DSN = "postgresql://backup%40ops:s3cr%2Ft@db.internal:6432/engram?sslmode=require"
 
@@ -50,6 +51,50 @@ def test_pg_restore_argv() -> None:
     argv = PgRestoreCommand("pg_restore", DSN, "/x/db.dump", jobs=4, no_owner=True).argv
     assert argv[0] == "pg_restore" and argv[-1] == "/x/db.dump" and "--jobs=4" in argv and "--no-owner" in argv
     assert not any("s3cr" in arg for arg in argv)
+
+
+@pytest.mark.parametrize("command", [
+    PgDumpCommand("pg_dump", DSN),
+    PgRestoreCommand("pg_restore", DSN, "/x/db.dump"),
+    PgRestoreCommand("pg_restore", DSN, list_only=True),
+    PsqlCommand("psql", DSN),
+], ids=lambda c: " ".join(c.argv[:2]))  # fmt: skip
+def test_every_client_gets_the_same_environment_filter(command: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    # What points a client elsewhere or changes its session is dropped; what secures the DSN's connection passes.
+    dropped = ("PGHOST", "PGPORT", "PGUSER", "PGDATABASE", "PGSERVICE", "PGOPTIONS", "PGTZ", "PGCLIENTENCODING")
+    for name in dropped:
+        monkeypatch.setenv(name, "elsewhere")
+    for name in ("PGSSLMODE", "PGSSLROOTCERT", "PGGSSENCMODE", "PGCONNECT_TIMEOUT", "PGPASSFILE"):
+        monkeypatch.setenv(name, "kept")
+    monkeypatch.setenv("PGPASSWORD", "inherited")
+    assert isinstance(command, PgDumpCommand | PgRestoreCommand | PsqlCommand)
+    env = command.env
+    assert not set(dropped) & set(env)
+    assert all(env[name] == "kept" for name in ("PGSSLMODE", "PGSSLROOTCERT", "PGGSSENCMODE", "PGCONNECT_TIMEOUT",
+                                                 "PGPASSFILE"))  # fmt: skip
+    assert env["PGPASSWORD"] == "s3cr/t" and env["PATH"] == os.environ["PATH"]
+
+
+def test_the_client_prefix_comes_before_every_binary() -> None:
+    prefix = ("docker", "compose", "exec", "-T", "postgres")
+    for command in (PgDumpCommand("pg_dump", DSN, prefix=prefix), stdin_restore("custom", "pg_restore", "psql", DSN,
+                                                                                   prefix=prefix)):  # fmt: skip
+        assert command.argv[:6] == [*prefix, command.binary]
+
+
+def test_a_stdin_restore_is_one_transaction_with_psql_for_plain_dumps() -> None:
+    plain = stdin_restore("plain", "/pg/bin/pg_restore", "/pg/bin/psql", DSN).argv
+    assert plain[0] == "/pg/bin/psql" and "ON_ERROR_STOP=1" in plain and plain[-2:] == ["-f", "-"]
+    custom = stdin_restore("custom", "/pg/bin/pg_restore", "/pg/bin/psql", DSN).argv
+    assert custom[0] == "/pg/bin/pg_restore" and "--single-transaction" in custom and "--exit-on-error" in custom
+    assert not any("s3cr" in arg for arg in plain + custom)
+
+
+def test_pg_restore_sections_use_lists_and_listings() -> None:
+    argv = PgRestoreCommand("pg_restore", DSN, "/x/head", jobs=3, sections=("post-data",)).argv
+    assert argv[-3:] == ["--jobs=3", "--section=post-data", "/x/head"]
+    assert "--use-list=/x/share-1.list" in PgRestoreCommand("pg_restore", DSN, use_list="/x/share-1.list").argv
+    assert PgRestoreCommand("pg_restore", list_only=True).argv == ["pg_restore", "--list"]
 
 
 def test_split_dsn_without_password_is_unchanged() -> None:
