@@ -205,10 +205,10 @@ async def _call(
         arguments = parse_cli(spec, arguments)
     live = sys.stderr.isatty()
 
-    async def on_progress(progress: float, total: float | None = None, message: str | None = None) -> None:
+    async def on_progress(done: float, total: float | None = None, message: str | None = None) -> None:
         if live:
             of = f"/{total:g}" if total else ""
-            sys.stderr.write(f"\r\x1b[2K{tool}: {progress:g}{of} {message or ''}")
+            sys.stderr.write(f"\r\x1b[2K{tool}: {done:g}{of} {message or ''}")
             sys.stderr.flush()
 
     structured: dict[str, Any] | None = None
