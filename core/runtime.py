@@ -11,14 +11,19 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 import anyio
-from qdrant_client import AsyncQdrantClient
 
 from .settings import Settings
-from .stores import qdrant
 from .stores.postgres import Pool
-from .stores.s3 import S3Location
+
+if TYPE_CHECKING:
+    # The Qdrant and S3 clients are imported when first used, not here: a `call` of a tool that needs
+    # neither (backup_status on a database-backend deployment, from cron) would pay over a second for them.
+    from qdrant_client import AsyncQdrantClient
+
+    from .stores.s3 import S3Location
 
 
 @dataclass
@@ -39,6 +44,8 @@ class Runtime:
         s = self.settings
         if s.storage_backend != "s3" or not s.storage_access_key_id or not s.storage_secret_access_key:
             return None
+        from .stores.s3 import S3Location
+
         return S3Location(
             endpoint=s.storage_endpoint,
             access_key_id=s.storage_access_key_id,
@@ -50,6 +57,8 @@ class Runtime:
     def qdrant(self) -> AsyncQdrantClient:
         # Local mode holds a file lock on its directory: one client per process.
         if self._qdrant is None:
+            from .stores import qdrant
+
             self._qdrant = qdrant.open_client(self.settings)
         return self._qdrant
 

@@ -10,18 +10,18 @@ from typing import Any, cast
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.mcpserver.tools import Tool
-from mcp.server.mcpserver.utilities.func_metadata import FuncMetadata
-from pydantic import Field, ValidationError
+from mcp.server.mcpserver.utilities.func_metadata import ArgModelBase, FuncMetadata
+from mcp_types import ToolAnnotations
+from pydantic import Field
 
 from .. import __version__
-from ..core.errors import ConfigurationError, RecoveryError, scrub
+from ..core.errors import ConfigurationError, scrub
 from ..core.progress import Progress
 from ..core.runtime import Runtime
 from ..core.settings import Settings
-from ..core.stores.failures import explain
 from ..tools import registry
-from ..tools.base import ToolInput, ToolResult, ToolSpec
-from .arguments import describe as describe_arguments
+from ..tools.base import ToolSpec
+from .invoke import ToolFailed, invoke
 from .stdio import RecoveryServer
 
 log = logging.getLogger("engram_recovery")
@@ -67,23 +67,12 @@ class RecoveryTool(Tool):
         spec: ToolSpec[Any, Any] = self.spec
         if self.problem is not None:
             raise ToolError(str(self.problem))
-        try:
-            params: ToolInput = spec.input_model.model_validate(arguments, strict=True)
-        except ValidationError as exc:
-            raise ToolError(str(describe_arguments(spec, exc, arguments))) from exc
         runtime: Runtime = context.request_context.lifespan_context
         with self.running.one():
             try:
-                async with runtime.tool_call():
-                    result: ToolResult = await spec.run(runtime, params, _progress_for(context))
-            except RecoveryError as exc:
-                log.info("tool %s failed: %s", spec.name, exc.message)
+                result = await invoke(spec, runtime, arguments, _progress_for(context))
+            except ToolFailed as exc:
                 raise ToolError(str(exc)) from exc
-            except Exception as exc:  # the boundary: nothing unexplained reaches the client
-                error = explain(exc, spec.name)
-                log.warning("%s", str(error).replace("\n", " "))
-                log.debug("traceback of the failure of %s", spec.name, exc_info=exc)
-                raise ToolError(str(error)) from exc
         return self.fn_metadata.convert_result(result) if convert_result else result
 
 
@@ -112,14 +101,20 @@ def _as_mcp_tool(spec: ToolSpec[Any, Any], running: Running, problem: Configurat
         title=spec.title,
         description=spec.description,
         parameters=spec.input_model.model_json_schema(),
-        fn_metadata=FuncMetadata(arg_model=spec.input_model, output_model=spec.result_model),
+        # The SDK wants its own argument base; RecoveryTool.run validates against the spec's model itself.
+        fn_metadata=FuncMetadata(arg_model=_sdk_arguments(spec), output_model=spec.result_model),
         is_async=True,
         context_kwarg="ctx",
-        annotations=spec.annotations,
+        annotations=ToolAnnotations(**spec.annotations.as_dict()),
         spec=spec,
         problem=problem,
         running=running,
     )
+
+
+def _sdk_arguments(spec: ToolSpec[Any, Any]) -> type[ArgModelBase]:
+    model = spec.input_model
+    return type(model.__name__, (model, ArgModelBase), {"__module__": model.__module__})
 
 
 def tools_for(settings: Settings | None) -> list[ToolSpec[Any, Any]]:
@@ -127,7 +122,7 @@ def tools_for(settings: Settings | None) -> list[ToolSpec[Any, Any]]:
 
     Without settings every tool is listed: each call then answers with the configuration error.
     """
-    return [spec for spec in registry.ALL if settings is None or settings.access == "full" or not spec.writes]
+    return [spec for spec in registry.all_specs() if settings is None or settings.access == "full" or not spec.writes]
 
 
 def build_server(settings: Settings | ConfigurationError) -> RecoveryServer:

@@ -184,39 +184,45 @@ def _log_line(tool: str, code: int, result: dict[str, Any] | None = None, error:
 async def _call(
     settings: Settings, tool: str, arguments: dict[str, Any] | Sequence[str], shape: Shape = "json"
 ) -> int:
-    """Run one tool through the in-process MCP client. `arguments`: JSON values, or `--arg` pairs to parse."""
-    from mcp import Client
+    """Run one tool in-process, as the MCP tool runs it (server/invoke.py). `arguments`: JSON values, or
+    `--arg` pairs to parse.
 
-    # Imported here, not at module level: the MCP and Qdrant imports cost seconds that
-    # `decrypt` and `config` should not pay.
+    Neither the MCP SDK nor any other tool's module is imported here: a cron line running backup_status
+    would otherwise spend more than a second importing what it never uses (bench/bench_cli.py).
+    """
+    from ..core.runtime import Runtime
     from ..tools import registry
-    from .app import build_server
+    from .invoke import ToolFailed, invoke
 
-    if tool not in registry.BY_NAME:
-        raise RecoveryError(f"there is no tool named {tool!r}", f"choose one of: {', '.join(sorted(registry.BY_NAME))}")
-    if tool not in {spec.name for spec in registry.ALL if settings.access == "full" or not spec.writes}:
+    spec = registry.load(tool)
+    if settings.access != "full" and spec.writes:
         raise RecoveryError(
             f"{tool} is not available in read-only mode", "set ENGRAM_RECOVERY_ACCESS=full to run tools that write"
         )
     if not isinstance(arguments, dict):
         from .arguments import parse_cli
 
-        arguments = parse_cli(registry.BY_NAME[tool], arguments)
-    server = build_server(settings)
+        arguments = parse_cli(spec, arguments)
     live = sys.stderr.isatty()
 
-    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+    async def on_progress(done: float, total: float | None = None, message: str | None = None) -> None:
         if live:
             of = f"/{total:g}" if total else ""
-            sys.stderr.write(f"\r\x1b[2K{tool}: {progress:g}{of} {message or ''}")
+            sys.stderr.write(f"\r\x1b[2K{tool}: {done:g}{of} {message or ''}")
             sys.stderr.flush()
 
-    async with Client(server) as client:
-        result = await client.call_tool(tool, arguments, progress_callback=on_progress)
+    structured: dict[str, Any] | None = None
+    failure: str | None = None
+    async with Runtime(settings) as runtime:
+        try:
+            result = await invoke(spec, runtime, arguments, on_progress)
+            structured = spec.result_model.model_validate(result).model_dump(mode="json", by_alias=True)
+        except ToolFailed as exc:
+            failure = str(exc)
     if live:
         sys.stderr.write("\r\x1b[2K")
-    if result.is_error:
-        text = scrub(" ".join(getattr(block, "text", "") for block in result.content))
+    if failure is not None:
+        text = scrub(failure)
         if shape == "jsonl":
             print(_log_line(tool, EXIT_FAIL, error=text))
         elif shape == "human":
@@ -224,15 +230,15 @@ async def _call(
         else:
             print(json.dumps({"error": text}, indent=2))
         return EXIT_FAIL
-    code = _exit_code(result.structured_content, False)
+    code = _exit_code(structured, False)
     if shape == "jsonl":
-        print(_log_line(tool, code, result.structured_content))
+        print(_log_line(tool, code, structured))
     elif shape == "human":
         from .summary import render
 
-        print(render(tool, result.structured_content or {}, code))
+        print(render(tool, structured or {}, code))
     else:
-        print(json.dumps(result.structured_content, indent=2, default=str))
+        print(json.dumps(structured, indent=2, default=str))
     return code
 
 

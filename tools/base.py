@@ -1,17 +1,16 @@
 """What every tool module declares: a typed input, a typed result, one async function.
 
-The server (server/app.py) turns a `ToolSpec` into an MCP tool; the CLI's `call`
-command goes through the same server in-process, so there is one code path.
+The server (server/app.py) turns a `ToolSpec` into an MCP tool; both it and the CLI's
+`call` run a tool through `invoke` (server/invoke.py), so there is one code path. Nothing
+here imports the MCP SDK: a `call` from cron should not pay for it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Generic, TypeVar
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from mcp.server.mcpserver.utilities.func_metadata import ArgModelBase
-from mcp_types import ToolAnnotations
 from pydantic import BaseModel, ConfigDict
 
 from ..core.progress import Progress
@@ -20,7 +19,7 @@ if TYPE_CHECKING:
     from ..core.runtime import Runtime
 
 
-class ToolInput(ArgModelBase):
+class ToolInput(BaseModel):
     """Base of every tool's input: unknown arguments are refused, not ignored; nothing is coerced."""
 
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=False, strict=True)
@@ -29,6 +28,21 @@ class ToolInput(ArgModelBase):
 class ToolResult(BaseModel):
     """Base of every tool's structured result."""
 
+
+
+@dataclass(frozen=True)
+class ToolAnnotations:
+    """MCP's tool annotations (server/app.py hands them to the SDK's `ToolAnnotations`), kept here as plain
+    data because importing `mcp_types` costs a `call` more than its whole tool run."""
+
+    title: str
+    read_only_hint: bool
+    destructive_hint: bool
+    idempotent_hint: bool
+    open_world_hint: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 In = TypeVar("In", bound=ToolInput)

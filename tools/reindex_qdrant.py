@@ -10,13 +10,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from mcp_types import ToolAnnotations
 from pydantic import Field
 
 from ..core.progress import Progress
 from ..core.reindex.run import ReindexReport, ReindexRequest, reindex
 from ..core.runtime import Runtime
-from .base import ToolInput, ToolResult, ToolSpec
+from .base import ToolAnnotations, ToolInput, ToolResult, ToolSpec
 
 
 class ReindexInput(ToolInput):

@@ -11,13 +11,12 @@ the result is recorded in the repository, where backup_status reads it.
 
 from __future__ import annotations
 
-from mcp_types import ToolAnnotations
 from pydantic import Field
 
 from ..core.progress import Progress
 from ..core.restore.drill_run import DrillReport, DrillRequest, run_drill
 from ..core.runtime import Runtime
-from .base import ToolInput, ToolResult, ToolSpec
+from .base import ToolAnnotations, ToolInput, ToolResult, ToolSpec
 
 
 class RestoreDrillInput(ToolInput):

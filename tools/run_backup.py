@@ -7,13 +7,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from mcp_types import ToolAnnotations
 from pydantic import Field
 
 from ..core.backup.recovery_point import BackupReport, BackupRequest, backup
 from ..core.progress import Progress
 from ..core.runtime import Runtime
-from .base import ToolInput, ToolResult, ToolSpec
+from .base import ToolAnnotations, ToolInput, ToolResult, ToolSpec
 
 
 class RunBackupInput(ToolInput):

@@ -17,7 +17,6 @@ from pathlib import Path
 from ..settings import Settings
 from .base import Repository
 from .local import LocalRepository
-from .s3 import S3Repository
 
 __all__ = ["open_repository"]
 
@@ -25,5 +24,8 @@ __all__ = ["open_repository"]
 def open_repository(settings: Settings) -> Repository:
     """The configured repository (not yet connected: use it with `async with`)."""
     if settings.repository.startswith("s3://"):
+        # Imported here: aioboto3 costs a local repository's `call` (cron) most of its start-up.
+        from .s3 import S3Repository
+
         return S3Repository.from_settings(settings)
     return LocalRepository(Path(settings.repository).expanduser())

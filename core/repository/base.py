@@ -22,10 +22,13 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import TYPE_CHECKING, Self
 
-from ..stores.s3 import S3Location
 from .layout import check_key
+
+if TYPE_CHECKING:
+    # Only a type here: importing the S3 store loads aioboto3, which a local repository never needs.
+    from ..stores.s3 import S3Location
 
 READ_CHUNK = 1 << 20
 # Threads that re-read one local file's windows at once: the cores, up to 4 (reading is from the page cache).

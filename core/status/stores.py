@@ -6,7 +6,6 @@ import json
 from typing import Any
 
 from ..engram.schema_probe import SchemaProbe
-from ..stores import qdrant, s3
 from ..verdict import Verdict
 from .common import Check, StatusContext
 
@@ -42,6 +41,9 @@ async def check_attachments(ctx: StatusContext) -> Check:
             )
         summary = "attachments are stored in PostgreSQL (storage_objects): every database backup includes them"
         return drift_verdict(details, summary, estimates)
+
+    # Imported only for an S3 backend: aioboto3 would be most of a database-backend `call`'s start-up.
+    from ..stores import s3
 
     location = ctx.runtime.attachments_location()
     assert location is not None  # settings validation requires the credentials for s3
@@ -128,6 +130,9 @@ async def check_qdrant(ctx: StatusContext) -> Check:
         details["notes_waiting_for_embedding"] = await waiting_for_embedding(conn, p, ctx.deep)
         if not ctx.deep:
             estimates.append("notes_waiting_for_embedding")
+    # Imported only when Qdrant is configured: qdrant_client alone costs a cron `call` about half a second.
+    from ..stores import qdrant
+
     try:
         state = await qdrant.collection_state(ctx.runtime.qdrant(), settings.qdrant_collection)
     except qdrant.QDRANT_ERRORS as exc:

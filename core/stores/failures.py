@@ -10,9 +10,9 @@ bare "Error executing tool X". The traceback goes to the debug log only.
 from __future__ import annotations
 
 import errno
+import sys
 
 import asyncpg
-from botocore.exceptions import BotoCoreError, ClientError
 
 from ..errors import RecoveryError, StoreUnreachable, scrub
 from . import postgres
@@ -43,7 +43,7 @@ def explain(exc: BaseException, tool: str) -> RecoveryError:
             f"{tool}: the connection to PostgreSQL broke: {_first_line(exc)}",
             "check that the database server is still running, then run it again; nothing half-written was kept",
         )
-    if isinstance(exc, ClientError | BotoCoreError):
+    if _is_boto_error(exc):
         return StoreUnreachable(
             f"{tool}: S3 failed: {_first_line(exc)}", "check the S3 endpoint, bucket, region and credentials"
         )
@@ -63,3 +63,11 @@ def explain(exc: BaseException, tool: str) -> RecoveryError:
     return RecoveryError(
         f"{tool} failed unexpectedly: {exc.__class__.__name__}: {_first_line(exc)}", REPORT_HINT
     )
+
+
+def _is_boto_error(exc: BaseException) -> bool:
+    """A botocore failure, asked without importing botocore: a process that never loaded it (a `call`
+    of backup_status against a local repository, for cron) cannot have raised one, and the import
+    costs a large part of such a run."""
+    loaded = sys.modules.get("botocore.exceptions")
+    return loaded is not None and isinstance(exc, loaded.ClientError | loaded.BotoCoreError)

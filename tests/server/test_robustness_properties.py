@@ -33,7 +33,7 @@ from engram_recovery.tools import registry
 from engram_recovery.tools.base import ToolSpec
 
 EXE = str(Path(sys.executable).with_name("engram-recovery"))
-TOOL_NAMES = [spec.name for spec in registry.ALL]
+TOOL_NAMES = [spec.name for spec in registry.all_specs()]
 EXIT_BOUND = 60.0
 
 SCALARS = st.one_of(
@@ -129,7 +129,7 @@ async def test_generated_arguments_are_judged_by_the_advertised_schema_and_chang
         def call(tool: str, arguments: dict[str, Any]) -> Any:
             return anyio.from_thread.run(client.call_tool, tool, arguments)
 
-        for spec in registry.ALL:
+        for spec in registry.all_specs():
             judged = _judge(spec, StrictValidator(tools[spec.name]), call, seen)
             await anyio.to_thread.run_sync(judged)
     assert seen["invalid"] > 50 and seen["valid"] > 0
