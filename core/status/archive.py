@@ -97,10 +97,12 @@ def judge(status: ArchiveStatus, catalog: ArchiveCatalog, config: str) -> tuple[
         fails.append(f"Barman's check {name} FAILED{f' ({hint})' if hint else ''}; fix: {fix}")
     if not status.base_backups:
         fails.append(f"no usable base backup; fix: `barman -c {config} backup --wait {status.server}`")
-    elif status.window is None:
-        cause = "a gap in the WAL after every base backup" if status.gaps else "no commit archived since the oldest one"
-        fails.append(f"no restorable window ({cause}); fix: take a new base backup "
+    elif status.window is None and status.gaps:
+        fails.append("no restorable window (a gap in the WAL after every base backup); fix: take a new base backup "
                      f"(`barman -c {config} backup --wait {status.server}`)")  # fmt: skip
+    elif status.window is None:  # e.g. just after the first base backup on a quiet server: it restores to its end
+        warns.append("no commit archived since the oldest base backup ended, so no time can be targeted yet; "
+                     "the next write opens the window")
     if status.rpo_seconds is not None and status.max_rpo_seconds is not None \
             and status.rpo_seconds > status.max_rpo_seconds:  # fmt: skip
         fails.append(f"RPO {status.rpo_seconds:.0f} s exceeds ENGRAM_RECOVERY_MAX_RPO_SECONDS="

@@ -101,5 +101,7 @@ def test_gaps_degrade_the_archive_while_a_window_remains_and_break_it_when_none_
     verdict, reasons = judge(*_status(base_backups=0, window=None), "/etc/barman.conf")
     assert verdict == "fail" and reasons == ["no usable base backup; fix: `barman -c /etc/barman.conf backup --wait "
                                              "engram`"]  # fmt: skip
+    verdict, reasons = judge(*_status(window=None), "/etc/barman.conf")
+    assert verdict == "warn" and reasons[0].startswith("no commit archived since the oldest base backup ended")
     inexact = RestorableWindow(start=T0, end=T0, end_is_exact=False)
     assert judge(*_status(window=inexact), "/etc/barman.conf")[0] == "warn"
