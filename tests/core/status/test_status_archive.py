@@ -1,11 +1,12 @@
 """backup_status's archive check against PostgreSQL 18 and a real Barman streaming archive: healthy, then the
-RPO past its threshold, then the receiver stopped; and the verdicts for gaps, judged without Barman."""
+RPO past its threshold, the receiver stopped, a segment lost; and every verdict, judged without Barman."""
 
 from __future__ import annotations
 
 import os
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import anyio
 import asyncpg
@@ -35,7 +36,7 @@ async def archive_check(url: str, config: Path, **extra: str) -> tuple[Check, Ar
 
 @pytest.mark.anyio
 @pytest.mark.slow
-async def test_the_archive_check_reports_window_and_rpo_then_fails_on_a_stale_archive_and_a_stopped_receiver(
+async def test_the_archive_check_reports_window_and_rpo_then_fails_on_a_stale_archive_a_stopped_receiver_and_a_gap(
     tmp_path: Path,
 ) -> None:
     with archive_cluster("archive_timeout=60", "autovacuum=off") as archive:
@@ -53,7 +54,8 @@ async def test_the_archive_check_reports_window_and_rpo_then_fails_on_a_stale_ar
                     await conn.execute("INSERT INTO marks (n) VALUES (1)")
                 finally:
                     await conn.close()
-                await barman.switch_wal(archive_timeout=30)
+                for _ in range(3):  # segments after the backup's, one of which goes missing at the end
+                    await barman.switch_wal(archive_timeout=30)
             healthy, report = await archive_check(archive.url, config)
             assert healthy.status == "ok", healthy.summary
             assert healthy.summary.startswith(f"archive healthy: newest WAL {report.newest_wal}")
@@ -80,6 +82,29 @@ async def test_the_archive_check_reports_window_and_rpo_then_fails_on_a_stale_ar
         assert report.source is not None and report.source.slot_found and report.source.slot_active is False
         # What was archived before the receiver stopped is still restorable: the window is still reported.
         assert report.window is not None
+
+        # A gap: a segment between the backup and the newest one lost from the archive (its file and its line in
+        # Barman's WAL catalog), as when a slot lost WAL. Replay cannot cross it: no time can be targeted.
+        server = await barman.run_json(barman.command.show_server())
+        lost, after_it = lose_the_last_but_one_segment(server)
+        gapped, report = await archive_check(archive.url, config)
+        assert gapped.status == "fail" and "no restorable window (a gap in the WAL after every base backup)" \
+            in gapped.summary and "backup --wait engram" in gapped.summary  # fmt: skip
+        assert [(g.missing, g.before) for g in report.gaps] == [(1, after_it)] and lost < after_it
+        assert report.window is None
+
+
+def lose_the_last_but_one_segment(server: dict[str, Any]) -> tuple[str, str]:
+    """Delete the last but one archived segment and its line in Barman's WAL catalog; it and the newest's names."""
+    xlogdb = Path(str(server.get("xlogdb_directory") or server["wals_directory"])) / "engram-xlog.db"
+    lines = xlogdb.read_text().splitlines(keepends=True)
+    names = [line.split("\t")[0] for line in lines]
+    segments = [name for name in names if len(name) == 24 and "." not in name]
+    lines.pop(names.index(segments[-2]))
+    xlogdb.write_text("".join(lines))
+    for path in Path(str(server["wals_directory"])).rglob(f"{segments[-2]}*"):
+        path.unlink()
+    return segments[-2], segments[-1]
 
 
 def _status(**update: object) -> tuple[ArchiveStatus, ArchiveCatalog]:
