@@ -100,6 +100,8 @@ class Settings(BaseModel):
     barman_config: str | None = _env("ENGRAM_RECOVERY_BARMAN_CONFIG")
     barman_server: str = Field(default="engram", validation_alias="ENGRAM_RECOVERY_BARMAN_SERVER",
                                pattern=r"^[A-Za-z0-9_.-]+$")  # fmt: skip
+    # backup_status's archive check fails when a recovery now would lose more than this many seconds of commits.
+    max_rpo_seconds: float = Field(default=300.0, validation_alias="ENGRAM_RECOVERY_MAX_RPO_SECONDS", gt=0)
 
     # --- where the settings came from (set by load_settings; never a secret's value) --------------
     # So a plan can spell commands that work from a fresh shell: `--env-file` plus what the

@@ -2,7 +2,8 @@
 
 backup_status: one check per component, run concurrently and each bounded in time, so one store that
 is down fails its own check and the others still report (`check_status`, here); common.py (Check,
-StatusContext), database.py, stores.py, repository.py. list_backups (and the resources, the prompt and
+StatusContext), database.py, stores.py, repository.py,
+archive.py (Barman's WAL archive, when configured). list_backups (and the resources, the prompt and
 `engram-recovery backups`): catalog.py, every recovery point with its verification, drill and
 retention fate.
 """
@@ -20,6 +21,7 @@ from ..runtime import Runtime
 from ..stores.failures import explain
 from ..taskgroups import task_group
 from ..verdict import Verdict, worst
+from .archive import ArchiveStatus, check_archive
 from .common import Check, CheckFn, Component, StatusContext
 from .database import check_master_key, check_oban, check_postgres
 from .repository import check_last_backup, check_restore_drill
@@ -37,6 +39,7 @@ class StatusReport(BaseModel):
     checked_at: datetime
     deep: bool
     checks: list[Check]
+    archive: ArchiveStatus = Field(description="The continuous archive (point-in-time recovery): WAL, window, RPO.")
 
 
 CHECKS: list[tuple[Component, CheckFn]] = [
@@ -47,6 +50,7 @@ CHECKS: list[tuple[Component, CheckFn]] = [
     ("qdrant", check_qdrant),
     ("oban", check_oban),
     ("restore_drill", check_restore_drill),
+    ("archive", check_archive),
 ]
 
 
@@ -92,4 +96,8 @@ async def check_status(runtime: Runtime, deep: bool, progress: Progress) -> Stat
         if verdict == "ok"
         else f"{verdict}: " + ", ".join(f"{c} ({results[c].status})" for c in failing)
     )
-    return StatusReport(verdict=verdict, summary=summary, checked_at=datetime.now(UTC), deep=deep, checks=checks)
+    archive = ctx.reports.get("archive")
+    if not isinstance(archive, ArchiveStatus):  # the check failed or timed out before reading the archive
+        archive = ArchiveStatus(configured=bool(runtime.settings.barman_config))
+    return StatusReport(verdict=verdict, summary=summary, checked_at=datetime.now(UTC), deep=deep, checks=checks,
+                        archive=archive)

@@ -14,7 +14,8 @@ from ..errors import RecoveryError
 from ..runtime import Runtime
 from ..verdict import Verdict
 
-Component = Literal["postgres", "last_backup", "master_key", "attachments", "qdrant", "oban", "restore_drill"]
+Component = Literal["postgres", "last_backup", "master_key", "attachments", "qdrant", "oban", "restore_drill",
+                    "archive"]
 
 
 class Check(BaseModel):
@@ -35,6 +36,7 @@ class StatusContext:
         self._probe: SchemaProbe | None = None
         self._probe_error: RecoveryError | None = None
         self._lock = anyio.Lock()
+        self.reports: dict[Component, BaseModel] = {}  # typed findings a check adds to the report (archive)
 
     async def probe(self) -> SchemaProbe:
         async with self._lock:

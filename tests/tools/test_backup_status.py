@@ -56,6 +56,18 @@ async def test_a_pg_dump_that_cannot_dump_the_server_fails_the_postgres_check_wi
 
 
 @pytest.mark.anyio
+async def test_without_a_barman_configuration_the_archive_check_is_a_neutral_ok(
+    engram_db: EngramDB, tmp_path: Path
+) -> None:
+    result = await status(engram_env(engram_db, tmp_path))
+    archive = check(result, "archive")
+    assert archive.status == "ok" and archive.details == {"configured": False}
+    assert "not configured (ENGRAM_RECOVERY_BARMAN_CONFIG unset)" in archive.summary
+    assert result.archive.configured is False and result.archive.window is None
+    assert "archive" not in result.summary
+
+
+@pytest.mark.anyio
 async def test_healthy_database_passes_postgres_and_master_key_checks(engram_db: EngramDB, tmp_path: Path) -> None:
     result = await status(engram_env(engram_db, tmp_path))
     pg = check(result, "postgres")
@@ -292,5 +304,6 @@ async def test_status_through_the_mcp_client_is_structured_and_reports_progress(
     assert tool.annotations is not None and tool.annotations.read_only_hint is True
     assert tool.output_schema is not None
     body: dict[str, Any] = result.structured_content or {}
-    assert body["verdict"] in ("ok", "warn", "fail") and len(body["checks"]) == 7
-    assert len(seen) == 7 and seen[-1][0] == 7
+    assert body["verdict"] in ("ok", "warn", "fail") and len(body["checks"]) == 8
+    assert len(seen) == 8 and seen[-1][0] == 8
+    assert body["archive"]["configured"] is False
