@@ -133,21 +133,26 @@ async def reindex(runtime: Runtime, params: ReindexRequest, progress: Progress) 
     # and told who runs. A dry run changes nothing and needs no lock.
     lock = contextlib.nullcontext() if dry_run else database_lock(runtime.dsn, REINDEX)
     async with lock, runtime.pool.acquire() as conn:
-        return await _guarded(runtime, conn, params, scope, dry_run, progress, started)
+        return await _guarded(ReindexRun(runtime, conn, params, scope, dry_run, progress, started))
 
 
-async def _guarded(
-    runtime: Runtime,
-    conn: asyncpg.Connection,
-    params: ReindexRequest,
-    scope: Scope,
-    dry_run: bool,
-    progress: Progress,
-    started: float,
-) -> ReindexReport:
+@dataclass(frozen=True)
+class ReindexRun:
+    """One reindex run, as the steps below it share it (instead of seven parameters each)."""
+
+    runtime: Runtime
+    conn: asyncpg.Connection
+    params: ReindexRequest
+    scope: Scope
+    dry_run: bool
+    progress: Progress
+    started: float  # time.perf_counter() at the start, for the report's duration
+
+
+async def _guarded(ctx: ReindexRun) -> ReindexReport:
     """The store boundary: driver errors become ours, inside the pool's own translation."""
     try:
-        return await _run(runtime, conn, params, scope, dry_run, progress, started)
+        return await _run(ctx)
     except (asyncpg.InterfaceError, asyncpg.AdminShutdownError, OSError) as exc:
         raise StoreUnreachable(
             f"the connection to PostgreSQL was lost during the reindex ({exc.__class__.__name__})",
@@ -160,15 +165,9 @@ async def _guarded(
         raise qdrant.translate(exc, "check or rebuild the collection") from exc
 
 
-async def _run(
-    runtime: Runtime,
-    conn: asyncpg.Connection,
-    params: ReindexRequest,
-    scope: Scope,
-    dry_run: bool,
-    progress: Progress,
-    started: float,
-) -> ReindexReport:
+async def _run(ctx: ReindexRun) -> ReindexReport:
+    runtime, conn, params, scope = ctx.runtime, ctx.conn, ctx.params, ctx.scope
+    dry_run, progress, started = ctx.dry_run, ctx.progress, ctx.started
     settings = runtime.settings
     name = settings.qdrant_collection
     p = await probe(conn)
