@@ -87,6 +87,9 @@ def seaweedfs(data_dir: str | Path | None = None, *, timeout: float = 60.0) -> I
     argv = [
         weed_binary(), "mini", f"-dir={directory}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-admin.ui=false",
         "-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false",
+        # Every bucket is a collection with volumes of its own, and a test session makes hundreds of buckets:
+        # at mini's default limit PutObject starts failing with InternalError after some 65 of them.
+        "-volume.max=1000",
         *(f"-{flag}={port}" for flag, port in ports.items()),
     ]
     env = os.environ | {"AWS_ACCESS_KEY_ID": access_key, "AWS_SECRET_ACCESS_KEY": secret_key}

@@ -366,3 +366,19 @@ def test_dsn_for_switches_database_and_role_and_drops_the_password() -> None:
     )
     with pytest.raises(ValueError):
         testbed.dsn_for("host=localhost dbname=x", "y")
+
+
+def test_a_seaweedfs_takes_a_whole_sessions_worth_of_buckets() -> None:
+    # Each bucket is a SeaweedFS collection with volumes of its own; at `weed mini`'s default volume
+    # limit, PutObject answered InternalError after some 65 buckets, failing whichever S3 test came late.
+    import boto3
+
+    from engram_recovery.testbed.seaweedfs import seaweedfs
+
+    with seaweedfs() as weed:
+        s3 = boto3.client("s3", endpoint_url=weed.endpoint, aws_access_key_id=weed.access_key_id,
+                          aws_secret_access_key=weed.secret_access_key, region_name="us-east-1")  # fmt: skip
+        for i in range(120):
+            s3.create_bucket(Bucket=f"many-{i:03d}")
+            s3.put_object(Bucket=f"many-{i:03d}", Key="blob", Body=b"x" * 64)
+        assert s3.get_object(Bucket="many-119", Key="blob")["Body"].read() == b"x" * 64
