@@ -16,15 +16,15 @@ long a quiet server keeps the newest writes in a segment that is not yet complet
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from pydantic import BaseModel, Field
 
 from ..errors import RecoveryError
 from ..stores.postgres import Connection, Pool, PostgresError
+from ..verdict import Verdict, worst
 
-Verdict = Literal["ok", "warn", "fail"]
 # The settings Barman's streaming needs, with the value we recommend setting them to.
 RECOMMENDED = {"wal_level": "replica", "max_wal_senders": "10", "max_replication_slots": "10", "archive_timeout": "60"}
 RESTART_SETTINGS = frozenset({"wal_level", "max_wal_senders", "max_replication_slots", "archive_mode"})
@@ -314,10 +314,6 @@ class ArchivingReport(BaseModel):
     slot_name: str
     checks: list[ArchivingCheck]
     remedies: Remedies
-
-
-def worst(statuses: list[Verdict]) -> Verdict:
-    return "fail" if "fail" in statuses else "warn" if "warn" in statuses else "ok"
 
 
 async def assess(pool: Pool, dsn: str, role: str, slot: str) -> ArchivingReport:
