@@ -79,6 +79,16 @@ def _bindir(bindir: Path | None) -> Path:
     return found
 
 
+def _admin_tool(name: str) -> str:
+    """runuser and useradd by path: they live in /usr/sbin, which a cron job's or `env -i` shell's PATH lacks."""
+    candidates = (f"/usr/sbin/{name}", f"/sbin/{name}")
+    found = shutil.which(name) or next((p for p in candidates if os.access(p, os.X_OK)), None)
+    if found is None:
+        raise RuntimeError(f"{name} was not found (on PATH, /usr/sbin or /sbin): it runs PostgreSQL as {OS_USER!r} "
+                           "when we are root; install util-linux/passwd, or run as a non-root user")
+    return found
+
+
 def _as_owner() -> list[str]:
     """The command prefix that runs initdb/pg_ctl as a non-root user ([] when we are not root)."""
     if os.geteuid() != 0:
@@ -89,9 +99,10 @@ def _as_owner() -> list[str]:
         # A fresh machine without Debian's PostgreSQL packages has no such user: make a system one.
         print(f"cluster: creating the system user {OS_USER!r} to run PostgreSQL (initdb refuses root)",
               file=sys.stderr)  # fmt: skip
-        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", OS_USER],
+        useradd = _admin_tool("useradd")
+        subprocess.run([useradd, "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", OS_USER],
                        check=True, capture_output=True)  # fmt: skip
-    return ["runuser", "-u", OS_USER, "--"]
+    return [_admin_tool("runuser"), "-u", OS_USER, "--"]
 
 
 def _run(argv: list[str], what: str, log: Path | None = None) -> None:

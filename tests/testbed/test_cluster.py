@@ -43,3 +43,11 @@ def test_a_busy_port_is_reported_with_the_servers_own_words() -> None:
         c.stop()
         with pytest.raises(cluster.ClusterError, match="could not bind|Address already in use"):
             cluster.start(c.datadir, busy.getsockname()[1])
+
+
+def test_runuser_is_found_from_a_path_without_sbin(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A cron job's or `env -i` shell's PATH (/usr/bin:/bin) has no /usr/sbin, where runuser lives.
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    prefix = cluster._as_owner()
+    if prefix:  # root: the bundled server runs as the postgres OS user
+        assert prefix[0].startswith("/") and prefix[0].endswith("runuser")
