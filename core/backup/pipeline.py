@@ -76,7 +76,7 @@ async def dump_to_repository(
     """Stream the command's stdout through `transform` into `key`; the object exists only if it succeeded."""
     started = time.monotonic()
     recycle_large_buffers()
-    process = await anyio.to_thread.run_sync(PipedProcess, command.argv, command.env)
+    process = await anyio.to_thread.run_sync(PipedProcess, command)
     send, receive = anyio.create_memory_object_stream[bytes](max_buffer_size=QUEUE_BLOCKS)
     outcome = _Outcome()
 

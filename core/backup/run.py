@@ -161,7 +161,7 @@ async def dump_database(job: DumpJob, snapshot_id: str, total: float | None = No
         with tempfile.TemporaryDirectory(prefix="engram-dump-") as scratch:
             target = Path(scratch) / "dump"
             command = PgDumpCommand(pg_dump.path, runtime.dsn, fmt, snapshot_id, output=str(target), jobs=2)
-            async with spawn(command.argv, command.env) as running:
+            async with spawn(command) as running:
                 async for _ in running.stdout:
                     pass
                 await running.finished()

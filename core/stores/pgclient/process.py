@@ -70,13 +70,14 @@ class Running:
 
 
 @asynccontextmanager
-async def spawn(argv: list[str], env: dict[str, str]) -> AsyncIterator[Running]:
-    """Start argv with stdout piped; on leaving early (error, cancellation) the process is killed."""
+async def spawn(command: PgClientCommand) -> AsyncIterator[Running]:
+    """Start the command with stdout piped; on leaving early (error, cancellation) the process is killed."""
+    argv = command.argv
     try:
-        process = await anyio.open_process(argv, env=env, stdin=subprocess.DEVNULL)
+        process = await anyio.open_process(argv, env=command.env, stdin=subprocess.DEVNULL)
     except OSError as exc:
         raise ConfigurationError(f"cannot start {argv[0]}: {exc.strerror}", "check ENGRAM_RECOVERY_PG_DUMP") from exc
-    running = Running(process, os.path.basename(argv[0]))
+    running = Running(process, command.name)
     try:
         async with task_group() as tg:
             tg.start_soon(running._drain_stderr)
@@ -116,11 +117,12 @@ class PipedProcess:
     reader's CPU (docs/benchmarks.md, run_backup).
     """
 
-    def __init__(self, argv: list[str], env: dict[str, str]) -> None:
-        self.name = os.path.basename(argv[0])
+    def __init__(self, command: PgClientCommand) -> None:
+        self.name = command.name
+        argv = command.argv
         try:
             self.process = subprocess.Popen(
-                argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+                argv, env=command.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
             )
         except OSError as exc:
             raise ConfigurationError(

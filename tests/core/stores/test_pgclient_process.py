@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import sys
 import threading
+from dataclasses import dataclass
 
 import pytest
 
 from engram_recovery.core.errors import RecoveryError
 from engram_recovery.core.stores.pgclient.commands import (
+    PgClientCommand,
     PgDumpCommand,
     PgRestoreCommand,
     PsqlCommand,
@@ -105,9 +107,19 @@ def test_split_dsn_without_password_is_unchanged() -> None:
 _TRICKLE = "import os, time\nfor i in range(512):\n    os.write(1, bytes([i % 251]) * 4096)\n    time.sleep(0.0002)\n"
 
 
-def read_all(argv: list[str]) -> list[bytes]:
+@dataclass(frozen=True)
+class Script(PgClientCommand):
+    """A Python child in the client-command family: its environment passes the one filter, as pg_dump's does."""
+
+    script: str = ""
+
+    def arguments(self) -> list[str]:
+        return ["-c", self.script]
+
+
+def read_all(script: str, dsn: str = "") -> list[bytes]:
     """As the backup pipeline reads a dump: stdout in this thread, stderr drained by another."""
-    process = PipedProcess(argv, dict(os.environ))
+    process = PipedProcess(Script(sys.executable, dsn, script=script))
     drain = threading.Thread(target=process.drain_stderr)
     drain.start()
     try:
@@ -122,7 +134,7 @@ def read_all(argv: list[str]) -> list[bytes]:
 
 
 def test_piped_output_arrives_in_coalesced_blocks_not_one_per_small_write() -> None:
-    blocks = read_all([sys.executable, "-c", _TRICKLE])
+    blocks = read_all(_TRICKLE)
     assert b"".join(blocks) == b"".join(bytes([i % 251]) * 4096 for i in range(512))
     # Without coalescing, nearly every read would return the one 4 KiB write that woke it.
     assert all(len(block) >= COALESCE_BYTES for block in blocks[:-1])
@@ -130,6 +142,13 @@ def test_piped_output_arrives_in_coalesced_blocks_not_one_per_small_write() -> N
 
 
 def test_the_piped_reader_ends_on_silence_and_reports_a_failed_exit() -> None:
-    assert read_all([sys.executable, "-c", "pass"]) == []
+    assert read_all("pass") == []
     with pytest.raises(RecoveryError, match=r"exit code 3\): pg_dump: error: no such table"):
-        read_all([sys.executable, "-c", "import sys; sys.stderr.write('pg_dump: error: no such table'); sys.exit(3)"])
+        read_all("import sys; sys.stderr.write('pg_dump: error: no such table'); sys.exit(3)")
+
+
+def test_the_piped_reader_runs_the_command_with_its_filtered_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PGHOST", "elsewhere.invalid")  # would point a client at another server
+    monkeypatch.setenv("PGSSLMODE", "verify-full")  # secures the DSN's own connection: passes
+    shown = "import os; print(os.environ.get('PGHOST'), os.environ.get('PGSSLMODE'), os.environ.get('PGPASSWORD'))"
+    assert b"".join(read_all(shown, DSN)).split() == [b"None", b"verify-full", b"s3cr/t"]
