@@ -200,7 +200,7 @@ async def _run(ctx: ReindexRun) -> ReindexReport:
     orphans = deleted = unchecked = 0
     orphans_checked = params.delete_orphans and client is not None and not recreated
     if orphans_checked and client is not None:
-        orphans, deleted, unchecked = await _orphans(conn, client, name, scope, per_tenant, dry_run)
+        orphans, deleted, unchecked = await _orphans(ctx, client, per_tenant)
 
     async def point_check(ids: Sequence[str]) -> set[str]:
         # After a recreate (or in a dry run of one) every point is gone by definition.
@@ -228,8 +228,7 @@ async def _run(ctx: ReindexRun) -> ReindexReport:
     would = sum(v.notes for v in vaults)
     tokens = estimated_tokens(sum(v.content_bytes for v in vaults))
     queued = sum(v.already_queued for v in vaults)
-    summary = _summary(params, dry_run, stats, would, queued, backlog.total, name, recreated, deleted)
-    return ReindexReport(
+    result = ReindexReport(
         dry_run=dry_run,
         mode=params.mode,
         rls_mode="per_tenant" if per_tenant else "bypass",
@@ -260,8 +259,9 @@ async def _run(ctx: ReindexRun) -> ReindexReport:
         oban_version=target.version,
         dedup_index=target.note_index,
         oban_statistics_refreshed=stats.analyzed,
-        summary=summary,
+        summary="",
     )
+    return result.model_copy(update={"summary": _summary(result, params.recreate_collection)})
 
 
 async def _check_scope(conn: asyncpg.Connection, scope: Scope, per_tenant: bool) -> None:
@@ -286,11 +286,9 @@ async def _check_scope(conn: asyncpg.Connection, scope: Scope, per_tenant: bool)
         )
 
 
-async def _orphans(
-    conn: asyncpg.Connection, client: AsyncQdrantClient, name: str, scope: Scope, per_tenant: bool,
-    dry_run: bool,
-) -> tuple[int, int, int]:
+async def _orphans(ctx: ReindexRun, client: AsyncQdrantClient, per_tenant: bool) -> tuple[int, int, int]:
     """Points whose id no chunks row holds: (found, deleted, left unchecked)."""
+    conn, scope, name = ctx.conn, ctx.scope, ctx.runtime.settings.qdrant_collection
     found = deleted = unchecked = 0
     query = "SELECT qdrant_point_id::text FROM chunks WHERE qdrant_point_id = ANY($1::uuid[])"
     async for page in qdrant.scroll_points(client, name):
@@ -311,7 +309,7 @@ async def _orphans(
                 known = {r[0] for r in await conn.fetch(query, uuids)}
             orphans += [i for i in ids if i not in known]
         found += len(orphans)
-        if orphans and not dry_run:
+        if orphans and not ctx.dry_run:
             await qdrant.delete_points(client, name, orphans)
             deleted += len(orphans)
     return found, deleted, unchecked
@@ -324,20 +322,20 @@ def _as_uuid(value: str | None) -> uuid.UUID | None:
         return None
 
 
-def _summary(
-    params: ReindexRequest, dry_run: bool, stats: engine.RunStats, would: int, queued: int, backlog: int, name: str,
-    recreated: bool, deleted: int,
-) -> str:
+def _summary(report: ReindexReport, recreate: bool) -> str:
+    """The report in one sentence, from its own figures (`recreate`: a recreate was asked, done or not)."""
+    dry_run, mode, name, queued = report.dry_run, report.mode, report.collection, report.already_queued
     pending = (f"; {queued} note(s) already have a pending EmbedNote job: no second job, their embed state "
                f"{'would be' if dry_run else 'was'} reset so that job re-embeds them") if queued else ""
     if dry_run:
-        text = f"dry run ({params.mode}): {would} note(s) would be enqueued for re-embedding{pending}"
-        if params.recreate_collection:
+        text = f"dry run ({mode}): {report.notes_to_enqueue} note(s) would be enqueued for re-embedding{pending}"
+        if recreate:
             text += f"; collection {name} would be dropped and recreated"
         return text + ". Nothing changed: call again with confirm=true to do it"
-    text = f"enqueued {stats.enqueued} EmbedNote job(s) in {stats.batches} batch(es) (mode {params.mode}){pending}"
-    if recreated:
+    text = f"enqueued {report.enqueued} EmbedNote job(s) in {report.batches} batch(es) (mode {mode}){pending}"
+    if report.collection_recreated:
         text += f"; collection {name} recreated"
-    if deleted:
-        text += f"; {deleted} orphan point(s) deleted"
-    return text + f". Embedding backlog now {backlog}: the Engram app's embed queue drains it; watch backup_status"
+    if report.orphan_points_deleted:
+        text += f"; {report.orphan_points_deleted} orphan point(s) deleted"
+    return text + (f". Embedding backlog now {report.backlog.total}: the Engram app's embed queue drains it; "
+                   "watch backup_status")
