@@ -27,7 +27,7 @@ from pathlib import Path
 
 import anyio
 
-from engram_recovery.core.backup.mirror import mirror_attachments
+from engram_recovery.core.backup.mirror import MirrorOptions, mirror_attachments
 from engram_recovery.core.progress import silent
 from engram_recovery.core.repository.s3 import S3Repository
 from engram_recovery.core.stores import s3
@@ -69,7 +69,7 @@ async def count(target: S3Location) -> int:
 async def ours(source: S3Location, target: S3Location, backup_id: str) -> tuple[float, int]:
     started = time.perf_counter()
     async with S3Repository(target, "") as repo:
-        report = await mirror_attachments(source, repo, backup_id, silent, concurrency=16)
+        report = await mirror_attachments(source, repo, backup_id, silent, MirrorOptions(concurrency=16))
     seconds = time.perf_counter() - started
     assert report.server_side_copy
     return seconds, report.copied_objects

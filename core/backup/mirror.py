@@ -144,16 +144,22 @@ class MirrorReport:
     recopied_objects: int = 0  # in the pool at the right size, copied again because their content was suspect
 
 
+@dataclass(frozen=True)
+class MirrorOptions:
+    """How a mirror runs: a dry run only counts what it would copy; `concurrency` S3 workers copy."""
+
+    dry_run: bool = False
+    concurrency: int = 16
+
+
+DEFAULT_OPTIONS = MirrorOptions()
+
+
 async def mirror_attachments(
-    source: S3Location,
-    repo: Repository,
-    backup_id: str,
-    progress: Progress,
-    *,
-    dry_run: bool = False,
-    concurrency: int = 16,
+    source: S3Location, repo: Repository, backup_id: str, progress: Progress, options: MirrorOptions = DEFAULT_OPTIONS
 ) -> MirrorReport:
     """Copy new and changed objects of `source` into the pool and write this backup's inventory."""
+    dry_run, concurrency = options.dry_run, options.concurrency
     started = time.monotonic()
     target = repo.copy_target(source)
     server_side = target is not None
@@ -362,20 +368,18 @@ class _Session:
     async def _server_side(self, obj: SourceObject) -> None:
         assert self.target is not None
         bucket, key = self.target.bucket, self.target.s3_key(pool_key(obj.key, obj.etag))
+        # What CopyObject is given; UploadPartCopy takes the same, part by part.
+        request = {"Bucket": bucket, "Key": key, "CopySource": self._source_ref(obj),
+                   **self._precondition(obj, "CopySourceIfMatch")}  # fmt: skip
         if obj.size > COPY_CUTOFF:
-            await s3.multipart_copy(
-                self._dst, self._source_ref(obj), bucket, key, obj.size, COPY_PART,
-                **self._precondition(obj, "CopySourceIfMatch"),
-            )  # fmt: skip
+            await s3.multipart_copy(self._dst, request, obj.size, COPY_PART)
         elif self._copier is not None:
             await self._copier.copy(
                 self.source.bucket, obj.key, bucket, key, version_id=obj.version_id,
                 if_match=obj.etag if obj.version_id is None and obj.etag else None,
             )  # fmt: skip
         else:
-            await self._dst.copy_object(
-                Bucket=bucket, Key=key, CopySource=self._source_ref(obj), **self._precondition(obj, "CopySourceIfMatch")
-            )
+            await self._dst.copy_object(**request)
 
     async def _stream(self, repo: Repository, obj: SourceObject) -> tuple[str, str]:
         """Stream one object into the pool; return the SHA-256 and MD5 of the bytes stored (taken on the way)."""

@@ -32,7 +32,7 @@ from ..stores.pgclient.versions import ClientVersion
 from ..taskgroups import task_group
 from ..verdict import Verdict
 from .facts import LACKING_SHOWN, DatabaseFacts
-from .mirror import MirrorReport, mirror_attachments
+from .mirror import MirrorOptions, MirrorReport, mirror_attachments
 from .run import (
     DumpJob,
     backup_key,
@@ -300,7 +300,7 @@ async def _dry_run(
     )
     source = runtime.attachments_location()
     if source is not None:
-        report = await mirror_attachments(source, repo, "dry-run", silent, dry_run=True)
+        report = await mirror_attachments(source, repo, "dry-run", silent, MirrorOptions(dry_run=True))
         attachments = AttachmentsResult(
             backend="s3", objects=report.objects, bytes=report.bytes, copied_objects=report.copied_objects,
             copied_bytes=report.copied_bytes, versioned=report.versioned, seconds=round(report.seconds, 3),

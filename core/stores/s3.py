@@ -206,14 +206,15 @@ def error_code(exc: BaseException) -> str:
     return ""
 
 
-async def multipart_copy(
-    s3: Any, source: dict[str, str], bucket: str, key: str, size: int, part_size: int, **precondition: str
-) -> None:
+async def multipart_copy(s3: Any, request: dict[str, Any], size: int, part_size: int) -> None:
     """Server-side copy of an object too large for one CopyObject (5 GiB), with UploadPartCopy.
 
-    The upload is aborted on any failure, so no partial object ever appears
-    under `key`: S3 publishes it only on CompleteMultipartUpload.
+    `request` holds what CopyObject would be given (Bucket, Key, CopySource and any CopySourceIf*
+    precondition), so a caller builds one request for either way of copying. The upload is aborted
+    on any failure, so no partial object ever appears under its key: S3 publishes it only on
+    CompleteMultipartUpload.
     """
+    bucket, key = request["Bucket"], request["Key"]
     upload = await s3.create_multipart_upload(Bucket=bucket, Key=key)
     upload_id = upload["UploadId"]
     try:
@@ -221,13 +222,7 @@ async def multipart_copy(
         for number, start in enumerate(range(0, size, part_size), start=1):
             end = min(start + part_size, size) - 1
             answer = await s3.upload_part_copy(
-                Bucket=bucket,
-                Key=key,
-                UploadId=upload_id,
-                PartNumber=number,
-                CopySource=source,
-                CopySourceRange=f"bytes={start}-{end}",
-                **precondition,
+                **request, UploadId=upload_id, PartNumber=number, CopySourceRange=f"bytes={start}-{end}"
             )
             parts.append({"ETag": answer["CopyPartResult"]["ETag"], "PartNumber": number})
         await s3.complete_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts})

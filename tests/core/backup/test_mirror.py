@@ -15,7 +15,7 @@ import pytest
 from anyio.abc import SocketAttribute, SocketStream
 
 from engram_recovery.core.backup import mirror
-from engram_recovery.core.backup.mirror import STREAM_CHUNK, mirror_attachments
+from engram_recovery.core.backup.mirror import STREAM_CHUNK, MirrorOptions, mirror_attachments
 from engram_recovery.core.errors import IntegrityError, StoreUnreachable
 from engram_recovery.core.progress import silent
 from engram_recovery.core.repository import layout
@@ -179,7 +179,7 @@ async def test_a_dry_run_reports_what_would_be_copied_and_writes_nothing(repo: R
     await put(source, "u0/v0/objects/fresh", b"x" * 1000)
     before = await repository_keys(repo)
 
-    report = await mirror_attachments(source, repo, "b2", silent, dry_run=True)
+    report = await mirror_attachments(source, repo, "b2", silent, MirrorOptions(dry_run=True))
 
     assert report.dry_run and report.inventory_name is None
     assert (report.copied_objects, report.copied_bytes, report.objects) == (1, 1000, len(objects) + 1)
@@ -374,7 +374,9 @@ async def test_concurrency_is_bounded_and_large_streamed_objects_are_fewer_still
             async with proxy(weed.endpoint) as relay:
                 counted = location(weed, source.bucket, endpoint=relay.endpoint)
                 # The listing connection is reused by a worker, so connections == requests in flight.
-                report = await mirror_attachments(counted, repo, f"c{concurrency}", silent, concurrency=concurrency)
+                report = await mirror_attachments(
+                    counted, repo, f"c{concurrency}", silent, MirrorOptions(concurrency=concurrency)
+                )
             assert report.copied_objects == len(objects)
             assert 2 <= relay.most_open <= bound
 
