@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import secrets
 from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
 from urllib.parse import urlsplit
@@ -34,6 +35,17 @@ PARTS_IN_FLIGHT = 2
 
 
 
+
+
+@dataclass(frozen=True)
+class _Upload:
+    """One multipart upload, as its part uploads share it: the parts land in `parts` by number, and each
+    releases `limiter` (the bound on parts in flight) when it is done."""
+
+    key: str
+    upload_id: str
+    parts: list[dict[str, Any]]
+    limiter: anyio.Semaphore
 
 class S3Repository(Repository):
     def __init__(self, location: S3Location, prefix: str) -> None:
@@ -121,6 +133,7 @@ class S3Repository(Repository):
         size = 0
         buffer = bytearray()
         upload_id: str | None = None
+        upload: _Upload | None = None
         parts: list[dict[str, Any]] = []
         try:
             async with task_group() as tg:
@@ -130,18 +143,19 @@ class S3Repository(Repository):
                     size += len(chunk)
                     buffer += chunk
                     if len(buffer) >= PART_SIZE:
-                        if upload_id is None:
+                        if upload is None:
                             answer = await self.client.create_multipart_upload(Bucket=self.bucket, Key=object_key)
                             upload_id = str(answer["UploadId"])
+                            upload = _Upload(object_key, upload_id, parts, limiter)
                         part = bytes(buffer)
                         buffer.clear()
                         await limiter.acquire()  # back-pressure: at most PARTS_IN_FLIGHT parts buffered
                         parts.append({})
-                        tg.start_soon(self._upload_part, object_key, upload_id, len(parts), part, parts, limiter)
-                if upload_id is not None and buffer:
+                        tg.start_soon(self._upload_part, upload, len(parts), part)
+                if upload is not None and buffer:
                     await limiter.acquire()
                     parts.append({})
-                    tg.start_soon(self._upload_part, object_key, upload_id, len(parts), bytes(buffer), parts, limiter)
+                    tg.start_soon(self._upload_part, upload, len(parts), bytes(buffer))
             if upload_id is None:
                 await self.client.put_object(Bucket=self.bucket, Key=object_key, Body=bytes(buffer))
             else:
@@ -158,17 +172,14 @@ class S3Repository(Repository):
                     await self.client.abort_multipart_upload(Bucket=self.bucket, Key=object_key, UploadId=upload_id)
         return size, digest.hexdigest()
 
-    async def _upload_part(
-        self, object_key: str, upload_id: str, number: int, data: bytes, parts: list[dict[str, Any]],
-        limiter: anyio.Semaphore,
-    ) -> None:
+    async def _upload_part(self, upload: _Upload, number: int, data: bytes) -> None:
         try:
             answer = await self.client.upload_part(
-                Bucket=self.bucket, Key=object_key, UploadId=upload_id, PartNumber=number, Body=data
+                Bucket=self.bucket, Key=upload.key, UploadId=upload.upload_id, PartNumber=number, Body=data
             )
-            parts[number - 1] = {"PartNumber": number, "ETag": answer["ETag"]}
+            upload.parts[number - 1] = {"PartNumber": number, "ETag": answer["ETag"]}
         finally:
-            limiter.release()
+            upload.limiter.release()
 
     async def get_stream(self, key: str, chunk_size: int = READ_CHUNK) -> AsyncIterator[bytes]:
         try:
