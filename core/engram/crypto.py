@@ -34,6 +34,7 @@ import os
 import struct
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 from cryptography.exceptions import InvalidTag
@@ -224,17 +225,23 @@ class FieldCipher:
             ) from None
 
 
-def encrypt_field(
-    dek: bytes, plaintext: bytes, table: str, column: str, row_id: uuid.UUID, dek_version: int
-) -> tuple[bytes, bytes]:
+@dataclass(frozen=True)
+class RowField:
+    """Where an encrypted field lives: its AAD (from dek_version 2) binds the ciphertext to exactly this place."""
+
+    table: str
+    column: str
+    row_id: uuid.UUID
+    dek_version: int
+
+
+def encrypt_field(dek: bytes, plaintext: bytes, field: RowField) -> tuple[bytes, bytes]:
     """Encrypt one field; returns ``(ciphertext||tag, nonce)`` as stored in ``*_ciphertext``/``*_nonce``."""
-    return FieldCipher(dek).encrypt(plaintext, table, column, row_id, dek_version)
+    return FieldCipher(dek).encrypt(plaintext, field.table, field.column, field.row_id, field.dek_version)
 
 
-def decrypt_field(
-    dek: bytes, ciphertext: bytes, nonce: bytes, table: str, column: str, row_id: uuid.UUID, dek_version: int
-) -> bytes:
-    return FieldCipher(dek).decrypt(ciphertext, nonce, table, column, row_id, dek_version)
+def decrypt_field(dek: bytes, ciphertext: bytes, nonce: bytes, field: RowField) -> bytes:
+    return FieldCipher(dek).decrypt(ciphertext, nonce, field.table, field.column, field.row_id, field.dek_version)
 
 
 def content_hash_key(dek: bytes) -> bytes:

@@ -259,7 +259,8 @@ async def test_chunks_attachments_and_vaults_are_consistent_with_their_notes(see
             continue
         assert blob["storage_key"] == f"{blob['user_id']}/{blob['vault_id']}/objects/{blob['id']}"
         dek = report.deks[blob["user_id"]]
-        plain = ec.decrypt_field(dek, blob["data"], blob["content_nonce"], "attachments", "content", blob["id"], 2)
+        field = ec.RowField("attachments", "content", blob["id"], 2)
+        plain = ec.decrypt_field(dek, blob["data"], blob["content_nonce"], field)
         assert len(plain) == blob["size_bytes"] and ec.content_hash(dek, plain) == blob["content_hash"]
     assert report.counts["storage_objects"] == sum(b["storage_key"] is not None for b in blobs) > 0
 
@@ -301,9 +302,8 @@ async def test_an_older_schema_seeds_what_it_can_hold_and_s3_objects_are_handed_
     row = keys[0]
     data = dict(report.attachment_objects)[row["storage_key"]]
     dek = report.deks[row["user_id"]]
-    assert ec.decrypt_field(dek, data, row["content_nonce"], "attachments", "content", row["id"], 2).startswith(
-        b"\x89PNG"
-    )
+    field = ec.RowField("attachments", "content", row["id"], 2)
+    assert ec.decrypt_field(dek, data, row["content_nonce"], field).startswith(b"\x89PNG")
     assert [r["n"] for r in await fetch(older.dsn, "SELECT count(*) AS n FROM notes")] == [300]
 
 

@@ -118,35 +118,35 @@ def test_a_pre_aad_canary_still_verifies() -> None:
 
 def test_row_fields_are_bound_to_table_column_and_row_id() -> None:
     dek, row, other = os.urandom(32), uuid.uuid4(), uuid.uuid4()
-    ct, nonce = ec.encrypt_field(dek, b"# Hello", "notes", "content", row, 2)
+    ct, nonce = ec.encrypt_field(dek, b"# Hello", ec.RowField("notes", "content", row, 2))
     assert len(nonce) == 12 and len(ct) == len(b"# Hello") + 16
     assert AESGCM(dek).decrypt(nonce, ct, b"notes\x00content\x00" + row.bytes) == b"# Hello"
-    assert ec.decrypt_field(dek, ct, nonce, "notes", "content", row, 2) == b"# Hello"
+    assert ec.decrypt_field(dek, ct, nonce, ec.RowField("notes", "content", row, 2)) == b"# Hello"
     for table, column, row_id in (
         ("notes", "content", other),
         ("notes", "title", row),
         ("attachments", "content", row),
     ):
         with pytest.raises(ec.DecryptFailed, match=str(row_id)):
-            ec.decrypt_field(dek, ct, nonce, table, column, row_id, 2)
+            ec.decrypt_field(dek, ct, nonce, ec.RowField(table, column, row_id, 2))
     with pytest.raises(ec.DecryptFailed):
-        ec.decrypt_field(os.urandom(32), ct, nonce, "notes", "content", row, 2)
+        ec.decrypt_field(os.urandom(32), ct, nonce, ec.RowField("notes", "content", row, 2))
 
 
 def test_rows_before_aad_binding_use_empty_aad() -> None:
     dek, row = os.urandom(32), uuid.uuid4()
-    ct, nonce = ec.encrypt_field(dek, b"old", "notes", "content", row, 1)
+    ct, nonce = ec.encrypt_field(dek, b"old", ec.RowField("notes", "content", row, 1))
     assert AESGCM(dek).decrypt(nonce, ct, b"") == b"old"
-    assert ec.decrypt_field(dek, ct, nonce, "vaults", "name", uuid.uuid4(), 1) == b"old"
+    assert ec.decrypt_field(dek, ct, nonce, ec.RowField("vaults", "name", uuid.uuid4(), 1)) == b"old"
 
 
 def test_truncated_field_is_malformed_not_a_wrong_key() -> None:
     dek, row = os.urandom(32), uuid.uuid4()
-    ct, nonce = ec.encrypt_field(dek, b"x", "notes", "content", row, 2)
+    ct, nonce = ec.encrypt_field(dek, b"x", ec.RowField("notes", "content", row, 2))
     with pytest.raises(ec.MalformedBlob):
-        ec.decrypt_field(dek, ct, nonce[:11], "notes", "content", row, 2)
+        ec.decrypt_field(dek, ct, nonce[:11], ec.RowField("notes", "content", row, 2))
     with pytest.raises(ec.MalformedBlob):
-        ec.decrypt_field(dek, ct[:15], nonce, "notes", "content", row, 2)
+        ec.decrypt_field(dek, ct[:15], nonce, ec.RowField("notes", "content", row, 2))
 
 
 def test_content_hash_is_hmac_under_a_dek_derived_key() -> None:
