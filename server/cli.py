@@ -282,12 +282,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     _configure_logging(args.debug, args.log_file)
     try:
         if args.command == "demo":
-            from .demo import run_demo, run_down
+            from .demo import DemoRequest, run_demo, run_down
 
             if args.down:
                 return run_down(args.dir, args.admin_url)
-            return run_demo(args.admin_url, args.dir, serve=not args.no_serve, call=_call, database=args.database,
-                            port=args.port)
+            request = DemoRequest(args.admin_url, args.dir, not args.no_serve, args.database, args.port)
+            return run_demo(request, _call)
         if args.command == "decrypt":
             return _decrypt(args.source, args.output, args.env_file)
         if args.command == "backups":

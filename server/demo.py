@@ -22,6 +22,7 @@ import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -35,11 +36,6 @@ from ..core.settings import Settings, load_settings
 DEMO_DB = "engram_demo"
 DEFAULT_PORT = 8765
 STATE = "state.json"
-
-
-def _with_db(admin_url: str, db: str) -> str:
-    parts = urlsplit(admin_url)
-    return urlunsplit((parts.scheme, parts.netloc, f"/{db}", parts.query, parts.fragment))
 
 
 def _where(url: str) -> str:
@@ -97,7 +93,7 @@ def _roles() -> tuple[str, ...]:
 
 async def _prepare(admin_url: str, directory: Path, database: str, port: int) -> tuple[Path, list[str]]:
     from .. import testbed
-    from ..core.stores.postgres import connection
+    from ..core.stores.postgres import connection, with_database
 
     key_b64 = (directory / "master.key").read_text(encoding="utf-8").strip()
     async with connection(admin_url) as admin:
@@ -106,7 +102,7 @@ async def _prepare(admin_url: str, directory: Path, database: str, port: int) ->
         await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
         await admin.execute(f'CREATE DATABASE "{database}"')
     created = [r for r in _roles() if r not in existing]
-    dsn = _with_db(admin_url, database)
+    dsn = with_database(admin_url, database)
     _say("creating the Engram 0.18.1 schema and 3 users' encrypted notes and attachments"
          + (f"; creating cluster roles {', '.join(created)}" if created else ""))  # fmt: skip
     await testbed.demo(dsn, engram_crypto.decode_master_key(key_b64))
@@ -130,25 +126,30 @@ def _write_state(root: Path, state: dict[str, Any]) -> None:
     (root / STATE).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
 
 
-def run_demo(
-    admin_url: str | None,
-    directory: str,
-    *,
-    serve: bool,
-    call: Callable[[Settings, str, dict[str, Any]], Awaitable[int]],
-    database: str = DEMO_DB,
-    port: int | None = None,
-) -> int:
+@dataclass(frozen=True)
+class DemoRequest:
+    """What `engram-recovery demo` was asked: the server (None: the bundled one), where its files go, whether
+    to serve afterwards, the database to (re)create and the HTTP port (None: the configured one)."""
+
+    admin_url: str | None
+    directory: str
+    serve: bool
+    database: str = DEMO_DB
+    port: int | None = None
+
+
+def run_demo(request: DemoRequest, call: Callable[[Settings, str, dict[str, Any]], Awaitable[int]]) -> int:
     """`call` runs one tool as `engram-recovery call` does (the CLI passes its own: the demo never
     imports the CLI, which imports the demo)."""
     from .transports import serve as serve_mcp
 
+    admin_url, directory, database, port = request.admin_url, request.directory, request.database, request.port
     if not database.replace("_", "").isalnum():
         raise ConfigurationError(
             f"demo database name {database!r} is not a plain identifier", "use letters, digits and _"
         )
     bind_port = http_port(port)
-    if serve:
+    if request.serve:
         _require_free(bind_port)  # before anything is created or dropped
     roles = ", ".join(_roles())
     where = f"the PostgreSQL at {_where(admin_url)}" if admin_url else f"the bundled PostgreSQL 18 in {directory}/pg"
@@ -187,7 +188,7 @@ def run_demo(
     _say("backup_status says:")
     # A fresh demo has no backup yet, so its status fails; that is the demo's point, not an error of it.
     anyio.run(call, settings, "backup_status", {})
-    if not serve:
+    if not request.serve:
         return 0
     _require_free(bind_port)  # still free after setting up?
     print(

@@ -24,6 +24,8 @@ from typing import Final, Literal, get_args
 
 import asyncpg
 
+from engram_recovery.core.stores.postgres import quote_ident
+
 Variant = Literal["older", "0.18.1", "synthetic-next"]
 VARIANTS: Final[tuple[Variant, ...]] = get_args(Variant)
 DEFAULT_VARIANT: Final[Variant] = "0.18.1"
@@ -135,14 +137,14 @@ async def create_roles(conn: asyncpg.Connection, db_name: str) -> None:
     """
     for role, attributes in _ROLE_ATTRIBUTES.items():
         await _ensure_role(conn, role, attributes)
-    owner, app, backup = (_ident(r) for r in (OWNER_ROLE, APP_ROLE, BACKUP_ROLE))
+    owner, app, backup = (quote_ident(r) for r in (OWNER_ROLE, APP_ROLE, BACKUP_ROLE))
     # Engram's Repo drops to engram_app with SET ROLE inside tenant transactions, which
     # needs membership; the migrator role is the one that connects. Granted only once,
     # since concurrent grants of the same cluster-wide membership can collide.
     if not await conn.fetchval("SELECT pg_has_role($1, $2, 'MEMBER')", OWNER_ROLE, APP_ROLE):
         await conn.execute(f"GRANT {app} TO {owner}")
     async with conn.transaction():
-        await conn.execute(f"GRANT CONNECT ON DATABASE {_ident(db_name)} TO {app}, {owner}, {backup}")
+        await conn.execute(f"GRANT CONNECT ON DATABASE {quote_ident(db_name)} TO {app}, {owner}, {backup}")
         await conn.execute(f"GRANT USAGE, CREATE ON SCHEMA public TO {owner}")
         await conn.execute(f"GRANT USAGE ON SCHEMA public TO {app}, {backup}")
         for kind, name in await _public_objects(conn):
@@ -193,12 +195,12 @@ async def _ensure_role(conn: asyncpg.Connection, role: str, attributes: dict[str
     wanted = " ".join(_ATTRIBUTE_KEYWORDS[a][0 if on else 1] for a, on in attributes.items())
     # Another test process may create the same cluster-wide role at the same moment.
     await conn.execute(
-        f"DO $$ BEGIN CREATE ROLE {_ident(role)} {wanted};"
+        f"DO $$ BEGIN CREATE ROLE {quote_ident(role)} {wanted};"
         " EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$"
     )
     current = await conn.fetchrow("SELECT * FROM pg_roles WHERE rolname = $1", role)
     if current is None or any(current[a] != on for a, on in attributes.items()):
-        await conn.execute(f"ALTER ROLE {_ident(role)} {wanted}")
+        await conn.execute(f"ALTER ROLE {quote_ident(role)} {wanted}")
 
 
 async def _public_objects(conn: asyncpg.Connection) -> list[tuple[str, str]]:
@@ -220,7 +222,3 @@ async def _public_objects(conn: asyncpg.Connection) -> list[tuple[str, str]]:
         """
     )
     return [(r["kind"], r["name"]) for r in rows]
-
-
-def _ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
