@@ -14,6 +14,7 @@ import anyio
 
 from ..core.settings import Settings
 from ..core.status.catalog import CatalogEntry, CatalogView, age_text, open_catalog
+from ..core.status.common import format_size
 
 COLUMNS = ("ID", "SNAPSHOT (UTC)", "AGE", "SIZE", "FORMAT", "ENCRYPTED", "LAST VERIFIED", "LAST DRILL", "RETENTION")
 
@@ -31,15 +32,6 @@ def run(settings: Settings, as_json: bool) -> str:
     return table(view)
 
 
-def _size(n: int | None) -> str:
-    value = float(n or 0)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} TiB"
-
-
 def _ago(moment: datetime, now: datetime) -> str:
     return age_text((now - moment).total_seconds() / 3600) + " ago"
 
@@ -48,7 +40,7 @@ def _row(entry: CatalogEntry, now: datetime) -> tuple[str, ...]:
     if entry.state != "complete":
         what = "incomplete: no manifest" if entry.state == "incomplete" else "UNREADABLE manifest"
         after = "deleted by the next run_backup" if entry.retention.action == "leftover" else "?"
-        return (entry.backup_id, "-", "-", _size(entry.size_bytes), what, "-", "-", "-", after)
+        return (entry.backup_id, "-", "-", format_size(entry.size_bytes), what, "-", "-", "-", after)
     snapshot = entry.snapshot_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S") if entry.snapshot_at else "-"
     fmt = f"{entry.dump_format}/{entry.compression}" if entry.compression else str(entry.dump_format)
     encrypted = "no"
@@ -67,7 +59,7 @@ def _row(entry: CatalogEntry, now: datetime) -> tuple[str, ...]:
                  "unknown": "? (blocked)", "leftover": "-"}[fate.action]  # fmt: skip
     if fate.action == "keep" and fate.after_next_backup == "prune":
         retention += "; pruned after the next backup"
-    return (entry.backup_id, snapshot, age_text(entry.age_hours), _size(entry.size_bytes), fmt, encrypted,
+    return (entry.backup_id, snapshot, age_text(entry.age_hours), format_size(entry.size_bytes), fmt, encrypted,
             verified, drilled, retention)  # fmt: skip
 
 
@@ -85,7 +77,7 @@ def table(view: CatalogView, now: datetime | None = None) -> str:
         f"repository: {view.repository}",
         f"{view.summary}",
         f"{view.complete} complete, {view.incomplete} incomplete, {view.unreadable} unreadable; "
-        f"{_size(view.total_bytes)} of artifacts (attachment blobs are shared in the pool)",
+        f"{format_size(view.total_bytes)} of artifacts (attachment blobs are shared in the pool)",
         f"retention: keep last {policy['keep_last']}, daily {policy['keep_daily']}, weekly {policy['keep_weekly']}, "
         f"monthly {policy['keep_monthly']} (verified backups only count)",
     ]

@@ -13,10 +13,6 @@ from ..stores.pgclient.versions import choose
 from ..verdict import Verdict
 from .common import Check, StatusContext, format_size
 
-INCOMPLETE_STATES = ("available", "scheduled", "executing", "retryable", "suspended")
-EMBED_WORKER = "Engram.Workers.EmbedNote"
-
-
 # --- postgres -------------------------------------------------------------------------
 
 
@@ -192,7 +188,8 @@ async def check_oban(ctx: StatusContext) -> Check:
             "SELECT count(*) FROM oban_jobs WHERE state = 'available' "
             "AND scheduled_at < timezone('UTC', now()) - interval '15 minutes'"
         )
-    by_state = dict.fromkeys((*INCOMPLETE_STATES, "discarded"), 0) | embed.by_state | {"discarded": embed.discarded}
+    empty = dict.fromkeys((*oban.INCOMPLETE_STATES, "discarded"), 0)
+    by_state = empty | embed.by_state | {"discarded": embed.discarded}
     backlog = embed.total
     details = {
         "oban_version": p.oban_version,
