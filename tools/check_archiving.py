@@ -10,10 +10,9 @@ from __future__ import annotations
 from pydantic import Field
 
 from ..core.archive import prerequisites as archiving
-from ..core.archive.prerequisites import ArchivingCheck, Remedies
+from ..core.archive.prerequisites import ArchivingReport
 from ..core.progress import Progress
 from ..core.runtime import Runtime
-from ..core.verdict import Verdict
 from .base import ToolInput, ToolResult, ToolSpec, read_only_annotations
 
 _IDENTIFIER = r"^[a-z_][a-z0-9_]{0,62}$"
@@ -26,14 +25,8 @@ class CheckArchivingInput(ToolInput):
                            description="The replication slot Barman's receiver uses (its slot_name).")  # fmt: skip
 
 
-class CheckArchivingResult(ToolResult):
-    verdict: Verdict = Field(description="fail: streaming archiving cannot work yet; warn: it works with a risk.")
-    summary: str
-    server_version: str
-    replication_role: str
-    slot_name: str
-    checks: list[ArchivingCheck]
-    remedies: Remedies
+class CheckArchivingResult(ToolResult, ArchivingReport):
+    pass
 
 
 async def check_archiving(runtime: Runtime, params: CheckArchivingInput, progress: Progress) -> CheckArchivingResult:
