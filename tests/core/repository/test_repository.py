@@ -11,6 +11,7 @@ from pathlib import Path
 import anyio
 import anyio.lowlevel
 import pytest
+from support import new_bucket
 
 from engram_recovery.core.errors import ConfigurationError, StoreUnreachable
 from engram_recovery.core.repository import localfs, open_repository, verify
@@ -19,33 +20,8 @@ from engram_recovery.core.repository.local import LocalRepository
 from engram_recovery.core.repository.records import read_state
 from engram_recovery.core.repository.s3 import PART_SIZE, S3Repository
 from engram_recovery.core.settings import load_settings
-from engram_recovery.core.stores import s3
 from engram_recovery.core.stores.s3 import S3Location
 from engram_recovery.testbed.seaweedfs import SeaweedFS
-
-
-async def make_bucket(weed: SeaweedFS, name: str | None = None) -> S3Location:
-    location = S3Location(
-        endpoint=weed.endpoint, access_key_id=weed.access_key_id, secret_access_key=weed.secret_access_key,
-        region=weed.region, bucket=name or f"repo-{secrets.token_hex(4)}",
-    )
-    async with s3.client(location) as c:
-        await c.create_bucket(Bucket=location.bucket)
-    return location
-
-
-@pytest.fixture(params=["local", "s3"])
-async def repo(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Repository]:
-    if request.param == "local":
-        async with LocalRepository(tmp_path / "repo") as local:
-            await local.check_writable()
-            yield local
-    else:
-        weed: SeaweedFS = request.getfixturevalue("weed")
-        location = await make_bucket(weed)
-        async with S3Repository(location, "team/backups") as remote:
-            await remote.check_writable()
-            yield remote
 
 
 async def chunks_of(data: bytes, size: int) -> AsyncIterator[bytes]:
@@ -124,7 +100,7 @@ def test_keys_that_escape_the_repository_are_refused(tmp_path: Path) -> None:
 
 @pytest.mark.anyio
 async def test_wrong_s3_credentials_fail_clearly_and_without_the_secret(weed: SeaweedFS) -> None:
-    location = await make_bucket(weed)
+    location = await new_bucket(weed)
     bad = S3Location(location.endpoint, location.access_key_id, "wrong-" + secrets.token_hex(8), "us-east-1",
                      location.bucket)
     async with S3Repository(bad, "") as repo:
@@ -143,7 +119,7 @@ async def test_an_unreachable_s3_endpoint_fails_clearly() -> None:
 
 @pytest.mark.anyio
 async def test_read_state_lists_complete_backups_and_leftovers_in_an_s3_repository(weed: SeaweedFS) -> None:
-    location = await make_bucket(weed)
+    location = await new_bucket(weed)
     settings = load_settings(environ={
         "DATABASE_URL": "postgresql://x@127.0.0.1/engram",
         "ENGRAM_RECOVERY_REPOSITORY": f"s3://{location.bucket}/p",
