@@ -98,26 +98,41 @@ def _client_error(code: str, **error: str) -> ClientError:
     return ClientError({"Error": {"Code": code, "Message": code, **error}}, "ListObjectsV2")
 
 
-def test_s3_access_denied_no_such_bucket_and_wrong_region_each_have_their_fix() -> None:
+@pytest.mark.parametrize(
+    ("code", "error", "message", "hint"),
+    [
+        ("AccessDenied", {}, ["denied access"], ["s3:ListBucket"]),
+        ("InvalidAccessKeyId", {}, ["refused the credentials"], []),
+        ("NoSuchBucket", {}, ["does not exist"], ["create the bucket"]),
+        ("AuthorizationHeaderMalformed", {"Region": "eu-west-1"}, ["another region than 'us-east-1'", "eu-west-1"],
+         ["STORAGE_REGION", "ENGRAM_RECOVERY_REPOSITORY_REGION"]),
+    ],
+)  # fmt: skip
+def test_each_s3_refusal_has_its_own_message_and_fix(
+    code: str, error: dict[str, str], message: list[str], hint: list[str]
+) -> None:
     where = s3.S3Location(endpoint=None, access_key_id="AKIA", secret_access_key="s3-secret-1", region="us-east-1",
-                          bucket="engram-attachments")
-    denied = s3.translate(_client_error("AccessDenied"), "list the bucket", where)
-    assert "denied access" in denied.message and "s3:ListBucket" in denied.hint
-    keys = s3.translate(_client_error("InvalidAccessKeyId"), "list the bucket", where)
-    assert "refused the credentials" in keys.message
-    missing = s3.translate(_client_error("NoSuchBucket"), "list the bucket", where)
-    assert "does not exist" in missing.message and "create the bucket" in missing.hint
-    region = s3.translate(_client_error("AuthorizationHeaderMalformed", Region="eu-west-1"), "list the bucket", where)
-    assert "another region than 'us-east-1'" in region.message and "eu-west-1" in region.message
-    assert "STORAGE_REGION" in region.hint and "ENGRAM_RECOVERY_REPOSITORY_REGION" in region.hint
+                          bucket="engram-attachments")  # fmt: skip
+    translated = s3.translate(_client_error(code, **error), "list the bucket", where)
+    assert all(part in translated.message for part in message), translated.message
+    assert all(part in translated.hint for part in hint), translated.hint
+    assert "s3-secret-1" not in str(translated)
 
 
-def test_unexpected_exceptions_are_explained_by_kind() -> None:
-    full = failures.explain(OSError(errno.ENOSPC, "No space left on device", "/tmp/x"), "run_backup")
-    assert "the disk is full (/tmp/x)" in full.message and "free space" in full.hint
-    denied = failures.explain(PermissionError(errno.EACCES, "Permission denied", "/srv/r"), "run_backup")
-    assert "permission denied (/srv/r)" in denied.message
-    grouped = failures.explain(ExceptionGroup("in a task group", [OSError(errno.ENOSPC, "full")]), "run_backup")
-    assert "the disk is full" in grouped.message
+@pytest.mark.parametrize(
+    ("exc", "message", "hint"),
+    [
+        (OSError(errno.ENOSPC, "No space left on device", "/tmp/x"), "the disk is full (/tmp/x)", "free space"),
+        (PermissionError(errno.EACCES, "Permission denied", "/srv/r"), "permission denied (/srv/r)", ""),
+        (ExceptionGroup("in a task group", [OSError(errno.ENOSPC, "full")]), "the disk is full", ""),
+    ],
+    ids=["disk full", "permission denied", "inside a task group"],
+)
+def test_unexpected_exceptions_are_explained_by_kind(exc: BaseException, message: str, hint: str) -> None:
+    explained = failures.explain(exc, "run_backup")
+    assert message in explained.message and hint in explained.hint
+
+
+def test_an_exception_of_no_known_kind_is_a_bug_report_with_its_type() -> None:
     bug = failures.explain(KeyError("oops"), "plan_restore")
     assert bug.message == "plan_restore failed unexpectedly: KeyError: 'oops'" and "--debug" in bug.hint
