@@ -89,6 +89,13 @@ async def engram_db(admin_dsn: str, master_key: bytes) -> AsyncIterator[EngramDB
 
 
 @pytest.fixture
+async def s3_db(admin_dsn: str, master_key: bytes) -> AsyncIterator[EngramDB]:
+    """An Engram database whose attachments live in S3 (STORAGE_BACKEND=s3): the seeder returns their objects."""
+    async for db in make_engram_db(admin_dsn, master_key, storage="s3", notes=20, attachments=8):
+        yield db
+
+
+@pytest.fixture
 def settings_for(tmp_path: Path) -> Callable[..., Settings]:
     def build(db: EngramDB, **extra: str) -> Settings:
         return load_settings(environ=engram_env(db, tmp_path, **extra))

@@ -8,11 +8,13 @@ import os
 import re
 import secrets
 import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import anyio
 import asyncpg
 
 from engram_recovery import testbed
@@ -33,6 +35,9 @@ OLD_SERVER_URL = os.environ.get("ENGRAM_TEST_OLD_PG_URL", "postgresql://postgres
 PG_BINARIES = ("pg_dump", "pg_restore", "psql", "pg_dumpall", "initdb", "pg_ctl", "postgres", "pg_config",
                "pg_ctlcluster", "pg_lsclusters", "pg_basebackup", "createdb", "dropdb")  # fmt: skip
 
+
+# The installed command line, as an operator runs it.
+EXE = str(Path(sys.executable).with_name("engram-recovery"))
 
 # The backup key of the tools' tests that back up once and read the result (tests/tools/conftest.py).
 BACKUP_KEY = base64.b64encode(secrets.token_bytes(32)).decode()
@@ -203,3 +208,18 @@ def repository_env(weed: SeaweedFS, bucket: str, prefix: str = "engram/prod", se
         "ENGRAM_RECOVERY_REPOSITORY_ACCESS_KEY_ID": weed.access_key_id,
         "ENGRAM_RECOVERY_REPOSITORY_SECRET_ACCESS_KEY": secret or weed.secret_access_key,
     }
+
+
+# --- the command line -------------------------------------------------------------------------------------------
+
+
+def run_cli(args: list[str], env: dict[str, str], stdin: str | None = None, timeout: float = 60
+            ) -> subprocess.CompletedProcess[str]:  # fmt: skip
+    """`engram-recovery <args>` with exactly `env` (plus PATH when it names none), its output as text."""
+    return subprocess.run([EXE, *args], input=stdin, capture_output=True, text=True, timeout=timeout,
+                          env={"PATH": os.environ.get("PATH", "")} | env)  # fmt: skip
+
+
+async def arun_cli(args: list[str], env: dict[str, str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    """`run_cli` from async code: in a worker thread, so the event loop (and the servers it runs) goes on."""
+    return await anyio.to_thread.run_sync(lambda: run_cli(args, env, stdin))

@@ -14,24 +14,15 @@ from typing import Any
 import pytest
 from mcp import Client, MCPError
 from mcp_types import TextContent, TextResourceContents
-from support import EngramDB, engram_env
+from support import EngramDB, backup, engram_env
 
 from engram_recovery.core.progress import silent
 from engram_recovery.core.runtime import Runtime
 from engram_recovery.core.settings import load_settings
 from engram_recovery.server.app import build_server
 from engram_recovery.tools.restore_drill import RestoreDrillInput, restore_drill
-from engram_recovery.tools.run_backup import RunBackupInput, RunBackupResult, run_backup
 
 BACKUP_KEY = base64.b64encode(secrets.token_bytes(32)).decode()
-
-
-async def backup(env: dict[str, str]) -> RunBackupResult:
-    runtime = Runtime(load_settings(environ=env))
-    try:
-        return await run_backup(runtime, RunBackupInput(), silent)
-    finally:
-        await runtime.aclose()
 
 
 async def read(client: Client, uri: str) -> TextResourceContents:

@@ -11,14 +11,13 @@ from typing import Any
 import asyncpg
 import pytest
 from mcp import Client
-from support import EngramDB, engram_env, make_engram_db
+from support import EngramDB, engram_env, make_engram_db, new_bucket, storage_env
 
 from engram_recovery import testbed
 from engram_recovery.core.engram import crypto as engram_crypto
 from engram_recovery.core.progress import silent
 from engram_recovery.core.runtime import Runtime
 from engram_recovery.core.settings import load_settings
-from engram_recovery.core.stores import s3
 from engram_recovery.server.app import build_server
 from engram_recovery.testbed.seaweedfs import SeaweedFS
 from engram_recovery.tools.backup_status import BackupStatusInput, BackupStatusResult, Check, backup_status
@@ -216,43 +215,16 @@ async def test_deep_check_finds_attachment_rows_whose_blob_is_missing(engram_db:
     assert drifted.details["missing_blobs"] == 1
 
 
-@pytest.fixture
-async def s3_db(admin_dsn: str, master_key: bytes) -> AsyncIterator[EngramDB]:
-    async for db in make_engram_db(admin_dsn, master_key, storage="s3", notes=30, attachments=8):
-        yield db
-
-
-def s3_env(db: EngramDB, tmp_path: Path, weed: SeaweedFS, bucket: str, **extra: str) -> dict[str, str]:
-    host, port = weed.endpoint.removeprefix("http://").split(":")
-    storage = {
-        "STORAGE_BACKEND": "s3", "STORAGE_BUCKET": bucket, "STORAGE_HOST": host, "STORAGE_PORT": port,
-        "STORAGE_SCHEME": "http://", "STORAGE_ACCESS_KEY_ID": weed.access_key_id,
-        "STORAGE_SECRET_ACCESS_KEY": weed.secret_access_key,
-    }
-    return engram_env(db, tmp_path, **(storage | extra))
-
-
-async def upload(weed: SeaweedFS, bucket: str, objects: list[tuple[str, bytes]], versioned: bool) -> None:
-    location = s3.S3Location(weed.endpoint, weed.access_key_id, weed.secret_access_key, weed.region, bucket)
-    async with s3.client(location) as client:
-        await client.create_bucket(Bucket=bucket)
-        if versioned:
-            await client.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
-        for key, data in objects:
-            await client.put_object(Bucket=bucket, Key=key, Body=data)
-
-
 @pytest.mark.anyio
 async def test_s3_attachments_bucket_versioning_counts_and_drift(
     s3_db: EngramDB, weed: SeaweedFS, tmp_path: Path
 ) -> None:
     objects: list[tuple[str, bytes]] = s3_db.report.attachment_objects
     assert objects, "the seeder returned no S3 objects"
-    bucket = f"att-{secrets.token_hex(4)}"
     # Leave one referenced blob out and add one no row references.
     stray = (f"{s3_db.report.user_ids[0]}/{secrets.token_hex(4)}/objects/orphan", b"orphan")
-    await upload(weed, bucket, [*objects[1:], stray], versioned=True)
-    env = s3_env(s3_db, tmp_path, weed, bucket)
+    bucket = (await new_bucket(weed, [*objects[1:], stray], versioned=True)).bucket
+    env = engram_env(s3_db, tmp_path, **storage_env(weed, bucket))
     shallow = check(await status(env), "attachments")
     assert shallow.details["versioning"] == "Enabled"
     assert shallow.details["objects"] == len(objects)
@@ -264,9 +236,8 @@ async def test_s3_attachments_bucket_versioning_counts_and_drift(
 
 @pytest.mark.anyio
 async def test_unversioned_bucket_is_a_warning(s3_db: EngramDB, weed: SeaweedFS, tmp_path: Path) -> None:
-    bucket = f"att-{secrets.token_hex(4)}"
-    await upload(weed, bucket, s3_db.report.attachment_objects, versioned=False)
-    att = check(await status(s3_env(s3_db, tmp_path, weed, bucket)), "attachments")
+    bucket = (await new_bucket(weed, s3_db.report.attachment_objects)).bucket
+    att = check(await status(engram_env(s3_db, tmp_path, **storage_env(weed, bucket))), "attachments")
     assert att.status == "warn" and "versioning is off" in att.summary
 
 
@@ -274,14 +245,13 @@ async def test_unversioned_bucket_is_a_warning(s3_db: EngramDB, weed: SeaweedFS,
 async def test_s3_down_or_wrong_credentials_fail_only_the_attachments_check(
     s3_db: EngramDB, weed: SeaweedFS, tmp_path: Path
 ) -> None:
-    down = s3_env(s3_db, tmp_path, weed, "any", STORAGE_PORT=str(closed_port()))
+    down = engram_env(s3_db, tmp_path, **storage_env(weed, "any", STORAGE_PORT=str(closed_port())))
     result = await status(down)
     assert check(result, "attachments").status == "fail"
     assert "unreachable" in check(result, "attachments").summary
     assert check(result, "postgres").status == "ok"
-    bucket = f"att-{secrets.token_hex(4)}"
-    await upload(weed, bucket, [], versioned=True)
-    wrong = s3_env(s3_db, tmp_path, weed, bucket, STORAGE_SECRET_ACCESS_KEY="not-the-secret-000")
+    bucket = (await new_bucket(weed, versioned=True)).bucket
+    wrong = engram_env(s3_db, tmp_path, **storage_env(weed, bucket, STORAGE_SECRET_ACCESS_KEY="not-the-secret-000"))
     refused = check(await status(wrong), "attachments")
     assert refused.status == "fail" and "credentials" in refused.summary
     assert "not-the-secret-000" not in refused.model_dump_json()

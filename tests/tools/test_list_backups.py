@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from mcp import Client
-from support import EngramDB, engram_env
+from support import EngramDB, backup, engram_env
 
 from engram_recovery.core.errors import IntegrityError
 from engram_recovery.core.progress import silent
@@ -23,19 +23,10 @@ from engram_recovery.core.settings import load_settings
 from engram_recovery.server.app import build_server
 from engram_recovery.tools.backup_status import BackupStatusInput, backup_status
 from engram_recovery.tools.restore_drill import RestoreDrillInput, restore_drill
-from engram_recovery.tools.run_backup import RunBackupInput, RunBackupResult, run_backup
 
 BACKUP_KEY = base64.b64encode(secrets.token_bytes(32)).decode()
 KEEP_TWO = {"ENGRAM_RECOVERY_KEEP_LAST": "2", "ENGRAM_RECOVERY_KEEP_DAILY": "0",
             "ENGRAM_RECOVERY_KEEP_WEEKLY": "0", "ENGRAM_RECOVERY_KEEP_MONTHLY": "0"}  # fmt: skip
-
-
-async def backup(env: dict[str, str], **params: Any) -> RunBackupResult:
-    runtime = Runtime(load_settings(environ=env))
-    try:
-        return await run_backup(runtime, RunBackupInput(**params), silent)
-    finally:
-        await runtime.aclose()
 
 
 async def catalog(env: dict[str, str]) -> dict[str, Any]:

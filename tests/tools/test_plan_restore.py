@@ -19,8 +19,9 @@ from typing import Any
 import anyio
 import asyncpg
 import pytest
+import support
 from mcp import Client
-from support import BACKUP_KEY, EngramDB, engram_env, fingerprints, make_engram_db
+from support import BACKUP_KEY, EngramDB, engram_env, fingerprints, make_engram_db, new_bucket, storage_env
 
 from engram_recovery.core.engram import crypto as engram_crypto
 from engram_recovery.core.progress import silent
@@ -43,11 +44,7 @@ NOT_RUN_HERE = {"reindex_qdrant"}
 
 
 async def backup(env: dict[str, str]) -> str:
-    runtime = Runtime(load_settings(environ=env))
-    try:
-        result = await run_backup(runtime, RunBackupInput(), silent)
-    finally:
-        await runtime.aclose()
+    result = await support.backup(env)
     assert result.backup_id and result.verified
     return result.backup_id
 
@@ -235,14 +232,6 @@ async def test_recovery_points_resolve_by_id_and_time_and_unknown_ones_are_named
 # --- attachments in S3 ------------------------------------------------------------------------------
 
 
-def s3_env(weed: SeaweedFS, bucket: str) -> dict[str, str]:
-    scheme, _, hostport = weed.endpoint.partition("://")
-    host, _, port = hostport.partition(":")
-    return {"STORAGE_BACKEND": "s3", "STORAGE_BUCKET": bucket, "STORAGE_HOST": host, "STORAGE_PORT": port,
-            "STORAGE_SCHEME": scheme + "://", "STORAGE_ACCESS_KEY_ID": weed.access_key_id,
-            "STORAGE_SECRET_ACCESS_KEY": weed.secret_access_key, "STORAGE_REGION": weed.region}  # fmt: skip
-
-
 async def bucket_objects(location: s3.S3Location) -> dict[str, bytes]:
     async with s3.client(location) as c:
         out: dict[str, bytes] = {}
@@ -257,14 +246,10 @@ async def bucket_objects(location: s3.S3Location) -> dict[str, bytes]:
 async def test_s3_attachments_come_back_by_the_plan_and_a_missing_blob_stops_it(
     admin_dsn: str, weed: SeaweedFS, tmp_path: Path
 ) -> None:
-    bucket = "att-" + secrets.token_hex(4)
-    location = s3.S3Location(weed.endpoint, weed.access_key_id, weed.secret_access_key, weed.region, bucket)
     async for db in make_engram_db(admin_dsn, secrets.token_bytes(32), storage="s3", attachments=2):
-        async with s3.client(location) as c:
-            await c.create_bucket(Bucket=bucket)
-            for key, blob in db.report.attachment_objects:
-                await c.put_object(Bucket=bucket, Key=key, Body=blob)
-        env = engram_env(db, tmp_path, ENGRAM_RECOVERY_BACKUP_KEY=BACKUP_KEY, **s3_env(weed, bucket))
+        location = await new_bucket(weed, db.report.attachment_objects)
+        bucket = location.bucket
+        env = engram_env(db, tmp_path, ENGRAM_RECOVERY_BACKUP_KEY=BACKUP_KEY, **storage_env(weed, bucket))
         await backup(env)
         original = await bucket_objects(location)
         assert len(original) == 2

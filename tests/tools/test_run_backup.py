@@ -11,16 +11,26 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import anyio
 import asyncpg
 import format_reader
 import pytest
 from mcp import Client
-from support import EngramDB, engram_env, fingerprints, make_engram_db, pg_bin, restore_client
+from support import (
+    EngramDB,
+    backup,
+    engram_env,
+    fingerprints,
+    make_engram_db,
+    new_bucket,
+    pg_bin,
+    repository_env,
+    restore_client,
+    s3_location,
+    storage_env,
+)
 
 from engram_recovery import testbed
 from engram_recovery.core.backup.run import verify_artifacts
@@ -40,19 +50,11 @@ from engram_recovery.server import cli
 from engram_recovery.server.app import build_server
 from engram_recovery.testbed.seaweedfs import SeaweedFS
 from engram_recovery.tools.backup_status import BackupStatusInput, Check, backup_status
-from engram_recovery.tools.run_backup import RunBackupInput, RunBackupResult, run_backup
+from engram_recovery.tools.run_backup import RunBackupResult
 
 FORMAT_DOC = Path(__file__).resolve().parents[2] / "docs" / "backup-format.md"
 READER_SOURCE = Path(format_reader.__file__).read_text()
 BACKUP_KEY = base64.b64encode(b"k" * 16 + secrets.token_bytes(16)).decode()
-
-
-async def backup(env: dict[str, str], progress: Any = silent, **params: Any) -> RunBackupResult:
-    runtime = Runtime(load_settings(environ=env))
-    try:
-        return await run_backup(runtime, RunBackupInput(**params), progress)
-    finally:
-        await runtime.aclose()
 
 
 async def last_backup_check(env: dict[str, str]) -> Check:
@@ -463,32 +465,13 @@ async def test_a_wrong_backup_key_is_named_by_decrypt(
 # --- S3: the repository on SeaweedFS, and the attachments bucket -----------------------------------------
 
 
-async def make_bucket(weed: SeaweedFS, objects: Sequence[tuple[str, bytes]] = ()) -> str:
-    bucket = f"b-{secrets.token_hex(4)}"
-    location = s3.S3Location(weed.endpoint, weed.access_key_id, weed.secret_access_key, weed.region, bucket)
-    async with s3.client(location) as client:
-        await client.create_bucket(Bucket=bucket)
-        for key, data in objects:
-            await client.put_object(Bucket=bucket, Key=key, Body=data)
-    return bucket
-
-
-def s3_repo_env(weed: SeaweedFS, bucket: str, secret: str | None = None) -> dict[str, str]:
-    return {
-        "ENGRAM_RECOVERY_REPOSITORY": f"s3://{bucket}/engram/prod",
-        "ENGRAM_RECOVERY_REPOSITORY_ENDPOINT": weed.endpoint,
-        "ENGRAM_RECOVERY_REPOSITORY_ACCESS_KEY_ID": weed.access_key_id,
-        "ENGRAM_RECOVERY_REPOSITORY_SECRET_ACCESS_KEY": secret or weed.secret_access_key,
-    }
-
-
 @pytest.mark.anyio
 async def test_an_s3_repository_on_seaweedfs_works_end_to_end(
     engram_db: EngramDB, admin_dsn: str, weed: SeaweedFS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    bucket = await make_bucket(weed)
-    env = engram_env(engram_db, tmp_path, ENGRAM_RECOVERY_BACKUP_KEY=BACKUP_KEY, **s3_repo_env(weed, bucket))
+    bucket = (await new_bucket(weed)).bucket
+    env = engram_env(engram_db, tmp_path, ENGRAM_RECOVERY_BACKUP_KEY=BACKUP_KEY, **repository_env(weed, bucket))
     result = await backup(env)
     assert result.verified and result.backup_id and result.repository.startswith(f"s3://{bucket}/engram/prod/")
     state = await read_state(load_settings(environ=env))
@@ -507,14 +490,13 @@ async def test_an_s3_repository_on_seaweedfs_works_end_to_end(
 async def test_wrong_s3_credentials_fail_clearly_and_write_nothing(
     engram_db: EngramDB, weed: SeaweedFS, tmp_path: Path
 ) -> None:
-    bucket = await make_bucket(weed)
+    bucket = (await new_bucket(weed)).bucket
     wrong = "wrong-" + secrets.token_hex(8)
-    env = engram_env(engram_db, tmp_path, **s3_repo_env(weed, bucket, secret=wrong))
+    env = engram_env(engram_db, tmp_path, **repository_env(weed, bucket, secret=wrong))
     with pytest.raises(StoreUnreachable, match="refused the credentials") as info:
         await backup(env)
     assert wrong not in str(info.value)
-    async with s3.client(s3.S3Location(weed.endpoint, weed.access_key_id, weed.secret_access_key, weed.region,
-                                       bucket)) as client:
+    async with s3.client(s3_location(weed, bucket)) as client:
         assert (await client.list_objects_v2(Bucket=bucket)).get("KeyCount", 0) == 0
 
 
@@ -524,13 +506,9 @@ async def test_s3_attachments_are_mirrored_and_the_inventory_matches_the_bucket(
 ) -> None:
     async for db in make_engram_db(admin_dsn, master_key, storage="s3", notes=20, attachments=10):
         objects: list[tuple[str, bytes]] = db.report.attachment_objects
-        source = await make_bucket(weed, objects)
-        host, port = weed.endpoint.removeprefix("http://").split(":")
-        env = engram_env(
-            db, tmp_path, STORAGE_BACKEND="s3", STORAGE_BUCKET=source, STORAGE_HOST=host, STORAGE_PORT=port,
-            STORAGE_SCHEME="http://", STORAGE_ACCESS_KEY_ID=weed.access_key_id,
-            STORAGE_SECRET_ACCESS_KEY=weed.secret_access_key,
-        )
+        location = await new_bucket(weed, objects)
+        source = location.bucket
+        env = engram_env(db, tmp_path, **storage_env(weed, source))
         dry = await backup(env, dry_run=True)
         assert dry.attachments is not None and dry.attachments.copied_objects == len(objects)
         assert not (tmp_path / "repo" / "backups").exists()
@@ -541,7 +519,6 @@ async def test_s3_attachments_are_mirrored_and_the_inventory_matches_the_bucket(
         assert m.attachments.backend == "s3" and m.attachments.objects == len(objects) and m.attachments.inventory
         stored = tmp_path / "repo" / "backups" / first.backup_id / m.attachments.inventory
         inventory = [json.loads(line) for line in stored.read_text().splitlines()]
-        location = s3.S3Location(weed.endpoint, weed.access_key_id, weed.secret_access_key, weed.region, source)
         async with s3.client(location) as client:
             listed = [o async for o in s3.list_objects(client, source)]
         assert sorted((e["key"], e["size"], e["etag"]) for e in inventory) == sorted(

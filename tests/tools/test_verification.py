@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any
 import anyio
 import asyncpg
 import pytest
-from support import EngramDB, engram_env, make_engram_db
+from support import EngramDB, backup, engram_env, make_engram_db, new_bucket, repository_env, storage_env
 
 from engram_recovery.core.progress import silent
 from engram_recovery.core.repository import pool
@@ -34,17 +33,8 @@ from engram_recovery.testbed.seaweedfs import SeaweedFS
 from engram_recovery.tools.backup_status import BackupStatusInput, Check, backup_status
 from engram_recovery.tools.plan_restore import PlanRestoreInput, PlanRestoreResult, plan_restore
 from engram_recovery.tools.restore_drill import RestoreDrillInput, RestoreDrillResult, restore_drill
-from engram_recovery.tools.run_backup import RunBackupInput, RunBackupResult, run_backup
 
 # --- helpers ---------------------------------------------------------------------------------------------
-
-
-async def backup(env: dict[str, str]) -> RunBackupResult:
-    runtime = Runtime(load_settings(environ=env))
-    try:
-        return await run_backup(runtime, RunBackupInput(), silent)
-    finally:
-        await runtime.aclose()
 
 
 async def status(env: dict[str, str], deep: bool = False) -> dict[str, Check]:
@@ -99,16 +89,6 @@ class S3Deployment:
     objects: dict[str, bytes]
 
 
-async def make_bucket(weed: SeaweedFS, objects: dict[str, bytes]) -> s3.S3Location:
-    bucket = f"att-{secrets.token_hex(4)}"
-    location = s3.S3Location(weed.endpoint, weed.access_key_id, weed.secret_access_key, weed.region, bucket)
-    async with s3.client(location) as client:
-        await client.create_bucket(Bucket=bucket)
-        for key, data in objects.items():
-            await client.put_object(Bucket=bucket, Key=key, Body=data)
-    return location
-
-
 @pytest.fixture
 async def deployment(
     admin_dsn: str, master_key: bytes, weed: SeaweedFS, tmp_path: Path
@@ -116,13 +96,8 @@ async def deployment(
     """An Engram deployment with STORAGE_BACKEND=s3 on SeaweedFS, backed up into a local repository."""
     async for db in make_engram_db(admin_dsn, master_key, storage="s3", notes=20, attachments=8):
         objects = dict(db.report.attachment_objects)
-        source = await make_bucket(weed, objects)
-        host, port = weed.endpoint.removeprefix("http://").split(":")
-        env = engram_env(
-            db, tmp_path, STORAGE_BACKEND="s3", STORAGE_BUCKET=source.bucket, STORAGE_HOST=host, STORAGE_PORT=port,
-            STORAGE_SCHEME="http://", STORAGE_ACCESS_KEY_ID=weed.access_key_id,
-            STORAGE_SECRET_ACCESS_KEY=weed.secret_access_key,
-        )  # fmt: skip
+        source = await new_bucket(weed, objects)
+        env = engram_env(db, tmp_path, **storage_env(weed, source.bucket))
         yield S3Deployment(db, env, tmp_path / "repo", source, objects)
 
 
@@ -239,15 +214,9 @@ async def test_bit_rot_that_keeps_the_file_time_is_found_by_a_deep_status_and_re
 async def test_an_s3_pool_blob_rewritten_with_other_bytes_is_copied_again(
     deployment: S3Deployment, weed: SeaweedFS
 ) -> None:
-    bucket = f"repo-{secrets.token_hex(4)}"
-    repository = s3.S3Location(weed.endpoint, weed.access_key_id, weed.secret_access_key, weed.region, bucket)
-    async with s3.client(repository) as client:
-        await client.create_bucket(Bucket=bucket)
-    env = deployment.env | {
-        "ENGRAM_RECOVERY_REPOSITORY": f"s3://{bucket}/prod", "ENGRAM_RECOVERY_REPOSITORY_ENDPOINT": weed.endpoint,
-        "ENGRAM_RECOVERY_REPOSITORY_ACCESS_KEY_ID": weed.access_key_id,
-        "ENGRAM_RECOVERY_REPOSITORY_SECRET_ACCESS_KEY": weed.secret_access_key,
-    }  # fmt: skip
+    repository = await new_bucket(weed)
+    bucket = repository.bucket
+    env = deployment.env | repository_env(weed, bucket, "prod")
     first = await backup(env)
     assert first.backup_id and first.attachments is not None
     async with s3.client(repository) as client:
