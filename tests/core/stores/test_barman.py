@@ -31,14 +31,23 @@ from engram_recovery.testbed import cluster
 T0 = datetime(2026, 11, 25, 9, 0, tzinfo=UTC)
 
 
-def test_argv_names_the_configuration_and_asks_for_json_where_it_is_read() -> None:
-    command = BarmanCommand("/opt/barman", "engram", "/etc/barman.d/engram.conf")
-    assert command.list_backups() == ["/opt/barman", "-c", "/etc/barman.d/engram.conf", "-f", "json",
-                                      "list-backups", "engram"]  # fmt: skip
-    assert command.show_backup("20261125T094619")[-3:] == ["show-backup", "engram", "20261125T094619"]
-    assert BarmanCommand("barman", "engram").check() == ["barman", "-f", "json", "check", "engram"]
-    assert command.backup(wait_timeout=30)[-4:] == ["backup", "--wait", "--wait-timeout=30", "engram"]
-    assert command.receive_wal(stop=True)[-3:] == ["receive-wal", "--stop", "engram"]
+CONFIGURED = BarmanCommand("/opt/barman", "engram", "/etc/barman.d/engram.conf")
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (CONFIGURED.list_backups(), ["/opt/barman", "-c", "/etc/barman.d/engram.conf", "-f", "json", "list-backups",
+                                     "engram"]),
+        (CONFIGURED.show_backup("20261125T094619")[-3:], ["show-backup", "engram", "20261125T094619"]),
+        (BarmanCommand("barman", "engram").check(), ["barman", "-f", "json", "check", "engram"]),
+        (CONFIGURED.backup(wait_timeout=30)[-4:], ["backup", "--wait", "--wait-timeout=30", "engram"]),
+        (CONFIGURED.receive_wal(stop=True)[-3:], ["receive-wal", "--stop", "engram"]),
+    ],
+    ids=["list-backups", "show-backup", "check without a configuration file", "backup", "receive-wal --stop"],
+)  # fmt: skip
+def test_argv_names_the_configuration_and_asks_for_json_where_it_is_read(argv: list[str], expected: list[str]) -> None:
+    assert argv == expected
 
 
 def test_recover_sends_the_target_time_with_its_offset_and_promotes() -> None:
