@@ -8,51 +8,14 @@ repository's settings (no DATABASE_URL).
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import socket
-import subprocess
-import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
-import anyio.to_thread
 import pytest
-from support import EngramDB, engram_env, make_engram_db
+from support import EngramDB, arun_cli, backup, engram_env, new_bucket, repository_env, run_cli, storage_env
 
-from engram_recovery.core.progress import silent
-from engram_recovery.core.runtime import Runtime
-from engram_recovery.core.settings import load_settings
-from engram_recovery.core.stores import s3
 from engram_recovery.testbed.seaweedfs import SeaweedFS
-from engram_recovery.tools.run_backup import RunBackupInput, RunBackupResult, run_backup
-
-EXE = str(Path(sys.executable).with_name("engram-recovery"))
-
-
-def _run(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([EXE, *args], capture_output=True, text=True, timeout=60,
-                          env={"PATH": os.environ["PATH"], **env})  # fmt: skip
-
-
-async def _arun(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return await anyio.to_thread.run_sync(_run, args, env)
-
-
-async def new_bucket(weed: SeaweedFS, objects: dict[str, bytes]) -> str:
-    bucket = f"cat-{secrets.token_hex(4)}"
-    location = s3.S3Location(weed.endpoint, weed.access_key_id, weed.secret_access_key, weed.region, bucket)
-    async with s3.client(location) as client:
-        await client.create_bucket(Bucket=bucket)
-        for key, data in objects.items():
-            await client.put_object(Bucket=bucket, Key=key, Body=data)
-    return bucket
-
-
-@pytest.fixture
-async def s3_db(admin_dsn: str, master_key: bytes) -> AsyncIterator[EngramDB]:
-    async for db in make_engram_db(admin_dsn, master_key, storage="s3", notes=20, attachments=6):
-        yield db
 
 
 @pytest.mark.anyio
@@ -60,29 +23,13 @@ async def test_backups_lists_an_s3_repository_as_a_table_and_as_json_without_a_d
     s3_db: EngramDB, weed: SeaweedFS, tmp_path: Path
 ) -> None:
     objects = dict(s3_db.report.attachment_objects)
-    source = await new_bucket(weed, objects)
-    repository = await new_bucket(weed, {})
-    host, port = weed.endpoint.removeprefix("http://").split(":")
-    repo_env = {
-        "ENGRAM_RECOVERY_REPOSITORY": f"s3://{repository}/engram", "ENGRAM_RECOVERY_REPOSITORY_ENDPOINT": weed.endpoint,
-        "ENGRAM_RECOVERY_REPOSITORY_ACCESS_KEY_ID": weed.access_key_id,
-        "ENGRAM_RECOVERY_REPOSITORY_SECRET_ACCESS_KEY": weed.secret_access_key,
-    }  # fmt: skip
-    env = engram_env(
-        s3_db, tmp_path, STORAGE_BACKEND="s3", STORAGE_BUCKET=source, STORAGE_HOST=host, STORAGE_PORT=port,
-        STORAGE_SCHEME="http://", STORAGE_ACCESS_KEY_ID=weed.access_key_id,
-        STORAGE_SECRET_ACCESS_KEY=weed.secret_access_key, **repo_env,
-    )  # fmt: skip
-    results: list[RunBackupResult] = []
-    for _ in range(2):
-        runtime = Runtime(load_settings(environ=env))
-        try:
-            results.append(await run_backup(runtime, RunBackupInput(), silent))
-        finally:
-            await runtime.aclose()
-    older, newer = results
+    source = (await new_bucket(weed, objects)).bucket
+    repository = (await new_bucket(weed)).bucket
+    repo_env = repository_env(weed, repository, "engram")
+    env = engram_env(s3_db, tmp_path, **storage_env(weed, source), **repo_env)
+    older, newer = [await backup(env) for _ in range(2)]
 
-    listed = await _arun(["backups", "--json"], repo_env)
+    listed = await arun_cli(["backups", "--json"], repo_env)
     assert listed.returncode == 0, listed.stderr
     view = json.loads(listed.stdout)
     assert view["repository"].startswith(f"s3://{repository}/engram")
@@ -93,7 +40,7 @@ async def test_backups_lists_an_s3_repository_as_a_table_and_as_json_without_a_d
     assert entry["size_bytes"] == newer.stored_bytes and entry["encrypted"] is False
     assert entry["verified"]["how"] == "at write" and entry["retention"]["action"] == "keep"
 
-    shown = await _arun(["backups"], repo_env)
+    shown = await arun_cli(["backups"], repo_env)
     assert shown.returncode == 0, shown.stderr
     lines = shown.stdout.splitlines()
     assert lines[0].split()[:3] == ["ID", "SNAPSHOT", "(UTC)"]
@@ -104,7 +51,7 @@ async def test_backups_lists_an_s3_repository_as_a_table_and_as_json_without_a_d
 
 
 def test_backups_of_an_absent_repository_says_there_are_none(tmp_path: Path) -> None:
-    shown = _run(["backups"], {"ENGRAM_RECOVERY_REPOSITORY": str(tmp_path / "none-yet")})
+    shown = run_cli(["backups"], {"ENGRAM_RECOVERY_REPOSITORY": str(tmp_path / "none-yet")})
     assert shown.returncode == 0, shown.stderr
     assert shown.stdout.startswith("no backups yet") and str(tmp_path / "none-yet") in shown.stdout
 
@@ -134,7 +81,7 @@ def test_backups_exits_2_with_one_line_of_cause_and_one_of_fix(tmp_path: Path, c
                            "ENGRAM_RECOVERY_REPOSITORY_SECRET_ACCESS_KEY": secret},
         "s3 without credentials": {"ENGRAM_RECOVERY_REPOSITORY": "s3://bucket/engram"},
     }[case]  # fmt: skip
-    result = _run(["backups"], env)
+    result = run_cli(["backups"], env)
     assert result.returncode == 2
     assert result.stdout == ""
     cause, fix = result.stderr.rstrip("\n").split("\n")

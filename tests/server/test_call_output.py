@@ -10,15 +10,13 @@ import pty
 import secrets
 import stat
 import subprocess
-import sys
 from pathlib import Path
 
 import anyio
 import anyio.to_thread
 import pytest
-from support import EngramDB, engram_env
+from support import EXE, EngramDB, engram_env
 
-EXE = str(Path(sys.executable).with_name("engram-recovery"))
 pytestmark = pytest.mark.anyio
 
 

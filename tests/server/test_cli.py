@@ -6,23 +6,12 @@ import json
 import os
 import pty
 import subprocess
-import sys
 from pathlib import Path
 
 import anyio
 import anyio.to_thread
 import pytest
-from support import EngramDB, engram_env
-
-EXE = str(Path(sys.executable).with_name("engram-recovery"))
-
-
-def _run(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([EXE, *args], capture_output=True, text=True, timeout=60, env=env)
-
-
-async def _arun(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return await anyio.to_thread.run_sync(_run, args, env)
+from support import EXE, EngramDB, arun_cli, engram_env, run_cli
 
 
 def test_config_prints_effective_settings_with_every_secret_redacted(tmp_path: Path) -> None:
@@ -32,7 +21,7 @@ def test_config_prints_effective_settings_with_every_secret_redacted(tmp_path: P
         "ENCRYPTION_MASTER_KEY": "bWFzdGVyLWtleS1zZWNyZXQtdmFsdWUtMTIzNDU2Nzg=",
         "ENGRAM_RECOVERY_HTTP_TOKEN": "http-token-abcdefghijkl",
     }
-    result = _run(["config"], env)
+    result = run_cli(["config"], env)
     assert result.returncode == 0
     shown = json.loads(result.stdout)
     assert shown["ENCRYPTION_MASTER_KEY"] == "***"
@@ -42,7 +31,7 @@ def test_config_prints_effective_settings_with_every_secret_redacted(tmp_path: P
 
 
 def test_malformed_setting_gives_one_message_and_exit_2_without_traceback() -> None:
-    result = _run(["call", "backup_status"], {"PATH": os.environ["PATH"], "DATABASE_URL": "mysql://nope/x"})
+    result = run_cli(["call", "backup_status"], {"PATH": os.environ["PATH"], "DATABASE_URL": "mysql://nope/x"})
     assert result.returncode == 2
     assert "DATABASE_URL" in result.stderr and "Fix:" in result.stderr
     assert "Traceback" not in result.stderr
@@ -52,7 +41,7 @@ def test_malformed_setting_gives_one_message_and_exit_2_without_traceback() -> N
 @pytest.mark.anyio
 async def test_call_prints_json_and_exit_code_follows_the_verdict(engram_db: EngramDB, tmp_path: Path) -> None:
     # No backup exists yet, so the verdict is 'fail' and cron must see exit code 2.
-    result = await _arun(["call", "backup_status"], engram_env(engram_db, tmp_path))
+    result = await arun_cli(["call", "backup_status"], engram_env(engram_db, tmp_path))
     body = json.loads(result.stdout)
     assert body["verdict"] == "fail"
     assert result.returncode == 2
@@ -62,10 +51,10 @@ async def test_call_prints_json_and_exit_code_follows_the_verdict(engram_db: Eng
 
 @pytest.mark.anyio
 async def test_call_with_bad_argument_is_a_failure_with_a_message(engram_db: EngramDB, tmp_path: Path) -> None:
-    result = await _arun(["call", "backup_status", "--arg", "deep=maybe"], engram_env(engram_db, tmp_path))
+    result = await arun_cli(["call", "backup_status", "--arg", "deep=maybe"], engram_env(engram_db, tmp_path))
     assert result.returncode == 2
     assert "deep takes true or false" in result.stderr and result.stdout == ""
-    bad = await _arun(["call", "backup_status", "--arg", "novalue"], engram_env(engram_db, tmp_path))
+    bad = await arun_cli(["call", "backup_status", "--arg", "novalue"], engram_env(engram_db, tmp_path))
     assert bad.returncode == 2 and "KEY=VALUE" in bad.stderr
 
 
@@ -100,8 +89,8 @@ def _call_on_a_terminal(env: dict[str, str]) -> tuple[subprocess.CompletedProces
 def test_read_only_mode_registers_no_tool_that_writes(tmp_path: Path) -> None:
     env = {"PATH": os.environ["PATH"], "DATABASE_URL": "postgresql://x@127.0.0.1/x",
            "ENGRAM_RECOVERY_ACCESS": "read-only"}
-    listed = _run(["tools"], env)
+    listed = run_cli(["tools"], env)
     assert "backup_status" in listed.stdout and "plan_restore" in listed.stdout
     assert "run_backup" not in listed.stdout and "reindex_qdrant" not in listed.stdout
-    refused = _run(["call", "run_backup"], env)
+    refused = run_cli(["call", "run_backup"], env)
     assert refused.returncode == 2 and "read-only" in refused.stderr

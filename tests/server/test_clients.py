@@ -7,16 +7,14 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import anyio
 import anyio.to_thread
 import pytest
-from support import EngramDB, engram_env
+from support import EXE, EngramDB, engram_env
 
-EXE = str(Path(sys.executable).with_name("engram-recovery"))
 INSPECTOR = "@modelcontextprotocol/inspector@2.12.0"
 
 

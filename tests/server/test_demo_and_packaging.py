@@ -19,9 +19,8 @@ from urllib.parse import urlsplit
 import anyio.to_thread
 import asyncpg
 import pytest
-from support import path_without_postgres, pg_bin
+from support import EXE, path_without_postgres, pg_bin
 
-EXE = str(Path(sys.executable).with_name("engram-recovery"))
 ROOT = Path(__file__).resolve().parents[2]
 
 

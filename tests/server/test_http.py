@@ -15,6 +15,7 @@ import httpx2
 import pytest
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
+from support import EXE
 
 TOKEN = "test-http-token-0123456789abcdef"
 INIT = {
@@ -42,9 +43,8 @@ def http_server(admin_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
         "ENGRAM_RECOVERY_REPOSITORY": str(tmp_path / "repo"),
         "ENGRAM_RECOVERY_HTTP_TOKEN": TOKEN,
     }
-    exe = Path(sys.executable).with_name("engram-recovery")
     proc = subprocess.Popen(
-        [str(exe), "serve", "--http", "--port", str(port)], env=env, stderr=subprocess.PIPE, stdout=subprocess.PIPE
+        [EXE, "serve", "--http", "--port", str(port)], env=env, stderr=subprocess.PIPE, stdout=subprocess.PIPE
     )
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
@@ -94,9 +94,8 @@ async def test_right_token_serves_mcp_and_lists_the_tools(http_server: str) -> N
 
 
 def test_http_without_a_configured_token_refuses_to_start(admin_dsn: str, tmp_path: Path) -> None:
-    exe = Path(sys.executable).with_name("engram-recovery")
     result = subprocess.run(
-        [str(exe), "serve", "--http", "--port", str(_free_port())],
+        [EXE, "serve", "--http", "--port", str(_free_port())],
         env={"PATH": os.environ["PATH"], "DATABASE_URL": admin_dsn}, capture_output=True, text=True, timeout=30,
     )
     assert result.returncode == 2

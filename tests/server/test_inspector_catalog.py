@@ -10,20 +10,18 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import anyio.to_thread
 import pytest
-from support import EngramDB, engram_env
+from support import EXE, EngramDB, engram_env
 
 from engram_recovery.core.progress import silent
 from engram_recovery.core.runtime import Runtime
 from engram_recovery.core.settings import load_settings
 from engram_recovery.tools.run_backup import RunBackupInput, run_backup
 
-EXE = str(Path(sys.executable).with_name("engram-recovery"))
 INSPECTOR = "@modelcontextprotocol/inspector@2.12.0"
 
 

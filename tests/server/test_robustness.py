@@ -26,26 +26,16 @@ import asyncpg
 import pytest
 from mcp import Client
 from qdrant_client import QdrantClient
-from support import EngramDB, engram_env, fingerprints
+from support import EXE, EngramDB, arun_cli, engram_env, fingerprints, run_cli
 
 from engram_recovery.core.repository import points as restore_checks
 from engram_recovery.core.settings import load_settings
 from engram_recovery.server import cli
 from engram_recovery.server.app import build_server
 
-EXE = str(Path(sys.executable).with_name("engram-recovery"))
 INIT = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
     "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "cron", "version": "1"}}}
 INITIALIZED = {"jsonrpc": "2.0", "method": "notifications/initialized"}
-
-
-def _run(args: list[str], env: dict[str, str], stdin: str | None = None, timeout: float = 60
-         ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([EXE, *args], input=stdin, capture_output=True, text=True, timeout=timeout, env=env)
-
-
-async def _arun(args: list[str], env: dict[str, str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return await anyio.to_thread.run_sync(lambda: _run(args, env, stdin))
 
 
 def _bare_env() -> dict[str, str]:
@@ -118,17 +108,17 @@ async def test_cli_arg_values_are_parsed_by_the_schema_and_bad_or_repeated_ones_
         (["--arg", "colour=blue"], "'colour' is not an argument of reindex_qdrant"),
     ]
     for args, expected in refused:
-        result = await _arun(["call", "reindex_qdrant", *args], env)
+        result = await arun_cli(["call", "reindex_qdrant", *args], env)
         assert result.returncode == 2, result
         assert expected in result.stderr and "Fix:" in result.stderr and "Traceback" not in result.stderr
         assert result.stdout == ""
     assert await _pending_embed_jobs(engram_db.dsn) == jobs
     # Good values of each type go through: a boolean, an enum, and text that looks like a number stays text.
-    dry = await _arun(["call", "reindex_qdrant", "--arg", "mode=stale", "--arg", "confirm=false"], env)
+    dry = await arun_cli(["call", "reindex_qdrant", "--arg", "mode=stale", "--arg", "confirm=false"], env)
     assert json.loads(dry.stdout)["dry_run"] is True, dry.stderr
-    drill = await _arun(["call", "restore_drill", "--arg", "sample_notes=2.5"], env)
+    drill = await arun_cli(["call", "restore_drill", "--arg", "sample_notes=2.5"], env)
     assert drill.returncode == 2 and "sample_notes takes a whole number from 1 to 10000" in drill.stderr
-    planned = await _arun(["call", "plan_restore", "--arg", "app_version=0.18"], env)
+    planned = await arun_cli(["call", "plan_restore", "--arg", "app_version=0.18"], env)
     assert "app_version" not in planned.stderr  # parsed as the string "0.18", not the number 0.18
     assert await _pending_embed_jobs(engram_db.dsn) == jobs
 
@@ -159,7 +149,7 @@ async def test_stdio_answers_every_invalid_line_with_its_code_and_exits_after_eo
         {"jsonrpc": "2.0", "id": 8, "method": "tools/list"},
     )
     started = time.monotonic()
-    result = await _arun(["serve"], engram_env(engram_db, tmp_path), script)
+    result = await arun_cli(["serve"], engram_env(engram_db, tmp_path), script)
     elapsed = time.monotonic() - started
     assert result.returncode == 0 and "Traceback" not in result.stderr + result.stdout
     replies = [json.loads(line) for line in result.stdout.splitlines()]
@@ -183,7 +173,7 @@ async def test_stdio_answers_a_request_the_sdk_leaves_silent_and_still_ends(
                     {"jsonrpc": "2.0", "id": 6, "method": "tools/call", "params": {"name": "backup_status"}},
                     {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 6}})
     started = time.monotonic()
-    result = await _arun(["serve"], engram_env(engram_db, tmp_path), script)
+    result = await arun_cli(["serve"], engram_env(engram_db, tmp_path), script)
     assert result.returncode == 0 and time.monotonic() - started < 30
     replies = {r["id"]: r for r in map(json.loads, result.stdout.splitlines())}
     assert set(replies) == {1, 6}
@@ -195,7 +185,7 @@ async def test_stdio_answers_a_request_the_sdk_leaves_silent_and_still_ends(
 async def test_stdio_without_configuration_starts_lists_tools_and_each_call_names_the_variable() -> None:
     script = _lines(INIT, INITIALIZED, {"jsonrpc": "2.0", "id": 2, "method": "tools/list"},
                     {"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {"name": "run_backup"}})
-    result = await _arun(["serve"], _bare_env(), script)
+    result = await arun_cli(["serve"], _bare_env(), script)
     assert result.returncode == 0 and "Traceback" not in result.stderr
     replies = {r["id"]: r for r in map(json.loads, result.stdout.splitlines())}
     assert replies[1]["result"]["serverInfo"]["name"] == "engram-recovery"
@@ -205,10 +195,10 @@ async def test_stdio_without_configuration_starts_lists_tools_and_each_call_name
 
 
 def test_version_help_and_tools_need_no_settings() -> None:
-    version = _run(["--version"], _bare_env())
+    version = run_cli(["--version"], _bare_env())
     assert version.returncode == 0 and version.stdout.startswith("engram-recovery ")
-    assert _run(["--help"], _bare_env()).returncode == 0
-    listed = _run(["tools"], _bare_env())
+    assert run_cli(["--help"], _bare_env()).returncode == 0
+    listed = run_cli(["tools"], _bare_env())
     assert listed.returncode == 0 and "backup_status" in listed.stdout and "reindex_qdrant" in listed.stdout
 
 
@@ -236,7 +226,7 @@ async def test_connection_failures_are_each_named_with_their_own_fix(
         text = _text(result)
         assert result.is_error and cause in text and fix in text, text
         assert "Error executing tool" not in text
-        cli = await _arun(["call", "backup_status"], env)
+        cli = await arun_cli(["call", "backup_status"], env)
         check = next(c for c in json.loads(cli.stdout)["checks"] if c["component"] == "postgres")
         assert cli.returncode == 2 and check["status"] == "fail" and cause in check["summary"]
         assert "Traceback" not in cli.stderr
@@ -319,7 +309,7 @@ async def test_statement_timeout_is_named_with_its_fix(engram_db: EngramDB) -> N
 ])
 def test_malformed_database_url_names_the_variable_and_the_fix(url: str, cause: str, fix: str) -> None:
     for args in (["config"], ["call", "backup_status"]):
-        result = _run(args, _bare_env() | {"DATABASE_URL": url})
+        result = run_cli(args, _bare_env() | {"DATABASE_URL": url})
         assert result.returncode == 2 and result.stdout == ""
         first, second = result.stderr.strip().splitlines()
         assert first == f"engram-recovery: {cause}" or first.startswith(f"engram-recovery: {cause}")
@@ -335,7 +325,7 @@ async def test_a_bad_recovery_point_is_the_same_error_for_plan_restore_and_resto
     engram_db: EngramDB, tmp_path: Path
 ) -> None:
     env = engram_env(engram_db, tmp_path)
-    assert (await _arun(["call", "run_backup"], env)).returncode in (0, 1)
+    assert (await arun_cli(["call", "run_backup"], env)).returncode in (0, 1)
     texts = []
     async with Client(build_server(load_settings(environ=env))) as client:
         for tool in ("plan_restore", "restore_drill"):
@@ -344,10 +334,10 @@ async def test_a_bad_recovery_point_is_the_same_error_for_plan_restore_and_resto
             texts.append(_text(result))
     assert texts[0] == texts[1] and texts[0].startswith("no complete backup matches 'no-such-point'\nFix: ")
     for tool in ("plan_restore", "restore_drill"):
-        cli = await _arun(["call", tool, "--arg", "recovery_point=no-such-point"], env)
+        cli = await arun_cli(["call", tool, "--arg", "recovery_point=no-such-point"], env)
         assert cli.returncode == 2 and "no complete backup matches" in json.loads(cli.stdout)["error"]
     # A completed plan whose worst finding is a warning exits 1 (here: the app version was not given).
-    warn = await _arun(["call", "plan_restore", "--arg", "target_database=restore_target_9"], env)
+    warn = await arun_cli(["call", "plan_restore", "--arg", "target_database=restore_target_9"], env)
     assert json.loads(warn.stdout)["verdict"] == "warn" and warn.returncode == 1
 
 
@@ -429,8 +419,8 @@ async def test_the_cron_line_runs_beside_a_serving_http_server_that_uses_the_emb
             served = await client.call_tool("backup_status", {})  # the server has opened the Qdrant folder
             assert served.structured_content is not None
             # As the README's cron line does, while the server keeps serving.
-            backup = await _arun(["call", "run_backup"], env)
-            status = await _arun(["call", "backup_status"], env)
+            backup = await arun_cli(["call", "run_backup"], env)
+            status = await arun_cli(["call", "backup_status"], env)
             assert (await client.call_tool("backup_status", {})).structured_content is not None
     finally:
         server.terminate()

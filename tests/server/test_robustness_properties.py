@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -25,14 +24,13 @@ import pytest
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 from mcp import Client
-from support import EngramDB, engram_env, fingerprints
+from support import EXE, EngramDB, engram_env, fingerprints
 
 from engram_recovery.core.settings import load_settings
 from engram_recovery.server.app import build_server
 from engram_recovery.tools import registry
 from engram_recovery.tools.base import ToolSpec
 
-EXE = str(Path(sys.executable).with_name("engram-recovery"))
 TOOL_NAMES = [spec.name for spec in registry.all_specs()]
 EXIT_BOUND = 60.0
 

@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 from datetime import UTC, datetime
 from pathlib import Path
@@ -14,12 +13,10 @@ from pathlib import Path
 import anyio
 import anyio.to_thread
 import pytest
-from support import EngramDB, engram_env
+from support import EXE, EngramDB, engram_env
 
 from engram_recovery.core.errors import ConfigurationError
 from engram_recovery.server.schedule import Job, jobs
-
-EXE = str(Path(sys.executable).with_name("engram-recovery"))
 
 
 def at(text: str) -> datetime:

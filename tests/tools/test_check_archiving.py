@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ from archiving_support import (
     restart,
 )
 from mcp import Client
+from support import arun_cli
 
 from engram_recovery.core.archive.prerequisites import ServerFacts, judge
 from engram_recovery.core.settings import load_settings
@@ -125,15 +124,10 @@ async def test_archiving_on_with_barman_streaming_is_ok_and_says_nothing_needs_c
                                   "host_commands": []}  # fmt: skip
 
 
-def _call(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    exe = str(Path(sys.executable).with_name("engram-recovery"))
-    return subprocess.run([exe, "call", "check_archiving"], capture_output=True, text=True, timeout=60, env=env)
-
-
 @pytest.mark.anyio
 async def test_the_cli_prints_the_fixes_as_json_and_exits_2_on_a_failed_check() -> None:
     with archive_cluster("wal_level=minimal", "max_wal_senders=0") as archive:
-        result = await anyio.to_thread.run_sync(_call, env_for(archive.url))
+        result = await arun_cli(["call", "check_archiving"], env_for(archive.url))
     assert result.returncode == 2, result.stderr
     body = json.loads(result.stdout)
     assert body["verdict"] == "fail" and "ALTER SYSTEM SET wal_level = 'replica';" in body["remedies"]["host_commands"]
