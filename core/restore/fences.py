@@ -135,8 +135,10 @@ async def _snapshot(conn: postgres.Connection) -> LiveSnapshot:
     else:
         snap.skipped.append("live has no table api_keys")
     if p.has_column("vaults", "change_seq"):
-        cursors = await conn.fetchval("SELECT to_regclass('vault_device_cursors') IS NOT NULL")
-        # vault_device_cursors is vestigial, but where a device recorded a higher cursor, that one counts.
+        # vault_device_cursors is vestigial, but where a device recorded a higher cursor, that one counts;
+        # a role that may not read it still gets the heads themselves.
+        cursors = await conn.fetchval("SELECT to_regclass('vault_device_cursors') IS NOT NULL AND "
+                                      "has_table_privilege('vault_device_cursors', 'SELECT')")  # fmt: skip
         sql = ("SELECT v.id::text AS id, greatest(v.change_seq, coalesce(max(c.last_seq), 0)) AS s FROM vaults v "
                "LEFT JOIN vault_device_cursors c ON c.vault_id = v.id GROUP BY v.id" if cursors
                else "SELECT id::text AS id, change_seq AS s FROM vaults")  # fmt: skip
@@ -231,9 +233,13 @@ async def fence_tokens(conn: postgres.Connection, snapshot: LiveSnapshot) -> Fen
         changed += len(rows)
     keys_changed, keys_said = await _fence_api_keys(conn, p, snapshot, details)
     changed += keys_changed
-    if blind:
+    if blind and not snapshot.readable:
         said.append(f"The live database could not be read, so every refresh token was revoked ({', '.join(blind)}): "
                     "everyone signs in again, every Obsidian device and MCP client re-authorizes.")  # fmt: skip
+    elif blind:
+        said.append(f"Refresh tokens revoked in the live database after the backup stay revoked; where the live "
+                    f"state was unknown ({', '.join(blind)}), every refresh token was revoked: those users sign in "
+                    "again.")  # fmt: skip
     else:
         said.append("Refresh tokens revoked in the live database after the backup stay revoked.")
     said += [keys_said, MINTED_AFTER, ACCESS_TOKENS]
@@ -241,7 +247,10 @@ async def fence_tokens(conn: postgres.Connection, snapshot: LiveSnapshot) -> Fen
 
 
 def _why(snapshot: LiveSnapshot, part: str) -> str:
-    return snapshot.unreadable.get(part) or snapshot.why or "not read"
+    """Why the live state of `part` (a table) is unknown, in one line."""
+    if part in snapshot.unreadable:
+        return snapshot.unreadable[part]
+    return snapshot.why or next((s for s in snapshot.skipped if part in s), f"live {part} was not read")
 
 
 async def _fence_api_keys(
@@ -272,7 +281,7 @@ async def _fence_api_keys(
     )  # fmt: skip
     details += _shown([f"api_keys: kept {r['id']} of user {r['user_id']} (name {r['name']!r}"
                        + (f", prefix {r['label']}" if r["label"] else "") + ")" for r in rows])  # fmt: skip
-    return 0, (f"The live database could not be read ({_why(snapshot, 'api_keys')}), so the {len(rows)} API key(s) "
+    return 0, (f"The live API keys are unknown ({_why(snapshot, 'api_keys')}), so the {len(rows)} API key(s) "
                "of the backup were kept, not deleted: any of them revoked after the backup works again. Ask their "
                "owners, and delete the revoked ones (DELETE FROM api_keys WHERE id = '<id>').")  # fmt: skip
 
@@ -310,12 +319,17 @@ async def fence_sync(conn: postgres.Connection, snapshot: LiveSnapshot) -> Fence
     details += [f"vault {r['id']}: not moved, its head would pass 2**53 (the client's largest exact number)"
                 for r in stuck]  # fmt: skip
     base = ("past the live head read before the restore, plus 1,000,000 for changes made since" if heads is not None
-            else f"by 1,000,000,000 (the live database could not be read: {_why(snapshot, 'vaults')}): more changes "
+            else f"by 1,000,000,000 (the live heads are unknown: {_why(snapshot, 'vaults')}): more changes "
             "than any vault can have made after the backup")  # fmt: skip
     said = (f"Every vault's sync head (vaults.change_seq) was moved {base}. Obsidian clients keep cursors at most at "
             "the live head, now behind the server's: they sync normally, pulling only changes made from now on, "
             "and no new change reuses a number they have seen. Changes a device synced after the backup stay on "
             "that device; the server has them again only if the device sends them again.")  # fmt: skip
+    if stuck:
+        said += (
+            f" {len(stuck)} vault(s) were NOT moved: their head is within the margin of 2**53, past which the "
+            "client's numbers are inexact; their devices may skip changes until they re-sync the vault."
+        )
     return FenceResult(name="sync", changed=len(rows), details=details, said=said)
 
 

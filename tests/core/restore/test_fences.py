@@ -195,7 +195,7 @@ async def test_without_the_live_head_every_vault_moves_by_a_margin_no_client_can
         await conn.close()
     heads = dict(await column_pairs(engram_db.dsn))
     assert all(heads[v] == restored[v] + BLIND_MARGIN for v in heads)
-    assert "could not be read" in result.said
+    assert "live heads are unknown: no live database is configured" in result.said
 
 
 async def column_pairs(dsn: str) -> list[tuple[str, int]]:
@@ -278,3 +278,35 @@ async def test_orphaned_users_blobs_are_copied_into_the_repository_and_left_in_t
     # Retention keeps them: no backup references these pool blobs, the protected inventory does.
     assert await _collect_pool(repo, []) == (0, 0)
     assert len([k async for k, _s in repo.list(POOL)]) == 3
+
+
+async def test_a_vault_whose_head_would_pass_2_to_the_53_is_left_alone_and_said(engram_db: EngramDB) -> None:
+    conn = await asyncpg.connect(engram_db.dsn)
+    try:
+        near = await conn.fetchval("UPDATE vaults SET change_seq = $1 WHERE id = (SELECT id FROM vaults ORDER BY id "
+                                   "LIMIT 1) RETURNING id::text", 2**53 - 10)  # fmt: skip
+        result = await fence_sync(conn, await snapshot_live(None))
+    finally:
+        await conn.close()
+    heads = dict(await column_pairs(engram_db.dsn))
+    assert heads[near] == 2**53 - 10 and result.changed == len(heads) - 1
+    assert any(d.startswith(f"vault {near}: not moved") for d in result.details) and "NOT moved" in result.said
+
+
+async def test_a_live_table_the_role_may_not_read_is_reported_unreadable_not_empty(engram_db: EngramDB) -> None:
+    role = f"fence_reader_{secrets.token_hex(4)}"
+    conn = await asyncpg.connect(engram_db.dsn)
+    try:
+        await conn.execute(f"CREATE ROLE {role} LOGIN BYPASSRLS")
+        await conn.execute(f"GRANT SELECT ON schema_migrations, users, vaults, refresh_tokens, "
+                           f"device_refresh_tokens, oauth_refresh_tokens TO {role}")  # fmt: skip
+        snapshot = await snapshot_live(engram_db.role_dsn(role))
+        assert snapshot.readable and snapshot.api_key_ids is None and "api_keys" in snapshot.unreadable
+        assert snapshot.vault_heads and set(snapshot.tokens) == set(TOKEN_TABLES)
+        result = await fence_tokens(conn, snapshot)
+    finally:
+        await conn.execute(f"DROP OWNED BY {role}; DROP ROLE {role}")
+        await conn.close()
+    assert len(await column(engram_db.dsn, "SELECT id FROM api_keys")) == len(engram_db.report.user_ids)
+    assert "live API keys are unknown" in result.said and "permission denied" in result.said
+    assert "everyone signs in again" not in result.said
