@@ -19,10 +19,12 @@ from support import EngramDB, make_engram_db
 
 from engram_recovery import testbed
 from engram_recovery.core.progress import silent
+from engram_recovery.core.repository.base import Repository
 from engram_recovery.core.repository.layout import POOL, protected_inventory_key
 from engram_recovery.core.repository.local import LocalRepository
 from engram_recovery.core.repository.pool import read_inventory
 from engram_recovery.core.repository.prune import _collect_pool
+from engram_recovery.core.repository.s3 import S3Repository
 from engram_recovery.core.restore.fences import (
     BLIND_MARGIN,
     LIVE_MARGIN,
@@ -248,8 +250,22 @@ def location(weed: SeaweedFS, bucket: str) -> S3Location:
     return S3Location(weed.endpoint, weed.access_key_id, weed.secret_access_key, weed.region, bucket)
 
 
+@asynccontextmanager
+async def repository(kind: str, weed: SeaweedFS, tmp_path: Path) -> AsyncIterator[Repository]:
+    if kind == "local":
+        yield LocalRepository(tmp_path / "repo")
+        return
+    # On the bucket's endpoint with the same credentials: the mirror copies server-side.
+    target = location(weed, f"repo-{secrets.token_hex(4)}")
+    async with s3.bulk_client(target) as c:
+        await c.create_bucket(Bucket=target.bucket)
+    async with S3Repository(target, "site/backups") as remote:
+        yield remote
+
+
+@pytest.mark.parametrize("kind", ["local", "s3"])
 async def test_orphaned_users_blobs_are_copied_into_the_repository_and_left_in_the_bucket(
-    engram_db: EngramDB, weed: SeaweedFS, tmp_path: Path
+    engram_db: EngramDB, weed: SeaweedFS, tmp_path: Path, kind: str
 ) -> None:
     bucket = location(weed, f"orph-{secrets.token_hex(4)}")
     known = str(engram_db.report.user_ids[0])
@@ -260,7 +276,13 @@ async def test_orphaned_users_blobs_are_copied_into_the_repository_and_left_in_t
         await c.create_bucket(Bucket=bucket.bucket)
         for key, body in objects.items():
             await c.put_object(Bucket=bucket.bucket, Key=key, Body=body)
-    repo = LocalRepository(tmp_path / "repo")
+    async with repository(kind, weed, tmp_path) as repo:
+        await check_protection(engram_db, bucket, repo, objects, orphan)
+
+
+async def check_protection(
+    engram_db: EngramDB, bucket: S3Location, repo: Repository, objects: dict[str, bytes], orphan: str
+) -> None:
     conn = await asyncpg.connect(engram_db.dsn)
     try:
         result = await protect_orphans(conn, bucket, repo, "run-1", silent)
