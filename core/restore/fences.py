@@ -366,15 +366,16 @@ async def protect_orphans(
     inventory = protected_inventory_key(run_id)
     report = await mirror_attachments(bucket, repo, run_id, progress, prefixes=[f"{o}/" for o in orphans],
                                       inventory=inventory)  # fmt: skip
-    per_user: dict[str, list[int]] = {o: [0, 0] for o in orphans}
+    per_user = dict.fromkeys(orphans, 0)
     for key in report.keys:
-        per_user[key.split("/", 1)[0]][0] += 1
+        per_user[key.split("/", 1)[0]] += 1
     details = _shown([f"user {o}{'' if _is_uuid(o) else ' (not a user id)'}: {n} object(s)"
-                      for o, (n, _b) in per_user.items()])  # fmt: skip
+                      for o, n in per_user.items()])  # fmt: skip
     details.append(f"{report.objects} object(s), {report.bytes} bytes: {report.copied_objects} copied now, "
                    f"{report.skipped_objects} already in the repository's pool; inventory {inventory}")  # fmt: skip
+    named = ", ".join(orphans[:5]) + " ..." * (len(orphans) > 5)
     said = (f"{len(orphans)} user(s) have attachments in bucket {bucket.bucket!r} but are not in the restored "
-            f"database (they signed up after the backup): {', '.join(orphans[:5])}{' ...' * (len(orphans) > 5)}. "
+            f"database (most likely they signed up after the backup): {named}. "
             "Engram's weekly OrphanSweep (Sundays 05:00 UTC) deletes their prefixes and their Qdrant points. "
             f"Their {report.objects} blob(s) are now in the repository ({inventory}, blobs in the attachments pool, "
             f"kept by retention until you delete {PROTECTED}{run_id}/). Before the app runs the sweep, restore those "
