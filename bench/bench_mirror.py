@@ -27,8 +27,8 @@ from pathlib import Path
 
 import anyio
 
-from engram_recovery.core.backup.mirror import MirrorOptions, mirror_attachments
 from engram_recovery.core.progress import silent
+from engram_recovery.core.repository.mirror import MirrorOptions, mirror_attachments
 from engram_recovery.core.repository.s3 import S3Repository
 from engram_recovery.core.stores import s3
 from engram_recovery.core.stores.s3 import S3Location

@@ -50,13 +50,13 @@ import asyncpg
 
 from engram_recovery import testbed
 from engram_recovery.core.artifact import encryption as backup_crypto
-from engram_recovery.core.backup.mirror import mirror_attachments
 from engram_recovery.core.engram import crypto as engram_crypto
 from engram_recovery.core.progress import silent
 from engram_recovery.core.repository.base import Repository
 from engram_recovery.core.repository.layout import BACKUPS, inventory_key
 from engram_recovery.core.repository.local import LocalRepository
 from engram_recovery.core.repository.manifest import Manifest
+from engram_recovery.core.repository.mirror import mirror_attachments
 from engram_recovery.core.repository.s3 import S3Repository
 from engram_recovery.core.restore.copy_back import copy_inventory
 from engram_recovery.core.restore.database import restore_database

@@ -1,7 +1,8 @@
 """run_backup: one consistent recovery point (database dump, attachments, key check), verified.
 
 The order of the steps, and the manifest that records them; the steps themselves live in run.py
-(preflight, locks, the dump in the facts' snapshot), pipeline.py, facts.py and mirror.py.
+(preflight, locks, the dump in the facts' snapshot), pipeline.py, facts.py and
+core/repository/mirror.py.
 tools/run_backup.py is the MCP adapter.
 """
 
@@ -25,6 +26,7 @@ from ..repository import open_repository
 from ..repository.base import Repository
 from ..repository.layout import manifest_key
 from ..repository.manifest import Artifact, AttachmentsInfo, DatabaseInfo, Manifest
+from ..repository.mirror import MirrorOptions, MirrorReport, mirror_attachments
 from ..repository.prune import RetentionReport, apply_retention
 from ..repository.records import scan
 from ..runtime import Runtime
@@ -32,7 +34,6 @@ from ..stores.pgclient.versions import ClientVersion
 from ..taskgroups import task_group
 from ..verdict import Verdict
 from .facts import LACKING_SHOWN, DatabaseFacts
-from .mirror import MirrorOptions, MirrorReport, mirror_attachments
 from .run import (
     DumpJob,
     backup_key,

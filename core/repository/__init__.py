@@ -5,7 +5,8 @@ capabilities included: callers ask, never switch on the type), local.py (a direc
 bucket), localfs.py (atomic, windowed files on a local disk); manifest.py (the document each backup
 stores), records.py (the summaries, drill and verification records, and the scan that reads them),
 points.py (resolving `latest`, an id or `before:<time>`);
-pool.py (the shared attachments pool and its inventories); verify.py (artifacts against their
+pool.py (the shared attachments pool and its inventories), mirror.py (a bucket, or some of its
+prefixes, into that pool, with an inventory); verify.py (artifacts against their
 recorded SHA-256) and verification.py (re-verifying a backup and keeping the result); retention.py
 (the pure policy) and prune.py (applying it).
 """

@@ -5,6 +5,7 @@
     attachments/pool/<h[:2]>/<h>/<etag> mirrored attachment blobs, shared by all points (h = sha256 of the source key)
     drills/<timestamp>-<backup_id>.json restore drill records
     verifications/<timestamp>-<backup_id>.json   re-verifications of a backup after it was written (deep status)
+    protected/<run_id>/attachments-inventory.jsonl   blobs a restore copied aside (users it lacks), in the pool
 
 The same keys serve a local directory and an s3://bucket/prefix.
 """
@@ -22,6 +23,7 @@ BACKUPS = "backups/"
 DRILLS = "drills/"
 VERIFICATIONS = "verifications/"
 POOL = "attachments/pool/"
+PROTECTED = "protected/"
 MANIFEST_NAME = "manifest.json"
 INVENTORY_NAME = "attachments-inventory.jsonl"
 TMP_MARK = ".tmp-"
@@ -66,6 +68,16 @@ def pool_key(key: str, etag: str) -> str:
     # so that no server can hand us a path component.
     tag = etag if _SAFE_ETAG.match(etag) else "x" + hashlib.sha256(etag.encode("utf-8")).hexdigest()
     return f"{POOL}{digest[:2]}/{digest}/{tag}"
+
+
+def protected_inventory_key(run_id: str) -> str:
+    """The inventory of the blobs restore run `run_id` copied aside before OrphanSweep could delete them.
+
+    Kept by retention (its blobs stay in the pool) until the operator deletes the folder.
+    """
+    if not run_id or "/" in run_id or run_id in (".", "..") or TMP_MARK in run_id:
+        raise ConfigurationError(f"invalid restore run id {run_id!r}", "use the run id run_restore reported")
+    return check_key(f"{PROTECTED}{run_id}/{INVENTORY_NAME}")
 
 
 def drill_record_key(at: datetime, backup_id: str) -> str:

@@ -5,10 +5,10 @@ Blobs are shared by all recovery points, addressed by the source key and ETag:
     attachments/pool/<h[:2]>/<h>/<etag>     h = sha256 of the source key
 
 Each recovery point records its exact inventory (JSON lines: key, size, etag, version_id,
-repo_key, and the blob's content checksum) under its own folder. Writing the pool is the
-backup's (core/backup/mirror.py); reading the inventories, re-checking the blobs and collecting
-the ones no kept inventory references belong to the repository, which retention, restore and
-status all use.
+repo_key, and the blob's content checksum) under its own folder; a restore that copies aside the
+blobs of users its database does not know records theirs under protected/<run_id>/. Writing the pool
+is mirror.py's; reading the inventories, re-checking the blobs and collecting the ones no kept
+inventory references belong here, which retention, restore and status all use.
 """
 
 from __future__ import annotations

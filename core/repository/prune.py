@@ -14,7 +14,7 @@ from pydantic import BaseModel, Field
 
 from ..settings import Settings
 from .base import Repository
-from .layout import INVENTORY_NAME, POOL, backup_prefix, inventory_key, manifest_key
+from .layout import INVENTORY_NAME, POOL, PROTECTED, backup_prefix, inventory_key, manifest_key
 from .manifest import Manifest
 from .pool import collect_garbage
 from .records import BackupSummary, scan
@@ -85,4 +85,7 @@ async def _collect_pool(repo: Repository, kept: list[str]) -> tuple[int, int]:
         manifest = Manifest.model_validate_json(await repo.get_bytes(manifest_key(backup_id)))
         if manifest.attachments.backend == "s3":
             inventories.append(inventory_key(backup_id, manifest.attachments.inventory or INVENTORY_NAME))
+    # Blobs a restore copied aside (users its database did not know) are kept until the operator deletes
+    # their protected/<run_id>/ folder: no backup may reference them, and they may be the only copy.
+    inventories += [key async for key, _size in repo.list(PROTECTED) if key.endswith("/" + INVENTORY_NAME)]
     return await collect_garbage(repo, inventories)

@@ -10,4 +10,11 @@ an empty database with stock pg_restore (rows loading while the artifact decrypt
 --jobs; feed.py runs the clients on one decrypted stream) and schema_check.py proves every table,
 constraint, index and row count came back; copy_back.py puts a backup's attachments back into a bucket,
 each blob checked against its recorded checksum, resumable.
+
+fences.py: what run_restore puts back on the restored database before the app boots: snapshot_live
+reads the live database first (ids and counters only; never raises, says what it could not read, per
+tenant under row-level security); fence_tokens keeps dead the refresh tokens and API keys that died
+after the backup (or revokes every refresh token when live is unreadable); fence_sync moves every
+vault's change_seq past the live head; protect_orphans copies the blobs of users only the bucket knows
+into the repository (repository/mirror.py, under protected/<run_id>/) before OrphanSweep deletes them.
 """

@@ -28,10 +28,12 @@ def with_database(dsn: str, database: str) -> str:
     parts = urlsplit(dsn)
     return urlunsplit((parts.scheme, parts.netloc, "/" + database, parts.query, parts.fragment))
 
+
 CONNECT_TIMEOUT = 5.0
 
 Connection = asyncpg.Connection
 PostgresError = asyncpg.PostgresError
+InterfaceError = asyncpg.InterfaceError
 
 
 async def connect(dsn: str, *, connect_timeout: float = CONNECT_TIMEOUT, **kwargs: Any) -> asyncpg.Connection:

@@ -145,7 +145,7 @@ async def versioning_status(s3: Any, bucket: str) -> str:
     return str(answer.get("Status") or "Disabled")
 
 
-# --- helpers for the attachments mirror (core/backup/mirror.py) ------------------------------
+# --- helpers for the attachments mirror (core/repository/mirror.py) --------------------------
 
 
 @dataclass(frozen=True)

@@ -14,14 +14,13 @@ import pytest
 from anyio.abc import SocketAttribute, SocketStream
 from support import new_bucket, s3_location
 
-from engram_recovery.core.backup import mirror
-from engram_recovery.core.backup.mirror import STREAM_CHUNK, MirrorOptions, mirror_attachments
 from engram_recovery.core.errors import IntegrityError, StoreUnreachable
 from engram_recovery.core.progress import silent
-from engram_recovery.core.repository import layout
+from engram_recovery.core.repository import layout, mirror
 from engram_recovery.core.repository.base import Repository
 from engram_recovery.core.repository.layout import inventory_key, pool_key
 from engram_recovery.core.repository.local import LocalRepository
+from engram_recovery.core.repository.mirror import STREAM_CHUNK, MirrorOptions, mirror_attachments
 from engram_recovery.core.repository.pool import InventoryEntry, collect_garbage, read_inventory
 from engram_recovery.core.repository.s3 import S3Repository
 from engram_recovery.core.stores import s3

@@ -31,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,13 +43,13 @@ from botocore.exceptions import ResponseStreamingError
 
 from ..errors import IntegrityError, RecoveryError
 from ..progress import Progress
-from ..repository.base import CopyTarget, Repository
-from ..repository.layout import INVENTORY_NAME, POOL, inventory_key, pool_key
-from ..repository.pool import InventoryEntry, read_inventory
-from ..repository.records import scan
 from ..stores import s3
 from ..stores.s3 import S3_ERRORS, S3Location, md5_of_etag
 from ..taskgroups import task_group
+from .base import CopyTarget, Repository
+from .layout import INVENTORY_NAME, POOL, inventory_key, pool_key
+from .pool import InventoryEntry, read_inventory
+from .records import scan
 
 STREAM_CHUNK = 1 << 20
 # Streamed objects larger than one chunk may be buffered by the repository (an S3
@@ -146,10 +146,14 @@ class MirrorReport:
 
 @dataclass(frozen=True)
 class MirrorOptions:
-    """How a mirror runs: a dry run only counts what it would copy; `concurrency` S3 workers copy."""
+    """How a mirror runs: a dry run only counts what it would copy; `concurrency` S3 workers copy; `prefixes`:
+    only the objects under these key prefixes (None: the whole bucket); `inventory`: the repository key to write
+    the inventory at (None: this backup's, `inventory_key(backup_id)`)."""
 
     dry_run: bool = False
     concurrency: int = 16
+    prefixes: Sequence[str] | None = None
+    inventory: str | None = None
 
 
 DEFAULT_OPTIONS = MirrorOptions()
@@ -158,14 +162,15 @@ DEFAULT_OPTIONS = MirrorOptions()
 async def mirror_attachments(
     source: S3Location, repo: Repository, backup_id: str, progress: Progress, options: MirrorOptions = DEFAULT_OPTIONS
 ) -> MirrorReport:
-    """Copy new and changed objects of `source` into the pool and write this backup's inventory."""
-    dry_run, concurrency = options.dry_run, options.concurrency
+    """Copy new and changed objects of `source` into the pool and write this backup's inventory (see MirrorOptions
+    for a dry run, the worker count, a mirror of only some prefixes and another inventory key)."""
+    dry_run, concurrency, inventory = options.dry_run, options.concurrency, options.inventory
     started = time.monotonic()
     target = repo.copy_target(source)
     server_side = target is not None
     known = await known_pool(repo)
     async with _Session(source, target, concurrency) as session:
-        versioned, objects, present = await session.survey(repo)
+        versioned, objects, present = await session.survey(repo, options.prefixes)
         todo: list[SourceObject] = []
         recopied = 0
         for o in objects:
@@ -197,7 +202,7 @@ async def mirror_attachments(
         sha256, md5 = (done.sha256, done.md5) if obj.key in copied else known.checksums.get(repo_key, (None, None))
         entries.append(InventoryEntry(current.key, current.size, current.etag, current.version_id, repo_key,
                                       sha256, md5 or md5_of_etag(current.etag)))  # fmt: skip
-    inventory_size, inventory_sha256 = await repo.put_stream(inventory_key(backup_id), _lines(entries))
+    inventory_size, inventory_sha256 = await repo.put_stream(inventory or inventory_key(backup_id), _lines(entries))
     copied_now = [c.obj for c in copied.values() if c is not None]
     return MirrorReport(
         objects=len(entries), bytes=sum(e.size for e in entries), copied_objects=len(copied_now),
@@ -240,8 +245,10 @@ class _Session:
     async def __aexit__(self, *exc: object) -> None:
         await self._stack.aclose()
 
-    async def survey(self, repo: Repository) -> tuple[bool, list[SourceObject], dict[str, Pooled]]:
-        """List the source bucket and the pool at the same time."""
+    async def survey(
+        self, repo: Repository, prefixes: Sequence[str] | None = None
+    ) -> tuple[bool, list[SourceObject], dict[str, Pooled]]:
+        """List the source bucket (or only `prefixes` of it) and the pool at the same time."""
         objects: list[SourceObject] = []
         present: dict[str, Pooled] = {}
         versioned = False
@@ -251,10 +258,12 @@ class _Session:
             versioned = await self._versioned()
             src, bucket = self._src, self.source.bucket
             try:
-                listing = s3.list_latest_versions(src, bucket) if versioned else s3.list_objects(src, bucket)
-                objects.extend(
-                    [SourceObject(o.key, o.size, o.etag, getattr(o, "version_id", None)) async for o in listing]
-                )
+                for prefix in ("",) if prefixes is None else prefixes:
+                    listing = (s3.list_latest_versions(src, bucket, prefix) if versioned
+                               else s3.list_objects(src, bucket, prefix))  # fmt: skip
+                    objects.extend(
+                        [SourceObject(o.key, o.size, o.etag, getattr(o, "version_id", None)) async for o in listing]
+                    )
             except S3_ERRORS as exc:
                 raise s3.translate(exc, "list the attachments", self.source) from exc
 
