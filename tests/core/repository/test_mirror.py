@@ -1,4 +1,4 @@
-"""The attachments mirror against a real SeaweedFS: into a local repository and into an S3 one."""
+"""The attachments mirror (core/repository/mirror.py) against a real SeaweedFS: into local and S3 repositories."""
 
 from __future__ import annotations
 
