@@ -7,12 +7,13 @@ import glob
 import os
 import re
 import secrets
+import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import asyncpg
@@ -35,6 +36,9 @@ OLD_SERVER_URL = os.environ.get("ENGRAM_TEST_OLD_PG_URL", "postgresql://postgres
 PG_BINARIES = ("pg_dump", "pg_restore", "psql", "pg_dumpall", "initdb", "pg_ctl", "postgres", "pg_config",
                "pg_ctlcluster", "pg_lsclusters", "pg_basebackup", "createdb", "dropdb")  # fmt: skip
 
+
+Input = TypeVar("Input")
+Result = TypeVar("Result")
 
 # The installed command line, as an operator runs it.
 EXE = str(Path(sys.executable).with_name("engram-recovery"))
@@ -156,13 +160,28 @@ async def fingerprints(dsn: str, without: tuple[str, str] | None = None) -> dict
         await conn.close()
 
 
-async def backup(env: dict[str, str], progress: Progress = silent, **params: Any) -> RunBackupResult:
-    """One run_backup as the tool runs it, in a runtime of its own."""
+async def run_tool(
+    tool: Callable[[Runtime, Input, Progress], Awaitable[Result]], params: Input, env: dict[str, str],
+    progress: Progress = silent,
+) -> Result:
+    """One call of a tool's function as the server makes it, in a runtime of its own for this environment."""
     runtime = Runtime(load_settings(environ=env))
     try:
-        return await run_backup(runtime, RunBackupInput(**params), progress)
+        return await tool(runtime, params, progress)
     finally:
         await runtime.aclose()
+
+
+async def backup(env: dict[str, str], progress: Progress = silent, **params: Any) -> RunBackupResult:
+    """One run_backup as the tool runs it, in a runtime of its own."""
+    return await run_tool(run_backup, RunBackupInput(**params), env, progress)
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (bound, then released): a server that is down, or one to start."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 # --- S3 on the session's SeaweedFS ----------------------------------------------------------------------------
@@ -223,3 +242,17 @@ def run_cli(args: list[str], env: dict[str, str], stdin: str | None = None, time
 async def arun_cli(args: list[str], env: dict[str, str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     """`run_cli` from async code: in a worker thread, so the event loop (and the servers it runs) goes on."""
     return await anyio.to_thread.run_sync(lambda: run_cli(args, env, stdin))
+
+
+def read_terminal(leader: int) -> bytes:
+    """What a pseudo-terminal showed, read from its leader until the child's side is closed (EIO on Linux)."""
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        seen += chunk
+    return seen

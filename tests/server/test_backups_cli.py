@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import json
 import secrets
-import socket
 from pathlib import Path
 
 import pytest
-from support import EngramDB, arun_cli, backup, engram_env, new_bucket, repository_env, run_cli, storage_env
+from support import EngramDB, arun_cli, backup, engram_env, free_port, new_bucket, repository_env, run_cli, storage_env
 
 from engram_recovery.testbed.seaweedfs import SeaweedFS
 
@@ -56,12 +55,6 @@ def test_backups_of_an_absent_repository_says_there_are_none(tmp_path: Path) -> 
     assert shown.stdout.startswith("no backups yet") and str(tmp_path / "none-yet") in shown.stdout
 
 
-def _closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @pytest.mark.parametrize(
     ("case", "expected"),
     [
@@ -76,7 +69,7 @@ def test_backups_exits_2_with_one_line_of_cause_and_one_of_fix(tmp_path: Path, c
     env = {
         "file": {"ENGRAM_RECOVERY_REPOSITORY": str(tmp_path / "a-file")},
         "unreachable s3": {"ENGRAM_RECOVERY_REPOSITORY": "s3://bucket/engram",
-                           "ENGRAM_RECOVERY_REPOSITORY_ENDPOINT": f"http://127.0.0.1:{_closed_port()}",
+                           "ENGRAM_RECOVERY_REPOSITORY_ENDPOINT": f"http://127.0.0.1:{free_port()}",
                            "ENGRAM_RECOVERY_REPOSITORY_ACCESS_KEY_ID": "id",
                            "ENGRAM_RECOVERY_REPOSITORY_SECRET_ACCESS_KEY": secret},
         "s3 without credentials": {"ENGRAM_RECOVERY_REPOSITORY": "s3://bucket/engram"},

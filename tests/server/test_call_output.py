@@ -15,7 +15,7 @@ from pathlib import Path
 import anyio
 import anyio.to_thread
 import pytest
-from support import EXE, EngramDB, engram_env
+from support import EXE, EngramDB, engram_env, read_terminal
 
 pytestmark = pytest.mark.anyio
 
@@ -26,15 +26,7 @@ def _on_a_terminal(args: list[str], env: dict[str, str]) -> tuple[int, str]:
     try:
         proc = subprocess.Popen([EXE, *args], stdout=follower, stderr=subprocess.DEVNULL, env=env)
         os.close(follower)
-        seen = b""
-        while True:
-            try:
-                chunk = os.read(leader, 4096)
-            except OSError:
-                break
-            if not chunk:
-                break
-            seen += chunk
+        seen = read_terminal(leader)
         code = proc.wait(timeout=60)
     finally:
         os.close(leader)

@@ -11,7 +11,7 @@ from pathlib import Path
 import anyio
 import anyio.to_thread
 import pytest
-from support import EXE, EngramDB, arun_cli, engram_env, run_cli
+from support import EXE, EngramDB, arun_cli, engram_env, read_terminal, run_cli
 
 
 def test_config_prints_effective_settings_with_every_secret_redacted(tmp_path: Path) -> None:
@@ -72,15 +72,7 @@ def _call_on_a_terminal(env: dict[str, str]) -> tuple[subprocess.CompletedProces
             [EXE, "call", "backup_status"], stdout=subprocess.PIPE, stderr=follower, timeout=60, env=env,
         )
         os.close(follower)
-        seen = b""
-        while True:
-            try:
-                chunk = os.read(leader, 4096)
-            except OSError:
-                break
-            if not chunk:
-                break
-            seen += chunk
+        seen = read_terminal(leader)
     finally:
         os.close(leader)
     return proc, seen

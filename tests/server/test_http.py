@@ -15,7 +15,7 @@ import httpx2
 import pytest
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
-from support import EXE
+from support import EXE, free_port
 
 TOKEN = "test-http-token-0123456789abcdef"
 INIT = {
@@ -27,16 +27,10 @@ INIT = {
 HEADERS = {"accept": "application/json, text/event-stream", "content-type": "application/json"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def http_server(admin_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     tmp_path = tmp_path_factory.mktemp("http")
-    port = _free_port()
+    port = free_port()
     env = {
         "PATH": os.environ["PATH"],
         "DATABASE_URL": admin_dsn,
@@ -95,7 +89,7 @@ async def test_right_token_serves_mcp_and_lists_the_tools(http_server: str) -> N
 
 def test_http_without_a_configured_token_refuses_to_start(admin_dsn: str, tmp_path: Path) -> None:
     result = subprocess.run(
-        [EXE, "serve", "--http", "--port", str(_free_port())],
+        [EXE, "serve", "--http", "--port", str(free_port())],
         env={"PATH": os.environ["PATH"], "DATABASE_URL": admin_dsn}, capture_output=True, text=True, timeout=30,
     )
     assert result.returncode == 2
@@ -115,6 +109,6 @@ def test_the_container_healthcheck_passes_on_the_401_of_a_running_server_and_fai
     by_default = subprocess.run(command, capture_output=True, text=True, timeout=30,
                                 env=env | {"ENGRAM_RECOVERY_HTTP_PORT": port})  # fmt: skip
     assert by_default.returncode == 0, by_default.stderr
-    down = subprocess.run([*command, f"http://127.0.0.1:{_free_port()}/mcp"], capture_output=True, text=True,
+    down = subprocess.run([*command, f"http://127.0.0.1:{free_port()}/mcp"], capture_output=True, text=True,
                           timeout=30, env=env)  # fmt: skip
     assert down.returncode == 1 and "did not answer" in down.stderr

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import secrets
-import socket
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -11,12 +10,10 @@ from typing import Any
 import asyncpg
 import pytest
 from mcp import Client
-from support import EngramDB, engram_env, make_engram_db, new_bucket, storage_env
+from support import EngramDB, engram_env, free_port, make_engram_db, new_bucket, run_tool, storage_env
 
 from engram_recovery import testbed
 from engram_recovery.core.engram import crypto as engram_crypto
-from engram_recovery.core.progress import silent
-from engram_recovery.core.runtime import Runtime
 from engram_recovery.core.settings import load_settings
 from engram_recovery.server.app import build_server
 from engram_recovery.testbed.seaweedfs import SeaweedFS
@@ -24,21 +21,11 @@ from engram_recovery.tools.backup_status import BackupStatusInput, BackupStatusR
 
 
 async def status(env: dict[str, str], deep: bool = False) -> BackupStatusResult:
-    runtime = Runtime(load_settings(environ=env))
-    try:
-        return await backup_status(runtime, BackupStatusInput(deep=deep), silent)
-    finally:
-        await runtime.aclose()
+    return await run_tool(backup_status, BackupStatusInput(deep=deep), env)
 
 
 def check(result: BackupStatusResult, component: str) -> Check:
     return next(c for c in result.checks if c.component == component)
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.mark.anyio
@@ -167,7 +154,7 @@ async def test_role_without_bypassrls_is_told_what_that_means(engram_db: EngramD
 async def test_postgres_down_fails_its_checks_and_the_others_still_report(
     engram_db: EngramDB, tmp_path: Path
 ) -> None:
-    env = engram_env(engram_db, tmp_path, DATABASE_URL=f"postgresql://postgres:pw-secret-9@127.0.0.1:{closed_port()}/x")
+    env = engram_env(engram_db, tmp_path, DATABASE_URL=f"postgresql://postgres:pw-secret-9@127.0.0.1:{free_port()}/x")
     result = await status(env)
     assert check(result, "postgres").status == "fail"
     assert "connection refused" in check(result, "postgres").summary
@@ -186,7 +173,7 @@ async def test_qdrant_collection_missing_or_qdrant_down_is_only_a_warning_of_its
     assert missing.status == "warn"
     assert "does not exist" in missing.summary and "reindex_qdrant" in missing.summary
     env = engram_env(engram_db, tmp_path, ENGRAM_RECOVERY_QDRANT_PATH="",
-                     QDRANT_URL=f"http://127.0.0.1:{closed_port()}")
+                     QDRANT_URL=f"http://127.0.0.1:{free_port()}")
     result = await status(env)
     # Qdrant holds derived data, rebuildable from PostgreSQL: down, it is a warning, never a failure.
     down = check(result, "qdrant")
@@ -245,7 +232,7 @@ async def test_unversioned_bucket_is_a_warning(s3_db: EngramDB, weed: SeaweedFS,
 async def test_s3_down_or_wrong_credentials_fail_only_the_attachments_check(
     s3_db: EngramDB, weed: SeaweedFS, tmp_path: Path
 ) -> None:
-    down = engram_env(s3_db, tmp_path, **storage_env(weed, "any", STORAGE_PORT=str(closed_port())))
+    down = engram_env(s3_db, tmp_path, **storage_env(weed, "any", STORAGE_PORT=str(free_port())))
     result = await status(down)
     assert check(result, "attachments").status == "fail"
     assert "unreachable" in check(result, "attachments").summary

@@ -21,7 +21,7 @@ import asyncpg
 import pytest
 import support
 from mcp import Client
-from support import BACKUP_KEY, EngramDB, engram_env, fingerprints, make_engram_db, new_bucket, storage_env
+from support import BACKUP_KEY, EngramDB, engram_env, fingerprints, make_engram_db, new_bucket, run_tool, storage_env
 
 from engram_recovery.core.engram import crypto as engram_crypto
 from engram_recovery.core.progress import silent
@@ -50,11 +50,7 @@ async def backup(env: dict[str, str]) -> str:
 
 
 async def plan(env: dict[str, str], **params: Any) -> PlanRestoreResult:
-    runtime = Runtime(load_settings(environ=env))
-    try:
-        return await plan_restore(runtime, PlanRestoreInput(**params), silent)
-    finally:
-        await runtime.aclose()
+    return await run_tool(plan_restore, PlanRestoreInput(**params), env)
 
 
 def check(result: PlanRestoreResult, name: str) -> Any:

@@ -28,6 +28,7 @@ from support import (
     pg_bin,
     repository_env,
     restore_client,
+    run_tool,
     s3_location,
     storage_env,
 )
@@ -35,13 +36,11 @@ from support import (
 from engram_recovery import testbed
 from engram_recovery.core.backup.run import verify_artifacts
 from engram_recovery.core.errors import Busy, ConfigurationError, IntegrityError, StoreUnreachable
-from engram_recovery.core.progress import silent
 from engram_recovery.core.repository import open_repository
 from engram_recovery.core.repository.local import LocalRepository
 from engram_recovery.core.repository.manifest import Manifest
 from engram_recovery.core.repository.prune import apply_retention
 from engram_recovery.core.repository.records import read_state
-from engram_recovery.core.runtime import Runtime
 from engram_recovery.core.settings import load_settings
 from engram_recovery.core.stores import s3
 from engram_recovery.core.stores.pgclient.commands import PgRestoreCommand
@@ -58,11 +57,7 @@ BACKUP_KEY = base64.b64encode(b"k" * 16 + secrets.token_bytes(16)).decode()
 
 
 async def last_backup_check(env: dict[str, str]) -> Check:
-    runtime = Runtime(load_settings(environ=env))
-    try:
-        status = await backup_status(runtime, BackupStatusInput(), silent)
-    finally:
-        await runtime.aclose()
+    status = await run_tool(backup_status, BackupStatusInput(), env)
     return next(c for c in status.checks if c.component == "last_backup")
 
 

@@ -19,14 +19,11 @@ from typing import Any
 import anyio
 import asyncpg
 import pytest
-from support import EngramDB, backup, engram_env, make_engram_db, new_bucket, repository_env, storage_env
+from support import EngramDB, backup, engram_env, make_engram_db, new_bucket, repository_env, run_tool, storage_env
 
-from engram_recovery.core.progress import silent
 from engram_recovery.core.repository import pool
 from engram_recovery.core.repository.local import LocalRepository
 from engram_recovery.core.repository.pool import InventoryEntry
-from engram_recovery.core.runtime import Runtime
-from engram_recovery.core.settings import load_settings
 from engram_recovery.core.stores import s3
 from engram_recovery.server import cli
 from engram_recovery.testbed.seaweedfs import SeaweedFS
@@ -38,28 +35,16 @@ from engram_recovery.tools.restore_drill import RestoreDrillInput, RestoreDrillR
 
 
 async def status(env: dict[str, str], deep: bool = False) -> dict[str, Check]:
-    runtime = Runtime(load_settings(environ=env))
-    try:
-        result = await backup_status(runtime, BackupStatusInput(deep=deep), silent)
-    finally:
-        await runtime.aclose()
+    result = await run_tool(backup_status, BackupStatusInput(deep=deep), env)
     return {c.component: c for c in result.checks}
 
 
 async def plan(env: dict[str, str]) -> PlanRestoreResult:
-    runtime = Runtime(load_settings(environ=env))
-    try:
-        return await plan_restore(runtime, PlanRestoreInput(target_database="engram_restore_target"), silent)
-    finally:
-        await runtime.aclose()
+    return await run_tool(plan_restore, PlanRestoreInput(target_database="engram_restore_target"), env)
 
 
 async def drill(env: dict[str, str]) -> RestoreDrillResult:
-    runtime = Runtime(load_settings(environ=env))
-    try:
-        return await restore_drill(runtime, RestoreDrillInput(sample_notes=5, sample_attachments=5), silent)
-    finally:
-        await runtime.aclose()
+    return await run_tool(restore_drill, RestoreDrillInput(sample_notes=5, sample_attachments=5), env)
 
 
 def plan_check(result: PlanRestoreResult, name: str) -> Any:
