@@ -307,14 +307,15 @@ async def test_statement_timeout_is_named_with_its_fix(engram_db: EngramDB) -> N
      "point DATABASE_URL at Engram's PostgreSQL database"),
     ("postgresql://u:sekrit-9@h:99999/db", "DATABASE_URL is not a valid URL (Port out of range", "HOST:5432"),
 ])
-def test_malformed_database_url_names_the_variable_and_the_fix(url: str, cause: str, fix: str) -> None:
-    for args in (["config"], ["call", "backup_status"]):
-        result = run_cli(args, _bare_env() | {"DATABASE_URL": url})
-        assert result.returncode == 2 and result.stdout == ""
-        first, second = result.stderr.strip().splitlines()
-        assert first == f"engram-recovery: {cause}" or first.startswith(f"engram-recovery: {cause}")
-        assert second.startswith("Fix: ") and fix in second
-        assert "sekrit-9" not in result.stderr and "Traceback" not in result.stderr
+@pytest.mark.parametrize("args", [["config"], ["call", "backup_status"]], ids=["config", "call"])
+def test_malformed_database_url_names_the_variable_and_the_fix(args: list[str], url: str, cause: str, fix: str
+                                                                ) -> None:  # fmt: skip
+    result = run_cli(args, _bare_env() | {"DATABASE_URL": url})
+    assert result.returncode == 2 and result.stdout == ""
+    first, second = result.stderr.strip().splitlines()
+    assert first == f"engram-recovery: {cause}" or first.startswith(f"engram-recovery: {cause}")
+    assert second.startswith("Fix: ") and fix in second
+    assert "sekrit-9" not in result.stderr and "Traceback" not in result.stderr
 
 
 # --- one error model: plan_restore and restore_drill alike ----------------------------------------
