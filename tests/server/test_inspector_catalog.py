@@ -15,12 +15,7 @@ from typing import Any
 
 import anyio.to_thread
 import pytest
-from support import EXE, EngramDB, engram_env
-
-from engram_recovery.core.progress import silent
-from engram_recovery.core.runtime import Runtime
-from engram_recovery.core.settings import load_settings
-from engram_recovery.tools.run_backup import RunBackupInput, run_backup
+from support import EXE, EngramDB, backup, engram_env
 
 INSPECTOR = "@modelcontextprotocol/inspector@2.12.0"
 
@@ -31,11 +26,7 @@ async def test_official_inspector_cli_reads_the_resources_the_prompt_and_calls_l
     engram_db: EngramDB, tmp_path: Path
 ) -> None:
     env = engram_env(engram_db, tmp_path)
-    runtime = Runtime(load_settings(environ=env))
-    try:
-        made = await run_backup(runtime, RunBackupInput(), silent)
-    finally:
-        await runtime.aclose()
+    made = await backup(env)
     env_args: list[str] = []
     for key, value in env.items():
         if key != "PATH":

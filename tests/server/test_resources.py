@@ -14,10 +14,8 @@ from typing import Any
 import pytest
 from mcp import Client, MCPError
 from mcp_types import TextContent, TextResourceContents
-from support import EngramDB, backup, engram_env
+from support import EngramDB, backup, engram_env, run_tool
 
-from engram_recovery.core.progress import silent
-from engram_recovery.core.runtime import Runtime
 from engram_recovery.core.settings import load_settings
 from engram_recovery.server.app import build_server
 from engram_recovery.tools.restore_drill import RestoreDrillInput, restore_drill
@@ -51,12 +49,8 @@ async def test_the_catalog_manifests_and_drill_records_are_resources_with_json_m
     env = engram_env(engram_db, tmp_path, ENGRAM_RECOVERY_BACKUP_KEY=BACKUP_KEY)
     drilled = await backup(env)
     newest = await backup(env)
-    runtime = Runtime(load_settings(environ=env))
-    try:
-        drill = await restore_drill(runtime, RestoreDrillInput(recovery_point=str(drilled.backup_id), sample_notes=3,
-                                                               sample_attachments=2), silent)  # fmt: skip
-    finally:
-        await runtime.aclose()
+    point = RestoreDrillInput(recovery_point=str(drilled.backup_id), sample_notes=3, sample_attachments=2)
+    drill = await run_tool(restore_drill, point, env)
     assert drill.verdict == "ok", drill.summary
     texts: list[str] = []
     async with Client(build_server(load_settings(environ=env))) as client:

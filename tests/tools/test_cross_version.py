@@ -12,16 +12,14 @@ from typing import Any
 import anyio
 import asyncpg
 import pytest
-from support import EngramDB, engram_env, fingerprints, make_engram_db, old_client_dir, pg_bin
+from support import EngramDB, engram_env, fingerprints, make_engram_db, old_client_dir, pg_bin, run_tool
 
 from engram_recovery import testbed
 from engram_recovery.core.errors import ConfigurationError
-from engram_recovery.core.progress import silent
 from engram_recovery.core.repository import open_repository
 from engram_recovery.core.repository.manifest import Manifest
 from engram_recovery.core.restore import observe as rc
 from engram_recovery.core.restore.decrypt import extract_backup
-from engram_recovery.core.runtime import Runtime
 from engram_recovery.core.settings import load_settings
 from engram_recovery.core.stores.pgclient.commands import PgRestoreCommand
 from engram_recovery.tools.backup_status import BackupStatusInput, backup_status
@@ -52,11 +50,7 @@ async def major_of(dsn: str) -> int:
 
 
 async def call(tool: Any, input_type: Any, env: dict[str, str], **params: Any) -> Any:
-    runtime = Runtime(load_settings(environ=env))
-    try:
-        return await tool(runtime, input_type(**params), silent)
-    finally:
-        await runtime.aclose()
+    return await run_tool(tool, input_type(**params), env)
 
 
 async def backup(env: dict[str, str]) -> RunBackupResult:

@@ -11,7 +11,7 @@ import shlex
 from pathlib import Path
 
 import pytest
-from support import EngramDB, engram_env
+from support import EngramDB, backup, engram_env
 
 from engram_recovery.core.errors import ConfigurationError
 from engram_recovery.core.progress import silent
@@ -113,12 +113,8 @@ async def test_a_backup_through_a_prefix_whose_pg_dump_is_too_old_is_refused_bef
 ) -> None:
     script, log = prefix_command(tmp_path, old_clients(tmp_path))
     env = engram_env(engram_db, tmp_path, ENGRAM_RECOVERY_PG_CLIENT_PREFIX=str(script))
-    runtime = Runtime(load_settings(environ=env))
-    try:
-        with pytest.raises(ConfigurationError) as caught:
-            await run_backup(runtime, RunBackupInput(), silent)
-    finally:
-        await runtime.aclose()
+    with pytest.raises(ConfigurationError) as caught:
+        await backup(env)
     assert "pg_dump 15" in caught.value.message and "ENGRAM_RECOVERY_PG_CLIENT_PREFIX" in caught.value.message
     assert log.read_text().splitlines() == ["pg_dump --version"]
     assert not (tmp_path / "repo" / "backups").exists() or not any((tmp_path / "repo" / "backups").iterdir())
