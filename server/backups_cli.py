@@ -13,8 +13,8 @@ from datetime import UTC, datetime
 import anyio
 
 from ..core.settings import Settings
-from ..core.status.catalog import CatalogEntry, CatalogView, age_text, open_catalog
-from ..core.status.common import format_size
+from ..core.status.catalog import CatalogEntry, CatalogView, open_catalog
+from ..core.status.common import age_text, format_size
 
 COLUMNS = ("ID", "SNAPSHOT (UTC)", "AGE", "SIZE", "FORMAT", "ENCRYPTED", "LAST VERIFIED", "LAST DRILL", "RETENTION")
 

@@ -21,7 +21,8 @@ from pydantic import Field
 
 from ..core.errors import RecoveryError, scrub
 from ..core.settings import Settings
-from ..core.status.catalog import CatalogView, age_text, open_catalog
+from ..core.status.catalog import CatalogView, open_catalog
+from ..core.status.common import age_text
 
 PROMPT_NAME = "disaster_recovery"
 

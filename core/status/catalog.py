@@ -42,6 +42,7 @@ from ..repository.records import (
 )
 from ..repository.retention import Candidate, Decision, Policy, decide
 from ..settings import Settings
+from .common import age_text
 
 T = TypeVar("T")
 _NEXT = "\x00next backup"  # the recovery point the next run_backup would add; never a real id
@@ -363,16 +364,6 @@ def _newest_first(entry: CatalogEntry, modified: float | None) -> tuple[datetime
     except ValueError:
         started = finished
     return started, finished, entry.backup_id
-
-
-def age_text(hours: float | None) -> str:
-    """'25 min', '3.5 h', '4.2 days'."""
-    hours = max(hours or 0.0, 0.0)
-    if hours < 1 / 60:
-        return "<1 min"
-    if hours < 1:
-        return f"{hours * 60:.0f} min"
-    return f"{hours:.1f} h" if hours < 48 else f"{hours / 24:.1f} days"
 
 
 def _summary(entries: list[CatalogEntry], counts: dict[str, int], blocked: str | None) -> str:

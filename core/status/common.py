@@ -64,10 +64,15 @@ def format_size(n: int | None) -> str:
     return f"{value:.1f} TiB"
 
 
+def age_text(hours: float | None) -> str:
+    """'25 min', '3.5 h', '4.2 days'."""
+    hours = max(hours or 0.0, 0.0)
+    if hours < 1 / 60:
+        return "<1 min"
+    if hours < 1:
+        return f"{hours * 60:.0f} min"
+    return f"{hours:.1f} h" if hours < 48 else f"{hours / 24:.1f} days"
+
+
 def format_age(delta: timedelta) -> str:
-    seconds = max(delta.total_seconds(), 0)
-    if seconds < 3600:
-        return f"{seconds / 60:.0f} min"
-    if seconds < 172800:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 86400:.1f} days"
+    return age_text(delta.total_seconds() / 3600)
