@@ -4,16 +4,21 @@ against a real seeded database. reindex_qdrant is the destructive tool here: its
 
 from __future__ import annotations
 
+import socket
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import asyncpg
+import httpx2
 import mcp_types as types
 import pytest
 from mcp import Client, StdioServerParameters
 from mcp.client.session import ClientRequestContext
+from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 from support import EngramDB, engram_env, fingerprints, make_engram_db
 
@@ -154,8 +159,6 @@ async def test_confirm_true_and_nothing_to_do_ask_nothing(db: EngramDB, settings
 async def test_an_unanswered_mid_call_confirmation_runs_the_dry_run(
     db: EngramDB, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import anyio
-
     monkeypatch.setattr(confirm, "ANSWER_SECONDS", 0.5)
 
     async def away(context: ClientRequestContext, params: types.ElicitRequestParams) -> types.ElicitResult:
@@ -237,3 +240,42 @@ async def test_confirmation_over_the_real_stdio_server(db: EngramDB, tmp_path: P
     assert result.structured_content is not None and result.structured_content["dry_run"] is False
     assert len(user.asked) == 1
     assert await pending_jobs(db) == result.structured_content["enqueued"] > 0
+
+
+@pytest.mark.parametrize("mode", [LEGACY, MODERN])
+async def test_confirmation_over_streamable_http(db: EngramDB, tmp_path: Path, mode: str) -> None:
+    """The demo's transport: the question reaches the client over HTTP too (SSE mid-call, or the retry)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    token = "confirm-test-token-0123456789abcdef"
+    env = engram_env(db, tmp_path, ENGRAM_RECOVERY_HTTP_TOKEN=token)
+    proc = await anyio.open_process(
+        [EXE, "serve", "--http", "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        for _ in range(200):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                assert proc.returncode is None
+                await anyio.sleep(0.1)
+        user = User(types.ElicitResult(action="decline"))
+        before = await fingerprints(db.dsn)
+        url = f"http://127.0.0.1:{port}/mcp"
+        async with httpx2.AsyncClient(headers={"authorization": f"Bearer {token}"}) as http:
+            transport = streamable_http_client(url, http_client=http)
+            async with Client(transport, mode=mode, elicitation_callback=user) as client:
+                declined = await client.call_tool("reindex_qdrant", CALL)
+                assert await fingerprints(db.dsn) == before
+                user.answer = YES
+                done = await client.call_tool("reindex_qdrant", CALL)
+    finally:
+        proc.terminate()
+        with anyio.fail_after(10):
+            await proc.wait()
+    assert declined.structured_content is not None and declined.structured_content["summary"].startswith(DECLINED)
+    assert len(user.asked) == 2
+    assert done.structured_content is not None and done.structured_content["dry_run"] is False
+    assert await pending_jobs(db) == done.structured_content["enqueued"] > 0
