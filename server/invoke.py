@@ -62,20 +62,22 @@ async def invoke(
     except ValidationError as exc:
         raise ToolFailed(str(describe_arguments(spec, exc, arguments))) from exc
     try:
-        async with runtime.tool_call():
-            declined = False
-            if ask is not None and spec.confirmation is not None and getattr(params, "confirm", True) is False:
+        declined = False
+        if ask is not None and spec.confirmation is not None and getattr(params, "confirm", True) is False:
+            async with runtime.tool_call():
                 message = await spec.confirmation(runtime, params)
-                if message is not None:
-                    if await ask(message):
-                        params = params.model_copy(update={"confirm": True})
-                    else:
-                        # By contract confirm=false changes nothing: the call still answers with what it found.
-                        declined = True
+            # Asked outside the call: nothing (an embedded Qdrant, say) stays held while a person decides.
+            if message is not None:
+                if await ask(message):
+                    params = params.model_copy(update={"confirm": True})
+                else:
+                    # By contract confirm=false changes nothing: the call still answers with what it found.
+                    declined = True
+        async with runtime.tool_call():
             result: ToolResult = await spec.run(runtime, params, progress)
-            if declined:
-                result = result.model_copy(update={"summary": DECLINED + getattr(result, "summary", "")})
-            return result
+        if declined:
+            result = result.model_copy(update={"summary": DECLINED + getattr(result, "summary", "")})
+        return result
     except AskLater:
         raise
     except RecoveryError as exc:

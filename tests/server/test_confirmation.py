@@ -4,6 +4,7 @@ against a real seeded database. reindex_qdrant is the destructive tool here: its
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import subprocess
 import sys
@@ -25,7 +26,7 @@ from support import EngramDB, engram_env, fingerprints, make_engram_db
 from engram_recovery.core.settings import Settings
 from engram_recovery.server import confirm
 from engram_recovery.server.app import build_server
-from engram_recovery.server.invoke import DECLINED
+from engram_recovery.server.invoke import DECLINED, check_confirmable
 
 pytestmark = pytest.mark.anyio
 EXE = str(Path(sys.executable).with_name("engram-recovery"))
@@ -279,3 +280,17 @@ async def test_confirmation_over_streamable_http(db: EngramDB, tmp_path: Path, m
     assert len(user.asked) == 2
     assert done.structured_content is not None and done.structured_content["dry_run"] is False
     assert await pending_jobs(db) == done.structured_content["enqueued"] > 0
+
+
+def test_a_tool_with_a_confirmation_needs_a_confirm_flag_and_a_summary() -> None:
+    from engram_recovery.tools import registry
+    from engram_recovery.tools.base import ToolSpec
+    from engram_recovery.tools.reindex_qdrant import SPEC
+
+    confirmed = [spec.name for spec in registry.all_specs() if spec.confirmation is not None]
+    assert "reindex_qdrant" in confirmed
+    for spec in registry.all_specs():
+        check_confirmable(spec)  # every registered tool is fit for it
+    unfit: ToolSpec[Any, Any] = dataclasses.replace(registry.load("backup_status"), confirmation=SPEC.confirmation)
+    with pytest.raises(TypeError, match="backup_status has a confirmation but no confirm"):
+        check_confirmable(unfit)
