@@ -29,10 +29,11 @@ from ..repository.base import Repository
 from ..repository.layout import restore_log_key
 from ..runtime import Runtime
 from ..stores import postgres
+from ..verdict import Verdict
 from . import observe as rc
 from .plan import Consequence
 from .planner import PlanReport, PlanRequest, plan
-from .run_steps import STEPS, Context, RestoreRequest, RestoreStep, describe_target, next_steps
+from .run_steps import STEPS, Context, RestoreRequest, RestoreStep, admin, describe_target, next_steps
 
 __all__ = ["RestoreLog", "RestoreReport", "RestoreRequest", "run_restore"]
 from .token import REPLAN, Premises, changed, open_plan_token
@@ -57,9 +58,10 @@ class RestoreLog(BaseModel):
 
 # (No docstring: the tool's result inherits this model, and its schema must not gain a description.)
 class RestoreReport(BaseModel):
-    verdict: Literal["restored", "failed", "not_confirmed"] = Field(
-        description="restored: every step passed; failed: stopped at failed_step (see target_state, then fix and "
-        "run again with resume=true); not_confirmed: nothing was changed (pass confirm=true to restore)."
+    verdict: Literal["ok", "warn", "fail", "not_confirmed"] = Field(
+        description="ok: restored, every step passed; warn: restored, read the steps that warn; fail: stopped at "
+        "failed_step (see target_state, fix the cause, run again with resume=true); not_confirmed: nothing was "
+        "changed (pass confirm=true to restore)."
     )
     summary: str
     run_id: str
@@ -96,7 +98,9 @@ async def run_restore(runtime: Runtime, request: RestoreRequest, progress: Progr
         if request.resume and log is None:
             raise ConfigurationError("there is no earlier run of this plan_token to resume: nothing was changed",
                                      "run it without resume=true")  # fmt: skip
-        own_partial = request.resume and log is not None and log.done("target")
+        # Resuming after the target step ran (even half-way: dropped, then not created): what the target holds
+        # now is this run's doing, not a premise that changed.
+        own_partial = request.resume and log is not None and any(s.name == "target" for s in log.steps)
         await progress(0, len(STEPS) + 2, "premises: re-planning to check the token still holds")
         started = time.perf_counter()
         report = await _premises(runtime, planned, own_partial, log is not None)
@@ -116,6 +120,7 @@ async def run_restore(runtime: Runtime, request: RestoreRequest, progress: Progr
     failed = next((s for s in steps if s.status == "failed"), None)
     rto = round(sum(s.seconds for s in steps), 3)
     state = describe_target(ctx, steps)
+    verdict: Verdict = "fail" if failed else "warn" if any(s.status == "warn" for s in steps) else "ok"
     if failed is None:
         summary = (f"restored {planned.backup_id} into {planned.target_database} in {rto:.1f} s; read next_steps "
                    "before booting Engram")  # fmt: skip
@@ -124,7 +129,7 @@ async def run_restore(runtime: Runtime, request: RestoreRequest, progress: Progr
                    "same plan_token and resume=true")  # fmt: skip
     await progress(len(STEPS) + 2, len(STEPS) + 2, "restored" if failed is None else f"stopped at {failed.name}")
     return RestoreReport(
-        verdict="restored" if failed is None else "failed", summary=summary, run_id=run_id,
+        verdict=verdict, summary=summary, run_id=run_id,
         backup_id=planned.backup_id, target_database=planned.target_database, resumed=request.resume,
         failed_step=failed.name if failed else None, target_state=state, steps=steps, rto_seconds=rto,
         log=ctx.log_key, next_steps=next_steps(ctx, steps) if failed is None else [],
@@ -169,7 +174,7 @@ async def _refuse_sessions(dsn: str, database: str) -> RestoreStep:
     """Anything connected to the target would write into (or block the drop of) a half-restored database."""
     started = time.perf_counter()
     try:
-        async with postgres.connection(dsn, database="postgres") as conn:
+        async with admin(dsn) as conn:
             rows = await conn.fetch("SELECT pid, coalesce(nullif(application_name, ''), usename, '?') AS who "
                                     "FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
                                     database)  # fmt: skip

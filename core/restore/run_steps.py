@@ -111,12 +111,12 @@ def _step(name: str, summary: str, changed: list[str] | None = None, status: Ste
 
 
 @contextlib.asynccontextmanager
-async def _admin(ctx: Context) -> AsyncIterator[postgres.Connection]:
+async def admin(dsn: str) -> AsyncIterator[postgres.Connection]:
     """A connection for CREATE ROLE / DATABASE: never to the target (it would block the drop) nor the live one."""
     try:
-        conn = await postgres.connect(ctx.runtime.dsn, database="postgres")
-    except RecoveryError:
-        conn = await postgres.connect(ctx.runtime.dsn, database="template1")
+        conn = await postgres.connect(dsn, database="postgres")
+    except RecoveryError:  # a server without the maintenance database
+        conn = await postgres.connect(dsn, database="template1")
     try:
         yield conn
     finally:
@@ -140,7 +140,7 @@ async def roles(ctx: Context) -> RestoreStep:
     if not db.roles_referenced and db.object_owners is None:
         needed |= await rc.roles_from_dump(ctx.runtime.settings, ctx.repo, point) or set()
     created: list[str] = []
-    async with _admin(ctx) as conn:
+    async with admin(ctx.runtime.dsn) as conn:
         present = {r["rolname"] for r in await conn.fetch(
             "SELECT rolname FROM pg_roles WHERE rolname = ANY($1::text[])", sorted(needed))}  # fmt: skip
         for role in sorted(needed - present):
@@ -163,7 +163,7 @@ async def target(ctx: Context) -> RestoreStep:
     """Create the target; drop it first only where the plan chose so, or where it holds this run's partial restore."""
     name, manifest = ctx.premises.target_database, await ctx.manifest()
     changed: list[str] = []
-    async with _admin(ctx) as conn:
+    async with admin(ctx.runtime.dsn) as conn:
         exists = bool(await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name))
         if exists:
             tables = await _user_tables(ctx.target_dsn)
@@ -332,7 +332,9 @@ def describe_target(ctx: Context, steps: list[RestoreStep]) -> str:
                 "again.")  # fmt: skip
     if "canary" not in done:
         return (f"{name} holds the complete, verified database, but the master key does not open its boot canary: "
-                "do NOT boot Engram on it (set the right ENCRYPTION_MASTER_KEY, then resume=true).")
+                "do NOT boot Engram on it. The token is bound to the key: with the right ENCRYPTION_MASTER_KEY, "
+                "plan again with allow_non_empty_target=true (it replaces this database) and restore with that "
+                "token.")
     if "attachments" not in done:
         return (f"{name} holds the complete, verified database and its canary opens; the bucket holds only part of "
                 "the attachments: resume=true copies the rest (what is there is skipped).")

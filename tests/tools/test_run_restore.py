@@ -167,7 +167,7 @@ async def test_through_the_tool_alone_a_restore_equals_the_source_at_backup_time
                                                         "reindex_qdrant": False}, progress_callback=on_progress)
     assert not answer.is_error, answer.content
     result = RunRestoreResult.model_validate(answer.structured_content)
-    assert result.verdict == "restored", result.summary
+    assert result.verdict in ("ok", "warn"), result.summary
     assert [s.name for s in result.steps] == ORDER
     assert all(s.status in ("ok", "warn", "skipped") for s in result.steps)
     assert step(result, "canary").status == "ok" and step(result, "canary").details["code"] == "ok"
@@ -215,7 +215,7 @@ async def test_a_non_empty_target_is_replaced_only_when_the_plan_recorded_that_c
     assert await sql(deployment.target_dsn(target_name), "SELECT count(*) FROM pg_tables WHERE tablename = 'precious'")
     chosen = await plan(env, target_database=target_name, allow_non_empty_target=True)
     result = await restore(env, plan_token=chosen.plan_token, confirm=True, reindex_qdrant=False)
-    assert result.verdict == "restored", result.summary
+    assert result.verdict in ("ok", "warn"), result.summary
     assert any(c.startswith(f"dropped database {target_name}") for c in step(result, "target").changed)
     assert await fingerprints(deployment.target_dsn(target_name), without=FENCED) == deployment.rows_at_backup
 
@@ -245,7 +245,7 @@ async def test_a_failure_in_the_attachments_step_stops_there_and_resume_complete
     env = deployment.env(missing.bucket)
     planned = await plan(env, target_database=target_name)
     first = await restore(env, plan_token=planned.plan_token, confirm=True)
-    assert (first.verdict, first.failed_step) == ("failed", "attachments"), first.summary
+    assert (first.verdict, first.failed_step) == ("fail", "attachments"), first.summary
     assert [s.name for s in first.steps] == ORDER[: ORDER.index("attachments") + 1]
     assert "complete, verified database" in first.target_state and "resume=true" in first.summary
     # Without resume the same token is refused: the target is no longer what the plan saw.
@@ -254,7 +254,7 @@ async def test_a_failure_in_the_attachments_step_stops_there_and_resume_complete
     assert "resume=true" in info.value.hint
     await new_bucket(missing)
     second = await restore(env, plan_token=planned.plan_token, confirm=True, resume=True)
-    assert second.verdict == "restored" and second.resumed, second.summary
+    assert second.verdict in ("ok", "warn") and second.resumed, second.summary
     assert [s.name for s in second.steps] == ORDER
     # The steps that had passed were kept from the log, not run again.
     assert step(second, "database") == step(first, "database")
@@ -289,7 +289,7 @@ async def test_a_master_key_that_does_not_open_the_restored_canary_stops_at_the_
     planned = await plan(env, target_database=target_name)
     assert next(c for c in planned.checks if c.name == "master_key").status == "ok", planned.summary
     result = await restore(env, plan_token=planned.plan_token, confirm=True)
-    assert (result.verdict, result.failed_step) == ("failed", "canary"), result.summary
+    assert (result.verdict, result.failed_step) == ("fail", "canary"), result.summary
     assert step(result, "canary").details["code"] == "wrong_key"
     assert "do NOT boot Engram" in result.target_state
 
