@@ -109,6 +109,9 @@ async def run_restore(runtime: Runtime, request: RestoreRequest, progress: Progr
         if not request.confirm:
             return _not_confirmed(run_id, planned, report, premises_step)
         await progress(1, len(STEPS) + 2, "sessions: nothing may be connected to the target")
+        if planned.target_database == settings.database_name:
+            # This server's own idle connections to the live database are not a client to refuse for.
+            await runtime.pool.close()
         sessions_step = await _refuse_sessions(runtime.dsn, planned.target_database)
         now = datetime.now(UTC)
         if log is None or not request.resume:

@@ -22,9 +22,10 @@ from mcp import Client
 from support import BACKUP_KEY, EngramDB, engram_env, fingerprints, make_engram_db
 
 from engram_recovery.core.engram import crypto as engram_crypto
-from engram_recovery.core.errors import ConfigurationError, UnsafeOperation
+from engram_recovery.core.errors import ConfigurationError, StoreUnreachable, UnsafeOperation
 from engram_recovery.core.progress import silent
 from engram_recovery.core.repository.layout import restore_log_key
+from engram_recovery.core.restore import run_steps
 from engram_recovery.core.restore.run import RestoreLog, run_id_of
 from engram_recovery.core.runtime import Runtime
 from engram_recovery.core.settings import load_settings
@@ -319,3 +320,53 @@ async def test_the_confirmation_text_names_the_recovery_point_the_target_and_the
         text = await confirmation(runtime, RunRestoreInput(plan_token=planned.plan_token))
     assert text is not None and planned.recovery_point.backup_id in text and name in text
     assert await databases(admin_dsn, name) == 0
+
+
+@pytest.mark.anyio
+async def test_a_restore_in_place_over_the_live_database_replaces_it_when_the_plan_chose_so(
+    engram_db: EngramDB, tmp_path: Path
+) -> None:
+    # STORAGE_BACKEND=database: the attachments come back with the rows; nothing to copy.
+    env = engram_env(engram_db, tmp_path, ENGRAM_RECOVERY_BACKUP_KEY=BACKUP_KEY)
+    async with Runtime(load_settings(environ=env)) as runtime:
+        assert (await run_backup(runtime, RunBackupInput(), silent)).verified
+    at_backup = await fingerprints(engram_db.dsn, without=FENCED)
+    await sql(engram_db.dsn, "DELETE FROM notes")
+    planned = await plan(env, allow_non_empty_target=True)
+    assert planned.target_database == engram_db.name and planned.executable, planned.summary
+    async with Runtime(load_settings(environ=env)) as runtime:
+        async with runtime.pool.acquire() as conn:  # the server's own pool holds a connection to the live database
+            await conn.fetchval("SELECT 1")
+        result = await run_restore_tool(runtime, RunRestoreInput(plan_token=planned.plan_token, confirm=True,
+                                                                 reindex_qdrant=False), silent)  # fmt: skip
+    assert result.verdict in ("ok", "warn"), result.summary
+    assert step(result, "attachments").status == "skipped"
+    assert any(c.startswith(f"dropped database {engram_db.name}") for c in step(result, "target").changed)
+    assert await fingerprints(engram_db.dsn, without=FENCED) == at_backup
+    assert "Boot Engram" in result.next_steps[0]
+
+
+@pytest.mark.anyio
+async def test_a_database_step_that_fails_half_way_is_restored_again_from_a_fresh_target_on_resume(
+    deployment: Deployment, target_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bucket = await new_bucket(deployment.where(f"rr-dst-{secrets.token_hex(4)}"))
+    env = deployment.env(bucket.bucket)
+    planned = await plan(env, target_database=target_name)
+    real = run_steps.restore_database
+
+    async def dies_after_loading(*args: Any, **kwargs: Any) -> Any:
+        await real(*args, **kwargs)  # the rows are in: a failure now leaves a full, unverified database behind
+        raise StoreUnreachable("the connection to PostgreSQL was lost during the restore", "run it again")
+
+    monkeypatch.setattr(run_steps, "restore_database", dies_after_loading)
+    first = await restore(env, plan_token=planned.plan_token, confirm=True, reindex_qdrant=False)
+    assert (first.verdict, first.failed_step) == ("fail", "database"), first.summary
+    assert "PARTIAL restore" in first.target_state
+    monkeypatch.setattr(run_steps, "restore_database", real)
+    second = await restore(env, plan_token=planned.plan_token, confirm=True, resume=True, reindex_qdrant=False)
+    assert second.verdict in ("ok", "warn"), second.summary
+    changed = step(second, "target").changed
+    assert changed[0].startswith(f"dropped database {target_name}") and "own partial restore" in changed[0]
+    assert await fingerprints(deployment.target_dsn(target_name), without=FENCED) == deployment.rows_at_backup
+    assert await contents(bucket) == deployment.at_backup
