@@ -26,6 +26,7 @@ from engram_recovery.core.errors import ConfigurationError, StoreUnreachable, Un
 from engram_recovery.core.progress import silent
 from engram_recovery.core.repository.layout import restore_log_key
 from engram_recovery.core.restore import run_steps
+from engram_recovery.core.restore.database import restore_database
 from engram_recovery.core.restore.run import RestoreLog, run_id_of
 from engram_recovery.core.runtime import Runtime
 from engram_recovery.core.settings import load_settings
@@ -353,7 +354,7 @@ async def test_a_database_step_that_fails_half_way_is_restored_again_from_a_fres
     bucket = await new_bucket(deployment.where(f"rr-dst-{secrets.token_hex(4)}"))
     env = deployment.env(bucket.bucket)
     planned = await plan(env, target_database=target_name)
-    real = run_steps.restore_database
+    real = restore_database
 
     async def dies_after_loading(*args: Any, **kwargs: Any) -> Any:
         await real(*args, **kwargs)  # the rows are in: a failure now leaves a full, unverified database behind
