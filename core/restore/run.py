@@ -29,6 +29,7 @@ from ..repository.base import Repository
 from ..repository.layout import restore_log_key
 from ..runtime import Runtime
 from ..stores import postgres
+from ..stores.advisory import Purpose, advisory_key, database_lock
 from ..verdict import Verdict
 from . import observe as rc
 from .plan import Consequence
@@ -78,6 +79,13 @@ class RestoreReport(BaseModel):
     consequences: list[Consequence]
 
 
+def lock(target: str) -> Purpose:
+    """One run_restore into a database at a time, whichever machine runs it."""
+    return Purpose(advisory_key(f"restore:{target}"), "engram-recovery run_restore",
+                   f"another run_restore into {target} is running",
+                   "wait for it to finish (its result says where it stopped), then resume=true if it stopped")
+
+
 def run_id_of(token: str) -> str:
     """The run's id: the same token always names the same run, so resume=true finds its log."""
     return hashlib.sha256(token.strip().encode()).hexdigest()[:32]
@@ -112,14 +120,16 @@ async def run_restore(runtime: Runtime, request: RestoreRequest, progress: Progr
         if planned.target_database == settings.database_name:
             # This server's own idle connections to the live database are not a client to refuse for.
             await runtime.pool.close()
-        sessions_step = await _refuse_sessions(runtime.dsn, planned.target_database)
-        now = datetime.now(UTC)
-        if log is None or not request.resume:
-            log = RestoreLog(run_id=run_id, premises=planned, started_at=now, updated_at=now)
-        ctx = Context(runtime=runtime, repo=repo, request=request, premises=planned, keys=keys, run_id=run_id,
-                      progress=progress, own_partial=own_partial)  # fmt: skip
-        ctx.live_snapshot = log.live_snapshot
-        steps = await _steps(ctx, log, [premises_step, sessions_step])
+        # Held on the maintenance database: a session on the target would itself block the drop.
+        async with database_lock(postgres.with_database(runtime.dsn, "postgres"), lock(planned.target_database)):
+            sessions_step = await _refuse_sessions(runtime.dsn, planned.target_database)
+            now = datetime.now(UTC)
+            if log is None or not request.resume:
+                log = RestoreLog(run_id=run_id, premises=planned, started_at=now, updated_at=now)
+            ctx = Context(runtime=runtime, repo=repo, request=request, premises=planned, keys=keys, run_id=run_id,
+                          progress=progress, own_partial=own_partial)  # fmt: skip
+            ctx.live_snapshot = log.live_snapshot
+            steps = await _steps(ctx, log, [premises_step, sessions_step])
     failed = next((s for s in steps if s.status == "failed"), None)
     rto = round(sum(s.seconds for s in steps), 3)
     state = describe_target(ctx, steps)
@@ -128,8 +138,9 @@ async def run_restore(runtime: Runtime, request: RestoreRequest, progress: Progr
         summary = (f"restored {planned.backup_id} into {planned.target_database} in {rto:.1f} s; read next_steps "
                    "before booting Engram")  # fmt: skip
     else:
-        summary = (f"STOPPED at {failed.name}: {failed.summary}. {state} Fix the cause, then run again with the "
-                   "same plan_token and resume=true")  # fmt: skip
+        # (A canary that does not open is not fixed by resuming: the token is bound to the key; the state says.)
+        fix = "" if failed.name == "canary" else " Fix the cause, then run the same plan_token again with resume=true"
+        summary = f"STOPPED at {failed.name}: {failed.summary}. {state}{fix}"
     await progress(len(STEPS) + 2, len(STEPS) + 2, "restored" if failed is None else f"stopped at {failed.name}")
     return RestoreReport(
         verdict=verdict, summary=summary, run_id=run_id,

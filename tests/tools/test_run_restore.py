@@ -22,15 +22,17 @@ from mcp import Client
 from support import BACKUP_KEY, EngramDB, engram_env, fingerprints, make_engram_db
 
 from engram_recovery.core.engram import crypto as engram_crypto
-from engram_recovery.core.errors import ConfigurationError, StoreUnreachable, UnsafeOperation
+from engram_recovery.core.errors import Busy, ConfigurationError, StoreUnreachable, UnsafeOperation
 from engram_recovery.core.progress import silent
 from engram_recovery.core.repository.layout import restore_log_key
 from engram_recovery.core.restore import run_steps
 from engram_recovery.core.restore.database import restore_database
 from engram_recovery.core.restore.run import RestoreLog, run_id_of
+from engram_recovery.core.restore.run import lock as restore_lock
 from engram_recovery.core.runtime import Runtime
 from engram_recovery.core.settings import load_settings
-from engram_recovery.core.stores import s3
+from engram_recovery.core.stores import postgres, s3
+from engram_recovery.core.stores.advisory import database_lock
 from engram_recovery.core.stores.s3 import S3Location
 from engram_recovery.server.app import build_server
 from engram_recovery.testbed.seaweedfs import SeaweedFS
@@ -371,3 +373,16 @@ async def test_a_database_step_that_fails_half_way_is_restored_again_from_a_fres
     assert changed[0].startswith(f"dropped database {target_name}") and "own partial restore" in changed[0]
     assert await fingerprints(deployment.target_dsn(target_name), without=FENCED) == deployment.rows_at_backup
     assert await contents(bucket) == deployment.at_backup
+
+
+@pytest.mark.anyio
+async def test_a_second_run_into_the_same_target_is_refused_while_the_first_holds_it(
+    deployment: Deployment, target_name: str
+) -> None:
+    env = deployment.env(f"rr-dst-{secrets.token_hex(4)}")
+    planned = await plan(env, target_database=target_name)
+    holder = postgres.with_database(deployment.db.dsn, "postgres")
+    async with database_lock(holder, restore_lock(target_name)):
+        with pytest.raises(Busy, match=f"another run_restore into {target_name} is running"):
+            await restore(env, plan_token=planned.plan_token, confirm=True)
+    assert await databases(holder, target_name) == 0
