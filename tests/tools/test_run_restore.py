@@ -11,11 +11,13 @@ import base64
 import json
 import secrets
 import shutil
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import anyio
 import asyncpg
 import pytest
 from mcp import Client
@@ -386,3 +388,42 @@ async def test_a_second_run_into_the_same_target_is_refused_while_the_first_hold
         with pytest.raises(Busy, match=f"another run_restore into {target_name} is running"):
             await restore(env, plan_token=planned.plan_token, confirm=True)
     assert await databases(holder, target_name) == 0
+
+
+@pytest.mark.anyio
+async def test_roles_the_dump_names_and_the_server_lacks_are_created_nologin(
+    deployment: Deployment, tmp_path: Path, admin_dsn: str, target_name: str
+) -> None:
+    shutil.copytree(deployment.base / "repo", tmp_path / "repo")
+    gone = "engram_gone_" + secrets.token_hex(4)
+    manifest_path = next((tmp_path / "repo" / "backups").glob("*/manifest.json"))
+    manifest = json.loads(manifest_path.read_text())
+    manifest["database"]["roles_referenced"].append(gone)
+    manifest_path.write_text(json.dumps(manifest))
+    bucket = await new_bucket(deployment.where(f"rr-dst-{secrets.token_hex(4)}"))
+    env = deployment.env(bucket.bucket, base=tmp_path)
+    planned = await plan(env, target_database=target_name)
+    assert next(c for c in planned.checks if c.name == "roles").code == "roles_missing"
+    try:
+        result = await restore(env, plan_token=planned.plan_token, confirm=True, reindex_qdrant=False)
+        assert result.verdict in ("ok", "warn"), result.summary
+        assert step(result, "roles").changed == [f"created role {gone} NOLOGIN"]
+        assert "cannot log in yet" in step(result, "roles").summary
+        assert await sql(admin_dsn, "SELECT rolcanlogin FROM pg_roles WHERE rolname = $1", gone) is False
+    finally:
+        await sql(admin_dsn, f'DROP DATABASE IF EXISTS "{target_name}" WITH (FORCE)')
+        await sql(admin_dsn, f'DROP ROLE IF EXISTS "{gone}"')
+
+
+@pytest.mark.anyio
+async def test_the_command_line_call_changes_nothing_without_confirm(
+    deployment: Deployment, admin_dsn: str, target_name: str
+) -> None:
+    env = deployment.env(f"rr-dst-{secrets.token_hex(4)}")
+    planned = await plan(env, target_database=target_name)
+    done = await anyio.run_process([sys.executable, "-m", "engram_recovery.server.cli", "call", "run_restore",
+                                    "--arg", f"plan_token={planned.plan_token}", "--json"], env=env,
+                                   check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr.decode()
+    assert json.loads(done.stdout)["verdict"] == "not_confirmed"
+    assert await databases(admin_dsn, target_name) == 0
