@@ -186,8 +186,11 @@ async def test_through_the_tool_alone_a_restore_equals_the_source_at_backup_time
     assert "JWT" in " ".join(result.next_steps)
     # The log of every step is in the repository, under the run id the token names.
     assert result.log == restore_log_key(run_id_of(planned.plan_token))
-    log = RestoreLog.model_validate_json((deployment.base / "repo" / result.log).read_bytes())
+    raw = (deployment.base / "repo" / result.log).read_text()
+    log = RestoreLog.model_validate_json(raw)
     assert [s.name for s in log.steps] == ORDER and log.live_snapshot is not None
+    for secret in (env["ENCRYPTION_MASTER_KEY"], BACKUP_KEY, env["STORAGE_SECRET_ACCESS_KEY"], planned.plan_token):
+        assert secret not in raw and secret not in repr(answer.structured_content)
 
 
 @pytest.mark.anyio
