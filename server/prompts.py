@@ -110,8 +110,11 @@ async def render(settings: Settings, tools: Collection[str], recovery_point: str
         recovery_points = [f"- The repository cannot be read right now: {exc.message} (fix: {exc.hint})."]
     point = recovery_point or "<the chosen backup id>"
     if "run_restore" in tools:
-        restore = ("Restore with `run_restore` for the same recovery point and plan, after the operator confirms "
-                   "in this conversation. Stop Engram's app first, as the plan says.")
+        restore = ("Restore with `run_restore`, passing the plan_token of the plan the operator approved, after the "
+                   "operator confirms in this conversation (confirm=true; without it nothing changes). Stop Engram's "
+                   "app first, as the plan says. If it stops at a step, tell the operator its target_state, fix the "
+                   "cause, and call it again with the same plan_token and resume=true; if it refuses the token "
+                   "(premises changed), plan again.")
     else:
         restore = ("Restore by following plan_restore's steps in order: give the operator each step's command to "
                    "run (they change the production database; this server has no restore tool). Stop Engram's app "

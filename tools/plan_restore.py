@@ -61,8 +61,8 @@ SPEC = ToolSpec(
         "how much would be lost (read per tenant under row-level security; what cannot be read is 'cannot check' "
         "and yields no SQL). Returns a verdict, the checks, the steps with exact shell commands (withheld when "
         "a check fails), the consequences to tell users (sign-ins, revived tokens, sync cursors, OrphanSweep, "
-        "Qdrant rebuild) and a plan_token bound to these premises. Read-only: it changes nothing. Run the steps in "
-        "order; re-plan if anything changed."
+        "Qdrant rebuild) and a plan_token that carries these premises. Read-only: it changes nothing. Run the steps "
+        "in order, or pass plan_token to run_restore to have them performed; re-plan if anything changed."
     ),
     input_model=PlanRestoreInput,
     result_model=PlanRestoreResult,

@@ -1,4 +1,7 @@
-"""plan_restore, restore_drill and the decrypt command.
+"""plan_restore, run_restore, restore_drill and the decrypt command.
+
+run_restore: run.py (the use case: the token's premises re-checked, the step log, resume) and
+run_steps.py (the steps in Engram's order, each saying what it changed).
 
 plan_restore: planner.py (the run) gathers (observe.py, I/O only) and judges (plan.py, steps.py,
 token.py: pure). restore_drill: drill_run.py (the run, its steps and its record), drill.py (the

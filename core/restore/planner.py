@@ -104,7 +104,7 @@ async def plan(runtime: Runtime, params: PlanRequest, progress: Progress) -> Pla
     )  # fmt: skip
     all_steps = build_steps(manifest, observed, ctx)
     steps = [] if verdict == "fail" else all_steps
-    premises = premises_of(manifest, observed)
+    premises = premises_of(manifest, observed, ctx.work_dir)
     failed = [c for c in checks if c.status == "fail"]
     warned = [c for c in checks if c.status == "warn"]
     if failed:
