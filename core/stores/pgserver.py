@@ -25,7 +25,7 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import anyio
 
@@ -48,16 +48,15 @@ def free_port() -> int:
 
 
 def at_port(dsn: str, port: int, database: str | None = None) -> str:
-    """The same credentials (user, password, options) pointed at 127.0.0.1:`port`, optionally another database."""
+    """The same credentials and options pointed at 127.0.0.1:`port`, optionally another database.
+
+    The ssl* options go: the scratch server runs with ssl off, on loopback only.
+    """
     parts = urlsplit(dsn)
-    auth = ""
-    if parts.username:
-        auth = quote(parts.username, safe="")
-        if parts.password is not None:
-            auth += ":" + quote(parts.password, safe="")
-        auth += "@"
+    userinfo, at, _host = parts.netloc.rpartition("@")  # kept as written (percent-encoded)
     path = "/" + database if database is not None else parts.path
-    return urlunsplit((parts.scheme, f"{auth}127.0.0.1:{port}", path, parts.query, parts.fragment))
+    query = urlencode([(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if not k.startswith("ssl")])
+    return urlunsplit((parts.scheme, f"{userinfo}{at}127.0.0.1:{port}", path, query, parts.fragment))
 
 
 def _admin_tool(name: str) -> str:
