@@ -6,6 +6,8 @@ with the window named; the plan gives the window and the steps without recoverin
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -17,8 +19,9 @@ import pytest
 from archiving_support import archive_cluster, barman_config, barman_for, create_replication_role, steady_writes
 from support import EngramDB, engram_env, make_engram_db
 
-from engram_recovery.core.errors import ConfigurationError
+from engram_recovery.core.errors import ConfigurationError, RecoveryError
 from engram_recovery.core.progress import silent
+from engram_recovery.core.restore import pitr
 from engram_recovery.core.runtime import Runtime
 from engram_recovery.core.settings import load_settings
 from engram_recovery.core.stores.barman import Barman
@@ -169,3 +172,23 @@ async def test_plan_restore_at_a_time_gives_the_window_the_base_backup_and_the_s
     assert result.premises.target_state == "new_data_directory" and result.plan_token.startswith("ptk1.m.")
     # Read-only: nothing was recovered into the work directory.
     assert not (tmp_path / "work").exists()
+
+
+@pytest.mark.anyio
+@pytest.mark.slow
+async def test_a_recovery_that_cannot_reach_its_target_fails_with_the_server_log_and_leaves_no_server(
+    archived: Archived, tmp_path: Path
+) -> None:
+    # What the window's refusal prevents, forced past it: Barman accepts the recovery, PostgreSQL will not open.
+    within = pitr.choose(await archived.barman.catalog(), archived.between, "engram")
+    beyond = within.model_copy(update={"target_time": archived.second + timedelta(minutes=5)})
+    root = Path(tempfile.mkdtemp(prefix="engram-pitr-test-"))
+    try:
+        await pitr.recover(archived.barman, beyond, root / "pgdata")
+        with pytest.raises(RecoveryError) as failed:
+            await pitr.serve(root, root / "pgdata", archived.db.dsn, limit=60)
+        assert "recovery ended before configured recovery target was reached" in failed.value.message
+        assert "window" in failed.value.hint
+        assert not (root / "pgdata" / "postmaster.pid").exists()  # nothing left running
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
