@@ -47,15 +47,20 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+_ADDRESS = frozenset({"host", "hostaddr", "port"})
+
+
 def at_port(dsn: str, port: int, database: str | None = None) -> str:
     """The same credentials and options pointed at 127.0.0.1:`port`, optionally another database.
 
-    The ssl* options go: the scratch server runs with ssl off, on loopback only.
+    The ssl* options go (the scratch server runs with ssl off, on loopback only), and so do host, hostaddr
+    and port given as options (a Unix socket's directory, say), which would win over the address.
     """
     parts = urlsplit(dsn)
     userinfo, at, _host = parts.netloc.rpartition("@")  # kept as written (percent-encoded)
     path = "/" + database if database is not None else parts.path
-    query = urlencode([(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if not k.startswith("ssl")])
+    options = parse_qsl(parts.query, keep_blank_values=True)
+    query = urlencode([(k, v) for k, v in options if not k.startswith("ssl") and k not in _ADDRESS])
     return urlunsplit((parts.scheme, f"{userinfo}{at}127.0.0.1:{port}", path, query, parts.fragment))
 
 

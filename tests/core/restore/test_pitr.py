@@ -98,6 +98,8 @@ def test_the_scratch_server_is_reached_with_the_same_credentials_on_loopback() -
     # The scratch server runs without TLS, on loopback: the ssl options are dropped, the others kept.
     assert at_port("postgresql://engram:p%40ss@db.internal:5432/engram?sslmode=require&application_name=x", 54321) \
         == "postgresql://engram:p%40ss@127.0.0.1:54321/engram?application_name=x"  # fmt: skip
+    assert at_port("postgresql://engram@/engram?host=/var/run/postgresql&port=5433", 7) == \
+        "postgresql://engram@127.0.0.1:7/engram"  # fmt: skip
     assert at_port("postgresql://postgres@127.0.0.1:5432/engram", 1, "postgres") == \
         "postgresql://postgres@127.0.0.1:1/postgres"  # fmt: skip
 
