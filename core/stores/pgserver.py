@@ -159,16 +159,23 @@ class ScratchServer:
                                     "window; else read the server log above")  # fmt: skip
             try:
                 async with postgres.connection(dsn, database="postgres") as conn:
-                    if not await conn.fetchval("SELECT pg_is_in_recovery()"):
-                        return time.monotonic() - started
-                    last = "it was still replaying WAL"
+                    row = await conn.fetchrow("SELECT pg_is_in_recovery() AS replaying, inet_server_port() AS port")
             except RecoveryError as exc:
-                last = exc.message
+                last, row = exc.message, None
                 if "Invalid" in last:  # asyncpg's InvalidPasswordError, InvalidAuthorizationSpecificationError
                     raise RecoveryError(f"the scratch PostgreSQL refuses DATABASE_URL's role: {last}",
                                         "the restored server has the source's roles and pg_hba.conf: connect as a "
                                         "role with a password that a loopback (127.0.0.1) host line accepts"
                                         ) from exc  # fmt: skip
+            if row is not None:
+                if row["port"] not in (None, self.port):
+                    # Never prove (or serve) another server in the scratch one's name.
+                    raise ConfigurationError(f"the scratch connection reached a server on port {row['port']}, not "
+                                             f"the scratch one on {self.port}",
+                                             "give DATABASE_URL its address in the URL, not as options")  # fmt: skip
+                if not row["replaying"]:
+                    return time.monotonic() - started
+                last = "it was still replaying WAL"
             await anyio.sleep(0.1)
         raise RecoveryError(
             f"the scratch PostgreSQL did not finish recovery within {limit:.0f} s ({last})",
