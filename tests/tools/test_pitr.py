@@ -17,6 +17,7 @@ from typing import Any
 import asyncpg
 import pytest
 from archiving_support import archive_cluster, barman_config, barman_for, create_replication_role, steady_writes
+from mcp import Client
 from support import EngramDB, engram_env, make_engram_db
 
 from engram_recovery.core.errors import ConfigurationError, RecoveryError
@@ -26,6 +27,7 @@ from engram_recovery.core.runtime import Runtime
 from engram_recovery.core.settings import load_settings
 from engram_recovery.core.stores.barman import Barman
 from engram_recovery.core.stores.barman_catalog import BaseBackup
+from engram_recovery.server.app import build_server
 from engram_recovery.tools.plan_restore import PlanRestoreInput, PlanRestoreResult, plan_restore
 from engram_recovery.tools.restore_drill import RestoreDrillInput, RestoreDrillResult, restore_drill
 
@@ -192,3 +194,22 @@ async def test_a_recovery_that_cannot_reach_its_target_fails_with_the_server_log
         assert not (root / "pgdata" / "postmaster.pid").exists()  # nothing left running
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.anyio
+async def test_through_mcp_a_naive_time_or_no_barman_is_the_same_error_result_for_both_tools(
+    engram_db: EngramDB, tmp_path: Path
+) -> None:
+    env = engram_env(engram_db, tmp_path)  # no ENGRAM_RECOVERY_BARMAN_CONFIG
+    async with Client(build_server(load_settings(environ=env))) as client:
+        for point, cause, fix in (
+            ("at:2026-11-25T10:00:00", "has no time zone", "at:2026-11-25T10:00:00Z"),
+            ("at:2026-11-25T10:00:00Z", "no Barman configuration is set", "ENGRAM_RECOVERY_BARMAN_CONFIG"),
+        ):
+            texts = []
+            for tool in ("plan_restore", "restore_drill"):
+                result = await client.call_tool(tool, {"recovery_point": point})
+                assert result.is_error and result.structured_content is None
+                texts.append(str(getattr(result.content[0], "text", "")))
+            cause_line, fix_line = texts[0].splitlines()[:2]
+            assert texts[0] == texts[1] and cause in cause_line and fix_line.startswith("Fix: ") and fix in fix_line
