@@ -91,7 +91,7 @@ async def run_pitr_drill(runtime: Runtime, moment: datetime, sample_notes: int, 
                                lambda s: f"the bundled PostgreSQL 18 on 127.0.0.1:{s[0].port} replayed to the "
                                "target and promoted")  # fmt: skip
         server, dsn = served
-        await _prove(runtime, dsn, drill.Keys(keys.current, keys.previous), plan, run, sample_notes,
+        await prove_recovered(runtime, dsn, drill.Keys(keys.current, keys.previous), plan, run, sample_notes,
                      sample_attachments)  # fmt: skip
     except (RecoveryError, postgres.PostgresError) as exc:
         text = str(exc) if isinstance(exc, RecoveryError) else scrub(f"PostgreSQL error: {exc}")
@@ -141,7 +141,7 @@ def _remove(root: Path) -> bool:
     return not root.exists()
 
 
-async def _prove(runtime: Runtime, dsn: str, keys: drill.Keys, plan: pitr.PitrSurvey, run: _Steps,
+async def prove_recovered(runtime: Runtime, dsn: str, keys: drill.Keys, plan: pitr.PitrSurvey, run: _Steps,
                  sample_notes: int, sample_attachments: int) -> None:  # fmt: skip
     async with postgres.connection(dsn) as conn:
         p = await probe(conn)
