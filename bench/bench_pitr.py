@@ -18,7 +18,7 @@ written after it (WAL the recoveries replay).
       bundled server started on it until replay reached the time and it promoted); its RTO with
       the proofs is printed too;
     * peer: `barman recover --target-time` of the same backup by hand, then the same server start
-      and wait for promotion (core/stores/pgserver.py: what an operator would do with pg_ctl).
+      and wait for promotion (core/restore/pitr.serve, core/stores/pgserver.py: what an operator does with pg_ctl).
     Prints every figure, the medians and the ratio ours/peer.
 """
 
@@ -47,7 +47,6 @@ from engram_recovery.core.progress import silent
 from engram_recovery.core.restore import pitr
 from engram_recovery.core.runtime import Runtime
 from engram_recovery.core.settings import load_settings
-from engram_recovery.core.stores import pgserver
 from engram_recovery.core.stores.barman import Barman, BarmanCommand, find_binary
 from engram_recovery.core.stores.pgclient.versions import bundled_bindir
 from engram_recovery.testbed import cluster
@@ -124,8 +123,7 @@ async def barman_alone(barman: Barman, backup_id: str, moment: datetime, dsn: st
     try:
         started = time.perf_counter()
         await barman.run(barman.command.recover(backup_id, str(root / "pgdata"), target_time=moment), limit=3600)
-        server = await pgserver.start(root, root / "pgdata")
-        await server.wait_promoted(pgserver.at_port(dsn, server.port), 3600)
+        server = (await pitr.serve(root, root / "pgdata", dsn)).server  # the same start and wait as the drill's
         return time.perf_counter() - started
     finally:
         if server is not None:

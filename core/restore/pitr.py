@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shlex
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -101,19 +102,28 @@ async def recover(barman: Barman, plan: PitrSurvey, datadir: Path) -> None:
     await barman.recover(plan.base_backup.backup_id, datadir, target_time=plan.target_time)
 
 
-async def serve(root: Path, datadir: Path, dsn: str, *, limit: float = 3600) -> tuple[pgserver.ScratchServer, str]:
+@dataclass(frozen=True)
+class Served:
+    server: pgserver.ScratchServer
+    dsn: str  # DATABASE_URL's credentials and database on the scratch server (it has the source's roles)
+    last_replayed: datetime | None  # the newest transaction replayed: at or before the target
+
+
+async def serve(root: Path, datadir: Path, dsn: str, *, limit: float = 3600) -> Served:
     """Start the bundled server on the recovered directory and wait for replay to reach the target and promote.
 
-    Returns the server and `dsn`'s credentials pointed at it (the restored server has the source's roles).
-    The caller stops it (`stop`, `remove`), also when this raises after the start.
+    The caller stops it (`server.stop()`, then removes `root`); when this raises, it is already stopped.
     """
     server = await pgserver.start(root, datadir, limit=limit)
+    scratch = pgserver.at_port(dsn, server.port)
     try:
-        await server.wait_promoted(pgserver.at_port(dsn, server.port), limit)
+        await server.wait_promoted(scratch, limit)
+        async with postgres.connection(scratch, database="postgres") as conn:
+            last: datetime | None = await conn.fetchval("SELECT pg_last_xact_replay_timestamp()")
     except BaseException:
         await server.stop()
         raise
-    return server, pgserver.at_port(dsn, server.port)
+    return Served(server, scratch, last)
 
 
 def commands(settings: Settings, plan: PitrSurvey, datadir: str) -> list[list[str]]:

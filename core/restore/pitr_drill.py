@@ -88,10 +88,11 @@ async def run_pitr_drill(runtime: Runtime, moment: datetime, sample_notes: int, 
                       lambda _: f"barman recover {plan.base_backup.backup_id} --target-time={moment.isoformat()} "
                       f"into {datadir}")  # fmt: skip
         served = await run.run("replay", lambda: pitr.serve(root, datadir, runtime.dsn),
-                               lambda s: f"the bundled PostgreSQL 18 on 127.0.0.1:{s[0].port} replayed to the "
-                               "target and promoted")  # fmt: skip
-        server, dsn = served
-        await prove_recovered(runtime, dsn, drill.Keys(keys.current, keys.previous), plan, run, sample_notes,
+                               lambda s: f"the bundled PostgreSQL 18 on 127.0.0.1:{s.server.port} replayed up to "
+                               f"the transaction of {s.last_replayed.isoformat() if s.last_replayed else 'none'} "
+                               f"(target {moment.isoformat()}) and promoted")  # fmt: skip
+        server = served.server
+        await prove_recovered(runtime, served.dsn, drill.Keys(keys.current, keys.previous), plan, run, sample_notes,
                      sample_attachments)  # fmt: skip
     except (RecoveryError, postgres.PostgresError) as exc:
         text = str(exc) if isinstance(exc, RecoveryError) else scrub(f"PostgreSQL error: {exc}")

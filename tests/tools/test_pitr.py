@@ -112,6 +112,9 @@ async def test_a_drill_to_a_time_between_two_marked_writes_shows_the_first_only_
     assert steps["prove_notes"].ok and steps["prove_notes"].details["sampled"] == 20
     assert steps["prove_attachments"].ok and steps["prove_attachments"].details["sampled"] > 0
     assert archived.backup.backup_id in steps["survey"].summary
+    # Replay went up to the last transaction at or before the time (a steady-writes tick), never past it.
+    replayed = datetime.fromisoformat(steps["replay"].summary.split("transaction of ")[1].split(" (target")[0])
+    assert archived.between - timedelta(seconds=1) < replayed <= archived.between
     # The PITR RTO: recover + replay + proofs, recorded like the dump drill's.
     rto = sum(steps[n].seconds for n in ("recover", "replay", "prove_canary", "prove_row_counts", "prove_notes",
                                          "prove_attachments"))  # fmt: skip
