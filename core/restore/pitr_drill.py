@@ -92,8 +92,8 @@ async def run_pitr_drill(runtime: Runtime, moment: datetime, sample_notes: int, 
                                f"the transaction of {s.last_replayed.isoformat() if s.last_replayed else 'none'} "
                                f"(target {moment.isoformat()}) and promoted")  # fmt: skip
         server = served.server
-        await prove_recovered(runtime, served.dsn, drill.Keys(keys.current, keys.previous), plan, run, sample_notes,
-                     sample_attachments)  # fmt: skip
+        await prove_recovered(runtime, served.dsn, drill.Keys(keys.current, keys.previous), plan, run,
+                              sample_notes, sample_attachments)  # fmt: skip
     except (RecoveryError, postgres.PostgresError) as exc:
         text = str(exc) if isinstance(exc, RecoveryError) else scrub(f"PostgreSQL error: {exc}")
         if not run.steps or run.steps[-1].ok:
@@ -143,7 +143,9 @@ def _remove(root: Path) -> bool:
 
 
 async def prove_recovered(runtime: Runtime, dsn: str, keys: drill.Keys, plan: pitr.PitrSurvey, run: _Steps,
-                 sample_notes: int, sample_attachments: int) -> None:  # fmt: skip
+                          sample_notes: int, sample_attachments: int) -> None:  # fmt: skip
+    """The dump drill's Engram proofs on a recovered server (any DSN): canary with the key, row counts, sampled
+    notes with their users' DEKs, attachments as of the target time."""
     async with postgres.connection(dsn) as conn:
         p = await probe(conn)
         if not p.sees_all_rows:

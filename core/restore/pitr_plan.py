@@ -49,13 +49,13 @@ async def plan_pitr(runtime: Runtime, moment: datetime, target_database: str | N
         PlanCheck(name="wal", status="ok" if survey.wal_segments else "warn",
                   code="wal_archived" if survey.wal_segments else "wal_unlisted",
                   summary=f"{survey.wal_segments} archived segment(s) {survey.wal_first}..{survey.wal_last} "
-                  f"({survey.wal_bytes} bytes) replay {survey.replay_seconds_of_writes:.0f} s of writes",
+                  f"({survey.wal_bytes} bytes) to replay {survey.replay_seconds_of_writes:.0f} s of writes",
                   details={"first": survey.wal_first, "last": survey.wal_last, "segments": survey.wal_segments}),
         await _server_check(backup.server_version),
         await _key_check(runtime, keys.current, keys.current_problem, keys.previous),
     ]  # fmt: skip
     verdict = worst([c.status for c in checks])
-    datadir = rc.absolute(f"{work_dir.rstrip('/')}/pgdata-{moment.strftime('%Y%m%dT%H%M%SZ')}")
+    datadir = rc.absolute(f"{work_dir.rstrip('/')}/pgdata-{moment.astimezone(UTC).strftime('%Y%m%dT%H%M%SZ')}")
     steps = [] if verdict == "fail" else _steps(runtime, survey, datadir)
     target_db = target_database or settings.database_name
     premises = Premises(
