@@ -132,8 +132,9 @@ async def render(settings: Settings, tools: Collection[str], recovery_point: str
         "reachable, how old the newest good backup is.",
         "2. `list_backups`: the recovery points, newest first, with their verification, drills and age. DECISION: "
         "which recovery point. Prefer the newest one that is verified (and drilled) and older than the damage; "
-        "if the damage began at a known time use plan_restore with `before:<ISO time>`. Its age is the data "
-        "that will be lost"
+        "if the damage began at a known time use plan_restore with `before:<ISO time>`, or, when backup_status's "
+        "archive check shows a restorable window (Barman configured), `at:<ISO time with zone>` to recover to "
+        "that very moment. Its age is the data that will be lost"
         + (f"; the operator suggested `{recovery_point}`." if recovery_point else "."),
         f"3. `plan_restore` with recovery_point=`{point}` and the target database: read every check. A failed "
         "check (wrong master key, damaged artifact, missing role) withholds the steps: fix what it names first.",

@@ -94,6 +94,11 @@ class Proof:
 
 
 async def prove_canary(conn: postgres.Connection, manifest: Manifest, keys: Keys) -> Proof:
+    return await prove_canary_of(conn, manifest.canary.id, keys)
+
+
+async def prove_canary_of(conn: postgres.Connection, expected_id: str | None, keys: Keys) -> Proof:
+    """The restored canary under Engram's key rules; `expected_id` None where no manifest names one (a PITR)."""
     canary = await read_canary(conn)
     if canary is None:
         return Proof("canary", False, "the restored system_canaries is EMPTY: Engram would adopt any key at boot",
@@ -102,7 +107,7 @@ async def prove_canary(conn: postgres.Connection, manifest: Manifest, keys: Keys
     judged = key_rules.judge_canary(keys.current, keys.previous, canary.wrapped_dek, canary.dek_sha256,
                                     what="the restored boot canary")  # fmt: skip
     details: dict[str, Any] = {"verdict": judged.verdict, "canary_id": canary.id} | judged.details
-    if manifest.canary.id is not None and manifest.canary.id != canary.id:
+    if expected_id is not None and expected_id != canary.id:
         return Proof("canary", False, "the restored canary is not the one the manifest recorded", details,
                      code="canary_replaced")  # fmt: skip
     return Proof("canary", judged.code == "ok", judged.summary, details, code=judged.code)

@@ -24,7 +24,7 @@ from ..repository import open_repository
 from ..repository.base import Repository
 from ..repository.layout import drill_record_key
 from ..repository.manifest import Manifest
-from ..repository.points import RecoveryPoint, resolve
+from ..repository.points import RecoveryPoint, point_in_time, resolve
 from ..repository.pool import BlobCheck, read_inventory, verify_blobs
 from ..repository.records import DrillRecord, DrillStep
 from ..repository.verify import verify_artifacts
@@ -32,7 +32,7 @@ from ..runtime import Runtime
 from ..stores import postgres
 from ..stores.pgclient.versions import ClientVersion, beside
 from ..verdict import Verdict
-from . import drill
+from . import drill, pitr_drill
 from . import observe as rc
 from .database import DatabaseRestore, restore_database
 
@@ -116,6 +116,10 @@ class Drill:
 
 async def run_drill(runtime: Runtime, params: DrillRequest, progress: Progress) -> DrillReport:
     """Verify, restore into a scratch database, prove it reads, drop it, record the drill."""
+    moment = point_in_time(params.recovery_point)
+    if moment is not None:  # at:<time>: Barman's recovery on a scratch server, the same proofs (pitr_drill.py)
+        return DrillReport(**await pitr_drill.run_pitr_drill(runtime, moment, params.sample_notes,
+                                                             params.sample_attachments, progress))  # fmt: skip
     settings = runtime.settings
     keys = rc.key_material(settings)
     if keys.current is None:
