@@ -9,8 +9,9 @@ backs it up with run_backup (custom format, zstd, encrypted), then in each run:
   dump already decrypted to a plain file (what an operator runs after `decrypt`);
   the one-off decrypt is timed separately and not counted;
 * ours: restore_drill, whose RTO is verify (SHA-256 of the artifact) + create
-  database + streamed decrypt/decompress into stock pg_restore; its total also
-  includes the proofs and the drop.
+  database + the restore engine of core/restore/database.py (rows loaded while
+  the artifact decrypts, post-data with --jobs=2); its total also includes the
+  proofs (the engine's schema check among them) and the drop.
 
 The order alternates between runs. Prints every figure, the medians and the
 ratio ours/peer (1.0 = no overhead over the bare restore).

@@ -21,7 +21,8 @@ from ..core.runtime import Runtime
 from ..core.settings import Settings
 from ..tools import registry
 from ..tools.base import ToolSpec
-from .invoke import ToolFailed, invoke
+from .confirm import Tickets, asker
+from .invoke import AskLater, ToolFailed, check_confirmable, invoke
 from .stdio import RecoveryServer
 
 log = logging.getLogger("engram_recovery")
@@ -33,7 +34,8 @@ Start with backup_status: it says whether a recovery is possible right now and w
 would be lost. list_backups (and the engram-recovery://backups resource) lists the
 recovery points; the disaster_recovery prompt walks through a whole recovery.
 Tools that change anything refuse to act without confirm=true and report exactly
-what they did."""
+what they did; where the client supports elicitation, a destructive one called without
+confirm=true asks the user to confirm what it would change instead."""
 
 
 def _progress_for(ctx: Context[Runtime, Any]) -> Progress:
@@ -55,11 +57,14 @@ class RecoveryTool(Tool):
     it did not expect is all the client sees. Here arguments are validated
     strictly against the advertised schema, a RecoveryError keeps its message and
     fix, and anything else becomes one operator-facing line (core/stores/failures.py).
+    A destructive tool called without confirm=true asks the user to confirm where the client can
+    answer an elicitation (server/confirm.py).
     """
 
     spec: Any = Field(exclude=True)
     problem: Any = Field(default=None, exclude=True)
     running: Any = Field(exclude=True)
+    tickets: Any = Field(exclude=True)
 
     async def run(
         self, arguments: dict[str, Any], context: Context[Any, Any], convert_result: bool = False
@@ -68,9 +73,12 @@ class RecoveryTool(Tool):
         if self.problem is not None:
             raise ToolError(str(self.problem))
         runtime: Runtime = context.request_context.lifespan_context
+        ask = asker(context, spec.name, arguments, self.tickets) if spec.confirmation is not None else None
         with self.running.one():
             try:
-                result = await invoke(spec, runtime, arguments, _progress_for(context))
+                result = await invoke(spec, runtime, arguments, _progress_for(context), ask)
+            except AskLater as question:
+                return question.reply  # an InputRequiredResult: the client retries with the answer
             except ToolFailed as exc:
                 raise ToolError(str(exc)) from exc
         return self.fn_metadata.convert_result(result) if convert_result else result
@@ -91,7 +99,11 @@ class Running:
             self.count -= 1
 
 
-def _as_mcp_tool(spec: ToolSpec[Any, Any], running: Running, problem: ConfigurationError | None) -> Tool:
+def _as_mcp_tool(
+    spec: ToolSpec[Any, Any], running: Running, problem: ConfigurationError | None, tickets: Tickets
+) -> Tool:
+    check_confirmable(spec)
+
     async def unused(ctx: Context[Runtime, Any]) -> None:  # RecoveryTool.run replaces the SDK's call path
         raise AssertionError("not called")
 
@@ -109,6 +121,7 @@ def _as_mcp_tool(spec: ToolSpec[Any, Any], running: Running, problem: Configurat
         spec=spec,
         problem=problem,
         running=running,
+        tickets=tickets,
     )
 
 
@@ -142,12 +155,13 @@ def build_server(settings: Settings | ConfigurationError) -> RecoveryServer:
 
     tools = tools_for(configured)
     running = Running()
+    tickets = Tickets()
     server = RecoveryServer(
         name="engram-recovery",
         title="Engram recovery",
         instructions=INSTRUCTIONS,
         version=__version__,
-        tools=[_as_mcp_tool(spec, running, problem) for spec in tools],
+        tools=[_as_mcp_tool(spec, running, problem, tickets) for spec in tools],
         lifespan=lifespan,
         log_level="WARNING",
     )

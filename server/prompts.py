@@ -111,8 +111,11 @@ async def render(settings: Settings, tools: Collection[str], recovery_point: str
         recovery_points = [f"- The repository cannot be read right now: {exc.message} (fix: {exc.hint})."]
     point = recovery_point or "<the chosen backup id>"
     if "run_restore" in tools:
-        restore = ("Restore with `run_restore` for the same recovery point and plan, after the operator confirms "
-                   "in this conversation. Stop Engram's app first, as the plan says.")
+        restore = ("Restore with `run_restore`, passing the plan_token of the plan the operator approved, after the "
+                   "operator confirms in this conversation (confirm=true; without it nothing changes). Stop Engram's "
+                   "app first, as the plan says. If it stops at a step, tell the operator its target_state, fix the "
+                   "cause, and call it again with the same plan_token and resume=true; if it refuses the token "
+                   "(premises changed), plan again.")
     else:
         restore = ("Restore by following plan_restore's steps in order: give the operator each step's command to "
                    "run (they change the production database; this server has no restore tool). Stop Engram's app "
@@ -130,8 +133,9 @@ async def render(settings: Settings, tools: Collection[str], recovery_point: str
         "reachable, how old the newest good backup is.",
         "2. `list_backups`: the recovery points, newest first, with their verification, drills and age. DECISION: "
         "which recovery point. Prefer the newest one that is verified (and drilled) and older than the damage; "
-        "if the damage began at a known time use plan_restore with `before:<ISO time>`. Its age is the data "
-        "that will be lost"
+        "if the damage began at a known time use plan_restore with `before:<ISO time>`, or, when backup_status's "
+        "archive check shows a restorable window (Barman configured), `at:<ISO time with zone>` to recover to "
+        "that very moment. Its age is the data that will be lost"
         + (f"; the operator suggested `{recovery_point}`." if recovery_point else "."),
         f"3. `plan_restore` with recovery_point=`{point}` and the target database: read every check. A failed "
         "check (wrong master key, damaged artifact, missing role) withholds the steps: fix what it names first.",

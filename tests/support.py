@@ -139,8 +139,11 @@ def engram_env(db: EngramDB, tmp_path: Path, **extra: str) -> dict[str, str]:
     return {k: v for k, v in env.items() if v != ""}
 
 
-async def fingerprints(dsn: str, without: tuple[str, str] | None = None) -> dict[str, tuple[int, str]]:
-    """Every table's row count and an order-independent digest of all its rows (minus one table.column)."""
+async def fingerprints(
+    dsn: str, without: tuple[str, str] | None = None, leave_out: dict[str, str] | None = None
+) -> dict[str, tuple[int, str]]:
+    """Every table's row count and an order-independent digest of all its rows (minus one table.column, and
+    minus the rows of `leave_out`'s tables that match its SQL condition on `t`)."""
     conn = await asyncpg.connect(dsn)
     try:
         tables = [r["t"] for r in await conn.fetch(
@@ -149,9 +152,10 @@ async def fingerprints(dsn: str, without: tuple[str, str] | None = None) -> dict
         out: dict[str, tuple[int, str]] = {}
         for table in tables:
             value = f"(to_jsonb(t) - '{without[1]}')::text" if without and without[0] == table else "t::text"
+            where = f" WHERE NOT ({leave_out[table]})" if leave_out and table in leave_out else ""
             row = await conn.fetchrow(
                 f"SELECT count(*) AS n, md5(coalesce(string_agg(md5({value}), '' ORDER BY md5({value})), '')) AS h "
-                f'FROM public."{table}" t'
+                f'FROM public."{table}" t{where}'
             )
             assert row is not None
             out[table] = (int(row["n"]), str(row["h"]))

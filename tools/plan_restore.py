@@ -19,7 +19,8 @@ from .base import ToolInput, ToolResult, ToolSpec, read_only_annotations
 class PlanRestoreInput(ToolInput):
     recovery_point: str = Field(
         default="latest",
-        description="'latest', a backup id, or 'before:<ISO time>' for the newest backup finished before then.",
+        description="'latest', a backup id, 'before:<ISO time>' for the newest backup finished before then, or "
+        "'at:<ISO time with zone>' for point-in-time recovery from Barman's WAL archive.",
     )
     target_database: str | None = Field(
         default=None,
@@ -61,8 +62,11 @@ SPEC = ToolSpec(
         "how much would be lost (read per tenant under row-level security; what cannot be read is 'cannot check' "
         "and yields no SQL). Returns a verdict, the checks, the steps with exact shell commands (withheld when "
         "a check fails), the consequences to tell users (sign-ins, revived tokens, sync cursors, OrphanSweep, "
-        "Qdrant rebuild) and a plan_token bound to these premises. Read-only: it changes nothing. Run the steps in "
-        "order; re-plan if anything changed."
+        "Qdrant rebuild) and a plan_token that carries these premises. Read-only: it changes nothing. Run the steps "
+        "in order, or pass plan_token to run_restore to have them performed; re-plan if anything changed. With "
+        "'at:<ISO time with zone>' (point-in-time recovery, Barman configured): the restorable window (a time "
+        "outside it is refused, the window named), the base backup, the WAL to replay, the key, and the steps "
+        "(barman recover into a new data directory, start PostgreSQL 18 on it, the proofs); nothing is recovered."
     ),
     input_model=PlanRestoreInput,
     result_model=PlanRestoreResult,

@@ -18,6 +18,7 @@ NAMES: tuple[str, ...] = (
     "run_backup",
     "plan_restore",
     "restore_drill",
+    "run_restore",
     "reindex_qdrant",
     "check_archiving",
 )

@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from ..core.progress import Progress
+from ..core.progress import Progress, silent
 from ..core.reindex.run import ReindexReport, ReindexRequest, reindex
 from ..core.runtime import Runtime
 from .base import ToolAnnotations, ToolInput, ToolResult, ToolSpec
@@ -53,6 +53,31 @@ async def reindex_qdrant(runtime: Runtime, params: ReindexInput, progress: Progr
     return ReindexResult.model_validate(report.model_dump())
 
 
+async def confirmation(runtime: Runtime, params: ReindexInput) -> str | None:
+    """What a confirmed run would change, from a dry run now; None when it would change nothing."""
+    dry = await reindex(runtime, ReindexRequest(**params.model_dump(exclude={"confirm"}), confirm=False), silent)
+    scope = "".join(
+        f", {name} {value}" for name, value in (("user", params.user_id), ("vault", params.vault_id)) if value
+    )
+    changes: list[str] = []
+    if params.recreate_collection:
+        changes.append(f"DROP and recreate the Qdrant collection {dry.collection} ({dry.points_dropped or 0} "
+                       "point(s) deleted)")
+    if dry.notes_to_enqueue:
+        changes.append(f"enqueue {dry.notes_to_enqueue} EmbedNote job(s): the Engram app re-embeds those notes, "
+                       f"about {dry.estimated_tokens} embedding tokens billed")
+    if dry.already_queued:
+        changes.append(f"reset the embed state of {dry.already_queued} note(s) that already have a pending job")
+    if dry.orphan_points:
+        changes.append(f"delete {dry.orphan_points} orphan Qdrant point(s) (of notes that no longer exist)")
+    if not changes:
+        return None
+    vaults = len(dry.per_vault)
+    spread = f" across {vaults}{'+' if dry.per_vault_truncated else ''} vault(s)" if vaults else ""
+    return (f"Rebuild Qdrant (mode {dry.mode}{scope}){spread}. A confirmed run will:\n- " + "\n- ".join(changes)
+            + f"\nCurrent embedding backlog: {dry.backlog.total} job(s).")
+
+
 SPEC = ToolSpec(
     name="reindex_qdrant",
     title="Rebuild Qdrant",
@@ -76,4 +101,5 @@ SPEC = ToolSpec(
         open_world_hint=True,
     ),
     writes=True,
+    confirmation=confirmation,
 )

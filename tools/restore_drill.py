@@ -21,7 +21,9 @@ from .base import ToolAnnotations, ToolInput, ToolResult, ToolSpec
 
 class RestoreDrillInput(ToolInput):
     recovery_point: str = Field(
-        default="latest", description="'latest', a backup id, or 'before:<ISO time>'."
+        default="latest",
+        description="'latest', a backup id, 'before:<ISO time>', or 'at:<ISO time with zone>' (point-in-time "
+        "recovery from Barman's archive into a scratch PostgreSQL 18).",
     )
     sample_notes: int = Field(default=50, ge=1, le=10_000, description="Notes to decrypt and hash-check.")
     sample_attachments: int = Field(default=20, ge=0, le=10_000, description="Attachments to decrypt and check.")
@@ -48,7 +50,11 @@ SPEC = ToolSpec(
         "content hashes, and that every row count matches the manifest. "
         "Measures the recovery time (RTO) per step, always drops the scratch database (and stale ones from killed "
         "drills), and records the result in the repository (backup_status shows the last successful drill). "
-        "Never touches an existing database. Run it after backups and at least monthly."
+        "Never touches an existing database. Run it after backups and at least monthly. With "
+        "'at:<ISO time with zone>': Barman recovers the base backup before that time plus WAL into a new scratch data "
+        "directory, served by the bundled PostgreSQL 18 on a free loopback port until replay reaches the time; the "
+        "same proofs run there (attachments as of that time from a versioned bucket's object versions), the server "
+        "is stopped and removed, and the PITR RTO (recover + replay + proofs) is recorded."
     ),
     input_model=RestoreDrillInput,
     result_model=RestoreDrillResult,

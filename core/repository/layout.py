@@ -6,6 +6,7 @@
     drills/<timestamp>-<backup_id>.json restore drill records
     verifications/<timestamp>-<backup_id>.json   re-verifications of a backup after it was written (deep status)
     protected/<run_id>/attachments-inventory.jsonl   blobs a restore copied aside (users it lacks), in the pool
+    restores/<run_id>/log.json          a run_restore's step log (run_id derived from its plan token: resume finds it)
 
 The same keys serve a local directory and an s3://bucket/prefix.
 """
@@ -22,6 +23,7 @@ from ..errors import ConfigurationError
 BACKUPS = "backups/"
 DRILLS = "drills/"
 VERIFICATIONS = "verifications/"
+RESTORES = "restores/"
 POOL = "attachments/pool/"
 PROTECTED = "protected/"
 MANIFEST_NAME = "manifest.json"
@@ -86,3 +88,14 @@ def drill_record_key(at: datetime, backup_id: str) -> str:
 
 def verification_record_key(at: datetime, backup_id: str) -> str:
     return f"{VERIFICATIONS}{at.strftime('%Y%m%dT%H%M%S%fZ')}-{backup_id}.json"
+
+
+def restore_prefix(run_id: str) -> str:
+    """The folder of one run_restore: its step log and what its fences set aside."""
+    if not re.fullmatch(r"[0-9a-f]{8,64}", run_id):
+        raise ConfigurationError(f"invalid restore run id {run_id!r}", "a run id is the hex digest run_restore derives")
+    return f"{RESTORES}{run_id}/"
+
+
+def restore_log_key(run_id: str) -> str:
+    return restore_prefix(run_id) + "log.json"

@@ -69,9 +69,22 @@ class Choice:
     why: str
 
 
-def choose_mode(manifest: Manifest, jobs: int, free_bytes: int | None) -> Choice:
-    """How to feed pg_restore (pure): parallel where format, jobs and scratch space allow it, else streamed."""
+def choose_mode(manifest: Manifest, jobs: int, free_bytes: int | None, *, prefixed: bool = False) -> Choice:
+    """How to feed pg_restore (pure): parallel where format, jobs and scratch space allow it, else streamed.
+
+    `prefixed`: the clients run through ENGRAM_RECOVERY_PG_CLIENT_PREFIX (in a container, say), where they
+    cannot read the files of this machine, so only a dump arriving on stdin can be restored through them.
+    """
     fmt = manifest.database.dump_format
+    if prefixed:
+        if fmt == "directory":
+            raise ConfigurationError(
+                "a directory-format dump cannot be restored through ENGRAM_RECOVERY_PG_CLIENT_PREFIX: pg_restore "
+                "reads its files where the prefix runs it, not here",
+                "unset the prefix (the bundled pg_restore is used), or restore a custom-format backup",
+            )
+        return Choice("streamed", 1, "pg_restore runs through ENGRAM_RECOVERY_PG_CLIENT_PREFIX, away from this "
+                                     "machine's files: streamed into it in one transaction")  # fmt: skip
     need = plain_size(manifest)
     room = free_bytes is not None and (need is None or free_bytes >= need * SPACE_MARGIN)
     if fmt == "directory":
@@ -139,12 +152,15 @@ class DatabaseRestore:
 async def restore_database(
     repo: Repository, manifest: Manifest, backup_key: bytes | None, dsn: str, pg_restore: str, *,
     jobs: int = 2, scratch: Path | None = None, psql: str = "psql", progress: Progress = silent, loaders: int = 1,
+    client_prefix: tuple[str, ...] = (),
 ) -> DatabaseRestore:  # fmt: skip
-    """Restore `manifest`'s dump into the (empty) database at `dsn`, then check it against the backup."""
+    """Restore `manifest`'s dump into the (empty) database at `dsn`, then check it against the backup.
+
+    `client_prefix`: the words ENGRAM_RECOVERY_PG_CLIENT_PREFIX puts before pg_restore and psql (streamed only)."""
     started = time.monotonic()
     folder = Path(scratch or tempfile.gettempdir())
     free = await anyio.to_thread.run_sync(_free_space, folder)
-    choice = choose_mode(manifest, jobs, free)
+    choice = choose_mode(manifest, jobs, free, prefixed=bool(client_prefix))
     dumps = [a for a in manifest.artifacts if a.kind == "database"]
     if not dumps or (len(dumps) != 1 and choice.mode != "directory"):
         raise IntegrityError(f"the manifest of {manifest.backup_id} lists {len(dumps)} database dump artifacts",
@@ -165,7 +181,7 @@ async def restore_database(
             toc = parse_toc(toc_text)
         else:
             stream = plaintext(repo, prefix + dumps[0].name, dumps[0], backup_key)
-            plain_bytes, toc = await _streamed(stream, manifest, dsn, pg_restore, psql, timings)
+            plain_bytes, toc = await _streamed(stream, manifest, dsn, (pg_restore, psql, client_prefix), timings)
     await progress(1, 2, f"restored {plain_bytes} bytes of dump; checking tables, constraints, indexes and row counts")
     mark = time.monotonic()
     check = await check_restored(dsn, manifest, toc)
@@ -231,18 +247,21 @@ async def plaintext(repo: Repository, key: str, artifact: Artifact, backup_key: 
 
 
 async def _streamed(
-    stream: AsyncGenerator[bytes], manifest: Manifest, dsn: str, pg_restore: str, psql: str,
+    stream: AsyncGenerator[bytes], manifest: Manifest, dsn: str, clients: tuple[str, str, tuple[str, ...]],
     timings: dict[str, float],
 ) -> tuple[int, list[TocEntry]]:  # fmt: skip
+    """One pass into stdin; `clients`: pg_restore, psql and the prefix they run behind."""
     mark = time.monotonic()
-    command = stdin_restore(manifest.database.dump_format, pg_restore, psql, dsn, application=APPLICATION)
+    pg_restore, psql, prefix = clients
+    command = stdin_restore(manifest.database.dump_format, pg_restore, psql, dsn, prefix=prefix,
+                            application=APPLICATION)  # fmt: skip
     if manifest.database.dump_format == "plain":
         async with aclosing(stream):  # psql may stop reading early: the decryption pipeline ends here too
             total = await feed_all(Feed(command, STOCK_FIX, drain=False), stream)
         timings["decrypt_and_restore"] = time.monotonic() - mark
         return total, []
     # The TOC is at the head of a custom dump: `pg_restore --list` reads it from the same stream and stops.
-    lister = feed(restore_into(pg_restore, dsn, list_only=True), keep_stdout=True)
+    lister = feed(restore_into(pg_restore, dsn, list_only=True, prefix=prefix), keep_stdout=True)
     list_send, list_receive = anyio.create_memory_object_stream[bytes](_PIPELINE_DEPTH)
     load_send, load_receive = anyio.create_memory_object_stream[bytes](_PIPELINE_DEPTH)
     fed = [0]

@@ -1,4 +1,4 @@
-"""A restore drill's moving parts: a scratch database, a streamed restore, and the proofs.
+"""A restore drill's moving parts: a scratch database and the proofs (the restore itself is database.py's).
 
 The scratch database is named `engram_drill_<unix time>_<random>`, so a drill
 that died without dropping its database (a killed process) leaves a name whose
@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import re
 import secrets
-import tempfile
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 from ..artifact.codec import Decoder, decode_stream
@@ -26,10 +24,8 @@ from ..errors import RecoveryError
 from ..repository.base import Repository
 from ..repository.manifest import Artifact, Manifest
 from ..stores import postgres
-from ..stores.pgclient.commands import PgClientCommand, PgRestoreCommand
-from ..stores.pgclient.process import Feed, feed_all, run
 from ..stores.postgres import quote_ident
-from .decrypt import extract_backup
+from .schema_check import SchemaCheck
 
 PREFIX = "engram_drill_"
 _NAME = re.compile(r"^engram_drill_(\d{9,11})_[0-9a-f]{8}$")
@@ -88,20 +84,6 @@ async def plaintext(repo: Repository, key: str, artifact: Artifact, backup_key: 
         yield out
 
 
-async def restore_stream(command: PgClientCommand, chunks: AsyncIterator[bytes]) -> int:
-    """Feed the dump to the restore process (stdin_restore); raise with its stderr if it fails. Returns bytes fed."""
-    return await feed_all(Feed(command, STOCK_FIX, drain=False), chunks)
-
-
-async def restore_directory(pg_restore: str, dsn: str, repo: Repository, backup_id: str, key: bytes | None) -> int:
-    """A directory dump: decrypt its files into local scratch space, then stock pg_restore --jobs=2 on them."""
-    with tempfile.TemporaryDirectory(prefix="engram-drill-") as scratch:
-        target = Path(scratch) / "dump"
-        extracted = await extract_backup(repo, backup_id, key, target)
-        await run(PgRestoreCommand(pg_restore, dsn, jobs=2, source=str(target)), STOCK_FIX)
-    return sum(e.plain_bytes for e in extracted)
-
-
 @dataclass
 class Proof:
     name: str
@@ -112,6 +94,11 @@ class Proof:
 
 
 async def prove_canary(conn: postgres.Connection, manifest: Manifest, keys: Keys) -> Proof:
+    return await prove_canary_of(conn, manifest.canary.id, keys)
+
+
+async def prove_canary_of(conn: postgres.Connection, expected_id: str | None, keys: Keys) -> Proof:
+    """The restored canary under Engram's key rules; `expected_id` None where no manifest names one (a PITR)."""
     canary = await read_canary(conn)
     if canary is None:
         return Proof("canary", False, "the restored system_canaries is EMPTY: Engram would adopt any key at boot",
@@ -120,22 +107,29 @@ async def prove_canary(conn: postgres.Connection, manifest: Manifest, keys: Keys
     judged = key_rules.judge_canary(keys.current, keys.previous, canary.wrapped_dek, canary.dek_sha256,
                                     what="the restored boot canary")  # fmt: skip
     details: dict[str, Any] = {"verdict": judged.verdict, "canary_id": canary.id} | judged.details
-    if manifest.canary.id is not None and manifest.canary.id != canary.id:
+    if expected_id is not None and expected_id != canary.id:
         return Proof("canary", False, "the restored canary is not the one the manifest recorded", details,
                      code="canary_replaced")  # fmt: skip
     return Proof("canary", judged.code == "ok", judged.summary, details, code=judged.code)
 
 
-async def prove_counts(conn: postgres.Connection, manifest: Manifest) -> Proof:
-    wrong: dict[str, dict[str, int]] = {}
-    for table, expected in sorted(manifest.database.row_counts.items()):
-        actual = int(await conn.fetchval(f"SELECT count(*) FROM {quote_ident(table)}"))
-        if actual != expected:
-            wrong[table] = {"manifest": expected, "restored": actual}
-    n = len(manifest.database.row_counts)
+def schema_proofs(check: SchemaCheck, counted: int) -> list[Proof]:
+    """The restore engine's check (schema_check.py) as two proofs: the objects, then the `counted` row counts."""
+    objects = {"tables": check.tables, "constraints": check.constraints, "indexes": check.indexes,
+               "objects_from": check.objects_from}  # fmt: skip
+    if check.missing:
+        schema = Proof("schema", False, f"{len(check.missing)} object(s) of the backup are missing after the restore: "
+                       + ", ".join(check.missing[:10]), objects | {"missing": check.missing[:50]})  # fmt: skip
+    else:
+        schema = Proof("schema", True, f"{check.tables} tables, {check.constraints} constraints and {check.indexes} "
+                       f"indexes present ({check.objects_from})", objects)  # fmt: skip
+    wrong = {t: {"manifest": expected, "restored": actual} for t, (expected, actual) in check.counts_wrong.items()}
     if wrong:
-        return Proof("row_counts", False, f"{len(wrong)} of {n} table(s) differ from the manifest: {wrong}", wrong)
-    return Proof("row_counts", True, f"all {n} table counts match the manifest")
+        counts = Proof("row_counts", False, f"{len(wrong)} of {counted} table(s) differ from the manifest: {wrong}",
+                       wrong)  # fmt: skip
+    else:
+        counts = Proof("row_counts", True, f"all {counted} table counts match the manifest")
+    return [schema, counts]
 
 
 @dataclass(frozen=True)

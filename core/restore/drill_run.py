@@ -1,7 +1,8 @@
 """restore_drill: restore a recovery point into a scratch database, prove it reads, drop it, record it.
 
-The run and its steps; drill.py holds the scratch database, the restore with stock tools and the
-proofs. tools/restore_drill.py is the MCP adapter.
+The run and its steps; the restore is the restore engine's (database.py, as a real restore does it,
+with its check of tables, constraints, indexes and row counts); drill.py holds the scratch database
+and the proofs. tools/restore_drill.py is the MCP adapter.
 """
 
 from __future__ import annotations
@@ -23,17 +24,17 @@ from ..repository import open_repository
 from ..repository.base import Repository
 from ..repository.layout import drill_record_key
 from ..repository.manifest import Manifest
-from ..repository.points import RecoveryPoint, resolve
+from ..repository.points import RecoveryPoint, point_in_time, resolve
 from ..repository.pool import BlobCheck, read_inventory, verify_blobs
 from ..repository.records import DrillRecord, DrillStep
 from ..repository.verify import verify_artifacts
 from ..runtime import Runtime
 from ..stores import postgres
-from ..stores.pgclient.commands import stdin_restore
 from ..stores.pgclient.versions import ClientVersion, beside
 from ..verdict import Verdict
-from . import drill
+from . import drill, pitr_drill
 from . import observe as rc
+from .database import DatabaseRestore, restore_database
 
 T = TypeVar("T")
 RTO_STEPS = ("verify", "create_database", "restore")
@@ -98,8 +99,27 @@ async def _admin(dsn: str) -> postgres.Connection:
         return await postgres.connect(dsn, database="postgres")
 
 
+@dataclass(frozen=True)
+class Drill:
+    """One drill, as its steps share it (instead of nine parameters each)."""
+
+    runtime: Runtime
+    repo: Repository
+    point: RecoveryPoint
+    params: DrillRequest
+    keys: drill.Keys
+    backup_key: bytes | None
+    run: _Run
+    now: datetime
+    swept: list[str]  # stale drill databases dropped first, filled in by the run
+
+
 async def run_drill(runtime: Runtime, params: DrillRequest, progress: Progress) -> DrillReport:
     """Verify, restore into a scratch database, prove it reads, drop it, record the drill."""
+    moment = point_in_time(params.recovery_point)
+    if moment is not None:  # at:<time>: Barman's recovery on a scratch server, the same proofs (pitr_drill.py)
+        return DrillReport(**await pitr_drill.run_pitr_drill(runtime, moment, params.sample_notes,
+                                                             params.sample_attachments, progress))  # fmt: skip
     settings = runtime.settings
     keys = rc.key_material(settings)
     if keys.current is None:
@@ -118,10 +138,10 @@ async def run_drill(runtime: Runtime, params: DrillRequest, progress: Progress) 
         # A recovery point that does not resolve is the caller's input, answered as plan_restore answers it
         # (an error with its fix), not a drill that ran and failed.
         point = await resolve(repo, params.recovery_point)
+        ctx = Drill(runtime, repo, point, params, drill.Keys(keys.current, keys.previous), backup_key, run, now, swept)
         try:
             backup_id = point.manifest.backup_id
-            await _drill(runtime, repo, point, params, drill.Keys(keys.current, keys.previous), backup_key, run, now,
-                         swept)  # fmt: skip
+            await _drill(ctx)
         except (RecoveryError, postgres.PostgresError) as exc:
             # A database error inside a proof (a table the manifest counts is missing, say) fails the drill too.
             text = str(exc) if isinstance(exc, RecoveryError) else scrub(f"PostgreSQL error: {exc}")
@@ -136,7 +156,7 @@ async def run_drill(runtime: Runtime, params: DrillRequest, progress: Progress) 
         rto = sum(s.seconds for s in run.steps if s.name in RTO_STEPS) if ok else None
         total = time.perf_counter() - started
         if backup_id is not None:
-            record = await _record(repo, now, backup_id, ok, rto, run.steps, scratch)
+            record = await _record(ctx, ok, rto)
     failed = [s for s in run.steps if not s.ok]
     summary = (f"drill passed: {backup_id} restores with stock pg_restore and reads with the master key; "
                f"RTO {rto:.1f} s" if ok and rto is not None else
@@ -151,10 +171,9 @@ async def run_drill(runtime: Runtime, params: DrillRequest, progress: Progress) 
     )  # fmt: skip
 
 
-async def _drill(
-    runtime: Runtime, repo: Repository, point: RecoveryPoint, params: DrillRequest, keys: drill.Keys,
-    backup_key: bytes | None, run: _Run, now: datetime, swept: list[str],
-) -> None:
+async def _drill(ctx: Drill) -> None:
+    runtime, repo, point, params, keys, run = ctx.runtime, ctx.repo, ctx.point, ctx.params, ctx.keys, ctx.run
+    now = ctx.now
     manifest = point.manifest
     verdicts = await run.step("verify", lambda: verify_artifacts(repo, point),
                               lambda v: f"{len(v)} artifact(s) match their SHA-256")  # fmt: skip
@@ -188,7 +207,7 @@ async def _drill(
                 "its files where the prefix runs it, not here",
                 "unset the prefix for the drill (the bundled pg_restore is used), or drill a custom-format backup",
             )
-        swept.extend(await drill.sweep_leftovers(admin, now))
+        ctx.swept.extend(await drill.sweep_leftovers(admin, now))
         name = drill.scratch_name(now)
         run.scratch = name
         # Owned by the source database's owner, as a real restore must be (schema grants expect it).
@@ -197,25 +216,24 @@ async def _drill(
     finally:
         await admin.close(timeout=2)
     scratch_dsn = postgres.with_database(runtime.dsn, name)
-    if directory:
-        await run.step("restore", lambda: drill.restore_directory(client.path, scratch_dsn, repo,
-                                                                  manifest.backup_id, backup_key),
-                       lambda n: f"stock pg_restore --jobs=2 restored a directory dump of {n} bytes")  # fmt: skip
-    else:
-        command = stdin_restore(manifest.database.dump_format, client.path, beside(client.path, "psql"), scratch_dsn,
-                                prefix=client.prefix)
-        stream = drill.plaintext(repo, point.prefix + dumps[0].name, dumps[0], backup_key)
-        restorer = command.name
-        await run.step("restore", lambda: drill.restore_stream(command, stream),
-                       lambda n: f"stock {restorer} restored {n} bytes of dump")  # fmt: skip
+    restored = await run.step("restore", lambda: _restore(ctx, client, scratch_dsn),
+                              lambda r: f"stock tools restored {r.plain_bytes} bytes of dump: {r.why}")  # fmt: skip
+    # The engine checked the restored database against the backup after loading it: that check is a proof, and its
+    # time is not part of the time to a restored database.
+    checked = restored.timings.get("verify", 0.0)
+    run.steps[-1] = run.steps[-1].model_copy(update={
+        "seconds": round(max(0.0, run.steps[-1].seconds - checked), 3),
+        "details": {"mode": restored.mode, "jobs": restored.jobs, "timings": restored.timings},
+    })  # fmt: skip
     async with postgres.connection(scratch_dsn) as conn:
         p = await probe(conn)
-        if not p.sees_all_rows:
+        if not p.sees_all_rows:  # before the counts are reported: under RLS they would read as lost rows
             raise IntegrityError(f"role {p.role} sees no rows under row-level security in the scratch database",
                                  "run the drill as a superuser or a role with BYPASSRLS")  # fmt: skip
+        for proof in drill.schema_proofs(restored.check, len(manifest.database.row_counts)):
+            run.proof(proof, checked / 2)
         proofs: list[Callable[[], Awaitable[drill.Proof]]] = [
             lambda: drill.prove_canary(conn, manifest, keys),
-            lambda: drill.prove_counts(conn, manifest),
             lambda: drill.prove_notes(conn, keys, params.sample_notes),
             lambda: _prove_attachments(conn, repo, point, keys, params.sample_attachments),
         ]
@@ -223,6 +241,18 @@ async def _drill(
             t0 = time.perf_counter()
             await run.progress(len(run.steps), None, "drill: proving")
             run.proof(await prove(), time.perf_counter() - t0)
+
+
+async def _restore(ctx: Drill, client: ClientVersion, dsn: str) -> DatabaseRestore:
+    """The restore engine a real restore uses, into the scratch database; its progress is the drill's."""
+    run = ctx.run
+
+    async def progress(done: float, total: float | None = None, message: str | None = None) -> None:
+        await run.progress(len(run.steps), None, f"drill: restore: {message}")
+
+    return await restore_database(ctx.repo, ctx.point.manifest, ctx.backup_key, dsn, client.path,
+                                  psql=beside(client.path, "psql"), client_prefix=client.prefix,
+                                  progress=progress)  # fmt: skip
 
 
 async def _verify_blobs(repo: Repository, point: RecoveryPoint) -> BlobCheck:
@@ -291,14 +321,13 @@ async def _drop(dsn: str, name: str, run: _Run) -> bool:
     return gone
 
 
-async def _record(
-    repo: Repository, now: datetime, backup_id: str, ok: bool, rto: float | None, steps: list[DrillStep],
-    scratch: str | None,
-) -> str | None:
-    key = drill_record_key(now, backup_id)
-    record = DrillRecord(at=now, backup_id=backup_id, ok=ok, rto_seconds=rto, scratch_database=scratch, steps=steps)
+async def _record(ctx: Drill, ok: bool, rto: float | None) -> str | None:
+    backup_id, steps = ctx.point.manifest.backup_id, ctx.run.steps
+    key = drill_record_key(ctx.now, backup_id)
+    record = DrillRecord(at=ctx.now, backup_id=backup_id, ok=ok, rto_seconds=rto, scratch_database=ctx.run.scratch,
+                         steps=steps)  # fmt: skip
     try:
-        await repo.put_bytes(key, record.to_json())
+        await ctx.repo.put_bytes(key, record.to_json())
     except RecoveryError as exc:
         steps.append(DrillStep(name="record", ok=False, seconds=0.0, summary=str(exc).replace("\n", " ")))
         return None

@@ -21,6 +21,8 @@ from ..stores.pgclient.versions import beside
 from ..taskgroups import gather
 from ..verdict import Verdict, worst
 from . import observe as rc
+from .pitr import PitrSurvey
+from .pitr_plan import plan_pitr
 from .plan import Consequence, Observed, PlanCheck, PlanStep, run_checks, snapshot_time
 from .steps import CommandContext, build_steps, consequences
 from .token import Premises, plan_token, premises_of
@@ -57,10 +59,16 @@ class PlanReport(BaseModel):
     premises: Premises
     plan_token: str = Field(description="Bound to the premises: a later execution refuses it if any changed.")
     planned_at: datetime
+    point_in_time: PitrSurvey | None = Field(default=None, description="For recovery_point 'at:<ISO time>': the "
+                                             "restorable window, the base backup and the WAL replayed to that time.")
 
 
 async def plan(runtime: Runtime, params: PlanRequest, progress: Progress) -> PlanReport:
     """Gather (observe.py, I/O only), judge (plan.py, pure), then write the steps (steps.py) and bind the token."""
+    moment = points.point_in_time(params.recovery_point)
+    if moment is not None:  # at:<time>: Barman's archive, not the repository (pitr_plan.py)
+        return PlanReport.model_validate(await plan_pitr(runtime, moment, params.target_database, params.work_dir,
+                                                         params.app_version, progress))  # fmt: skip
     settings = runtime.settings
     target_db = params.target_database or settings.database_name
     async with open_repository(settings) as repo:
@@ -104,7 +112,7 @@ async def plan(runtime: Runtime, params: PlanRequest, progress: Progress) -> Pla
     )  # fmt: skip
     all_steps = build_steps(manifest, observed, ctx)
     steps = [] if verdict == "fail" else all_steps
-    premises = premises_of(manifest, observed)
+    premises = premises_of(manifest, observed, ctx.work_dir)
     failed = [c for c in checks if c.status == "fail"]
     warned = [c for c in checks if c.status == "warn"]
     if failed:

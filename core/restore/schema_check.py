@@ -78,6 +78,11 @@ def parse_toc(text: str) -> list[TocEntry]:
     return out
 
 
+def _qualified(table: str) -> tuple[str, str]:
+    schema, _, name = table.rpartition(".")
+    return (schema or "public", name)
+
+
 async def check_restored(dsn: str, manifest: Manifest, toc: list[TocEntry]) -> SchemaCheck:
     """Every table, constraint and index of `toc` present at `dsn`, and every row count as the manifest says."""
     async with postgres.connection(dsn) as conn:
@@ -97,6 +102,9 @@ async def check_restored(dsn: str, manifest: Manifest, toc: list[TocEntry]) -> S
                     for t in manifest.database.row_counts]  # fmt: skip
     missing = [e.describe() for e in expected if (e.schema, e.name) not in present[e.kind]]
     absent = {e.name for e in expected if e.kind == "table" and (e.schema, e.name) not in tables}
+    # A table the manifest counts but the restore lacks (and the TOC does not name) is a wrong count, not a query
+    # that fails: the manifest names public tables unqualified.
+    absent |= {t for t in manifest.database.row_counts if _qualified(t) not in tables}
     wrong: dict[str, tuple[int, int]] = {}
     names = sorted(t for t in manifest.database.row_counts if t not in absent)
 

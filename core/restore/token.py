@@ -1,22 +1,32 @@
-"""The plan token: binds a restore plan to the premises it was verified under.
+"""The plan token: the premises a restore plan was verified under, carried and sealed.
 
-A later execution recomputes the premises and refuses a token that no longer
-matches them (another manifest, key, target state or tool version). With a
-master key the token is an HMAC under a key derived from it, so it cannot be
-forged by someone who does not hold the key; without one it is a plain hash.
+`ptk2.<base64url(canonical premises JSON)>.<mac>`: the token itself says which
+recovery point, target database and choices the plan named, so run_restore can
+redo the plan from the token alone, recompute the premises and refuse a token
+whose premises no longer hold (another manifest, key, target state or tool
+version). The MAC is an HMAC under a key derived from the master key, so the
+premises cannot be altered or forged without it; a plan made without a master key
+gets a plain hash instead, which run_restore refuses (it needs the key anyway).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import hmac
 import json
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from ..engram import crypto as engram_crypto
+from ..errors import ConfigurationError, UnsafeOperation
 from ..repository.manifest import Manifest
 from .plan import Observed
+
+PREFIX = "ptk2"
+_SUBKEY_LABEL = b"engram-recovery-plan-token-v2"
+REPLAN = "run plan_restore again and use the plan_token it returns"
 
 
 class Premises(BaseModel):
@@ -31,15 +41,25 @@ class Premises(BaseModel):
     pg_restore_major: int | None
     allow_non_empty_target: bool
     app_version: str | None
+    work_dir: str | None = None
+
+
+def _canonical(premises: Premises) -> bytes:
+    return json.dumps(premises.model_dump(mode="json"), sort_keys=True, separators=(",", ":")).encode()
+
+
+def _mac(canonical: bytes, key: bytes | None) -> str:
+    if key is None:
+        return "h-" + hashlib.sha256(canonical).hexdigest()
+    subkey = hmac.digest(key, _SUBKEY_LABEL, "sha256")
+    return base64.urlsafe_b64encode(hmac.digest(subkey, canonical, "sha256")).decode().rstrip("=")
 
 
 def plan_token(premises: Premises, key: bytes | None) -> str:
-    """A token bound to the premises; keyed by the master key when there is one, so it cannot be forged."""
-    canonical = json.dumps(premises.model_dump(mode="json"), sort_keys=True, separators=(",", ":")).encode()
-    if key is None:
-        return "ptk1.h." + hashlib.sha256(canonical).hexdigest()
-    subkey = hmac.digest(key, b"engram-recovery-plan-token-v1", "sha256")
-    return "ptk1.m." + hmac.digest(subkey, canonical, "sha256").hex()
+    """The premises, sealed: an HMAC under the master key when there is one, so they cannot be forged."""
+    canonical = _canonical(premises)
+    payload = base64.urlsafe_b64encode(canonical).decode().rstrip("=")
+    return f"{PREFIX}.{payload}.{_mac(canonical, key)}"
 
 
 def verify_plan_token(token: str, premises: Premises, key: bytes | None) -> bool:
@@ -47,7 +67,31 @@ def verify_plan_token(token: str, premises: Premises, key: bytes | None) -> bool
     return hmac.compare_digest(token.encode(), plan_token(premises, key).encode())
 
 
-def premises_of(manifest: Manifest, observed: Observed) -> Premises:
+def open_plan_token(token: str, key: bytes) -> Premises:
+    """The premises a token carries, once its MAC under `key` is proven; refused (with the fix) otherwise."""
+    parts = token.strip().split(".")
+    if parts[0] == "ptk1":
+        raise ConfigurationError("this plan_token comes from an older plan_restore that did not record its premises",
+                                 f"re-plan: {REPLAN}")  # fmt: skip
+    if len(parts) != 3 or parts[0] != PREFIX:
+        raise ConfigurationError("plan_token is not a token plan_restore issued", REPLAN)
+    try:
+        canonical = base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4))
+    except (binascii.Error, ValueError) as exc:
+        raise ConfigurationError("plan_token is damaged (its premises do not decode)", REPLAN) from exc
+    if parts[2].startswith("h-"):
+        raise ConfigurationError("this plan_token was issued without a master key, so it proves nothing",
+                                 "set ENCRYPTION_MASTER_KEY (or ENCRYPTION_MASTER_KEY_FILE), then " + REPLAN)
+    if not hmac.compare_digest(parts[2].encode(), _mac(canonical, key).encode()):
+        raise UnsafeOperation("plan_token was not issued under this ENCRYPTION_MASTER_KEY, or was altered: "
+                              "nothing was changed", REPLAN)  # fmt: skip
+    try:
+        return Premises.model_validate_json(canonical)
+    except ValidationError as exc:
+        raise ConfigurationError("plan_token carries premises this version cannot read", REPLAN) from exc
+
+
+def premises_of(manifest: Manifest, observed: Observed, work_dir: str | None = None) -> Premises:
     keys = observed.keys
     return Premises(
         backup_id=manifest.backup_id,
@@ -59,4 +103,11 @@ def premises_of(manifest: Manifest, observed: Observed) -> Premises:
         pg_restore_major=observed.tools.pg_restore_major,
         allow_non_empty_target=observed.allow_non_empty_target,
         app_version=observed.app_version,
+        work_dir=work_dir,
     )
+
+
+def changed(planned: Premises, now: Premises, *, ignore: frozenset[str] = frozenset()) -> list[str]:
+    """Which premises differ, each as 'name: planned -> now' (pure)."""
+    a, b = planned.model_dump(), now.model_dump()
+    return [f"{name}: {a[name]!r} -> {b[name]!r}" for name in a if name not in ignore and a[name] != b[name]]

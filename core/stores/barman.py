@@ -257,7 +257,7 @@ class Barman:
         since = usable[0].begin_wal if usable else None
         size = int(server.get("xlog_segment_size") or 16 << 20)
         catalog = ArchiveCatalog(server=self.command.server, backups=backups,
-                                 newest_wal=segments[-1] if segments else None,
+                                 newest_wal=segments[-1] if segments else None, segments=segments,
                                  gaps=find_gaps(segments, since, size) if since else [])  # fmt: skip
         replayable = catalog.replayable
         if replayable and segments:

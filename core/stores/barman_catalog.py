@@ -109,6 +109,8 @@ class ArchiveCatalog(BaseModel):
     commits_read: bool = Field(default=False, description="The WAL since the oldest backup was read for commits "
                                "(False: no pg_waldump of the server's version, or too many segments to read).")
     gaps: list[WalGap] = Field(default_factory=list, description="Missing segments since the oldest usable backup.")
+    # Every archived segment, oldest first: what a recovery replays (not reported: there can be thousands).
+    segments: list[ArchivedWal] = Field(default_factory=list, exclude=True)
 
     @property
     def replayable(self) -> list[BaseBackup]:
@@ -138,6 +140,20 @@ class ArchiveCatalog(BaseModel):
         """The newest usable base backup that ended at or before `target` (replay runs forward from it)."""
         candidates = [b for b in self.replayable if b.end_time is not None and b.end_time <= target]
         return candidates[-1] if candidates else None
+
+    def wal_to_replay(self, backup: BaseBackup, target: datetime) -> list[ArchivedWal]:
+        """The segments a recovery of `backup` to `target` reads: from the backup's first one to the first
+        segment completed at or after `target` (the one holding the first commit after it), else to the newest."""
+        if backup.begin_wal is None:
+            return []
+        needed: list[ArchivedWal] = []
+        for segment in self.segments:
+            if segment.order < wal_order(backup.begin_wal):
+                continue
+            needed.append(segment)
+            if segment.archived_at >= target:
+                break
+        return needed
 
     def rpo_seconds(self, now: datetime) -> float | None:
         """Seconds of writes a recovery right now would lose, at most: since the newest commit in the archive."""

@@ -14,6 +14,7 @@ import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 from urllib.parse import quote
 from xml.etree import ElementTree
@@ -175,6 +176,32 @@ async def list_latest_versions(
                     etag=str(item.get("ETag", "")).strip('"'),
                     version_id=str(item.get("VersionId") or "null"),
                 )
+
+
+async def versions_as_of(s3: Any, bucket: str, moment: datetime, prefix: str = "") -> dict[str, str]:
+    """Key -> the version id each object had at `moment`: per key, the newest version written at or
+    before it, unless that entry is a delete marker (the object was deleted then). A versioned bucket
+    keeps every version, so this is the bucket as it was (point-in-time recovery reads attachments so)."""
+    newest: dict[str, tuple[datetime, str | None]] = {}
+    paginator = s3.get_paginator("list_object_versions")
+    async for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+        entries = [(item, True) for item in page.get("Versions", ())]
+        entries += [(item, False) for item in page.get("DeleteMarkers", ())]
+        for item, is_version in entries:
+            written: datetime = item["LastModified"]
+            if written > moment:
+                continue
+            key = str(item["Key"])
+            if key not in newest or written >= newest[key][0]:
+                newest[key] = (written, str(item.get("VersionId") or "null") if is_version else None)
+    return {key: version for key, (_when, version) in newest.items() if version is not None}
+
+
+async def get_version(s3: Any, bucket: str, key: str, version_id: str) -> bytes:
+    """One version of an object, whole (an attachment: small)."""
+    answer = await s3.get_object(Bucket=bucket, Key=key, VersionId=version_id)
+    async with answer["Body"] as body:
+        return bytes(await body.read())
 
 
 async def head(s3: Any, bucket: str, key: str) -> ObjectInfo | None:

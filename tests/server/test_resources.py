@@ -149,14 +149,14 @@ async def test_the_recovery_prompt_names_this_deployment_and_the_decisions_witho
     assert "ENGRAM_RECOVERY_BACKUP_KEY is set" in text and f"`{engram_db.name}`" in text
     assert "the database disk died" in text and str(point.backup_id) in text
     # The walk-through, in order, and the decisions.
-    steps = ["`backup_status`", "`list_backups`", "`plan_restore`", "`restore_drill`", "plan_restore's steps",
+    steps = ["`backup_status`", "`list_backups`", "`plan_restore`", "`restore_drill`", "Restore with `run_restore`",
              "`reindex_qdrant`"]
     assert [text.index(s) for s in steps] == sorted(text.index(s) for s in steps)
     assert text.count("DECISION") >= 2
     for rollback in ("invalid_grant", "come back to life", "change_seq", "OrphanSweep", "Oban jobs"):
         assert rollback in text
-    # No run_restore tool is registered: the prompt does not send the assistant to one.
-    assert "run_restore" not in text
+    # run_restore is registered: the prompt sends the assistant to it, with the token, confirmation and resume.
+    assert "plan_token" in text and "resume=true" in text and "plan_restore's steps in order" not in text
     assert f"recovery_point=`{point.backup_id}`" in prompt_text(suggested.messages)
     for secret in secrets_of(env):
         assert secret not in text

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from engram_recovery.core.engram import crypto as engram_crypto
+from engram_recovery.core.errors import ConfigurationError, UnsafeOperation
 from engram_recovery.core.repository.manifest import (
     Artifact,
     AttachmentsInfo,
@@ -34,7 +35,7 @@ from engram_recovery.core.restore.plan import (
     run_checks,
 )
 from engram_recovery.core.restore.steps import CommandContext, build_steps, consequences
-from engram_recovery.core.restore.token import plan_token, premises_of, verify_plan_token
+from engram_recovery.core.restore.token import changed, open_plan_token, plan_token, premises_of, verify_plan_token
 from engram_recovery.core.verdict import worst
 
 KEY = secrets.token_bytes(32)
@@ -281,6 +282,27 @@ def test_the_plan_token_is_bound_to_its_premises() -> None:
     assert not verify_plan_token(token, premises_of(m, make_observed(m, keys=other_key)), KEY)
     assert not verify_plan_token(token, premises.model_copy(update={"manifest_sha256": "x" * 64}), KEY)
     assert not verify_plan_token(token, premises, secrets.token_bytes(32))
+
+
+def test_the_plan_token_carries_its_premises_sealed_by_the_master_key() -> None:
+    m = make_manifest()
+    premises = premises_of(m, make_observed(m), "/work/restore")
+    token = plan_token(premises, KEY)
+    assert open_plan_token(token, KEY) == premises and premises.work_dir == "/work/restore"
+    head, payload, mac = token.split(".")
+    forged = premises.model_copy(update={"target_database": "elsewhere", "allow_non_empty_target": True})
+    other_payload = plan_token(forged, secrets.token_bytes(32)).split(".")[1]
+    with pytest.raises(UnsafeOperation, match="not issued under this ENCRYPTION_MASTER_KEY, or was altered"):
+        open_plan_token(f"{head}.{other_payload}.{mac}", KEY)  # other premises under the old MAC
+    with pytest.raises(UnsafeOperation):
+        open_plan_token(token, secrets.token_bytes(32))
+    with pytest.raises(ConfigurationError, match="issued without a master key"):
+        open_plan_token(plan_token(premises, None), KEY)
+    with pytest.raises(ConfigurationError, match="re-plan"):
+        open_plan_token("ptk1.m." + "ab" * 32, KEY)
+    assert changed(premises, forged) == ["target_database: 'engram' -> 'elsewhere'",
+                                         "allow_non_empty_target: False -> True"]  # fmt: skip
+    assert changed(premises, forged, ignore=frozenset({"target_database", "allow_non_empty_target"})) == []
 
 
 @pytest.mark.parametrize("digest", [hashlib.sha256(b"").hexdigest()])

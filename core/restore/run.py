@@ -1,0 +1,253 @@
+"""run_restore: perform the restore a plan_restore token names, in Engram's order, fenced, resumable.
+
+The token carries its premises (token.py). The run redoes the plan with the planner's own
+observation and refuses, before touching anything, a token whose premises changed or a target
+anything is connected to. Then, each a named step with its status, its time (the RTO per step) and
+what it changed: snapshot the live database for the fences, create the roles the dump needs,
+create (or, where the plan chose it, drop and re-create) the target, restore and verify the
+database (database.py), prove the master key opens the restored canary, copy the attachments back
+(copy_back.py), the fences (tokens, sync heads, orphaned users' blobs), queue the Qdrant rebuild.
+
+It stops at the first failed step, says what the target holds then, and writes a step log to the
+repository under `restores/<run id>/log.json`; the run id comes from the token, so `resume=true`
+with the same token finds the log and continues from the failed step (run_steps.py holds the steps).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from datetime import UTC, datetime
+from typing import Literal
+
+from pydantic import BaseModel, Field, ValidationError
+
+from ..errors import ConfigurationError, RecoveryError, UnsafeOperation, scrub
+from ..progress import Progress, silent
+from ..repository import open_repository
+from ..repository.base import Repository
+from ..repository.layout import restore_log_key
+from ..runtime import Runtime
+from ..stores import postgres
+from ..stores.advisory import Purpose, advisory_key, database_lock
+from ..verdict import Verdict
+from . import observe as rc
+from .plan import Consequence
+from .planner import PlanReport, PlanRequest, plan
+from .run_steps import STEPS, Context, RestoreRequest, RestoreStep, admin, describe_target, next_steps
+
+__all__ = ["RestoreLog", "RestoreReport", "RestoreRequest", "run_restore"]
+from .token import REPLAN, Premises, changed, open_plan_token
+
+# Failing plan checks that run_restore itself resolves: it creates the roles the dump needs.
+RESOLVED_BY_RUN = frozenset({"roles_missing"})
+
+
+class RestoreLog(BaseModel):
+    """What the repository keeps of a run: enough for resume=true and for the operator's records."""
+
+    run_id: str
+    premises: Premises
+    started_at: datetime
+    updated_at: datetime
+    steps: list[RestoreStep] = Field(default_factory=list)
+    live_snapshot: dict[str, object] | None = None
+
+    def done(self, name: str) -> bool:
+        return any(s.name == name and s.status in ("ok", "warn", "skipped") for s in self.steps)
+
+
+# (No docstring: the tool's result inherits this model, and its schema must not gain a description.)
+class RestoreReport(BaseModel):
+    verdict: Literal["ok", "warn", "fail", "not_confirmed"] = Field(
+        description="ok: restored, every step passed; warn: restored, read the steps that warn; fail: stopped at "
+        "failed_step (see target_state, fix the cause, run again with resume=true); not_confirmed: nothing was "
+        "changed (pass confirm=true to restore)."
+    )
+    summary: str
+    run_id: str
+    backup_id: str
+    target_database: str
+    resumed: bool
+    failed_step: str | None
+    target_state: str = Field(description="What the target database and bucket hold now.")
+    steps: list[RestoreStep]
+    rto_seconds: float = Field(description="Sum of the steps' seconds (this run and the resumed ones).")
+    log: str | None = Field(description="Repository key of this run's step log.")
+    next_steps: list[str]
+    plan_summary: str
+    consequences: list[Consequence]
+
+
+def lock(target: str) -> Purpose:
+    """One run_restore into a database at a time, whichever machine runs it."""
+    return Purpose(advisory_key(f"restore:{target}"), "engram-recovery run_restore",
+                   f"another run_restore into {target} is running",
+                   "wait for it to finish (its result says where it stopped), then resume=true if it stopped")
+
+
+def run_id_of(token: str) -> str:
+    """The run's id: the same token always names the same run, so resume=true finds its log."""
+    return hashlib.sha256(token.strip().encode()).hexdigest()[:32]
+
+
+async def run_restore(runtime: Runtime, request: RestoreRequest, progress: Progress) -> RestoreReport:
+    """Refuse a stale token or a busy target; then, confirmed, run every step (or resume the failed one)."""
+    settings = runtime.settings
+    keys = rc.key_material(settings)
+    if keys.current is None:
+        raise ConfigurationError(keys.current_problem or "ENCRYPTION_MASTER_KEY is not available to this tool",
+                                 "set ENCRYPTION_MASTER_KEY or ENCRYPTION_MASTER_KEY_FILE: run_restore proves the key "
+                                 "opens the restored data and checks the plan_token with it")  # fmt: skip
+    planned = open_plan_token(request.plan_token, keys.current)
+    run_id = run_id_of(request.plan_token)
+    async with open_repository(settings) as repo:
+        log = await _read_log(repo, run_id)
+        if request.resume and log is None:
+            raise ConfigurationError("there is no earlier run of this plan_token to resume: nothing was changed",
+                                     "run it without resume=true")  # fmt: skip
+        # Resuming after the target step ran (even half-way: dropped, then not created): what the target holds
+        # now is this run's doing, not a premise that changed.
+        own_partial = request.resume and log is not None and any(s.name == "target" for s in log.steps)
+        await progress(0, len(STEPS) + 2, "premises: re-planning to check the token still holds")
+        started = time.perf_counter()
+        report = await _premises(runtime, planned, own_partial, log is not None)
+        premises_step = RestoreStep(name="premises", status="ok", seconds=round(time.perf_counter() - started, 3),
+                                    summary="the plan's premises still hold: " + report.summary)  # fmt: skip
+        if not request.confirm:
+            return _not_confirmed(run_id, planned, report, premises_step)
+        await progress(1, len(STEPS) + 2, "sessions: nothing may be connected to the target")
+        if planned.target_database == settings.database_name:
+            # This server's own idle connections to the live database are not a client to refuse for.
+            await runtime.pool.close()
+        # Held on the maintenance database: a session on the target would itself block the drop.
+        async with database_lock(postgres.with_database(runtime.dsn, "postgres"), lock(planned.target_database)):
+            sessions_step = await _refuse_sessions(runtime.dsn, planned.target_database)
+            now = datetime.now(UTC)
+            if log is None or not request.resume:
+                log = RestoreLog(run_id=run_id, premises=planned, started_at=now, updated_at=now)
+            ctx = Context(runtime=runtime, repo=repo, request=request, premises=planned, keys=keys, run_id=run_id,
+                          progress=progress, own_partial=own_partial)  # fmt: skip
+            ctx.live_snapshot = log.live_snapshot
+            steps = await _steps(ctx, log, [premises_step, sessions_step])
+    failed = next((s for s in steps if s.status == "failed"), None)
+    rto = round(sum(s.seconds for s in steps), 3)
+    state = describe_target(ctx, steps)
+    verdict: Verdict = "fail" if failed else "warn" if any(s.status == "warn" for s in steps) else "ok"
+    if failed is None:
+        summary = (f"restored {planned.backup_id} into {planned.target_database} in {rto:.1f} s; read next_steps "
+                   "before booting Engram")  # fmt: skip
+    else:
+        # (A canary that does not open is not fixed by resuming: the token is bound to the key; the state says.)
+        fix = "" if failed.name == "canary" else " Fix the cause, then run the same plan_token again with resume=true"
+        summary = f"STOPPED at {failed.name}: {failed.summary}. {state}{fix}"
+    await progress(len(STEPS) + 2, len(STEPS) + 2, "restored" if failed is None else f"stopped at {failed.name}")
+    return RestoreReport(
+        verdict=verdict, summary=summary, run_id=run_id,
+        backup_id=planned.backup_id, target_database=planned.target_database, resumed=request.resume,
+        failed_step=failed.name if failed else None, target_state=state, steps=steps, rto_seconds=rto,
+        log=ctx.log_key, next_steps=next_steps(ctx, steps) if failed is None else [],
+        plan_summary=report.summary, consequences=report.consequences,
+    )  # fmt: skip
+
+
+async def _premises(runtime: Runtime, planned: Premises, own_partial: bool, logged: bool) -> PlanReport:
+    """Redo the plan the token names, with the planner's own observation; refuse if any premise moved."""
+    request = PlanRequest(recovery_point=planned.backup_id, target_database=planned.target_database,
+                          app_version=planned.app_version, allow_non_empty_target=planned.allow_non_empty_target,
+                          work_dir=planned.work_dir or PlanRequest.work_dir)  # fmt: skip
+    report = await plan(runtime, request, silent)
+    # Resuming: the target holds this run's own partial restore (its log says it created it), not a stranger's.
+    ignore = frozenset({"target_state"}) if own_partial else frozenset()
+    moved = changed(planned, report.premises, ignore=ignore)
+    if moved:
+        resume = (" (or, if this token's own run stopped half-way, pass resume=true to continue it)"
+                  if logged and not own_partial else "")  # fmt: skip
+        raise UnsafeOperation(f"premises changed: {'; '.join(moved)}: nothing was changed", REPLAN + resume)
+    blocking = [c for c in report.checks if c.status == "fail" and c.code not in RESOLVED_BY_RUN
+                and not (own_partial and c.name == "target")]  # fmt: skip
+    if blocking:
+        raise UnsafeOperation("the plan does not pass: " + " | ".join(f"{c.name}: {c.summary}" for c in blocking)
+                              + ": nothing was changed", "fix that, then " + REPLAN)  # fmt: skip
+    return report
+
+
+def _not_confirmed(run_id: str, planned: Premises, report: PlanReport, premises: RestoreStep) -> RestoreReport:
+    return RestoreReport(
+        verdict="not_confirmed", run_id=run_id, backup_id=planned.backup_id, target_database=planned.target_database,
+        summary=(f"NOT CONFIRMED, nothing was changed. Confirming restores {planned.backup_id} into "
+                 f"{planned.target_database}" + (" (DROPPING what it holds now)" if planned.allow_non_empty_target
+                                                else "") + f": {report.summary}. Pass confirm=true to restore"),
+        resumed=False, failed_step=None, target_state=f"untouched ({planned.target_database}: "
+        f"{report.premises.target_state})", steps=[premises], rto_seconds=premises.seconds, log=None,
+        next_steps=[], plan_summary=report.summary, consequences=report.consequences,
+    )  # fmt: skip
+
+
+async def _refuse_sessions(dsn: str, database: str) -> RestoreStep:
+    """Anything connected to the target would write into (or block the drop of) a half-restored database."""
+    started = time.perf_counter()
+    try:
+        async with admin(dsn) as conn:
+            rows = await conn.fetch("SELECT pid, coalesce(nullif(application_name, ''), usename, '?') AS who "
+                                    "FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+                                    database)  # fmt: skip
+    except postgres.PostgresError as exc:
+        raise postgres.describe(exc) from exc
+    if rows:
+        who = ", ".join(sorted({str(r["who"]) for r in rows}))
+        raise UnsafeOperation(f"{len(rows)} session(s) are connected to {database} ({who}): nothing was changed",
+                              "stop every Engram instance and worker (and any other client of that database), "
+                              "then run again")  # fmt: skip
+    return RestoreStep(name="sessions", status="ok", seconds=round(time.perf_counter() - started, 3),
+                       summary=f"nothing is connected to {database}")  # fmt: skip
+
+
+async def _steps(ctx: Context, log: RestoreLog, first: list[RestoreStep]) -> list[RestoreStep]:
+    """Every step in order; on resume the ones the log records as done are kept, not redone."""
+    kept = {s.name: s for s in log.steps if ctx.own_partial and log.done(s.name)}
+    # A database step that failed half-way left rows behind: the target is dropped and created again first.
+    if ctx.own_partial and not log.done("database"):
+        kept.pop("target", None)
+    ctx.log_key = restore_log_key(ctx.run_id)
+    out = list(first)
+    for index, (name, fn) in enumerate(STEPS):
+        if name in kept:
+            out.append(kept[name])
+            continue
+        await ctx.progress(index + 2, len(STEPS) + 2, f"{name}")
+        started = time.perf_counter()
+        try:
+            step = await fn(ctx)
+        except (RecoveryError, postgres.PostgresError) as exc:
+            text = str(exc) if isinstance(exc, RecoveryError) else scrub(f"PostgreSQL error: {exc}")
+            step = RestoreStep(name=name, status="failed", summary=text.replace("\n", " "))
+        step.seconds = round(time.perf_counter() - started, 3)
+        out.append(step)
+        log.steps = out
+        log.live_snapshot = ctx.live_snapshot
+        log.updated_at = datetime.now(UTC)
+        await _write_log(ctx, log)
+        if step.status == "failed":
+            break
+    return out
+
+
+async def _read_log(repo: Repository, run_id: str) -> RestoreLog | None:
+    key = restore_log_key(run_id)
+    if not await repo.exists(key):
+        return None
+    try:
+        return RestoreLog.model_validate_json(await repo.get_bytes(key))
+    except ValidationError as exc:
+        raise ConfigurationError(f"the step log {key} of this run is unreadable: {exc.error_count()} problem(s)",
+                                 "delete it and " + REPLAN) from exc  # fmt: skip
+
+
+async def _write_log(ctx: Context, log: RestoreLog) -> None:
+    try:
+        await ctx.repo.put_bytes(ctx.log_key or restore_log_key(ctx.run_id), log.model_dump_json(indent=1).encode())
+    except RecoveryError as exc:
+        # The restore itself goes on: the log is the record, not a premise; the report says it is missing.
+        ctx.log_key = None
+        ctx.log_problem = exc.message
