@@ -8,7 +8,6 @@ no longer in the window and confirm=false change nothing."""
 from __future__ import annotations
 
 import secrets
-import subprocess
 import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ import pytest
 from archiving_support import archive_cluster, barman_config, barman_for, create_replication_role, steady_writes
 from support import EngramDB, engram_env, make_engram_db
 
-from engram_recovery.core.errors import UnsafeOperation
+from engram_recovery.core.errors import RecoveryError, UnsafeOperation
 from engram_recovery.core.progress import silent
 from engram_recovery.core.restore.run import RestoreLog
 from engram_recovery.core.runtime import Runtime
@@ -30,6 +29,8 @@ from engram_recovery.core.settings import load_settings
 from engram_recovery.core.stores import s3
 from engram_recovery.core.stores.barman import Barman
 from engram_recovery.core.stores.barman_catalog import BaseBackup
+from engram_recovery.core.stores.pgclient import process
+from engram_recovery.core.stores.pgclient.commands import PgClientCommand
 from engram_recovery.core.stores.s3 import S3Location
 from engram_recovery.testbed.seaweedfs import SeaweedFS
 from engram_recovery.tools.plan_restore import PlanRestoreInput, PlanRestoreResult, plan_restore
@@ -57,7 +58,8 @@ class Archived:
     def env(self, base: Path, **extra: str) -> dict[str, str]:
         host, port = self.weed.endpoint.removeprefix("http://").split(":")
         return engram_env(self.db, base, ENGRAM_RECOVERY_BARMAN_CONFIG=str(self.config),
-                          ENGRAM_RECOVERY_BARMAN_SERVER="engram", STORAGE_BACKEND="s3", STORAGE_BUCKET=self.bucket.bucket,
+                          ENGRAM_RECOVERY_BARMAN_SERVER="engram", STORAGE_BACKEND="s3",
+                          STORAGE_BUCKET=self.bucket.bucket,
                           STORAGE_HOST=host, STORAGE_PORT=port, STORAGE_SCHEME="http://",
                           STORAGE_ACCESS_KEY_ID=self.weed.access_key_id,
                           STORAGE_SECRET_ACCESS_KEY=self.weed.secret_access_key, **extra)  # fmt: skip
@@ -209,13 +211,48 @@ async def test_run_restore_at_a_time_between_two_marks_restores_the_first_only_v
                        archived.revoked_token) is True  # fmt: skip
     assert step(result, "fence_tokens").changed and step(result, "fence_sync").changed
     # The scratch server is stopped and its directory removed.
-    assert scratch_dirs() == before and "stopped the scratch server and removed" in step(result, "remove_server").summary
+    assert scratch_dirs() == before
+    assert "stopped the scratch server and removed" in step(result, "remove_server").summary
     # The step log, with the RTO per step.
     assert result.log is not None
     log = RestoreLog.model_validate_json((tmp_path / "repo" / result.log).read_text())
     assert [s.name for s in log.steps] == ORDER and log.premises.point_in_time == archived.between
     assert result.rto_seconds >= database.seconds > 0
-    # A second, identical attachments roll-back has nothing left to copy (idempotent, for resume).
+
+
+@pytest.mark.anyio
+@pytest.mark.slow
+async def test_a_failed_database_step_removes_the_scratch_server_and_resume_recovers_again(
+    archived: Archived, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env = archived.env(tmp_path)
+    target = "engram_pitr_" + secrets.token_hex(4)
+    planned = await plan(env, f"at:{archived.between.isoformat()}", target)
+    before = scratch_dirs()
+    real = process.run
+
+    async def dies_after_restoring(command: PgClientCommand, fix: str, what: str | None = None) -> str:
+        out = await real(command, fix, what)
+        if command.name == "pg_restore":
+            raise RecoveryError("the connection was lost (injected)", fix)
+        return out
+
+    monkeypatch.setattr(process, "run", dies_after_restoring)
+    first = await restore(env, plan_token=planned.plan_token, confirm=True, reindex_qdrant=False)
+    assert first.verdict == "fail" and first.failed_step == "database" and "injected" in first.summary
+    assert [s.name for s in first.steps][-2:] == ["database", "remove_server"] and scratch_dirs() == before
+    assert "PARTIAL restore" in first.target_state
+    monkeypatch.setattr(process, "run", real)
+    second = await restore(env, plan_token=planned.plan_token, confirm=True, resume=True, reindex_qdrant=False)
+    assert second.verdict == "ok", second.summary
+    assert [s.name for s in second.steps] == ORDER
+    # The partial target was dropped and the time recovered again (a new scratch server, removed again).
+    assert any("dropped database" in c for c in step(second, "target").changed)
+    assert step(second, "database").details["timings"]["recover"] > 0
+    assert await fetch(archived.target_dsn(target), "SELECT array_agg(n ORDER BY n) FROM pitr_marks") == [1]
+    assert scratch_dirs() == before
+    # The attachments were rolled back by the first test or are now: nothing differs from the time's versions.
+    assert step(second, "attachments").details["lacking"] == 0
 
 
 @pytest.mark.anyio
@@ -231,7 +268,8 @@ async def test_a_changed_target_refuses_the_token_with_nothing_touched(archived:
         before = scratch_dirs()
         with pytest.raises(UnsafeOperation, match=r"premises changed: target_state: 'absent' -> 'non_empty:1'"):
             await restore(env, plan_token=planned.plan_token, confirm=True)
-        assert await fetch(archived.target_dsn(target), "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'") == 1
+        tables = await fetch(archived.target_dsn(target), "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'")
+        assert tables == 1
         assert scratch_dirs() == before and not (tmp_path / "repo" / "restores").exists()
     finally:
         await fetch(archived.db.dsn, f'DROP DATABASE IF EXISTS "{target}" WITH (FORCE)')
@@ -248,8 +286,8 @@ async def test_zz_a_time_no_longer_in_the_window_is_refused_with_nothing_touched
     planned = await plan(env, f"at:{archived.between.isoformat()}", target)
     assert planned.executable, planned.summary
     command = archived.barman.command
-    subprocess.run([command.binary, "-c", str(archived.config), "delete", command.server,
-                    archived.backup.backup_id], check=True, capture_output=True)  # fmt: skip
+    await anyio.run_process([command.binary, "-c", str(archived.config), "delete", command.server,
+                             archived.backup.backup_id])  # fmt: skip
     before = scratch_dirs()
     with pytest.raises(UnsafeOperation, match="premises changed: no time can be recovered") as refused:
         await restore(env, plan_token=planned.plan_token, confirm=True)
