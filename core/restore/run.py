@@ -267,6 +267,7 @@ async def _steps(ctx: Context, log: RestoreLog, first: list[RestoreStep]) -> lis
         except (RecoveryError, postgres.PostgresError) as exc:
             text = str(exc) if isinstance(exc, RecoveryError) else scrub(f"PostgreSQL error: {exc}")
             step = RestoreStep(name=name, status="failed", summary=text.replace("\n", " "))
+        step = ctx.source.annotate(step)
         step.seconds = round(time.perf_counter() - started, 3)
         out.append(step)
         log.steps = out

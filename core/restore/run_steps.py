@@ -95,6 +95,10 @@ class Source(Protocol):
 
     async def qdrant_configured(self, ctx: Context) -> bool: ...
 
+    def annotate(self, step: RestoreStep) -> RestoreStep:
+        """A finished step, with what the source did during it (e.g. a recovery a step's question started)."""
+        ...
+
     async def close(self) -> RestoreStep | None:
         """Release what the source holds (a scratch server): a final step to report, or None."""
         ...
@@ -281,6 +285,9 @@ class DumpSource:
 
     async def qdrant_configured(self, ctx: Context) -> bool:
         return (await self.manifest(ctx)).qdrant.configured
+
+    def annotate(self, step: RestoreStep) -> RestoreStep:
+        return step
 
     async def close(self) -> RestoreStep | None:
         return None
