@@ -61,6 +61,8 @@ async def plan_pitr(runtime: Runtime, moment: datetime, params: PlanRequest, pro
     # No roles asked for: the recovered server's roles are only known once it runs (run_restore creates them).
     target = await rc.target_state(settings, target_db, ())
     checks += check_target_database(target, params.allow_non_empty_target)
+    major = backup.server_version // 10000 if backup.server_version else None
+    checks += [c for c in [target_server_check(target.server_major, major)] if c is not None]
     verdict = worst([c.status for c in checks])
     datadir = rc.absolute(f"{params.work_dir.rstrip('/')}/pgdata-{moment.astimezone(UTC).strftime('%Y%m%dT%H%M%SZ')}")
     steps = [] if verdict == "fail" else _steps(runtime, survey, datadir, target_db)
@@ -93,6 +95,21 @@ async def plan_pitr(runtime: Runtime, moment: datetime, params: PlanRequest, pro
         "premises": premises, "plan_token": plan_token(premises, keys.current), "planned_at": datetime.now(UTC),
         "point_in_time": survey,
     }  # fmt: skip
+
+
+def target_server_check(target_major: int | None, backup_major: int | None) -> PlanCheck | None:
+    """run_restore moves the recovered database with PostgreSQL 18's pg_dump | pg_restore: the target server must
+    be the base backup's major or newer (pg_restore does not promise an older one). None: nothing to tell."""
+    if target_major is None or backup_major is None:
+        return None
+    if target_major < backup_major:
+        return PlanCheck(name="target_server", status="fail", code="target_server_too_old",
+                         summary=f"the target server is PostgreSQL {target_major}, the base backup PostgreSQL "
+                         f"{backup_major}: its dump cannot be restored into an older major",
+                         details={"fix": f"restore into a PostgreSQL {backup_major} or newer server"})  # fmt: skip
+    return PlanCheck(name="target_server", status="ok", code="ok",
+                     summary=f"the target server (PostgreSQL {target_major}) can take the recovered PostgreSQL "
+                     f"{backup_major} database", details={"target_major": target_major})  # fmt: skip
 
 
 async def _server_check(version: int | None) -> PlanCheck:

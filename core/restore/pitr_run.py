@@ -294,7 +294,7 @@ async def rollback_attachments(ctx: Context, moment: datetime) -> RestoreStep:
             state = await s3.bucket_as_of(client, bucket, moment)
             lacking = [k for k in wanted if k not in state or state[k].then is None]
             to_copy = [v for k in wanted if k in state and (v := state[k].then) is not None
-                       and state[k].now != v.version_id]  # fmt: skip
+                       and not state[k].current_is_then]  # fmt: skip
             copied, failures = await _copy_versions(ctx, client, bucket, to_copy)
     except s3.S3_ERRORS as exc:
         raise s3.translate(exc, "roll the attachments back to their versions of that time", location) from exc

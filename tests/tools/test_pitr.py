@@ -166,7 +166,7 @@ async def test_plan_restore_at_a_time_gives_the_window_the_base_backup_and_the_s
     assert pitr.wal_segments >= 1 and pitr.wal_first == archived.backup.begin_wal
     statuses = {c.name: c.status for c in result.checks}
     assert statuses == {"window": "ok", "base_backup": "ok", "wal": "ok", "server": "ok", "master_key": "ok",
-                        "target": "ok"}  # fmt: skip
+                        "target": "ok", "target_server": "ok"}  # fmt: skip
     assert next(c for c in result.checks if c.name == "master_key").code == "ok"  # the live canary opens
     assert [s.id for s in result.steps] == ["archive_wal", "recover", "start_server", "wait_for_promotion", "prove",
                                             "restore"]  # fmt: skip
