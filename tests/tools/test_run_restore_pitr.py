@@ -281,6 +281,36 @@ async def test_a_changed_target_refuses_the_token_with_nothing_touched(archived:
 
 @pytest.mark.anyio
 @pytest.mark.slow
+async def test_onto_a_new_server_after_losing_the_old_one_the_roles_are_created_and_the_fences_fall_back(
+    archived: Archived, tmp_path: Path
+) -> None:
+    """The disaster case: DATABASE_URL now names a fresh PostgreSQL 18 (the old one is gone), which has neither
+    Engram's roles nor its database. The time is recovered from Barman's archive all the same."""
+    with archive_cluster() as fresh:
+        dsn = f"{fresh.url.rsplit('/', 1)[0]}/{archived.db.name}"
+        env = archived.env(tmp_path, DATABASE_URL=dsn)
+        planned = await plan(env, f"at:{archived.between.isoformat()}", archived.db.name)
+        assert planned.executable and planned.premises.target_state == "absent", planned.summary
+        result = await restore(env, plan_token=planned.plan_token, confirm=True, reindex_qdrant=False)
+        assert result.verdict == "warn", result.summary  # the live database is not readable: said, not failed
+        assert [s.name for s in result.steps] == ORDER
+        assert step(result, "snapshot_live").status == "warn"
+        created = " ".join(step(result, "roles").changed)
+        assert "created role engram_app NOLOGIN" in created and "first recovered" in step(result, "roles").summary
+        assert await fetch(dsn, "SELECT array_agg(n ORDER BY n) FROM pitr_marks") == [1]
+        assert step(result, "database").details["counts"] == await counts(dsn)
+        assert step(result, "canary").details["code"] == "ok"
+        owners = await fetch(dsn, "SELECT array_agg(DISTINCT pg_get_userbyid(relowner)) FROM pg_class c JOIN "
+                             "pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = 'public'")  # fmt: skip
+        assert owners == await fetch(archived.db.dsn, "SELECT array_agg(DISTINCT pg_get_userbyid(relowner)) FROM "
+                                     "pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                                     "WHERE n.nspname = 'public'")  # fmt: skip
+        # No live database to compare with: every refresh token is revoked (everyone signs in again).
+        assert await fetch(dsn, "SELECT count(*) FROM refresh_tokens WHERE revoked_at IS NULL") == 0
+
+
+@pytest.mark.anyio
+@pytest.mark.slow
 async def test_zz_a_time_no_longer_in_the_window_is_refused_with_nothing_touched(
     archived: Archived, tmp_path: Path
 ) -> None:
