@@ -65,8 +65,9 @@ SPEC = ToolSpec(
         "Qdrant rebuild) and a plan_token that carries these premises. Read-only: it changes nothing. Run the steps "
         "in order, or pass plan_token to run_restore to have them performed; re-plan if anything changed. With "
         "'at:<ISO time with zone>' (point-in-time recovery, Barman configured): the restorable window (a time "
-        "outside it is refused, the window named), the base backup, the WAL to replay, the key, and the steps "
-        "(barman recover into a new data directory, start PostgreSQL 18 on it, the proofs); nothing is recovered."
+        "outside it is refused, the window named), the base backup, the WAL to replay, the key, the target database, "
+        "and the steps (barman recover into a new data directory, start PostgreSQL 18 on it, the proofs, run_restore "
+        "with the plan_token to move it into the target); nothing is recovered."
     ),
     input_model=PlanRestoreInput,
     result_model=PlanRestoreResult,

@@ -27,7 +27,8 @@ class RunRestoreInput(ToolInput):
     protect_orphans: bool = Field(default=True, description="Fence: copy the blobs of users newer than the backup "
                                   "into the repository before Engram's OrphanSweep could delete them.")
     reindex_qdrant: bool = Field(default=True, description="Queue the Qdrant rebuild in the restored database.")
-    jobs: int = Field(default=2, ge=1, le=16, description="pg_restore --jobs for indexes and constraints.")
+    jobs: int = Field(default=2, ge=1, le=16, description="pg_restore --jobs for indexes and constraints (and "
+                      "pg_dump --jobs from the scratch server for a point in time).")
 
 
 class RunRestoreResult(ToolResult, RestoreReport):
@@ -60,6 +61,10 @@ SPEC = ToolSpec(
         "table, constraint, index and row count, prove the master key opens the restored boot canary, copy the "
         "attachments back into the configured bucket (checksum-checked), the fences (revoke tokens that came back "
         "to life, advance sync heads, protect newer users' blobs from OrphanSweep), queue the Qdrant rebuild. "
+        "A plan of recovery_point 'at:<time>' is performed the same way, except that Barman first recovers the time "
+        "into a new data directory served by a scratch PostgreSQL 18 (always stopped and removed), the database is "
+        "moved into the target with pg_dump | pg_restore and verified against that server, and the attachments are "
+        "rolled back to their object versions of that time (a bucket without versioning is left as it is). "
         "Stops at the first failed step and says what the target holds; fix the cause and call again with the same "
         "token and resume=true. Without confirm=true it changes nothing and returns verdict not_confirmed with the "
         "plan's summary and consequences. Read next_steps before booting Engram."

@@ -25,14 +25,18 @@ from ..stores.pgclient.versions import bundled_bindir
 from ..verdict import worst
 from . import observe as rc
 from . import pitr
-from .plan import Consequence, PlanCheck, PlanStep
+from .plan import Consequence, PlanCheck, PlanRequest, PlanStep, check_target_database
 from .token import Premises, plan_token
 
 
-async def plan_pitr(runtime: Runtime, moment: datetime, target_database: str | None, work_dir: str,
-                    app_version: str | None, progress: Progress) -> dict[str, Any]:  # fmt: skip
-    """The plan's fields (planner.PlanReport). A time outside the window is refused with the window named."""
+async def plan_pitr(runtime: Runtime, moment: datetime, params: PlanRequest, progress: Progress) -> dict[str, Any]:
+    """The plan's fields (planner.PlanReport). A time outside the window is refused with the window named.
+
+    The target database (on DATABASE_URL's server) is observed as a dump plan observes it: run_restore moves
+    the recovered database into it, and refuses a target whose state changed since (the token's target_state).
+    """
     settings = runtime.settings
+    target_db = params.target_database or settings.database_name
     barman = Barman.from_settings(settings)
     await progress(0, 3, "reading Barman's archive")
     survey = await pitr.survey(barman, moment)
@@ -54,23 +58,29 @@ async def plan_pitr(runtime: Runtime, moment: datetime, target_database: str | N
         await _server_check(backup.server_version),
         await _key_check(runtime, keys.current, keys.current_problem, keys.previous),
     ]  # fmt: skip
+    # No roles asked for: the recovered server's roles are only known once it runs (run_restore creates them).
+    target = await rc.target_state(settings, target_db, ())
+    checks += check_target_database(target, params.allow_non_empty_target)
+    major = backup.server_version // 10000 if backup.server_version else None
+    checks += [c for c in [target_server_check(target.server_major, major)] if c is not None]
     verdict = worst([c.status for c in checks])
-    datadir = rc.absolute(f"{work_dir.rstrip('/')}/pgdata-{moment.astimezone(UTC).strftime('%Y%m%dT%H%M%SZ')}")
-    steps = [] if verdict == "fail" else _steps(runtime, survey, datadir)
-    target_db = target_database or settings.database_name
+    datadir = rc.absolute(f"{params.work_dir.rstrip('/')}/pgdata-{moment.astimezone(UTC).strftime('%Y%m%dT%H%M%SZ')}")
+    steps = [] if verdict == "fail" else _steps(runtime, survey, datadir, target_db)
     premises = Premises(
         backup_id=backup.backup_id, manifest_sha256=survey.premises_sha256,
         key_fingerprint=engram_crypto.key_fingerprint(keys.current) if keys.current else None,
-        target_database=target_db, target_state="new_data_directory",
+        target_database=target_db, target_state=target.state,
         target_server_major=backup.server_version // 10000 if backup.server_version else None,
-        pg_restore_major=None, allow_non_empty_target=False, app_version=app_version,
+        pg_restore_major=None, allow_non_empty_target=params.allow_non_empty_target, app_version=params.app_version,
+        point_in_time=moment,
     )  # fmt: skip
     failed = [c for c in checks if c.status == "fail"]
     summary = (
         "DO NOT RESTORE yet: " + " | ".join(f"{c.name}: {c.summary}" for c in failed)
         if failed
         else f"recoverable to {moment.isoformat()} in {len(steps)} steps from base backup {backup.backup_id} "
-        f"plus {survey.wal_segments} WAL segment(s); run restore_drill with the same time to prove it"
+        f"plus {survey.wal_segments} WAL segment(s); restore_drill with the same time proves it, run_restore with "
+        f"this plan_token restores it into {target_db}"
     )
     await progress(3, 3, "planned")
     lost = (survey.window.end - moment).total_seconds()
@@ -85,6 +95,21 @@ async def plan_pitr(runtime: Runtime, moment: datetime, target_database: str | N
         "premises": premises, "plan_token": plan_token(premises, keys.current), "planned_at": datetime.now(UTC),
         "point_in_time": survey,
     }  # fmt: skip
+
+
+def target_server_check(target_major: int | None, backup_major: int | None) -> PlanCheck | None:
+    """run_restore moves the recovered database with PostgreSQL 18's pg_dump | pg_restore: the target server must
+    be the base backup's major or newer (pg_restore does not promise an older one). None: nothing to tell."""
+    if target_major is None or backup_major is None:
+        return None
+    if target_major < backup_major:
+        return PlanCheck(name="target_server", status="fail", code="target_server_too_old",
+                         summary=f"the target server is PostgreSQL {target_major}, the base backup PostgreSQL "
+                         f"{backup_major}: its dump cannot be restored into an older major",
+                         details={"fix": f"restore into a PostgreSQL {backup_major} or newer server"})  # fmt: skip
+    return PlanCheck(name="target_server", status="ok", code="ok",
+                     summary=f"the target server (PostgreSQL {target_major}) can take the recovered PostgreSQL "
+                     f"{backup_major} database", details={"target_major": target_major})  # fmt: skip
 
 
 async def _server_check(version: int | None) -> PlanCheck:
@@ -131,7 +156,7 @@ async def _key_check(runtime: Runtime, current: bytes | None, problem: str | Non
                      details={"fingerprint": fingerprint} | judged.details)  # fmt: skip
 
 
-def _steps(runtime: Runtime, survey: pitr.PitrSurvey, datadir: str) -> list[PlanStep]:
+def _steps(runtime: Runtime, survey: pitr.PitrSurvey, datadir: str, target_db: str) -> list[PlanStep]:
     commands = pitr.commands(runtime.settings, survey, datadir)
     drill = shlex.join([*rc.tool_argv(), "call", "restore_drill", "--arg",
                         f"recovery_point=at:{survey.target_time.isoformat()}"])  # fmt: skip
@@ -150,4 +175,10 @@ def _steps(runtime: Runtime, survey: pitr.PitrSurvey, datadir: str) -> list[Plan
         PlanStep(order=5, id="prove", title="Prove the same time on a scratch copy: canary with the key, DEKs, "
                  "sampled notes, attachments as of that time", commands=[drill],
                  expect='"verdict": "ok"', checked=["master_key"]),
+        PlanStep(order=6, id="restore", title=f"Restore it into {target_db}: run_restore with this plan_token does "
+                 "steps 1 to 4 on a scratch server, moves the database with pg_dump | pg_restore, verifies it against "
+                 "the recovered server, then the canary, the attachments as of the time and the fences",
+                 commands=[shlex.join([*rc.tool_argv(), "call", "run_restore", "--arg", "plan_token=<plan_token>",
+                                       "--arg", "confirm=true"])],
+                 expect='"verdict": "ok"', checked=["target", "master_key"]),
     ]  # fmt: skip

@@ -97,6 +97,17 @@ class RoleState:
 
 
 @dataclass(frozen=True)
+class PlanRequest:
+    """What plan_restore was asked (the tool's input, validated)."""
+
+    recovery_point: str = "latest"
+    target_database: str | None = None
+    app_version: str | None = None
+    allow_non_empty_target: bool = False
+    work_dir: str = "engram-restore"
+
+
+@dataclass(frozen=True)
 class TargetState:
     database: str
     host: str | None
@@ -304,8 +315,8 @@ def _check_app_version(manifest: Manifest, app_version: str | None) -> PlanCheck
                   **details)  # fmt: skip
 
 
-def check_target(manifest: Manifest, observed: Observed) -> list[PlanCheck]:
-    target = observed.target
+def check_target_database(target: TargetState, allow_non_empty_target: bool) -> list[PlanCheck]:
+    """The target database: reachable, absent or empty (or chosen to be replaced), nothing connected to it."""
     if not target.reachable:
         return [_check("target", "fail", "target_unreachable",
                        f"the target server is unreachable: {target.problem}: start it or fix DATABASE_URL")]
@@ -315,7 +326,7 @@ def check_target(manifest: Manifest, observed: Observed) -> list[PlanCheck]:
         checks.append(_check("target", "ok", "target_absent", f"{where} does not exist: the plan creates it"))
     elif not target.user_tables:
         checks.append(_check("target", "ok", "target_empty", f"{where} exists and is empty"))
-    elif not observed.allow_non_empty_target:
+    elif not allow_non_empty_target:
         checks.append(_check("target", "fail", "target_not_empty",
                              f"{where} is not empty ({target.user_tables} tables): restoring over it destroys what "
                              "it holds. Choose an empty target database, or pass allow_non_empty_target=true to "
@@ -328,6 +339,14 @@ def check_target(manifest: Manifest, observed: Observed) -> list[PlanCheck]:
         checks.append(_check("target_sessions", "warn", "target_in_use",
                              f"{target.active_connections} other session(s) are connected to {where}: stop Engram "
                              "before restoring", sessions=target.active_connections))  # fmt: skip
+    return checks
+
+
+def check_target(manifest: Manifest, observed: Observed) -> list[PlanCheck]:
+    target = observed.target
+    checks = check_target_database(target, observed.allow_non_empty_target)
+    if not target.reachable:
+        return checks
     needed = sorted(set(manifest.database.roles_referenced) | set(target.roles_needed))
     missing = [r for r in needed if r not in target.roles_present]
     if missing:

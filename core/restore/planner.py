@@ -8,7 +8,6 @@ steps. A failed check leaves the plan without executable steps.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from pydantic import BaseModel, Field
@@ -23,20 +22,11 @@ from ..verdict import Verdict, worst
 from . import observe as rc
 from .pitr import PitrSurvey
 from .pitr_plan import plan_pitr
-from .plan import Consequence, Observed, PlanCheck, PlanStep, run_checks, snapshot_time
+from .plan import Consequence, Observed, PlanCheck, PlanRequest, PlanStep, run_checks, snapshot_time
 from .steps import CommandContext, build_steps, consequences
 from .token import Premises, plan_token, premises_of
 
-
-@dataclass(frozen=True)
-class PlanRequest:
-    """What plan_restore was asked (the tool's input, validated)."""
-
-    recovery_point: str = "latest"
-    target_database: str | None = None
-    app_version: str | None = None
-    allow_non_empty_target: bool = False
-    work_dir: str = "engram-restore"
+__all__ = ["PlanReport", "PlanRequest", "RecoveryPointInfo", "plan"]
 
 
 class RecoveryPointInfo(BaseModel):
@@ -67,8 +57,7 @@ async def plan(runtime: Runtime, params: PlanRequest, progress: Progress) -> Pla
     """Gather (observe.py, I/O only), judge (plan.py, pure), then write the steps (steps.py) and bind the token."""
     moment = points.point_in_time(params.recovery_point)
     if moment is not None:  # at:<time>: Barman's archive, not the repository (pitr_plan.py)
-        return PlanReport.model_validate(await plan_pitr(runtime, moment, params.target_database, params.work_dir,
-                                                         params.app_version, progress))  # fmt: skip
+        return PlanReport.model_validate(await plan_pitr(runtime, moment, params, progress))
     settings = runtime.settings
     target_db = params.target_database or settings.database_name
     async with open_repository(settings) as repo:

@@ -20,6 +20,7 @@ import time
 from datetime import UTC, datetime
 from typing import Literal
 
+import anyio
 from pydantic import BaseModel, Field, ValidationError
 
 from ..errors import ConfigurationError, RecoveryError, UnsafeOperation, scrub
@@ -32,9 +33,20 @@ from ..stores import postgres
 from ..stores.advisory import Purpose, advisory_key, database_lock
 from ..verdict import Verdict
 from . import observe as rc
+from .pitr_run import PitrSource
 from .plan import Consequence
 from .planner import PlanReport, PlanRequest, plan
-from .run_steps import STEPS, Context, RestoreRequest, RestoreStep, admin, describe_target, next_steps
+from .run_steps import (
+    STEPS,
+    Context,
+    DumpSource,
+    RestoreRequest,
+    RestoreStep,
+    Source,
+    admin,
+    describe_target,
+    next_steps,
+)
 
 __all__ = ["RestoreLog", "RestoreReport", "RestoreRequest", "run_restore"]
 from .token import REPLAN, Premises, changed, open_plan_token
@@ -112,10 +124,11 @@ async def run_restore(runtime: Runtime, request: RestoreRequest, progress: Progr
         await progress(0, len(STEPS) + 2, "premises: re-planning to check the token still holds")
         started = time.perf_counter()
         report = await _premises(runtime, planned, own_partial, log is not None)
+        source = source_of(planned, report)
         premises_step = RestoreStep(name="premises", status="ok", seconds=round(time.perf_counter() - started, 3),
                                     summary="the plan's premises still hold: " + report.summary)  # fmt: skip
         if not request.confirm:
-            return _not_confirmed(run_id, planned, report, premises_step)
+            return _not_confirmed(source, run_id, planned, report, premises_step)
         await progress(1, len(STEPS) + 2, "sessions: nothing may be connected to the target")
         if planned.target_database == settings.database_name:
             # This server's own idle connections to the live database are not a client to refuse for.
@@ -127,15 +140,25 @@ async def run_restore(runtime: Runtime, request: RestoreRequest, progress: Progr
             if log is None or not request.resume:
                 log = RestoreLog(run_id=run_id, premises=planned, started_at=now, updated_at=now)
             ctx = Context(runtime=runtime, repo=repo, request=request, premises=planned, keys=keys, run_id=run_id,
-                          progress=progress, own_partial=own_partial)  # fmt: skip
+                          progress=progress, own_partial=own_partial, source=source)  # fmt: skip
             ctx.live_snapshot = log.live_snapshot
-            steps = await _steps(ctx, log, [premises_step, sessions_step])
+            try:
+                steps = await _steps(ctx, log, [premises_step, sessions_step])
+            finally:
+                # Whatever happened (a failed step, an unexpected error, cancellation): release what the source
+                # holds, e.g. stop and remove a point in time's scratch server.
+                with anyio.CancelScope(shield=True):
+                    closing = await source.close()
+            if closing is not None:
+                steps.append(closing)
+                log.steps = steps
+                await _write_log(ctx, log)
     failed = next((s for s in steps if s.status == "failed"), None)
     rto = round(sum(s.seconds for s in steps), 3)
     state = describe_target(ctx, steps)
     verdict: Verdict = "fail" if failed else "warn" if any(s.status == "warn" for s in steps) else "ok"
     if failed is None:
-        summary = (f"restored {planned.backup_id} into {planned.target_database} in {rto:.1f} s; read next_steps "
+        summary = (f"restored {source.describe()} into {planned.target_database} in {rto:.1f} s; read next_steps "
                    "before booting Engram")  # fmt: skip
     else:
         # (A canary that does not open is not fixed by resuming: the token is bound to the key; the state says.)
@@ -151,14 +174,35 @@ async def run_restore(runtime: Runtime, request: RestoreRequest, progress: Progr
     )  # fmt: skip
 
 
+def source_of(planned: Premises, report: PlanReport) -> Source:
+    """The one place that tells a point in time from a dump backup; every step asks the source after this."""
+    if planned.point_in_time is not None and report.point_in_time is not None:
+        return PitrSource(report.point_in_time)
+    return DumpSource(planned.backup_id)
+
+
 async def _premises(runtime: Runtime, planned: Premises, own_partial: bool, logged: bool) -> PlanReport:
-    """Redo the plan the token names, with the planner's own observation; refuse if any premise moved."""
-    request = PlanRequest(recovery_point=planned.backup_id, target_database=planned.target_database,
+    """Redo the plan the token names, with the planner's own observation; refuse if any premise moved.
+
+    For a point in time the plan is redone against Barman's archive now: the time must still be in the window
+    and recovered from the same base backup (backup_id), with the same key and target state. The archive's end
+    (manifest_sha256 there) moves with every new segment, which is not a reason to refuse.
+    """
+    request = PlanRequest(recovery_point=planned.recovery_point, target_database=planned.target_database,
                           app_version=planned.app_version, allow_non_empty_target=planned.allow_non_empty_target,
                           work_dir=planned.work_dir or PlanRequest.work_dir)  # fmt: skip
-    report = await plan(runtime, request, silent)
+    try:
+        report = await plan(runtime, request, silent)
+    except ConfigurationError as exc:
+        if planned.point_in_time is None:
+            raise
+        # Typically the window moved (its oldest base backup was deleted): the token's time is no longer recoverable.
+        raise UnsafeOperation(f"premises changed: {exc.message}: nothing was changed",
+                              f"{exc.hint}; then {REPLAN}" if exc.hint else REPLAN) from exc  # fmt: skip
     # Resuming: the target holds this run's own partial restore (its log says it created it), not a stranger's.
     ignore = frozenset({"target_state"}) if own_partial else frozenset()
+    if planned.point_in_time is not None:
+        ignore |= {"manifest_sha256"}
     moved = changed(planned, report.premises, ignore=ignore)
     if moved:
         resume = (" (or, if this token's own run stopped half-way, pass resume=true to continue it)"
@@ -172,10 +216,11 @@ async def _premises(runtime: Runtime, planned: Premises, own_partial: bool, logg
     return report
 
 
-def _not_confirmed(run_id: str, planned: Premises, report: PlanReport, premises: RestoreStep) -> RestoreReport:
+def _not_confirmed(source: Source, run_id: str, planned: Premises, report: PlanReport,
+                   premises: RestoreStep) -> RestoreReport:  # fmt: skip
     return RestoreReport(
         verdict="not_confirmed", run_id=run_id, backup_id=planned.backup_id, target_database=planned.target_database,
-        summary=(f"NOT CONFIRMED, nothing was changed. Confirming restores {planned.backup_id} into "
+        summary=(f"NOT CONFIRMED, nothing was changed. Confirming restores {source.describe()} into "
                  f"{planned.target_database}" + (" (DROPPING what it holds now)" if planned.allow_non_empty_target
                                                 else "") + f": {report.summary}. Pass confirm=true to restore"),
         resumed=False, failed_step=None, target_state=f"untouched ({planned.target_database}: "
@@ -222,6 +267,7 @@ async def _steps(ctx: Context, log: RestoreLog, first: list[RestoreStep]) -> lis
         except (RecoveryError, postgres.PostgresError) as exc:
             text = str(exc) if isinstance(exc, RecoveryError) else scrub(f"PostgreSQL error: {exc}")
             step = RestoreStep(name=name, status="failed", summary=text.replace("\n", " "))
+        step = ctx.source.annotate(step)
         step.seconds = round(time.perf_counter() - started, 3)
         out.append(step)
         log.steps = out

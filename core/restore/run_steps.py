@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, Field, SecretStr
 
@@ -61,6 +61,49 @@ class RestoreStep(BaseModel):
     details: dict[str, Any] = Field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Needs:
+    """What the restored database needs of the target server before it can be restored."""
+
+    roles: frozenset[str]  # every role it names (owners, grantees, policies)
+    owner: str | None  # the database's owner, given to the new target
+
+
+class Source(Protocol):
+    """Where the restored data comes from, asked rather than switched on: a dump backup in the repository
+    (`DumpSource`) or a point in time recovered by Barman (pitr_run.PitrSource). The other steps are shared."""
+
+    def describe(self) -> str:
+        """What is restored, for the summaries ("backup X" or "base backup X plus WAL to T")."""
+        ...
+
+    async def needs(self, ctx: Context) -> Needs: ...
+
+    async def database(self, ctx: Context) -> RestoreStep:
+        """The database step: the restored database in the target, verified."""
+        ...
+
+    async def expected_canary(self, ctx: Context) -> str | None:
+        """The id of the boot canary the restored database must hold, where one was recorded."""
+        ...
+
+    async def attachments(self, ctx: Context) -> RestoreStep:
+        """The attachments step: the bucket as the restored rows expect it."""
+        ...
+
+    async def attachments_in_s3(self, ctx: Context) -> bool: ...
+
+    async def qdrant_configured(self, ctx: Context) -> bool: ...
+
+    def annotate(self, step: RestoreStep) -> RestoreStep:
+        """A finished step, with what the source did during it (e.g. a recovery a step's question started)."""
+        ...
+
+    async def close(self) -> RestoreStep | None:
+        """Release what the source holds (a scratch server): a final step to report, or None."""
+        ...
+
+
 @dataclass
 class Context:
     """One run_restore, as every step shares it."""
@@ -73,22 +116,14 @@ class Context:
     run_id: str
     progress: Progress
     own_partial: bool  # resuming: the target holds this run's own partial restore
+    source: Source
     live_snapshot: dict[str, Any] | None = None
     log_key: str | None = None
     log_problem: str | None = None
-    _point: RecoveryPoint | None = field(default=None, repr=False)
 
     @property
     def target_dsn(self) -> str:
         return postgres.with_database(self.runtime.dsn, self.premises.target_database)
-
-    async def point(self) -> RecoveryPoint:
-        if self._point is None:
-            self._point = await resolve(self.repo, self.premises.backup_id)
-        return self._point
-
-    async def manifest(self) -> Manifest:
-        return (await self.point()).manifest
 
     def sub(self, name: str) -> Progress:
         """An engine's progress, forwarded as messages of this step."""
@@ -133,12 +168,9 @@ async def snapshot_live(ctx: Context) -> RestoreStep:
 
 
 async def roles(ctx: Context) -> RestoreStep:
-    """The roles the dump names, created NOLOGIN as Engram's prepare_database creates engram_app."""
-    point = await ctx.point()
-    db = point.manifest.database
-    needed = set(db.roles_referenced) | set(db.object_owners or ()) | ({db.owner} if db.owner else set())
-    if not db.roles_referenced and db.object_owners is None:
-        needed |= await rc.roles_from_dump(ctx.runtime.settings, ctx.repo, point) or set()
+    """The roles the restored database names, created NOLOGIN as Engram's prepare_database creates engram_app."""
+    needs = await ctx.source.needs(ctx)
+    needed, owner = set(needs.roles), needs.owner
     created: list[str] = []
     async with admin(ctx.runtime.dsn) as conn:
         present = {r["rolname"] for r in await conn.fetch(
@@ -147,10 +179,10 @@ async def roles(ctx: Context) -> RestoreStep:
             await conn.execute(f"CREATE ROLE {quote_ident(role)} NOLOGIN")
             created.append(f"created role {role} NOLOGIN")
         # Engram's Repo SETs ROLE engram_app inside tenant transactions: its connecting role must be a member.
-        if APP_ROLE in needed and db.owner and db.owner != APP_ROLE and not await conn.fetchval(
-                "SELECT pg_has_role($1, $2, 'MEMBER')", db.owner, APP_ROLE):  # fmt: skip
-            await conn.execute(f"GRANT {quote_ident(APP_ROLE)} TO {quote_ident(db.owner)}")
-            created.append(f"granted {APP_ROLE} to {db.owner}")
+        if APP_ROLE in needed and owner and owner != APP_ROLE and not await conn.fetchval(
+                "SELECT pg_has_role($1, $2, 'MEMBER')", owner, APP_ROLE):  # fmt: skip
+            await conn.execute(f"GRANT {quote_ident(APP_ROLE)} TO {quote_ident(owner)}")
+            created.append(f"granted {APP_ROLE} to {owner}")
     if not created:
         return _step("roles", f"every role the dump names exists: {', '.join(sorted(needed)) or '(none)'}")
     login = [r for r in sorted(needed - present) if r != APP_ROLE]
@@ -161,7 +193,7 @@ async def roles(ctx: Context) -> RestoreStep:
 
 async def target(ctx: Context) -> RestoreStep:
     """Create the target; drop it first only where the plan chose so, or where it holds this run's partial restore."""
-    name, manifest = ctx.premises.target_database, await ctx.manifest()
+    name = ctx.premises.target_database
     changed: list[str] = []
     async with admin(ctx.runtime.dsn) as conn:
         exists = bool(await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name))
@@ -176,7 +208,7 @@ async def target(ctx: Context) -> RestoreStep:
             await conn.execute(f"DROP DATABASE {quote_ident(name)}")
             why = "this run's own partial restore" if ctx.own_partial else "allow_non_empty_target=true"
             changed.append(f"dropped database {name} ({tables} table(s); {why})")
-        owner = manifest.database.owner
+        owner = (await ctx.source.needs(ctx)).owner
         known = owner is not None and await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", owner)
         owned = f" OWNER {quote_ident(owner)}" if owner is not None and known else ""
         await conn.execute(f"CREATE DATABASE {quote_ident(name)}{owned} TEMPLATE template0")
@@ -193,8 +225,83 @@ async def _user_tables(dsn: str) -> int:
 
 
 async def database(ctx: Context) -> RestoreStep:
+    return await ctx.source.database(ctx)
+
+
+async def canary(ctx: Context) -> RestoreStep:
+    """Engram's boot rule, offline: the current master key must unwrap the restored newest canary."""
+    expected = await ctx.source.expected_canary(ctx)
+    async with postgres.connection(ctx.target_dsn) as conn:
+        found = await read_canary(conn)
+    if found is None:
+        return _step("canary", "the restored system_canaries is EMPTY: Engram would adopt any key at boot; do not "
+                     "boot it on this database", status="failed", details={"code": "canary_empty"})  # fmt: skip
+    if expected is not None and expected != found.id:
+        return _step("canary", f"the restored canary {found.id} is not the one the backup recorded "
+                     f"({expected})", status="failed", details={"code": "canary_replaced"})  # fmt: skip
+    assert ctx.keys.current is not None  # run_restore refuses to start without it
+    judged = judge_canary(ctx.keys.current, ctx.keys.previous, found.wrapped_dek, found.dek_sha256,
+                          what="the restored boot canary")  # fmt: skip
+    status: StepStatus = "ok" if judged.status == "ok" else "warn" if judged.status == "warn" else "failed"
+    return _step("canary", judged.summary, status=status,
+                 details={"code": judged.code, "canary_id": found.id} | judged.details)
+
+
+async def attachments(ctx: Context) -> RestoreStep:
+    return await ctx.source.attachments(ctx)
+
+
+class DumpSource:
+    """A dump backup of the repository: the manifest names the roles, the canary, the attachments."""
+
+    def __init__(self, backup_id: str) -> None:
+        self.backup_id = backup_id
+        self._point: RecoveryPoint | None = None
+
+    def describe(self) -> str:
+        return self.backup_id
+
+    async def point(self, ctx: Context) -> RecoveryPoint:
+        if self._point is None:
+            self._point = await resolve(ctx.repo, self.backup_id)
+        return self._point
+
+    async def manifest(self, ctx: Context) -> Manifest:
+        return (await self.point(ctx)).manifest
+
+    async def needs(self, ctx: Context) -> Needs:
+        point = await self.point(ctx)
+        db = point.manifest.database
+        needed = set(db.roles_referenced) | set(db.object_owners or ()) | ({db.owner} if db.owner else set())
+        if not db.roles_referenced and db.object_owners is None:
+            needed |= await rc.roles_from_dump(ctx.runtime.settings, ctx.repo, point) or set()
+        return Needs(frozenset(needed), db.owner)
+
+    async def expected_canary(self, ctx: Context) -> str | None:
+        return (await self.manifest(ctx)).canary.id
+
+    async def attachments_in_s3(self, ctx: Context) -> bool:
+        return (await self.manifest(ctx)).attachments.backend == "s3"
+
+    async def qdrant_configured(self, ctx: Context) -> bool:
+        return (await self.manifest(ctx)).qdrant.configured
+
+    def annotate(self, step: RestoreStep) -> RestoreStep:
+        return step
+
+    async def close(self) -> RestoreStep | None:
+        return None
+
+    async def database(self, ctx: Context) -> RestoreStep:
+        return await _dump_database(ctx, await self.manifest(ctx))
+
+    async def attachments(self, ctx: Context) -> RestoreStep:
+        return await _dump_attachments(ctx, await self.manifest(ctx))
+
+
+async def _dump_database(ctx: Context, manifest: Manifest) -> RestoreStep:
     """Stock pg_restore, parallel where the dump allows; then every table, constraint, index and row count."""
-    settings, manifest = ctx.runtime.settings, await ctx.manifest()
+    settings = ctx.runtime.settings
     client = (await rc.restore_client(settings, manifest, ctx.premises.target_server_major,
                                       through_prefix=False)).require()  # fmt: skip
     done = await restore_database(ctx.repo, manifest, backup_key(settings), ctx.target_dsn, client.path,
@@ -211,27 +318,8 @@ async def database(ctx: Context) -> RestoreStep:
     return _step("database", done.check.summary, changed, details=details)
 
 
-async def canary(ctx: Context) -> RestoreStep:
-    """Engram's boot rule, offline: the current master key must unwrap the restored newest canary."""
-    manifest = await ctx.manifest()
-    async with postgres.connection(ctx.target_dsn) as conn:
-        found = await read_canary(conn)
-    if found is None:
-        return _step("canary", "the restored system_canaries is EMPTY: Engram would adopt any key at boot; do not "
-                     "boot it on this database", status="failed", details={"code": "canary_empty"})  # fmt: skip
-    if manifest.canary.id is not None and manifest.canary.id != found.id:
-        return _step("canary", f"the restored canary {found.id} is not the one the backup recorded "
-                     f"({manifest.canary.id})", status="failed", details={"code": "canary_replaced"})  # fmt: skip
-    assert ctx.keys.current is not None  # run_restore refuses to start without it
-    judged = judge_canary(ctx.keys.current, ctx.keys.previous, found.wrapped_dek, found.dek_sha256,
-                          what="the restored boot canary")  # fmt: skip
-    status: StepStatus = "ok" if judged.status == "ok" else "warn" if judged.status == "warn" else "failed"
-    return _step("canary", judged.summary, status=status,
-                 details={"code": judged.code, "canary_id": found.id} | judged.details)
-
-
-async def attachments(ctx: Context) -> RestoreStep:
-    manifest = await ctx.manifest()
+async def _dump_attachments(ctx: Context, manifest: Manifest) -> RestoreStep:
+    """The attachments exactly as recorded, from the repository's pool, each checked against its checksum."""
     if manifest.attachments.backend != "s3" or manifest.attachments.in_database_dump:
         return _step("attachments", "STORAGE_BACKEND=database: the attachments are rows of the database dump, "
                      "restored with it", status="skipped")  # fmt: skip
@@ -281,8 +369,7 @@ async def protect_orphans(ctx: Context) -> RestoreStep:
     if not ctx.request.protect_orphans:
         return _step("protect_orphans", "switched off (protect_orphans=false): Engram's weekly OrphanSweep deletes "
                      "the blobs of users the restored database does not know", status="skipped")  # fmt: skip
-    manifest = await ctx.manifest()
-    bucket = ctx.runtime.attachments_location() if manifest.attachments.backend == "s3" else None
+    bucket = ctx.runtime.attachments_location() if await ctx.source.attachments_in_s3(ctx) else None
     async with postgres.connection(ctx.target_dsn) as conn:
         result = await fences.protect_orphans(conn, bucket, ctx.repo, ctx.run_id, ctx.sub("protect_orphans"))
     return _fenced("protect_orphans", result)
@@ -290,11 +377,11 @@ async def protect_orphans(ctx: Context) -> RestoreStep:
 
 async def qdrant(ctx: Context) -> RestoreStep:
     """Qdrant's points belong to another moment than the restored chunks: queue the rebuild through the engine."""
-    settings, manifest = ctx.runtime.settings, await ctx.manifest()
+    settings = ctx.runtime.settings
     if not ctx.request.reindex_qdrant:
         return _step("qdrant", "switched off (reindex_qdrant=false): search answers from vectors of another moment "
                      "until reindex_qdrant runs", status="skipped")  # fmt: skip
-    if not manifest.qdrant.configured and not settings.qdrant_configured:
+    if not await ctx.source.qdrant_configured(ctx) and not settings.qdrant_configured:
         return _step("qdrant", "no Qdrant in this deployment: nothing to rebuild", status="skipped")
     name = ctx.premises.target_database
     live = name == settings.database_name
@@ -344,7 +431,8 @@ def describe_target(ctx: Context, steps: list[RestoreStep]) -> str:
                 f"({', '.join(sorted(fenced - done))}): do not boot Engram before resume=true applies them.")
     if "qdrant" not in done:
         return f"{name}, the bucket and the fences are done; the Qdrant rebuild is not queued (resume=true)."
-    return f"{name} is restored, verified and fenced; the bucket holds the backup's attachments."
+    return (f"{name} is restored ({ctx.source.describe()}), verified and fenced; the bucket holds the attachments "
+            "its rows name (see the attachments step).")
 
 
 def next_steps(ctx: Context, steps: list[RestoreStep]) -> list[str]:

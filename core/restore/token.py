@@ -16,6 +16,7 @@ import binascii
 import hashlib
 import hmac
 import json
+from datetime import datetime
 
 from pydantic import BaseModel, ValidationError
 
@@ -42,6 +43,13 @@ class Premises(BaseModel):
     allow_non_empty_target: bool
     app_version: str | None
     work_dir: str | None = None
+    # recovery_point="at:<time>": the time recovered to (backup_id is then Barman's base backup id); None for a dump.
+    point_in_time: datetime | None = None
+
+    @property
+    def recovery_point(self) -> str:
+        """What plan_restore was asked for, to plan it again."""
+        return f"at:{self.point_in_time.isoformat()}" if self.point_in_time else self.backup_id
 
 
 def _canonical(premises: Premises) -> bytes:

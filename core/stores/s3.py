@@ -197,6 +197,59 @@ async def versions_as_of(s3: Any, bucket: str, moment: datetime, prefix: str = "
     return {key: version for key, (_when, version) in newest.items() if version is not None}
 
 
+@dataclass(frozen=True)
+class AsOf:
+    """One key of a versioned bucket: its version at a moment (None: absent or deleted then) and its current
+    version (None: deleted now)."""
+
+    then: VersionInfo | None
+    now: VersionInfo | None
+
+    @property
+    def current_is_then(self) -> bool:
+        """Does the object hold its content of then now? The same version, or a copy of it (same ETag and size:
+        a rollback's copy is a new version of the same bytes)."""
+        if self.then is None or self.now is None:
+            return False
+        same = self.now.etag == self.then.etag and self.now.size == self.then.size
+        return self.now.version_id == self.then.version_id or same
+
+
+async def bucket_as_of(s3: Any, bucket: str, moment: datetime, prefix: str = "") -> dict[str, AsOf]:
+    """Every key's version at `moment` (as `versions_as_of` chooses it, with its size and ETag) beside its
+    current one: what a rollback of the bucket to that moment must copy back, and what it may leave."""
+    then: dict[str, tuple[datetime, VersionInfo | None]] = {}
+    now: dict[str, VersionInfo | None] = {}
+    paginator = s3.get_paginator("list_object_versions")
+    async for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+        entries = [(item, True) for item in page.get("Versions", ())]
+        entries += [(item, False) for item in page.get("DeleteMarkers", ())]
+        for item, is_version in entries:
+            key, version = str(item["Key"]), str(item.get("VersionId") or "null")
+            info = VersionInfo(key=key, size=int(item.get("Size", 0)), etag=str(item.get("ETag", "")).strip('"'),
+                               version_id=version) if is_version else None  # fmt: skip
+            if item.get("IsLatest"):
+                now[key] = info
+            now.setdefault(key, None)
+            written: datetime = item["LastModified"]
+            if written > moment or (key in then and written < then[key][0]):
+                continue
+            then[key] = (written, info)
+    return {key: AsOf(then[key][1] if key in then else None, current) for key, current in now.items()}
+
+
+async def copy_version(s3: Any, bucket: str, version: VersionInfo) -> str:
+    """Server-side copy of one older version onto its own key (the new current version), only if that version
+    still has its ETag; the new object's ETag."""
+    answer = await s3.copy_object(
+        Bucket=bucket,
+        Key=version.key,
+        CopySourceIfMatch=f'"{version.etag}"',
+        CopySource={"Bucket": bucket, "Key": version.key, "VersionId": version.version_id},
+    )
+    return str(answer.get("CopyObjectResult", {}).get("ETag", "")).strip('"')
+
+
 async def get_version(s3: Any, bucket: str, key: str, version_id: str) -> bytes:
     """One version of an object, whole (an attachment: small)."""
     answer = await s3.get_object(Bucket=bucket, Key=key, VersionId=version_id)

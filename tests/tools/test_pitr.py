@@ -85,11 +85,11 @@ async def drill(env: dict[str, str], point: str) -> RestoreDrillResult:
         await runtime.aclose()
 
 
-async def plan(env: dict[str, str], point: str) -> PlanRestoreResult:
+async def plan(env: dict[str, str], point: str, target: str | None = None) -> PlanRestoreResult:
     runtime = Runtime(load_settings(environ=env))
     try:
-        return await plan_restore(runtime, PlanRestoreInput(recovery_point=point, work_dir=str(Path(env[
-            "ENGRAM_RECOVERY_REPOSITORY"]).parent / "work")), silent)  # fmt: skip
+        return await plan_restore(runtime, PlanRestoreInput(recovery_point=point, target_database=target, work_dir=str(
+            Path(env["ENGRAM_RECOVERY_REPOSITORY"]).parent / "work")), silent)  # fmt: skip
     finally:
         await runtime.aclose()
 
@@ -157,24 +157,32 @@ async def test_plan_restore_at_a_time_gives_the_window_the_base_backup_and_the_s
 ) -> None:
     env = env_of(archived, tmp_path)
     moment = archived.between
-    result = await plan(env, f"at:{moment.isoformat()}")
+    result = await plan(env, f"at:{moment.isoformat()}", "engram_pitr_planned")
     assert result.verdict == "ok" and result.executable, result.summary
     pitr = result.point_in_time
     assert pitr is not None and pitr.base_backup.backup_id == archived.backup.backup_id
     assert pitr.window.end == archived.second and pitr.window.end_is_exact
     assert pitr.window.start == archived.backup.end_time and pitr.target_time == moment
     assert pitr.wal_segments >= 1 and pitr.wal_first == archived.backup.begin_wal
-    assert {c.name: c.status for c in result.checks} == {"window": "ok", "base_backup": "ok", "wal": "ok",
-                                                         "server": "ok", "master_key": "ok"}  # fmt: skip
+    statuses = {c.name: c.status for c in result.checks}
+    assert statuses == {"window": "ok", "base_backup": "ok", "wal": "ok", "server": "ok", "master_key": "ok",
+                        "target": "ok", "target_server": "ok"}  # fmt: skip
     assert next(c for c in result.checks if c.name == "master_key").code == "ok"  # the live canary opens
-    assert [s.id for s in result.steps] == ["archive_wal", "recover", "start_server", "wait_for_promotion", "prove"]
+    assert [s.id for s in result.steps] == ["archive_wal", "recover", "start_server", "wait_for_promotion", "prove",
+                                            "restore"]  # fmt: skip
     recover = result.steps[1].commands[0]
     assert f"--target-time={moment.isoformat()}" in recover and archived.backup.backup_id in recover
     assert str(archived.config) in recover and "--target-action=promote" in recover
     assert "pg_ctl" in result.steps[2].commands[1] and "archive_mode=off" in result.steps[2].commands[1]
     assert f"recovery_point=at:{moment.isoformat()}" in result.steps[4].commands[0]
     assert result.recovery_point.backup_id == archived.backup.backup_id
-    assert result.premises.target_state == "new_data_directory" and result.plan_token.startswith("ptk2.")
+    # The token binds the target run_restore moves the recovered database into, and the time.
+    assert result.premises.target_state == "absent" and result.plan_token.startswith("ptk2.")
+    assert result.premises.point_in_time == moment and result.premises.target_database == "engram_pitr_planned"
+    assert "run_restore" in result.steps[5].commands[0]
+    # Into the live (non-empty) database only by choice, as for a dump.
+    live = await plan(env, f"at:{moment.isoformat()}")
+    assert not live.executable and next(c for c in live.checks if c.name == "target").code == "target_not_empty"
     # Read-only: nothing was recovered into the work directory.
     assert not (tmp_path / "work").exists()
 
