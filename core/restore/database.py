@@ -50,7 +50,7 @@ from ..stores.pgclient.commands import stdin_restore
 from ..stores.pgclient.process import Feed, feed_all, run
 from ..taskgroups import task_group
 from .drill import STOCK_FIX
-from .feed import APPLICATION, FIX, feed, load_parallel, restore_into, tee
+from .feed import APPLICATION, FIX, feed, load_parallel, load_split, restore_into, tee
 from .schema_check import SchemaCheck, TocEntry, check_restored, parse_toc
 
 # Scratch space must hold the plain dump with this much to spare (filesystems misreport, others write too).
@@ -67,6 +67,7 @@ class Choice:
     mode: Mode
     jobs: int
     why: str
+    split: bool = False  # parallel: the stream cut into its tables' blocks, loaded `jobs` at a time
 
 
 def choose_mode(manifest: Manifest, jobs: int, free_bytes: int | None) -> Choice:
@@ -90,6 +91,9 @@ def choose_mode(manifest: Manifest, jobs: int, free_bytes: int | None) -> Choice
     if free_bytes is None or free_bytes < head:
         return Choice("streamed", 1, f"scratch space short ({free_bytes} bytes free, {head} wanted for the dump's "
                                      "table of contents): streamed into pg_restore in one transaction")  # fmt: skip
+    if need is not None and free_bytes >= need * SPACE_MARGIN:
+        return Choice("parallel", jobs, f"custom format: tables loaded {jobs} at a time while decrypting (blocks "
+                                        f"spooled to scratch), post-data with --jobs={jobs}", split=True)  # fmt: skip
     return Choice("parallel", jobs, f"custom format: rows loaded while decrypting, post-data with --jobs={jobs}")
 
 
@@ -160,8 +164,9 @@ async def restore_database(
                                                 timings)  # fmt: skip
         elif choice.mode == "parallel":
             stream = plaintext(repo, prefix + dumps[0].name, dumps[0], backup_key)
-            plain_bytes, toc_text = await load_parallel(stream, dsn, pg_restore, choice.jobs,
-                                                        Path(work) / "head.dump", timings, loaders)  # fmt: skip
+            load = load_split if choice.split else load_parallel
+            plain_bytes, toc_text = await load(stream, dsn, pg_restore, choice.jobs, Path(work) / "head.dump",
+                                               timings, loaders)  # fmt: skip
             toc = parse_toc(toc_text)
         else:
             stream = plaintext(repo, prefix + dumps[0].name, dumps[0], backup_key)
