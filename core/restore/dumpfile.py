@@ -27,6 +27,8 @@ MAGIC = b"PGDMP"
 _FIX = "the dump is damaged: drop the target database, then restore another recovery point"
 BLK_DATA, BLK_BLOBS = 1, 3
 _CUSTOM = 1  # archCustom
+SECTION_PRE_DATA, SECTION_POST_DATA = 2, 4  # teSection: NONE = 1, PRE_DATA, DATA, POST_DATA
+_ALONE = frozenset({"INDEX", "CONSTRAINT", "CHECK CONSTRAINT"})  # post-data entries that touch one table only
 
 
 class Unsupported(Exception):
@@ -42,7 +44,26 @@ class Head:
     size: int  # bytes of header and table of contents
     int_size: int
     data_ids: tuple[int, ...]  # dump ids of the entries with a data block (hadDumper), in TOC order
-    entries: dict[int, str]  # dump id -> desc ("TABLE DATA", "SEQUENCE SET", ...)
+    entries: dict[int, str]  # dump id -> desc ("TABLE DATA", "SEQUENCE SET", ...), in TOC order
+    sections: dict[int, int] = field(default_factory=dict)  # dump id -> section (SECTION_POST_DATA, ...)
+    deps: dict[int, tuple[int, ...]] = field(default_factory=dict)  # dump id -> the dump ids it depends on
+
+    def early_post_data(self, data_id: int) -> list[int]:
+        """The indexes and constraints of the one table whose rows `data_id` holds, that need nothing else
+        (no foreign keys, nothing on another post-data entry): they can be built as soon as those rows
+        are in, while other tables still load, as `pg_restore --jobs` schedules them. TOC order."""
+        tables = [d for d in self.deps.get(data_id, ()) if self.entries.get(d) == "TABLE"]
+        if self.entries.get(data_id) != "TABLE DATA" or len(tables) != 1:
+            return []
+        out = []
+        for i, desc in self.entries.items():
+            deps = self.deps.get(i, ())
+            if self.sections.get(i) != SECTION_POST_DATA or desc not in _ALONE or tables[0] not in deps:
+                continue
+            others = [d for d in deps if d != tables[0]]
+            if all(self.sections.get(d) == SECTION_PRE_DATA and self.entries.get(d) != "TABLE" for d in others):
+                out.append(i)
+        return out
 
 
 class _Reader:
@@ -96,27 +117,30 @@ def parse_head(data: bytes | bytearray) -> Head | None:
         count = r.int()
         data_ids: list[int] = []
         entries: dict[int, str] = {}
+        sections: dict[int, int] = {}
+        deps: dict[int, tuple[int, ...]] = {}
         for _ in range(count):
             dump_id, had_dumper = r.int(), r.int()
             r.str(), r.str()  # catalog table oid, oid
             r.str()  # tag
             desc = r.str() or ""
-            r.int()  # section
+            section = r.int()
             for _field in range(6):  # definition, drop, copy statement, namespace, tablespace, table access method
                 r.str()
             if version >= (1, 16):
                 r.int()  # relkind
             r.str(), r.str()  # owner, "with oids"
-            while r.str() is not None:  # dependencies
-                pass
+            needs: list[int] = []
+            while (dep := r.str()) is not None:  # dependencies, as decimal strings
+                needs.append(int(dep) if dep.isdigit() else 0)
             r.byte()  # data offset: its flag, then the offset
             r.take(off_size)
-            entries[dump_id] = desc
+            entries[dump_id], sections[dump_id], deps[dump_id] = desc, section, tuple(needs)
             if had_dumper:
                 data_ids.append(dump_id)
     except _Short:
         return None
-    return Head(r.pos, r.int_size, tuple(data_ids), entries)
+    return Head(r.pos, r.int_size, tuple(data_ids), entries, sections, deps)
 
 
 @dataclass

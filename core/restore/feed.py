@@ -254,6 +254,8 @@ async def _load_blocks(
     pre_data_done = anyio.Event()
     slots = anyio.Semaphore(max(1, jobs))
     toc: list[str] = []
+    built: set[int] = set()  # post-data entries already restored beside the loads
+    scheduled, running = [0], [0]  # blocks handed to a loader; loads running
 
     async def pump() -> None:
         try:
@@ -319,7 +321,18 @@ async def _load_blocks(
             await anyio.to_thread.run_sync(listing.write_text, "".join(f"{b.dump_id};\n" for b in batch))
             command = restore_into(pg_restore, dsn, sections=("data",), use_list=str(listing))
             await feed_all(Feed(command, FIX, drain=False), blocks_of(batch))
+            # Its tables' own indexes and constraints now, in this slot, while other tables still load; the
+            # last load's are left to the final pass, which builds them `jobs` at a time.
+            early = [i for b in batch for i in head.early_post_data(b.dump_id)]
+            last = state.done and scheduled[0] == len(splitter.blocks) and running[0] == 1
+            if early and not last:
+                listing = folder / f"post-{number}.list"
+                await anyio.to_thread.run_sync(listing.write_text, "".join(f"{i};\n" for i in early))
+                await run(restore_into(pg_restore, dsn, sections=("post-data",), use_list=str(listing),
+                                       source=str(head_file)), FIX, "pg_restore (post-data)")  # fmt: skip
+                built.update(early)
         finally:
+            running[0] -= 1
             slots.release()
 
     async def schedule(tg: anyio.abc.TaskGroup) -> None:
@@ -336,6 +349,7 @@ async def _load_blocks(
                     size += splitter.blocks[taken].written
                     taken += 1
                 number += 1
+                scheduled[0], running[0] = taken, running[0] + 1
                 tg.start_soon(load, batch, number)
             elif state.done:
                 return
@@ -352,8 +366,10 @@ async def _load_blocks(
         splitter.close()
     timings["decrypt_and_load"] = time.monotonic() - mark
     mark = time.monotonic()
-    await run(restore_into(pg_restore, dsn, jobs=jobs, sections=("post-data",), source=str(head_file)), FIX,
-              "pg_restore (post-data)")  # fmt: skip
+    rest = folder / "post.list"  # every entry but those built already, in TOC order (--section picks post-data)
+    await anyio.to_thread.run_sync(rest.write_text, "".join(f"{i};\n" for i in head.entries if i not in built))
+    await run(restore_into(pg_restore, dsn, jobs=jobs, sections=("post-data",), use_list=str(rest),
+                           source=str(head_file)), FIX, "pg_restore (post-data)")  # fmt: skip
     timings["post_data"] = time.monotonic() - mark
     return state.total, toc[0]
 
