@@ -255,7 +255,9 @@ async def _load_blocks(
     slots = anyio.Semaphore(max(1, jobs))
     toc: list[str] = []
     built: set[int] = set()  # post-data entries already restored beside the loads
-    scheduled, running = [0], [0]  # blocks handed to a loader; loads running
+    builds: list[list[int]] = []  # post-data entries ready to build, a pg_restore each
+    small: list[int] = []
+    running = [0]  # loads and builds under way
 
     async def pump() -> None:
         try:
@@ -321,21 +323,36 @@ async def _load_blocks(
             await anyio.to_thread.run_sync(listing.write_text, "".join(f"{b.dump_id};\n" for b in batch))
             command = restore_into(pg_restore, dsn, sections=("data",), use_list=str(listing))
             await feed_all(Feed(command, FIX, drain=False), blocks_of(batch))
-            # Its tables' own indexes and constraints now, in this slot, while other tables still load; the
-            # last load's are left to the final pass, which builds them `jobs` at a time.
-            early = [i for b in batch for i in head.early_post_data(b.dump_id)]
-            last = state.done and scheduled[0] == len(splitter.blocks) and running[0] == 1
-            if early and not last:
-                listing = folder / f"post-{number}.list"
-                await anyio.to_thread.run_sync(listing.write_text, "".join(f"{i};\n" for i in early))
-                await run(restore_into(pg_restore, dsn, sections=("post-data",), use_list=str(listing),
-                                       source=str(head_file)), FIX, "pg_restore (post-data)")  # fmt: skip
-                built.update(early)
+            # Its tables' own indexes and constraints can be built now, while other tables still load: a
+            # large table's one by one (free slots then build them side by side), small tables' together.
+            for block in batch:
+                early = head.early_post_data(block.dump_id)
+                if block.written >= BATCH_BYTES:
+                    builds.extend([i] for i in early)
+                elif early:
+                    small.extend(early)
+            if small:
+                builds.append(small[:])
+                small.clear()
         finally:
             running[0] -= 1
             slots.release()
+            state.ping()
+
+    async def build(entries: list[int], number: int) -> None:
+        try:
+            listing = folder / f"post-{number}.list"
+            await anyio.to_thread.run_sync(listing.write_text, "".join(f"{i};\n" for i in entries))
+            await run(restore_into(pg_restore, dsn, sections=("post-data",), use_list=str(listing),
+                                   source=str(head_file)), FIX, "pg_restore (post-data)")  # fmt: skip
+            built.update(entries)
+        finally:
+            running[0] -= 1
+            slots.release()
+            state.ping()
 
     async def schedule(tg: anyio.abc.TaskGroup) -> None:
+        """Loads first (in stream order), then the builds their ends made ready; `jobs` of them at a time."""
         await pre_data_done.wait()
         taken, number = 0, 0
         while True:
@@ -348,10 +365,13 @@ async def _load_blocks(
                     batch.append(splitter.blocks[taken])
                     size += splitter.blocks[taken].written
                     taken += 1
-                number += 1
-                scheduled[0], running[0] = taken, running[0] + 1
+                number, running[0] = number + 1, running[0] + 1
                 tg.start_soon(load, batch, number)
-            elif state.done:
+            elif builds:
+                await slots.acquire()
+                number, running[0] = number + 1, running[0] + 1
+                tg.start_soon(build, builds.pop(0), number)
+            elif state.done and not running[0]:
                 return
             else:
                 await wake.wait()
