@@ -3,12 +3,14 @@
 How the bytes reach pg_restore depends on what the dump and the machine allow:
 
 - custom format, parallel (the default): the artifact is decrypted and
-  decompressed ONCE, in a pipeline of threads (read, decrypt, decompress overlap);
-  the plain bytes feed stock pg_restore, which loads the rows while decryption is
-  still running, and `pg_restore --jobs=N --section=post-data` then builds the
-  indexes and constraints in parallel from the dump's head alone
-  (core/restore_feed.py). Decryption costs no wall time of its own, and scratch
-  space holds only the table of contents;
+  decompressed ONCE, in a pipeline of threads (read, decrypt, decompress overlap).
+  Where scratch space can hold the plain dump, the stream is cut into its tables'
+  data blocks as it arrives (core/restore/dumpfile.py) and stock pg_restore
+  processes load N tables at a time, each table's own indexes built as soon as its
+  rows are in, the rest by `pg_restore --jobs=N --section=post-data` from the
+  dump's head: the schedule of `pg_restore --jobs=N` on a file. With room for the
+  head only, one pg_restore loads the rows while decryption is still running, then
+  post-data with --jobs=N (core/restore/feed.py);
 - custom or plain format, streamed (one job, or not even room for the TOC in scratch
   space): one pass, decrypted straight into pg_restore's (psql's) stdin, all in one
   transaction;
