@@ -4,13 +4,14 @@ How the bytes reach pg_restore depends on what the dump and the machine allow:
 
 - custom format, parallel (the default): the artifact is decrypted and
   decompressed ONCE, in a pipeline of threads (read, decrypt, decompress overlap).
-  Where scratch space can hold the plain dump, the stream is cut into its tables'
-  data blocks as it arrives (core/restore/dumpfile.py) and stock pg_restore
-  processes load N tables at a time, each table's own indexes built as soon as its
-  rows are in, the rest by `pg_restore --jobs=N --section=post-data` from the
-  dump's head: the schedule of `pg_restore --jobs=N` on a file. With room for the
-  head only, one pg_restore loads the rows while decryption is still running, then
-  post-data with --jobs=N (core/restore/feed.py);
+  The stream is cut into its tables' data blocks as it arrives
+  (core/restore/dumpfile.py; blocks ahead of their loaders held in memory, within
+  a budget) and stock pg_restore processes load N tables at a time, each table's
+  own indexes built as soon as its rows are in, the rest by `pg_restore --jobs=N
+  --section=post-data` from the dump's head: the schedule of `pg_restore --jobs=N`
+  on a file. Scratch space holds only the head. An archive whose head is not
+  understood goes the older way: one pg_restore loads the rows while decryption
+  is still running, then post-data with --jobs=N (core/restore/feed.py);
 - custom or plain format, streamed (one job, or not even room for the TOC in scratch
   space): one pass, decrypted straight into pg_restore's (psql's) stdin, all in one
   transaction;
@@ -52,7 +53,7 @@ from ..stores.pgclient.commands import stdin_restore
 from ..stores.pgclient.process import Feed, feed_all, run
 from ..taskgroups import task_group
 from .drill import STOCK_FIX
-from .feed import APPLICATION, FIX, feed, load_parallel, load_split, restore_into, tee
+from .feed import APPLICATION, FIX, feed, load_split, restore_into, tee
 from .schema_check import SchemaCheck, TocEntry, check_restored, parse_toc
 
 # Scratch space must hold the plain dump with this much to spare (filesystems misreport, others write too).
@@ -69,7 +70,6 @@ class Choice:
     mode: Mode
     jobs: int
     why: str
-    split: bool = False  # parallel: the stream cut into its tables' blocks, loaded `jobs` at a time
 
 
 def choose_mode(manifest: Manifest, jobs: int, free_bytes: int | None) -> Choice:
@@ -93,10 +93,12 @@ def choose_mode(manifest: Manifest, jobs: int, free_bytes: int | None) -> Choice
     if free_bytes is None or free_bytes < head:
         return Choice("streamed", 1, f"scratch space short ({free_bytes} bytes free, {head} wanted for the dump's "
                                      "table of contents): streamed into pg_restore in one transaction")  # fmt: skip
-    if need is not None and free_bytes >= need * SPACE_MARGIN:
-        return Choice("parallel", jobs, f"custom format: tables loaded {jobs} at a time while decrypting (blocks "
-                                        f"spooled to scratch), post-data with --jobs={jobs}", split=True)  # fmt: skip
-    return Choice("parallel", jobs, f"custom format: rows loaded while decrypting, post-data with --jobs={jobs}")
+    return Choice(
+        "parallel",
+        jobs,
+        f"custom format: tables loaded {jobs} at a time while decrypting, each "
+        f"table's indexes built once its rows are in, post-data with --jobs={jobs}",
+    )
 
 
 async def refuse_non_empty(dsn: str) -> None:
@@ -166,9 +168,8 @@ async def restore_database(
                                                 timings)  # fmt: skip
         elif choice.mode == "parallel":
             stream = plaintext(repo, prefix + dumps[0].name, dumps[0], backup_key)
-            load = load_split if choice.split else load_parallel
-            plain_bytes, toc_text = await load(stream, dsn, pg_restore, choice.jobs, Path(work) / "head.dump",
-                                               timings, loaders)  # fmt: skip
+            plain_bytes, toc_text = await load_split(stream, dsn, pg_restore, choice.jobs, Path(work) / "head.dump",
+                                                     timings, loaders)  # fmt: skip
             toc = parse_toc(toc_text)
         else:
             stream = plaintext(repo, prefix + dumps[0].name, dumps[0], backup_key)

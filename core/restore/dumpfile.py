@@ -18,8 +18,6 @@ falls back to one loader fed the whole stream.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import IO
 
 from ..errors import IntegrityError
 
@@ -146,17 +144,16 @@ def parse_head(data: bytes | bytearray) -> Head | None:
 @dataclass
 class Block:
     dump_id: int
-    path: Path
-    written: int = 0  # bytes flushed to `path`
+    parts: list[bytes] = field(default_factory=list, repr=False)  # its bytes so far (a reader may empty them)
+    written: int = 0  # bytes in `parts` so far, read or not
     complete: bool = False
-    handle: IO[bytes] | None = field(default=None, repr=False)
 
 
 class Splitter:
-    """Cuts the data blocks following the head into one scratch file each (call `feed` in a worker thread)."""
+    """Cuts the data blocks following the head into their bytes, block by block (call `feed` in a worker thread)."""
 
-    def __init__(self, head: Head, folder: Path) -> None:
-        self.int_size, self.folder = head.int_size, folder
+    def __init__(self, head: Head) -> None:
+        self.int_size = head.int_size
         self.known = set(head.data_ids)
         self.blocks: list[Block] = []
         self._pending = b""
@@ -164,11 +161,12 @@ class Splitter:
         self._left = 0  # bytes of chunk body still to pass
         self._blobs = False
 
-    def feed(self, chunk: bytes) -> None:
+    def feed(self, chunk: bytes) -> int:
+        """Take the next bytes of the stream; returns how many were added to the blocks' parts."""
+        before = self._pending
         data = self._pending + chunk if self._pending else chunk
         self._pending = b""
         view, pos, n, width = memoryview(data), 0, len(data), self.int_size + 1
-        touched: set[int] = set()
         block = self.blocks[-1] if self.blocks and not self.blocks[-1].complete else None
         start = pos  # of the bytes of `block` not yet written
         while pos < n:
@@ -186,8 +184,7 @@ class Splitter:
                 dump_id = _int(view[pos + 1 : pos + 1 + width])
                 if kind not in (BLK_DATA, BLK_BLOBS) or dump_id not in self.known:
                     raise IntegrityError(f"unexpected data block (type {kind}, id {dump_id}) in the dump", _FIX)
-                block = Block(dump_id, self.folder / f"block-{dump_id}")
-                block.handle = open(block.path, "wb")  # noqa: SIM115 (closed when the block ends)
+                block = Block(dump_id)
                 self.blocks.append(block)
                 start, pos = pos, pos + 1 + width
                 self._blobs = kind == BLK_BLOBS
@@ -200,7 +197,7 @@ class Splitter:
             assert block is not None
             if self._state == "oid":
                 if value == 0:
-                    self._end(block, view[start:pos], touched)
+                    self._end(block, view[start:pos])
                     block, start = None, pos
                     self._state = "block"
                 else:
@@ -209,37 +206,26 @@ class Splitter:
                 if self._blobs:
                     self._state = "oid"
                 else:
-                    self._end(block, view[start:pos], touched)
+                    self._end(block, view[start:pos])
                     block, start = None, pos
                     self._state = "block"
             else:
                 self._left, self._state = value, "body"
         if block is not None and pos > start:
-            assert block.handle is not None
-            block.handle.write(view[start:pos])
-            touched.add(block.dump_id)
+            block.parts.append(bytes(view[start:pos]))
+            block.written += pos - start
         self._pending = bytes(view[pos:])
-        for b in self.blocks:
-            if b.dump_id in touched and b.handle is not None:
-                b.handle.flush()
-                b.written = b.handle.tell()
+        return len(chunk) + len(before) - len(self._pending)
 
-    def _end(self, block: Block, tail: memoryview, touched: set[int]) -> None:
-        assert block.handle is not None
-        block.handle.write(tail)
-        block.handle.close()
-        block.written, block.complete, block.handle = block.path.stat().st_size, True, None
-        touched.discard(block.dump_id)
+    def _end(self, block: Block, tail: memoryview) -> None:
+        if tail:
+            block.parts.append(bytes(tail))
+            block.written += len(tail)
+        block.complete = True
 
     def finish(self) -> None:
         if self._pending or self._state != "block":
             raise IntegrityError("the dump ends in the middle of a data block", _FIX)
-
-    def close(self) -> None:
-        for b in self.blocks:
-            if b.handle is not None:
-                b.handle.close()
-                b.handle = None
 
 
 def _int(raw: memoryview) -> int:

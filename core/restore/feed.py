@@ -25,7 +25,6 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import aclosing
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -177,6 +176,10 @@ async def load_parallel(
 # Small blocks already whole when a loader is free are loaded together, up to this many bytes: one
 # pg_restore (and connection) per table would cost more than their rows on a schema of many small tables.
 BATCH_BYTES = 8 << 20
+# Blocks decrypted ahead of their loaders are held in memory up to this much; beyond it decryption waits.
+# Enough for the next table's loader to start while the current one is still loading; no scratch file
+# (spooling to disk competed with the server's own writes and cost more than the parallel load saved).
+MEMORY_BUDGET = 512 << 20
 
 
 async def load_split(
@@ -249,7 +252,7 @@ async def _load_blocks(
 ) -> tuple[int, str]:  # fmt: skip
     head_bytes = await anyio.to_thread.run_sync(head_file.read_bytes)
     folder = head_file.parent
-    splitter = Splitter(head, folder)
+    splitter = Splitter(head)
     state = _Watch(head.size)
     pre_data_done = anyio.Event()
     slots = anyio.Semaphore(max(1, jobs))
@@ -263,11 +266,14 @@ async def _load_blocks(
         try:
             if first:
                 state.total += len(first)
-                await anyio.to_thread.run_sync(splitter.feed, first)
+                state.held += await anyio.to_thread.run_sync(splitter.feed, first)
                 state.ping()
             async for chunk in stream:
+                while state.held > MEMORY_BUDGET:  # the loaders are behind: decryption waits for them
+                    wake = state.changed
+                    await wake.wait()
                 state.total += len(chunk)
-                await anyio.to_thread.run_sync(splitter.feed, chunk)
+                state.held += await anyio.to_thread.run_sync(splitter.feed, chunk)
                 state.ping()
             splitter.finish()
         finally:
@@ -299,23 +305,19 @@ async def _load_blocks(
     async def blocks_of(batch: list[Block]) -> AsyncIterator[bytes]:
         yield head_bytes
         for block in batch:
-            sent = 0
-            handle = await anyio.to_thread.run_sync(block.path.open, "rb")
-            try:
-                while True:
-                    wake = state.changed
-                    written, complete = block.written, block.complete
-                    if sent < written:
-                        data = await anyio.to_thread.run_sync(handle.read, min(written - sent, 1 << 20))
-                        sent += len(data)
-                        yield data
-                    elif complete:
-                        break
-                    else:
-                        await wake.wait()
-            finally:
-                handle.close()
-            await anyio.to_thread.run_sync(partial(block.path.unlink, missing_ok=True))
+            taken = 0
+            while True:
+                wake = state.changed
+                if taken < len(block.parts):
+                    data, block.parts[taken] = block.parts[taken], b""  # let go of it once sent
+                    taken += 1
+                    state.held -= len(data)
+                    state.ping()
+                    yield data
+                elif block.complete:
+                    break
+                else:
+                    await wake.wait()
 
     async def load(batch: list[Block], number: int) -> None:
         try:
@@ -366,6 +368,7 @@ async def _load_blocks(
                     size += splitter.blocks[taken].written
                     taken += 1
                 number, running[0] = number + 1, running[0] + 1
+                timings.setdefault("first_load", time.monotonic() - mark)
                 tg.start_soon(load, batch, number)
             elif builds:
                 await slots.acquire()
@@ -376,14 +379,11 @@ async def _load_blocks(
             else:
                 await wake.wait()
 
-    try:
-        async with task_group() as tg:
-            tg.start_soon(pump)
-            tg.start_soon(pre_data)
-            tg.start_soon(sequences)
-            tg.start_soon(schedule, tg)
-    finally:
-        splitter.close()
+    async with task_group() as tg:
+        tg.start_soon(pump)
+        tg.start_soon(pre_data)
+        tg.start_soon(sequences)
+        tg.start_soon(schedule, tg)
     timings["decrypt_and_load"] = time.monotonic() - mark
     mark = time.monotonic()
     rest = folder / "post.list"  # every entry but those built already, in TOC order (--section picks post-data)
@@ -399,6 +399,7 @@ class _Watch:
 
     def __init__(self, total: int) -> None:
         self.changed, self.done, self.total = anyio.Event(), False, total
+        self.held = 0  # bytes of blocks in memory, not yet sent to their loader
 
     def ping(self) -> None:
         old, self.changed = self.changed, anyio.Event()
