@@ -7,7 +7,7 @@ length-prefixed chunks ending with a zero length (a large-object block: per obje
 its OID, then such chunks; a zero OID ends it). Nothing follows the last block.
 
 Knowing only this framing (never the rows themselves), one decrypted stream can be
-cut into its blocks, each kept in a scratch file as it arrives, so that stock
+cut into its blocks, each held (in memory) as it arrives, so that stock
 pg_restore processes load several tables at once, each fed the head and its
 block(s) in stream order (as `pg_restore --jobs` loads from a file). The bytes are
 passed on verbatim: pg_restore still reads and checks every one of them.

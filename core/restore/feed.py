@@ -17,7 +17,8 @@ one decryption can feed several stock pg_restore processes at once:
    scratch copy of the dump is written at all.
 
 Decryption and loading run at the same time; nothing reads the dump twice from the
-repository.
+repository. That is `load_parallel`, now the fallback: `load_split` (the default)
+cuts the stream into its tables' blocks and loads N tables at a time instead.
 """
 
 from __future__ import annotations
@@ -194,12 +195,12 @@ async def load_split(
     """Restore a custom dump from its decrypted stream with its tables loaded `jobs` at a time, as
     `pg_restore --jobs` loads them from a file; returns (plain bytes, TOC text).
 
-    The stream is cut into its data blocks (core/restore/dumpfile.py), each written to a scratch file
-    as it arrives, so decryption never waits for a slow table and the next table's loader can start
-    at once: each loader is a stock `pg_restore --section=data --use-list=<its blocks>` fed the head
-    and its blocks. Scratch space may hold up to the whole plain dump (each block is deleted once
-    loaded): the caller chooses this path only when there is room. A head this cannot read falls back
-    to `load_parallel` on the same stream, nothing lost.
+    The stream is cut into its data blocks (core/restore/dumpfile.py), held in memory as they arrive
+    (up to MEMORY_BUDGET ahead of the loaders), so the next table's loader can start while the current
+    one still loads: each loader is a stock `pg_restore --section=data --use-list=<its blocks>` fed the
+    head and its blocks. When a load ends, its tables' own indexes and constraints are built in the
+    free slots (loads first); `pg_restore --jobs --section=post-data` builds the rest. Scratch space
+    holds the head only. A head this cannot read falls back to `load_parallel` on the same stream.
     """
     mark = time.monotonic()
     # Read in a task of its own: the decryption pipeline is a generator with a task group, which must be
