@@ -250,3 +250,21 @@ async def test_a_custom_dump_is_cut_into_its_head_and_one_verbatim_block_per_tab
         parse_head(b"PGDMP\x01\x0d\x00" + data[8:])  # archive 1.13 (PostgreSQL 11): the one-loader way
     with pytest.raises(Unsupported):
         parse_head(b"PGDMX" + data[5:])
+
+
+def test_the_memory_budget_is_a_quarter_of_what_is_available_within_bounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    import psutil
+
+    from engram_recovery.core.restore import feed as feed_module
+
+    real = psutil.virtual_memory
+
+    def available(n: int) -> None:
+        monkeypatch.setattr(psutil, "virtual_memory", lambda: real()._replace(available=n))
+
+    available(4 << 30)
+    assert feed_module.memory_budget() == 1 << 30
+    available(100 << 20)
+    assert feed_module.memory_budget() == feed_module.MEMORY_BUDGET_MIN
+    available(64 << 30)
+    assert feed_module.memory_budget() == feed_module.MEMORY_BUDGET_MAX
