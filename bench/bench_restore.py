@@ -4,7 +4,7 @@
                                                [--seed-notes N]
     .venv/bin/python bench/bench_restore.py attachments [--runs 3] [--objects 5000] [--size 65536]
 
-db: the database step (core/db_restore.py: decrypt, decompress, pg_restore, then the
+db: the database step (core/restore/database.py: decrypt, decompress, pg_restore, then the
 schema and row-count check) beside `pg_restore --jobs=2 --exit-on-error` of the SAME
 dump already decrypted to a plain file, each into a fresh empty database on the same
 server (target: ours <= 1.1x). The database is backed up once with run_backup (custom
@@ -15,7 +15,7 @@ there, with its master key in .bench/). The source database is only read (pg_dum
 fresh databases are created and dropped around each run. `--seed-notes N` seeds a small
 bed of its own instead (engram_bench_restore_small, dropped after), for a smoke run.
 
-attachments: the copy-back (core/copy_back.py) of `--objects` x `--size` objects from an
+attachments: the copy-back (core/restore/copy_back.py) of `--objects` x `--size` objects from an
 S3 repository's pool into a fresh bucket on the same SeaweedFS (server-side copy, each
 ETag checked) beside `rclone copy --transfers 16 --checkers 16 --fast-list` of the same
 objects between the same endpoints into another fresh bucket (one remote for both, so
@@ -333,7 +333,7 @@ def main() -> None:
     db.add_argument("--admin-url", help="the server (default: ENGRAM_TEST_ADMIN_URL, else the bundled 18)")
     db.add_argument("--database", default=DB, help=f"the seeded bed to back up (default {DB})")
     db.add_argument("--seed-notes", type=int, default=0, help="seed a small bed of this many notes instead")
-    db.add_argument("--loaders", type=int, default=1, help="pg_restore processes loading rows side by side")
+    db.add_argument("--loaders", type=int, default=1, help="loaders side by side (fallback path only)")
     db.add_argument("--scratch", default=None, help="where the repository and scratch files go (default TMPDIR)")
     att = sub.add_parser("attachments", help="the attachments step beside rclone copy")
     att.add_argument("--runs", type=int, default=3)

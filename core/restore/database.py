@@ -3,12 +3,15 @@
 How the bytes reach pg_restore depends on what the dump and the machine allow:
 
 - custom format, parallel (the default): the artifact is decrypted and
-  decompressed ONCE, in a pipeline of threads (read, decrypt, decompress overlap);
-  the plain bytes feed stock pg_restore, which loads the rows while decryption is
-  still running, and `pg_restore --jobs=N --section=post-data` then builds the
-  indexes and constraints in parallel from the dump's head alone
-  (core/restore_feed.py). Decryption costs no wall time of its own, and scratch
-  space holds only the table of contents;
+  decompressed ONCE, in a pipeline of threads (read, decrypt, decompress overlap).
+  The stream is cut into its tables' data blocks as it arrives
+  (core/restore/dumpfile.py; blocks ahead of their loaders held in memory, within
+  a budget) and stock pg_restore processes load N tables at a time, each table's
+  own indexes built as soon as its rows are in, the rest by `pg_restore --jobs=N
+  --section=post-data` from the dump's head: the schedule of `pg_restore --jobs=N`
+  on a file. Scratch space holds only the head. An archive whose head is not
+  understood goes the older way: one pg_restore loads the rows while decryption
+  is still running, then post-data with --jobs=N (core/restore/feed.py);
 - custom or plain format, streamed (one job, or not even room for the TOC in scratch
   space): one pass, decrypted straight into pg_restore's (psql's) stdin, all in one
   transaction;
@@ -50,7 +53,7 @@ from ..stores.pgclient.commands import stdin_restore
 from ..stores.pgclient.process import Feed, feed_all, run
 from ..taskgroups import task_group
 from .drill import STOCK_FIX
-from .feed import APPLICATION, FIX, feed, load_parallel, restore_into, tee
+from .feed import APPLICATION, FIX, feed, load_split, restore_into, tee
 from .schema_check import SchemaCheck, TocEntry, check_restored, parse_toc
 
 # Scratch space must hold the plain dump with this much to spare (filesystems misreport, others write too).
@@ -103,7 +106,12 @@ def choose_mode(manifest: Manifest, jobs: int, free_bytes: int | None, *, prefix
     if free_bytes is None or free_bytes < head:
         return Choice("streamed", 1, f"scratch space short ({free_bytes} bytes free, {head} wanted for the dump's "
                                      "table of contents): streamed into pg_restore in one transaction")  # fmt: skip
-    return Choice("parallel", jobs, f"custom format: rows loaded while decrypting, post-data with --jobs={jobs}")
+    return Choice(
+        "parallel",
+        jobs,
+        f"custom format: tables loaded {jobs} at a time while decrypting, each "
+        f"table's indexes built once its rows are in, post-data with --jobs={jobs}",
+    )
 
 
 async def refuse_non_empty(dsn: str) -> None:
@@ -176,8 +184,8 @@ async def restore_database(
                                                 timings)  # fmt: skip
         elif choice.mode == "parallel":
             stream = plaintext(repo, prefix + dumps[0].name, dumps[0], backup_key)
-            plain_bytes, toc_text = await load_parallel(stream, dsn, pg_restore, choice.jobs,
-                                                        Path(work) / "head.dump", timings, loaders)  # fmt: skip
+            plain_bytes, toc_text = await load_split(stream, dsn, pg_restore, choice.jobs, Path(work) / "head.dump",
+                                                     timings, loaders)  # fmt: skip
             toc = parse_toc(toc_text)
         else:
             stream = plaintext(repo, prefix + dumps[0].name, dumps[0], backup_key)
@@ -202,6 +210,7 @@ async def plaintext(repo: Repository, key: str, artifact: Artifact, backup_key: 
     decryptor = Decryptor(backup_key) if artifact.encryption is not None and backup_key is not None else None
     codec = decompressor(artifact.compression)
     raw_send, raw_receive = anyio.create_memory_object_stream[bytes](_PIPELINE_DEPTH)
+    mid_send, mid_receive = anyio.create_memory_object_stream[bytes](_PIPELINE_DEPTH)
     out_send, out_receive = anyio.create_memory_object_stream[bytes](_PIPELINE_DEPTH)
     digest, stored = hashlib.sha256(), [0]
 
@@ -213,27 +222,31 @@ async def plaintext(repo: Repository, key: str, artifact: Artifact, backup_key: 
                 await anyio.to_thread.run_sync(digest.update, chunk)
                 await raw_send.send(chunk)
 
-    def open_chunk(chunk: bytes) -> bytes:
-        return codec.update(decryptor.update(chunk) if decryptor is not None else chunk)
-
-    def close() -> bytes:
-        if decryptor is not None:
-            decryptor.finish()  # raises on a truncated artifact
-        return codec.finish()
-
-    async def transform() -> None:
-        async with out_send, raw_receive:
+    # Decryption and decompression in threads of their own: on a small machine whose cores the server's
+    # COPYs keep busy, one thread doing both was what the whole restore waited for.
+    async def decrypt() -> None:
+        async with mid_send, raw_receive:
             async for chunk in raw_receive:
-                data = await anyio.to_thread.run_sync(open_chunk, chunk)
+                data = await anyio.to_thread.run_sync(decryptor.update, chunk) if decryptor is not None else chunk
+                if data:
+                    await mid_send.send(data)
+            if decryptor is not None:
+                await anyio.to_thread.run_sync(decryptor.finish)  # raises on a truncated artifact
+
+    async def decompress() -> None:
+        async with out_send, mid_receive:
+            async for chunk in mid_receive:
+                data = await anyio.to_thread.run_sync(codec.update, chunk)
                 if data:
                     await out_send.send(data)
-            tail = await anyio.to_thread.run_sync(close)
+            tail = await anyio.to_thread.run_sync(codec.finish)
             if tail:
                 await out_send.send(tail)
 
     async with task_group() as tg:
         tg.start_soon(read)
-        tg.start_soon(transform)
+        tg.start_soon(decrypt)
+        tg.start_soon(decompress)
         async with out_receive:
             async for data in out_receive:
                 yield data

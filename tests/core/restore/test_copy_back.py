@@ -34,9 +34,7 @@ def location(weed: SeaweedFS, bucket: str, endpoint: str | None = None) -> S3Loc
     return S3Location(endpoint or weed.endpoint, weed.access_key_id, weed.secret_access_key, weed.region, bucket)
 
 
-async def new_bucket(
-    weed: SeaweedFS, objects: Sequence[tuple[str, bytes]] = (), versioned: bool = False
-) -> S3Location:
+async def new_bucket(weed: SeaweedFS, objects: Sequence[tuple[str, bytes]] = (), versioned: bool = False) -> S3Location:
     where = location(weed, f"cb-{secrets.token_hex(4)}")
     async with s3.bulk_client(where) as c:
         await c.create_bucket(Bucket=where.bucket)
@@ -266,3 +264,17 @@ async def test_a_database_backend_backup_has_nothing_to_copy_back(
         report = await copy_back(repo, manifest, target)
     assert report.nothing_to_do and "rows of the database dump" in report.nothing_to_do
     assert report.objects == 0 and not await contents(target)
+
+
+def test_a_small_local_pool_blob_is_read_and_hashed_in_one_thread_call(tmp_path: Path) -> None:
+    import hashlib
+
+    blob = tmp_path / "blob"
+    data = secrets.token_bytes(70_000)
+    blob.write_bytes(data)
+    assert copy_back_module._read_hashed(blob) == (
+        data, hashlib.sha256(data).hexdigest(), hashlib.md5(data, usedforsecurity=False).digest())  # fmt: skip
+    assert copy_back_module._read_hashed(tmp_path / "gone") is None  # the stream then says what is wrong
+    blob.write_bytes(bytes(copy_back_module.SINGLE_PUT + 10))  # grown past the one-put limit: read one past it
+    read = copy_back_module._read_hashed(blob)
+    assert read is not None and len(read[0]) == copy_back_module.SINGLE_PUT + 1

@@ -22,6 +22,7 @@ from engram_recovery.core.repository.layout import BACKUPS
 from engram_recovery.core.repository.local import LocalRepository
 from engram_recovery.core.repository.manifest import Manifest
 from engram_recovery.core.restore.database import HEAD_ROOM, choose_mode, plain_size, restore_database
+from engram_recovery.core.restore.dumpfile import Splitter, Unsupported, parse_head
 from engram_recovery.core.restore.feed import shares
 from engram_recovery.core.restore.schema_check import check_restored, parse_toc
 from engram_recovery.core.runtime import Runtime
@@ -57,22 +58,37 @@ def key() -> bytes:
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize(("fmt", "jobs", "scratch_mb", "mode", "loaders"), [
-    ("custom", 2, None, "parallel", 1),
-    ("custom", 2, None, "parallel", 2),  # tables loaded side by side from the one stream
-    ("custom", 2, 0, "streamed", 1),  # scratch space short: one streamed pass
+@pytest.mark.parametrize(("fmt", "jobs", "scratch", "mode", "loaders"), [
+    ("custom", 2, None, "parallel", 1),  # its tables' blocks loaded 2 at a time
+    ("custom", 2, "head", "parallel", 1),  # room for the head is all that needs
+    ("custom", 2, "no-memory", "parallel", 1),  # blocks held to a budget of 1 byte: decryption waits, no deadlock
+    ("custom", 2, "old-archive", "parallel", 1),  # a head not understood: one loader fed the stream
+    ("custom", 2, "old-archive", "parallel", 2),  # ... or loaders side by side, each reading the whole stream
+    ("custom", 2, "none", "streamed", 1),  # scratch space short: one streamed pass
     ("custom", 1, None, "streamed", 1),
     ("directory", 2, None, "directory", 1),
     ("plain", 2, None, "streamed", 1),
 ])  # fmt: skip
 async def test_a_restored_backup_equals_the_source_at_backup_time_whatever_the_way_in(
     backed_up: dict[str, Backed], admin_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-    fmt: str, jobs: int, scratch_mb: int | None, mode: str, loaders: int,
+    fmt: str, jobs: int, scratch: str | None, mode: str, loaders: int,
 ) -> None:  # fmt: skip
     db, base, manifest = backed_up[fmt]
-    if scratch_mb is not None:
+    if scratch == "no-memory":
+        from engram_recovery.core.restore import feed as feed_module
+
+        monkeypatch.setattr(feed_module, "MEMORY_BUDGET", 1)
+    elif scratch == "old-archive":
+        from engram_recovery.core.restore import feed as feed_module
+
+        def unsupported(data: bytes | bytearray) -> None:
+            raise Unsupported("archive version 1.13")
+
+        monkeypatch.setattr(feed_module, "parse_head", unsupported)
+    elif scratch is not None:
         real = shutil.disk_usage
-        monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=scratch_mb << 20))
+        free = (plain_size(manifest) or 0) if scratch == "head" else 0
+        monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=free))
     source = await fingerprints(db.dsn)
     async with testbed.scratch_database(admin_dsn) as target, LocalRepository(base / "repo") as repo:
         said: list[tuple[float, float | None, str | None]] = []
@@ -84,6 +100,8 @@ async def test_a_restored_backup_equals_the_source_at_backup_time_whatever_the_w
                                         psql=pg_bin("psql"), scratch=tmp_path, progress=progress,
                                         loaders=loaders)  # fmt: skip
         assert result.mode == mode
+        if mode == "parallel":  # the stream cut into blocks, unless the archive's head is not understood
+            assert ("first_load" in result.timings) is (scratch != "old-archive")
         assert [(d, t) for d, t, _m in said] == [(0, 2), (1, 2), (2, 2)] and result.why in (said[0][2] or "")
         assert result.check.ok, result.check.summary
         assert await fingerprints(target) == source
@@ -194,3 +212,59 @@ def test_the_loaders_share_the_table_data_and_the_first_keeps_everything_else() 
                                   "22; 0 3 TABLE DATA public c o", "30; 0 0 SEQUENCE SET public s o"]  # fmt: skip
     assert second.splitlines() == ["21; 0 2 TABLE DATA public b o"]
     assert len(shares(toc, 8)) == 3 and len(shares("10; 1259 1 TABLE public a o\n", 2)) == 1
+
+
+@pytest.mark.anyio
+async def test_a_custom_dump_is_cut_into_its_head_and_one_verbatim_block_per_table(
+    backed_up: dict[str, Backed], tmp_path: Path
+) -> None:
+    from engram_recovery.core.restore.decrypt import extract_backup
+
+    db, base, manifest = backed_up["custom"]
+    plain = tmp_path / "plain.dump"
+    async with LocalRepository(base / "repo") as repo:
+        await extract_backup(repo, manifest.backup_id, key(), plain)
+    data = plain.read_bytes()
+    head = parse_head(data)
+    assert head is not None and 0 < head.size < len(data)
+    assert parse_head(data[: head.size - 1]) is None  # a head not yet all there: wait for more
+    toc = await anyio.run_process([pg_bin("pg_restore"), "--list", str(plain)])
+    listed = {int(line.split(";")[0]) for line in toc.stdout.decode().splitlines() if line and line[0].isdigit()}
+    # The listing leaves out the entries pg_restore handles itself (ENCODING, STDSTRINGS, ...): all else is read.
+    assert listed <= set(head.entries) and len(listed) > len(head.entries) - 6
+    assert {i for i, desc in head.entries.items() if desc == "TABLE DATA"} <= set(head.data_ids)
+    splitter = Splitter(head)
+    added = 0
+    for at in range(head.size, len(data), 997):  # odd chunk sizes: every length and id split somewhere
+        added += splitter.feed(data[at : at + 997])
+    assert added == len(data) - head.size  # what it holds is counted (the memory budget relies on it)
+    splitter.finish()
+    assert sorted(b.dump_id for b in splitter.blocks) == sorted(head.data_ids)
+    assert all(b.complete and b.written == sum(map(len, b.parts)) for b in splitter.blocks)
+    assert data[: head.size] + b"".join(p for b in splitter.blocks for p in b.parts) == data
+    cut = Splitter(head)
+    cut.feed(data[head.size : -3])
+    with pytest.raises(IntegrityError, match="ends in the middle of a data block"):
+        cut.finish()
+    with pytest.raises(Unsupported):
+        parse_head(b"PGDMP\x01\x0d\x00" + data[8:])  # archive 1.13 (PostgreSQL 11): the one-loader way
+    with pytest.raises(Unsupported):
+        parse_head(b"PGDMX" + data[5:])
+
+
+def test_the_memory_budget_is_a_quarter_of_what_is_available_within_bounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    import psutil
+
+    from engram_recovery.core.restore import feed as feed_module
+
+    real = psutil.virtual_memory
+
+    def available(n: int) -> None:
+        monkeypatch.setattr(psutil, "virtual_memory", lambda: real()._replace(available=n))
+
+    available(4 << 30)
+    assert feed_module.memory_budget() == 1 << 30
+    available(100 << 20)
+    assert feed_module.memory_budget() == feed_module.MEMORY_BUDGET_MIN
+    available(64 << 30)
+    assert feed_module.memory_budget() == feed_module.MEMORY_BUDGET_MAX
