@@ -118,7 +118,7 @@ async def dump_to_repository(
             tg.start_soon(anyio.to_thread.run_sync, process.drain_stderr)
             tg.start_soon(anyio.to_thread.run_sync, produce)
             try:
-                size, digest = await repo.put_stream(key, consume())
+                size, digest = await repo.put_stream(key, consume(), read_back=True)
             finally:
                 if not outcome.ok:
                     # Unblocks the reader thread (EOF) so the task group can end.
@@ -143,5 +143,5 @@ async def file_to_repository(
                 yield out
         yield await anyio.to_thread.run_sync(transform.finish)
 
-    size, digest = await repo.put_stream(key, transformed())
+    size, digest = await repo.put_stream(key, transformed(), read_back=True)
     return Stored(key, size, digest, transform.plain_bytes, time.monotonic() - started)
