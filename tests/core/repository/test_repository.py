@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
+import os
 import secrets
 import sys
 from collections.abc import AsyncIterator
@@ -399,6 +402,26 @@ async def test_a_dump_file_replaced_after_writing_is_read_again_whole(tmp_path: 
 def test_a_filesystem_refusing_direct_io_gets_a_buffered_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(localfs, "_set_direct", lambda fd, on: False)
     data = secrets.token_bytes(2 * WINDOW + 5)
+    with (tmp_path / "f").open("wb") as handle:
+        writer = localfs.HashedWriter(handle, WINDOW, direct=True)
+        writer.write(data)
+        assert not writer.direct
+        assert writer.finish() == hashlib.sha256(data).hexdigest()
+    assert (tmp_path / "f").read_bytes() == data
+
+
+def test_a_filesystem_refusing_the_direct_writes_themselves_gets_the_rest_buffered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = os.write
+
+    def refusing(fd: int, data: memoryview) -> int:
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, data)
+
+    monkeypatch.setattr(os, "write", refusing)  # only direct writes are refused, as by such a filesystem
+    data = secrets.token_bytes(3 * WINDOW + 5)
     with (tmp_path / "f").open("wb") as handle:
         writer = localfs.HashedWriter(handle, WINDOW, direct=True)
         writer.write(data)
