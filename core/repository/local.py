@@ -101,12 +101,18 @@ class LocalRepository(Repository):
         try:
             await anyio.to_thread.run_sync(lambda: final.parent.mkdir(parents=True, exist_ok=True))
             handle = await anyio.to_thread.run_sync(lambda: temp.open("wb"))
-            if read_back:
+
+            def reread(start: Checkpoint, end: Checkpoint) -> None:
                 # Each window is re-read as soon as it is written, beside the rest of the stream (a dump):
-                # the verification after it then has only the windows this could not reach.
-                reader = await anyio.to_thread.run_sync(ReadBack, temp)
-            writer = HashedWriter(handle, self._window, direct=read_back,
-                                  on_window=reader.window if reader is not None else None)  # fmt: skip
+                # the verification after it then has only the windows this could not reach. The thread
+                # starts with the first full window: a file shorter than that is verified whole, later.
+                nonlocal reader
+                if reader is None and end.offset >= self._window:
+                    reader = ReadBack(temp)
+                if reader is not None:
+                    reader.window(start, end)
+
+            writer = HashedWriter(handle, self._window, direct=read_back, on_window=reread if read_back else None)
             async for chunk in chunks:
                 # Hashing beside the write, in the worker thread, keeps the event loop free.
                 await anyio.to_thread.run_sync(writer.write, chunk)
