@@ -5,7 +5,9 @@ compresses and encrypts them (zstd and OpenSSL release the GIL); a bounded
 queue hands the results to the event loop, which writes them to the repository
 (and hashes them) while the thread works on the next block. Memory stays a few
 MiB whatever the database size, and pg_dump is never waiting on us for long:
-wall time stays close to the dump's own.
+wall time stays close to the dump's own. The repository is asked to re-read what
+it stores while the dump runs (`read_back`: a local directory does, by windows),
+so the verification after the dump has little left to read.
 """
 
 from __future__ import annotations
