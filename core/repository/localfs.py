@@ -258,6 +258,8 @@ def window_matches(
                 except OSError as exc:
                     if not direct or exc.errno != errno.EINVAL:
                         raise
+                    # Opened direct, but the filesystem refuses direct reads: read through the cache.
+                    _set_direct(fd, False)
                     direct, asked = False, want
                     count = os.preadv(fd, [view[:asked]], offset)
                 count = min(count, want)

@@ -428,3 +428,25 @@ def test_a_filesystem_refusing_the_direct_writes_themselves_gets_the_rest_buffer
         assert not writer.direct
         assert writer.finish() == hashlib.sha256(data).hexdigest()
     assert (tmp_path / "f").read_bytes() == data
+
+
+def test_a_filesystem_refusing_direct_reads_is_read_through_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = os.preadv
+
+    def refusing(fd: int, buffers: list[memoryview], offset: int) -> int:
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, buffers, offset)
+
+    data = secrets.token_bytes(2 * WINDOW + 5)
+    with (tmp_path / "f").open("wb") as handle:
+        writer = localfs.HashedWriter(handle, WINDOW, direct=True)
+        writer.write(data)
+        writer.finish()
+        writer.close()
+    monkeypatch.setattr(os, "preadv", refusing)
+    start, middle, end = writer.checkpoints[1:]
+    assert localfs.verify_window(tmp_path / "f", start, middle)
+    assert localfs.verify_window(tmp_path / "f", middle, end)
