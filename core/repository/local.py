@@ -96,7 +96,6 @@ class LocalRepository(Repository):
         final = self._path(key)
         temp = final.with_name(f".{final.name}{TMP_MARK}{secrets.token_hex(6)}")
         handle: IO[bytes] | None = None
-        writer: HashedWriter | None = None
         reader: ReadBack | None = None
         try:
             await anyio.to_thread.run_sync(lambda: final.parent.mkdir(parents=True, exist_ok=True))
@@ -112,7 +111,7 @@ class LocalRepository(Repository):
                 if reader is not None:
                     reader.window(start, end)
 
-            writer = HashedWriter(handle, self._window, direct=read_back, on_window=reread if read_back else None)
+            writer = HashedWriter(handle, self._window, drop_behind=read_back, on_window=reread if read_back else None)
             async for chunk in chunks:
                 # Hashing beside the write, in the worker thread, keeps the event loop free.
                 await anyio.to_thread.run_sync(writer.write, chunk)
@@ -133,8 +132,6 @@ class LocalRepository(Repository):
             # Also on cancellation: nothing half-written stays behind under any name.
             if reader is not None:
                 reader.stop()
-            if writer is not None:
-                writer.close()
             if handle is not None:
                 handle.close()
             if temp.exists():

@@ -49,11 +49,11 @@ def os_error(exc: OSError, what: str, where: str) -> RecoveryError:
 
 # Each window of this many bytes gets its writeback started and a checkpoint once written.
 WINDOW = 64 << 20
-_SYNC_FILE_RANGE_WRITE = 2
+_SYNC_FILE_RANGE_WAIT_BEFORE, _SYNC_FILE_RANGE_WRITE, _SYNC_FILE_RANGE_WAIT_AFTER = 1, 2, 4
 
 
-def _sync_file_range() -> Callable[[int, int, int], bool] | None:
-    """Linux's sync_file_range(SYNC_FILE_RANGE_WRITE): start writeback of a range, without waiting for it."""
+def _sync_file_range(flags: int) -> Callable[[int, int, int], bool] | None:
+    """Linux's sync_file_range with these flags (WRITE alone: start writeback of a range, without waiting)."""
     if not sys.platform.startswith("linux"):
         return None
     try:
@@ -63,15 +63,24 @@ def _sync_file_range() -> Callable[[int, int, int], bool] | None:
     function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
     function.restype = ctypes.c_int
 
-    def start(fd: int, offset: int, length: int) -> bool:
+    def call(fd: int, offset: int, length: int) -> bool:
         # Advisory: should the kernel refuse, the final fsync still writes everything.
-        result: int = function(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+        result: int = function(fd, offset, length, flags)
         return result == 0
 
-    return start
+    return call
 
 
-_start_writeback = _sync_file_range()
+_start_writeback = _sync_file_range(_SYNC_FILE_RANGE_WRITE)
+_wait_writeback = _sync_file_range(_SYNC_FILE_RANGE_WAIT_BEFORE | _SYNC_FILE_RANGE_WRITE | _SYNC_FILE_RANGE_WAIT_AFTER)
+
+
+def _drop_cached(fd: int, offset: int, length: int) -> None:
+    """Drop a written range from the page cache once it is on the disk (advisory; 0 length: to the end)."""
+    if _wait_writeback is not None and length:
+        _wait_writeback(fd, offset, length)
+    with contextlib.suppress(AttributeError, OSError):
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
 
 
 @dataclass(frozen=True)
@@ -84,8 +93,6 @@ class Checkpoint:
 
 # O_DIRECT wants buffers, offsets and lengths aligned to the device's logical block (512 or 4096).
 ALIGN = 4096
-# Direct writes go out in blocks of this size, staged in page-aligned memory.
-STAGE = 4 << 20
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
 
 Window = Callable[[Checkpoint, Checkpoint], None]
@@ -108,12 +115,17 @@ class HashedWriter:
 
     Windows end at exact multiples of `window`. Writeback of each window starts as soon as
     the window is written, so the disk works while the dump runs instead of all at once in
-    the final fsync. With `direct`, every window after the first is written with O_DIRECT
-    (in aligned blocks of STAGE bytes): no page cache at all. On the 2-core bench VM, whose
-    host reclaims freed guest memory, writing 1 GiB through the page cache and fsyncing it
-    took 2.1 s of CPU, and 0.3 s direct (dd, oflag=direct). A read-back of a direct window
-    reads the disk, not a cached copy. Where the filesystem refuses
-    O_DIRECT the writer stays buffered. Small files (one window) are never written direct.
+    the final fsync, and the dirty pages of a GiB-sized artifact never pile up in the page
+    cache. On the 2-core bench machine a 1 GiB artifact costs 0.9 s to hash and write this
+    way, against 3.1 s of CPU (and a 0.35 s fsync) when the pages pile up
+    (docs/benchmarks.md, run_backup).
+
+    With `drop_behind` (a dump), each window also leaves the page cache once it is on the
+    disk, one window behind the writing: the cache then reuses the same few pages instead of
+    taking fresh ones for every window. On the bench VM, whose host reclaims freed guest
+    memory, writing 1 GiB took 1.8 s of system CPU on fresh pages and 0.3 s this way
+    (O_DIRECT: 0.07 s, but every write then waits for the disk, and a busy disk stalled the
+    dump). A read-back then reads the disk, not a cached copy.
 
     The checkpoints (the hash state at each window's end) let the file be verified
     window by window in parallel (`verify_window`): SHA-256 itself cannot be split.
@@ -121,23 +133,15 @@ class HashedWriter:
     """
 
     def __init__(
-        self, handle: IO[bytes], window: int = WINDOW, *, direct: bool = False, on_window: Window | None = None
+        self, handle: IO[bytes], window: int = WINDOW, *, drop_behind: bool = False, on_window: Window | None = None
     ) -> None:
         self._handle = handle
         self._digest = hashlib.sha256()
         self._window = window
+        self._drop_behind = drop_behind
         self._on_window = on_window
-        # Direct I/O needs aligned windows, and a stage that divides them so each window ends on a full stage.
-        self._direct_wanted = direct and _O_DIRECT != 0 and window % ALIGN == 0
-        self._stage_size = STAGE if window % STAGE == 0 else window
-        self._stage: mmap.mmap | None = None  # set while writing direct
-        self._staged = 0
         self.size = 0
         self.checkpoints = [Checkpoint(0, self._digest.copy())]
-
-    @property
-    def direct(self) -> bool:
-        return self._stage is not None
 
     def write(self, chunk: bytes | bytearray | memoryview) -> None:
         with memoryview(chunk) as whole:
@@ -146,82 +150,36 @@ class HashedWriter:
                 # Split at the window's end, so every checkpoint falls on a multiple of the window.
                 part = view[: self._window - (self.size - self.checkpoints[-1].offset)]
                 self._digest.update(part)
-                self._put(part)
+                self._handle.write(part)
                 self.size += len(part)
                 view = view[len(part) :]
                 if self.size - self.checkpoints[-1].offset == self._window:
                     self._end_window()
 
-    def _put(self, part: memoryview) -> None:
-        if self._stage is None:
-            self._handle.write(part)
-            return
-        while part:
-            room = self._stage_size - self._staged
-            take = part[:room]
-            self._stage[self._staged : self._staged + len(take)] = take
-            self._staged += len(take)
-            part = part[len(take) :]
-            if self._staged == self._stage_size:
-                self._flush_stage()
-
-    def _flush_stage(self) -> None:
-        assert self._stage is not None
-        fd = self._handle.fileno()
-        refused = False
-        with memoryview(self._stage) as view:
-            rest = view[: self._staged]
-            while rest:
-                try:
-                    rest = rest[os.write(fd, rest) :]
-                except OSError as exc:
-                    if exc.errno != errno.EINVAL or refused:
-                        raise
-                    # The filesystem took the flag but not the I/O: the rest of the file goes buffered.
-                    refused = True
-                    _set_direct(fd, False)
-            del rest
-        self._staged = 0
-        if refused:
-            self._stop_direct()
-
-    def _stop_direct(self) -> None:
-        if self._stage is not None:
-            self._stage.close()
-            self._stage = None
-
     def _end_window(self) -> None:
         start = self.checkpoints[-1].offset
-        if self._stage is not None:
-            self._flush_stage()  # the window's bytes are on the device
-        else:
-            self._handle.flush()
-            if _start_writeback is not None:
-                _start_writeback(self._handle.fileno(), start, self.size - start)
+        self._handle.flush()
+        fd = self._handle.fileno()
+        if _start_writeback is not None:
+            _start_writeback(fd, start, self.size - start)
         self.checkpoints.append(Checkpoint(self.size, self._digest.copy()))
-        if self._direct_wanted and self._stage is None and self.size == self._window:
-            # After the first window: a file this large is a dump, worth writing past the page cache.
-            if _set_direct(self._handle.fileno(), True):
-                self._stage = mmap.mmap(-1, self._stage_size)
+        if self._drop_behind and len(self.checkpoints) > 2:
+            # The window before this one: its writeback, started a window ago, is done or nearly.
+            behind, ahead = self.checkpoints[-3].offset, self.checkpoints[-2].offset
+            _drop_cached(fd, behind, ahead - behind)
         if self._on_window is not None:
             self._on_window(self.checkpoints[-2], self.checkpoints[-1])
 
     def finish(self) -> str:
         """Flush and fsync; return the SHA-256 (hex) of everything written."""
-        if self._stage is not None:
-            if self._staged % ALIGN:
-                _set_direct(self._handle.fileno(), False)  # the unaligned tail goes through the page cache
-            self._flush_stage()
-            self._stop_direct()
         flush_sync(self._handle)
+        if self._drop_behind:
+            _drop_cached(self._handle.fileno(), 0, 0)  # all clean now: nothing to wait for
         if self.checkpoints[-1].offset != self.size:
             self.checkpoints.append(Checkpoint(self.size, self._digest.copy()))
             if self._on_window is not None:
                 self._on_window(self.checkpoints[-2], self.checkpoints[-1])
         return self._digest.hexdigest()
-
-    def close(self) -> None:
-        self._stop_direct()
 
 
 def _open_for_reading(path: Path) -> tuple[int, bool]:

@@ -286,9 +286,10 @@ def test_the_kernel_accepts_the_writeback_request(tmp_path: Path) -> None:
         assert localfs._start_writeback(handle.fileno(), 0, 8192)
 
 
-# --- a dump's file: written past the page cache, re-read window by window while it is written ------------------
+# --- a dump's file: dropped from the page cache behind the writing, re-read by windows as it is written -----
 
-BIG = 2 * localfs.STAGE  # a window of two direct writes
+BIG = 1 << 20
+HALF = BIG // 2
 
 
 def _flip(path: Path, offset: int) -> None:
@@ -317,15 +318,13 @@ async def test_a_window_that_changes_on_disk_while_the_file_is_written_is_caught
     data = secrets.token_bytes(3 * BIG + 1000)
     with path.open("wb") as handle:
         reader = localfs.ReadBack(path)
-        writer = localfs.HashedWriter(handle, BIG, direct=True, on_window=reader.window)
-        # Window 0 complete, and the first half of window 1 already on the disk; then that half goes bad
+        writer = localfs.HashedWriter(handle, BIG, drop_behind=True, on_window=reader.window)
+        # Window 0 complete, and the first half of window 1 already written; then that half goes bad
         # before window 1 is finished: only a read-back of the window after it was written can see it.
-        writer.write(data[: BIG + localfs.STAGE])
-        assert writer.direct  # ext4 (the tests' tmp_path) takes O_DIRECT
+        writer.write(data[: BIG + HALF])
         _flip(path, BIG + 100)
-        writer.write(data[BIG + localfs.STAGE :])
+        writer.write(data[BIG + HALF :])
         digest = writer.finish()
-        writer.close()
     assert digest == hashlib.sha256(data).hexdigest()
     assert [c.offset for c in writer.checkpoints] == [0, BIG, 2 * BIG, 3 * BIG, 3 * BIG + 1000]
     await _reread(reader, 4)
@@ -342,10 +341,10 @@ async def test_verify_counts_the_windows_read_back_during_the_write_and_rereads_
     temp: list[Path] = []
 
     async def stream() -> AsyncIterator[bytes]:
-        yield data[: BIG + localfs.STAGE]
+        yield data[: BIG + HALF]
         temp.extend((tmp_path / "repo" / "backups" / "b1").glob(".db.dump*"))
         _flip(temp[0], BIG + 100)  # window 1 goes bad on the disk while it is being written
-        yield data[BIG + localfs.STAGE : 3 * BIG]
+        yield data[BIG + HALF : 3 * BIG]
         yield data[3 * BIG :]
 
     size, digest = await repo.put_stream(KEY, stream(), read_back=True)
@@ -399,37 +398,6 @@ async def test_a_dump_file_replaced_after_writing_is_read_again_whole(tmp_path: 
     )
 
 
-def test_a_filesystem_refusing_direct_io_gets_a_buffered_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(localfs, "_set_direct", lambda fd, on: False)
-    data = secrets.token_bytes(2 * WINDOW + 5)
-    with (tmp_path / "f").open("wb") as handle:
-        writer = localfs.HashedWriter(handle, WINDOW, direct=True)
-        writer.write(data)
-        assert not writer.direct
-        assert writer.finish() == hashlib.sha256(data).hexdigest()
-    assert (tmp_path / "f").read_bytes() == data
-
-
-def test_a_filesystem_refusing_the_direct_writes_themselves_gets_the_rest_buffered(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    real = os.write
-
-    def refusing(fd: int, data: memoryview) -> int:
-        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
-            raise OSError(errno.EINVAL, "Invalid argument")
-        return real(fd, data)
-
-    monkeypatch.setattr(os, "write", refusing)  # only direct writes are refused, as by such a filesystem
-    data = secrets.token_bytes(3 * WINDOW + 5)
-    with (tmp_path / "f").open("wb") as handle:
-        writer = localfs.HashedWriter(handle, WINDOW, direct=True)
-        writer.write(data)
-        assert not writer.direct
-        assert writer.finish() == hashlib.sha256(data).hexdigest()
-    assert (tmp_path / "f").read_bytes() == data
-
-
 def test_a_filesystem_refusing_direct_reads_is_read_through_the_cache(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -442,11 +410,26 @@ def test_a_filesystem_refusing_direct_reads_is_read_through_the_cache(
 
     data = secrets.token_bytes(2 * WINDOW + 5)
     with (tmp_path / "f").open("wb") as handle:
-        writer = localfs.HashedWriter(handle, WINDOW, direct=True)
+        writer = localfs.HashedWriter(handle, WINDOW, drop_behind=True)
         writer.write(data)
         writer.finish()
-        writer.close()
     monkeypatch.setattr(os, "preadv", refusing)
     start, middle, end = writer.checkpoints[1:]
     assert localfs.verify_window(tmp_path / "f", start, middle)
     assert localfs.verify_window(tmp_path / "f", middle, end)
+
+
+def test_a_dump_file_leaves_the_page_cache_one_window_behind_the_writing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dropped: list[tuple[int, int]] = []
+    monkeypatch.setattr(localfs, "_drop_cached", lambda fd, offset, length: dropped.append((offset, length)))
+    with (tmp_path / "f").open("wb") as handle:
+        writer = localfs.HashedWriter(handle, window=WINDOW, drop_behind=True)
+        for _ in range(7):
+            writer.write(b"x" * (WINDOW // 2))
+        # Three windows written: the first two are dropped, the third is still being written back.
+        assert dropped == [(0, WINDOW), (WINDOW, WINDOW)]
+        writer.finish()
+    assert dropped == [(0, WINDOW), (WINDOW, WINDOW), (0, 0)]  # and the whole file once it is durable
+    assert (tmp_path / "f").read_bytes() == b"x" * (7 * WINDOW // 2)
