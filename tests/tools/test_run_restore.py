@@ -15,12 +15,14 @@ import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 import asyncpg
+import mcp_types as types
 import pytest
 from mcp import Client
+from mcp.client.session import ClientRequestContext
 from support import BACKUP_KEY, EngramDB, engram_env, fingerprints, make_engram_db
 
 from engram_recovery.core.engram import crypto as engram_crypto
@@ -37,6 +39,7 @@ from engram_recovery.core.stores import postgres, s3
 from engram_recovery.core.stores.advisory import database_lock
 from engram_recovery.core.stores.s3 import S3Location
 from engram_recovery.server.app import build_server
+from engram_recovery.server.invoke import DECLINED
 from engram_recovery.testbed.seaweedfs import SeaweedFS
 from engram_recovery.tools.plan_restore import PlanRestoreInput, PlanRestoreResult, plan_restore
 from engram_recovery.tools.run_backup import RunBackupInput, run_backup
@@ -472,3 +475,55 @@ async def test_the_command_line_call_changes_nothing_without_confirm(
     assert done.returncode == 0, done.stderr.decode()
     assert json.loads(done.stdout)["verdict"] == "not_confirmed"
     assert await databases(admin_dsn, target_name) == 0
+
+
+class _User:
+    """The person behind an MCP client that can be asked: answers as told, remembers each question."""
+
+    def __init__(self, answer: types.ElicitResult) -> None:
+        self.answer = answer
+        self.asked: list[str] = []
+
+    async def __call__(self, context: ClientRequestContext, params: types.ElicitRequestParams) -> types.ElicitResult:
+        assert isinstance(params, types.ElicitRequestFormParams)
+        self.asked.append(params.message)
+        return self.answer
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("mode", ["legacy", "2026-07-28"])
+@pytest.mark.parametrize("action", ["decline", "cancel"])
+async def test_a_declined_elicitation_changes_nothing(
+    deployment: Deployment, admin_dsn: str, target_name: str, mode: str, action: Literal["decline", "cancel"]
+) -> None:
+    bucket = await new_bucket(deployment.where(f"rr-dst-{secrets.token_hex(4)}"))
+    env = deployment.env(bucket.bucket)
+    planned = await plan(env, target_database=target_name)
+    assert planned.executable, planned.summary
+    user = _User(types.ElicitResult(action=action))
+    async with Client(build_server(load_settings(environ=env)), mode=mode, elicitation_callback=user) as client:
+        answer = await client.call_tool("run_restore", {"plan_token": planned.plan_token})
+    assert not answer.is_error, answer.content
+    result = RunRestoreResult.model_validate(answer.structured_content)
+    # Asked once, shown what the restore would do; declined: no database, no object, no log.
+    assert len(user.asked) == 1 and target_name in user.asked[0]
+    assert result.verdict == "not_confirmed" and result.summary.startswith(DECLINED)
+    assert await databases(admin_dsn, target_name) == 0 and await contents(bucket) == {}
+    assert not (deployment.base / "repo" / restore_log_key(run_id_of(planned.plan_token))).exists()
+
+
+@pytest.mark.anyio
+async def test_an_accepted_elicitation_performs_the_restore(
+    deployment: Deployment, admin_dsn: str, target_name: str
+) -> None:
+    bucket = await new_bucket(deployment.where(f"rr-dst-{secrets.token_hex(4)}"))
+    env = deployment.env(bucket.bucket)
+    planned = await plan(env, target_database=target_name)
+    user = _User(types.ElicitResult(action="accept", content={"confirm": True}))
+    async with Client(build_server(load_settings(environ=env)), mode="2026-07-28",
+                      elicitation_callback=user) as client:  # fmt: skip
+        answer = await client.call_tool("run_restore", {"plan_token": planned.plan_token, "reindex_qdrant": False})
+    result = RunRestoreResult.model_validate(answer.structured_content)
+    assert len(user.asked) == 1 and result.verdict in ("ok", "warn"), result.summary
+    assert await deployment.restored_rows(target_name) == deployment.rows_at_backup
+    assert await contents(bucket) == deployment.at_backup
