@@ -27,7 +27,7 @@ from ..errors import ConfigurationError, RecoveryError, UnsafeOperation, scrub
 from ..progress import Progress, silent
 from ..repository import open_repository
 from ..repository.base import Repository
-from ..repository.layout import restore_log_key
+from ..repository.layout import manifest_key, restore_log_key
 from ..runtime import Runtime
 from ..stores import postgres
 from ..stores.advisory import Purpose, advisory_key, database_lock
@@ -118,12 +118,21 @@ async def run_restore(runtime: Runtime, request: RestoreRequest, progress: Progr
         if request.resume and log is None:
             raise ConfigurationError("there is no earlier run of this plan_token to resume: nothing was changed",
                                      "run it without resume=true")  # fmt: skip
-        # Resuming after the target step ran (even half-way: dropped, then not created): what the target holds
-        # now is this run's doing, not a premise that changed.
-        own_partial = request.resume and log is not None and any(s.name == "target" for s in log.steps)
+        # Resuming after the target step created the target: what it holds now is this run's doing, not a premise
+        # that changed. A target step that failed created nothing (it refused a stranger's tables, or CREATE
+        # failed): the target is then judged as the plan saw it, so resume never drops what this run did not make.
+        own_partial = (
+            request.resume and log is not None and any(s.name == "target" and s.status != "failed" for s in log.steps)
+        )
+        if planned.point_in_time is None and not await repo.exists(manifest_key(planned.backup_id)):
+            # Said before re-planning: the planner would answer for the repository as a whole ("no complete
+            # backup: run run_backup first"), and backing up a broken live database is the wrong fix on this day.
+            raise UnsafeOperation(f"premises changed: backup {planned.backup_id} the plan_token names is no longer in "
+                                  "the repository (pruned or deleted): nothing was changed",
+                                  f"{REPLAN}, for a backup list_backups shows")  # fmt: skip
         await progress(0, len(STEPS) + 2, "premises: re-planning to check the token still holds")
         started = time.perf_counter()
-        report = await _premises(runtime, planned, own_partial, log is not None)
+        report = await _premises(runtime, planned, own_partial, log is not None and not request.resume)
         source = source_of(planned, report)
         premises_step = RestoreStep(name="premises", status="ok", seconds=round(time.perf_counter() - started, 3),
                                     summary="the plan's premises still hold: " + report.summary)  # fmt: skip
@@ -181,7 +190,7 @@ def source_of(planned: Premises, report: PlanReport) -> Source:
     return DumpSource(planned.backup_id)
 
 
-async def _premises(runtime: Runtime, planned: Premises, own_partial: bool, logged: bool) -> PlanReport:
+async def _premises(runtime: Runtime, planned: Premises, own_partial: bool, resumable: bool) -> PlanReport:
     """Redo the plan the token names, with the planner's own observation; refuse if any premise moved.
 
     For a point in time the plan is redone against Barman's archive now: the time must still be in the window
@@ -206,7 +215,7 @@ async def _premises(runtime: Runtime, planned: Premises, own_partial: bool, logg
     moved = changed(planned, report.premises, ignore=ignore)
     if moved:
         resume = (" (or, if this token's own run stopped half-way, pass resume=true to continue it)"
-                  if logged and not own_partial else "")  # fmt: skip
+                  if resumable and not own_partial else "")  # fmt: skip
         raise UnsafeOperation(f"premises changed: {'; '.join(moved)}: nothing was changed", REPLAN + resume)
     blocking = [c for c in report.checks if c.status == "fail" and c.code not in RESOLVED_BY_RUN
                 and not (own_partial and c.name == "target")]  # fmt: skip

@@ -472,3 +472,49 @@ async def test_the_command_line_call_changes_nothing_without_confirm(
     assert done.returncode == 0, done.stderr.decode()
     assert json.loads(done.stdout)["verdict"] == "not_confirmed"
     assert await databases(admin_dsn, target_name) == 0
+
+
+@pytest.mark.anyio
+async def test_resume_after_a_target_step_that_created_nothing_drops_nothing(
+    deployment: Deployment, admin_dsn: str, target_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The target step refused (someone created the target database, with a table, after the premises were
+    checked): this run created nothing there, so resume=true must not treat it as its own partial restore."""
+    env = deployment.env(f"rr-dst-{secrets.token_hex(4)}")
+    planned = await plan(env, target_database=target_name)
+    assert planned.premises.target_state == "absent"
+    real = run_steps.DumpSource.needs
+
+    async def meanwhile(self: run_steps.DumpSource, ctx: run_steps.Context) -> run_steps.Needs:
+        if not await databases(admin_dsn, target_name):  # during the roles step: another client gets there first
+            await sql(admin_dsn, f'CREATE DATABASE "{target_name}" TEMPLATE template0')
+            await sql(deployment.target_dsn(target_name), "CREATE TABLE precious (x int)")
+        return await real(self, ctx)
+
+    monkeypatch.setattr(run_steps.DumpSource, "needs", meanwhile)
+    first = await restore(env, plan_token=planned.plan_token, confirm=True)
+    assert (first.verdict, first.failed_step) == ("fail", "target"), first.summary
+    assert "nothing was dropped" in step(first, "target").summary
+    monkeypatch.setattr(run_steps.DumpSource, "needs", real)
+    with pytest.raises(UnsafeOperation, match="premises changed: target_state: 'absent' -> 'non_empty:1'") as info:
+        await restore(env, plan_token=planned.plan_token, confirm=True, resume=True)
+    assert "resume=true" not in info.value.hint
+    assert await sql(deployment.target_dsn(target_name), "SELECT count(*) FROM pg_tables WHERE tablename = 'precious'")
+
+
+@pytest.mark.anyio
+async def test_a_token_whose_backup_was_pruned_is_refused_and_changes_nothing(
+    deployment: Deployment, tmp_path: Path, admin_dsn: str, target_name: str
+) -> None:
+    shutil.copytree(deployment.base / "repo", tmp_path / "repo")
+    env = deployment.env(f"rr-dst-{secrets.token_hex(4)}", base=tmp_path)
+    planned = await plan(env, target_database=target_name)
+    assert planned.executable, planned.summary
+    shutil.rmtree(tmp_path / "repo" / "backups" / planned.recovery_point.backup_id)
+    # The only backup is gone: the answer names it and says to re-plan, not "run run_backup first" (a backup of
+    # the broken live database is the wrong fix on the day of a restore).
+    with pytest.raises(UnsafeOperation, match=f"premises changed: backup {planned.recovery_point.backup_id} .* no "
+                       "longer in the repository") as info:  # fmt: skip
+        await restore(env, plan_token=planned.plan_token, confirm=True)
+    assert "plan_restore again" in info.value.hint and "run_backup" not in str(info.value)
+    assert await databases(admin_dsn, target_name) == 0
