@@ -31,6 +31,7 @@ from ..repository.layout import manifest_key, restore_log_key
 from ..runtime import Runtime
 from ..stores import postgres
 from ..stores.advisory import Purpose, advisory_key, database_lock
+from ..stores.failures import explain
 from ..verdict import Verdict
 from . import observe as rc
 from .pitr_run import PitrSource
@@ -276,6 +277,12 @@ async def _steps(ctx: Context, log: RestoreLog, first: list[RestoreStep]) -> lis
         except (RecoveryError, postgres.PostgresError) as exc:
             text = str(exc) if isinstance(exc, RecoveryError) else scrub(f"PostgreSQL error: {exc}")
             step = RestoreStep(name=name, status="failed", summary=text.replace("\n", " "))
+        except Exception as exc:  # the step boundary: a lost connection, an S3 client error, a task group's failure
+            # Still a failed step, logged: otherwise the run would end as a bare error that neither records the step
+            # nor says what the target holds, which is what the operator needs after any stop. (Only the cause:
+            # explain's generic fix, "nothing half-written was kept", is not true half-way through a restore.)
+            step = RestoreStep(name=name, status="failed", summary=explain(exc, name).message.replace("\n", " "),
+                               details={"error": type(exc).__name__})  # fmt: skip
         step = ctx.source.annotate(step)
         step.seconds = round(time.perf_counter() - started, 3)
         out.append(step)

@@ -19,6 +19,7 @@ from typing import Any
 
 import anyio
 import asyncpg
+import mcp_types as types
 import pytest
 from mcp import Client
 from support import BACKUP_KEY, EngramDB, engram_env, fingerprints, make_engram_db
@@ -27,7 +28,7 @@ from engram_recovery.core.engram import crypto as engram_crypto
 from engram_recovery.core.errors import Busy, ConfigurationError, StoreUnreachable, UnsafeOperation
 from engram_recovery.core.progress import silent
 from engram_recovery.core.repository.layout import restore_log_key
-from engram_recovery.core.restore import run_steps
+from engram_recovery.core.restore import fences, run_steps
 from engram_recovery.core.restore.database import restore_database
 from engram_recovery.core.restore.run import RestoreLog, run_id_of
 from engram_recovery.core.restore.run import lock as restore_lock
@@ -37,6 +38,7 @@ from engram_recovery.core.stores import postgres, s3
 from engram_recovery.core.stores.advisory import database_lock
 from engram_recovery.core.stores.s3 import S3Location
 from engram_recovery.server.app import build_server
+from engram_recovery.server.invoke import DECLINED
 from engram_recovery.testbed.seaweedfs import SeaweedFS
 from engram_recovery.tools.plan_restore import PlanRestoreInput, PlanRestoreResult, plan_restore
 from engram_recovery.tools.run_backup import RunBackupInput, run_backup
@@ -518,3 +520,63 @@ async def test_a_token_whose_backup_was_pruned_is_refused_and_changes_nothing(
         await restore(env, plan_token=planned.plan_token, confirm=True)
     assert "plan_restore again" in info.value.hint and "run_backup" not in str(info.value)
     assert await databases(admin_dsn, target_name) == 0
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("mode", ["legacy", "2026-07-28"])
+async def test_a_declined_elicitation_changes_nothing_and_an_accepted_one_restores(
+    deployment: Deployment, admin_dsn: str, target_name: str, mode: str
+) -> None:
+    bucket = await new_bucket(deployment.where(f"rr-dst-{secrets.token_hex(4)}"))
+    env = deployment.env(bucket.bucket)
+    planned = await plan(env, target_database=target_name)
+    asked: list[str] = []
+
+    def user(answer: types.ElicitResult) -> Any:
+        async def answering(context: Any, params: types.ElicitRequestParams) -> types.ElicitResult:
+            asked.append(params.message)
+            return answer
+
+        return answering
+
+    call = {"plan_token": planned.plan_token, "reindex_qdrant": False}
+    no = types.ElicitResult(action="decline")
+    async with Client(build_server(load_settings(environ=env)), mode=mode, elicitation_callback=user(no)) as client:
+        declined = await client.call_tool("run_restore", call)
+    assert not declined.is_error and declined.structured_content is not None, declined.content
+    assert declined.structured_content["verdict"] == "not_confirmed"
+    assert declined.structured_content["summary"].startswith(DECLINED)
+    assert len(asked) == 1 and target_name in asked[0] and planned.recovery_point.backup_id in asked[0]
+    assert await databases(admin_dsn, target_name) == 0 and await contents(bucket) == {}
+    assert not (deployment.base / "repo" / restore_log_key(run_id_of(planned.plan_token))).exists()
+    yes = types.ElicitResult(action="accept", content={"confirm": True})
+    async with Client(build_server(load_settings(environ=env)), mode=mode, elicitation_callback=user(yes)) as client:
+        accepted = await client.call_tool("run_restore", call)
+    assert not accepted.is_error and accepted.structured_content is not None, accepted.content
+    assert accepted.structured_content["verdict"] in ("ok", "warn"), accepted.structured_content["summary"]
+    assert len(asked) == 2
+    assert await deployment.restored_rows(target_name) == deployment.rows_at_backup
+
+
+@pytest.mark.anyio
+async def test_a_connection_lost_in_a_fence_is_a_failed_step_that_says_what_the_target_holds_and_resume_completes(
+    deployment: Deployment, target_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bucket = await new_bucket(deployment.where(f"rr-dst-{secrets.token_hex(4)}"))
+    env = deployment.env(bucket.bucket)
+    planned = await plan(env, target_database=target_name)
+
+    async def lost(*args: Any, **kwargs: Any) -> Any:
+        raise ConnectionResetError(104, "Connection reset by peer")
+
+    monkeypatch.setattr(fences, "fence_sync", lost)
+    first = await restore(env, plan_token=planned.plan_token, confirm=True, reindex_qdrant=False)
+    assert (first.verdict, first.failed_step) == ("fail", "fence_sync"), first.summary
+    assert "connection to PostgreSQL broke" in step(first, "fence_sync").summary
+    assert "not every fence is applied" in first.target_state and "resume=true" in first.summary
+    log = RestoreLog.model_validate_json((deployment.base / "repo" / str(first.log)).read_text())
+    assert log.steps[-1].name == "fence_sync" and log.steps[-1].status == "failed"
+    monkeypatch.undo()
+    second = await restore(env, plan_token=planned.plan_token, confirm=True, resume=True, reindex_qdrant=False)
+    assert second.verdict in ("ok", "warn"), second.summary
+    assert step(second, "fence_sync").changed and step(second, "fence_tokens") == step(first, "fence_tokens")
