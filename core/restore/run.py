@@ -134,6 +134,13 @@ async def run_restore(runtime: Runtime, request: RestoreRequest, progress: Progr
         await progress(0, len(STEPS) + 2, "premises: re-planning to check the token still holds")
         started = time.perf_counter()
         report = await _premises(runtime, planned, own_partial, log is not None and not request.resume)
+        if own_partial:
+            # The plan made again sees this run's own partial target and says "DO NOT RESTORE yet: not empty": the
+            # wrong words for the summary the operator confirms a resume by.
+            report = report.model_copy(update={"summary": (
+                f"resuming: {planned.target_database} holds this plan_token's own partial restore, which the "
+                "steps not yet done complete (the plan's check of the target is set aside for it; every other "
+                "premise still holds)")})  # fmt: skip
         source = source_of(planned, report)
         premises_step = RestoreStep(name="premises", status="ok", seconds=round(time.perf_counter() - started, 3),
                                     summary="the plan's premises still hold: " + report.summary)  # fmt: skip

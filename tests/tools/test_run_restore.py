@@ -300,7 +300,12 @@ async def test_a_failure_in_the_attachments_step_stops_there_and_resume_complete
         await restore(env, plan_token=planned.plan_token, confirm=True)
     assert "resume=true" in info.value.hint
     await new_bucket(missing)
+    async with Runtime(load_settings(environ=env)) as runtime:
+        asked = await confirmation(runtime, RunRestoreInput(plan_token=planned.plan_token, resume=True))
+    # What the user confirms a resume by: not the re-plan's "DO NOT RESTORE yet" about the run's own target.
+    assert asked is not None and "DO NOT RESTORE" not in asked and "own partial restore" in asked, asked
     second = await restore(env, plan_token=planned.plan_token, confirm=True, resume=True)
+    assert "DO NOT RESTORE" not in step(second, "premises").summary
     assert second.verdict in ("ok", "warn") and second.resumed, second.summary
     assert [s.name for s in second.steps] == ORDER
     # The steps that had passed were kept from the log, not run again.
