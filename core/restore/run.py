@@ -23,7 +23,7 @@ from typing import Literal
 import anyio
 from pydantic import BaseModel, Field, ValidationError
 
-from ..errors import ConfigurationError, RecoveryError, UnsafeOperation, scrub
+from ..errors import ConfigurationError, RecoveryError, StoreUnreachable, UnsafeOperation, scrub
 from ..progress import Progress, silent
 from ..repository import open_repository
 from ..repository.base import Repository
@@ -220,6 +220,11 @@ async def _premises(runtime: Runtime, planned: Premises, own_partial: bool, resu
     ignore = frozenset({"target_state"}) if own_partial else frozenset()
     if planned.point_in_time is not None:
         ignore |= {"manifest_sha256"}
+    down = next((c for c in report.checks if c.code == "target_unreachable"), None)
+    if down is not None:
+        # Not a premise that moved: re-planning would not help, starting the server (or fixing DATABASE_URL) does.
+        cause, _, fix = down.summary.rpartition(": ")
+        raise StoreUnreachable(f"{cause}: nothing was changed", f"{fix}, then run the same plan_token again")
     moved = changed(planned, report.premises, ignore=ignore)
     if moved:
         resume = (" (or, if this token's own run stopped half-way, pass resume=true to continue it)"

@@ -585,3 +585,39 @@ async def test_a_connection_lost_in_a_fence_is_a_failed_step_that_says_what_the_
     second = await restore(env, plan_token=planned.plan_token, confirm=True, resume=True, reindex_qdrant=False)
     assert second.verdict in ("ok", "warn"), second.summary
     assert step(second, "fence_sync").changed and step(second, "fence_tokens") == step(first, "fence_tokens")
+
+
+@pytest.mark.anyio
+async def test_the_database_password_is_in_no_result_progress_message_log_or_error(
+    deployment: Deployment, target_name: str
+) -> None:
+    password = "pw-" + secrets.token_hex(12)
+    dsn = deployment.db.dsn.replace("://postgres@", f"://postgres:{password}@")
+    assert password in dsn
+    missing = deployment.where(f"rr-late-{secrets.token_hex(4)}")  # the run stops at the attachments step
+    env = deployment.env(missing.bucket, DATABASE_URL=dsn)
+    planned = await plan(env, target_database=target_name)
+    assert password not in planned.model_dump_json()
+    messages: list[str] = []
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        messages.append(message or "")
+
+    async with Client(build_server(load_settings(environ=env))) as client:
+        answer = await client.call_tool("run_restore", {"plan_token": planned.plan_token, "confirm": True},
+                                        progress_callback=on_progress)  # fmt: skip
+        assert answer.structured_content is not None and answer.structured_content["verdict"] == "fail"
+        # The server gone (a port nothing listens on): the error names it, not the password.
+        unreachable = env | {"DATABASE_URL": f"postgresql://postgres:{password}@127.0.0.1:9/{target_name}"}
+    async with Client(build_server(load_settings(environ=unreachable))) as client:
+        refused = await client.call_tool("run_restore", {"plan_token": planned.plan_token, "confirm": True})
+    assert refused.is_error
+    # An unreachable server is not a premise that moved (re-planning would not help): cause and fix.
+    text = str(refused.content[0].text)  # type: ignore[union-attr]
+    assert text.startswith("the target server is unreachable: ") and "premises changed" not in text, text
+    assert "\nFix: start it or fix DATABASE_URL, then run the same plan_token again" in text, text
+    log = (deployment.base / "repo" / str(answer.structured_content["log"])).read_text()
+    for text in (repr(answer.content), json.dumps(answer.structured_content), log, " ".join(messages),
+                 repr(refused.content)):  # fmt: skip
+        assert password not in text
+    assert messages and "postgres" in log
