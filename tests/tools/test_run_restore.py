@@ -621,3 +621,38 @@ async def test_the_database_password_is_in_no_result_progress_message_log_or_err
                  repr(refused.content)):  # fmt: skip
         assert password not in text
     assert messages and "postgres" in log
+
+
+@pytest.mark.anyio
+async def test_an_in_place_restore_that_fails_half_way_resumes_with_the_live_snapshot_it_took_first(
+    engram_db: EngramDB, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worst day: the live database itself was dropped by the target step, then the database step failed.
+    resume=true must re-plan against the run's own partial database, and the fences must use the snapshot of
+    the live database taken before the drop (in the log), not the partial one."""
+    env = engram_env(engram_db, tmp_path, ENGRAM_RECOVERY_BACKUP_KEY=BACKUP_KEY)
+    async with Runtime(load_settings(environ=env)) as runtime:
+        assert (await run_backup(runtime, RunBackupInput(), silent)).verified
+    at_backup = await fingerprints(engram_db.dsn, without=FENCED)
+    token = await sql(engram_db.dsn, "SELECT id::text FROM refresh_tokens WHERE revoked_at IS NULL ORDER BY id LIMIT 1")
+    await sql(engram_db.dsn, "UPDATE refresh_tokens SET revoked_at = now() WHERE id = $1::uuid", token)
+    planned = await plan(env, allow_non_empty_target=True)
+    assert planned.executable, planned.summary
+    real = restore_database
+
+    async def dies_after_loading(*args: Any, **kwargs: Any) -> Any:
+        await real(*args, **kwargs)
+        raise StoreUnreachable("the connection to PostgreSQL was lost during the restore", "run it again")
+
+    monkeypatch.setattr(run_steps, "restore_database", dies_after_loading)
+    first = await restore(env, plan_token=planned.plan_token, confirm=True, reindex_qdrant=False)
+    assert (first.verdict, first.failed_step) == ("fail", "database"), first.summary
+    monkeypatch.setattr(run_steps, "restore_database", real)
+    second = await restore(env, plan_token=planned.plan_token, confirm=True, resume=True, reindex_qdrant=False)
+    assert second.verdict in ("ok", "warn"), second.summary
+    assert step(second, "snapshot_live") == step(first, "snapshot_live")
+    # The token revoked in live after the backup stays revoked: the fence read live before the drop.
+    assert await sql(engram_db.dsn, "SELECT revoked_at IS NOT NULL FROM refresh_tokens WHERE id = $1::uuid", token)
+    restored = await fingerprints(engram_db.dsn, without=FENCED)
+    assert {t: v for t, v in restored.items() if t != "refresh_tokens"} == {
+        t: v for t, v in at_backup.items() if t != "refresh_tokens"}  # fmt: skip
