@@ -179,7 +179,9 @@ async def run_restore(runtime: Runtime, request: RestoreRequest, progress: Progr
                    "before booting Engram")  # fmt: skip
     else:
         # (A canary that does not open is not fixed by resuming: the token is bound to the key; the state says.)
-        fix = "" if failed.name == "canary" else " Fix the cause, then run the same plan_token again with resume=true"
+        # (Nor a target this run dropped and could not create again: its state moved, the state says re-plan.)
+        final = failed.name == "canary" or " was DROPPED " in state
+        fix = "" if final else " Fix the cause, then run the same plan_token again with resume=true"
         summary = f"STOPPED at {failed.name}: {failed.summary}. {state}{fix}"
     await progress(len(STEPS) + 2, len(STEPS) + 2, "restored" if failed is None else f"stopped at {failed.name}")
     return RestoreReport(

@@ -656,3 +656,28 @@ async def test_an_in_place_restore_that_fails_half_way_resumes_with_the_live_sna
     restored = await fingerprints(engram_db.dsn, without=FENCED)
     assert {t: v for t, v in restored.items() if t != "refresh_tokens"} == {
         t: v for t, v in at_backup.items() if t != "refresh_tokens"}  # fmt: skip
+
+
+@pytest.mark.anyio
+async def test_a_target_dropped_by_choice_and_not_created_again_is_reported_dropped_not_untouched(
+    deployment: Deployment, admin_dsn: str, target_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env = deployment.env(f"rr-dst-{secrets.token_hex(4)}")
+    await sql(admin_dsn, f'CREATE DATABASE "{target_name}" TEMPLATE template0')
+    await sql(deployment.target_dsn(target_name), "CREATE TABLE old (x int)")
+    planned = await plan(env, target_database=target_name, allow_non_empty_target=True)
+    real = run_steps.DumpSource.needs
+    calls: list[int] = []
+
+    async def create_fails(self: run_steps.DumpSource, ctx: run_steps.Context) -> run_steps.Needs:
+        calls.append(1)
+        if len(calls) == 2:  # the target step, after its DROP: CREATE DATABASE will fail ("already exists")
+            await sql(admin_dsn, f'CREATE DATABASE "{target_name}" TEMPLATE template0')
+        return await real(self, ctx)
+
+    monkeypatch.setattr(run_steps.DumpSource, "needs", create_fails)
+    result = await restore(env, plan_token=planned.plan_token, confirm=True)
+    assert (result.verdict, result.failed_step) == ("fail", "target"), result.summary
+    assert step(result, "target").summary.startswith(f"dropped database {target_name} (1 table(s)")
+    assert "was DROPPED" in result.target_state and "untouched" not in result.target_state
+    assert "resume=true" not in result.summary
