@@ -16,6 +16,7 @@ with the same token finds the log and continues from the failed step (run_steps.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import time
 from datetime import UTC, datetime
 from typing import Literal
@@ -54,6 +55,7 @@ from .token import REPLAN, Premises, changed, open_plan_token
 
 # Failing plan checks that run_restore itself resolves: it creates the roles the dump needs.
 RESOLVED_BY_RUN = frozenset({"roles_missing"})
+_LOG_SEAL_LABEL = b"engram-recovery-restore-log-v1"
 
 
 class RestoreLog(BaseModel):
@@ -65,6 +67,14 @@ class RestoreLog(BaseModel):
     updated_at: datetime
     steps: list[RestoreStep] = Field(default_factory=list)
     live_snapshot: dict[str, object] | None = None
+    # HMAC of the rest under a key derived from the master key: resume skips the steps a log says are done (the
+    # database's verification, the canary), so it trusts no log that anyone with write access to the repository
+    # could have written.
+    seal: str | None = None
+
+    def sealed(self, key: bytes) -> str:
+        subkey = hmac.digest(key, _LOG_SEAL_LABEL, "sha256")
+        return hmac.digest(subkey, self.model_dump_json(exclude={"seal"}).encode(), "sha256").hex()
 
     def done(self, name: str) -> bool:
         return any(s.name == name and s.status in ("ok", "warn", "skipped") for s in self.steps)
@@ -115,7 +125,7 @@ async def run_restore(runtime: Runtime, request: RestoreRequest, progress: Progr
     planned = open_plan_token(request.plan_token, keys.current)
     run_id = run_id_of(request.plan_token)
     async with open_repository(settings) as repo:
-        log = await _read_log(repo, run_id)
+        log = await _read_log(repo, run_id, keys.current)
         if request.resume and log is None:
             raise ConfigurationError("there is no earlier run of this plan_token to resume: nothing was changed",
                                      "run it without resume=true")  # fmt: skip
@@ -309,19 +319,25 @@ async def _steps(ctx: Context, log: RestoreLog, first: list[RestoreStep]) -> lis
     return out
 
 
-async def _read_log(repo: Repository, run_id: str) -> RestoreLog | None:
+async def _read_log(repo: Repository, run_id: str, master: bytes) -> RestoreLog | None:
     key = restore_log_key(run_id)
     if not await repo.exists(key):
         return None
     try:
-        return RestoreLog.model_validate_json(await repo.get_bytes(key))
+        log = RestoreLog.model_validate_json(await repo.get_bytes(key))
     except ValidationError as exc:
         raise ConfigurationError(f"the step log {key} of this run is unreadable: {exc.error_count()} problem(s)",
                                  "delete it and " + REPLAN) from exc  # fmt: skip
+    if log.seal is None or not hmac.compare_digest(log.seal, log.sealed(master)):
+        raise UnsafeOperation(f"the step log {key} of this run was not written under this ENCRYPTION_MASTER_KEY, or "
+                              "was altered: nothing was changed", "delete it and " + REPLAN)  # fmt: skip
+    return log
 
 
 async def _write_log(ctx: Context, log: RestoreLog) -> None:
     try:
+        assert ctx.keys.current is not None  # run_restore refuses to start without it
+        log.seal = log.sealed(ctx.keys.current)
         await ctx.repo.put_bytes(ctx.log_key or restore_log_key(ctx.run_id), log.model_dump_json(indent=1).encode())
     except RecoveryError as exc:
         # The restore itself goes on: the log is the record, not a premise; the report says it is missing.

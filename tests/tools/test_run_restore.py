@@ -681,3 +681,22 @@ async def test_a_target_dropped_by_choice_and_not_created_again_is_reported_drop
     assert step(result, "target").summary.startswith(f"dropped database {target_name} (1 table(s)")
     assert "was DROPPED" in result.target_state and "untouched" not in result.target_state
     assert "resume=true" not in result.summary
+
+
+@pytest.mark.anyio
+async def test_resume_trusts_no_step_log_it_did_not_seal(deployment: Deployment, target_name: str) -> None:
+    """The log says which steps are done, and resume skips them (the database's verification, the canary): a log
+    edited in the repository (here: a failed canary turned into a passed one) is refused, nothing changed."""
+    missing = deployment.where(f"rr-late-{secrets.token_hex(4)}")  # the run stops at the attachments step
+    env = deployment.env(missing.bucket)
+    planned = await plan(env, target_database=target_name)
+    first = await restore(env, plan_token=planned.plan_token, confirm=True)
+    assert first.failed_step == "attachments", first.summary
+    path = deployment.base / "repo" / str(first.log)
+    log = json.loads(path.read_text())
+    assert log["seal"]
+    next(s for s in log["steps"] if s["name"] == "canary")["summary"] = "edited"
+    path.write_text(json.dumps(log))
+    with pytest.raises(UnsafeOperation, match="was not written under this ENCRYPTION_MASTER_KEY, or was altered"):
+        await restore(env, plan_token=planned.plan_token, confirm=True, resume=True)
+    assert json.loads(path.read_text()) == log  # not rewritten: the run stopped before any step
