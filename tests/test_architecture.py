@@ -18,8 +18,6 @@ TOO_MANY_ALLOWED: dict[tuple[str, str], str] = {
     ("core/stores/s3.py", "copy"): "Copier.copy: its caller restore/copy_back.py is being rewritten (issue 12)",
     ("core/restore/pitr_plan.py", "plan_pitr"): "its caller restore/planner.py is being rewritten (issue 12)",
     ("core/restore/pitr_drill.py", "prove_recovered"): "made public for run_restore's proofs, in progress elsewhere",
-    ("core/engram/crypto.py", "decrypt"): "FieldCipher.decrypt: its caller restore/drill.py is being rewritten "
-    "(issue 12)",
 }
 
 
