@@ -58,7 +58,7 @@ from engram_recovery.core.repository.local import LocalRepository
 from engram_recovery.core.repository.manifest import Manifest
 from engram_recovery.core.repository.mirror import mirror_attachments
 from engram_recovery.core.repository.s3 import S3Repository
-from engram_recovery.core.restore.copy_back import copy_inventory
+from engram_recovery.core.restore.copy_back import CopyOptions, copy_inventory
 from engram_recovery.core.restore.database import DumpRestore, restore_database
 from engram_recovery.core.restore.decrypt import extract_backup
 from engram_recovery.core.runtime import Runtime
@@ -290,7 +290,8 @@ async def bench_attachments(args: argparse.Namespace) -> None:
                 async def go() -> float:
                     began = time.perf_counter()
                     async with repository() as repo:
-                        report = await copy_inventory(repo, inventory_key("b1"), ours_bucket, concurrency=16)
+                        report = await copy_inventory(repo, inventory_key("b1"), ours_bucket,
+                                                      options=CopyOptions(concurrency=16))  # fmt: skip
                     seconds = time.perf_counter() - began
                     expected = args.objects if phase == "first" else 0
                     if not report.ok or report.copied_objects != expected or report.server_side_copy != server_side:

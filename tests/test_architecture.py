@@ -14,8 +14,6 @@ MAX_PARAMETERS = 5
 # (file, function): why it keeps more than five parameters. Each entry must say why a context object does not fit.
 TOO_MANY_ALLOWED: dict[tuple[str, str], str] = {
     # Rewritten in parallel under issue 12 (their callers are too): they get their context objects there.
-    ("core/restore/copy_back.py", "copy_inventory"): "being rewritten (issue 12)",
-    ("core/stores/s3.py", "copy"): "Copier.copy: its caller restore/copy_back.py is being rewritten (issue 12)",
     ("core/restore/pitr_plan.py", "plan_pitr"): "its caller restore/planner.py is being rewritten (issue 12)",
     ("core/restore/pitr_drill.py", "prove_recovered"): "made public for run_restore's proofs, in progress elsewhere",
 }
