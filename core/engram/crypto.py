@@ -234,8 +234,7 @@ class FieldCipher:
             return self._aesgcm.decrypt(nonce, ciphertext, field.aad)
         except InvalidTag:
             raise DecryptFailed(
-                f"{where} does not decrypt with this DEK "
-                "(wrong DEK, or the ciphertext was moved from another row)"
+                f"{where} does not decrypt with this DEK (wrong DEK, or the ciphertext was moved from another row)"
             ) from None
 
 

@@ -306,9 +306,7 @@ async def _streamed(
     return fed[0], parse_toc(lister.stdout.decode(errors="replace"))
 
 
-async def _directory(
-    ctx: DumpRestore, jobs: int, plain: Path, timings: dict[str, float]
-) -> tuple[int, list[TocEntry]]:
+async def _directory(ctx: DumpRestore, jobs: int, plain: Path, timings: dict[str, float]) -> tuple[int, list[TocEntry]]:
     """The directory's files decrypted into `plain`, `jobs` at a time (at most one a core), then pg_restore."""
     repo, manifest, dsn, pg_restore = ctx.repo, ctx.manifest, ctx.dsn, ctx.clients.pg_restore
     mark = time.monotonic()
