@@ -24,12 +24,13 @@ from ..repository.manifest import Manifest
 from ..repository.points import RecoveryPoint, resolve
 from ..runtime import Runtime
 from ..stores import postgres
+from ..stores.pgclient.commands import RestoreClients
 from ..stores.pgclient.versions import beside
 from ..stores.postgres import quote_ident
 from . import fences
 from . import observe as rc
 from .copy_back import copy_back
-from .database import restore_database
+from .database import DumpRestore, restore_database
 from .plan import KeyMaterial
 from .token import Premises
 
@@ -315,9 +316,9 @@ async def _dump_database(ctx: Context, manifest: Manifest) -> RestoreStep:
     settings = ctx.runtime.settings
     client = (await rc.restore_client(settings, manifest, ctx.premises.target_server_major,
                                       through_prefix=False)).require()  # fmt: skip
-    done = await restore_database(ctx.repo, manifest, backup_key(settings), ctx.target_dsn, client.path,
-                                  jobs=ctx.request.jobs, psql=beside(client.path, "psql"),
-                                  progress=ctx.sub("database"))  # fmt: skip
+    clients = RestoreClients(client.path, beside(client.path, "psql"))
+    done = await restore_database(DumpRestore(ctx.repo, manifest, backup_key(settings), ctx.target_dsn, clients,
+                                              jobs=ctx.request.jobs, progress=ctx.sub("database")))  # fmt: skip
     changed = [f"restored {done.plain_bytes} bytes of pg_dump output into {ctx.premises.target_database} "
                f"with pg_restore {client.major} ({done.why})"]  # fmt: skip
     details = {"mode": done.mode, "jobs": done.jobs, "timings": done.timings, "tables": done.check.tables,
