@@ -59,12 +59,13 @@ from engram_recovery.core.repository.local import LocalRepository
 from engram_recovery.core.repository.manifest import Manifest
 from engram_recovery.core.repository.mirror import mirror_attachments
 from engram_recovery.core.repository.s3 import S3Repository
-from engram_recovery.core.restore.copy_back import copy_inventory
-from engram_recovery.core.restore.database import restore_database
+from engram_recovery.core.restore.copy_back import CopyOptions, copy_inventory
+from engram_recovery.core.restore.database import DumpRestore, restore_database
 from engram_recovery.core.restore.decrypt import extract_backup
 from engram_recovery.core.runtime import Runtime
 from engram_recovery.core.settings import load_settings
 from engram_recovery.core.stores import s3
+from engram_recovery.core.stores.pgclient.commands import RestoreClients
 from engram_recovery.core.stores.pgclient.versions import choose
 from engram_recovery.core.stores.s3 import S3Location
 from engram_recovery.testbed.seaweedfs import SeaweedFS, seaweedfs
@@ -218,9 +219,9 @@ async def bench_db(args: argparse.Namespace) -> None:
                 async def ours() -> float:
                     async with testbed.scratch_database(admin_url, prefix="bench_restore_ours") as target:
                         began, cpu = time.perf_counter(), _cpu()
-                        done = await restore_database(repo, manifest, backup_crypto.parse_key(backup_key), target,
-                                                      pg_restore, jobs=2, scratch=Path(work),
-                                                      loaders=args.loaders)  # fmt: skip
+                        done = await restore_database(DumpRestore(
+                            repo, manifest, backup_crypto.parse_key(backup_key), target, RestoreClients(pg_restore),
+                            jobs=2, scratch=Path(work), loaders=args.loaders))  # fmt: skip
                         seconds, cpu = time.perf_counter() - began, _cpu() - cpu
                     if not done.check.ok:
                         raise SystemExit(f"our restore failed its check: {done.check.summary}")
@@ -296,7 +297,8 @@ async def bench_attachments(args: argparse.Namespace) -> None:
                 async def go() -> float:
                     began = time.perf_counter()
                     async with repository() as repo:
-                        report = await copy_inventory(repo, inventory_key("b1"), ours_bucket, concurrency=16)
+                        report = await copy_inventory(repo, inventory_key("b1"), ours_bucket,
+                                                      options=CopyOptions(concurrency=16))  # fmt: skip
                     seconds = time.perf_counter() - began
                     expected = args.objects if phase == "first" else 0
                     if not report.ok or report.copied_objects != expected or report.server_side_copy != server_side:

@@ -109,8 +109,8 @@ class Worker:
         if note["embed_hash"] is not None and note["embed_hash"] == note["content_hash"]:
             return "skipped"
         content = ec.FieldCipher(self.deks[note["user_id"]]).decrypt(
-            bytes(note["content_ciphertext"]), bytes(note["content_nonce"]), "notes", "content", note_id,
-            note["dek_version"],
+            bytes(note["content_ciphertext"]), bytes(note["content_nonce"]),
+            ec.RowField("notes", "content", note_id, note["dek_version"]),
         )
         text = content.decode()
         pieces = [text[i : i + CHUNK_CHARS] for i in range(0, len(text), CHUNK_CHARS)] or [""]

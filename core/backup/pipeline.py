@@ -5,7 +5,9 @@ compresses and encrypts them (zstd and OpenSSL release the GIL); a bounded
 queue hands the results to the event loop, which writes them to the repository
 (and hashes them) while the thread works on the next block. Memory stays a few
 MiB whatever the database size, and pg_dump is never waiting on us for long:
-wall time stays close to the dump's own.
+wall time stays close to the dump's own. The repository is asked to re-read what
+it stores while the dump runs (`read_back`: a local directory does, by windows),
+so the verification after the dump has little left to read.
 """
 
 from __future__ import annotations
@@ -118,7 +120,7 @@ async def dump_to_repository(
             tg.start_soon(anyio.to_thread.run_sync, process.drain_stderr)
             tg.start_soon(anyio.to_thread.run_sync, produce)
             try:
-                size, digest = await repo.put_stream(key, consume())
+                size, digest = await repo.put_stream(key, consume(), read_back=True)
             finally:
                 if not outcome.ok:
                     # Unblocks the reader thread (EOF) so the task group can end.
@@ -143,5 +145,5 @@ async def file_to_repository(
                 yield out
         yield await anyio.to_thread.run_sync(transform.finish)
 
-    size, digest = await repo.put_stream(key, transformed())
+    size, digest = await repo.put_stream(key, transformed(), read_back=True)
     return Stored(key, size, digest, transform.plain_bytes, time.monotonic() - started)

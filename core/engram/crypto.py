@@ -192,6 +192,20 @@ def row_aad(table: str, column: str, row_id: uuid.UUID, dek_version: int) -> byt
     return table.encode("ascii") + b"\x00" + column.encode("ascii") + b"\x00" + row_id.bytes
 
 
+@dataclass(frozen=True)
+class RowField:
+    """Where an encrypted field lives: its AAD (from dek_version 2) binds the ciphertext to exactly this place."""
+
+    table: str
+    column: str
+    row_id: uuid.UUID
+    dek_version: int
+
+    @property
+    def aad(self) -> bytes:
+        return row_aad(self.table, self.column, self.row_id, self.dek_version)
+
+
 class FieldCipher:
     """One user's DEK, ready for many fields: building the AES context once keeps bulk work cheap."""
 
@@ -211,28 +225,17 @@ class FieldCipher:
         nonce = os.urandom(NONCE_BYTES)
         return self._aesgcm.encrypt(nonce, plaintext, aad), nonce
 
-    def decrypt(
-        self, ciphertext: bytes, nonce: bytes, table: str, column: str, row_id: uuid.UUID, dek_version: int
-    ) -> bytes:
+    def decrypt(self, ciphertext: bytes, nonce: bytes, field: RowField) -> bytes:
+        """The plaintext of the field stored at `field` (its place is part of the AAD from dek_version 2)."""
+        where = f"{field.table}.{field.column} of row {field.row_id}"
         if len(nonce) != NONCE_BYTES or len(ciphertext) < TAG_BYTES:
-            raise MalformedBlob(f"{table}.{column} of row {row_id} has a truncated nonce or ciphertext")
+            raise MalformedBlob(f"{where} has a truncated nonce or ciphertext")
         try:
-            return self._aesgcm.decrypt(nonce, ciphertext, row_aad(table, column, row_id, dek_version))
+            return self._aesgcm.decrypt(nonce, ciphertext, field.aad)
         except InvalidTag:
             raise DecryptFailed(
-                f"{table}.{column} of row {row_id} does not decrypt with this DEK "
-                "(wrong DEK, or the ciphertext was moved from another row)"
+                f"{where} does not decrypt with this DEK (wrong DEK, or the ciphertext was moved from another row)"
             ) from None
-
-
-@dataclass(frozen=True)
-class RowField:
-    """Where an encrypted field lives: its AAD (from dek_version 2) binds the ciphertext to exactly this place."""
-
-    table: str
-    column: str
-    row_id: uuid.UUID
-    dek_version: int
 
 
 def encrypt_field(dek: bytes, plaintext: bytes, field: RowField) -> tuple[bytes, bytes]:
@@ -241,7 +244,7 @@ def encrypt_field(dek: bytes, plaintext: bytes, field: RowField) -> tuple[bytes,
 
 
 def decrypt_field(dek: bytes, ciphertext: bytes, nonce: bytes, field: RowField) -> bytes:
-    return FieldCipher(dek).decrypt(ciphertext, nonce, field.table, field.column, field.row_id, field.dek_version)
+    return FieldCipher(dek).decrypt(ciphertext, nonce, field)
 
 
 def content_hash_key(dek: bytes) -> bytes:

@@ -108,8 +108,13 @@ class Repository(ABC):
         """Fail now, with the fix named, if a backup could not be written (missing, read-only, bad credentials)."""
 
     @abstractmethod
-    async def put_stream(self, key: str, chunks: AsyncIterator[bytes]) -> tuple[int, str]:
-        """Store the stream under `key` atomically; return (size, sha256 hex) of the stored bytes."""
+    async def put_stream(self, key: str, chunks: AsyncIterator[bytes], *, read_back: bool = False) -> tuple[int, str]:
+        """Store the stream under `key` atomically; return (size, sha256 hex) of the stored bytes.
+
+        `read_back`: `verify` will be asked about this object (a backup's dump). A store that can
+        re-read the object while it is still being written does so, and `verify` re-reads only the
+        rest (the local directory); the others ignore it.
+        """
 
     async def put_bytes(self, key: str, data: bytes) -> tuple[int, str]:
         async def one() -> AsyncIterator[bytes]:

@@ -1,15 +1,16 @@
 """A local directory as a repository: atomic writes, fsynced, with windowed read-back verification."""
 
-
 from __future__ import annotations
 
 import builtins
 import fcntl
+import itertools
 import os
 import secrets
 import shutil
 from collections.abc import AsyncIterator, Iterable, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
@@ -18,10 +19,27 @@ import anyio
 from ..errors import Busy, StoreUnreachable
 from .base import READ_CHUNK, VERIFY_THREADS, Repository
 from .layout import TMP_MARK, check_key
-from .localfs import WINDOW, Checkpoint, HashedWriter, differing_windows, fsync_dir, hash_file, os_error
+from .localfs import (
+    WINDOW,
+    Checkpoint,
+    HashedWriter,
+    ReadBack,
+    differing_windows,
+    fsync_dir,
+    hash_file,
+    os_error,
+)
 
 # `flock` (not `fcntl` record locks) because it conflicts between two opens in the same process too.
 LOCK_FILE = ".lock"
+
+
+@dataclass
+class Written:
+    """What this instance knows of a file it wrote: the hash checkpoints, and the thread that re-read it."""
+
+    checkpoints: list[Checkpoint]
+    reader: ReadBack | None
 
 
 class LocalRepository(Repository):
@@ -30,7 +48,7 @@ class LocalRepository(Repository):
         self.location = str(root)
         self._window = window
         # The hash checkpoints of what this instance wrote, for `verify` to re-read in parallel.
-        self._written: dict[str, list[Checkpoint]] = {}
+        self._written: dict[str, Written] = {}
 
     def _path(self, key: str) -> Path:
         return self.root / check_key(key)
@@ -74,14 +92,26 @@ class LocalRepository(Repository):
         except OSError as exc:
             raise os_error(exc, "create it", str(self.root)) from exc
 
-    async def put_stream(self, key: str, chunks: AsyncIterator[bytes]) -> tuple[int, str]:
+    async def put_stream(self, key: str, chunks: AsyncIterator[bytes], *, read_back: bool = False) -> tuple[int, str]:
         final = self._path(key)
         temp = final.with_name(f".{final.name}{TMP_MARK}{secrets.token_hex(6)}")
         handle: IO[bytes] | None = None
+        reader: ReadBack | None = None
         try:
             await anyio.to_thread.run_sync(lambda: final.parent.mkdir(parents=True, exist_ok=True))
             handle = await anyio.to_thread.run_sync(lambda: temp.open("wb"))
-            writer = HashedWriter(handle, self._window)
+
+            def reread(start: Checkpoint, end: Checkpoint) -> None:
+                # Each window is re-read as soon as it is written, beside the rest of the stream (a dump):
+                # the verification after it then has only the windows this could not reach. The thread
+                # starts with the first full window: a file shorter than that is verified whole, later.
+                nonlocal reader
+                if reader is None and end.offset >= self._window:
+                    reader = ReadBack(temp)
+                if reader is not None:
+                    reader.window(start, end)
+
+            writer = HashedWriter(handle, self._window, drop_behind=read_back, on_window=reread if read_back else None)
             async for chunk in chunks:
                 # Hashing beside the write, in the worker thread, keeps the event loop free.
                 await anyio.to_thread.run_sync(writer.write, chunk)
@@ -94,11 +124,14 @@ class LocalRepository(Repository):
             if len(writer.checkpoints) > 2:
                 # Only files of several windows gain from a parallel re-read, and only they are kept: a
                 # mirror writing a million small blobs must not hold a million hash states.
-                self._written[key] = writer.checkpoints
+                self._written[key] = Written(writer.checkpoints, reader)
+                reader = None
         except OSError as exc:
             raise os_error(exc, f"write {key}", str(self.root)) from exc
         finally:
             # Also on cancellation: nothing half-written stays behind under any name.
+            if reader is not None:
+                reader.stop()
             if handle is not None:
                 handle.close()
             if temp.exists():
@@ -130,19 +163,32 @@ class LocalRepository(Repository):
             return await anyio.to_thread.run_sync(hash_file, path, algorithm)
 
     async def verify(self, key: str, size: int, sha256: str) -> str | None:
-        """As Repository.verify; a file this instance wrote is re-read window by window on several cores."""
-        checkpoints = self._written.get(key)
+        """As Repository.verify; a file this instance wrote is re-read window by window on several cores.
+
+        The windows its read-back thread already re-read while it was written (put_stream's
+        `read_back`) are not read again, provided the file is still the one written (the same
+        inode, the same size); their verdicts count as this verification's.
+        """
+        written = self._written.get(key)
+        checkpoints = written.checkpoints if written is not None else None
         if not checkpoints or (checkpoints[-1].offset, checkpoints[-1].state.hexdigest()) != (size, sha256):
             return await super().verify(key, size, sha256)
+        assert written is not None
         path = self._path(key)
+        read_back = written.reader.stop() if written.reader is not None else {}
         with self._reading(key):
-            stored = await anyio.to_thread.run_sync(lambda: path.stat().st_size)
-            if stored != size:
-                return f"stored {stored} bytes, {size} were written"
-            differing = await differing_windows(path, checkpoints, VERIFY_THREADS)
+            stored = await anyio.to_thread.run_sync(path.stat)
+            if stored.st_size != size:
+                return f"stored {stored.st_size} bytes, {size} were written"
+            if written.reader is None or stored.st_ino != written.reader.inode:
+                read_back = {}  # another file now has this name: everything is read again
+            windows = list(itertools.pairwise(checkpoints))
+            unread = [(a, b) for a, b in windows if read_back.get(a.offset, (None, False))[0] != b.offset]
+            differing = await differing_windows(path, unread, VERIFY_THREADS)
+        differing += [(start, end) for start, (end, matched) in read_back.items() if not matched]
         if not differing:
             return None
-        ranges = ", ".join(f"{a}-{b}" for a, b in differing)
+        ranges = ", ".join(f"{a}-{b}" for a, b in sorted(differing))
         return f"bytes {ranges} do not read back as written (recorded {size} bytes with SHA-256 {sha256[:16]}...)"
 
     @contextmanager

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
+import fcntl
 import hashlib
-import itertools
+import mmap
 import os
+import queue
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from io import FileIO
 from pathlib import Path
@@ -45,11 +49,11 @@ def os_error(exc: OSError, what: str, where: str) -> RecoveryError:
 
 # Each window of this many bytes gets its writeback started and a checkpoint once written.
 WINDOW = 64 << 20
-_SYNC_FILE_RANGE_WRITE = 2
+_SYNC_FILE_RANGE_WAIT_BEFORE, _SYNC_FILE_RANGE_WRITE, _SYNC_FILE_RANGE_WAIT_AFTER = 1, 2, 4
 
 
-def _sync_file_range() -> Callable[[int, int, int], bool] | None:
-    """Linux's sync_file_range(SYNC_FILE_RANGE_WRITE): start writeback of a range, without waiting for it."""
+def _sync_file_range(flags: int) -> Callable[[int, int, int], bool] | None:
+    """Linux's sync_file_range with these flags (WRITE alone: start writeback of a range, without waiting)."""
     if not sys.platform.startswith("linux"):
         return None
     try:
@@ -59,15 +63,24 @@ def _sync_file_range() -> Callable[[int, int, int], bool] | None:
     function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
     function.restype = ctypes.c_int
 
-    def start(fd: int, offset: int, length: int) -> bool:
+    def call(fd: int, offset: int, length: int) -> bool:
         # Advisory: should the kernel refuse, the final fsync still writes everything.
-        result: int = function(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+        result: int = function(fd, offset, length, flags)
         return result == 0
 
-    return start
+    return call
 
 
-_start_writeback = _sync_file_range()
+_start_writeback = _sync_file_range(_SYNC_FILE_RANGE_WRITE)
+_wait_writeback = _sync_file_range(_SYNC_FILE_RANGE_WAIT_BEFORE | _SYNC_FILE_RANGE_WRITE | _SYNC_FILE_RANGE_WAIT_AFTER)
+
+
+def _drop_cached(fd: int, offset: int, length: int) -> None:
+    """Drop a written range from the page cache once it is on the disk (advisory; 0 length: to the end)."""
+    if _wait_writeback is not None and length:
+        _wait_writeback(fd, offset, length)
+    with contextlib.suppress(AttributeError, OSError):
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
 
 
 @dataclass(frozen=True)
@@ -78,46 +91,144 @@ class Checkpoint:
     state: HASH  # a copy, never updated again
 
 
+# O_DIRECT wants buffers, offsets and lengths aligned to the device's logical block (512 or 4096).
+ALIGN = 4096
+_O_DIRECT = getattr(os, "O_DIRECT", 0)
+
+Window = Callable[[Checkpoint, Checkpoint], None]
+
+
+def _set_direct(fd: int, on: bool) -> bool:
+    """Turn O_DIRECT on or off for an open file; False where the platform or filesystem refuses it."""
+    if not _O_DIRECT:
+        return False
+    try:
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        fcntl.fcntl(fd, fcntl.F_SETFL, (flags | _O_DIRECT) if on else (flags & ~_O_DIRECT))
+    except OSError:
+        return False
+    return True
+
+
 class HashedWriter:
     """Writes a file, hashes what it writes, and checkpoints the hash; `finish` makes the file durable.
 
-    Writeback of each window starts as soon as the window is written, so the disk works
-    while the dump runs instead of all at once in the final fsync, and the dirty pages
-    of a GiB-sized artifact never pile up in the page cache. On the 2-core bench machine
-    a 1 GiB artifact costs 0.9 s to hash and write this way, against 3.1 s of CPU (and a
-    0.35 s fsync) when the pages pile up (docs/benchmarks.md, run_backup).
+    Windows end at exact multiples of `window`. Writeback of each window starts as soon as
+    the window is written, so the disk works while the dump runs instead of all at once in
+    the final fsync, and the dirty pages of a GiB-sized artifact never pile up in the page
+    cache. On the 2-core bench machine a 1 GiB artifact costs 0.9 s to hash and write this
+    way, against 3.1 s of CPU (and a 0.35 s fsync) when the pages pile up
+    (docs/benchmarks.md, run_backup).
+
+    With `drop_behind` (a dump), each window also leaves the page cache once it is on the
+    disk, one window behind the writing: the cache then reuses the same few pages instead of
+    taking fresh ones for every window. On the bench VM, whose host reclaims freed guest
+    memory, writing 1 GiB took 1.8 s of system CPU on fresh pages and 0.3 s this way
+    (O_DIRECT: 0.07 s, but every write then waits for the disk, and a busy disk stalled the
+    dump). A read-back then reads the disk, not a cached copy.
 
     The checkpoints (the hash state at each window's end) let the file be verified
     window by window in parallel (`verify_window`): SHA-256 itself cannot be split.
+    `on_window(start, end)` is told of each window once its bytes are in the file.
     """
 
-    def __init__(self, handle: IO[bytes], window: int = WINDOW) -> None:
+    def __init__(
+        self, handle: IO[bytes], window: int = WINDOW, *, drop_behind: bool = False, on_window: Window | None = None
+    ) -> None:
         self._handle = handle
         self._digest = hashlib.sha256()
         self._window = window
+        self._drop_behind = drop_behind
+        self._on_window = on_window
         self.size = 0
         self.checkpoints = [Checkpoint(0, self._digest.copy())]
 
-    def write(self, chunk: bytes | bytearray) -> None:
-        self._digest.update(chunk)
-        self._handle.write(chunk)
-        self.size += len(chunk)
-        if self.size - self.checkpoints[-1].offset >= self._window:
-            self._end_window()
+    def write(self, chunk: bytes | bytearray | memoryview) -> None:
+        with memoryview(chunk) as whole:
+            view = whole
+            while view:
+                # Split at the window's end, so every checkpoint falls on a multiple of the window.
+                part = view[: self._window - (self.size - self.checkpoints[-1].offset)]
+                self._digest.update(part)
+                self._handle.write(part)
+                self.size += len(part)
+                view = view[len(part) :]
+                if self.size - self.checkpoints[-1].offset == self._window:
+                    self._end_window()
 
     def _end_window(self) -> None:
         start = self.checkpoints[-1].offset
+        self._handle.flush()
+        fd = self._handle.fileno()
         if _start_writeback is not None:
-            self._handle.flush()
-            _start_writeback(self._handle.fileno(), start, self.size - start)
+            _start_writeback(fd, start, self.size - start)
         self.checkpoints.append(Checkpoint(self.size, self._digest.copy()))
+        if self._drop_behind and len(self.checkpoints) > 2:
+            # The window before this one: its writeback, started a window ago, is done or nearly.
+            behind, ahead = self.checkpoints[-3].offset, self.checkpoints[-2].offset
+            _drop_cached(fd, behind, ahead - behind)
+        if self._on_window is not None:
+            self._on_window(self.checkpoints[-2], self.checkpoints[-1])
 
     def finish(self) -> str:
         """Flush and fsync; return the SHA-256 (hex) of everything written."""
         flush_sync(self._handle)
+        if self._drop_behind:
+            _drop_cached(self._handle.fileno(), 0, 0)  # all clean now: nothing to wait for
         if self.checkpoints[-1].offset != self.size:
             self.checkpoints.append(Checkpoint(self.size, self._digest.copy()))
+            if self._on_window is not None:
+                self._on_window(self.checkpoints[-2], self.checkpoints[-1])
         return self._digest.hexdigest()
+
+
+def _open_for_reading(path: Path) -> tuple[int, bool]:
+    """(fd, direct): O_DIRECT where the filesystem allows it, so a read-back reads the device, not the cache."""
+    if _O_DIRECT:
+        try:
+            return os.open(path, os.O_RDONLY | _O_DIRECT), True
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+    return os.open(path, os.O_RDONLY), False
+
+
+def window_matches(
+    fd: int, direct: bool, start: Checkpoint, end: Checkpoint, stop: threading.Event | None = None
+) -> bool | None:
+    """Does the file behind `fd` carry the hash from `start`'s state to `end`'s? None: stopped before the end.
+
+    `start.offset` must be a multiple of ALIGN when `direct` (every window start is).
+    """
+    digest = start.state.copy()
+    offset, remaining = start.offset, end.offset - start.offset
+    buffer = mmap.mmap(-1, max(ALIGN, min(HASH_BLOCK, -(-remaining // ALIGN) * ALIGN)))
+    try:
+        with memoryview(buffer) as view:
+            while remaining > 0:
+                if stop is not None and stop.is_set():
+                    return None
+                want = min(len(buffer), remaining)
+                # A direct read asks for whole blocks; at the end of the file it returns what there is.
+                asked = -(-want // ALIGN) * ALIGN if direct else want
+                try:
+                    count = os.preadv(fd, [view[:asked]], offset)
+                except OSError as exc:
+                    if not direct or exc.errno != errno.EINVAL:
+                        raise
+                    # Opened direct, but the filesystem refuses direct reads: read through the cache.
+                    _set_direct(fd, False)
+                    direct, asked = False, want
+                    count = os.preadv(fd, [view[:asked]], offset)
+                count = min(count, want)
+                if not count:
+                    return False  # shorter than what was written
+                digest.update(view[:count])
+                offset += count
+                remaining -= count
+    finally:
+        buffer.close()
+    return digest.digest() == end.state.digest()
 
 
 def verify_window(path: Path, start: Checkpoint, end: Checkpoint) -> bool:
@@ -126,16 +237,16 @@ def verify_window(path: Path, start: Checkpoint, end: Checkpoint) -> bool:
     When every window of a file does, the file hashes to the final checkpoint's digest:
     each window's bytes are the ones written (short of a SHA-256 collision).
     """
-    digest = start.state.copy()
-    length = end.offset - start.offset
-    with path.open("rb", buffering=0) as handle:
-        handle.seek(start.offset)
-        if _feed(handle, digest, length) != length:
-            return False  # shorter than what was written
-    return digest.digest() == end.state.digest()
+    fd, direct = _open_for_reading(path) if start.offset % ALIGN == 0 else (os.open(path, os.O_RDONLY), False)
+    try:
+        return window_matches(fd, direct, start, end) is True
+    finally:
+        os.close(fd)
 
 
-async def differing_windows(path: Path, checkpoints: list[Checkpoint], threads: int) -> list[tuple[int, int]]:
+async def differing_windows(
+    path: Path, windows: Iterable[tuple[Checkpoint, Checkpoint]], threads: int
+) -> list[tuple[int, int]]:
     """The (start, end) byte ranges of `path` that do not read back as written, re-read `threads` at a time."""
     limiter = anyio.CapacityLimiter(threads)
     differing: list[tuple[int, int]] = []
@@ -145,9 +256,71 @@ async def differing_windows(path: Path, checkpoints: list[Checkpoint], threads: 
             differing.append((start.offset, end.offset))
 
     async with task_group() as tg:
-        for start, end in itertools.pairwise(checkpoints):
+        for start, end in windows:
             tg.start_soon(check, start, end)
     return sorted(differing)
+
+
+def _lower_priority() -> None:
+    """This thread only: run when a core would otherwise idle (SCHED_IDLE), never ahead of the dump."""
+    with contextlib.suppress(AttributeError, OSError):
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # type: ignore[attr-defined,unused-ignore]
+
+
+class ReadBack:
+    """Re-reads each finished window of a file while the file is still being written, on a thread of its own.
+
+    A backup's verification is a re-read of every byte it wrote. Done after the dump, it
+    adds its whole time to the run; here each window is re-read as soon as it is in the
+    file, at idle priority (SCHED_IDLE, so it only fills cores the dump leaves idle), and
+    the final verification re-reads only what this thread has not (`stop`, then
+    `results`). The thread reads through its own descriptor, so the file's rename does
+    not disturb it; when stopped mid-window it drops that window, and exits.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._fd, self._direct = _open_for_reading(path)
+        self.inode = os.fstat(self._fd).st_ino
+        self._queue: queue.SimpleQueue[tuple[Checkpoint, Checkpoint] | None] = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._results: dict[int, tuple[int, bool]] = {}
+        self._thread = threading.Thread(target=self._run, name="engram-recovery read-back", daemon=True)
+        self._thread.start()
+
+    def window(self, start: Checkpoint, end: Checkpoint) -> None:
+        self._queue.put((start, end))
+
+    @property
+    def reread(self) -> int:
+        """How many windows this thread has re-read so far."""
+        with self._lock:
+            return len(self._results)
+
+    def stop(self) -> dict[int, tuple[int, bool]]:
+        """Stop re-reading; the windows re-read so far: start offset -> (end offset, bytes as written)."""
+        self._stop.set()
+        self._queue.put(None)
+        with self._lock:
+            return dict(self._results)
+
+    def _run(self) -> None:
+        _lower_priority()
+        try:
+            while (item := self._queue.get()) is not None:
+                start, end = item
+                try:
+                    matched = window_matches(self._fd, self._direct and start.offset % ALIGN == 0, start, end,
+                                             self._stop)  # fmt: skip
+                except OSError:
+                    continue  # left to the final verification, which reports it
+                if matched is None:
+                    break
+                with self._lock:
+                    if not self._stop.is_set():
+                        self._results[start.offset] = (end.offset, matched)
+        finally:
+            os.close(self._fd)
 
 
 def _feed(handle: FileIO, digest: HASH, limit: int | None = None) -> int:

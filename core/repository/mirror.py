@@ -383,10 +383,8 @@ class _Session:
         if obj.size > COPY_CUTOFF:
             await s3.multipart_copy(self._dst, request, obj.size, COPY_PART)
         elif self._copier is not None:
-            await self._copier.copy(
-                self.source.bucket, obj.key, bucket, key, version_id=obj.version_id,
-                if_match=obj.etag if obj.version_id is None and obj.etag else None,
-            )  # fmt: skip
+            if_match = obj.etag if obj.version_id is None and obj.etag else None
+            await self._copier.copy(s3.CopySource(self.source.bucket, obj.key, obj.version_id, if_match), bucket, key)
         else:
             await self._dst.copy_object(**request)
 

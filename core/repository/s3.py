@@ -127,7 +127,7 @@ class S3Repository(Repository):
         except S3_ERRORS as exc:
             raise self._fail(exc, "write to the backup repository") from exc
 
-    async def put_stream(self, key: str, chunks: AsyncIterator[bytes]) -> tuple[int, str]:
+    async def put_stream(self, key: str, chunks: AsyncIterator[bytes], *, read_back: bool = False) -> tuple[int, str]:
         object_key = self.s3_key(key)
         digest = hashlib.sha256()
         size = 0

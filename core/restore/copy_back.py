@@ -111,6 +111,15 @@ def already_there(entry: InventoryEntry, present: _Present | None) -> bool | Non
     return None if entry.checksum is not None else False
 
 
+@dataclass(frozen=True)
+class CopyOptions:
+    """How a copy-back runs: `versioned`: the inventory came from a versioned bucket, so entries name the
+    versions the target may still hold (asked of it); `concurrency`: S3 workers copying side by side."""
+
+    versioned: bool = False
+    concurrency: int = 16
+
+
 async def copy_back(
     repo: Repository, manifest: Manifest, target: S3Location, progress: Progress = silent, *, concurrency: int = 16
 ) -> CopyBackReport:
@@ -121,21 +130,21 @@ async def copy_back(
         why = ("STORAGE_BACKEND=database: the attachment bytes are rows of the database dump, restored with it"
                if in_dump else "this backup recorded no attachments")  # fmt: skip
         return CopyBackReport(0, 0, 0, 0, 0, [], False, 0.0, nothing_to_do=why)
-    return await copy_inventory(repo, inventory_key(manifest.backup_id, info.inventory), target, progress,
-                                versioned=bool(info.source_versioned), concurrency=concurrency)  # fmt: skip
+    options = CopyOptions(versioned=bool(info.source_versioned), concurrency=concurrency)
+    return await copy_inventory(repo, inventory_key(manifest.backup_id, info.inventory), target, progress, options)
 
 
 async def copy_inventory(
-    repo: Repository, inventory: str, target: S3Location, progress: Progress = silent, *, versioned: bool = False,
-    concurrency: int = 16,
+    repo: Repository, inventory: str, target: S3Location, progress: Progress = silent,
+    options: CopyOptions = CopyOptions(),
 ) -> CopyBackReport:  # fmt: skip
     """Put every entry of the inventory stored at repository key `inventory` back into `target`."""
     started = time.monotonic()
     entries = [e async for e in read_inventory(repo, inventory)]
     source = repo.s3_endpoint()
     server_side = source is not None and _same_endpoint(source, target)
-    async with _Session(repo, target, server_side, concurrency) as session:
-        pooled, present = await session.survey(versioned)
+    async with _Session(repo, target, server_side, options.concurrency) as session:
+        pooled, present = await session.survey(options.versioned)
         failures: list[Failure] = []
         for e in entries:
             size = pooled.get(e.repo_key)
@@ -288,7 +297,7 @@ class _Session:
         assert where is not None  # what server_side means: the pool is in S3, on the target's endpoint
         location, source_key = where
         if self._copier is not None:
-            etag = await self._copier.copy(location.bucket, source_key, self.target.bucket, entry.key)
+            etag = await self._copier.copy(s3.CopySource(location.bucket, source_key), self.target.bucket, entry.key)
         else:
             answer = await self._dst.copy_object(Bucket=self.target.bucket, Key=entry.key,
                                                  CopySource={"Bucket": location.bucket, "Key": source_key})  # fmt: skip
@@ -313,7 +322,7 @@ class _Session:
         assert entry.version_id is not None
         bucket = self.target.bucket
         if self._copier is not None:
-            etag = await self._copier.copy(bucket, entry.key, bucket, entry.key, version_id=entry.version_id)
+            etag = await self._copier.copy(s3.CopySource(bucket, entry.key, entry.version_id), bucket, entry.key)
         else:
             answer = await self._dst.copy_object(Bucket=bucket, Key=entry.key, CopySource={
                 "Bucket": bucket, "Key": entry.key, "VersionId": entry.version_id})  # fmt: skip

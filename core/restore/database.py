@@ -49,11 +49,11 @@ from ..repository.base import READ_CHUNK, Repository
 from ..repository.layout import artifact_key, backup_prefix
 from ..repository.manifest import Artifact, Manifest
 from ..stores import postgres
-from ..stores.pgclient.commands import stdin_restore
+from ..stores.pgclient.commands import RestoreClients, stdin_restore
 from ..stores.pgclient.process import Feed, feed_all, run
 from ..taskgroups import task_group
 from .drill import STOCK_FIX
-from .feed import APPLICATION, FIX, feed, load_split, restore_into, tee
+from .feed import APPLICATION, FIX, Load, feed, load_split, restore_into, tee
 from .schema_check import SchemaCheck, TocEntry, check_restored, parse_toc
 
 # Scratch space must hold the plain dump with this much to spare (filesystems misreport, others write too).
@@ -157,18 +157,31 @@ class DatabaseRestore:
     timings: dict[str, float] = field(default_factory=dict)  # phase -> seconds
 
 
-async def restore_database(
-    repo: Repository, manifest: Manifest, backup_key: bytes | None, dsn: str, pg_restore: str, *,
-    jobs: int = 2, scratch: Path | None = None, psql: str = "psql", progress: Progress = silent, loaders: int = 1,
-    client_prefix: tuple[str, ...] = (),
-) -> DatabaseRestore:  # fmt: skip
-    """Restore `manifest`'s dump into the (empty) database at `dsn`, then check it against the backup.
+@dataclass(frozen=True)
+class DumpRestore:
+    """One restore of a backup's dump, as its steps share it: `manifest`'s dump from `repo`, opened with
+    `backup_key`, into the (empty) database at `dsn` with `clients` (through their prefix: streamed only),
+    `jobs` tables at a time where the dump allows it, scratch files under `scratch` (None: TMPDIR);
+    `loaders`: side-by-side loaders of the fallback load (feed.load_parallel)."""
 
-    `client_prefix`: the words ENGRAM_RECOVERY_PG_CLIENT_PREFIX puts before pg_restore and psql (streamed only)."""
+    repo: Repository
+    manifest: Manifest
+    backup_key: bytes | None
+    dsn: str
+    clients: RestoreClients
+    jobs: int = 2
+    scratch: Path | None = None
+    progress: Progress = silent
+    loaders: int = 1
+
+
+async def restore_database(ctx: DumpRestore) -> DatabaseRestore:
+    """Restore the dump of `ctx` into the (empty) database at its `dsn`, then check it against the backup."""
     started = time.monotonic()
-    folder = Path(scratch or tempfile.gettempdir())
+    manifest, dsn, progress = ctx.manifest, ctx.dsn, ctx.progress
+    folder = Path(ctx.scratch or tempfile.gettempdir())
     free = await anyio.to_thread.run_sync(_free_space, folder)
-    choice = choose_mode(manifest, jobs, free, prefixed=bool(client_prefix))
+    choice = choose_mode(manifest, ctx.jobs, free, prefixed=bool(ctx.clients.prefix))
     dumps = [a for a in manifest.artifacts if a.kind == "database"]
     if not dumps or (len(dumps) != 1 and choice.mode != "directory"):
         raise IntegrityError(f"the manifest of {manifest.backup_id} lists {len(dumps)} database dump artifacts",
@@ -180,16 +193,15 @@ async def restore_database(
     with tempfile.TemporaryDirectory(prefix="engram-restore-", dir=folder if free is not None else None) as work:
         plain = Path(work) / "dump"
         if choice.mode == "directory":
-            plain_bytes, toc = await _directory(repo, manifest, backup_key, dsn, pg_restore, choice.jobs, plain,
-                                                timings)  # fmt: skip
+            plain_bytes, toc = await _directory(ctx, choice.jobs, plain, timings)
         elif choice.mode == "parallel":
-            stream = plaintext(repo, prefix + dumps[0].name, dumps[0], backup_key)
-            plain_bytes, toc_text = await load_split(stream, dsn, pg_restore, choice.jobs, Path(work) / "head.dump",
-                                                     timings, loaders)  # fmt: skip
+            stream = plaintext(ctx.repo, prefix + dumps[0].name, dumps[0], ctx.backup_key)
+            load = Load(dsn, ctx.clients.pg_restore, choice.jobs, Path(work) / "head.dump", timings, ctx.loaders)
+            plain_bytes, toc_text = await load_split(stream, load)
             toc = parse_toc(toc_text)
         else:
-            stream = plaintext(repo, prefix + dumps[0].name, dumps[0], backup_key)
-            plain_bytes, toc = await _streamed(stream, manifest, dsn, (pg_restore, psql, client_prefix), timings)
+            stream = plaintext(ctx.repo, prefix + dumps[0].name, dumps[0], ctx.backup_key)
+            plain_bytes, toc = await _streamed(stream, ctx, timings)
     await progress(1, 2, f"restored {plain_bytes} bytes of dump; checking tables, constraints, indexes and row counts")
     mark = time.monotonic()
     check = await check_restored(dsn, manifest, toc)
@@ -260,21 +272,19 @@ async def plaintext(repo: Repository, key: str, artifact: Artifact, backup_key: 
 
 
 async def _streamed(
-    stream: AsyncGenerator[bytes], manifest: Manifest, dsn: str, clients: tuple[str, str, tuple[str, ...]],
-    timings: dict[str, float],
-) -> tuple[int, list[TocEntry]]:  # fmt: skip
-    """One pass into stdin; `clients`: pg_restore, psql and the prefix they run behind."""
+    stream: AsyncGenerator[bytes], ctx: DumpRestore, timings: dict[str, float]
+) -> tuple[int, list[TocEntry]]:
+    """One pass into stdin, through the clients' prefix."""
     mark = time.monotonic()
-    pg_restore, psql, prefix = clients
-    command = stdin_restore(manifest.database.dump_format, pg_restore, psql, dsn, prefix=prefix,
-                            application=APPLICATION)  # fmt: skip
+    manifest, dsn, clients = ctx.manifest, ctx.dsn, ctx.clients
+    command = stdin_restore(manifest.database.dump_format, clients, dsn, application=APPLICATION)
     if manifest.database.dump_format == "plain":
         async with aclosing(stream):  # psql may stop reading early: the decryption pipeline ends here too
             total = await feed_all(Feed(command, STOCK_FIX, drain=False), stream)
         timings["decrypt_and_restore"] = time.monotonic() - mark
         return total, []
     # The TOC is at the head of a custom dump: `pg_restore --list` reads it from the same stream and stops.
-    lister = feed(restore_into(pg_restore, dsn, list_only=True, prefix=prefix), keep_stdout=True)
+    lister = feed(restore_into(clients.pg_restore, dsn, list_only=True, prefix=clients.prefix), keep_stdout=True)
     list_send, list_receive = anyio.create_memory_object_stream[bytes](_PIPELINE_DEPTH)
     load_send, load_receive = anyio.create_memory_object_stream[bytes](_PIPELINE_DEPTH)
     fed = [0]
@@ -296,10 +306,9 @@ async def _streamed(
     return fed[0], parse_toc(lister.stdout.decode(errors="replace"))
 
 
-async def _directory(
-    repo: Repository, manifest: Manifest, backup_key: bytes | None, dsn: str, pg_restore: str, jobs: int,
-    plain: Path, timings: dict[str, float],
-) -> tuple[int, list[TocEntry]]:  # fmt: skip
+async def _directory(ctx: DumpRestore, jobs: int, plain: Path, timings: dict[str, float]) -> tuple[int, list[TocEntry]]:
+    """The directory's files decrypted into `plain`, `jobs` at a time (at most one a core), then pg_restore."""
+    repo, manifest, dsn, pg_restore = ctx.repo, ctx.manifest, ctx.dsn, ctx.clients.pg_restore
     mark = time.monotonic()
     await anyio.to_thread.run_sync(lambda: plain.mkdir(parents=True))
     limiter = anyio.CapacityLimiter(max(1, min(jobs, os.cpu_count() or 1)))
@@ -309,7 +318,7 @@ async def _directory(
         async with limiter:
             target = plain / backup_extract.plain_name(artifact.name.split("/", 1)[1])
             done = await backup_extract.extract(repo.get_stream(artifact_key(manifest.backup_id, artifact.name)),
-                                                backup_key, target, artifact.sha256)  # fmt: skip
+                                                ctx.backup_key, target, artifact.sha256)  # fmt: skip
             total[0] += done.plain_bytes
 
     async with task_group() as tg:

@@ -170,8 +170,8 @@ def check_blob(deks: _Deks, table: str, row: Any, ciphertext: bytes) -> str | No
     """None if the blob decrypts with its user's DEK and matches its content hash; else what went wrong."""
     try:
         cipher, dek = deks.get(str(row["user_id"]), bytes(row["encrypted_dek"]))
-        plain = cipher.decrypt(ciphertext, bytes(row["nonce"]), table, "content", uuid.UUID(str(row["id"])),
-                               int(row["dek_version"]))  # fmt: skip
+        field = engram_crypto.RowField(table, "content", uuid.UUID(str(row["id"])), int(row["dek_version"]))
+        plain = cipher.decrypt(ciphertext, bytes(row["nonce"]), field)
     except engram_crypto.EngramCryptoError as exc:
         return f"{table} {row['id']}: {exc}"
     verdict = engram_crypto.check_content_hash(dek, plain, row["content_hash"])

@@ -30,11 +30,12 @@ from ..repository.records import DrillRecord, DrillStep
 from ..repository.verify import verify_artifacts
 from ..runtime import Runtime
 from ..stores import postgres
+from ..stores.pgclient.commands import RestoreClients
 from ..stores.pgclient.versions import ClientVersion, beside
 from ..verdict import Verdict
 from . import drill, pitr_drill
 from . import observe as rc
-from .database import DatabaseRestore, restore_database
+from .database import DatabaseRestore, DumpRestore, restore_database
 
 T = TypeVar("T")
 RTO_STEPS = ("verify", "create_database", "restore")
@@ -250,9 +251,9 @@ async def _restore(ctx: Drill, client: ClientVersion, dsn: str) -> DatabaseResto
     async def progress(done: float, total: float | None = None, message: str | None = None) -> None:
         await run.progress(len(run.steps), None, f"drill: restore: {message}")
 
-    return await restore_database(ctx.repo, ctx.point.manifest, ctx.backup_key, dsn, client.path,
-                                  psql=beside(client.path, "psql"), client_prefix=client.prefix,
-                                  progress=progress)  # fmt: skip
+    clients = RestoreClients(client.path, beside(client.path, "psql"), client.prefix)
+    return await restore_database(DumpRestore(ctx.repo, ctx.point.manifest, ctx.backup_key, dsn, clients,
+                                              progress=progress))  # fmt: skip
 
 
 async def _verify_blobs(repo: Repository, point: RecoveryPoint) -> BlobCheck:

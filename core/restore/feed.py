@@ -26,6 +26,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import aclosing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -84,15 +85,25 @@ def _desc(line: str) -> str:
     return parts[2] if len(parts) == 3 else ""
 
 
-async def load_parallel(
-    stream: AsyncGenerator[bytes],
-    dsn: str,
-    pg_restore: str,
-    jobs: int,
-    head_file: Path,
-    timings: dict[str, float],
-    loaders: int = 1,
-) -> tuple[int, str]:
+@dataclass(frozen=True)
+class Load:
+    """One load of a custom dump's decrypted stream, as its steps share it (instead of six parameters each):
+    the target, the pg_restore that loads it, `jobs` tables (and post-data jobs) at a time, the scratch
+    file of the dump's head (its folder holds the --use-list files too), the phases' seconds as they end,
+    and `loaders` for the fallback `load_parallel`."""
+
+    dsn: str
+    pg_restore: str
+    jobs: int
+    head_file: Path
+    timings: dict[str, float]
+    loaders: int = 1
+
+    def command(self, **options: Any) -> PgRestoreCommand:
+        return restore_into(self.pg_restore, self.dsn, **options)
+
+
+async def load_parallel(stream: AsyncGenerator[bytes], load: Load) -> tuple[int, str]:
     """Restore a custom dump from its decrypted stream, as the module says; returns (plain bytes, TOC text).
 
     `loaders` > 1 loads the tables side by side (step 3). Each loader reads the whole stream through
@@ -101,7 +112,7 @@ async def load_parallel(
     measures both (`--loaders`).
     """
     mark = time.monotonic()
-    lister = feed(restore_into(pg_restore, dsn, list_only=True), keep_stdout=True)
+    lister = feed(load.command(list_only=True), keep_stdout=True)
     # Unbuffered: the head kept is then little more than what the TOC took.
     list_send, list_receive = anyio.create_memory_object_stream[bytes](0)
     head: list[bytes] = []
@@ -122,21 +133,21 @@ async def load_parallel(
         for chunk in head:
             pre_send.send_nowait(chunk)
         pre_send.close()
-        await feed(restore_into(pg_restore, dsn, sections=("pre-data",))).run(pre_receive)
-        timings["toc_and_pre_data"] = time.monotonic() - mark
-        for number, share in enumerate(shares(lister.stdout.decode(errors="replace"), loaders)):
-            listing = head_file.with_name(f"share-{number}.list")
+        await feed(load.command(sections=("pre-data",))).run(pre_receive)
+        load.timings["toc_and_pre_data"] = time.monotonic() - mark
+        for number, share in enumerate(shares(lister.stdout.decode(errors="replace"), load.loaders)):
+            listing = load.head_file.with_name(f"share-{number}.list")
             await anyio.to_thread.run_sync(listing.write_text, share)
-            start(tg, restore_into(pg_restore, dsn, sections=("data",), use_list=str(listing)))
+            start(tg, load.command(sections=("data",), use_list=str(listing)))
         for chunk in head:
             for sink in sinks:
                 await sink.send(chunk)
 
     async def pump(tg: anyio.abc.TaskGroup) -> None:
         # One loader starts at once, on the first byte; side-by-side loaders wait for the TOC.
-        started = loaders <= 1
+        started = load.loaders <= 1
         if started:
-            start(tg, restore_into(pg_restore, dsn, sections=("pre-data", "data")))
+            start(tg, load.command(sections=("pre-data", "data")))
         try:
             async with aclosing(stream):  # closed in this task, which iterates it (its pipeline has a task group)
                 async for chunk in stream:
@@ -164,13 +175,13 @@ async def load_parallel(
     async with task_group() as tg:
         tg.start_soon(lister.run, list_receive)
         tg.start_soon(pump, tg)
-    timings["decrypt_and_load"] = time.monotonic() - mark
+    load.timings["decrypt_and_load"] = time.monotonic() - mark
     mark = time.monotonic()
     # Post-data needs only the TOC, at the head of the dump: no scratch copy of the rows at all.
-    await anyio.to_thread.run_sync(head_file.write_bytes, b"".join(head))
-    await run(restore_into(pg_restore, dsn, jobs=jobs, sections=("post-data",), source=str(head_file)), FIX,
+    await anyio.to_thread.run_sync(load.head_file.write_bytes, b"".join(head))
+    await run(load.command(jobs=load.jobs, sections=("post-data",), source=str(load.head_file)), FIX,
               "pg_restore (post-data)")  # fmt: skip
-    timings["post_data"] = time.monotonic() - mark
+    load.timings["post_data"] = time.monotonic() - mark
     return total[0], lister.stdout.decode(errors="replace")
 
 
@@ -194,15 +205,7 @@ def memory_budget() -> int:
     return max(MEMORY_BUDGET_MIN, min(MEMORY_BUDGET_MAX, available // 4))
 
 
-async def load_split(
-    stream: AsyncGenerator[bytes],
-    dsn: str,
-    pg_restore: str,
-    jobs: int,
-    head_file: Path,
-    timings: dict[str, float],
-    loaders: int = 1,
-) -> tuple[int, str]:
+async def load_split(stream: AsyncGenerator[bytes], load: Load) -> tuple[int, str]:
     """Restore a custom dump from its decrypted stream with its tables loaded `jobs` at a time, as
     `pg_restore --jobs` loads them from a file; returns (plain bytes, TOC text).
 
@@ -221,7 +224,7 @@ async def load_split(
 
     async def split() -> None:
         async with receive:
-            out.append(await _split(receive, dsn, pg_restore, jobs, head_file, timings, loaders, mark))
+            out.append(await _split(receive, load, mark))
 
     async with task_group() as tg:
         tg.start_soon(tee, stream, [send])
@@ -229,10 +232,7 @@ async def load_split(
     return out[0]
 
 
-async def _split(
-    receive: anyio.abc.ObjectReceiveStream[bytes], dsn: str, pg_restore: str, jobs: int, head_file: Path,
-    timings: dict[str, float], loaders: int, mark: float,
-) -> tuple[int, str]:  # fmt: skip
+async def _split(receive: anyio.abc.ObjectReceiveStream[bytes], load: Load, mark: float) -> tuple[int, str]:
     buffered = bytearray()
     head: Head | None = None
     try:
@@ -244,11 +244,9 @@ async def _split(
     except Unsupported:
         head = None
     if head is None:
-        return await load_parallel(_chain(bytes(buffered), receive), dsn, pg_restore, jobs, head_file, timings,
-                                   loaders)  # fmt: skip
-    await anyio.to_thread.run_sync(head_file.write_bytes, bytes(buffered[: head.size]))
-    return await _load_blocks(receive, bytes(buffered[head.size :]), head, dsn, pg_restore, jobs, head_file,
-                              timings, mark)  # fmt: skip
+        return await load_parallel(_chain(bytes(buffered), receive), load)
+    await anyio.to_thread.run_sync(load.head_file.write_bytes, bytes(buffered[: head.size]))
+    return await _load_blocks(receive, bytes(buffered[head.size :]), head, load, mark)
 
 
 async def _chain(first: bytes, rest: anyio.abc.ObjectReceiveStream[bytes]) -> AsyncGenerator[bytes]:
@@ -259,9 +257,10 @@ async def _chain(first: bytes, rest: anyio.abc.ObjectReceiveStream[bytes]) -> As
 
 
 async def _load_blocks(
-    stream: anyio.abc.ObjectReceiveStream[bytes], first: bytes, head: Head, dsn: str, pg_restore: str, jobs: int,
-    head_file: Path, timings: dict[str, float], mark: float,
-) -> tuple[int, str]:  # fmt: skip
+    stream: anyio.abc.ObjectReceiveStream[bytes], first: bytes, head: Head, ctx: Load, mark: float
+) -> tuple[int, str]:
+    """`first`: what followed the head in the bytes read so far."""
+    jobs, head_file, timings = ctx.jobs, ctx.head_file, ctx.timings
     head_bytes = await anyio.to_thread.run_sync(head_file.read_bytes)
     folder = head_file.parent
     splitter = Splitter(head)
@@ -295,12 +294,12 @@ async def _load_blocks(
 
     async def pre_data() -> None:
         async def listing() -> None:
-            toc.append(await run(restore_into(pg_restore, dsn, list_only=True, source=str(head_file)), FIX,
+            toc.append(await run(ctx.command(list_only=True, source=str(head_file)), FIX,
                                  "pg_restore --list"))  # fmt: skip
 
         async with task_group() as tg:
             tg.start_soon(listing)
-            await run(restore_into(pg_restore, dsn, sections=("pre-data",), source=str(head_file)), FIX,
+            await run(ctx.command(sections=("pre-data",), source=str(head_file)), FIX,
                       "pg_restore (pre-data)")  # fmt: skip
         timings["toc_and_pre_data"] = time.monotonic() - mark
         pre_data_done.set()
@@ -312,7 +311,7 @@ async def _load_blocks(
         rest = folder / "rest.list"
         blocks = set(head.data_ids)
         await anyio.to_thread.run_sync(rest.write_text, "".join(f"{i};\n" for i in head.entries if i not in blocks))
-        await run(restore_into(pg_restore, dsn, sections=("data",), use_list=str(rest), source=str(head_file)), FIX,
+        await run(ctx.command(sections=("data",), use_list=str(rest), source=str(head_file)), FIX,
                   "pg_restore (data)")  # fmt: skip
 
     async def blocks_of(batch: list[Block]) -> AsyncIterator[bytes]:
@@ -336,7 +335,7 @@ async def _load_blocks(
         try:
             listing = folder / f"load-{number}.list"
             await anyio.to_thread.run_sync(listing.write_text, "".join(f"{b.dump_id};\n" for b in batch))
-            command = restore_into(pg_restore, dsn, sections=("data",), use_list=str(listing))
+            command = ctx.command(sections=("data",), use_list=str(listing))
             await feed_all(Feed(command, FIX, drain=False), blocks_of(batch))
             # Its tables' own indexes and constraints can be built now, while other tables still load: a
             # large table's one by one (free slots then build them side by side), small tables' together.
@@ -358,7 +357,7 @@ async def _load_blocks(
         try:
             listing = folder / f"post-{number}.list"
             await anyio.to_thread.run_sync(listing.write_text, "".join(f"{i};\n" for i in entries))
-            await run(restore_into(pg_restore, dsn, sections=("post-data",), use_list=str(listing),
+            await run(ctx.command(sections=("post-data",), use_list=str(listing),
                                    source=str(head_file)), FIX, "pg_restore (post-data)")  # fmt: skip
             built.update(entries)
         finally:
@@ -401,7 +400,7 @@ async def _load_blocks(
     mark = time.monotonic()
     rest = folder / "post.list"  # every entry but those built already, in TOC order (--section picks post-data)
     await anyio.to_thread.run_sync(rest.write_text, "".join(f"{i};\n" for i in head.entries if i not in built))
-    await run(restore_into(pg_restore, dsn, jobs=jobs, sections=("post-data",), use_list=str(rest),
+    await run(ctx.command(jobs=jobs, sections=("post-data",), use_list=str(rest),
                            source=str(head_file)), FIX, "pg_restore (post-data)")  # fmt: skip
     timings["post_data"] = time.monotonic() - mark
     return state.total, toc[0]

@@ -13,6 +13,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -92,8 +93,8 @@ async def run_pitr_drill(runtime: Runtime, moment: datetime, sample_notes: int, 
                                f"the transaction of {s.last_replayed.isoformat() if s.last_replayed else 'none'} "
                                f"(target {moment.isoformat()}) and promoted")  # fmt: skip
         server = served.server
-        await prove_recovered(runtime, served.dsn, drill.Keys(keys.current, keys.previous), plan, run,
-                              sample_notes, sample_attachments)  # fmt: skip
+        proofs = Proofs(runtime, drill.Keys(keys.current, keys.previous), plan, run, sample_notes, sample_attachments)
+        await prove_recovered(proofs, served.dsn)
     except (RecoveryError, postgres.PostgresError) as exc:
         text = str(exc) if isinstance(exc, RecoveryError) else scrub(f"PostgreSQL error: {exc}")
         if not run.steps or run.steps[-1].ok:
@@ -142,10 +143,23 @@ def _remove(root: Path) -> bool:
     return not root.exists()
 
 
-async def prove_recovered(runtime: Runtime, dsn: str, keys: drill.Keys, plan: pitr.PitrSurvey, run: _Steps,
-                          sample_notes: int, sample_attachments: int) -> None:  # fmt: skip
+@dataclass(frozen=True)
+class Proofs:
+    """What the proofs on a recovered server share: the keys to prove, Barman's plan (its row counts and target
+    time), the steps they are recorded in, and how many notes and attachments to sample."""
+
+    runtime: Runtime
+    keys: drill.Keys
+    plan: pitr.PitrSurvey
+    run: _Steps
+    sample_notes: int
+    sample_attachments: int
+
+
+async def prove_recovered(ctx: Proofs, dsn: str) -> None:
     """The dump drill's Engram proofs on a recovered server (any DSN): canary with the key, row counts, sampled
     notes with their users' DEKs, attachments as of the target time."""
+    runtime, keys, plan, run = ctx.runtime, ctx.keys, ctx.plan, ctx.run
     async with postgres.connection(dsn) as conn:
         p = await probe(conn)
         if not p.sees_all_rows:
@@ -154,8 +168,8 @@ async def prove_recovered(runtime: Runtime, dsn: str, keys: drill.Keys, plan: pi
         proofs: list[Callable[[], Awaitable[drill.Proof]]] = [
             lambda: drill.prove_canary_of(conn, None, keys),
             lambda: pitr.prove_counts(conn, plan),
-            lambda: drill.prove_notes(conn, keys, sample_notes),
-            lambda: pitr.attachments_as_of(runtime, conn, keys, plan.target_time, sample_attachments),
+            lambda: drill.prove_notes(conn, keys, ctx.sample_notes),
+            lambda: pitr.attachments_as_of(runtime, conn, keys, plan.target_time, ctx.sample_attachments),
         ]
         for prove in proofs:
             await run.proof(prove)

@@ -16,6 +16,7 @@ with the same token finds the log and continues from the failed step (run_steps.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import time
 from datetime import UTC, datetime
 from typing import Literal
@@ -23,14 +24,15 @@ from typing import Literal
 import anyio
 from pydantic import BaseModel, Field, ValidationError
 
-from ..errors import ConfigurationError, RecoveryError, UnsafeOperation, scrub
+from ..errors import ConfigurationError, RecoveryError, StoreUnreachable, UnsafeOperation, scrub
 from ..progress import Progress, silent
 from ..repository import open_repository
 from ..repository.base import Repository
-from ..repository.layout import restore_log_key
+from ..repository.layout import manifest_key, restore_log_key
 from ..runtime import Runtime
 from ..stores import postgres
 from ..stores.advisory import Purpose, advisory_key, database_lock
+from ..stores.failures import explain
 from ..verdict import Verdict
 from . import observe as rc
 from .pitr_run import PitrSource
@@ -53,6 +55,7 @@ from .token import REPLAN, Premises, changed, open_plan_token
 
 # Failing plan checks that run_restore itself resolves: it creates the roles the dump needs.
 RESOLVED_BY_RUN = frozenset({"roles_missing"})
+_LOG_SEAL_LABEL = b"engram-recovery-restore-log-v1"
 
 
 class RestoreLog(BaseModel):
@@ -64,6 +67,14 @@ class RestoreLog(BaseModel):
     updated_at: datetime
     steps: list[RestoreStep] = Field(default_factory=list)
     live_snapshot: dict[str, object] | None = None
+    # HMAC of the rest under a key derived from the master key: resume skips the steps a log says are done (the
+    # database's verification, the canary), so it trusts no log that anyone with write access to the repository
+    # could have written.
+    seal: str | None = None
+
+    def sealed(self, key: bytes) -> str:
+        subkey = hmac.digest(key, _LOG_SEAL_LABEL, "sha256")
+        return hmac.digest(subkey, self.model_dump_json(exclude={"seal"}).encode(), "sha256").hex()
 
     def done(self, name: str) -> bool:
         return any(s.name == name and s.status in ("ok", "warn", "skipped") for s in self.steps)
@@ -114,16 +125,32 @@ async def run_restore(runtime: Runtime, request: RestoreRequest, progress: Progr
     planned = open_plan_token(request.plan_token, keys.current)
     run_id = run_id_of(request.plan_token)
     async with open_repository(settings) as repo:
-        log = await _read_log(repo, run_id)
+        log = await _read_log(repo, run_id, keys.current)
         if request.resume and log is None:
             raise ConfigurationError("there is no earlier run of this plan_token to resume: nothing was changed",
                                      "run it without resume=true")  # fmt: skip
-        # Resuming after the target step ran (even half-way: dropped, then not created): what the target holds
-        # now is this run's doing, not a premise that changed.
-        own_partial = request.resume and log is not None and any(s.name == "target" for s in log.steps)
+        # Resuming after the target step created the target: what it holds now is this run's doing, not a premise
+        # that changed. A target step that failed created nothing (it refused a stranger's tables, or CREATE
+        # failed): the target is then judged as the plan saw it, so resume never drops what this run did not make.
+        own_partial = (
+            request.resume and log is not None and any(s.name == "target" and s.status != "failed" for s in log.steps)
+        )
+        if planned.point_in_time is None and not await repo.exists(manifest_key(planned.backup_id)):
+            # Said before re-planning: the planner would answer for the repository as a whole ("no complete
+            # backup: run run_backup first"), and backing up a broken live database is the wrong fix on this day.
+            raise UnsafeOperation(f"premises changed: backup {planned.backup_id} the plan_token names is no longer in "
+                                  "the repository (pruned or deleted): nothing was changed",
+                                  f"{REPLAN}, for a backup list_backups shows")  # fmt: skip
         await progress(0, len(STEPS) + 2, "premises: re-planning to check the token still holds")
         started = time.perf_counter()
-        report = await _premises(runtime, planned, own_partial, log is not None)
+        report = await _premises(runtime, planned, own_partial, log is not None and not request.resume)
+        if own_partial:
+            # The plan made again sees this run's own partial target and says "DO NOT RESTORE yet: not empty": the
+            # wrong words for the summary the operator confirms a resume by.
+            report = report.model_copy(update={"summary": (
+                f"resuming: {planned.target_database} holds this plan_token's own partial restore, which the "
+                "steps not yet done complete (the plan's check of the target is set aside for it; every other "
+                "premise still holds)")})  # fmt: skip
         source = source_of(planned, report)
         premises_step = RestoreStep(name="premises", status="ok", seconds=round(time.perf_counter() - started, 3),
                                     summary="the plan's premises still hold: " + report.summary)  # fmt: skip
@@ -162,7 +189,9 @@ async def run_restore(runtime: Runtime, request: RestoreRequest, progress: Progr
                    "before booting Engram")  # fmt: skip
     else:
         # (A canary that does not open is not fixed by resuming: the token is bound to the key; the state says.)
-        fix = "" if failed.name == "canary" else " Fix the cause, then run the same plan_token again with resume=true"
+        # (Nor a target this run dropped and could not create again: its state moved, the state says re-plan.)
+        final = failed.name == "canary" or " was DROPPED " in state
+        fix = "" if final else " Fix the cause, then run the same plan_token again with resume=true"
         summary = f"STOPPED at {failed.name}: {failed.summary}. {state}{fix}"
     await progress(len(STEPS) + 2, len(STEPS) + 2, "restored" if failed is None else f"stopped at {failed.name}")
     return RestoreReport(
@@ -181,7 +210,7 @@ def source_of(planned: Premises, report: PlanReport) -> Source:
     return DumpSource(planned.backup_id)
 
 
-async def _premises(runtime: Runtime, planned: Premises, own_partial: bool, logged: bool) -> PlanReport:
+async def _premises(runtime: Runtime, planned: Premises, own_partial: bool, resumable: bool) -> PlanReport:
     """Redo the plan the token names, with the planner's own observation; refuse if any premise moved.
 
     For a point in time the plan is redone against Barman's archive now: the time must still be in the window
@@ -203,10 +232,15 @@ async def _premises(runtime: Runtime, planned: Premises, own_partial: bool, logg
     ignore = frozenset({"target_state"}) if own_partial else frozenset()
     if planned.point_in_time is not None:
         ignore |= {"manifest_sha256"}
+    down = next((c for c in report.checks if c.code == "target_unreachable"), None)
+    if down is not None:
+        # Not a premise that moved: re-planning would not help, starting the server (or fixing DATABASE_URL) does.
+        cause, _, fix = down.summary.rpartition(": ")
+        raise StoreUnreachable(f"{cause}: nothing was changed", f"{fix}, then run the same plan_token again")
     moved = changed(planned, report.premises, ignore=ignore)
     if moved:
         resume = (" (or, if this token's own run stopped half-way, pass resume=true to continue it)"
-                  if logged and not own_partial else "")  # fmt: skip
+                  if resumable and not own_partial else "")  # fmt: skip
         raise UnsafeOperation(f"premises changed: {'; '.join(moved)}: nothing was changed", REPLAN + resume)
     blocking = [c for c in report.checks if c.status == "fail" and c.code not in RESOLVED_BY_RUN
                 and not (own_partial and c.name == "target")]  # fmt: skip
@@ -267,6 +301,12 @@ async def _steps(ctx: Context, log: RestoreLog, first: list[RestoreStep]) -> lis
         except (RecoveryError, postgres.PostgresError) as exc:
             text = str(exc) if isinstance(exc, RecoveryError) else scrub(f"PostgreSQL error: {exc}")
             step = RestoreStep(name=name, status="failed", summary=text.replace("\n", " "))
+        except Exception as exc:  # the step boundary: a lost connection, an S3 client error, a task group's failure
+            # Still a failed step, logged: otherwise the run would end as a bare error that neither records the step
+            # nor says what the target holds, which is what the operator needs after any stop. (Only the cause:
+            # explain's generic fix, "nothing half-written was kept", is not true half-way through a restore.)
+            step = RestoreStep(name=name, status="failed", summary=explain(exc, name).message.replace("\n", " "),
+                               details={"error": type(exc).__name__})  # fmt: skip
         step = ctx.source.annotate(step)
         step.seconds = round(time.perf_counter() - started, 3)
         out.append(step)
@@ -279,19 +319,25 @@ async def _steps(ctx: Context, log: RestoreLog, first: list[RestoreStep]) -> lis
     return out
 
 
-async def _read_log(repo: Repository, run_id: str) -> RestoreLog | None:
+async def _read_log(repo: Repository, run_id: str, master: bytes) -> RestoreLog | None:
     key = restore_log_key(run_id)
     if not await repo.exists(key):
         return None
     try:
-        return RestoreLog.model_validate_json(await repo.get_bytes(key))
+        log = RestoreLog.model_validate_json(await repo.get_bytes(key))
     except ValidationError as exc:
         raise ConfigurationError(f"the step log {key} of this run is unreadable: {exc.error_count()} problem(s)",
                                  "delete it and " + REPLAN) from exc  # fmt: skip
+    if log.seal is None or not hmac.compare_digest(log.seal, log.sealed(master)):
+        raise UnsafeOperation(f"the step log {key} of this run was not written under this ENCRYPTION_MASTER_KEY, or "
+                              "was altered: nothing was changed", "delete it and " + REPLAN)  # fmt: skip
+    return log
 
 
 async def _write_log(ctx: Context, log: RestoreLog) -> None:
     try:
+        assert ctx.keys.current is not None  # run_restore refuses to start without it
+        log.seal = log.sealed(ctx.keys.current)
         await ctx.repo.put_bytes(ctx.log_key or restore_log_key(ctx.run_id), log.model_dump_json(indent=1).encode())
     except RecoveryError as exc:
         # The restore itself goes on: the log is the record, not a premise; the report says it is missing.

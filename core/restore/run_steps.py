@@ -24,16 +24,19 @@ from ..repository.manifest import Manifest
 from ..repository.points import RecoveryPoint, resolve
 from ..runtime import Runtime
 from ..stores import postgres
+from ..stores.pgclient.commands import RestoreClients
 from ..stores.pgclient.versions import beside
 from ..stores.postgres import quote_ident
 from . import fences
 from . import observe as rc
 from .copy_back import copy_back
-from .database import restore_database
+from .database import DumpRestore, restore_database
 from .plan import KeyMaterial
 from .token import Premises
 
 StepStatus = Literal["ok", "warn", "failed", "skipped"]
+# A target this run dropped and could not create again: its state, a premise, moved; a new plan sees it absent.
+REPLAN_ABSENT = "run plan_restore again (it sees the target absent) and restore with its plan_token"
 # The role Engram's tables are granted to; Engram.Release.prepare_database creates it (NOLOGIN) at boot.
 APP_ROLE = "engram_app"
 
@@ -208,10 +211,19 @@ async def target(ctx: Context) -> RestoreStep:
             await conn.execute(f"DROP DATABASE {quote_ident(name)}")
             why = "this run's own partial restore" if ctx.own_partial else "allow_non_empty_target=true"
             changed.append(f"dropped database {name} ({tables} table(s); {why})")
-        owner = (await ctx.source.needs(ctx)).owner
-        known = owner is not None and await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", owner)
-        owned = f" OWNER {quote_ident(owner)}" if owner is not None and known else ""
-        await conn.execute(f"CREATE DATABASE {quote_ident(name)}{owned} TEMPLATE template0")
+        try:
+            owner = (await ctx.source.needs(ctx)).owner
+            known = owner is not None and await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", owner)
+            owned = f" OWNER {quote_ident(owner)}" if owner is not None and known else ""
+            await conn.execute(f"CREATE DATABASE {quote_ident(name)}{owned} TEMPLATE template0")
+        except (RecoveryError, postgres.PostgresError) as exc:
+            if not changed:
+                raise
+            # The drop is done and cannot be undone: the failed step must say so, or the run would report the
+            # target as untouched.
+            cause = exc.message if isinstance(exc, RecoveryError) else f"PostgreSQL error: {exc}"
+            raise UnsafeOperation(f"{changed[0]}, then could not create it again: {cause}",
+                                  f"{name} is now absent: fix the cause, then {REPLAN_ABSENT}") from exc  # fmt: skip
         changed.append(f"created database {name}" + (f" owned by {owner}" if owned else ""))
     return _step("target", "; ".join(changed), changed)
 
@@ -304,9 +316,9 @@ async def _dump_database(ctx: Context, manifest: Manifest) -> RestoreStep:
     settings = ctx.runtime.settings
     client = (await rc.restore_client(settings, manifest, ctx.premises.target_server_major,
                                       through_prefix=False)).require()  # fmt: skip
-    done = await restore_database(ctx.repo, manifest, backup_key(settings), ctx.target_dsn, client.path,
-                                  jobs=ctx.request.jobs, psql=beside(client.path, "psql"),
-                                  progress=ctx.sub("database"))  # fmt: skip
+    clients = RestoreClients(client.path, beside(client.path, "psql"))
+    done = await restore_database(DumpRestore(ctx.repo, manifest, backup_key(settings), ctx.target_dsn, clients,
+                                              jobs=ctx.request.jobs, progress=ctx.sub("database")))  # fmt: skip
     changed = [f"restored {done.plain_bytes} bytes of pg_dump output into {ctx.premises.target_database} "
                f"with pg_restore {client.major} ({done.why})"]  # fmt: skip
     details = {"mode": done.mode, "jobs": done.jobs, "timings": done.timings, "tables": done.check.tables,
@@ -412,6 +424,12 @@ def describe_target(ctx: Context, steps: list[RestoreStep]) -> str:
     done = {s.name for s in steps if s.status in ("ok", "warn", "skipped")}
     name = ctx.premises.target_database
     if "target" not in done:
+        failed = next((s for s in steps if s.name == "target" and s.status == "failed"), None)
+        if failed is not None and failed.summary.startswith("dropped database"):
+            return (
+                f"{name} was DROPPED (the plan chose allow_non_empty_target) and not created again: it is absent; "
+                "plan again (the new plan sees it absent) and restore with that plan_token."
+            )
         made = [c for s in steps if s.name == "roles" for c in s.changed]
         return f"{name} is untouched" + (f" (roles: {'; '.join(made)})" if made else "") + "."
     if "database" not in done:

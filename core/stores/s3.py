@@ -351,6 +351,17 @@ def _bulk_session() -> Any:
     return session
 
 
+@dataclass(frozen=True)
+class CopySource:
+    """What a server-side copy reads: `key` of `bucket`, at `version_id` (None: the current version), and only
+    while its ETag is still `if_match` (None: whatever it is now)."""
+
+    bucket: str
+    key: str
+    version_id: str | None = None
+    if_match: str | None = None
+
+
 class Copier:
     """Server-side CopyObject for many small objects, without botocore's per-request overhead.
 
@@ -391,19 +402,16 @@ class Copier:
         if self._http is not None:
             await self._http.close()
 
-    async def copy(
-        self, source_bucket: str, source_key: str, bucket: str, key: str, *,
-        version_id: str | None = None, if_match: str | None = None,
-    ) -> str | None:  # fmt: skip
-        """Copy one object; return the new object's ETag where the answer names one."""
+    async def copy(self, source: CopySource, bucket: str, key: str) -> str | None:
+        """Copy `source` to `key` of `bucket`; return the new object's ETag where the answer names one."""
         assert self._http is not None and self.location.endpoint
         url = f"{self.location.endpoint.rstrip('/')}/{bucket}/{quote(key, safe='/~')}"
-        copy_source = quote(f"{source_bucket}/{source_key}", safe="/~")
-        if version_id is not None:
-            copy_source += f"?versionId={quote(version_id, safe='')}"
+        copy_source = quote(f"{source.bucket}/{source.key}", safe="/~")
+        if source.version_id is not None:
+            copy_source += f"?versionId={quote(source.version_id, safe='')}"
         headers = {"x-amz-copy-source": copy_source, "x-amz-content-sha256": "UNSIGNED-PAYLOAD"}
-        if if_match is not None:
-            headers["x-amz-copy-source-if-match"] = f'"{if_match}"'
+        if source.if_match is not None:
+            headers["x-amz-copy-source-if-match"] = f'"{source.if_match}"'
         for attempt in range(3):
             request = AWSRequest("PUT", url, headers=headers)
             self._signer.add_auth(request)

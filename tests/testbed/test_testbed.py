@@ -200,7 +200,7 @@ async def test_every_seeded_note_decrypts_with_its_users_dek_and_matches_its_con
         cipher = ec.FieldCipher(report.deks[note["user_id"]])
         assert note["dek_version"] == 2
         plain = {
-            f: cipher.decrypt(note[f"{f}_ciphertext"], note[f"{f}_nonce"], "notes", f, note["id"], 2)
+            f: cipher.decrypt(note[f"{f}_ciphertext"], note[f"{f}_nonce"], ec.RowField("notes", f, note["id"], 2))
             for f in NOTE_FIELDS
             if note[f"{f}_ciphertext"] is not None
         }
@@ -231,7 +231,8 @@ async def test_a_ciphertext_moved_to_another_row_does_not_decrypt(seeded: Seeded
     donor, target = rows
     cipher = ec.FieldCipher(seeded.report.deks[donor["user_id"]])
     with pytest.raises(ec.DecryptFailed):
-        cipher.decrypt(donor["content_ciphertext"], donor["content_nonce"], "notes", "content", target["id"], 2)
+        moved = ec.RowField("notes", "content", target["id"], 2)
+        cipher.decrypt(donor["content_ciphertext"], donor["content_nonce"], moved)
 
 
 @pytest.mark.anyio
@@ -245,7 +246,8 @@ async def test_chunks_attachments_and_vaults_are_consistent_with_their_notes(see
     assert orphans[0]["n"] == 0 and report.counts["chunks"] > 0
     for vault in await fetch(seeded.dsn, "SELECT * FROM vaults"):
         cipher = ec.FieldCipher(report.deks[vault["user_id"]])
-        assert cipher.decrypt(vault["name_ciphertext"], vault["name_nonce"], "vaults", "name", vault["id"], 2)
+        name = ec.RowField("vaults", "name", vault["id"], 2)
+        assert cipher.decrypt(vault["name_ciphertext"], vault["name_nonce"], name)
         top = await fetch(seeded.dsn, "SELECT max(seq) AS s FROM notes WHERE vault_id = $1", vault["id"])
         assert vault["change_seq"] >= (top[0]["s"] or 0)
     assert len(report.deleted_vault_ids) == 1

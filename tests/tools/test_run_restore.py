@@ -19,6 +19,7 @@ from typing import Any
 
 import anyio
 import asyncpg
+import mcp_types as types
 import pytest
 from mcp import Client
 from support import BACKUP_KEY, EngramDB, engram_env, fingerprints, make_engram_db
@@ -27,7 +28,7 @@ from engram_recovery.core.engram import crypto as engram_crypto
 from engram_recovery.core.errors import Busy, ConfigurationError, StoreUnreachable, UnsafeOperation
 from engram_recovery.core.progress import silent
 from engram_recovery.core.repository.layout import restore_log_key
-from engram_recovery.core.restore import run_steps
+from engram_recovery.core.restore import fences, run_steps
 from engram_recovery.core.restore.database import restore_database
 from engram_recovery.core.restore.run import RestoreLog, run_id_of
 from engram_recovery.core.restore.run import lock as restore_lock
@@ -37,6 +38,7 @@ from engram_recovery.core.stores import postgres, s3
 from engram_recovery.core.stores.advisory import database_lock
 from engram_recovery.core.stores.s3 import S3Location
 from engram_recovery.server.app import build_server
+from engram_recovery.server.invoke import DECLINED
 from engram_recovery.testbed.seaweedfs import SeaweedFS
 from engram_recovery.tools.plan_restore import PlanRestoreInput, PlanRestoreResult, plan_restore
 from engram_recovery.tools.run_backup import RunBackupInput, run_backup
@@ -298,7 +300,12 @@ async def test_a_failure_in_the_attachments_step_stops_there_and_resume_complete
         await restore(env, plan_token=planned.plan_token, confirm=True)
     assert "resume=true" in info.value.hint
     await new_bucket(missing)
+    async with Runtime(load_settings(environ=env)) as runtime:
+        asked = await confirmation(runtime, RunRestoreInput(plan_token=planned.plan_token, resume=True))
+    # What the user confirms a resume by: not the re-plan's "DO NOT RESTORE yet" about the run's own target.
+    assert asked is not None and "DO NOT RESTORE" not in asked and "own partial restore" in asked, asked
     second = await restore(env, plan_token=planned.plan_token, confirm=True, resume=True)
+    assert "DO NOT RESTORE" not in step(second, "premises").summary
     assert second.verdict in ("ok", "warn") and second.resumed, second.summary
     assert [s.name for s in second.steps] == ORDER
     # The steps that had passed were kept from the log, not run again.
@@ -472,3 +479,224 @@ async def test_the_command_line_call_changes_nothing_without_confirm(
     assert done.returncode == 0, done.stderr.decode()
     assert json.loads(done.stdout)["verdict"] == "not_confirmed"
     assert await databases(admin_dsn, target_name) == 0
+
+
+@pytest.mark.anyio
+async def test_resume_after_a_target_step_that_created_nothing_drops_nothing(
+    deployment: Deployment, admin_dsn: str, target_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The target step refused (someone created the target database, with a table, after the premises were
+    checked): this run created nothing there, so resume=true must not treat it as its own partial restore."""
+    env = deployment.env(f"rr-dst-{secrets.token_hex(4)}")
+    planned = await plan(env, target_database=target_name)
+    assert planned.premises.target_state == "absent"
+    real = run_steps.DumpSource.needs
+
+    async def meanwhile(self: run_steps.DumpSource, ctx: run_steps.Context) -> run_steps.Needs:
+        if not await databases(admin_dsn, target_name):  # during the roles step: another client gets there first
+            await sql(admin_dsn, f'CREATE DATABASE "{target_name}" TEMPLATE template0')
+            await sql(deployment.target_dsn(target_name), "CREATE TABLE precious (x int)")
+        return await real(self, ctx)
+
+    monkeypatch.setattr(run_steps.DumpSource, "needs", meanwhile)
+    first = await restore(env, plan_token=planned.plan_token, confirm=True)
+    assert (first.verdict, first.failed_step) == ("fail", "target"), first.summary
+    assert "nothing was dropped" in step(first, "target").summary
+    monkeypatch.setattr(run_steps.DumpSource, "needs", real)
+    with pytest.raises(UnsafeOperation, match="premises changed: target_state: 'absent' -> 'non_empty:1'") as info:
+        await restore(env, plan_token=planned.plan_token, confirm=True, resume=True)
+    assert "resume=true" not in info.value.hint
+    assert await sql(deployment.target_dsn(target_name), "SELECT count(*) FROM pg_tables WHERE tablename = 'precious'")
+
+
+@pytest.mark.anyio
+async def test_a_token_whose_backup_was_pruned_is_refused_and_changes_nothing(
+    deployment: Deployment, tmp_path: Path, admin_dsn: str, target_name: str
+) -> None:
+    shutil.copytree(deployment.base / "repo", tmp_path / "repo")
+    env = deployment.env(f"rr-dst-{secrets.token_hex(4)}", base=tmp_path)
+    planned = await plan(env, target_database=target_name)
+    assert planned.executable, planned.summary
+    shutil.rmtree(tmp_path / "repo" / "backups" / planned.recovery_point.backup_id)
+    # The only backup is gone: the answer names it and says to re-plan, not "run run_backup first" (a backup of
+    # the broken live database is the wrong fix on the day of a restore).
+    with pytest.raises(UnsafeOperation, match=f"premises changed: backup {planned.recovery_point.backup_id} .* no "
+                       "longer in the repository") as info:  # fmt: skip
+        await restore(env, plan_token=planned.plan_token, confirm=True)
+    assert "plan_restore again" in info.value.hint and "run_backup" not in str(info.value)
+    assert await databases(admin_dsn, target_name) == 0
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("mode", ["legacy", "2026-07-28"])
+async def test_a_declined_elicitation_changes_nothing_and_an_accepted_one_restores(
+    deployment: Deployment, admin_dsn: str, target_name: str, mode: str
+) -> None:
+    bucket = await new_bucket(deployment.where(f"rr-dst-{secrets.token_hex(4)}"))
+    env = deployment.env(bucket.bucket)
+    planned = await plan(env, target_database=target_name)
+    asked: list[str] = []
+
+    def user(answer: types.ElicitResult) -> Any:
+        async def answering(context: Any, params: types.ElicitRequestParams) -> types.ElicitResult:
+            asked.append(params.message)
+            return answer
+
+        return answering
+
+    call = {"plan_token": planned.plan_token, "reindex_qdrant": False}
+    no = types.ElicitResult(action="decline")
+    async with Client(build_server(load_settings(environ=env)), mode=mode, elicitation_callback=user(no)) as client:
+        declined = await client.call_tool("run_restore", call)
+    assert not declined.is_error and declined.structured_content is not None, declined.content
+    assert declined.structured_content["verdict"] == "not_confirmed"
+    assert declined.structured_content["summary"].startswith(DECLINED)
+    assert len(asked) == 1 and target_name in asked[0] and planned.recovery_point.backup_id in asked[0]
+    assert await databases(admin_dsn, target_name) == 0 and await contents(bucket) == {}
+    assert not (deployment.base / "repo" / restore_log_key(run_id_of(planned.plan_token))).exists()
+    yes = types.ElicitResult(action="accept", content={"confirm": True})
+    async with Client(build_server(load_settings(environ=env)), mode=mode, elicitation_callback=user(yes)) as client:
+        accepted = await client.call_tool("run_restore", call)
+    assert not accepted.is_error and accepted.structured_content is not None, accepted.content
+    assert accepted.structured_content["verdict"] in ("ok", "warn"), accepted.structured_content["summary"]
+    assert len(asked) == 2
+    assert await deployment.restored_rows(target_name) == deployment.rows_at_backup
+
+
+@pytest.mark.anyio
+async def test_a_connection_lost_in_a_fence_is_a_failed_step_that_says_what_the_target_holds_and_resume_completes(
+    deployment: Deployment, target_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bucket = await new_bucket(deployment.where(f"rr-dst-{secrets.token_hex(4)}"))
+    env = deployment.env(bucket.bucket)
+    planned = await plan(env, target_database=target_name)
+
+    async def lost(*args: Any, **kwargs: Any) -> Any:
+        raise ConnectionResetError(104, "Connection reset by peer")
+
+    monkeypatch.setattr(fences, "fence_sync", lost)
+    first = await restore(env, plan_token=planned.plan_token, confirm=True, reindex_qdrant=False)
+    assert (first.verdict, first.failed_step) == ("fail", "fence_sync"), first.summary
+    assert "connection to PostgreSQL broke" in step(first, "fence_sync").summary
+    assert "not every fence is applied" in first.target_state and "resume=true" in first.summary
+    log = RestoreLog.model_validate_json((deployment.base / "repo" / str(first.log)).read_text())
+    assert log.steps[-1].name == "fence_sync" and log.steps[-1].status == "failed"
+    monkeypatch.undo()
+    second = await restore(env, plan_token=planned.plan_token, confirm=True, resume=True, reindex_qdrant=False)
+    assert second.verdict in ("ok", "warn"), second.summary
+    assert step(second, "fence_sync").changed and step(second, "fence_tokens") == step(first, "fence_tokens")
+
+
+@pytest.mark.anyio
+async def test_the_database_password_is_in_no_result_progress_message_log_or_error(
+    deployment: Deployment, target_name: str
+) -> None:
+    password = "pw-" + secrets.token_hex(12)
+    dsn = deployment.db.dsn.replace("://postgres@", f"://postgres:{password}@")
+    assert password in dsn
+    missing = deployment.where(f"rr-late-{secrets.token_hex(4)}")  # the run stops at the attachments step
+    env = deployment.env(missing.bucket, DATABASE_URL=dsn)
+    planned = await plan(env, target_database=target_name)
+    assert password not in planned.model_dump_json()
+    messages: list[str] = []
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        messages.append(message or "")
+
+    async with Client(build_server(load_settings(environ=env))) as client:
+        answer = await client.call_tool("run_restore", {"plan_token": planned.plan_token, "confirm": True},
+                                        progress_callback=on_progress)  # fmt: skip
+        assert answer.structured_content is not None and answer.structured_content["verdict"] == "fail"
+        # The server gone (a port nothing listens on): the error names it, not the password.
+        unreachable = env | {"DATABASE_URL": f"postgresql://postgres:{password}@127.0.0.1:9/{target_name}"}
+    async with Client(build_server(load_settings(environ=unreachable))) as client:
+        refused = await client.call_tool("run_restore", {"plan_token": planned.plan_token, "confirm": True})
+    assert refused.is_error
+    # An unreachable server is not a premise that moved (re-planning would not help): cause and fix.
+    text = str(refused.content[0].text)  # type: ignore[union-attr]
+    assert text.startswith("the target server is unreachable: ") and "premises changed" not in text, text
+    assert "\nFix: start it or fix DATABASE_URL, then run the same plan_token again" in text, text
+    log = (deployment.base / "repo" / str(answer.structured_content["log"])).read_text()
+    for text in (repr(answer.content), json.dumps(answer.structured_content), log, " ".join(messages),
+                 repr(refused.content)):  # fmt: skip
+        assert password not in text
+    assert messages and "postgres" in log
+
+
+@pytest.mark.anyio
+async def test_an_in_place_restore_that_fails_half_way_resumes_with_the_live_snapshot_it_took_first(
+    engram_db: EngramDB, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worst day: the live database itself was dropped by the target step, then the database step failed.
+    resume=true must re-plan against the run's own partial database, and the fences must use the snapshot of
+    the live database taken before the drop (in the log), not the partial one."""
+    env = engram_env(engram_db, tmp_path, ENGRAM_RECOVERY_BACKUP_KEY=BACKUP_KEY)
+    async with Runtime(load_settings(environ=env)) as runtime:
+        assert (await run_backup(runtime, RunBackupInput(), silent)).verified
+    at_backup = await fingerprints(engram_db.dsn, without=FENCED)
+    token = await sql(engram_db.dsn, "SELECT id::text FROM refresh_tokens WHERE revoked_at IS NULL ORDER BY id LIMIT 1")
+    await sql(engram_db.dsn, "UPDATE refresh_tokens SET revoked_at = now() WHERE id = $1::uuid", token)
+    planned = await plan(env, allow_non_empty_target=True)
+    assert planned.executable, planned.summary
+    real = restore_database
+
+    async def dies_after_loading(*args: Any, **kwargs: Any) -> Any:
+        await real(*args, **kwargs)
+        raise StoreUnreachable("the connection to PostgreSQL was lost during the restore", "run it again")
+
+    monkeypatch.setattr(run_steps, "restore_database", dies_after_loading)
+    first = await restore(env, plan_token=planned.plan_token, confirm=True, reindex_qdrant=False)
+    assert (first.verdict, first.failed_step) == ("fail", "database"), first.summary
+    monkeypatch.setattr(run_steps, "restore_database", real)
+    second = await restore(env, plan_token=planned.plan_token, confirm=True, resume=True, reindex_qdrant=False)
+    assert second.verdict in ("ok", "warn"), second.summary
+    assert step(second, "snapshot_live") == step(first, "snapshot_live")
+    # The token revoked in live after the backup stays revoked: the fence read live before the drop.
+    assert await sql(engram_db.dsn, "SELECT revoked_at IS NOT NULL FROM refresh_tokens WHERE id = $1::uuid", token)
+    restored = await fingerprints(engram_db.dsn, without=FENCED)
+    assert {t: v for t, v in restored.items() if t != "refresh_tokens"} == {
+        t: v for t, v in at_backup.items() if t != "refresh_tokens"}  # fmt: skip
+
+
+@pytest.mark.anyio
+async def test_a_target_dropped_by_choice_and_not_created_again_is_reported_dropped_not_untouched(
+    deployment: Deployment, admin_dsn: str, target_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env = deployment.env(f"rr-dst-{secrets.token_hex(4)}")
+    await sql(admin_dsn, f'CREATE DATABASE "{target_name}" TEMPLATE template0')
+    await sql(deployment.target_dsn(target_name), "CREATE TABLE old (x int)")
+    planned = await plan(env, target_database=target_name, allow_non_empty_target=True)
+    real = run_steps.DumpSource.needs
+    calls: list[int] = []
+
+    async def create_fails(self: run_steps.DumpSource, ctx: run_steps.Context) -> run_steps.Needs:
+        calls.append(1)
+        if len(calls) == 2:  # the target step, after its DROP: CREATE DATABASE will fail ("already exists")
+            await sql(admin_dsn, f'CREATE DATABASE "{target_name}" TEMPLATE template0')
+        return await real(self, ctx)
+
+    monkeypatch.setattr(run_steps.DumpSource, "needs", create_fails)
+    result = await restore(env, plan_token=planned.plan_token, confirm=True)
+    assert (result.verdict, result.failed_step) == ("fail", "target"), result.summary
+    assert step(result, "target").summary.startswith(f"dropped database {target_name} (1 table(s)")
+    assert "was DROPPED" in result.target_state and "untouched" not in result.target_state
+    assert "resume=true" not in result.summary
+
+
+@pytest.mark.anyio
+async def test_resume_trusts_no_step_log_it_did_not_seal(deployment: Deployment, target_name: str) -> None:
+    """The log says which steps are done, and resume skips them (the database's verification, the canary): a log
+    edited in the repository (here: a failed canary turned into a passed one) is refused, nothing changed."""
+    missing = deployment.where(f"rr-late-{secrets.token_hex(4)}")  # the run stops at the attachments step
+    env = deployment.env(missing.bucket)
+    planned = await plan(env, target_database=target_name)
+    first = await restore(env, plan_token=planned.plan_token, confirm=True)
+    assert first.failed_step == "attachments", first.summary
+    path = deployment.base / "repo" / str(first.log)
+    log = json.loads(path.read_text())
+    assert log["seal"]
+    next(s for s in log["steps"] if s["name"] == "canary")["summary"] = "edited"
+    path.write_text(json.dumps(log))
+    with pytest.raises(UnsafeOperation, match="was not written under this ENCRYPTION_MASTER_KEY, or was altered"):
+        await restore(env, plan_token=planned.plan_token, confirm=True, resume=True)
+    assert json.loads(path.read_text()) == log  # not rewritten: the run stopped before any step

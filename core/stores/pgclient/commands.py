@@ -155,9 +155,21 @@ class PsqlCommand(PgClientCommand):
                 "-f", "-"]  # fmt: skip
 
 
-def stdin_restore(dump_format: str, pg_restore: str, psql: str, dsn: str, *, prefix: tuple[str, ...] = (),
-                  application: str | None = None) -> PgClientCommand:  # fmt: skip
+@dataclass(frozen=True)
+class RestoreClients:
+    """The client binaries of one restore: pg_restore, psql (for a plain dump), and the words
+    ENGRAM_RECOVERY_PG_CLIENT_PREFIX puts before them."""
+
+    pg_restore: str
+    psql: str = "psql"
+    prefix: tuple[str, ...] = ()
+
+
+def stdin_restore(
+    dump_format: str, clients: RestoreClients, dsn: str, *, application: str | None = None
+) -> PgClientCommand:
     """The all-or-nothing restore of a dump arriving on stdin: psql for a plain dump, pg_restore otherwise."""
     if dump_format == "plain":
-        return PsqlCommand(psql, dsn, prefix=prefix, application=application)
-    return PgRestoreCommand(pg_restore, dsn, single_transaction=True, prefix=prefix, application=application)
+        return PsqlCommand(clients.psql, dsn, prefix=clients.prefix, application=application)
+    return PgRestoreCommand(clients.pg_restore, dsn, single_transaction=True, prefix=clients.prefix,
+                            application=application)  # fmt: skip

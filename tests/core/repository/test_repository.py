@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
+import os
 import secrets
 import sys
 from collections.abc import AsyncIterator
@@ -257,3 +260,152 @@ def test_the_kernel_accepts_the_writeback_request(tmp_path: Path) -> None:
         handle.write(b"x" * 8192)
         handle.flush()
         assert localfs._start_writeback(handle.fileno(), 0, 8192)
+
+
+# --- a dump's file: dropped from the page cache behind the writing, re-read by windows as it is written -----
+
+BIG = 1 << 20
+HALF = BIG // 2
+
+
+def _flip(path: Path, offset: int) -> None:
+    """Change one byte of `path` in place, through a descriptor of its own (storage going bad)."""
+    with path.open("r+b") as other:
+        other.seek(offset)
+        byte = other.read(1)
+        other.seek(offset)
+        other.write(bytes([byte[0] ^ 0x01]))
+
+
+async def _reread(reader: localfs.ReadBack, windows: int) -> None:
+    """Wait for the read-back thread (idle priority: on a busy machine it may take a while)."""
+    for _ in range(3000):
+        if reader.reread >= windows:
+            return
+        await anyio.sleep(0.01)
+    raise AssertionError(f"the read-back re-read {reader.reread} of {windows} windows in 30 s")
+
+
+@pytest.mark.anyio
+async def test_a_window_that_changes_on_disk_while_the_file_is_written_is_caught_by_the_read_back(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "f"
+    data = secrets.token_bytes(3 * BIG + 1000)
+    with path.open("wb") as handle:
+        reader = localfs.ReadBack(path)
+        writer = localfs.HashedWriter(handle, BIG, drop_behind=True, on_window=reader.window)
+        # Window 0 complete, and the first half of window 1 already written; then that half goes bad
+        # before window 1 is finished: only a read-back of the window after it was written can see it.
+        writer.write(data[: BIG + HALF])
+        _flip(path, BIG + 100)
+        writer.write(data[BIG + HALF :])
+        digest = writer.finish()
+    assert digest == hashlib.sha256(data).hexdigest()
+    assert [c.offset for c in writer.checkpoints] == [0, BIG, 2 * BIG, 3 * BIG, 3 * BIG + 1000]
+    await _reread(reader, 4)
+    assert reader.stop() == {0: (BIG, True), BIG: (2 * BIG, False), 2 * BIG: (3 * BIG, True),
+                             3 * BIG: (3 * BIG + 1000, True)}  # fmt: skip
+
+
+@pytest.mark.anyio
+async def test_verify_counts_the_windows_read_back_during_the_write_and_rereads_only_the_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    repo = LocalRepository(tmp_path / "repo", window=BIG)
+    data = secrets.token_bytes(4 * BIG + 1000)
+    temp: list[Path] = []
+
+    async def stream() -> AsyncIterator[bytes]:
+        yield data[: BIG + HALF]
+        temp.extend((tmp_path / "repo" / "backups" / "b1").glob(".db.dump*"))
+        _flip(temp[0], BIG + 100)  # window 1 goes bad on the disk while it is being written
+        yield data[BIG + HALF : 3 * BIG]
+        yield data[3 * BIG :]
+
+    size, digest = await repo.put_stream(KEY, stream(), read_back=True)
+    assert (size, digest) == (len(data), hashlib.sha256(data).hexdigest())
+    reader = repo._written[KEY].reader
+    assert reader is not None
+    await _reread(reader, 5)
+    # The storage "heals" before the final verification: what the read-back saw still counts.
+    _flip(tmp_path / "repo" / KEY, BIG + 100)
+    reread: list[int] = []
+    original = localfs.verify_window
+
+    def counting(path: Path, start: localfs.Checkpoint, end: localfs.Checkpoint) -> bool:
+        reread.append(start.offset)
+        return original(path, start, end)
+
+    monkeypatch.setattr(localfs, "verify_window", counting)
+    assert await repo.verify(KEY, size, digest) == (
+        f"bytes {BIG}-{2 * BIG} do not read back as written (recorded {size} bytes with SHA-256 {digest[:16]}...)"
+    )
+    assert reread == []  # every window was re-read while the file was written
+
+
+@pytest.mark.anyio
+async def test_verify_rereads_the_windows_the_read_back_had_not_reached(tmp_path: Path) -> None:
+    repo = LocalRepository(tmp_path / "repo", window=BIG)
+    data = secrets.token_bytes(3 * BIG + 1000)
+    size, digest = await repo.put_stream(KEY, chunks_of(data, 1 << 20), read_back=True)
+    reader = repo._written[KEY].reader
+    assert reader is not None
+    reader.stop()  # whatever it had not re-read by now is the final verification's
+    assert await repo.verify(KEY, size, digest) is None
+    _flip(tmp_path / "repo" / KEY, size - 1)
+    problem = await repo.verify(KEY, size, digest)
+    assert problem is not None and problem.startswith(f"bytes {3 * BIG}-{size} do not read back")
+
+
+@pytest.mark.anyio
+async def test_a_dump_file_replaced_after_writing_is_read_again_whole(tmp_path: Path) -> None:
+    repo = LocalRepository(tmp_path / "repo", window=BIG)
+    data = secrets.token_bytes(3 * BIG)
+    size, digest = await repo.put_stream(KEY, chunks_of(data, 1 << 20), read_back=True)
+    path = tmp_path / "repo" / KEY
+    altered = bytearray(data)
+    altered[7] ^= 0x01
+    replacement = path.with_name("other")
+    replacement.write_bytes(altered)
+    replacement.replace(path)  # a new inode under the name: the read-back's verdicts are about another file
+    assert await repo.verify(KEY, size, digest) == (
+        f"bytes 0-{BIG} do not read back as written (recorded {size} bytes with SHA-256 {digest[:16]}...)"
+    )
+
+
+def test_a_filesystem_refusing_direct_reads_is_read_through_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = os.preadv
+
+    def refusing(fd: int, buffers: list[memoryview], offset: int) -> int:
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, buffers, offset)
+
+    data = secrets.token_bytes(2 * WINDOW + 5)
+    with (tmp_path / "f").open("wb") as handle:
+        writer = localfs.HashedWriter(handle, WINDOW, drop_behind=True)
+        writer.write(data)
+        writer.finish()
+    monkeypatch.setattr(os, "preadv", refusing)
+    start, middle, end = writer.checkpoints[1:]
+    assert localfs.verify_window(tmp_path / "f", start, middle)
+    assert localfs.verify_window(tmp_path / "f", middle, end)
+
+
+def test_a_dump_file_leaves_the_page_cache_one_window_behind_the_writing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dropped: list[tuple[int, int]] = []
+    monkeypatch.setattr(localfs, "_drop_cached", lambda fd, offset, length: dropped.append((offset, length)))
+    with (tmp_path / "f").open("wb") as handle:
+        writer = localfs.HashedWriter(handle, window=WINDOW, drop_behind=True)
+        for _ in range(7):
+            writer.write(b"x" * (WINDOW // 2))
+        # Three windows written: the first two are dropped, the third is still being written back.
+        assert dropped == [(0, WINDOW), (WINDOW, WINDOW)]
+        writer.finish()
+    assert dropped == [(0, WINDOW), (WINDOW, WINDOW), (0, 0)]  # and the whole file once it is durable
+    assert (tmp_path / "f").read_bytes() == b"x" * (7 * WINDOW // 2)

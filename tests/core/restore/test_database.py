@@ -21,12 +21,13 @@ from engram_recovery.core.progress import silent
 from engram_recovery.core.repository.layout import BACKUPS
 from engram_recovery.core.repository.local import LocalRepository
 from engram_recovery.core.repository.manifest import Manifest
-from engram_recovery.core.restore.database import HEAD_ROOM, choose_mode, plain_size, restore_database
+from engram_recovery.core.restore.database import HEAD_ROOM, DumpRestore, choose_mode, plain_size, restore_database
 from engram_recovery.core.restore.dumpfile import Splitter, Unsupported, parse_head
 from engram_recovery.core.restore.feed import shares
 from engram_recovery.core.restore.schema_check import check_restored, parse_toc
 from engram_recovery.core.runtime import Runtime
 from engram_recovery.core.settings import load_settings
+from engram_recovery.core.stores.pgclient.commands import RestoreClients
 from engram_recovery.tools.run_backup import RunBackupInput, run_backup
 
 BACKUP_KEY = base64.b64encode(secrets.token_bytes(32)).decode()
@@ -51,6 +52,10 @@ async def backed_up(admin_dsn: str, tmp_path_factory: pytest.TempPathFactory) ->
             base = tmp_path_factory.mktemp(f"dbrestore-{fmt}")
             out[fmt] = (db, base, await backup_of(db, base, fmt))
         yield out
+
+
+def clients() -> RestoreClients:
+    return RestoreClients(pg_bin("pg_restore"), pg_bin("psql"))
 
 
 def key() -> bytes:
@@ -96,9 +101,9 @@ async def test_a_restored_backup_equals_the_source_at_backup_time_whatever_the_w
         async def progress(done: float, total: float | None = None, message: str | None = None) -> None:
             said.append((done, total, message))
 
-        result = await restore_database(repo, manifest, key(), target, pg_bin("pg_restore"), jobs=jobs,
-                                        psql=pg_bin("psql"), scratch=tmp_path, progress=progress,
-                                        loaders=loaders)  # fmt: skip
+        run = DumpRestore(repo, manifest, key(), target, clients(), jobs=jobs, scratch=tmp_path, progress=progress,
+                          loaders=loaders)  # fmt: skip
+        result = await restore_database(run)
         assert result.mode == mode
         if mode == "parallel":  # the stream cut into blocks, unless the archive's head is not understood
             assert ("first_load" in result.timings) is (scratch != "old-archive")
@@ -122,7 +127,7 @@ async def test_a_tampered_row_count_and_a_missing_index_are_reported(
     toc = parse_toc(await toc_of(base, manifest))
     index = next(e for e in toc if e.kind == "index")
     async with testbed.scratch_database(admin_dsn) as target, LocalRepository(base / "repo") as repo:
-        result = await restore_database(repo, tampered, key(), target, pg_bin("pg_restore"), scratch=tmp_path)
+        result = await restore_database(DumpRestore(repo, tampered, key(), target, clients(), scratch=tmp_path))
         assert result.check.counts_wrong == {"notes": (counts["notes"], counts["notes"] - 1)}
         assert not result.check.missing and "notes" in result.check.summary
         conn = await asyncpg.connect(target)
@@ -148,7 +153,7 @@ async def test_a_dump_that_is_not_the_one_recorded_is_refused_by_its_checksum(
         a.model_copy(update={"sha256": "0" * 64}) if a is dump else a for a in manifest.artifacts]})  # fmt: skip
     async with testbed.scratch_database(admin_dsn) as target, LocalRepository(base / "repo") as repo:
         with pytest.raises(IntegrityError, match=f"{dump.name} is not what the backup stored") as refused:
-            await restore_database(repo, other, key(), target, pg_bin("pg_restore"), jobs=jobs, scratch=tmp_path)
+            await restore_database(DumpRestore(repo, other, key(), target, clients(), jobs=jobs, scratch=tmp_path))
     assert "drop it" in refused.value.hint
 
 
@@ -158,7 +163,7 @@ async def test_nothing_is_restored_into_a_database_that_is_not_empty(backed_up: 
     before = await fingerprints(db.dsn)
     async with LocalRepository(base / "repo") as repo:
         with pytest.raises(UnsafeOperation, match="is not empty") as refused:
-            await restore_database(repo, manifest, key(), db.dsn, pg_bin("pg_restore"))
+            await restore_database(DumpRestore(repo, manifest, key(), db.dsn, clients()))
     assert "empty database" in refused.value.hint
     assert await fingerprints(db.dsn) == before
 

@@ -18,6 +18,7 @@ from engram_recovery.core.stores.pgclient.commands import (
     PgDumpCommand,
     PgRestoreCommand,
     PsqlCommand,
+    RestoreClients,
     split_dsn,
     stdin_restore,
 )
@@ -82,15 +83,15 @@ def test_every_client_gets_the_same_environment_filter(command: object, monkeypa
 
 def test_the_client_prefix_comes_before_every_binary() -> None:
     prefix = ("docker", "compose", "exec", "-T", "postgres")
-    for command in (PgDumpCommand("pg_dump", DSN, prefix=prefix), stdin_restore("custom", "pg_restore", "psql", DSN,
-                                                                                   prefix=prefix)):  # fmt: skip
+    restore = stdin_restore("custom", RestoreClients("pg_restore", "psql", prefix), DSN)
+    for command in (PgDumpCommand("pg_dump", DSN, prefix=prefix), restore):
         assert command.argv[:6] == [*prefix, command.binary]
 
 
 def test_a_stdin_restore_is_one_transaction_with_psql_for_plain_dumps() -> None:
-    plain = stdin_restore("plain", "/pg/bin/pg_restore", "/pg/bin/psql", DSN).argv
+    plain = stdin_restore("plain", RestoreClients("/pg/bin/pg_restore", "/pg/bin/psql"), DSN).argv
     assert plain[0] == "/pg/bin/psql" and "ON_ERROR_STOP=1" in plain and plain[-2:] == ["-f", "-"]
-    custom = stdin_restore("custom", "/pg/bin/pg_restore", "/pg/bin/psql", DSN).argv
+    custom = stdin_restore("custom", RestoreClients("/pg/bin/pg_restore", "/pg/bin/psql"), DSN).argv
     assert custom[0] == "/pg/bin/pg_restore" and "--single-transaction" in custom and "--exit-on-error" in custom
     assert not any("s3cr" in arg for arg in plain + custom)
 
