@@ -85,7 +85,7 @@ class Decoder:
         plain = self._decrypt.update(data) if self._decrypt is not None else data
         return self._decompress(plain)
 
-    def _decompress(self, plain: bytes) -> bytes:
+    def _decompress(self, plain: bytes | bytearray) -> bytes:
         if self._codec is None:
             self._plain_head += plain
             if len(self._plain_head) < _SNIFF:

@@ -20,7 +20,6 @@ import binascii
 import hashlib
 import os
 import struct
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidTag
@@ -158,66 +157,103 @@ def read_header(data: bytes) -> Header:
 
 
 class Decryptor:
-    """Feed stored bytes with `update` (returns plaintext), then `finish` (raises if the file was cut short)."""
+    """Feed stored bytes with `update` (returns plaintext), then `finish` (raises if the file was cut short).
+
+    Records are read in place from the bytes given (memoryviews, no copies) and decrypted straight into
+    one preallocated output per call; only a header or record split across two calls is copied, into
+    `_pending`, and only up to its own end.
+    """
 
     def __init__(self, key: bytes) -> None:
         self._key = key
-        self._buffer = bytearray()
+        self._pending = bytearray()  # the start of a header or record that the next call completes
         self._header: bytes | None = None
         self._aead: AESGCM | None = None
         self._index = 0
         self._done = False
         self._max = MAX_CHUNK
 
-    def update(self, data: bytes) -> bytes:
-        self._buffer += data
-        return b"".join(self._records())
+    def update(self, data: bytes | bytearray | memoryview) -> bytearray:
+        records: list[tuple[memoryview, int, int, int]] = []  # (record, flags, length, index), in order
+        with memoryview(data) as view:
+            pos = 0
+            while self._pending and pos < len(view):
+                size = self._unit_size(self._pending)
+                target = size if size is not None else _RECORD.size
+                take = min(target - len(self._pending), len(view) - pos)
+                self._pending += view[pos : pos + take]
+                pos += take
+                if size is not None and len(self._pending) == size:
+                    unit, self._pending = self._pending, bytearray()
+                    self._take(memoryview(unit), records)
+            while pos < len(view):
+                size = self._unit_size(view[pos:])
+                if size is None or len(view) - pos < size:
+                    self._pending += view[pos:]
+                    break
+                self._take(view[pos : pos + size], records)
+                pos += size
+            return self._decrypt(records)
 
-    def _records(self) -> Iterator[bytes]:
+    def _unit_size(self, start: bytes | bytearray | memoryview) -> int | None:
+        """The size of the header or record `start` begins (None: its length is not in yet); raises if damaged."""
         if self._header is None:
-            if len(self._buffer) < HEADER_SIZE:
-                return
-            header = read_header(bytes(self._buffer[:HEADER_SIZE]))
+            return HEADER_SIZE
+        if len(start) < _RECORD.size:
+            return None
+        if self._done:
+            raise IntegrityError("data follows the last record: the file was altered", "use another copy")
+        flags, length = _RECORD.unpack_from(start)
+        length = int(length)
+        if length > self._max or flags & ~LAST:
+            raise IntegrityError(
+                f"record {self._index} of the encrypted file is damaged",
+                "the artifact was altered; use another copy",
+            )
+        return RECORD_OVERHEAD + length
+
+    def _take(self, unit: memoryview, records: list[tuple[memoryview, int, int, int]]) -> None:
+        """A whole header (checked and keyed at once) or record (queued for `_decrypt`)."""
+        if self._header is None:
+            header = read_header(bytes(unit))
             if header.key_id != key_id(self._key):
                 raise IntegrityError(
                     f"this file was encrypted with another backup key (key id {header.key_id.hex()}, "
                     f"the configured key is {fingerprint(self._key)})",
                     "set ENGRAM_RECOVERY_BACKUP_KEY (or _FILE) to the key that was in use when the backup was made",
                 )
-            self._header = bytes(self._buffer[:HEADER_SIZE])
+            self._header = bytes(unit)
             self._aead = _file_key(self._key, self._header[-16:])
             self._max = header.chunk_size
-            del self._buffer[:HEADER_SIZE]
-        assert self._aead is not None
-        while len(self._buffer) >= _RECORD.size:
-            if self._done:
-                raise IntegrityError("data follows the last record: the file was altered", "use another copy")
-            flags, length = _RECORD.unpack(self._buffer[: _RECORD.size])
-            if length > self._max or flags & ~LAST:
-                raise IntegrityError(
-                    f"record {self._index} of the encrypted file is damaged",
-                    "the artifact was altered; use another copy",
-                )
-            total = _RECORD.size + NONCE_SIZE + length + TAG_SIZE
-            if len(self._buffer) < total:
-                return
-            nonce = bytes(self._buffer[_RECORD.size : _RECORD.size + NONCE_SIZE])
-            sealed = bytes(self._buffer[_RECORD.size + NONCE_SIZE : total])
-            try:
-                plain = self._aead.decrypt(nonce, sealed, _aad(self._header, self._index, flags, length))
-            except InvalidTag as exc:
-                raise IntegrityError(
-                    f"record {self._index} of the encrypted file failed authentication: the artifact was altered "
-                    "or its records reordered",
-                    "do not restore from this artifact; use another copy or another recovery point",
-                ) from exc
-            del self._buffer[:total]
-            self._index += 1
-            self._done = bool(flags & LAST)
-            yield plain
+            return
+        flags, length = _RECORD.unpack_from(unit)
+        records.append((unit, flags, length, self._index))
+        self._index += 1
+        self._done = bool(flags & LAST)
+
+    def _decrypt(self, records: list[tuple[memoryview, int, int, int]]) -> bytearray:
+        out = bytearray(sum(length for _unit, _flags, length, _index in records))
+        if not records:
+            return out
+        assert self._aead is not None and self._header is not None
+        at = 0
+        with memoryview(out) as into:
+            for unit, flags, length, index in records:
+                nonce, sealed = unit[_RECORD.size : _RECORD.size + NONCE_SIZE], unit[_RECORD.size + NONCE_SIZE :]
+                try:
+                    self._aead.decrypt_into(nonce, sealed, _aad(self._header, index, flags, length),
+                                            into[at : at + length])  # fmt: skip
+                except InvalidTag as exc:
+                    raise IntegrityError(
+                        f"record {index} of the encrypted file failed authentication: the artifact was altered "
+                        "or its records reordered",
+                        "do not restore from this artifact; use another copy or another recovery point",
+                    ) from exc
+                at += length
+        return out
 
     def finish(self) -> None:
-        if self._header is None or not self._done or self._buffer:
+        if self._header is None or not self._done or self._pending:
             raise IntegrityError(
                 "the encrypted file ends before its last record: it was truncated",
                 "the copy is incomplete; use another copy or another recovery point",

@@ -222,7 +222,7 @@ async def plaintext(repo: Repository, key: str, artifact: Artifact, backup_key: 
     decryptor = Decryptor(backup_key) if artifact.encryption is not None and backup_key is not None else None
     codec = decompressor(artifact.compression)
     raw_send, raw_receive = anyio.create_memory_object_stream[bytes](_PIPELINE_DEPTH)
-    mid_send, mid_receive = anyio.create_memory_object_stream[bytes](_PIPELINE_DEPTH)
+    mid_send, mid_receive = anyio.create_memory_object_stream[bytes | bytearray](_PIPELINE_DEPTH)
     out_send, out_receive = anyio.create_memory_object_stream[bytes](_PIPELINE_DEPTH)
     digest, stored = hashlib.sha256(), [0]
 

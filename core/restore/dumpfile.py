@@ -17,6 +17,7 @@ falls back to one loader fed the whole stream.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass, field
 
 from ..errors import IntegrityError
@@ -27,6 +28,9 @@ BLK_DATA, BLK_BLOBS = 1, 3
 _CUSTOM = 1  # archCustom
 SECTION_PRE_DATA, SECTION_POST_DATA = 2, 4  # teSection: NONE = 1, PRE_DATA, DATA, POST_DATA
 _ALONE = frozenset({"INDEX", "CONSTRAINT", "CHECK CONSTRAINT"})  # post-data entries that touch one table only
+
+
+_INT_CODES = {1: "B", 2: "H", 4: "I", 8: "Q"}  # struct codes of the archive's int sizes (a sign byte first)
 
 
 class Unsupported(Exception):
@@ -160,6 +164,15 @@ class Splitter:
         self._state = "block"  # block | length | body | oid
         self._left = 0  # bytes of chunk body still to pass
         self._blobs = False
+        code = _INT_CODES.get(head.int_size)
+        self._unpack = struct.Struct("<B" + code).unpack_from if code else None
+
+    def _int(self, data: bytes, pos: int) -> int:
+        if self._unpack is not None:
+            sign, value = self._unpack(data, pos)
+        else:
+            sign, value = data[pos], int.from_bytes(data[pos + 1 : pos + 1 + self.int_size], "little")
+        return int(-value if sign else value)
 
     def feed(self, chunk: bytes) -> int:
         """Take the next bytes of the stream; returns how many were added to the blocks' parts."""
@@ -169,50 +182,62 @@ class Splitter:
         view, pos, n, width = memoryview(data), 0, len(data), self.int_size + 1
         block = self.blocks[-1] if self.blocks and not self.blocks[-1].complete else None
         start = pos  # of the bytes of `block` not yet written
+        # pg_dump writes one length-prefixed chunk per row: this loop runs once per row of the dump, so its
+        # state lives in locals and a chunk body that is all here is hopped over in the same step as its length.
+        state, left, read_int = self._state, self._left, self._int
         while pos < n:
-            if self._state == "body":
-                step = min(self._left, n - pos)
-                pos += step
-                self._left -= step
-                if not self._left:
-                    self._state = "length"
+            if state == "body":
+                if left > n - pos:
+                    left -= n - pos
+                    pos = n
+                    break
+                pos += left
+                left, state = 0, "length"
                 continue
-            if self._state == "block":
+            if state == "block":
                 if n - pos < 1 + width:
                     break
                 kind = data[pos]
-                dump_id = _int(view[pos + 1 : pos + 1 + width])
+                dump_id = read_int(data, pos + 1)
                 if kind not in (BLK_DATA, BLK_BLOBS) or dump_id not in self.known:
                     raise IntegrityError(f"unexpected data block (type {kind}, id {dump_id}) in the dump", _FIX)
                 block = Block(dump_id)
                 self.blocks.append(block)
                 start, pos = pos, pos + 1 + width
                 self._blobs = kind == BLK_BLOBS
-                self._state = "oid" if self._blobs else "length"
+                state = "oid" if self._blobs else "length"
                 continue
             if n - pos < width:
                 break
-            value = _int(view[pos : pos + width])
+            value = read_int(data, pos)
             pos += width
             assert block is not None
-            if self._state == "oid":
+            if state == "oid":
                 if value == 0:
                     self._end(block, view[start:pos])
                     block, start = None, pos
-                    self._state = "block"
+                    state = "block"
                 else:
-                    self._state = "length"
+                    state = "length"
             elif value == 0:  # the end of a block's chunks (or of one large object's)
                 if self._blobs:
-                    self._state = "oid"
+                    state = "oid"
                 else:
                     self._end(block, view[start:pos])
                     block, start = None, pos
-                    self._state = "block"
+                    state = "block"
+            elif value < 0:
+                raise IntegrityError(f"a data block of the dump has a negative chunk length ({value})", _FIX)
+            elif value <= n - pos:
+                pos += value  # the whole chunk body is here
             else:
-                self._left, self._state = value, "body"
+                left, state = value - (n - pos), "body"
+                pos = n
+        self._state, self._left = state, left
         if block is not None and pos > start:
-            block.parts.append(bytes(view[start:pos]))
+            # A chunk that is all one block's (the usual case) is kept as it came: no copy.
+            whole = start == 0 and pos == n and type(data) is bytes
+            block.parts.append(data if whole else bytes(view[start:pos]))
             block.written += pos - start
         self._pending = bytes(view[pos:])
         return len(chunk) + len(before) - len(self._pending)
@@ -226,8 +251,3 @@ class Splitter:
     def finish(self) -> None:
         if self._pending or self._state != "block":
             raise IntegrityError("the dump ends in the middle of a data block", _FIX)
-
-
-def _int(raw: memoryview) -> int:
-    value = int.from_bytes(raw[1:], "little")
-    return -value if raw[0] else value

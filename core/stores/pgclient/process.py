@@ -215,38 +215,86 @@ class Feed:
 
     async def _run(self, receive: anyio.abc.ObjectReceiveStream[bytes]) -> None:
         argv = self.command.argv
+        read_end, write_end = _stdin_pipe()
         try:
-            process = await anyio.open_process(argv, env=self.command.env, stdin=subprocess.PIPE,
-                                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
-        except OSError as exc:
-            raise ConfigurationError(f"cannot start {argv[0]}: {exc.strerror}", _RESTORE_HINT) from exc
-        async with process:
-            assert process.stdin is not None and process.stderr is not None and process.stdout is not None
-            err, out = process.stderr, process.stdout
+            try:
+                process = await anyio.open_process(argv, env=self.command.env, stdin=read_end,
+                                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+            except OSError as exc:
+                raise ConfigurationError(f"cannot start {argv[0]}: {exc.strerror}", _RESTORE_HINT) from exc
+            finally:
+                os.close(read_end)  # the child holds its own copy: its EOF comes when we close ours
+            async with process:
+                assert process.stderr is not None and process.stdout is not None
+                err, out = process.stderr, process.stdout
 
-            async def drain(stream: Any, into: bytearray, keep: bool) -> None:
-                async for part in stream:
-                    into.extend(part)
-                    if not keep:
-                        del into[:-STDERR_KEEP]
+                async def drain(stream: Any, into: bytearray, keep: bool) -> None:
+                    async for part in stream:
+                        into.extend(part)
+                        if not keep:
+                            del into[:-STDERR_KEEP]
 
-            async with task_group() as tg:
-                tg.start_soon(drain, err, self.stderr, False)
-                tg.start_soon(drain, out, self.stdout, self.keep_stdout)
-                try:
-                    async for chunk in receive:
-                        await process.stdin.send(chunk)
-                except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                    pass  # it stopped reading: its exit code says whether that was right
-                finally:
-                    await process.stdin.aclose()
-            code = await process.wait()
-            self.exited.set()
-            if self.drain:
-                async for _chunk in receive:
-                    pass  # keep the tee moving for the other consumers
+                async with task_group() as tg:
+                    tg.start_soon(drain, err, self.stderr, False)
+                    tg.start_soon(drain, out, self.stdout, self.keep_stdout)
+                    try:
+                        pause = _pause(write_end)
+                        async for chunk in receive:
+                            await _write_all(write_end, chunk, pause)
+                    except (BrokenPipeError, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                        pass  # it stopped reading: its exit code says whether that was right
+                    finally:
+                        os.close(write_end)
+                        write_end = -1
+                code = await process.wait()
+                self.exited.set()
+                if self.drain:
+                    async for _chunk in receive:
+                        pass  # keep the tee moving for the other consumers
+        finally:
+            if write_end >= 0:
+                os.close(write_end)
         if code != 0:
             raise _failure(self.command.name, code, self.stderr, self.fix)
+
+
+# A client's stdin is our own pipe, grown to PIPE_SIZE where Linux allows, written without asyncio's stream
+# buffer: its transport copied every chunk it could not write at once into a buffer of its own, and woke us
+# for each page pg_restore read. After a write finds a large pipe full, we wait until it is writable and
+# then WRITE_PAUSE more, so one write refills the space pg_restore has read meanwhile (it still holds most
+# of the 1 MiB then, so it never waits for us); with a small pipe there is no pause.
+_F_GETPIPE_SZ = 1032
+WRITE_PAUSE = 0.001
+
+
+def _stdin_pipe() -> tuple[int, int]:
+    """(read end for the child, our non-blocking write end); both close on exec, as os.pipe makes them."""
+    read_end, write_end = os.pipe()
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(write_end, _F_SETPIPE_SZ, PIPE_SIZE)
+    os.set_blocking(write_end, False)
+    return read_end, write_end
+
+
+def _pause(fd: int) -> float:
+    try:
+        size = fcntl.fcntl(fd, _F_GETPIPE_SZ)
+    except OSError:
+        return 0.0
+    return WRITE_PAUSE if size >= PIPE_SIZE else 0.0
+
+
+async def _write_all(fd: int, data: bytes, pause: float) -> None:
+    """Every byte of `data` into the non-blocking pipe `fd` (BrokenPipeError: the reader is gone)."""
+    with memoryview(data) as view:
+        pos = 0
+        while pos < len(view):
+            try:
+                pos += os.write(fd, view[pos:])
+            except BlockingIOError:
+                await anyio.wait_writable(fd)
+                if pause:
+                    await anyio.sleep(pause)
 
 
 async def feed_all(feed: Feed, chunks: AsyncIterator[bytes]) -> int:

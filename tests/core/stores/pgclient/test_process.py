@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import threading
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -19,7 +22,7 @@ from engram_recovery.core.stores.pgclient.commands import (
     split_dsn,
     stdin_restore,
 )
-from engram_recovery.core.stores.pgclient.process import COALESCE_BYTES, PipedProcess
+from engram_recovery.core.stores.pgclient.process import COALESCE_BYTES, PIPE_SIZE, Feed, PipedProcess, feed_all
 
 DSN = "postgresql://backup%40ops:s3cr%2Ft@db.internal:6432/engram?sslmode=require"
 
@@ -153,3 +156,44 @@ def test_the_piped_reader_runs_the_command_with_its_filtered_environment(monkeyp
     monkeypatch.setenv("PGSSLMODE", "verify-full")  # secures the DSN's own connection: passes
     shown = "import os; print(os.environ.get('PGHOST'), os.environ.get('PGSSLMODE'), os.environ.get('PGPASSWORD'))"
     assert b"".join(read_all(shown, DSN)).split() == [b"None", b"verify-full", b"s3cr/t"]
+
+
+# --- clients fed on stdin ---------------------------------------------------------------------------
+
+# A child that reports its stdin pipe's size and a digest of every byte it read (as pg_restore reads a dump).
+_READER = (
+    "import fcntl, hashlib, os, sys\n"
+    "size = fcntl.fcntl(0, 1032)\n"
+    "digest = hashlib.sha256()\n"
+    "while block := os.read(0, 1 << 16):\n"
+    "    digest.update(block)\n"
+    "print(size, digest.hexdigest())\n"
+)
+
+
+async def _chunks(parts: list[bytes]) -> AsyncIterator[bytes]:
+    for part in parts:
+        yield part
+
+
+@pytest.mark.anyio
+async def test_a_fed_client_reads_every_byte_through_a_1_mib_pipe() -> None:
+    parts = [os.urandom(n) for n in (1, 3 << 20, 70_000, 2 << 20, 5)]
+    feed = Feed(Script(sys.executable, script=_READER), "fix", keep_stdout=True)
+    assert await feed_all(feed, _chunks(parts)) == sum(map(len, parts))
+    size, digest = feed.stdout.split()
+    assert digest.decode() == hashlib.sha256(b"".join(parts)).hexdigest()
+    # Linux lets an unprivileged process grow a pipe to pipe-max-size: pg_restore then reads 1 MiB per wake-up.
+    limit = int(Path("/proc/sys/fs/pipe-max-size").read_text())  # noqa: ASYNC240 (a tiny proc file)
+    assert int(size) == (PIPE_SIZE if limit >= PIPE_SIZE else 65536)
+
+
+@pytest.mark.anyio
+async def test_a_fed_client_may_stop_reading_early_and_its_failure_is_reported() -> None:
+    parts = [os.urandom(1 << 20) for _ in range(8)]
+    stops = Feed(Script(sys.executable, script="import os; os.read(0, 10)"), "fix")
+    assert await feed_all(stops, _chunks(parts)) > 0  # no BrokenPipeError: its exit code (0) says all is well
+    fails = Feed(Script(sys.executable, script="import sys; sys.stderr.write('pg_restore: error: bad'); sys.exit(3)"),
+                 "drop and retry")  # fmt: skip
+    with pytest.raises(RecoveryError, match=r"exit 3\): pg_restore: error: bad"):
+        await feed_all(fails, _chunks(parts))
