@@ -12,6 +12,7 @@ from pathlib import Path
 
 import anyio
 import asyncpg
+from support import EngramDB
 
 from engram_recovery.core.stores.barman import Barman
 from engram_recovery.core.stores.barman_catalog import BaseBackup
@@ -31,6 +32,17 @@ from engram_recovery.testbed.barman import steady_writes as steady_writes
 ARCHIVING_ON = ("archive_timeout=60",)
 # The most a server can turn off: no WAL for a base backup, no replication connection at all.
 ARCHIVING_OFF = ("wal_level=minimal", "max_wal_senders=0", "max_replication_slots=0")
+
+
+@dataclass(frozen=True)
+class Archived:
+    """An Engram database Barman archives: its base backup, then two marked writes."""
+
+    db: EngramDB
+    config: Path
+    barman: Barman
+    backup: BaseBackup
+    between: datetime  # after the first mark's commit, before the second's
 
 
 @dataclass(frozen=True)

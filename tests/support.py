@@ -11,12 +11,14 @@ import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
 import asyncpg
+from anyio.abc import SocketAttribute, SocketStream
 
 from engram_recovery import testbed
 from engram_recovery.core.engram import crypto as engram_crypto
@@ -206,6 +208,16 @@ async def databases_named(dsn: str, name: str) -> int:
     return int(await fetchval(dsn, "SELECT count(*) FROM pg_database WHERE datname = $1", name))
 
 
+@asynccontextmanager
+async def loopback_server(handler: Callable[[SocketStream], Awaitable[None]]) -> AsyncIterator[str]:
+    """A TCP listener on a free loopback port serving each connection with `handler`; yields its http:// endpoint."""
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    async with listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, handler)
+        yield f"http://127.0.0.1:{listener.extra(SocketAttribute.local_port)}"
+        tg.cancel_scope.cancel()
+
+
 def free_port() -> int:
     """A loopback port nothing listens on (bound, then released): a server that is down, or one to start."""
     with socket.socket() as probe:
@@ -251,11 +263,16 @@ async def new_bucket(
 
 def storage_env(weed: SeaweedFS, bucket: str, **extra: str) -> dict[str, str]:
     """Engram's STORAGE_* variables for an attachments bucket on the test SeaweedFS."""
-    scheme, _, hostport = weed.endpoint.partition("://")
+    return bucket_env(s3_location(weed, bucket)) | extra
+
+
+def bucket_env(where: s3.S3Location) -> dict[str, str]:
+    """Engram's STORAGE_* variables for the attachments bucket `where` names."""
+    scheme, _, hostport = str(where.endpoint).partition("://")
     host, _, port = hostport.partition(":")
-    return {"STORAGE_BACKEND": "s3", "STORAGE_BUCKET": bucket, "STORAGE_HOST": host, "STORAGE_PORT": port,
-            "STORAGE_SCHEME": scheme + "://", "STORAGE_ACCESS_KEY_ID": weed.access_key_id,
-            "STORAGE_SECRET_ACCESS_KEY": weed.secret_access_key, "STORAGE_REGION": weed.region} | extra  # fmt: skip
+    return {"STORAGE_BACKEND": "s3", "STORAGE_BUCKET": where.bucket, "STORAGE_HOST": host, "STORAGE_PORT": port,
+            "STORAGE_SCHEME": scheme + "://", "STORAGE_ACCESS_KEY_ID": where.access_key_id,
+            "STORAGE_SECRET_ACCESS_KEY": where.secret_access_key, "STORAGE_REGION": where.region}  # fmt: skip
 
 
 def repository_env(weed: SeaweedFS, bucket: str, prefix: str = "engram/prod", secret: str | None = None

@@ -14,6 +14,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import archiving_support
 import pytest
 from archiving_support import archive_cluster, backup_under_writes, receiving, streaming_barman, write_two_marks
 from mcp import Client
@@ -24,20 +25,13 @@ from engram_recovery.core.progress import silent
 from engram_recovery.core.restore import pitr
 from engram_recovery.core.runtime import Runtime
 from engram_recovery.core.settings import load_settings
-from engram_recovery.core.stores.barman import Barman
-from engram_recovery.core.stores.barman_catalog import BaseBackup
 from engram_recovery.server.app import build_server
 from engram_recovery.tools.plan_restore import PlanRestoreInput, PlanRestoreResult, plan_restore
 from engram_recovery.tools.restore_drill import RestoreDrillInput, RestoreDrillResult, restore_drill
 
 
 @dataclass(frozen=True)
-class Archived:
-    db: EngramDB
-    config: Path
-    barman: Barman
-    backup: BaseBackup
-    between: datetime  # after the first mark's commit, before the second's
+class Archived(archiving_support.Archived):
     second: datetime  # the second mark's commit: the archive's newest
 
 

@@ -152,6 +152,22 @@ async def rows(dsn: str, query: str) -> list[tuple[Any, ...]]:
         await conn.close()
 
 
+async def create_target(admin_dsn: str, deployment: Deployment, name: str, *statements: str) -> None:
+    """The target database made beforehand, as an operator would, with `statements` run in it."""
+    await fetchval(admin_dsn, f'CREATE DATABASE "{name}" TEMPLATE template0')
+    for statement in statements:
+        await fetchval(deployment.target_dsn(name), statement)
+
+
+async def plan_into_existing(
+    deployment: Deployment, admin_dsn: str, name: str
+) -> tuple[dict[str, str], PlanRestoreResult]:
+    """A plan to restore into `name`, made beforehand (empty) as an operator would; its env and the plan."""
+    env = deployment.env(f"rr-dst-{secrets.token_hex(4)}")
+    await create_target(admin_dsn, deployment, name)
+    return env, await plan(env, target_database=name)
+
+
 @pytest.fixture
 async def target_name(admin_dsn: str) -> AsyncIterator[str]:
     name = "engram_restored_" + secrets.token_hex(4)
@@ -199,7 +215,7 @@ async def test_through_the_tool_alone_a_restore_equals_the_source_at_backup_time
     # sync head is past the live one, so no client's cursor is ahead of the restored vault.
     restored = deployment.target_dsn(target_name)
     assert await fetchval(restored, "SELECT revoked_at IS NOT NULL FROM refresh_tokens WHERE id = $1::uuid",
-                     deployment.revoked_token) is True  # fmt: skip
+                          deployment.revoked_token) is True  # fmt: skip
     assert await fetchval(restored, "SELECT count(*) FROM api_keys WHERE id = $1::uuid", deployment.deleted_key) == 0
     live_heads = dict(await rows(deployment.db.dsn, "SELECT id, change_seq FROM vaults"))
     restored_heads = dict(await rows(restored, "SELECT id, change_seq FROM vaults"))
@@ -219,16 +235,14 @@ async def test_through_the_tool_alone_a_restore_equals_the_source_at_backup_time
 async def test_a_changed_premise_refuses_the_token_and_leaves_the_target_untouched(
     deployment: Deployment, admin_dsn: str, target_name: str
 ) -> None:
-    env = deployment.env(f"rr-dst-{secrets.token_hex(4)}")
-    await fetchval(admin_dsn, f'CREATE DATABASE "{target_name}" TEMPLATE template0')
-    planned = await plan(env, target_database=target_name)
+    env, planned = await plan_into_existing(deployment, admin_dsn, target_name)
     assert planned.executable and planned.premises.target_state == "empty"
     await fetchval(deployment.target_dsn(target_name), "CREATE TABLE meanwhile (x int)")
     with pytest.raises(UnsafeOperation, match=r"premises changed: target_state: 'empty' -> 'non_empty:1'") as info:
         await restore(env, plan_token=planned.plan_token, confirm=True)
     assert "plan_restore again" in info.value.hint
     tables = await fetchval(deployment.target_dsn(target_name),
-                       "SELECT string_agg(tablename, ',') FROM pg_tables WHERE schemaname = 'public'")  # fmt: skip
+                            "SELECT string_agg(tablename, ',') FROM pg_tables WHERE schemaname = 'public'")  # fmt: skip
     assert tables == "meanwhile"
 
 
@@ -238,8 +252,7 @@ async def test_a_non_empty_target_is_replaced_only_when_the_plan_recorded_that_c
 ) -> None:
     bucket = await new_bucket(deployment.where(f"rr-dst-{secrets.token_hex(4)}"))
     env = deployment.env(bucket.bucket)
-    await fetchval(admin_dsn, f'CREATE DATABASE "{target_name}" TEMPLATE template0')
-    await fetchval(deployment.target_dsn(target_name), "CREATE TABLE precious (x int)")
+    await create_target(admin_dsn, deployment, target_name, "CREATE TABLE precious (x int)")
     refused = await plan(env, target_database=target_name)
     with pytest.raises(UnsafeOperation, match="the plan does not pass: target: .* not empty"):
         await restore(env, plan_token=refused.plan_token, confirm=True)
@@ -256,9 +269,7 @@ async def test_a_non_empty_target_is_replaced_only_when_the_plan_recorded_that_c
 async def test_anything_connected_to_the_target_refuses_the_restore(
     deployment: Deployment, admin_dsn: str, target_name: str
 ) -> None:
-    env = deployment.env(f"rr-dst-{secrets.token_hex(4)}")
-    await fetchval(admin_dsn, f'CREATE DATABASE "{target_name}" TEMPLATE template0')
-    planned = await plan(env, target_database=target_name)
+    env, planned = await plan_into_existing(deployment, admin_dsn, target_name)
     session = await asyncpg.connect(deployment.target_dsn(target_name))
     try:
         with pytest.raises(UnsafeOperation, match=f"1 session\\(s\\) are connected to {target_name}"):
@@ -298,7 +309,7 @@ async def test_a_failure_in_the_attachments_step_stops_there_and_resume_complete
         t: v for t, v in deployment.rows_at_backup.items() if t not in rebuilt}  # fmt: skip
     # The Qdrant rebuild is queued in the restored database: one EmbedNote job per eligible note.
     queued = await fetchval(deployment.target_dsn(target_name),
-                       "SELECT count(*) FROM oban_jobs WHERE worker = 'Engram.Workers.EmbedNote'")  # fmt: skip
+                            "SELECT count(*) FROM oban_jobs WHERE worker = 'Engram.Workers.EmbedNote'")  # fmt: skip
     assert queued == step(second, "qdrant").details["enqueued"] > 0
 
 

@@ -11,20 +11,21 @@ import secrets
 import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 import anyio
+import archiving_support
 import asyncpg
 import pytest
 from archiving_support import archive_cluster, backup_under_writes, receiving, streaming_barman, write_two_marks
 from support import (
-    EngramDB,
     bucket_contents,
+    bucket_env,
     databases_named,
     engram_env,
     fetchval,
     make_engram_db,
+    new_bucket,
     restore,
 )
 from support import (
@@ -37,8 +38,6 @@ from engram_recovery.core.restore.run import RestoreLog
 from engram_recovery.core.runtime import Runtime
 from engram_recovery.core.settings import load_settings
 from engram_recovery.core.stores import s3
-from engram_recovery.core.stores.barman import Barman
-from engram_recovery.core.stores.barman_catalog import BaseBackup
 from engram_recovery.core.stores.pgclient import process
 from engram_recovery.core.stores.pgclient.commands import PgClientCommand
 from engram_recovery.core.stores.s3 import S3Location
@@ -51,12 +50,7 @@ SCRATCH = "engram-pitr-restore-*"
 
 
 @dataclass(frozen=True)
-class Archived:
-    db: EngramDB
-    config: Path
-    barman: Barman
-    backup: BaseBackup
-    between: datetime  # after the first mark's commit, before the second's
+class Archived(archiving_support.Archived):
     bucket: S3Location
     originals: dict[str, bytes]  # the attachments as uploaded before the time
     spoiled: str  # overwritten after the time
@@ -65,13 +59,8 @@ class Archived:
     weed: SeaweedFS
 
     def env(self, base: Path, **extra: str) -> dict[str, str]:
-        host, port = self.weed.endpoint.removeprefix("http://").split(":")
         return engram_env(self.db, base, ENGRAM_RECOVERY_BARMAN_CONFIG=str(self.config),
-                          ENGRAM_RECOVERY_BARMAN_SERVER="engram", STORAGE_BACKEND="s3",
-                          STORAGE_BUCKET=self.bucket.bucket,
-                          STORAGE_HOST=host, STORAGE_PORT=port, STORAGE_SCHEME="http://",
-                          STORAGE_ACCESS_KEY_ID=self.weed.access_key_id,
-                          STORAGE_SECRET_ACCESS_KEY=self.weed.secret_access_key, **extra)  # fmt: skip
+                          ENGRAM_RECOVERY_BARMAN_SERVER="engram", **(bucket_env(self.bucket) | extra))  # fmt: skip
 
     def target_dsn(self, name: str) -> str:
         return self.db.dsn.rsplit("/", 1)[0] + "/" + name
@@ -84,14 +73,8 @@ async def archived(
     with archive_cluster("archive_timeout=60", "track_commit_timestamp=on", "autovacuum=off") as archive:
         config, barman = await streaming_barman(archive, tmp_path_factory.mktemp("barman"))
         async for db in make_engram_db(archive.url, master_key, storage="s3", notes=30, attachments=6):
-            bucket = S3Location(weed.endpoint, weed.access_key_id, weed.secret_access_key, weed.region,
-                                f"pitr-run-{secrets.token_hex(4)}")  # fmt: skip
             originals = dict(db.report.attachment_objects)
-            async with s3.client(bucket) as c:
-                await c.create_bucket(Bucket=bucket.bucket)
-                await c.put_bucket_versioning(Bucket=bucket.bucket, VersioningConfiguration={"Status": "Enabled"})
-                for key, body in originals.items():
-                    await c.put_object(Bucket=bucket.bucket, Key=key, Body=body)
+            bucket = await new_bucket(weed, originals, versioned=True)
             spoiled, deleted = sorted(originals)[:2]
             async with receiving(barman):
                 async with backup_under_writes(barman, archive.url) as backup:
@@ -125,6 +108,15 @@ async def counts(dsn: str) -> dict[str, int]:
         await conn.close()
 
 
+async def plan_between(archived: Archived, tmp_path: Path) -> tuple[dict[str, str], str, PlanRestoreResult]:
+    """An executable plan to a new database at the time between the two marks: env, target, plan."""
+    env = archived.env(tmp_path)
+    target = "engram_pitr_" + secrets.token_hex(4)
+    planned = await plan(env, f"at:{archived.between.isoformat()}", target)
+    assert planned.executable, planned.summary
+    return env, target, planned
+
+
 def scratch_dirs() -> set[Path]:
     return set(Path(tempfile.gettempdir()).glob(SCRATCH))
 
@@ -134,10 +126,7 @@ def scratch_dirs() -> set[Path]:
 async def test_run_restore_at_a_time_between_two_marks_restores_the_first_only_verified_and_fenced(
     archived: Archived, tmp_path: Path
 ) -> None:
-    env = archived.env(tmp_path)
-    target = "engram_pitr_" + secrets.token_hex(4)
-    planned = await plan(env, f"at:{archived.between.isoformat()}", target)
-    assert planned.executable, planned.summary
+    env, target, planned = await plan_between(archived, tmp_path)
     assert planned.premises.point_in_time == archived.between and planned.premises.target_state == "absent"
     assert planned.steps[-1].id == "restore"
     before = scratch_dirs()
@@ -177,7 +166,7 @@ async def test_run_restore_at_a_time_between_two_marks_restores_the_first_only_v
     assert {k: now[k] for k in archived.originals} == archived.originals
     # The fences: the token revoked in the live database after the time stays revoked.
     assert await fetchval(restored, "SELECT revoked_at IS NOT NULL FROM refresh_tokens WHERE id = $1::uuid",
-                       archived.revoked_token) is True  # fmt: skip
+                          archived.revoked_token) is True  # fmt: skip
     assert step(result, "fence_tokens").changed and step(result, "fence_sync").changed
     # The scratch server is stopped and its directory removed.
     assert scratch_dirs() == before
@@ -227,10 +216,7 @@ async def test_a_failed_database_step_removes_the_scratch_server_and_resume_reco
 @pytest.mark.anyio
 @pytest.mark.slow
 async def test_a_changed_target_refuses_the_token_with_nothing_touched(archived: Archived, tmp_path: Path) -> None:
-    env = archived.env(tmp_path)
-    target = "engram_pitr_" + secrets.token_hex(4)
-    planned = await plan(env, f"at:{archived.between.isoformat()}", target)
-    assert planned.executable, planned.summary
+    env, target, planned = await plan_between(archived, tmp_path)
     await fetchval(archived.db.dsn, f'CREATE DATABASE "{target}" TEMPLATE template0')
     try:
         await fetchval(archived.target_dsn(target), "CREATE TABLE meanwhile (x int)")
@@ -267,10 +253,10 @@ async def test_onto_a_new_server_after_losing_the_old_one_the_roles_are_created_
         assert step(result, "database").details["counts"] == await counts(dsn)
         assert step(result, "canary").details["code"] == "ok"
         owners = await fetchval(dsn, "SELECT array_agg(DISTINCT pg_get_userbyid(relowner)) FROM pg_class c JOIN "
-                             "pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = 'public'")  # fmt: skip
+                                "pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = 'public'")  # fmt: skip
         assert owners == await fetchval(archived.db.dsn, "SELECT array_agg(DISTINCT pg_get_userbyid(relowner)) FROM "
-                                     "pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-                                     "WHERE n.nspname = 'public'")  # fmt: skip
+                                        "pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                                        "WHERE n.nspname = 'public'")  # fmt: skip
         # No live database to compare with: every refresh token is revoked (everyone signs in again).
         assert await fetchval(dsn, "SELECT count(*) FROM refresh_tokens WHERE revoked_at IS NULL") == 0
 
@@ -281,10 +267,7 @@ async def test_zz_a_time_no_longer_in_the_window_is_refused_with_nothing_touched
     archived: Archived, tmp_path: Path
 ) -> None:
     """Last in the module: it deletes the base backup (the window's start moves past the time)."""
-    env = archived.env(tmp_path)
-    target = "engram_pitr_" + secrets.token_hex(4)
-    planned = await plan(env, f"at:{archived.between.isoformat()}", target)
-    assert planned.executable, planned.summary
+    env, target, planned = await plan_between(archived, tmp_path)
     command = archived.barman.command
     await anyio.run_process([command.binary, "-c", str(archived.config), "delete", command.server,
                              archived.backup.backup_id])  # fmt: skip
