@@ -32,7 +32,10 @@ from support import (
     fetchval,
     fingerprints,
     make_engram_db,
+    new_bucket,
     restore,
+    s3_location,
+    storage_env,
 )
 from support import (
     restore_step as step,
@@ -85,26 +88,18 @@ class Deployment:
                 "api_key_vaults": f"t.api_key_id = '{self.deleted_key}'"}  # fmt: skip
 
     def env(self, bucket: str, base: Path | None = None, **extra: str) -> dict[str, str]:
-        host, port = self.weed.endpoint.removeprefix("http://").split(":")
-        return engram_env(self.db, base or self.base, ENGRAM_RECOVERY_BACKUP_KEY=BACKUP_KEY, STORAGE_BACKEND="s3",
-                          STORAGE_BUCKET=bucket, STORAGE_HOST=host, STORAGE_PORT=port, STORAGE_SCHEME="http://",
-                          STORAGE_ACCESS_KEY_ID=self.weed.access_key_id,
-                          STORAGE_SECRET_ACCESS_KEY=self.weed.secret_access_key, **extra)  # fmt: skip
+        return engram_env(self.db, base or self.base, ENGRAM_RECOVERY_BACKUP_KEY=BACKUP_KEY,
+                          **storage_env(self.weed, bucket, **extra))  # fmt: skip
 
     def where(self, bucket: str) -> S3Location:
-        w = self.weed
-        return S3Location(w.endpoint, w.access_key_id, w.secret_access_key, w.region, bucket)
+        return s3_location(self.weed, bucket)
+
+    async def new_target_bucket(self) -> S3Location:
+        """An empty bucket for a restore's attachments."""
+        return await new_bucket(self.weed, name=f"rr-dst-{secrets.token_hex(4)}")
 
     def target_dsn(self, name: str) -> str:
         return self.db.dsn.rsplit("/", 1)[0] + "/" + name
-
-
-async def new_bucket(where: S3Location, objects: dict[str, bytes] | None = None) -> S3Location:
-    async with s3.bulk_client(where) as c:
-        await c.create_bucket(Bucket=where.bucket)
-        for key, body in (objects or {}).items():
-            await c.put_object(Bucket=where.bucket, Key=key, Body=body)
-    return where
 
 
 @pytest.fixture(scope="module")
@@ -113,9 +108,7 @@ async def deployment(
 ) -> AsyncIterator[Deployment]:
     async for db in make_engram_db(admin_dsn, secrets.token_bytes(32), storage="s3", notes=30, attachments=12):
         base = tmp_path_factory.mktemp("run-restore")
-        source = S3Location(weed.endpoint, weed.access_key_id, weed.secret_access_key, weed.region,
-                            f"rr-src-{secrets.token_hex(4)}")  # fmt: skip
-        await new_bucket(source, dict(db.report.attachment_objects))
+        source = await new_bucket(weed, db.report.attachment_objects, name=f"rr-src-{secrets.token_hex(4)}")
         token = await fetchval(db.dsn, "SELECT id::text FROM refresh_tokens WHERE revoked_at IS NULL "
                                        "ORDER BY id LIMIT 1")  # fmt: skip
         key = await fetchval(db.dsn, "SELECT id::text FROM api_keys ORDER BY id LIMIT 1")
@@ -179,7 +172,7 @@ async def target_name(admin_dsn: str) -> AsyncIterator[str]:
 async def test_through_the_tool_alone_a_restore_equals_the_source_at_backup_time_and_its_key_opens_the_canary(
     deployment: Deployment, admin_dsn: str, target_name: str
 ) -> None:
-    bucket = await new_bucket(deployment.where(f"rr-dst-{secrets.token_hex(4)}"))
+    bucket = await deployment.new_target_bucket()
     env = deployment.env(bucket.bucket)
     planned = await plan(env, target_database=target_name, app_version="0.18.1")
     assert planned.executable, planned.summary
@@ -250,7 +243,7 @@ async def test_a_changed_premise_refuses_the_token_and_leaves_the_target_untouch
 async def test_a_non_empty_target_is_replaced_only_when_the_plan_recorded_that_choice(
     deployment: Deployment, admin_dsn: str, target_name: str
 ) -> None:
-    bucket = await new_bucket(deployment.where(f"rr-dst-{secrets.token_hex(4)}"))
+    bucket = await deployment.new_target_bucket()
     env = deployment.env(bucket.bucket)
     await create_target(admin_dsn, deployment, target_name, "CREATE TABLE precious (x int)")
     refused = await plan(env, target_database=target_name)
@@ -295,7 +288,7 @@ async def test_a_failure_in_the_attachments_step_stops_there_and_resume_complete
     with pytest.raises(UnsafeOperation, match="premises changed: target_state") as info:
         await restore(env, plan_token=planned.plan_token, confirm=True)
     assert "resume=true" in info.value.hint
-    await new_bucket(missing)
+    await new_bucket(deployment.weed, name=missing.bucket)
     second = await restore(env, plan_token=planned.plan_token, confirm=True, resume=True)
     assert second.verdict in ("ok", "warn") and second.resumed, second.summary
     assert [s.name for s in second.steps] == ORDER
@@ -398,7 +391,7 @@ async def test_a_restore_in_place_over_the_live_database_replaces_it_when_the_pl
 async def test_a_database_step_that_fails_half_way_is_restored_again_from_a_fresh_target_on_resume(
     deployment: Deployment, target_name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    bucket = await new_bucket(deployment.where(f"rr-dst-{secrets.token_hex(4)}"))
+    bucket = await deployment.new_target_bucket()
     env = deployment.env(bucket.bucket)
     planned = await plan(env, target_database=target_name)
     real = restore_database
@@ -443,7 +436,7 @@ async def test_roles_the_dump_names_and_the_server_lacks_are_created_nologin(
     manifest = json.loads(manifest_path.read_text())
     manifest["database"]["roles_referenced"].append(gone)
     manifest_path.write_text(json.dumps(manifest))
-    bucket = await new_bucket(deployment.where(f"rr-dst-{secrets.token_hex(4)}"))
+    bucket = await deployment.new_target_bucket()
     env = deployment.env(bucket.bucket, base=tmp_path)
     planned = await plan(env, target_database=target_name)
     assert next(c for c in planned.checks if c.name == "roles").code == "roles_missing"
@@ -491,7 +484,7 @@ class _User:
 async def test_a_declined_elicitation_changes_nothing(
     deployment: Deployment, admin_dsn: str, target_name: str, mode: str, action: Literal["decline", "cancel"]
 ) -> None:
-    bucket = await new_bucket(deployment.where(f"rr-dst-{secrets.token_hex(4)}"))
+    bucket = await deployment.new_target_bucket()
     env = deployment.env(bucket.bucket)
     planned = await plan(env, target_database=target_name)
     assert planned.executable, planned.summary
@@ -511,7 +504,7 @@ async def test_a_declined_elicitation_changes_nothing(
 async def test_an_accepted_elicitation_performs_the_restore(
     deployment: Deployment, admin_dsn: str, target_name: str
 ) -> None:
-    bucket = await new_bucket(deployment.where(f"rr-dst-{secrets.token_hex(4)}"))
+    bucket = await deployment.new_target_bucket()
     env = deployment.env(bucket.bucket)
     planned = await plan(env, target_database=target_name)
     user = _User(types.ElicitResult(action="accept", content={"confirm": True}))
