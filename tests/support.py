@@ -110,6 +110,10 @@ class EngramDB:
     def role_dsn(self, role: str) -> str:
         return testbed.dsn_for(self.dsn, self.name, user=role)
 
+    def sibling_dsn(self, name: str) -> str:
+        """The same server and credentials, database `name` (a restore's target)."""
+        return self.dsn.rsplit("/", 1)[0] + "/" + name
+
 
 async def make_engram_db(
     admin_dsn: str, master_key: bytes, **seed_options: Any

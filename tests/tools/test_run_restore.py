@@ -80,7 +80,7 @@ class Deployment:
 
     async def restored_rows(self, name: str) -> dict[str, tuple[int, str]]:
         """The restored database's fingerprints, comparable with `rows_at_backup`."""
-        return await fingerprints(self.target_dsn(name), without=FENCED, leave_out=self.fenced_rows())
+        return await fingerprints(self.db.sibling_dsn(name), without=FENCED, leave_out=self.fenced_rows())
 
     def fenced_rows(self) -> dict[str, str]:
         """The rows the token fence changes on purpose: compared by the fence checks, not with the rest."""
@@ -97,9 +97,6 @@ class Deployment:
     async def new_target_bucket(self) -> S3Location:
         """An empty bucket for a restore's attachments."""
         return await new_bucket(self.weed, name=f"rr-dst-{secrets.token_hex(4)}")
-
-    def target_dsn(self, name: str) -> str:
-        return self.db.dsn.rsplit("/", 1)[0] + "/" + name
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +146,7 @@ async def create_target(admin_dsn: str, deployment: Deployment, name: str, *stat
     """The target database made beforehand, as an operator would, with `statements` run in it."""
     await fetchval(admin_dsn, f'CREATE DATABASE "{name}" TEMPLATE template0')
     for statement in statements:
-        await fetchval(deployment.target_dsn(name), statement)
+        await fetchval(deployment.db.sibling_dsn(name), statement)
 
 
 async def plan_into_existing(
@@ -200,13 +197,13 @@ async def test_through_the_tool_alone_a_restore_equals_the_source_at_backup_time
     assert f"created database {target_name}" in " ".join(step(result, "target").changed)
     assert result.rto_seconds >= step(result, "database").seconds > 0
     # Contents: the database and the bucket as they were when the backup was taken, not as they are now.
-    assert await fingerprints(deployment.target_dsn(target_name), without=FENCED,
+    assert await fingerprints(deployment.db.sibling_dsn(target_name), without=FENCED,
                               leave_out=deployment.fenced_rows()) == deployment.rows_at_backup  # fmt: skip
     assert await bucket_contents(bucket) == deployment.at_backup
     assert "JWT" in " ".join(result.next_steps)
     # The fences: what the live database revoked or deleted after the backup stays dead, and every vault's
     # sync head is past the live one, so no client's cursor is ahead of the restored vault.
-    restored = deployment.target_dsn(target_name)
+    restored = deployment.db.sibling_dsn(target_name)
     assert await fetchval(restored, "SELECT revoked_at IS NOT NULL FROM refresh_tokens WHERE id = $1::uuid",
                           deployment.revoked_token) is True  # fmt: skip
     assert await fetchval(restored, "SELECT count(*) FROM api_keys WHERE id = $1::uuid", deployment.deleted_key) == 0
@@ -230,11 +227,11 @@ async def test_a_changed_premise_refuses_the_token_and_leaves_the_target_untouch
 ) -> None:
     env, planned = await plan_into_existing(deployment, admin_dsn, target_name)
     assert planned.executable and planned.premises.target_state == "empty"
-    await fetchval(deployment.target_dsn(target_name), "CREATE TABLE meanwhile (x int)")
+    await fetchval(deployment.db.sibling_dsn(target_name), "CREATE TABLE meanwhile (x int)")
     with pytest.raises(UnsafeOperation, match=r"premises changed: target_state: 'empty' -> 'non_empty:1'") as info:
         await restore(env, plan_token=planned.plan_token, confirm=True)
     assert "plan_restore again" in info.value.hint
-    tables = await fetchval(deployment.target_dsn(target_name),
+    tables = await fetchval(deployment.db.sibling_dsn(target_name),
                             "SELECT string_agg(tablename, ',') FROM pg_tables WHERE schemaname = 'public'")  # fmt: skip
     assert tables == "meanwhile"
 
@@ -249,7 +246,7 @@ async def test_a_non_empty_target_is_replaced_only_when_the_plan_recorded_that_c
     refused = await plan(env, target_database=target_name)
     with pytest.raises(UnsafeOperation, match="the plan does not pass: target: .* not empty"):
         await restore(env, plan_token=refused.plan_token, confirm=True)
-    assert await fetchval(deployment.target_dsn(target_name),
+    assert await fetchval(deployment.db.sibling_dsn(target_name),
                           "SELECT count(*) FROM pg_tables WHERE tablename = 'precious'")  # fmt: skip
     chosen = await plan(env, target_database=target_name, allow_non_empty_target=True)
     result = await restore(env, plan_token=chosen.plan_token, confirm=True, reindex_qdrant=False)
@@ -263,14 +260,14 @@ async def test_anything_connected_to_the_target_refuses_the_restore(
     deployment: Deployment, admin_dsn: str, target_name: str
 ) -> None:
     env, planned = await plan_into_existing(deployment, admin_dsn, target_name)
-    session = await asyncpg.connect(deployment.target_dsn(target_name))
+    session = await asyncpg.connect(deployment.db.sibling_dsn(target_name))
     try:
         with pytest.raises(UnsafeOperation, match=f"1 session\\(s\\) are connected to {target_name}"):
             await restore(env, plan_token=planned.plan_token, confirm=True)
     finally:
         await session.close()
     public = "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'"
-    assert await fetchval(deployment.target_dsn(target_name), public) == 0
+    assert await fetchval(deployment.db.sibling_dsn(target_name), public) == 0
 
 
 @pytest.mark.anyio
@@ -301,7 +298,7 @@ async def test_a_failure_in_the_attachments_step_stops_there_and_resume_complete
     assert {t: v for t, v in restored.items() if t not in rebuilt} == {
         t: v for t, v in deployment.rows_at_backup.items() if t not in rebuilt}  # fmt: skip
     # The Qdrant rebuild is queued in the restored database: one EmbedNote job per eligible note.
-    queued = await fetchval(deployment.target_dsn(target_name),
+    queued = await fetchval(deployment.db.sibling_dsn(target_name),
                             "SELECT count(*) FROM oban_jobs WHERE worker = 'Engram.Workers.EmbedNote'")  # fmt: skip
     assert queued == step(second, "qdrant").details["enqueued"] > 0
 

@@ -62,9 +62,6 @@ class Archived(archiving_support.Archived):
         return engram_env(self.db, base, ENGRAM_RECOVERY_BARMAN_CONFIG=str(self.config),
                           ENGRAM_RECOVERY_BARMAN_SERVER="engram", **(bucket_env(self.bucket) | extra))  # fmt: skip
 
-    def target_dsn(self, name: str) -> str:
-        return self.db.dsn.rsplit("/", 1)[0] + "/" + name
-
 
 @pytest.fixture(scope="module")
 async def archived(
@@ -142,7 +139,7 @@ async def test_run_restore_at_a_time_between_two_marks_restores_the_first_only_v
     assert result.verdict in ("ok", "warn"), result.summary
     assert [s.name for s in result.steps] == ORDER, [(s.name, s.status, s.summary) for s in result.steps]
     assert all(s.status in ("ok", "skipped") for s in result.steps), [(s.name, s.summary) for s in result.steps]
-    restored = archived.target_dsn(target)
+    restored = archived.db.sibling_dsn(target)
     # The first mark and not the second: replay stopped at the time asked.
     assert await fetchval(restored, "SELECT array_agg(n ORDER BY n) FROM pitr_marks") == [1]
     # Verified against the recovered server: its counts (the database step's reference) are the target's.
@@ -207,7 +204,7 @@ async def test_a_failed_database_step_removes_the_scratch_server_and_resume_reco
     # The partial target was dropped and the time recovered again (a new scratch server, removed again).
     assert any("dropped database" in c for c in step(second, "target").changed)
     assert step(second, "target").details["recovered"]["recover_seconds"] > 0
-    assert await fetchval(archived.target_dsn(target), "SELECT array_agg(n ORDER BY n) FROM pitr_marks") == [1]
+    assert await fetchval(archived.db.sibling_dsn(target), "SELECT array_agg(n ORDER BY n) FROM pitr_marks") == [1]
     assert scratch_dirs() == before
     # The attachments were rolled back by the first test or are now: nothing differs from the time's versions.
     assert step(second, "attachments").details["lacking"] == 0
@@ -219,11 +216,11 @@ async def test_a_changed_target_refuses_the_token_with_nothing_touched(archived:
     env, target, planned = await plan_between(archived, tmp_path)
     await fetchval(archived.db.dsn, f'CREATE DATABASE "{target}" TEMPLATE template0')
     try:
-        await fetchval(archived.target_dsn(target), "CREATE TABLE meanwhile (x int)")
+        await fetchval(archived.db.sibling_dsn(target), "CREATE TABLE meanwhile (x int)")
         before = scratch_dirs()
         with pytest.raises(UnsafeOperation, match=r"premises changed: target_state: 'absent' -> 'non_empty:1'"):
             await restore(env, plan_token=planned.plan_token, confirm=True)
-        tables = await fetchval(archived.target_dsn(target),
+        tables = await fetchval(archived.db.sibling_dsn(target),
                                 "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'")  # fmt: skip
         assert tables == 1
         assert scratch_dirs() == before and not (tmp_path / "repo" / "restores").exists()
