@@ -94,9 +94,10 @@ class Deployment:
     def where(self, bucket: str) -> S3Location:
         return s3_location(self.weed, bucket)
 
-    async def new_target_bucket(self) -> S3Location:
-        """An empty bucket for a restore's attachments."""
-        return await new_bucket(self.weed, name=f"rr-dst-{secrets.token_hex(4)}")
+    async def new_target_bucket(self, base: Path | None = None) -> tuple[S3Location, dict[str, str]]:
+        """An empty bucket for a restore's attachments, and the environment that restores into it."""
+        bucket = await new_bucket(self.weed, name=f"rr-dst-{secrets.token_hex(4)}")
+        return bucket, self.env(bucket.bucket, base=base)
 
 
 @pytest.fixture(scope="module")
@@ -169,8 +170,7 @@ async def target_name(admin_dsn: str) -> AsyncIterator[str]:
 async def test_through_the_tool_alone_a_restore_equals_the_source_at_backup_time_and_its_key_opens_the_canary(
     deployment: Deployment, admin_dsn: str, target_name: str
 ) -> None:
-    bucket = await deployment.new_target_bucket()
-    env = deployment.env(bucket.bucket)
+    bucket, env = await deployment.new_target_bucket()
     planned = await plan(env, target_database=target_name, app_version="0.18.1")
     assert planned.executable, planned.summary
     messages: list[str] = []
@@ -240,8 +240,7 @@ async def test_a_changed_premise_refuses_the_token_and_leaves_the_target_untouch
 async def test_a_non_empty_target_is_replaced_only_when_the_plan_recorded_that_choice(
     deployment: Deployment, admin_dsn: str, target_name: str
 ) -> None:
-    bucket = await deployment.new_target_bucket()
-    env = deployment.env(bucket.bucket)
+    bucket, env = await deployment.new_target_bucket()
     await create_target(admin_dsn, deployment, target_name, "CREATE TABLE precious (x int)")
     refused = await plan(env, target_database=target_name)
     with pytest.raises(UnsafeOperation, match="the plan does not pass: target: .* not empty"):
@@ -388,8 +387,7 @@ async def test_a_restore_in_place_over_the_live_database_replaces_it_when_the_pl
 async def test_a_database_step_that_fails_half_way_is_restored_again_from_a_fresh_target_on_resume(
     deployment: Deployment, target_name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    bucket = await deployment.new_target_bucket()
-    env = deployment.env(bucket.bucket)
+    bucket, env = await deployment.new_target_bucket()
     planned = await plan(env, target_database=target_name)
     real = restore_database
 
@@ -433,8 +431,7 @@ async def test_roles_the_dump_names_and_the_server_lacks_are_created_nologin(
     manifest = json.loads(manifest_path.read_text())
     manifest["database"]["roles_referenced"].append(gone)
     manifest_path.write_text(json.dumps(manifest))
-    bucket = await deployment.new_target_bucket()
-    env = deployment.env(bucket.bucket, base=tmp_path)
+    bucket, env = await deployment.new_target_bucket(base=tmp_path)
     planned = await plan(env, target_database=target_name)
     assert next(c for c in planned.checks if c.name == "roles").code == "roles_missing"
     try:
@@ -481,8 +478,7 @@ class _User:
 async def test_a_declined_elicitation_changes_nothing(
     deployment: Deployment, admin_dsn: str, target_name: str, mode: str, action: Literal["decline", "cancel"]
 ) -> None:
-    bucket = await deployment.new_target_bucket()
-    env = deployment.env(bucket.bucket)
+    bucket, env = await deployment.new_target_bucket()
     planned = await plan(env, target_database=target_name)
     assert planned.executable, planned.summary
     user = _User(types.ElicitResult(action=action))
@@ -501,8 +497,7 @@ async def test_a_declined_elicitation_changes_nothing(
 async def test_an_accepted_elicitation_performs_the_restore(
     deployment: Deployment, admin_dsn: str, target_name: str
 ) -> None:
-    bucket = await deployment.new_target_bucket()
-    env = deployment.env(bucket.bucket)
+    bucket, env = await deployment.new_target_bucket()
     planned = await plan(env, target_database=target_name)
     user = _User(types.ElicitResult(action="accept", content={"confirm": True}))
     async with Client(build_server(load_settings(environ=env)), mode="2026-07-28",

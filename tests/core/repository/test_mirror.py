@@ -52,10 +52,15 @@ def engram_objects(count: int) -> dict[str, bytes]:
     return objects
 
 
+async def engram_bucket(weed: SeaweedFS, count: int) -> tuple[dict[str, bytes], S3Location]:
+    """A new bucket holding `engram_objects(count)`: the objects and the bucket."""
+    objects = engram_objects(count)
+    return objects, await new_bucket(weed, objects)
+
+
 async def mirrored_once(repo: Repository, weed: SeaweedFS, count: int) -> tuple[dict[str, bytes], S3Location]:
     """A bucket of `count` Engram-shaped objects (and the extras), mirrored into `repo` as backup b1."""
-    objects = engram_objects(count)
-    source = await new_bucket(weed, objects)
+    objects, source = await engram_bucket(weed, count)
     await mirror_attachments(source, repo, "b1", silent)
     return objects, source
 
@@ -72,8 +77,7 @@ async def repository_keys(repo: Repository) -> list[str]:
 async def test_the_inventory_matches_the_bucket_exactly_and_every_blob_is_a_faithful_copy(
     repo: Repository, weed: SeaweedFS
 ) -> None:
-    objects = engram_objects(20)
-    source = await new_bucket(weed, objects)
+    objects, source = await engram_bucket(weed, 20)
     calls: list[tuple[float, float | None]] = []
 
     async def progress(done: float, total: float | None = None, message: str | None = None) -> None:
@@ -155,8 +159,7 @@ async def test_a_dry_run_reports_what_would_be_copied_and_writes_nothing(repo: R
 async def test_objects_that_change_or_vanish_during_the_run_are_recorded_as_they_were_copied(
     repo: Repository, weed: SeaweedFS
 ) -> None:
-    objects = engram_objects(4)
-    source = await new_bucket(weed, objects)
+    objects, source = await engram_bucket(weed, 4)
     changed, vanished = "u0/v0/objects/0000", "u1/v1/objects/0001"
 
     async def meddle(done: float, total: float | None = None, message: str | None = None) -> None:
