@@ -7,9 +7,9 @@ and they import it as `_common`.
 from __future__ import annotations
 
 import os
-import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
+from urllib.parse import urlsplit
 
 import asyncpg
 
@@ -30,17 +30,11 @@ def admin_url(prefix: str, override_env: str = "ENGRAM_TEST_ADMIN_URL") -> Itera
 
 async def seeded(admin: str, key: bytes, prefix: str, *, users: int, notes: int, attachments: int) -> str:
     """A new database `<prefix>_<random>` with Engram's schema and roles, seeded and analysed; its DSN."""
-    name = f"{prefix}_{secrets.token_hex(4)}"
-    conn = await asyncpg.connect(admin)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    dsn = testbed.dsn_for(admin, name)
+    dsn = await testbed.create_database(admin, prefix)
     conn = await asyncpg.connect(dsn)
     try:
         await testbed.create_engram_schema(conn)
-        await testbed.create_roles(conn, name)
+        await testbed.create_roles(conn, urlsplit(dsn).path.lstrip("/"))
         await testbed.seed(conn, master_key=key, users=users, vaults_per_user=2, notes=notes, attachments=attachments)
         await conn.execute("VACUUM ANALYZE")
     finally:
@@ -48,10 +42,5 @@ async def seeded(admin: str, key: bytes, prefix: str, *, users: int, notes: int,
     return dsn
 
 
-async def drop(admin: str, dsn: str) -> None:
-    """Drop the database `dsn` names, even with sessions still on it."""
-    conn = await asyncpg.connect(admin)
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{dsn.rsplit("/", 1)[-1].split("?")[0]}" WITH (FORCE)')
-    finally:
-        await conn.close()
+# Drop the database a DSN names, even with sessions still on it.
+drop = testbed.drop_database
