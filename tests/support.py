@@ -18,7 +18,9 @@ from typing import Any, TypeVar
 
 import anyio
 import asyncpg
+import mcp_types as types
 from anyio.abc import SocketAttribute, SocketStream
+from mcp.client.session import ClientRequestContext
 
 from engram_recovery import testbed
 from engram_recovery.core.engram import crypto as engram_crypto
@@ -210,6 +212,23 @@ async def fetchval(dsn: str, query: str, *args: Any) -> Any:
 async def databases_named(dsn: str, name: str) -> int:
     """How many databases on `dsn`'s server are called `name` (0 or 1)."""
     return int(await fetchval(dsn, "SELECT count(*) FROM pg_database WHERE datname = $1", name))
+
+
+class User:
+    """The person behind an MCP client that can be asked: answers each question as told, remembers what was asked.
+
+    Every question must be the confirmation form (one boolean `confirm`).
+    """
+
+    def __init__(self, answer: types.ElicitResult) -> None:
+        self.answer = answer
+        self.asked: list[str] = []
+
+    async def __call__(self, context: ClientRequestContext, params: types.ElicitRequestParams) -> types.ElicitResult:
+        assert isinstance(params, types.ElicitRequestFormParams)
+        assert params.requested_schema["properties"]["confirm"]["type"] == "boolean"
+        self.asked.append(params.message)
+        return self.answer
 
 
 @asynccontextmanager

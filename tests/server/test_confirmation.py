@@ -21,7 +21,7 @@ from mcp import Client, StdioServerParameters
 from mcp.client.session import ClientRequestContext
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
-from support import EngramDB, engram_env, fingerprints, make_engram_db
+from support import EngramDB, User, engram_env, fingerprints, make_engram_db
 
 from engram_recovery.core.settings import Settings
 from engram_recovery.server import confirm
@@ -57,20 +57,6 @@ async def pending_jobs(db: EngramDB) -> int:
         return int(await conn.fetchval(PENDING))
     finally:
         await conn.close()
-
-
-class User:
-    """The person behind the client: answers each question as told and remembers what was asked."""
-
-    def __init__(self, answer: types.ElicitResult) -> None:
-        self.answer = answer
-        self.asked: list[str] = []
-
-    async def __call__(self, context: ClientRequestContext, params: types.ElicitRequestParams) -> types.ElicitResult:
-        assert isinstance(params, types.ElicitRequestFormParams)
-        assert params.requested_schema["properties"]["confirm"]["type"] == "boolean"
-        self.asked.append(params.message)
-        return self.answer
 
 
 YES = types.ElicitResult(action="accept", content={"confirm": True})

@@ -22,10 +22,10 @@ import asyncpg
 import mcp_types as types
 import pytest
 from mcp import Client
-from mcp.client.session import ClientRequestContext
 from support import (
     BACKUP_KEY,
     EngramDB,
+    User,
     bucket_contents,
     databases_named,
     engram_env,
@@ -459,19 +459,6 @@ async def test_the_command_line_call_changes_nothing_without_confirm(
     assert await databases_named(admin_dsn, target_name) == 0
 
 
-class _User:
-    """The person behind an MCP client that can be asked: answers as told, remembers each question."""
-
-    def __init__(self, answer: types.ElicitResult) -> None:
-        self.answer = answer
-        self.asked: list[str] = []
-
-    async def __call__(self, context: ClientRequestContext, params: types.ElicitRequestParams) -> types.ElicitResult:
-        assert isinstance(params, types.ElicitRequestFormParams)
-        self.asked.append(params.message)
-        return self.answer
-
-
 @pytest.mark.anyio
 @pytest.mark.parametrize("mode", ["legacy", "2026-07-28"])
 @pytest.mark.parametrize("action", ["decline", "cancel"])
@@ -481,7 +468,7 @@ async def test_a_declined_elicitation_changes_nothing(
     bucket, env = await deployment.new_target_bucket()
     planned = await plan(env, target_database=target_name)
     assert planned.executable, planned.summary
-    user = _User(types.ElicitResult(action=action))
+    user = User(types.ElicitResult(action=action))
     async with Client(build_server(load_settings(environ=env)), mode=mode, elicitation_callback=user) as client:
         answer = await client.call_tool("run_restore", {"plan_token": planned.plan_token})
     assert not answer.is_error, answer.content
@@ -499,7 +486,7 @@ async def test_an_accepted_elicitation_performs_the_restore(
 ) -> None:
     bucket, env = await deployment.new_target_bucket()
     planned = await plan(env, target_database=target_name)
-    user = _User(types.ElicitResult(action="accept", content={"confirm": True}))
+    user = User(types.ElicitResult(action="accept", content={"confirm": True}))
     async with Client(build_server(load_settings(environ=env)), mode="2026-07-28",
                       elicitation_callback=user) as client:  # fmt: skip
         answer = await client.call_tool("run_restore", {"plan_token": planned.plan_token, "reindex_qdrant": False})
