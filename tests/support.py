@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import anyio
 import asyncpg
 import mcp_types as types
-from anyio.abc import SocketAttribute, SocketStream
+from anyio.abc import Process, SocketAttribute, SocketStream
 from mcp.client.session import ClientRequestContext
 
 from engram_recovery import testbed
@@ -229,6 +229,18 @@ class User:
         assert params.requested_schema["properties"]["confirm"]["type"] == "boolean"
         self.asked.append(params.message)
         return self.answer
+
+
+async def wait_listening(port: int, process: Process, limit: float = 30) -> None:
+    """Wait until something accepts connections on 127.0.0.1:`port`; `process` (the server) must stay alive."""
+    with anyio.fail_after(limit):
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                return
+            except OSError:
+                assert process.returncode is None
+                await anyio.sleep(0.1)
 
 
 @asynccontextmanager
