@@ -21,56 +21,19 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import anyio
-import asyncpg
+from _common import admin_url, drop, seeded
 
-from engram_recovery import testbed
 from engram_recovery.core.engram import crypto as engram_crypto
-from engram_recovery.testbed import cluster
 
 EXE = str(Path(sys.executable).with_name("engram-recovery"))
 PEER = [sys.executable, "-c", "import asyncpg, pydantic, anyio"]
 
 
-@contextmanager
-def admin_url() -> Iterator[str]:
-    override = os.environ.get("ENGRAM_TEST_ADMIN_URL")
-    if override:
-        yield override
-        return
-    with cluster.throwaway("engram-bench-cli-") as pg:
-        yield pg.admin_url
-
-
-async def drop(admin: str, dsn: str) -> None:
-    conn = await asyncpg.connect(admin)
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{dsn.rsplit("/", 1)[-1].split("?")[0]}" WITH (FORCE)')
-    finally:
-        await conn.close()
-
-
-async def seeded(admin: str, key: bytes) -> str:
-    name = f"engram_bench_cli_{secrets.token_hex(4)}"
-    conn = await asyncpg.connect(admin)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    dsn = testbed.dsn_for(admin, name)
-    conn = await asyncpg.connect(dsn)
-    try:
-        await testbed.create_engram_schema(conn)
-        await testbed.create_roles(conn, name)
-        await testbed.seed(conn, master_key=key, users=3, vaults_per_user=2, notes=500, attachments=20)
-        await conn.execute("VACUUM ANALYZE")
-    finally:
-        await conn.close()
-    return dsn
+async def seeded_cli(admin: str, key: bytes) -> str:
+    return await seeded(admin, key, "engram_bench_cli", users=3, notes=500, attachments=20)
 
 
 def timed(argv: list[str], env: dict[str, str]) -> float:
@@ -88,8 +51,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=15)
     args = parser.parse_args()
     key = secrets.token_bytes(32)
-    with admin_url() as admin, tempfile.TemporaryDirectory(prefix="engram-bench-cli-") as work:
-        dsn = anyio.run(seeded, admin, key)
+    with admin_url("engram-bench-cli-") as admin, tempfile.TemporaryDirectory(prefix="engram-bench-cli-") as work:
+        dsn = anyio.run(seeded_cli, admin, key)
         env = {
             "PATH": os.environ.get("PATH", ""), "DATABASE_URL": dsn,
             "ENCRYPTION_MASTER_KEY": engram_crypto.encode_master_key(key),

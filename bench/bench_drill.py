@@ -29,12 +29,11 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import anyio
 import asyncpg
+from _common import admin_url
 
 from engram_recovery import testbed
 from engram_recovery.core.artifact import extract as backup_extract
@@ -43,22 +42,11 @@ from engram_recovery.core.progress import silent
 from engram_recovery.core.runtime import Runtime
 from engram_recovery.core.settings import load_settings
 from engram_recovery.core.stores.pgclient.versions import bundled
-from engram_recovery.testbed import cluster
 from engram_recovery.tools.restore_drill import RestoreDrillInput, restore_drill
 from engram_recovery.tools.run_backup import RunBackupInput, run_backup
 
 ADMIN = ""
 PG_RESTORE = bundled("pg_restore") or "pg_restore"
-
-
-@contextmanager
-def server() -> Iterator[str]:
-    override = os.environ.get("ENGRAM_BENCH_ADMIN_URL")
-    if override:
-        yield override
-        return
-    with cluster.throwaway("engram-bench-drill-") as pg:
-        yield pg.admin_url
 
 
 async def seed(dsn: str, name: str, key: bytes, args: argparse.Namespace) -> int:
@@ -163,7 +151,7 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3)
     global ADMIN
     args = parser.parse_args()
-    with server() as admin:
+    with admin_url("engram-bench-drill-", "ENGRAM_BENCH_ADMIN_URL") as admin:
         ADMIN = admin
         return anyio.run(main_async, args)
 

@@ -25,7 +25,6 @@ written after it (WAL the recoveries replay).
 from __future__ import annotations
 
 import argparse
-import getpass
 import os
 import secrets
 import shutil
@@ -33,8 +32,6 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -47,57 +44,10 @@ from engram_recovery.core.progress import silent
 from engram_recovery.core.restore import pitr
 from engram_recovery.core.runtime import Runtime
 from engram_recovery.core.settings import load_settings
-from engram_recovery.core.stores.barman import Barman, BarmanCommand, find_binary
-from engram_recovery.core.stores.pgclient.versions import bundled_bindir
+from engram_recovery.core.stores.barman import Barman
+from engram_recovery.testbed import barman as testbed_barman
 from engram_recovery.testbed import cluster
 from engram_recovery.tools.restore_drill import RestoreDrillInput, restore_drill
-
-SERVER, ROLE, SLOT = "engram", "streaming_barman", "barman"
-ROLE_SQL = (
-    f"CREATE ROLE {ROLE} WITH LOGIN REPLICATION",
-    "CREATE ROLE barman WITH LOGIN",
-    "GRANT EXECUTE ON FUNCTION pg_backup_start(text, boolean) TO barman",
-    "GRANT EXECUTE ON FUNCTION pg_backup_stop(boolean) TO barman",
-    "GRANT EXECUTE ON FUNCTION pg_switch_wal() TO barman",
-    "GRANT EXECUTE ON FUNCTION pg_create_restore_point(text) TO barman",
-    "GRANT pg_read_all_settings, pg_read_all_stats, pg_checkpoint TO barman",
-    f"SELECT pg_create_physical_replication_slot('{SLOT}', true)",
-)
-
-
-def barman_config(home: Path, port: int) -> Path:
-    home.mkdir(parents=True, exist_ok=True)
-    config = home / "barman.conf"
-    config.write_text(
-        f"[barman]\nbarman_home = {home}\nbarman_user = {getpass.getuser()}\nlog_file = {home}/barman.log\n"
-        "log_level = INFO\ncompression = gzip\n\n"
-        f"[{SERVER}]\ndescription = bench\nconninfo = host=127.0.0.1 port={port} user=barman dbname=postgres\n"
-        f"streaming_conninfo = host=127.0.0.1 port={port} user={ROLE}\nbackup_method = postgres\n"
-        f"streaming_archiver = on\nslot_name = {SLOT}\ncreate_slot = auto\npath_prefix = {bundled_bindir()}\n"
-    )
-    return config
-
-
-@asynccontextmanager
-async def steady_load(dsn: str, every: float = 0.1) -> AsyncIterator[None]:
-    """One committed row every `every` seconds, as a live Engram writes, for as long as the block runs."""
-    conn = await asyncpg.connect(dsn)
-    await conn.execute("CREATE TABLE IF NOT EXISTS bench_load (at timestamptz DEFAULT clock_timestamp())")
-    try:
-        async with anyio.create_task_group() as tg:
-
-            async def tick() -> None:
-                while True:
-                    await conn.execute("INSERT INTO bench_load DEFAULT VALUES")
-                    await anyio.sleep(every)
-
-            tg.start_soon(tick)
-            try:
-                yield
-            finally:
-                tg.cancel_scope.cancel()
-    finally:
-        await conn.close()
 
 
 async def drill(env: dict[str, str], moment: datetime) -> tuple[float, float, dict[str, int]]:
@@ -140,14 +90,9 @@ async def main_async(args: argparse.Namespace, root: Path) -> int:
 
 
 async def bench(args: argparse.Namespace, key: bytes, root: Path, pg: cluster.Cluster) -> int:
-    admin = await asyncpg.connect(pg.admin_url)
-    try:
-        for statement in ROLE_SQL:
-            await admin.execute(statement)
-    finally:
-        await admin.close()
-    config = barman_config(root / "barman", pg.port)
-    barman = Barman(BarmanCommand(find_binary(None), SERVER, str(config)))
+    await testbed_barman.create_replication_role(pg.admin_url)
+    config = testbed_barman.barman_config(pg.port, root / "barman", description="bench")
+    barman = testbed_barman.barman_for(config)
     async with testbed.scratch_database(pg.admin_url, prefix="bench_pitr") as dsn:
         conn = await asyncpg.connect(dsn)
         try:
@@ -156,15 +101,16 @@ async def bench(args: argparse.Namespace, key: bytes, root: Path, pg: cluster.Cl
             await testbed.seed(conn, master_key=key, users=10, vaults_per_user=2, notes=args.notes, attachments=50)
             await conn.execute("CREATE TABLE bench_marker (n int PRIMARY KEY, at timestamptz)")
             await conn.execute("CREATE TABLE bench_bulk (n bigint, pad text)")
+            await conn.execute("CREATE TABLE bench_load (at timestamptz DEFAULT clock_timestamp())")
         finally:
             await conn.close()
         env = {"DATABASE_URL": dsn, "ENCRYPTION_MASTER_KEY": engram_crypto.encode_master_key(key),
                "ENGRAM_RECOVERY_REPOSITORY": str(root / "repo"), "ENGRAM_RECOVERY_QDRANT_PATH": ":memory:",
-               "ENGRAM_RECOVERY_BARMAN_CONFIG": str(config), "ENGRAM_RECOVERY_BARMAN_SERVER": SERVER,
+               "ENGRAM_RECOVERY_BARMAN_CONFIG": str(config), "ENGRAM_RECOVERY_BARMAN_SERVER": testbed_barman.SERVER,
                "PATH": os.environ.get("PATH", "")}  # fmt: skip
         await barman.cron()
         try:
-            async with steady_load(dsn):
+            async with testbed_barman.steady_writes(dsn, statement="INSERT INTO bench_load DEFAULT VALUES"):
                 await barman.switch_wal(archive_timeout=60)
                 t0 = time.perf_counter()
                 backup = await barman.backup(wait_timeout=600)

@@ -27,16 +27,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import anyio
-import asyncpg
+from _common import admin_url, drop, seeded
 
-from engram_recovery import testbed
 from engram_recovery.core.engram import crypto as engram_crypto
-from engram_recovery.testbed import cluster
 
 OURS = Path(sys.executable).with_name("engram-recovery")
 COMMANDS: dict[str, list[str]] = {
@@ -47,41 +43,8 @@ COMMANDS: dict[str, list[str]] = {
 }
 
 
-@contextmanager
-def admin_url() -> Iterator[str]:
-    override = os.environ.get("ENGRAM_TEST_ADMIN_URL")
-    if override:
-        yield override
-        return
-    with cluster.throwaway("engram-bench-regroup-") as pg:
-        yield pg.admin_url
-
-
-async def seeded(admin: str, key: bytes, notes: int) -> str:
-    name = f"engram_bench_regroup_{secrets.token_hex(4)}"
-    conn = await asyncpg.connect(admin)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    dsn = testbed.dsn_for(admin, name)
-    conn = await asyncpg.connect(dsn)
-    try:
-        await testbed.create_engram_schema(conn)
-        await testbed.create_roles(conn, name)
-        await testbed.seed(conn, master_key=key, users=5, vaults_per_user=2, notes=notes, attachments=200)
-        await conn.execute("VACUUM ANALYZE")
-    finally:
-        await conn.close()
-    return dsn
-
-
-async def drop(admin: str, name: str) -> None:
-    conn = await asyncpg.connect(admin)
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
+async def seeded_regroup(admin: str, key: bytes, notes: int) -> str:
+    return await seeded(admin, key, "engram_bench_regroup", users=5, notes=notes, attachments=200)
 
 
 def timed(exe: Path, argv: list[str], env: dict[str, str]) -> float:
@@ -106,8 +69,11 @@ def main() -> None:
         raise SystemExit(f"{peer} not found: run scripts/setup in {args.before} first")
     key = secrets.token_bytes(32)
     samples: dict[tuple[str, str], list[float]] = {(c, t): [] for c in COMMANDS for t in ("ours", "peer")}
-    with admin_url() as admin, tempfile.TemporaryDirectory(prefix="engram-bench-regroup-") as work:
-        dsn = anyio.run(seeded, admin, key, args.notes)
+    with (
+        admin_url("engram-bench-regroup-") as admin,
+        tempfile.TemporaryDirectory(prefix="engram-bench-regroup-") as work,
+    ):
+        dsn = anyio.run(seeded_regroup, admin, key, args.notes)
         base = {
             "PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/root"), "DATABASE_URL": dsn,
             "ENCRYPTION_MASTER_KEY": engram_crypto.encode_master_key(key), "ENGRAM_RECOVERY_KEY_ESCROW": "a,b",
@@ -127,7 +93,7 @@ def main() -> None:
                 line = "  ".join(f"{c} {samples[(c, 'ours')][-1] / samples[(c, 'peer')][-1]:.3f}" for c in COMMANDS)
                 print(f"round {run + 1}: ours/peer  {line}  load {os.getloadavg()[0]:.1f}", flush=True)
         finally:
-            anyio.run(drop, admin, dsn.rsplit("/", 1)[-1].split("?")[0])
+            anyio.run(drop, admin, dsn)
     print(f"\n{args.runs} paired rounds, {args.notes} notes, {os.cpu_count()} cores")
     for command in COMMANDS:
         ours, theirs = samples[(command, "ours")], samples[(command, "peer")]

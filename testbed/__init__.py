@@ -10,7 +10,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import anyio
 import asyncpg
@@ -42,9 +42,11 @@ __all__ = [
     "ProgressFn",
     "SeedReport",
     "Variant",
+    "create_database",
     "create_engram_schema",
     "create_roles",
     "demo",
+    "drop_database",
     "dsn_for",
     "migration_versions",
     "rls_tables",
@@ -65,9 +67,8 @@ def dsn_for(admin_dsn: str, dbname: str, user: str | None = None) -> str:
     return urlunsplit((parts.scheme, netloc, "/" + quote(dbname, safe=""), parts.query, ""))
 
 
-@asynccontextmanager
-async def scratch_database(admin_dsn: str, prefix: str = "engram_test") -> AsyncIterator[str]:
-    """Create an empty database named ``<prefix>_<random>``, yield its DSN, drop it (even if in use) after."""
+async def create_database(admin_dsn: str, prefix: str = "engram_test") -> str:
+    """Create an empty database named ``<prefix>_<random>``; its DSN."""
     name = f"{prefix}_{secrets.token_hex(6)}"
     admin = await asyncpg.connect(admin_dsn)
     try:
@@ -75,16 +76,29 @@ async def scratch_database(admin_dsn: str, prefix: str = "engram_test") -> Async
         await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE template0')
     finally:
         await admin.close()
+    return dsn_for(admin_dsn, name)
+
+
+async def drop_database(admin_dsn: str, dsn: str) -> None:
+    """Drop the database `dsn` names on the server of `admin_dsn`, even with sessions still on it."""
+    name = unquote(urlsplit(dsn).path.lstrip("/"))
+    admin = await asyncpg.connect(admin_dsn)
     try:
-        yield dsn_for(admin_dsn, name)
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+@asynccontextmanager
+async def scratch_database(admin_dsn: str, prefix: str = "engram_test") -> AsyncIterator[str]:
+    """Create an empty database named ``<prefix>_<random>``, yield its DSN, drop it (even if in use) after."""
+    dsn = await create_database(admin_dsn, prefix)
+    try:
+        yield dsn
     finally:
         # Shielded and bounded: a cancelled test must still not leave its database behind.
         with anyio.CancelScope(shield=True), anyio.move_on_after(60):
-            admin = await asyncpg.connect(admin_dsn)
-            try:
-                await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-            finally:
-                await admin.close()
+            await drop_database(admin_dsn, dsn)
 
 
 async def demo(

@@ -24,9 +24,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..core.stores import pgserver
 from ..core.stores.pgclient.versions import bundled_bindir
+from ..core.stores.pgserver import OS_USER, admin_tool, as_owner, free_port
 
-OS_USER = "postgres"
 # A throwaway cluster need not survive a power cut: these make a test database's writes several times faster.
 FAST = ("fsync=off", "synchronous_commit=off", "full_page_writes=off")
 
@@ -53,13 +54,6 @@ class Cluster:
         stop(self.datadir, self.bindir)
 
 
-def free_port() -> int:
-    """A loopback TCP port nobody listens on right now (the kernel picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         try:
@@ -79,30 +73,21 @@ def _bindir(bindir: Path | None) -> Path:
     return found
 
 
-def _admin_tool(name: str) -> str:
-    """runuser and useradd by path: they live in /usr/sbin, which a cron job's or `env -i` shell's PATH lacks."""
-    candidates = (f"/usr/sbin/{name}", f"/sbin/{name}")
-    found = shutil.which(name) or next((p for p in candidates if os.access(p, os.X_OK)), None)
-    if found is None:
-        raise RuntimeError(f"{name} was not found (on PATH, /usr/sbin or /sbin): it runs PostgreSQL as {OS_USER!r} "
-                           "when we are root; install util-linux/passwd, or run as a non-root user")
-    return found
-
-
 def _as_owner() -> list[str]:
-    """The command prefix that runs initdb/pg_ctl as a non-root user ([] when we are not root)."""
-    if os.geteuid() != 0:
-        return []
-    try:
-        pwd.getpwnam(OS_USER)
-    except KeyError:
-        # A fresh machine without Debian's PostgreSQL packages has no such user: make a system one.
-        print(f"cluster: creating the system user {OS_USER!r} to run PostgreSQL (initdb refuses root)",
-              file=sys.stderr)  # fmt: skip
-        useradd = _admin_tool("useradd")
-        subprocess.run([useradd, "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", OS_USER],
-                       check=True, capture_output=True)  # fmt: skip
-    return [_admin_tool("runuser"), "-u", OS_USER, "--"]
+    """The command prefix that runs initdb/pg_ctl as a non-root user ([] when we are not root): the product's.
+
+    Unlike the product, which only names the missing user, the test bed makes it.
+    """
+    if os.geteuid() == 0:
+        try:
+            pwd.getpwnam(OS_USER)
+        except KeyError:
+            # A fresh machine without Debian's PostgreSQL packages has no such user: make a system one.
+            print(f"cluster: creating the system user {OS_USER!r} to run PostgreSQL (initdb refuses root)",
+                  file=sys.stderr)  # fmt: skip
+            subprocess.run([admin_tool("useradd"), "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
+                            OS_USER], check=True, capture_output=True)  # fmt: skip
+    return as_owner()
 
 
 def _run(argv: list[str], what: str, log: Path | None = None) -> None:
@@ -190,11 +175,8 @@ def stop(datadir: Path, bindir: Path | None = None) -> bool:
 
 def adopt(datadir: Path) -> None:
     """Give a data directory that another tool wrote (a Barman recovery, run as root) to the server's OS user."""
-    if not _as_owner():
-        return
-    datadir.chmod(0o700)
-    for path in (datadir, *datadir.rglob("*")):
-        shutil.chown(path, OS_USER, OS_USER)
+    _as_owner()  # the OS user, made if missing
+    pgserver.adopt(datadir)
 
 
 @contextmanager

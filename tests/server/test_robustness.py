@@ -26,7 +26,7 @@ import asyncpg
 import pytest
 from mcp import Client
 from qdrant_client import QdrantClient
-from support import EXE, EngramDB, arun_cli, engram_env, fingerprints, run_cli
+from support import EXE, EngramDB, arun_cli, engram_env, fingerprints, run_cli, wait_listening
 
 from engram_recovery.core.repository import points as restore_checks
 from engram_recovery.core.settings import load_settings
@@ -407,14 +407,7 @@ async def test_the_cron_line_runs_beside_a_serving_http_server_that_uses_the_emb
     server = await anyio.open_process([EXE, "serve", "--http", "--port", str(port)], env=env,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        with anyio.fail_after(30):
-            while True:
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                    break
-                except OSError:
-                    assert server.returncode is None
-                    await anyio.sleep(0.1)
+        await wait_listening(port, server)
         async with httpx2.AsyncClient(headers={"authorization": f"Bearer {token}"}) as http, \
                 Client(streamable_http_client(f"http://127.0.0.1:{port}/mcp", http_client=http)) as client:
             served = await client.call_tool("backup_status", {})  # the server has opened the Qdrant folder

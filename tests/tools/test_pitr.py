@@ -14,9 +14,9 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import asyncpg
+import archiving_support
 import pytest
-from archiving_support import archive_cluster, barman_config, barman_for, create_replication_role, steady_writes
+from archiving_support import archive_cluster, backup_under_writes, receiving, streaming_barman, write_two_marks
 from mcp import Client
 from support import EngramDB, engram_env, make_engram_db
 
@@ -25,20 +25,13 @@ from engram_recovery.core.progress import silent
 from engram_recovery.core.restore import pitr
 from engram_recovery.core.runtime import Runtime
 from engram_recovery.core.settings import load_settings
-from engram_recovery.core.stores.barman import Barman
-from engram_recovery.core.stores.barman_catalog import BaseBackup
 from engram_recovery.server.app import build_server
 from engram_recovery.tools.plan_restore import PlanRestoreInput, PlanRestoreResult, plan_restore
 from engram_recovery.tools.restore_drill import RestoreDrillInput, RestoreDrillResult, restore_drill
 
 
 @dataclass(frozen=True)
-class Archived:
-    db: EngramDB
-    config: Path
-    barman: Barman
-    backup: BaseBackup
-    between: datetime  # after the first mark's commit, before the second's
+class Archived(archiving_support.Archived):
     second: datetime  # the second mark's commit: the archive's newest
 
 
@@ -46,29 +39,11 @@ class Archived:
 async def archived(master_key: bytes, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Archived]:
     # track_commit_timestamp: the second mark's commit time; autovacuum off: no commit after it.
     with archive_cluster("archive_timeout=60", "track_commit_timestamp=on", "autovacuum=off") as archive:
-        await create_replication_role(archive.url)
-        config = barman_config(archive, tmp_path_factory.mktemp("barman"))
-        barman = barman_for(config)
+        config, barman = await streaming_barman(archive, tmp_path_factory.mktemp("barman"))
         async for db in make_engram_db(archive.url, master_key):
-            await barman.cron()
-            try:
-                async with steady_writes(archive.url):
-                    await barman.switch_wal(archive_timeout=30)
-                    backup = await barman.backup(wait_timeout=60)
-                    conn = await asyncpg.connect(db.dsn)
-                    try:
-                        await conn.execute("CREATE TABLE pitr_marks (n int PRIMARY KEY)")
-                        await conn.execute("INSERT INTO pitr_marks (n) VALUES (1)")
-                        between: datetime = await conn.fetchval("SELECT clock_timestamp()")
-                        await conn.execute("INSERT INTO pitr_marks (n) VALUES (2)")
-                        second: datetime = await conn.fetchval(
-                            "SELECT pg_xact_commit_timestamp(xmin) FROM pitr_marks WHERE n = 2"
-                        )
-                    finally:
-                        await conn.close()
-                    await barman.switch_wal(archive_timeout=30)
-            finally:
-                await barman.stop_receiving()
+            async with receiving(barman):
+                async with backup_under_writes(barman, archive.url) as backup:
+                    between, second = await write_two_marks(db.dsn, "pitr_marks")
             yield Archived(db, config, barman, backup, between, second)
 
 

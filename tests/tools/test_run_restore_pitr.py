@@ -11,15 +11,26 @@ import secrets
 import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 import anyio
+import archiving_support
 import asyncpg
 import pytest
-from archiving_support import archive_cluster, barman_config, barman_for, create_replication_role, steady_writes
-from support import EngramDB, engram_env, make_engram_db
+from archiving_support import archive_cluster, backup_under_writes, receiving, streaming_barman, write_two_marks
+from support import (
+    bucket_contents,
+    bucket_env,
+    databases_named,
+    engram_env,
+    fetchval,
+    make_engram_db,
+    new_bucket,
+    restore,
+)
+from support import (
+    restore_step as step,
+)
 
 from engram_recovery.core.errors import RecoveryError, UnsafeOperation
 from engram_recovery.core.progress import silent
@@ -27,14 +38,11 @@ from engram_recovery.core.restore.run import RestoreLog
 from engram_recovery.core.runtime import Runtime
 from engram_recovery.core.settings import load_settings
 from engram_recovery.core.stores import s3
-from engram_recovery.core.stores.barman import Barman
-from engram_recovery.core.stores.barman_catalog import BaseBackup
 from engram_recovery.core.stores.pgclient import process
 from engram_recovery.core.stores.pgclient.commands import PgClientCommand
 from engram_recovery.core.stores.s3 import S3Location
 from engram_recovery.testbed.seaweedfs import SeaweedFS
 from engram_recovery.tools.plan_restore import PlanRestoreInput, PlanRestoreResult, plan_restore
-from engram_recovery.tools.run_restore import RunRestoreInput, RunRestoreResult, run_restore_tool
 
 ORDER = ["premises", "sessions", "snapshot_live", "roles", "target", "database", "canary", "attachments",
          "fence_tokens", "fence_sync", "protect_orphans", "qdrant", "remove_server"]  # fmt: skip
@@ -42,12 +50,7 @@ SCRATCH = "engram-pitr-restore-*"
 
 
 @dataclass(frozen=True)
-class Archived:
-    db: EngramDB
-    config: Path
-    barman: Barman
-    backup: BaseBackup
-    between: datetime  # after the first mark's commit, before the second's
+class Archived(archiving_support.Archived):
     bucket: S3Location
     originals: dict[str, bytes]  # the attachments as uploaded before the time
     spoiled: str  # overwritten after the time
@@ -56,16 +59,8 @@ class Archived:
     weed: SeaweedFS
 
     def env(self, base: Path, **extra: str) -> dict[str, str]:
-        host, port = self.weed.endpoint.removeprefix("http://").split(":")
         return engram_env(self.db, base, ENGRAM_RECOVERY_BARMAN_CONFIG=str(self.config),
-                          ENGRAM_RECOVERY_BARMAN_SERVER="engram", STORAGE_BACKEND="s3",
-                          STORAGE_BUCKET=self.bucket.bucket,
-                          STORAGE_HOST=host, STORAGE_PORT=port, STORAGE_SCHEME="http://",
-                          STORAGE_ACCESS_KEY_ID=self.weed.access_key_id,
-                          STORAGE_SECRET_ACCESS_KEY=self.weed.secret_access_key, **extra)  # fmt: skip
-
-    def target_dsn(self, name: str) -> str:
-        return self.db.dsn.rsplit("/", 1)[0] + "/" + name
+                          ENGRAM_RECOVERY_BARMAN_SERVER="engram", **(bucket_env(self.bucket) | extra))  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -73,32 +68,16 @@ async def archived(
     master_key: bytes, weed: SeaweedFS, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[Archived]:
     with archive_cluster("archive_timeout=60", "track_commit_timestamp=on", "autovacuum=off") as archive:
-        await create_replication_role(archive.url)
-        config = barman_config(archive, tmp_path_factory.mktemp("barman"))
-        barman = barman_for(config)
+        config, barman = await streaming_barman(archive, tmp_path_factory.mktemp("barman"))
         async for db in make_engram_db(archive.url, master_key, storage="s3", notes=30, attachments=6):
-            bucket = S3Location(weed.endpoint, weed.access_key_id, weed.secret_access_key, weed.region,
-                                f"pitr-run-{secrets.token_hex(4)}")  # fmt: skip
             originals = dict(db.report.attachment_objects)
-            async with s3.client(bucket) as c:
-                await c.create_bucket(Bucket=bucket.bucket)
-                await c.put_bucket_versioning(Bucket=bucket.bucket, VersioningConfiguration={"Status": "Enabled"})
-                for key, body in originals.items():
-                    await c.put_object(Bucket=bucket.bucket, Key=key, Body=body)
+            bucket = await new_bucket(weed, originals, versioned=True)
             spoiled, deleted = sorted(originals)[:2]
-            await barman.cron()
-            try:
-                async with steady_writes(archive.url):
-                    await barman.switch_wal(archive_timeout=30)
-                    backup = await barman.backup(wait_timeout=60)
+            async with receiving(barman):
+                async with backup_under_writes(barman, archive.url) as backup:
+                    between, _ = await write_two_marks(db.dsn, "pitr_marks", pause=1.2)  # S3 times are whole seconds
                     conn = await asyncpg.connect(db.dsn)
                     try:
-                        await conn.execute("CREATE TABLE pitr_marks (n int PRIMARY KEY)")
-                        await conn.execute("INSERT INTO pitr_marks (n) VALUES (1)")
-                        await anyio.sleep(1.2)  # S3 times are whole seconds
-                        between: datetime = await conn.fetchval("SELECT clock_timestamp()")
-                        await anyio.sleep(1.2)
-                        await conn.execute("INSERT INTO pitr_marks (n) VALUES (2)")
                         token = await conn.fetchval("SELECT id::text FROM refresh_tokens WHERE revoked_at IS NULL "
                                                     "ORDER BY id LIMIT 1")  # fmt: skip
                         await conn.execute("UPDATE refresh_tokens SET revoked_at = now() WHERE id = $1::uuid", token)
@@ -107,28 +86,12 @@ async def archived(
                     async with s3.client(bucket) as c:
                         await c.put_object(Bucket=bucket.bucket, Key=spoiled, Body=b"not the attachment")
                         await c.delete_object(Bucket=bucket.bucket, Key=deleted)
-                    await barman.switch_wal(archive_timeout=30)
-            finally:
-                await barman.stop_receiving()
             yield Archived(db, config, barman, backup, between, bucket, originals, spoiled, deleted, token, weed)
 
 
 async def plan(env: dict[str, str], point: str, target: str) -> PlanRestoreResult:
     async with Runtime(load_settings(environ=env)) as runtime:
         return await plan_restore(runtime, PlanRestoreInput(recovery_point=point, target_database=target), silent)
-
-
-async def restore(env: dict[str, str], **params: Any) -> RunRestoreResult:
-    async with Runtime(load_settings(environ=env)) as runtime:
-        return await run_restore_tool(runtime, RunRestoreInput(**params), silent)
-
-
-async def fetch(dsn: str, query: str, *args: Any) -> Any:
-    conn = await asyncpg.connect(dsn)
-    try:
-        return await conn.fetchval(query, *args)
-    finally:
-        await conn.close()
 
 
 async def counts(dsn: str) -> dict[str, int]:
@@ -142,26 +105,17 @@ async def counts(dsn: str) -> dict[str, int]:
         await conn.close()
 
 
-async def bucket_now(where: S3Location) -> dict[str, bytes]:
-    out: dict[str, bytes] = {}
-    async with s3.client(where) as c:
-        async for o in s3.list_objects(c, where.bucket):
-            answer = await c.get_object(Bucket=where.bucket, Key=o.key)
-            async with answer["Body"] as body:
-                out[o.key] = await body.read()
-    return out
-
-
-async def databases(dsn: str, name: str) -> int:
-    return int(await fetch(dsn, "SELECT count(*) FROM pg_database WHERE datname = $1", name))
+async def plan_between(archived: Archived, tmp_path: Path) -> tuple[dict[str, str], str, PlanRestoreResult]:
+    """An executable plan to a new database at the time between the two marks: env, target, plan."""
+    env = archived.env(tmp_path)
+    target = "engram_pitr_" + secrets.token_hex(4)
+    planned = await plan(env, f"at:{archived.between.isoformat()}", target)
+    assert planned.executable, planned.summary
+    return env, target, planned
 
 
 def scratch_dirs() -> set[Path]:
     return set(Path(tempfile.gettempdir()).glob(SCRATCH))
-
-
-def step(result: RunRestoreResult, name: str) -> Any:
-    return next(s for s in result.steps if s.name == name)
 
 
 @pytest.mark.anyio
@@ -169,10 +123,7 @@ def step(result: RunRestoreResult, name: str) -> Any:
 async def test_run_restore_at_a_time_between_two_marks_restores_the_first_only_verified_and_fenced(
     archived: Archived, tmp_path: Path
 ) -> None:
-    env = archived.env(tmp_path)
-    target = "engram_pitr_" + secrets.token_hex(4)
-    planned = await plan(env, f"at:{archived.between.isoformat()}", target)
-    assert planned.executable, planned.summary
+    env, target, planned = await plan_between(archived, tmp_path)
     assert planned.premises.point_in_time == archived.between and planned.premises.target_state == "absent"
     assert planned.steps[-1].id == "restore"
     before = scratch_dirs()
@@ -180,17 +131,17 @@ async def test_run_restore_at_a_time_between_two_marks_restores_the_first_only_v
     preview = await restore(env, plan_token=planned.plan_token)
     assert preview.verdict == "not_confirmed" and "nothing was changed" in preview.summary
     assert archived.between.isoformat() in preview.summary
-    assert await databases(archived.db.dsn, target) == 0
-    assert (await bucket_now(archived.bucket))[archived.spoiled] == b"not the attachment"
+    assert await databases_named(archived.db.dsn, target) == 0
+    assert (await bucket_contents(archived.bucket))[archived.spoiled] == b"not the attachment"
     assert not (tmp_path / "repo" / "restores").exists() and scratch_dirs() == before
 
     result = await restore(env, plan_token=planned.plan_token, confirm=True, reindex_qdrant=False)
     assert result.verdict in ("ok", "warn"), result.summary
     assert [s.name for s in result.steps] == ORDER, [(s.name, s.status, s.summary) for s in result.steps]
     assert all(s.status in ("ok", "skipped") for s in result.steps), [(s.name, s.summary) for s in result.steps]
-    restored = archived.target_dsn(target)
+    restored = archived.db.sibling_dsn(target)
     # The first mark and not the second: replay stopped at the time asked.
-    assert await fetch(restored, "SELECT array_agg(n ORDER BY n) FROM pitr_marks") == [1]
+    assert await fetchval(restored, "SELECT array_agg(n ORDER BY n) FROM pitr_marks") == [1]
     # Verified against the recovered server: its counts (the database step's reference) are the target's.
     database = step(result, "database")
     assert database.details["counts"] == await counts(restored)
@@ -208,11 +159,11 @@ async def test_run_restore_at_a_time_between_two_marks_restores_the_first_only_v
     attachments = step(result, "attachments")
     assert attachments.details["copied"] == 2 and attachments.details["lacking"] == 0, attachments.summary
     assert sorted(attachments.details["copied_keys"]) == sorted([archived.spoiled, archived.deleted])
-    now = await bucket_now(archived.bucket)
+    now = await bucket_contents(archived.bucket)
     assert {k: now[k] for k in archived.originals} == archived.originals
     # The fences: the token revoked in the live database after the time stays revoked.
-    assert await fetch(restored, "SELECT revoked_at IS NOT NULL FROM refresh_tokens WHERE id = $1::uuid",
-                       archived.revoked_token) is True  # fmt: skip
+    assert await fetchval(restored, "SELECT revoked_at IS NOT NULL FROM refresh_tokens WHERE id = $1::uuid",
+                          archived.revoked_token) is True  # fmt: skip
     assert step(result, "fence_tokens").changed and step(result, "fence_sync").changed
     # The scratch server is stopped and its directory removed.
     assert scratch_dirs() == before
@@ -253,7 +204,7 @@ async def test_a_failed_database_step_removes_the_scratch_server_and_resume_reco
     # The partial target was dropped and the time recovered again (a new scratch server, removed again).
     assert any("dropped database" in c for c in step(second, "target").changed)
     assert step(second, "target").details["recovered"]["recover_seconds"] > 0
-    assert await fetch(archived.target_dsn(target), "SELECT array_agg(n ORDER BY n) FROM pitr_marks") == [1]
+    assert await fetchval(archived.db.sibling_dsn(target), "SELECT array_agg(n ORDER BY n) FROM pitr_marks") == [1]
     assert scratch_dirs() == before
     # The attachments were rolled back by the first test or are now: nothing differs from the time's versions.
     assert step(second, "attachments").details["lacking"] == 0
@@ -262,21 +213,19 @@ async def test_a_failed_database_step_removes_the_scratch_server_and_resume_reco
 @pytest.mark.anyio
 @pytest.mark.slow
 async def test_a_changed_target_refuses_the_token_with_nothing_touched(archived: Archived, tmp_path: Path) -> None:
-    env = archived.env(tmp_path)
-    target = "engram_pitr_" + secrets.token_hex(4)
-    planned = await plan(env, f"at:{archived.between.isoformat()}", target)
-    assert planned.executable, planned.summary
-    await fetch(archived.db.dsn, f'CREATE DATABASE "{target}" TEMPLATE template0')
+    env, target, planned = await plan_between(archived, tmp_path)
+    await fetchval(archived.db.dsn, f'CREATE DATABASE "{target}" TEMPLATE template0')
     try:
-        await fetch(archived.target_dsn(target), "CREATE TABLE meanwhile (x int)")
+        await fetchval(archived.db.sibling_dsn(target), "CREATE TABLE meanwhile (x int)")
         before = scratch_dirs()
         with pytest.raises(UnsafeOperation, match=r"premises changed: target_state: 'absent' -> 'non_empty:1'"):
             await restore(env, plan_token=planned.plan_token, confirm=True)
-        tables = await fetch(archived.target_dsn(target), "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'")
+        tables = await fetchval(archived.db.sibling_dsn(target),
+                                "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'")  # fmt: skip
         assert tables == 1
         assert scratch_dirs() == before and not (tmp_path / "repo" / "restores").exists()
     finally:
-        await fetch(archived.db.dsn, f'DROP DATABASE IF EXISTS "{target}" WITH (FORCE)')
+        await fetchval(archived.db.dsn, f'DROP DATABASE IF EXISTS "{target}" WITH (FORCE)')
 
 
 @pytest.mark.anyio
@@ -297,16 +246,16 @@ async def test_onto_a_new_server_after_losing_the_old_one_the_roles_are_created_
         assert step(result, "snapshot_live").status == "warn"
         created = " ".join(step(result, "roles").changed)
         assert "created role engram_app NOLOGIN" in created and "first recovered" in step(result, "roles").summary
-        assert await fetch(dsn, "SELECT array_agg(n ORDER BY n) FROM pitr_marks") == [1]
+        assert await fetchval(dsn, "SELECT array_agg(n ORDER BY n) FROM pitr_marks") == [1]
         assert step(result, "database").details["counts"] == await counts(dsn)
         assert step(result, "canary").details["code"] == "ok"
-        owners = await fetch(dsn, "SELECT array_agg(DISTINCT pg_get_userbyid(relowner)) FROM pg_class c JOIN "
-                             "pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = 'public'")  # fmt: skip
-        assert owners == await fetch(archived.db.dsn, "SELECT array_agg(DISTINCT pg_get_userbyid(relowner)) FROM "
-                                     "pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-                                     "WHERE n.nspname = 'public'")  # fmt: skip
+        owners = await fetchval(dsn, "SELECT array_agg(DISTINCT pg_get_userbyid(relowner)) FROM pg_class c JOIN "
+                                "pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = 'public'")  # fmt: skip
+        assert owners == await fetchval(archived.db.dsn, "SELECT array_agg(DISTINCT pg_get_userbyid(relowner)) FROM "
+                                        "pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                                        "WHERE n.nspname = 'public'")  # fmt: skip
         # No live database to compare with: every refresh token is revoked (everyone signs in again).
-        assert await fetch(dsn, "SELECT count(*) FROM refresh_tokens WHERE revoked_at IS NULL") == 0
+        assert await fetchval(dsn, "SELECT count(*) FROM refresh_tokens WHERE revoked_at IS NULL") == 0
 
 
 @pytest.mark.anyio
@@ -315,10 +264,7 @@ async def test_zz_a_time_no_longer_in_the_window_is_refused_with_nothing_touched
     archived: Archived, tmp_path: Path
 ) -> None:
     """Last in the module: it deletes the base backup (the window's start moves past the time)."""
-    env = archived.env(tmp_path)
-    target = "engram_pitr_" + secrets.token_hex(4)
-    planned = await plan(env, f"at:{archived.between.isoformat()}", target)
-    assert planned.executable, planned.summary
+    env, target, planned = await plan_between(archived, tmp_path)
     command = archived.barman.command
     await anyio.run_process([command.binary, "-c", str(archived.config), "delete", command.server,
                              archived.backup.backup_id])  # fmt: skip
@@ -326,5 +272,5 @@ async def test_zz_a_time_no_longer_in_the_window_is_refused_with_nothing_touched
     with pytest.raises(UnsafeOperation, match="premises changed: no time can be recovered") as refused:
         await restore(env, plan_token=planned.plan_token, confirm=True)
     assert "nothing was changed" in refused.value.message and "plan_restore again" in refused.value.hint
-    assert await databases(archived.db.dsn, target) == 0
+    assert await databases_named(archived.db.dsn, target) == 0
     assert scratch_dirs() == before and not (tmp_path / "repo" / "restores").exists()

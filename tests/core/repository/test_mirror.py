@@ -11,8 +11,8 @@ from pathlib import Path
 
 import anyio
 import pytest
-from anyio.abc import SocketAttribute, SocketStream
-from support import new_bucket, s3_location
+from anyio.abc import SocketStream
+from support import loopback_server, new_bucket, s3_location
 
 from engram_recovery.core.errors import IntegrityError, StoreUnreachable
 from engram_recovery.core.progress import silent
@@ -52,6 +52,19 @@ def engram_objects(count: int) -> dict[str, bytes]:
     return objects
 
 
+async def engram_bucket(weed: SeaweedFS, count: int) -> tuple[dict[str, bytes], S3Location]:
+    """A new bucket holding `engram_objects(count)`: the objects and the bucket."""
+    objects = engram_objects(count)
+    return objects, await new_bucket(weed, objects)
+
+
+async def mirrored_once(repo: Repository, weed: SeaweedFS, count: int) -> tuple[dict[str, bytes], S3Location]:
+    """A bucket of `count` Engram-shaped objects (and the extras), mirrored into `repo` as backup b1."""
+    objects, source = await engram_bucket(weed, count)
+    await mirror_attachments(source, repo, "b1", silent)
+    return objects, source
+
+
 async def inventory(repo: Repository, backup_id: str) -> list[InventoryEntry]:
     return [entry async for entry in read_inventory(repo, inventory_key(backup_id))]
 
@@ -64,8 +77,7 @@ async def repository_keys(repo: Repository) -> list[str]:
 async def test_the_inventory_matches_the_bucket_exactly_and_every_blob_is_a_faithful_copy(
     repo: Repository, weed: SeaweedFS
 ) -> None:
-    objects = engram_objects(20)
-    source = await new_bucket(weed, objects)
+    objects, source = await engram_bucket(weed, 20)
     calls: list[tuple[float, float | None]] = []
 
     async def progress(done: float, total: float | None = None, message: str | None = None) -> None:
@@ -92,9 +104,7 @@ async def test_the_inventory_matches_the_bucket_exactly_and_every_blob_is_a_fait
 async def test_a_rerun_copies_only_new_and_changed_objects_and_keeps_the_old_blobs(
     repo: Repository, weed: SeaweedFS
 ) -> None:
-    objects = engram_objects(12)
-    source = await new_bucket(weed, objects)
-    await mirror_attachments(source, repo, "b1", silent)
+    objects, source = await mirrored_once(repo, weed, 12)
 
     again = await mirror_attachments(source, repo, "b2", silent)
     assert (again.copied_objects, again.copied_bytes, again.skipped_objects) == (0, 0, len(objects))
@@ -120,9 +130,7 @@ async def test_a_rerun_copies_only_new_and_changed_objects_and_keeps_the_old_blo
 async def test_an_object_deleted_at_the_source_stays_restorable_from_the_earlier_backup(
     repo: Repository, weed: SeaweedFS
 ) -> None:
-    objects = engram_objects(5)
-    source = await new_bucket(weed, objects)
-    await mirror_attachments(source, repo, "b1", silent)
+    objects, source = await mirrored_once(repo, weed, 5)
     gone = "u1/v1/objects/0001"
     await remove(source, gone)
 
@@ -136,9 +144,7 @@ async def test_an_object_deleted_at_the_source_stays_restorable_from_the_earlier
 
 @pytest.mark.anyio
 async def test_a_dry_run_reports_what_would_be_copied_and_writes_nothing(repo: Repository, weed: SeaweedFS) -> None:
-    objects = engram_objects(6)
-    source = await new_bucket(weed, objects)
-    await mirror_attachments(source, repo, "b1", silent)
+    objects, source = await mirrored_once(repo, weed, 6)
     await put(source, "u0/v0/objects/fresh", b"x" * 1000)
     before = await repository_keys(repo)
 
@@ -153,8 +159,7 @@ async def test_a_dry_run_reports_what_would_be_copied_and_writes_nothing(repo: R
 async def test_objects_that_change_or_vanish_during_the_run_are_recorded_as_they_were_copied(
     repo: Repository, weed: SeaweedFS
 ) -> None:
-    objects = engram_objects(4)
-    source = await new_bucket(weed, objects)
+    objects, source = await engram_bucket(weed, 4)
     changed, vanished = "u0/v0/objects/0000", "u1/v1/objects/0001"
 
     async def meddle(done: float, total: float | None = None, message: str | None = None) -> None:
@@ -315,12 +320,9 @@ async def proxy(upstream: str, cut_after: int | None = None, flip_at: int | None
         finally:
             state.open_now -= 1
 
-    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
-    async with listener, anyio.create_task_group() as tg:
-        tg.start_soon(listener.serve, relay)
-        state.endpoint = f"http://127.0.0.1:{listener.extra(SocketAttribute.local_port)}"
+    async with loopback_server(relay) as endpoint:
+        state.endpoint = endpoint
         yield state
-        tg.cancel_scope.cancel()
 
 
 @pytest.mark.anyio

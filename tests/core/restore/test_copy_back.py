@@ -10,8 +10,8 @@ from pathlib import Path
 
 import anyio
 import pytest
-from anyio.abc import SocketAttribute, SocketStream
-from support import EngramDB, engram_env, make_engram_db
+from anyio.abc import SocketStream
+from support import EngramDB, engram_env, loopback_server, make_engram_db
 
 from engram_recovery.core.errors import StoreUnreachable
 from engram_recovery.core.progress import silent
@@ -197,12 +197,9 @@ async def dying_proxy(upstream: str, puts_allowed: int) -> AsyncIterator[Dying]:
             tg.start_soon(requests)
             tg.start_soon(responses)
 
-    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
-    async with listener, anyio.create_task_group() as tg:
-        tg.start_soon(listener.serve, relay)
-        state.endpoint = f"http://127.0.0.1:{listener.extra(SocketAttribute.local_port)}"
+    async with loopback_server(relay) as endpoint:
+        state.endpoint = endpoint
         yield state
-        tg.cancel_scope.cancel()
 
 
 @pytest.mark.anyio

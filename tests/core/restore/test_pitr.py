@@ -3,7 +3,6 @@ scratch server's connection string, and attachments as of a time from a real ver
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 import anyio
 import asyncpg
 import pytest
-from support import EngramDB, engram_env, make_engram_db
+from support import EngramDB, bucket_env, engram_env, make_engram_db, new_bucket
 
 from engram_recovery.core.errors import ConfigurationError
 from engram_recovery.core.repository.points import point_in_time, resolve
@@ -110,23 +109,8 @@ async def s3_db(admin_dsn: str, master_key: bytes) -> AsyncIterator[EngramDB]:
         yield db
 
 
-async def _bucket(weed: SeaweedFS, db: EngramDB, *, versioned: bool) -> S3Location:
-    where = S3Location(weed.endpoint, weed.access_key_id, weed.secret_access_key, weed.region,
-                       f"pitr-{secrets.token_hex(4)}")  # fmt: skip
-    async with s3.client(where) as c:
-        await c.create_bucket(Bucket=where.bucket)
-        if versioned:
-            await c.put_bucket_versioning(Bucket=where.bucket, VersioningConfiguration={"Status": "Enabled"})
-        for key, body in db.report.attachment_objects:
-            await c.put_object(Bucket=where.bucket, Key=key, Body=body)
-    return where
-
-
 async def _as_of(db: EngramDB, where: S3Location, tmp_path: Path, moment: datetime) -> drill.Proof:
-    host, port = where.endpoint.removeprefix("http://").split(":")  # type: ignore[union-attr]
-    env = engram_env(db, tmp_path, STORAGE_BACKEND="s3", STORAGE_BUCKET=where.bucket, STORAGE_HOST=host,
-                     STORAGE_PORT=port, STORAGE_SCHEME="http://", STORAGE_ACCESS_KEY_ID=where.access_key_id,
-                     STORAGE_SECRET_ACCESS_KEY=where.secret_access_key)  # fmt: skip
+    env = engram_env(db, tmp_path, **bucket_env(where))
     runtime = Runtime(load_settings(environ=env))
     conn = await asyncpg.connect(db.dsn)
     try:
@@ -141,7 +125,7 @@ async def test_attachments_as_of_a_time_come_from_the_versions_the_bucket_had_th
     s3_db: EngramDB, weed: SeaweedFS, tmp_path: Path
 ) -> None:
     before = datetime.now(UTC) - timedelta(seconds=2)
-    where = await _bucket(weed, s3_db, versioned=True)
+    where = await new_bucket(weed, s3_db.report.attachment_objects, versioned=True)
     await anyio.sleep(1.2)  # S3 times are whole seconds
     moment = datetime.now(UTC)
     await anyio.sleep(1.2)
@@ -164,7 +148,7 @@ async def test_attachments_as_of_a_time_come_from_the_versions_the_bucket_had_th
 
 @pytest.mark.anyio
 async def test_an_unversioned_bucket_is_named_as_such(s3_db: EngramDB, weed: SeaweedFS, tmp_path: Path) -> None:
-    where = await _bucket(weed, s3_db, versioned=False)
+    where = await new_bucket(weed, s3_db.report.attachment_objects, versioned=False)
     proof = await _as_of(s3_db, where, tmp_path, datetime.now(UTC))
     assert proof.code == "bucket_not_versioned" and "is not versioned" in proof.summary
     assert proof.details["rows"] > 0 and proof.details["absent_now"] == []

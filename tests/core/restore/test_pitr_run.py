@@ -4,14 +4,13 @@ version at the time is named, and an object changed since is copied back from it
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 
 import anyio
 import pytest
-from support import EngramDB, engram_env, make_engram_db
+from support import EngramDB, bucket_contents, bucket_env, engram_env, make_engram_db, new_bucket
 
 from engram_recovery.core.progress import silent
 from engram_recovery.core.restore.pitr_plan import target_server_check
@@ -52,24 +51,9 @@ async def s3_db(admin_dsn: str, master_key: bytes) -> AsyncIterator[EngramDB]:
         yield db
 
 
-async def _bucket(weed: SeaweedFS, objects: dict[str, bytes], *, versioned: bool) -> S3Location:
-    where = S3Location(weed.endpoint, weed.access_key_id, weed.secret_access_key, weed.region,
-                       f"pitr-run-{secrets.token_hex(4)}")  # fmt: skip
-    async with s3.client(where) as c:
-        await c.create_bucket(Bucket=where.bucket)
-        if versioned:
-            await c.put_bucket_versioning(Bucket=where.bucket, VersioningConfiguration={"Status": "Enabled"})
-        for key, body in objects.items():
-            await c.put_object(Bucket=where.bucket, Key=key, Body=body)
-    return where
-
-
 async def _roll_back(db: EngramDB, where: S3Location, tmp_path: Path, moment: datetime) -> RestoreStep:
     """The attachments step of a point-in-time run whose target is `db` (its rows say which keys matter)."""
-    host, port = str(where.endpoint).removeprefix("http://").split(":")
-    env = engram_env(db, tmp_path, STORAGE_BACKEND="s3", STORAGE_BUCKET=where.bucket, STORAGE_HOST=host,
-                     STORAGE_PORT=port, STORAGE_SCHEME="http://", STORAGE_ACCESS_KEY_ID=where.access_key_id,
-                     STORAGE_SECRET_ACCESS_KEY=where.secret_access_key)  # fmt: skip
+    env = engram_env(db, tmp_path, **bucket_env(where))
     premises = Premises(backup_id="b", manifest_sha256="x", key_fingerprint=None, target_database=db.name,
                         target_state="absent", target_server_major=18, pg_restore_major=None,
                         allow_non_empty_target=False, app_version=None, point_in_time=moment)  # fmt: skip
@@ -80,28 +64,18 @@ async def _roll_back(db: EngramDB, where: S3Location, tmp_path: Path, moment: da
         return await rollback_attachments(ctx, moment)
 
 
-async def _contents(where: S3Location) -> dict[str, bytes]:
-    out: dict[str, bytes] = {}
-    async with s3.client(where) as c:
-        async for o in s3.list_objects(c, where.bucket):
-            answer = await c.get_object(Bucket=where.bucket, Key=o.key)
-            async with answer["Body"] as body:
-                out[o.key] = bytes(await body.read())
-    return out
-
-
 @pytest.mark.anyio
 async def test_an_unversioned_bucket_is_left_as_it_is_and_said_so(
     s3_db: EngramDB, weed: SeaweedFS, tmp_path: Path
 ) -> None:
     objects = dict(s3_db.report.attachment_objects)
     gone = sorted(objects)[0]
-    where = await _bucket(weed, {k: v for k, v in objects.items() if k != gone}, versioned=False)
-    before = await _contents(where)
+    where = await new_bucket(weed, {k: v for k, v in objects.items() if k != gone}, versioned=False)
+    before = await bucket_contents(where)
     step = await _roll_back(s3_db, where, tmp_path, datetime.now(UTC))
     assert step.status == "warn" and "is not versioned: no attachment can be rolled back" in step.summary
     assert step.details["versioned"] is False and step.details["absent_now"] == [gone] and not step.changed
-    assert await _contents(where) == before
+    assert await bucket_contents(where) == before
 
 
 @pytest.mark.anyio
@@ -110,7 +84,7 @@ async def test_a_versioned_bucket_gets_its_versions_of_the_time_back_and_a_row_w
 ) -> None:
     objects = dict(s3_db.report.attachment_objects)
     late, spoiled = sorted(objects)[:2]
-    where = await _bucket(weed, {k: v for k, v in objects.items() if k != late}, versioned=True)
+    where = await new_bucket(weed, {k: v for k, v in objects.items() if k != late}, versioned=True)
     await anyio.sleep(1.2)  # S3 times are whole seconds
     moment = datetime.now(UTC)
     await anyio.sleep(1.2)
@@ -120,7 +94,7 @@ async def test_a_versioned_bucket_gets_its_versions_of_the_time_back_and_a_row_w
     step = await _roll_back(s3_db, where, tmp_path, moment)
     assert step.status == "warn" and step.details["lacking_keys"] == [late] and "will not open" in step.summary
     assert step.details["copied_keys"] == [spoiled] and step.changed
-    assert (await _contents(where))[spoiled] == objects[spoiled]
+    assert (await bucket_contents(where))[spoiled] == objects[spoiled]
     # Again: everything is as of the time already, nothing is copied (what a resume relies on).
     again = await _roll_back(s3_db, where, tmp_path, moment)
     assert again.details["copied"] == 0 and again.details["already_as_of"] == len(objects) - 1

@@ -11,7 +11,7 @@ from typing import Any
 import anyio
 import asyncpg
 import pytest
-from archiving_support import archive_cluster, barman_config, barman_for, create_replication_role, steady_writes
+from archiving_support import archive_cluster, backup_under_writes, receiving, streaming_barman
 
 from engram_recovery.core.runtime import Runtime
 from engram_recovery.core.settings import load_settings
@@ -40,21 +40,18 @@ async def test_the_archive_check_reports_window_and_rpo_then_fails_on_a_stale_ar
     tmp_path: Path,
 ) -> None:
     with archive_cluster("archive_timeout=60", "autovacuum=off") as archive:
-        await create_replication_role(archive.url)
-        config = barman_config(archive, tmp_path / "barman")
-        barman = barman_for(config)
-        await barman.cron()
-        try:
-            async with steady_writes(archive.url):
-                await barman.switch_wal(archive_timeout=30)
-                backup = await barman.backup(wait_timeout=60)
+        config, barman = await streaming_barman(archive, tmp_path / "barman")
+        async with receiving(barman):
+            async with backup_under_writes(barman, archive.url) as backup:
                 conn = await asyncpg.connect(archive.url)
                 try:
                     await conn.execute("CREATE TABLE marks (n int PRIMARY KEY)")
                     await conn.execute("INSERT INTO marks (n) VALUES (1)")
                 finally:
                     await conn.close()
-                for _ in range(3):  # segments after the backup's, one of which goes missing at the end
+                # Three segments after the backup's (these two and the block's last switch), one of which
+                # goes missing at the end.
+                for _ in range(2):
                     await barman.switch_wal(archive_timeout=30)
             healthy, report = await archive_check(archive.url, config)
             assert healthy.status == "ok", healthy.summary
@@ -73,8 +70,6 @@ async def test_the_archive_check_reports_window_and_rpo_then_fails_on_a_stale_ar
             stale, _ = await archive_check(archive.url, config, ENGRAM_RECOVERY_MAX_RPO_SECONDS="0.01")
             assert stale.status == "fail" and "exceeds ENGRAM_RECOVERY_MAX_RPO_SECONDS=0.01" in stale.summary
             assert "fix: check that Barman receives WAL" in stale.summary
-        finally:
-            await barman.stop_receiving()
         stopped, report = await archive_check(archive.url, config)
         assert stopped.status == "fail" and stopped.summary.startswith("archive broken: ")
         assert "receive_wal_running FAILED" in stopped.summary and f"-c {config} cron" in stopped.summary

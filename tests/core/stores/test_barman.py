@@ -11,7 +11,14 @@ from pathlib import Path
 import anyio
 import asyncpg
 import pytest
-from archiving_support import archive_cluster, barman_config, barman_for, create_replication_role, steady_writes
+from archiving_support import (
+    archive_cluster,
+    backup_under_writes,
+    barman_for,
+    receiving,
+    streaming_barman,
+    write_two_marks,
+)
 
 from engram_recovery.core.errors import ConfigurationError, RecoveryError
 from engram_recovery.core.settings import load_settings
@@ -179,31 +186,13 @@ async def _marks(url: str) -> list[int]:
 async def test_a_base_backup_plus_streamed_wal_recovers_to_a_time_between_two_marked_writes(tmp_path: Path) -> None:
     # Commit timestamps to compare the window's end with; no autovacuum commit after the second mark.
     with archive_cluster("archive_timeout=60", "track_commit_timestamp=on", "autovacuum=off") as archive:
-        await create_replication_role(archive.url)
-        barman = barman_for(barman_config(archive, tmp_path / "barman"))
-        # The slot reserves WAL from its creation, so the receiver cron starts in the background streams it
-        # all, whenever it connects.
-        await barman.cron()
-        try:
-            async with steady_writes(archive.url):
-                await barman.switch_wal(archive_timeout=30)
-                backup = await barman.backup(wait_timeout=60)
-                conn = await asyncpg.connect(archive.url)
-                try:
-                    await conn.execute("CREATE TABLE marks (n int PRIMARY KEY)")
-                    await conn.execute("INSERT INTO marks (n) VALUES (1)")
-                    between: datetime = await conn.fetchval("SELECT clock_timestamp()")
-                    await conn.execute("INSERT INTO marks (n) VALUES (2)")
-                    second: datetime = await conn.fetchval(
-                        "SELECT pg_xact_commit_timestamp(xmin) FROM marks WHERE n = 2")
-                finally:
-                    await conn.close()
-                await barman.switch_wal(archive_timeout=30)
+        _config, barman = await streaming_barman(archive, tmp_path / "barman")
+        async with receiving(barman):
+            async with backup_under_writes(barman, archive.url) as backup:
+                between, second = await write_two_marks(archive.url, "marks")
             checks = await barman.check()
             assert all(passed for passed, _hint in checks.values()), checks
             catalog = await barman.catalog()
-        finally:
-            await barman.stop_receiving()
         # With the receiver stopped, Barman's own check says so: a finding, not an error.
         assert (await barman.check())["receive_wal_running"][0] is False
         assert [b.backup_id for b in catalog.backups] == [backup.backup_id]
