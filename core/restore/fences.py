@@ -35,7 +35,7 @@ from ..repository.layout import PROTECTED, protected_inventory_key
 from ..repository.mirror import MirrorOptions, mirror_attachments
 from ..stores import postgres, s3
 from ..stores.s3 import S3_ERRORS, S3Location
-from .observe import _Reader
+from .observe import TenantReader
 
 # Table -> who holds its tokens, in the words the operator reads.
 TOKEN_TABLES: dict[str, str] = {
@@ -116,7 +116,7 @@ async def _snapshot(conn: postgres.Connection) -> LiveSnapshot:
     p = await probe(conn)
     if not p.looks_like_engram:
         return _unreadable("the live database holds no Engram tables (users, vaults, notes)")
-    read = _Reader(conn, p.forced_rls, p.sees_all_rows)
+    read = TenantReader(conn, p.forced_rls, p.sees_all_rows)
     snap = LiveSnapshot(readable=True, taken_at=taken_at)
     for table in TOKEN_TABLES:
         if not p.has_table(table):

@@ -248,7 +248,7 @@ async def target_state(
     )  # fmt: skip
 
 
-class _Reader:
+class TenantReader:
     """Reads the live database completely or not at all: through row-level security one tenant at a time.
 
     A role that is neither superuser nor BYPASSRLS sees zero rows in Engram's
@@ -300,7 +300,7 @@ async def live_state(settings: Settings, since: datetime) -> LiveState:
         p = await probe(conn)
         if not p.looks_like_engram:
             return LiveState(reachable=False, problem="the configured database holds no Engram tables")
-        read = _Reader(conn, p.forced_rls, p.sees_all_rows)
+        read = TenantReader(conn, p.forced_rls, p.sees_all_rows)
         newest: datetime | None = None
         for table in ("notes", "vaults", "attachments", "users"):
             if p.has_column(table, "updated_at"):
