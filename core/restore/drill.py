@@ -10,19 +10,22 @@ from __future__ import annotations
 
 import re
 import secrets
+import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from ..artifact.codec import Decoder, decode_stream
 from ..engram import crypto as engram_crypto
 from ..engram import keys as key_rules
 from ..engram.canary import read_canary
 from ..errors import RecoveryError
+from ..progress import Progress
 from ..repository.base import Repository
 from ..repository.manifest import Artifact, Manifest
+from ..repository.records import DrillStep
 from ..stores import postgres
 from ..stores.postgres import quote_ident
 from .schema_check import SchemaCheck
@@ -31,6 +34,40 @@ PREFIX = "engram_drill_"
 _NAME = re.compile(r"^engram_drill_(\d{9,11})_[0-9a-f]{8}$")
 STALE_AFTER = timedelta(hours=6)
 STOCK_FIX = "the dump could not be restored with stock tools: see the message"
+
+
+T = TypeVar("T")
+
+
+class Steps:
+    """A drill's steps as they run (the dump drill's and the point-in-time one's): each timed, recorded ok
+    or failed with its cause, the client told which step is running."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.steps: list[DrillStep] = []
+        self.progress = progress
+
+    async def step(self, name: str, fn: Callable[[], Awaitable[T]], done: Callable[[T], str]) -> T:
+        await self.progress(len(self.steps), None, f"drill: {name}")
+        started = time.perf_counter()
+        try:
+            value = await fn()
+        except RecoveryError as exc:
+            self.steps.append(DrillStep(name=name, ok=False, seconds=round(time.perf_counter() - started, 3),
+                                        summary=str(exc).replace("\n", " ")))  # fmt: skip
+            raise
+        self.steps.append(DrillStep(name=name, ok=True, seconds=round(time.perf_counter() - started, 3),
+                                    summary=done(value)))  # fmt: skip
+        return value
+
+    def proof(self, proof: Proof, seconds: float) -> None:
+        self.steps.append(DrillStep(name=f"prove_{proof.name}", ok=proof.ok, seconds=round(seconds, 3),
+                                    summary=proof.summary, details=proof.details, code=proof.code))  # fmt: skip
+
+    async def prove(self, prove: Callable[[], Awaitable[Proof]]) -> None:
+        await self.progress(len(self.steps), None, "drill: proving")
+        started = time.perf_counter()
+        self.proof(await prove(), time.perf_counter() - started)
 
 
 def scratch_name(now: datetime) -> str:

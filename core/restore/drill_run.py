@@ -67,29 +67,11 @@ class DrillReport(BaseModel):
     record: str | None = Field(description="Repository key of the drill record backup_status reads.")
 
 
-class _Run:
+class _Run(drill.Steps):
     def __init__(self, progress: Progress) -> None:
-        self.steps: list[DrillStep] = []
-        self.progress = progress
+        super().__init__(progress)
         # Set as soon as the name is chosen, so the finally clause drops it even if creation failed half-way.
         self.scratch: str | None = None
-
-    async def step(self, name: str, fn: Callable[[], Awaitable[T]], done: Callable[[T], str]) -> T:
-        await self.progress(len(self.steps), None, f"drill: {name}")
-        started = time.perf_counter()
-        try:
-            value = await fn()
-        except RecoveryError as exc:
-            self.steps.append(DrillStep(name=name, ok=False, seconds=time.perf_counter() - started,
-                                        summary=str(exc).replace("\n", " ")))  # fmt: skip
-            raise
-        self.steps.append(DrillStep(name=name, ok=True, seconds=round(time.perf_counter() - started, 3),
-                                    summary=done(value)))  # fmt: skip
-        return value
-
-    def proof(self, proof: drill.Proof, seconds: float) -> None:
-        self.steps.append(DrillStep(name=f"prove_{proof.name}", ok=proof.ok, seconds=round(seconds, 3),
-                                    summary=proof.summary, details=proof.details, code=proof.code))  # fmt: skip
 
 
 async def _admin(dsn: str) -> postgres.Connection:
@@ -122,11 +104,7 @@ async def run_drill(runtime: Runtime, params: DrillRequest, progress: Progress) 
         return DrillReport(**await pitr_drill.run_pitr_drill(runtime, moment, params.sample_notes,
                                                              params.sample_attachments, progress))  # fmt: skip
     settings = runtime.settings
-    keys = rc.key_material(settings)
-    if keys.current is None:
-        raise ConfigurationError(keys.current_problem or "ENCRYPTION_MASTER_KEY is not available to this tool",
-                                 "set ENCRYPTION_MASTER_KEY or ENCRYPTION_MASTER_KEY_FILE: the drill proves the key "
-                                 "opens the restored data")  # fmt: skip
+    keys = rc.drill_keys(settings)
     backup_key = backup_crypto.backup_key(settings)
     started, now = time.perf_counter(), datetime.now(UTC)
     run = _Run(progress)
@@ -139,7 +117,7 @@ async def run_drill(runtime: Runtime, params: DrillRequest, progress: Progress) 
         # A recovery point that does not resolve is the caller's input, answered as plan_restore answers it
         # (an error with its fix), not a drill that ran and failed.
         point = await resolve(repo, params.recovery_point)
-        ctx = Drill(runtime, repo, point, params, drill.Keys(keys.current, keys.previous), backup_key, run, now, swept)
+        ctx = Drill(runtime, repo, point, params, keys, backup_key, run, now, swept)
         try:
             backup_id = point.manifest.backup_id
             await _drill(ctx)
@@ -239,9 +217,7 @@ async def _drill(ctx: Drill) -> None:
             lambda: _prove_attachments(conn, repo, point, keys, params.sample_attachments),
         ]
         for prove in proofs:
-            t0 = time.perf_counter()
-            await run.progress(len(run.steps), None, "drill: proving")
-            run.proof(await prove(), time.perf_counter() - t0)
+            await run.prove(prove)
 
 
 async def _restore(ctx: Drill, client: ClientVersion, dsn: str) -> DatabaseRestore:

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 from ..artifact.encryption import backup_key
 from ..engram.keys import MasterKeys
 from ..engram.schema_probe import probe
-from ..errors import RecoveryError
+from ..errors import ConfigurationError, RecoveryError
 from ..repository.base import Repository
 from ..repository.manifest import Manifest
 from ..repository.points import RecoveryPoint
@@ -28,7 +28,7 @@ from ..stores import postgres, s3
 from ..stores.pgclient.commands import PgRestoreCommand
 from ..stores.pgclient.process import Feed, feed_all
 from ..stores.pgclient.versions import ClientChoice, choose
-from .drill import plaintext
+from .drill import Keys, plaintext
 from .plan import InventoryState, KeyMaterial, LiveState, RestoreNeeds, RoleState, TargetState, ToolState, dump_major
 
 SYSTEM_SCHEMAS = ("pg_catalog", "information_schema")
@@ -50,6 +50,16 @@ def absolute(path: str) -> str:
 def absolute_repository(settings: Settings) -> str:
     location = settings.repository
     return location if "://" in location else absolute(location)
+
+
+def drill_keys(settings: Settings) -> Keys:
+    """The keys a drill proves the restored data with: refused without a current master key."""
+    keys = key_material(settings)
+    if keys.current is None:
+        raise ConfigurationError(keys.current_problem or "ENCRYPTION_MASTER_KEY is not available to this tool",
+                                 "set ENCRYPTION_MASTER_KEY or ENCRYPTION_MASTER_KEY_FILE: the drill proves the key "
+                                 "opens the restored data")  # fmt: skip
+    return Keys(keys.current, keys.previous)
 
 
 def key_material(settings: Settings) -> KeyMaterial:

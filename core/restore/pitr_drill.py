@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import anyio
 
 from ..engram.schema_probe import probe
-from ..errors import ConfigurationError, IntegrityError, RecoveryError, scrub
+from ..errors import IntegrityError, RecoveryError, scrub
 from ..progress import Progress
 from ..repository import open_repository
 from ..repository.layout import drill_record_key
@@ -36,47 +36,16 @@ T = TypeVar("T")
 RTO_STEPS = ("recover", "replay", "prove_canary", "prove_row_counts", "prove_notes", "prove_attachments")
 
 
-class _Steps:
-    def __init__(self, progress: Progress) -> None:
-        self.steps: list[DrillStep] = []
-        self.progress = progress
-
-    async def run(self, name: str, fn: Callable[[], Awaitable[T]], done: Callable[[T], str]) -> T:
-        await self.progress(len(self.steps), None, f"drill: {name}")
-        started = time.perf_counter()
-        try:
-            value = await fn()
-        except RecoveryError as exc:
-            self.steps.append(DrillStep(name=name, ok=False, seconds=round(time.perf_counter() - started, 3),
-                                        summary=str(exc).replace("\n", " ")))  # fmt: skip
-            raise
-        self.steps.append(DrillStep(name=name, ok=True, seconds=round(time.perf_counter() - started, 3),
-                                    summary=done(value)))  # fmt: skip
-        return value
-
-    async def proof(self, prove: Callable[[], Awaitable[drill.Proof]]) -> None:
-        await self.progress(len(self.steps), None, "drill: proving")
-        started = time.perf_counter()
-        proof = await prove()
-        self.steps.append(DrillStep(name=f"prove_{proof.name}", ok=proof.ok,
-                                    seconds=round(time.perf_counter() - started, 3), summary=proof.summary,
-                                    details=proof.details, code=proof.code))  # fmt: skip
-
-
 async def run_pitr_drill(runtime: Runtime, moment: datetime, sample_notes: int, sample_attachments: int,
                          progress: Progress) -> dict[str, Any]:  # fmt: skip
     """The drill; returns restore_drill's report fields (drill_run.DrillReport)."""
     settings = runtime.settings
-    keys = rc.key_material(settings)
-    if keys.current is None:
-        raise ConfigurationError(keys.current_problem or "ENCRYPTION_MASTER_KEY is not available to this tool",
-                                 "set ENCRYPTION_MASTER_KEY or ENCRYPTION_MASTER_KEY_FILE: the drill proves the key "
-                                 "opens the restored data")  # fmt: skip
+    keys = rc.drill_keys(settings)
     barman = Barman.from_settings(settings)
     started, now = time.perf_counter(), datetime.now(UTC)
     # A time outside the window, or no window, is the caller's input: an error with the window named.
     plan = await pitr.survey(barman, moment)
-    run = _Steps(progress)
+    run = drill.Steps(progress)
     run.steps.append(DrillStep(name="survey", ok=True, seconds=round(time.perf_counter() - started, 3),
                                summary=f"base backup {plan.base_backup.backup_id} then {plan.wal_segments} WAL "
                                f"segment(s) {plan.wal_first}..{plan.wal_last} to {moment.isoformat()}; window "
@@ -85,15 +54,15 @@ async def run_pitr_drill(runtime: Runtime, moment: datetime, sample_notes: int, 
     datadir = root / "pgdata"
     server: pgserver.ScratchServer | None = None
     try:
-        await run.run("recover", lambda: pitr.recover(barman, plan, datadir),
+        await run.step("recover", lambda: pitr.recover(barman, plan, datadir),
                       lambda _: f"barman recover {plan.base_backup.backup_id} --target-time={moment.isoformat()} "
                       f"into {datadir}")  # fmt: skip
-        served = await run.run("replay", lambda: pitr.serve(root, datadir, runtime.dsn),
+        served = await run.step("replay", lambda: pitr.serve(root, datadir, runtime.dsn),
                                lambda s: f"the bundled PostgreSQL 18 on 127.0.0.1:{s.server.port} replayed up to "
                                f"the transaction of {s.last_replayed.isoformat() if s.last_replayed else 'none'} "
                                f"(target {moment.isoformat()}) and promoted")  # fmt: skip
         server = served.server
-        proofs = Proofs(runtime, drill.Keys(keys.current, keys.previous), plan, run, sample_notes, sample_attachments)
+        proofs = Proofs(runtime, keys, plan, run, sample_notes, sample_attachments)
         await prove_recovered(proofs, served.dsn)
     except (RecoveryError, postgres.PostgresError) as exc:
         text = str(exc) if isinstance(exc, RecoveryError) else scrub(f"PostgreSQL error: {exc}")
@@ -151,7 +120,7 @@ class Proofs:
     runtime: Runtime
     keys: drill.Keys
     plan: pitr.PitrSurvey
-    run: _Steps
+    run: drill.Steps
     sample_notes: int
     sample_attachments: int
 
@@ -172,4 +141,4 @@ async def prove_recovered(ctx: Proofs, dsn: str) -> None:
             lambda: pitr.attachments_as_of(runtime, conn, keys, plan.target_time, ctx.sample_attachments),
         ]
         for prove in proofs:
-            await run.proof(prove)
+            await run.prove(prove)
