@@ -11,7 +11,6 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TypeVar
 
 import anyio
 from pydantic import BaseModel, Field
@@ -37,7 +36,6 @@ from . import drill, pitr_drill
 from . import observe as rc
 from .database import DatabaseRestore, DumpRestore, restore_database
 
-T = TypeVar("T")
 RTO_STEPS = ("verify", "create_database", "restore")
 
 

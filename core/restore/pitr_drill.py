@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import anyio
 
@@ -32,7 +32,6 @@ from ..stores.barman import Barman
 from . import drill, pitr
 from . import observe as rc
 
-T = TypeVar("T")
 RTO_STEPS = ("recover", "replay", "prove_canary", "prove_row_counts", "prove_notes", "prove_attachments")
 
 
