@@ -84,11 +84,6 @@ class CopyBackReport:
         return not self.failures
 
 
-def _same_endpoint(a: S3Location, b: S3Location) -> bool:
-    same = (a.endpoint or "").rstrip("/").lower() == (b.endpoint or "").rstrip("/").lower()
-    return same and a.access_key_id == b.access_key_id
-
-
 @dataclass(frozen=True)
 class _Present:
     size: int
@@ -142,7 +137,7 @@ async def copy_inventory(
     started = time.monotonic()
     entries = [e async for e in read_inventory(repo, inventory)]
     source = repo.s3_endpoint()
-    server_side = source is not None and _same_endpoint(source, target)
+    server_side = source is not None and s3.same_account(source, target)
     async with _Session(repo, target, server_side, options.concurrency) as session:
         pooled, present = await session.survey(options.versioned)
         failures: list[Failure] = []

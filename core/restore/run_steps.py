@@ -269,6 +269,7 @@ class DumpSource:
     def __init__(self, backup_id: str) -> None:
         self.backup_id = backup_id
         self._point: RecoveryPoint | None = None
+        self._needs: Needs | None = None  # the roles and target steps both ask: read the dump's head once
 
     def describe(self) -> str:
         return self.backup_id
@@ -282,12 +283,14 @@ class DumpSource:
         return (await self.point(ctx)).manifest
 
     async def needs(self, ctx: Context) -> Needs:
-        point = await self.point(ctx)
-        db = point.manifest.database
-        needed = set(db.roles_referenced) | set(db.object_owners or ()) | ({db.owner} if db.owner else set())
-        if not db.roles_referenced and db.object_owners is None:
-            needed |= await rc.roles_from_dump(ctx.runtime.settings, ctx.repo, point) or set()
-        return Needs(frozenset(needed), db.owner)
+        if self._needs is None:
+            point = await self.point(ctx)
+            db = point.manifest.database
+            needed = set(db.roles_referenced) | set(db.object_owners or ()) | ({db.owner} if db.owner else set())
+            if not db.roles_referenced and db.object_owners is None:
+                needed |= await rc.roles_from_dump(ctx.runtime.settings, ctx.repo, point) or set()
+            self._needs = Needs(frozenset(needed), db.owner)
+        return self._needs
 
     async def expected_canary(self, ctx: Context) -> str | None:
         return (await self.manifest(ctx)).canary.id
