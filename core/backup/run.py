@@ -94,7 +94,7 @@ async def clean_leftovers(repo: Repository) -> list[str]:
     """Delete the folders of interrupted runs (no manifest) and temporary files; call under the lock."""
     state = await scan(repo)
     for backup_id in state.incomplete:
-        await repo.delete([key async for key, _size in repo.list(backup_prefix(backup_id))])
+        await repo.purge(backup_prefix(backup_id))
     # A run killed during its first write leaves only a temporary file (or an open upload) in its folder.
     swept = {backup_id_of(key) for key in await repo.sweep_temporary()}
     return sorted(set(state.incomplete) | {b for b in swept if b})
