@@ -152,9 +152,8 @@ async def check_archive(ctx: StatusContext) -> Check:
         base_backups=sum(b.usable for b in catalog.backups), gaps=catalog.gaps,
         barman_failed={name: hint for name, (passed, hint) in checks.items() if not passed},
     )  # fmt: skip
-    try:
-        server = await barman.run_json(barman.command.show_server())
-        status.source = await _source(ctx, str(server.get("slot_name") or "") or None)
+    try:  # the slot comes from the catalog's show-server: Barman's costliest command, asked once
+        status.source = await _source(ctx, catalog.slot_name)
     except RecoveryError as exc:
         status.source_error = str(exc).replace("\n", " ")
     ctx.reports["archive"] = status

@@ -258,7 +258,8 @@ class Barman:
         size = int(server.get("xlog_segment_size") or 16 << 20)
         catalog = ArchiveCatalog(server=self.command.server, backups=backups,
                                  newest_wal=segments[-1] if segments else None, segments=segments,
-                                 gaps=find_gaps(segments, since, size) if since else [])  # fmt: skip
+                                 gaps=find_gaps(segments, since, size) if since else [],
+                                 slot_name=str(server.get("slot_name") or "") or None)  # fmt: skip
         replayable = catalog.replayable
         if replayable and segments:
             catalog.last_commit, catalog.commits_read = await self._last_commit(segments, replayable[0])

@@ -109,6 +109,7 @@ class ArchiveCatalog(BaseModel):
     commits_read: bool = Field(default=False, description="The WAL since the oldest backup was read for commits "
                                "(False: no pg_waldump of the server's version, or too many segments to read).")
     gaps: list[WalGap] = Field(default_factory=list, description="Missing segments since the oldest usable backup.")
+    slot_name: str | None = Field(default=None, description="The replication slot Barman streams through.")
     # Every archived segment, oldest first: what a recovery replays (not reported: there can be thousands).
     segments: list[ArchivedWal] = Field(default_factory=list, exclude=True)
 
