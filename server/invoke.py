@@ -62,21 +62,20 @@ async def invoke(
     except ValidationError as exc:
         raise ToolFailed(str(describe_arguments(spec, exc, arguments))) from exc
     try:
-        declined = False
         if ask is not None and spec.confirmation is not None and getattr(params, "confirm", True) is False:
+            # By contract confirm=false changes nothing: its result is both the question's text and the answer
+            # to a decline, so the unconfirmed run happens once.
             async with runtime.tool_call():
-                message = await spec.confirmation(runtime, params)
+                dry: ToolResult = await spec.run(runtime, params, progress)
+            message = spec.confirmation(params, dry)
             # Asked outside the call: nothing (an embedded Qdrant, say) stays held while a person decides.
-            if message is not None:
-                if await ask(message):
-                    params = params.model_copy(update={"confirm": True})
-                else:
-                    # By contract confirm=false changes nothing: the call still answers with what it found.
-                    declined = True
+            if message is None:
+                return dry
+            if not await ask(message):
+                return dry.model_copy(update={"summary": DECLINED + getattr(dry, "summary", "")})
+            params = params.model_copy(update={"confirm": True})
         async with runtime.tool_call():
             result: ToolResult = await spec.run(runtime, params, progress)
-        if declined:
-            result = result.model_copy(update={"summary": DECLINED + getattr(result, "summary", "")})
         return result
     except AskLater:
         raise

@@ -60,8 +60,9 @@ class ToolSpec(Generic[In, R]):
     annotations: ToolAnnotations
     # Tools that change anything are left out in read-only mode.
     writes: bool
-    # Destructive tools: what to show the user when the server asks them to confirm (MCP elicitation).
-    confirmation: Callable[[Runtime, In], Awaitable[str | None]] | None = None
+    # Destructive tools: what to show the user when the server asks them to confirm (MCP elicitation),
+    # written from the unconfirmed run's own result (None: it would change nothing, nothing to ask).
+    confirmation: Callable[[In, R], str | None] | None = None
 
 
 def read_only_annotations(title: str, *, open_world: bool = True) -> ToolAnnotations:

@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from ..core.progress import Progress, silent
+from ..core.progress import Progress
 from ..core.reindex.run import ReindexReport, ReindexRequest, reindex
 from ..core.runtime import Runtime
 from .base import ToolAnnotations, ToolInput, ToolResult, ToolSpec
@@ -53,9 +53,8 @@ async def reindex_qdrant(runtime: Runtime, params: ReindexInput, progress: Progr
     return ReindexResult.model_validate(report.model_dump())
 
 
-async def confirmation(runtime: Runtime, params: ReindexInput) -> str | None:
-    """What a confirmed run would change, from a dry run now; None when it would change nothing."""
-    dry = await reindex(runtime, ReindexRequest(**params.model_dump(exclude={"confirm"}), confirm=False), silent)
+def confirmation(params: ReindexInput, dry: ReindexResult) -> str | None:
+    """What a confirmed run would change, from the dry run; None when it would change nothing."""
     scope = "".join(
         f", {name} {value}" for name, value in (("user", params.user_id), ("vault", params.vault_id)) if value
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from ..core.progress import Progress, silent
+from ..core.progress import Progress
 from ..core.restore.run import RestoreReport, RestoreRequest, run_restore
 from ..core.runtime import Runtime
 from .base import ToolAnnotations, ToolInput, ToolResult, ToolSpec
@@ -40,9 +40,9 @@ async def run_restore_tool(runtime: Runtime, params: RunRestoreInput, progress: 
     return RunRestoreResult.model_validate(report.model_dump())
 
 
-async def confirmation(runtime: Runtime, params: RunRestoreInput) -> str | None:
-    """What the user confirms: the plan re-checked now (a stale token is refused before anyone is asked)."""
-    preview = await run_restore(runtime, RestoreRequest(**(params.model_dump() | {"confirm": False})), silent)
+def confirmation(params: RunRestoreInput, preview: RunRestoreResult) -> str | None:
+    """What the user confirms, from the unconfirmed run: the plan re-checked now (a stale token is refused
+    before anyone is asked)."""
     lines = [f"Restore {preview.backup_id} into the database {preview.target_database}"
              + (" (continuing the run that stopped)" if params.resume else "") + "?", preview.plan_summary]
     lines += [f"- {c.summary}" for c in preview.consequences]

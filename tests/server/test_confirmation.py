@@ -274,3 +274,33 @@ def test_a_tool_with_a_confirmation_needs_a_confirm_flag_and_a_summary() -> None
     unfit: ToolSpec[Any, Any] = dataclasses.replace(registry.load("backup_status"), confirmation=SPEC.confirmation)
     with pytest.raises(TypeError, match="backup_status has a confirmation but no confirm"):
         check_confirmable(unfit)
+
+
+@pytest.mark.parametrize("answer", [False, True], ids=["declined", "accepted"])
+async def test_the_unconfirmed_run_happens_once_and_writes_the_question(
+    db: EngramDB, settings: Settings, answer: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from engram_recovery.core.progress import silent
+    from engram_recovery.core.reindex.run import reindex as engine
+    from engram_recovery.core.runtime import Runtime
+    from engram_recovery.server.invoke import invoke
+    from engram_recovery.tools import reindex_qdrant
+
+    runs: list[bool] = []
+    asked: list[str] = []
+
+    async def counted(runtime: Runtime, request: Any, progress: Any) -> Any:
+        runs.append(request.confirm)
+        return await engine(runtime, request, progress)
+
+    async def person(message: str) -> bool:
+        asked.append(message)
+        return answer
+
+    monkeypatch.setattr(reindex_qdrant, "reindex", counted)
+    async with Runtime(settings) as runtime:
+        result = await invoke(reindex_qdrant.SPEC, runtime, dict(CALL), silent, ask=person)
+    # The dry run that wrote the question is the declined call's answer; a yes adds only the confirmed run.
+    assert runs == ([False, True] if answer else [False]) and len(asked) == 1
+    assert result.summary.startswith(DECLINED) is (not answer)  # type: ignore[attr-defined]
+    assert (await pending_jobs(db) > 0) is answer

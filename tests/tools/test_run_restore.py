@@ -301,7 +301,8 @@ async def test_a_failure_in_the_attachments_step_stops_there_and_resume_complete
     assert "resume=true" in info.value.hint
     await new_bucket(missing)
     async with Runtime(load_settings(environ=env)) as runtime:
-        asked = await confirmation(runtime, RunRestoreInput(plan_token=planned.plan_token, resume=True))
+        params = RunRestoreInput(plan_token=planned.plan_token, resume=True)
+        asked = confirmation(params, await run_restore_tool(runtime, params, silent))
     # What the user confirms a resume by: not the re-plan's "DO NOT RESTORE yet" about the run's own target.
     assert asked is not None and "DO NOT RESTORE" not in asked and "own partial restore" in asked, asked
     second = await restore(env, plan_token=planned.plan_token, confirm=True, resume=True)
@@ -368,7 +369,8 @@ async def test_the_confirmation_text_names_the_recovery_point_the_target_and_the
     name = "engram_never_" + secrets.token_hex(4)
     planned = await plan(env, target_database=name)
     async with Runtime(load_settings(environ=env)) as runtime:
-        text = await confirmation(runtime, RunRestoreInput(plan_token=planned.plan_token))
+        params = RunRestoreInput(plan_token=planned.plan_token)
+        text = confirmation(params, await run_restore_tool(runtime, params, silent))
     assert text is not None and planned.recovery_point.backup_id in text and name in text
     assert await databases(admin_dsn, name) == 0
 
