@@ -22,6 +22,7 @@ class Encoder:
 
     def __init__(self, compression: Compression, key: bytes | None, level: int | None = None) -> None:
         self._codec: Codec = compressor(compression, level)
+        self._key = key
         self._encryptor = Encryptor(key) if key is not None else None
         self.plain_bytes = 0
 
@@ -35,6 +36,28 @@ class Encoder:
         if self._encryptor is None:
             return out
         return self._encryptor.update(out) + self._encryptor.finish()
+
+    def read_back_check(self) -> Authenticate | None:
+        """What proves the stored bytes, re-read, are the ones this wrote: with encryption, the records'
+        own tags (None without: the store hashes them again)."""
+        return Authenticate(self._key) if self._key is not None else None
+
+
+class Authenticate:
+    """Re-read encrypted bytes, authenticated record by record and then dropped: a StreamCheck.
+
+    Every record's AES-GCM tag covers its bytes, its index and the file's header, and the last
+    record is marked: a byte changed, a record moved, dropped or cut short fails here.
+    """
+
+    def __init__(self, key: bytes) -> None:
+        self._decryptor = backup_crypto.Decryptor(key)
+
+    def update(self, data: memoryview) -> None:
+        self._decryptor.update(data)
+
+    def finish(self) -> None:
+        self._decryptor.finish()
 
 
 class Decoder:

@@ -120,7 +120,8 @@ async def dump_to_repository(
             tg.start_soon(anyio.to_thread.run_sync, process.drain_stderr)
             tg.start_soon(anyio.to_thread.run_sync, produce)
             try:
-                size, digest = await repo.put_stream(key, consume(), read_back=True)
+                size, digest = await repo.put_stream(key, consume(), read_back=True,
+                                                     check=transform.read_back_check())
             finally:
                 if not outcome.ok:
                     # Unblocks the reader thread (EOF) so the task group can end.
@@ -145,5 +146,5 @@ async def file_to_repository(
                 yield out
         yield await anyio.to_thread.run_sync(transform.finish)
 
-    size, digest = await repo.put_stream(key, transformed(), read_back=True)
+    size, digest = await repo.put_stream(key, transformed(), read_back=True, check=transform.read_back_check())
     return Stored(key, size, digest, transform.plain_bytes, time.monotonic() - started)

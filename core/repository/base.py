@@ -22,7 +22,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING, Protocol, Self
 
 from .layout import check_key
 
@@ -33,6 +33,21 @@ if TYPE_CHECKING:
 READ_CHUNK = 1 << 20
 # Threads that re-read one local file's windows at once: the cores, up to 4 (reading is from the page cache).
 VERIFY_THREADS = max(1, min(4, os.cpu_count() or 1))
+
+
+class StreamCheck(Protocol):
+    """Proves that bytes re-read in order are the ones written, more cheaply than hashing them again.
+
+    A backup's encrypted dump authenticates itself: every AES-GCM record carries a tag over
+    its bytes, its index and the file's header, so re-reading the file through the
+    decryptor proves each byte as written (a forged or damaged record fails) at a quarter of
+    SHA-256's cost (docs/benchmarks.md, run_backup). `update` and `finish` raise
+    IntegrityError on a mismatch.
+    """
+
+    def update(self, data: memoryview) -> None: ...
+
+    def finish(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -108,12 +123,15 @@ class Repository(ABC):
         """Fail now, with the fix named, if a backup could not be written (missing, read-only, bad credentials)."""
 
     @abstractmethod
-    async def put_stream(self, key: str, chunks: AsyncIterator[bytes], *, read_back: bool = False) -> tuple[int, str]:
+    async def put_stream(
+        self, key: str, chunks: AsyncIterator[bytes], *, read_back: bool = False, check: StreamCheck | None = None
+    ) -> tuple[int, str]:
         """Store the stream under `key` atomically; return (size, sha256 hex) of the stored bytes.
 
         `read_back`: `verify` will be asked about this object (a backup's dump). A store that can
         re-read the object while it is still being written does so, and `verify` re-reads only the
-        rest (the local directory); the others ignore it.
+        rest (the local directory); the others ignore it. `check`, given with `read_back`, proves
+        the re-read bytes instead of hashing them again (an encrypted dump authenticates itself).
         """
 
     async def put_bytes(self, key: str, data: bytes) -> tuple[int, str]:

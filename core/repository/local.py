@@ -17,7 +17,7 @@ from typing import IO
 import anyio
 
 from ..errors import Busy, StoreUnreachable
-from .base import READ_CHUNK, VERIFY_THREADS, Repository
+from .base import READ_CHUNK, VERIFY_THREADS, Repository, StreamCheck
 from .layout import TMP_MARK, check_key
 from .localfs import (
     WINDOW,
@@ -92,7 +92,9 @@ class LocalRepository(Repository):
         except OSError as exc:
             raise os_error(exc, "create it", str(self.root)) from exc
 
-    async def put_stream(self, key: str, chunks: AsyncIterator[bytes], *, read_back: bool = False) -> tuple[int, str]:
+    async def put_stream(
+        self, key: str, chunks: AsyncIterator[bytes], *, read_back: bool = False, check: StreamCheck | None = None
+    ) -> tuple[int, str]:
         final = self._path(key)
         temp = final.with_name(f".{final.name}{TMP_MARK}{secrets.token_hex(6)}")
         handle: IO[bytes] | None = None
@@ -107,7 +109,7 @@ class LocalRepository(Repository):
                 # starts with the first full window: a file shorter than that is verified whole, later.
                 nonlocal reader
                 if reader is None and end.offset >= self._window:
-                    reader = ReadBack(temp)
+                    reader = ReadBack(temp, check)
                 if reader is not None:
                     reader.window(start, end)
 
@@ -175,7 +177,7 @@ class LocalRepository(Repository):
             return await super().verify(key, size, sha256)
         assert written is not None
         path = self._path(key)
-        read_back = written.reader.stop() if written.reader is not None else {}
+        read_back = await anyio.to_thread.run_sync(written.reader.complete) if written.reader is not None else {}
         with self._reading(key):
             stored = await anyio.to_thread.run_sync(path.stat)
             if stored.st_size != size:
@@ -186,6 +188,10 @@ class LocalRepository(Repository):
             unread = [(a, b) for a, b in windows if read_back.get(a.offset, (None, False))[0] != b.offset]
             differing = await differing_windows(path, unread, VERIFY_THREADS)
         differing += [(start, end) for start, (end, matched) in read_back.items() if not matched]
+        refused = written.reader.refused if written.reader is not None else None
+        if not differing and refused is not None:
+            # Every byte is the one hashed, yet the file does not authenticate: it was written wrong.
+            return f"the stored file does not authenticate as written: {refused}"
         if not differing:
             return None
         ranges = ", ".join(f"{a}-{b}" for a, b in sorted(differing))

@@ -21,8 +21,9 @@ from typing import IO, TYPE_CHECKING
 import anyio
 import anyio.to_thread
 
-from ..errors import RecoveryError, StoreUnreachable
+from ..errors import IntegrityError, RecoveryError, StoreUnreachable
 from ..taskgroups import task_group
+from .base import StreamCheck
 
 if TYPE_CHECKING:
     from _hashlib import HASH
@@ -276,15 +277,24 @@ class ReadBack:
     the final verification re-reads only what this thread has not (`stop`, then
     `results`). The thread reads through its own descriptor, so the file's rename does
     not disturb it; when stopped mid-window it drops that window, and exits.
+
+    With a `check` (a StreamCheck), the windows are proved by it instead of by their
+    SHA-256 checkpoints: read in order, each fed to the check, and `complete` waits for the
+    last one and the check's end. Should the check refuse (`refused` says why) or a read
+    error break the order, the windows not yet proved are left to the final verification,
+    by their checkpoints.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, check: StreamCheck | None = None) -> None:
         self._fd, self._direct = _open_for_reading(path)
         self.inode = os.fstat(self._fd).st_ino
+        self._check = check
         self._queue: queue.SimpleQueue[tuple[Checkpoint, Checkpoint] | None] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._results: dict[int, tuple[int, bool]] = {}
+        # Why the check refused the bytes re-read, if it did (the checkpoints then say where).
+        self.refused: str | None = None
         self._thread = threading.Thread(target=self._run, name="engram-recovery read-back", daemon=True)
         self._thread.start()
 
@@ -304,9 +314,23 @@ class ReadBack:
         with self._lock:
             return dict(self._results)
 
+    def complete(self) -> dict[int, tuple[int, bool]]:
+        """Blocking: with a check, let the thread prove every window given and end the check; then as `stop`.
+
+        Call it once the file is whole (every window given): the writing is over, so the idle-priority
+        thread has the cores to itself.
+        """
+        if self._check is not None:
+            self._queue.put(None)
+            self._thread.join()
+        return self.stop()
+
     def _run(self) -> None:
         _lower_priority()
         try:
+            if self._check is not None:
+                self._run_checked(self._check)
+                return
             while (item := self._queue.get()) is not None:
                 start, end = item
                 try:
@@ -316,11 +340,74 @@ class ReadBack:
                     continue  # left to the final verification, which reports it
                 if matched is None:
                     break
-                with self._lock:
-                    if not self._stop.is_set():
-                        self._results[start.offset] = (end.offset, matched)
+                self._record(start, end, matched)
         finally:
             os.close(self._fd)
+
+    def _record(self, start: Checkpoint, end: Checkpoint, matched: bool) -> None:
+        with self._lock:
+            if not self._stop.is_set():
+                self._results[start.offset] = (end.offset, matched)
+
+    def _run_checked(self, check: StreamCheck) -> None:
+        # The last window fed counts as proved only once the next one is fed, or at the check's end: a
+        # record may straddle the boundary, and its tag covers both sides. A failure proves nothing
+        # either way here: the windows not proved are re-read by their checkpoints, which say where.
+        fed: tuple[Checkpoint, Checkpoint] | None = None
+        while (item := self._queue.get()) is not None:
+            start, end = item
+            try:
+                if not _feed_window(self._fd, self._direct, start.offset, end.offset, check, self._stop):
+                    return  # stopped
+            except OSError:
+                return  # the order is broken: the rest is left to the final verification
+            except IntegrityError as exc:
+                self.refused = exc.message
+                return
+            if fed is not None:
+                self._record(*fed, True)
+            fed = item
+        if self._stop.is_set():
+            return
+        try:
+            check.finish()
+        except IntegrityError as exc:
+            self.refused = exc.message
+            return
+        if fed is not None:
+            self._record(*fed, True)
+
+
+def _feed_window(fd: int, direct: bool, offset: int, end: int, check: StreamCheck, stop: threading.Event) -> bool:
+    """Read [offset, end) of `fd` into `check`, in order; False: stopped before the end."""
+    remaining = end - offset
+    buffer = mmap.mmap(-1, max(ALIGN, min(HASH_BLOCK, -(-remaining // ALIGN) * ALIGN)))
+    try:
+        with memoryview(buffer) as view:
+            while remaining > 0:
+                if stop.is_set():
+                    return False
+                want = min(len(buffer), remaining)
+                asked = -(-want // ALIGN) * ALIGN if direct and offset % ALIGN == 0 else want
+                try:
+                    count = os.preadv(fd, [view[:asked]], offset)
+                except OSError as exc:
+                    if not direct or exc.errno != errno.EINVAL:
+                        raise
+                    _set_direct(fd, False)
+                    direct, asked = False, want
+                    count = os.preadv(fd, [view[:asked]], offset)
+                count = min(count, want)
+                if not count:
+                    raise IntegrityError("the file is shorter than what was written", "write it again")
+                check.update(view[:count])
+                offset += count
+                remaining -= count
+    finally:
+        # A failing check's traceback may still hold a view of the buffer: the mapping then goes with it.
+        with contextlib.suppress(BufferError):
+            buffer.close()
+    return True
 
 
 def _feed(handle: FileIO, digest: HASH, limit: int | None = None) -> int:

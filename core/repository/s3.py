@@ -25,7 +25,7 @@ from ..settings import Settings
 from ..stores import s3
 from ..stores.s3 import S3_ERRORS, S3Location
 from ..taskgroups import task_group
-from .base import READ_CHUNK, CopyTarget, Repository
+from .base import READ_CHUNK, CopyTarget, Repository, StreamCheck
 from .layout import check_key
 
 # S3 wants parts of at least 5 MiB (except the last); 8 MiB keeps memory low and requests few.
@@ -127,7 +127,9 @@ class S3Repository(Repository):
         except S3_ERRORS as exc:
             raise self._fail(exc, "write to the backup repository") from exc
 
-    async def put_stream(self, key: str, chunks: AsyncIterator[bytes], *, read_back: bool = False) -> tuple[int, str]:
+    async def put_stream(
+        self, key: str, chunks: AsyncIterator[bytes], *, read_back: bool = False, check: StreamCheck | None = None
+    ) -> tuple[int, str]:
         object_key = self.s3_key(key)
         digest = hashlib.sha256()
         size = 0

@@ -8,6 +8,7 @@ import hashlib
 import os
 import secrets
 import sys
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import anyio.lowlevel
 import pytest
 from support import new_bucket
 
+from engram_recovery.core.artifact.codec import Encoder
 from engram_recovery.core.errors import ConfigurationError, StoreUnreachable
 from engram_recovery.core.repository import localfs, open_repository, verify
 from engram_recovery.core.repository.base import Repository
@@ -372,6 +374,72 @@ async def test_a_dump_file_replaced_after_writing_is_read_again_whole(tmp_path: 
     assert await repo.verify(KEY, size, digest) == (
         f"bytes 0-{BIG} do not read back as written (recorded {size} bytes with SHA-256 {digest[:16]}...)"
     )
+
+
+def _encrypted(size: int) -> tuple[bytes, bytes]:
+    """(backup key, an encrypted dump of `size` random plain bytes), as run_backup writes one."""
+    key = secrets.token_bytes(32)
+    encoder = Encoder("none", key)
+    plain = secrets.token_bytes(size)
+    return key, encoder.update(plain) + encoder.finish()
+
+
+@pytest.mark.anyio
+async def test_an_encrypted_dump_is_proved_by_its_own_tags_on_the_read_back_not_hashed_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    repo = LocalRepository(tmp_path / "repo", window=BIG)
+    key, data = _encrypted(4 * BIG + 1000)
+    hashed: list[int] = []
+    original = localfs.window_matches
+
+    def counting(fd: int, direct: bool, start: localfs.Checkpoint, end: localfs.Checkpoint,
+                 stop: threading.Event | None = None) -> bool | None:  # fmt: skip
+        hashed.append(start.offset)
+        return original(fd, direct, start, end, stop)
+
+    monkeypatch.setattr(localfs, "window_matches", counting)
+    size, digest = await repo.put_stream(KEY, chunks_of(data, 1 << 20), read_back=True,
+                                         check=Encoder("none", key).read_back_check())  # fmt: skip
+    assert (size, digest) == (len(data), hashlib.sha256(data).hexdigest())
+    assert await repo.verify(KEY, size, digest) is None
+    reader = repo._written[KEY].reader
+    assert reader is not None and reader.refused is None and reader.reread == 5
+    assert hashed == []  # every window proved by the records' tags, none hashed again
+
+
+@pytest.mark.anyio
+async def test_a_window_going_bad_while_an_encrypted_dump_is_written_is_found_and_located(tmp_path: Path) -> None:
+    repo = LocalRepository(tmp_path / "repo", window=BIG)
+    key, data = _encrypted(4 * BIG)
+    temp: list[Path] = []
+
+    async def stream() -> AsyncIterator[bytes]:
+        yield data[: BIG + HALF]
+        temp.extend((tmp_path / "repo" / "backups" / "b1").glob(".db.dump*"))
+        _flip(temp[0], BIG + 100)  # window 1 goes bad on the disk while it is being written
+        yield data[BIG + HALF :]
+
+    size, digest = await repo.put_stream(KEY, stream(), read_back=True, check=Encoder("none", key).read_back_check())
+    assert digest == hashlib.sha256(data).hexdigest()
+    # The tags refuse the re-read bytes; the checkpoints then name the window that changed.
+    assert await repo.verify(KEY, size, digest) == (
+        f"bytes {BIG}-{2 * BIG} do not read back as written (recorded {size} bytes with SHA-256 {digest[:16]}...)"
+    )
+    reader = repo._written[KEY].reader
+    assert reader is not None and reader.refused is not None and "failed authentication" in reader.refused
+
+
+@pytest.mark.anyio
+async def test_a_stream_that_does_not_authenticate_is_refused_even_when_every_byte_reads_back(tmp_path: Path) -> None:
+    repo = LocalRepository(tmp_path / "repo", window=BIG)
+    key, data = _encrypted(3 * BIG)
+    cut = data[: len(data) - 1000]  # written as given, yet its last record is missing: a broken writer
+    size, digest = await repo.put_stream(KEY, chunks_of(cut, 1 << 20), read_back=True,
+                                         check=Encoder("none", key).read_back_check())  # fmt: skip
+    problem = await repo.verify(KEY, size, digest)
+    assert problem is not None and problem.startswith("the stored file does not authenticate as written: ")
+    assert "truncated" in problem
 
 
 def test_a_filesystem_refusing_direct_reads_is_read_through_the_cache(
