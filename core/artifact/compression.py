@@ -18,10 +18,11 @@ from ..errors import IntegrityError
 
 Compression = Literal["zstd", "gzip", "none"]
 ZSTD_LEVEL = 1
-# pg_dump's text finds its matches within a few rows (repeated ids, timestamps, column layout): at the
-# default level a 128 KiB window instead of level 1's 512 KiB costs 0.7% more output and saves 9% of
-# zstd's CPU on the bench database (docs/benchmarks.md, run_backup).
-ZSTD_WINDOW_LOG = 17
+# pg_dump's text finds its matches within a few rows (repeated ids, timestamps, column layout), and most
+# of a dump is hex of ciphertext that only the entropy stage halves: a 128 KiB window instead of level
+# 1's 512 KiB, a 512-entry match table instead of 8192 and matches of 7 bytes or more cost 2% more
+# output than level 1 and save 17% of zstd's CPU on the bench database (docs/benchmarks.md, run_backup).
+ZSTD_TUNING = {"window_log": 17, "hash_log": 9, "min_match": 7}
 GZIP_LEVEL = 6
 SUFFIX: dict[Compression, str] = {"zstd": ".zst", "gzip": ".gz", "none": ""}
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -48,7 +49,7 @@ class _Identity:
 class _Zstd:
     def __init__(self, level: int) -> None:
         # Content size unknown (a stream): frames carry checksums so a damaged file is detected on decompression.
-        tuned = {"window_log": ZSTD_WINDOW_LOG} if level == ZSTD_LEVEL else {}
+        tuned = ZSTD_TUNING if level == ZSTD_LEVEL else {}
         params = zstandard.ZstdCompressionParameters.from_level(level, write_checksum=True, **tuned)
         self._c = zstandard.ZstdCompressor(compression_params=params).compressobj()
 
