@@ -12,7 +12,7 @@ import os
 import queue
 import sys
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass
 from io import FileIO
 from pathlib import Path
@@ -257,21 +257,15 @@ def _open_for_reading(path: Path) -> tuple[int, bool]:
     return os.open(path, os.O_RDONLY), False
 
 
-def window_matches(
-    fd: int, direct: bool, start: Checkpoint, end: Checkpoint, stop: threading.Event | None = None
-) -> bool | None:
-    """Does the file behind `fd` carry the hash from `start`'s state to `end`'s? None: stopped before the end.
-
-    `start.offset` must be a multiple of ALIGN when `direct` (every window start is).
-    """
-    digest = start.state.copy()
-    offset, remaining = start.offset, end.offset - start.offset
+def _read_range(fd: int, direct: bool, offset: int, end: int, stop: threading.Event | None) -> Generator[memoryview]:
+    """[offset, end) of `fd`, in pieces read into one reused, aligned buffer (direct reads where the file takes
+    them); it ends early when `stop` is set or the file is shorter. Each piece is valid until the next."""
+    remaining = end - offset
     buffer = mmap.mmap(-1, max(ALIGN, min(HASH_BLOCK, -(-remaining // ALIGN) * ALIGN)))
+    direct = direct and offset % ALIGN == 0
     try:
         with memoryview(buffer) as view:
-            while remaining > 0:
-                if stop is not None and stop.is_set():
-                    return None
+            while remaining > 0 and not (stop is not None and stop.is_set()):
                 want = min(len(buffer), remaining)
                 # A direct read asks for whole blocks; at the end of the file it returns what there is.
                 asked = -(-want // ALIGN) * ALIGN if direct else want
@@ -286,12 +280,28 @@ def window_matches(
                     count = os.preadv(fd, [view[:asked]], offset)
                 count = min(count, want)
                 if not count:
-                    return False  # shorter than what was written
-                digest.update(view[:count])
+                    return
+                yield view[:count]
                 offset += count
                 remaining -= count
     finally:
-        buffer.close()
+        # A consumer that failed may still hold a piece: the mapping then goes with it.
+        with contextlib.suppress(BufferError):
+            buffer.close()
+
+
+def window_matches(
+    fd: int, direct: bool, start: Checkpoint, end: Checkpoint, stop: threading.Event | None = None
+) -> bool | None:
+    """Does the file behind `fd` carry the hash from `start`'s state to `end`'s? None: stopped before the end."""
+    digest = start.state.copy()
+    read = 0
+    with contextlib.closing(_read_range(fd, direct, start.offset, end.offset, stop)) as pieces:
+        for piece in pieces:
+            digest.update(piece)
+            read += len(piece)
+    if read < end.offset - start.offset:
+        return None if stop is not None and stop.is_set() else False  # stopped, or shorter than written
     return digest.digest() == end.state.digest()
 
 
@@ -443,33 +453,15 @@ class ReadBack:
 
 def _feed_window(fd: int, direct: bool, offset: int, end: int, check: StreamCheck, stop: threading.Event) -> bool:
     """Read [offset, end) of `fd` into `check`, in order; False: stopped before the end."""
-    remaining = end - offset
-    buffer = mmap.mmap(-1, max(ALIGN, min(HASH_BLOCK, -(-remaining // ALIGN) * ALIGN)))
-    try:
-        with memoryview(buffer) as view:
-            while remaining > 0:
-                if stop.is_set():
-                    return False
-                want = min(len(buffer), remaining)
-                asked = -(-want // ALIGN) * ALIGN if direct and offset % ALIGN == 0 else want
-                try:
-                    count = os.preadv(fd, [view[:asked]], offset)
-                except OSError as exc:
-                    if not direct or exc.errno != errno.EINVAL:
-                        raise
-                    _set_direct(fd, False)
-                    direct, asked = False, want
-                    count = os.preadv(fd, [view[:asked]], offset)
-                count = min(count, want)
-                if not count:
-                    raise IntegrityError("the file is shorter than what was written", "write it again")
-                check.update(view[:count])
-                offset += count
-                remaining -= count
-    finally:
-        # A failing check's traceback may still hold a view of the buffer: the mapping then goes with it.
-        with contextlib.suppress(BufferError):
-            buffer.close()
+    read = 0
+    with contextlib.closing(_read_range(fd, direct, offset, end, stop)) as pieces:
+        for piece in pieces:
+            check.update(piece)
+            read += len(piece)
+    if read < end - offset:
+        if stop.is_set():
+            return False
+        raise IntegrityError("the file is shorter than what was written", "write it again")
     return True
 
 
