@@ -29,7 +29,7 @@ ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 GZIP_MAGIC = b"\x1f\x8b"
 
 
-Data = bytes | bytearray
+Data = bytes | bytearray | memoryview
 
 
 class Codec(Protocol):
