@@ -170,15 +170,7 @@ async def _each_tenant(conn: postgres.Connection, p: SchemaProbe, tables: Sequen
     A role subject to FORCE ROW LEVEL SECURITY would silently see (and change) nothing otherwise.
     """
     try:
-        async with conn.transaction():
-            if p.sees_all_rows or not any(t in p.forced_rls for t in tables):
-                return list(await conn.fetch(sql, *args))
-            rows: list[Any] = []
-            for (tenant,) in await conn.fetch("SELECT id::text FROM users ORDER BY id"):
-                # Transaction-local, as Engram's Repo sets it.
-                await conn.execute("SELECT set_config('app.current_tenant', $1, true)", tenant)
-                rows += await conn.fetch(sql, *args)
-            return rows
+        return await TenantReader(conn, p.forced_rls, p.sees_all_rows).each(tables, sql, *args, readonly=False)
     except postgres.PostgresError as exc:
         raise postgres.describe(exc) from exc
 

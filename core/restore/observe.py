@@ -276,20 +276,25 @@ class TenantReader:
     def per_tenant(self, tables: Sequence[str]) -> bool:
         return not self.sees_all and any(t in self.forced for t in tables)
 
+    async def each(self, tables: Sequence[str], sql: str, *args: Any, readonly: bool = True) -> list[Any]:
+        """Every row `sql` (reading or, not `readonly`, writing `tables`) returns: where row-level security
+        would hide rows, one transaction, tenant by tenant. Raises PostgresError."""
+        if not self.per_tenant(tables):
+            return list(await self.conn.fetch(sql, *args))
+        if self.tenants is None:
+            self.tenants = [r["id"] for r in await self.conn.fetch("SELECT id::text AS id FROM users ORDER BY id")]
+        rows: list[Any] = []
+        async with self.conn.transaction(readonly=readonly):
+            for tenant in self.tenants:
+                # Transaction-local, as Engram's Repo sets it: it cannot leak into the next statement's tenant.
+                await self.conn.execute("SELECT set_config('app.current_tenant', $1, true)", tenant)
+                rows += await self.conn.fetch(sql, *args)
+        return rows
+
     async def fetch(self, what: str, tables: Sequence[str], sql: str, *args: Any) -> list[Any] | None:
         """Every row of `sql` (which reads `tables`), or None (recorded in `unchecked`) if that is not knowable."""
         try:
-            if not self.per_tenant(tables):
-                return list(await self.conn.fetch(sql, *args))
-            if self.tenants is None:
-                self.tenants = [r["id"] for r in await self.conn.fetch("SELECT id::text AS id FROM users ORDER BY id")]
-            rows: list[Any] = []
-            async with self.conn.transaction(readonly=True):
-                for tenant in self.tenants:
-                    # Transaction-local, as Engram's Repo sets it: it cannot leak into the next statement's tenant.
-                    await self.conn.execute("SELECT set_config('app.current_tenant', $1, true)", tenant)
-                    rows += await self.conn.fetch(sql, *args)
-            return rows
+            return await self.each(tables, sql, *args)
         except postgres.PostgresError as exc:
             self.unchecked[what] = f"cannot check {what}: {exc}"
             return None
