@@ -40,6 +40,7 @@ from .plan import Consequence
 from .planner import PlanReport, PlanRequest, plan
 from .run_steps import (
     STEPS,
+    SWITCHED_OFF,
     Context,
     DumpSource,
     RestoreRequest,
@@ -284,7 +285,9 @@ async def _refuse_sessions(dsn: str, database: str) -> RestoreStep:
 
 async def _steps(ctx: Context, log: RestoreLog, first: list[RestoreStep]) -> list[RestoreStep]:
     """Every step in order; on resume the ones the log records as done are kept, not redone."""
-    kept = {s.name: s for s in log.steps if ctx.own_partial and log.done(s.name)}
+    # A step the first run was told to skip is asked again: this run's request may switch it on.
+    kept = {s.name: s for s in log.steps
+            if ctx.own_partial and log.done(s.name) and not s.details.get(SWITCHED_OFF)}  # fmt: skip
     # A database step that failed half-way left rows behind: the target is dropped and created again first.
     if ctx.own_partial and not log.done("database"):
         kept.pop("target", None)

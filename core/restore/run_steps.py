@@ -359,6 +359,14 @@ async def _dump_attachments(ctx: Context, manifest: Manifest) -> RestoreStep:
     return _step("attachments", summary, changed, details=details)  # fmt: skip
 
 
+SWITCHED_OFF = "switched_off"
+
+
+def switched_off(name: str, consequence: str) -> RestoreStep:
+    """A step the request switched off: skipped, and marked so that a resume that switches it on runs it."""
+    return _step(name, f"switched off ({consequence})", status="skipped", details={SWITCHED_OFF: True})
+
+
 def _fenced(name: str, result: fences.FenceResult) -> RestoreStep:
     changed = [f"{result.changed} change(s)"] + result.details if result.changed else []
     return _step(name, result.said, changed, details={"details": result.details})
@@ -366,24 +374,24 @@ def _fenced(name: str, result: fences.FenceResult) -> RestoreStep:
 
 async def fence_tokens(ctx: Context) -> RestoreStep:
     if not ctx.request.revoke_tokens:
-        return _step("fence_tokens", "switched off (revoke_tokens=false): refresh tokens revoked and API keys "
-                     "deleted after the backup are valid again in the restored database", status="skipped")
+        return switched_off("fence_tokens", "revoke_tokens=false: refresh tokens revoked and API keys deleted "
+                            "after the backup are valid again in the restored database")
     async with postgres.connection(ctx.target_dsn) as conn:
         return _fenced("fence_tokens", await fences.fence_tokens(conn, ctx.snapshot()))
 
 
 async def fence_sync(ctx: Context) -> RestoreStep:
     if not ctx.request.advance_sync:
-        return _step("fence_sync", "switched off (advance_sync=false): Obsidian clients whose cursor is past the "
-                     "restored vaults' change_seq will skip new writes", status="skipped")  # fmt: skip
+        return switched_off("fence_sync", "advance_sync=false: Obsidian clients whose cursor is past the restored "
+                            "vaults' change_seq will skip new writes")
     async with postgres.connection(ctx.target_dsn) as conn:
         return _fenced("fence_sync", await fences.fence_sync(conn, ctx.snapshot()))
 
 
 async def protect_orphans(ctx: Context) -> RestoreStep:
     if not ctx.request.protect_orphans:
-        return _step("protect_orphans", "switched off (protect_orphans=false): Engram's weekly OrphanSweep deletes "
-                     "the blobs of users the restored database does not know", status="skipped")  # fmt: skip
+        return switched_off("protect_orphans", "protect_orphans=false: Engram's weekly OrphanSweep deletes the "
+                            "blobs of users the restored database does not know")
     bucket = ctx.runtime.attachments_location() if await ctx.source.attachments_in_s3(ctx) else None
     async with postgres.connection(ctx.target_dsn) as conn:
         result = await fences.protect_orphans(conn, bucket, ctx.repo, ctx.run_id, ctx.sub("protect_orphans"))
@@ -394,8 +402,8 @@ async def qdrant(ctx: Context) -> RestoreStep:
     """Qdrant's points belong to another moment than the restored chunks: queue the rebuild through the engine."""
     settings = ctx.runtime.settings
     if not ctx.request.reindex_qdrant:
-        return _step("qdrant", "switched off (reindex_qdrant=false): search answers from vectors of another moment "
-                     "until reindex_qdrant runs", status="skipped")  # fmt: skip
+        return switched_off("qdrant", "reindex_qdrant=false: search answers from vectors of another moment until "
+                            "reindex_qdrant runs")
     if not await ctx.source.qdrant_configured(ctx) and not settings.qdrant_configured:
         return _step("qdrant", "no Qdrant in this deployment: nothing to rebuild", status="skipped")
     name = ctx.premises.target_database

@@ -590,6 +590,28 @@ async def test_a_connection_lost_in_a_fence_is_a_failed_step_that_says_what_the_
 
 
 @pytest.mark.anyio
+async def test_a_fence_switched_off_in_the_run_that_stopped_is_applied_by_a_resume_that_switches_it_on(
+    deployment: Deployment, target_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bucket = await new_bucket(deployment.where(f"rr-dst-{secrets.token_hex(4)}"))
+    env = deployment.env(bucket.bucket)
+    planned = await plan(env, target_database=target_name)
+
+    async def lost(*args: Any, **kwargs: Any) -> Any:
+        raise ConnectionResetError(104, "Connection reset by peer")
+
+    monkeypatch.setattr(fences, "fence_sync", lost)  # the run stops after the token fence, switched off
+    first = await restore(env, plan_token=planned.plan_token, confirm=True, revoke_tokens=False, reindex_qdrant=False)
+    assert (first.verdict, first.failed_step) == ("fail", "fence_sync"), first.summary
+    assert step(first, "fence_tokens").status == "skipped"
+    monkeypatch.undo()
+    second = await restore(env, plan_token=planned.plan_token, confirm=True, resume=True, reindex_qdrant=False)
+    assert second.verdict in ("ok", "warn"), second.summary
+    assert step(second, "fence_tokens").status == "ok"  # asked again, not the first run's "skipped" kept
+    assert step(second, "qdrant").status == "skipped" and "switched off" in step(second, "qdrant").summary
+
+
+@pytest.mark.anyio
 async def test_the_database_password_is_in_no_result_progress_message_log_or_error(
     deployment: Deployment, target_name: str
 ) -> None:
