@@ -273,7 +273,9 @@ class _Session:
             async with send:
                 for start in range(0, len(todo), READ_AHEAD_BATCH):
                     batch = todo[start : start + READ_AHEAD_BATCH]
-                    reads = await anyio.to_thread.run_sync(self._read_ahead, batch)
+                    reads: list[_Read | None] = [None] * len(batch)
+                    if any(self._read_ahead_worthy(e) for e in batch):  # none when every copy is server-side
+                        reads = await anyio.to_thread.run_sync(self._read_ahead, batch)
                     for entry, read in zip(batch, reads, strict=True):
                         await send.send((entry, read))
         await progress(len(copied), len(todo), f"restored {len(copied)} attachments")
@@ -284,9 +286,12 @@ class _Session:
         a hop to a thread per blob costs more than reading a 64 KiB file. None for the rest, read as they go."""
         reads: list[_Read | None] = []
         for entry in batch:
-            local = self.repo.local_file(entry.repo_key) if entry.size <= min(READ_AHEAD_SIZE, SINGLE_PUT) else None
-            reads.append(_read_hashed(local, _needs_md5(entry)) if local is not None and self._streams(entry) else None)
+            local = self.repo.local_file(entry.repo_key) if self._read_ahead_worthy(entry) else None
+            reads.append(_read_hashed(local, _needs_md5(entry)) if local is not None else None)
         return reads
+
+    def _read_ahead_worthy(self, entry: InventoryEntry) -> bool:
+        return entry.size <= min(READ_AHEAD_SIZE, SINGLE_PUT) and self._streams(entry)
 
     def _streams(self, entry: InventoryEntry) -> bool:
         """Does `entry` go up by PutObject from the pool's bytes (not server-side, not from a version)?"""
