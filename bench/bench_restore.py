@@ -251,6 +251,11 @@ def _cpu() -> float:
 # --- the attachments step ------------------------------------------------------------------------
 
 
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def rclone_copy(weed: SeaweedFS, source: str, target: str) -> tuple[float, int]:
     env = {k: v for k, v in os.environ.items() if k != "AWS_CA_BUNDLE"}
     env |= {"RCLONE_CONFIG_WEED_TYPE": "s3", "RCLONE_CONFIG_WEED_PROVIDER": "Other",
@@ -295,21 +300,26 @@ async def bench_attachments(args: argparse.Namespace) -> None:
 
             def ours_phase(phase: str, ours_bucket: S3Location) -> Callable[[], Awaitable[float]]:
                 async def go() -> float:
-                    began = time.perf_counter()
+                    began, cpu = time.perf_counter(), _cpu()
                     async with repository() as repo:
                         report = await copy_inventory(repo, inventory_key("b1"), ours_bucket,
                                                       options=CopyOptions(concurrency=16))  # fmt: skip
-                    seconds = time.perf_counter() - began
+                    seconds, cpu = time.perf_counter() - began, _cpu() - cpu
                     expected = args.objects if phase == "first" else 0
                     if not report.ok or report.copied_objects != expected or report.server_side_copy != server_side:
                         raise SystemExit(f"ours {phase}: {report}")
+                    # Our process's own CPU (all its threads): what a loaded machine disturbs least.
+                    print(f"    ours {phase}: our CPU {cpu:.2f} s ({cpu / args.objects * 1e6:.0f} us an object)")
                     return seconds
 
                 return go
 
             def peer_phase(phase: str, peer_bucket: S3Location) -> Callable[[], Awaitable[float]]:
                 async def go() -> float:
+                    cpu = _children_cpu()
                     seconds, copied = await anyio.to_thread.run_sync(rclone_copy, weed, pool, peer_bucket.bucket)
+                    cpu = _children_cpu() - cpu
+                    print(f"    rclone {phase}: its CPU {cpu:.2f} s ({cpu / args.objects * 1e6:.0f} us an object)")
                     if copied != (args.objects if phase == "first" else 0):
                         raise SystemExit(f"rclone {phase}: copied {copied}")
                     return seconds

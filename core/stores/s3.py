@@ -7,6 +7,7 @@ repository. Driver errors become `StoreUnreachable`/`RecoveryError` here.
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import os
 import re
@@ -23,6 +24,8 @@ import aioboto3
 import aiobotocore.session
 import aiohttp
 import anyio
+import yarl
+from aiohttp.helpers import get_env_proxy_for_url
 from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.config import Config
@@ -384,17 +387,21 @@ class Copier:
         )
         self._connections = connections
         self._http: aiohttp.ClientSession | None = None
+        self._proxy: tuple[Any, aiohttp.BasicAuth | None] = (None, None)
 
     async def __aenter__(self) -> Copier:
         # The CA bundle botocore would use; loaded only when there is TLS to verify.
         tls = (
             ssl.create_default_context(cafile=os.environ.get("AWS_CA_BUNDLE") or None) if _tls(self.location) else False
         )
+        # The proxy the environment names for the endpoint (as botocore honours it), looked up once: aiohttp's
+        # trust_env looks up the proxy and ~/.netrc in a worker thread for every request, two thread hops a PUT.
+        with contextlib.suppress(LookupError):
+            self._proxy = await anyio.to_thread.run_sync(get_env_proxy_for_url, yarl.URL(self.location.endpoint or ""))
         self._http = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=max(self._connections, 10), ssl=tls),
             # A large copy can take a while before the server answers; connecting must not.
             timeout=aiohttp.ClientTimeout(sock_connect=3, sock_read=300),
-            trust_env=True,  # proxies from the environment, as botocore honours them
         )
         return self
 
@@ -416,7 +423,8 @@ class Copier:
             request = AWSRequest("PUT", url, headers=headers)
             self._signer.add_auth(request)
             try:
-                async with self._http.put(url, headers=dict(request.headers.items())) as answer:
+                async with self._http.put(url, headers=dict(request.headers.items()), proxy=self._proxy[0],
+                                          proxy_auth=self._proxy[1]) as answer:  # fmt: skip
                     status, body = answer.status, await answer.read()
             except aiohttp.ClientError as exc:
                 if attempt < 2:
@@ -432,22 +440,30 @@ class Copier:
             raise error
         raise AssertionError("the last attempt returns or raises")
 
-    async def put(self, bucket: str, key: str, body: bytes, *, md5: bytes | None = None) -> str | None:
-        """PutObject of a small body (held in memory); with `md5` (the raw digest) the server refuses other bytes.
+    async def put(
+        self, bucket: str, key: str, body: bytes, *, sha256: str | None = None, md5: bytes | None = None
+    ) -> str | None:
+        """PutObject of a small body (held in memory). With `sha256` (its hex digest, which the caller has
+        already checked) the server refuses other bytes: it goes as x-amz-checksum-sha256; with `md5` (the raw
+        digest) as Content-MD5. Returns the new object's ETag.
 
         Same reason as `copy`: botocore's per-request CPU, not the server, limits a copy-back
-        of many small attachments. Returns the new object's ETag.
+        of many small attachments.
         """
         assert self._http is not None and self.location.endpoint
         url = f"{self.location.endpoint.rstrip('/')}/{bucket}/{quote(key, safe='/~')}"
-        headers = {"x-amz-content-sha256": "UNSIGNED-PAYLOAD", "Content-Length": str(len(body))}
+        headers = {"Content-Length": str(len(body))}
+        if sha256 is not None:
+            headers["x-amz-checksum-sha256"] = base64_digest(sha256)
         if md5 is not None:
             headers["Content-MD5"] = base64.b64encode(md5).decode()
         for attempt in range(3):
             request = AWSRequest("PUT", url, headers=headers)
+            request.context["client_config"] = _UNSIGNED_BODY
             self._signer.add_auth(request)
             try:
-                async with self._http.put(url, headers=dict(request.headers.items()), data=body) as answer:
+                async with self._http.put(url, headers=dict(request.headers.items()), data=body, proxy=self._proxy[0],
+                                          proxy_auth=self._proxy[1]) as answer:  # fmt: skip
                     status, etag, text = answer.status, answer.headers.get("ETag"), await answer.read()
             except aiohttp.ClientError as exc:
                 if attempt < 2:
@@ -460,6 +476,17 @@ class Copier:
                 continue
             raise _client_error(status, text, "PutObject")
         raise AssertionError("the last attempt returns or raises")
+
+
+def base64_digest(hex_digest: str) -> str:
+    """A digest as S3's checksum headers carry it (x-amz-checksum-sha256, Content-MD5): base64, not hex."""
+    return base64.b64encode(bytes.fromhex(hex_digest)).decode()
+
+
+# The signer sees no body (aiohttp sends it), so it must not hash one: it would sign the hash of an empty
+# body, which servers that check the payload hash (AWS, MinIO) refuse. The body's integrity goes in a
+# signed checksum header instead, as the AWS SDKs' own unsigned-payload uploads do.
+_UNSIGNED_BODY = Config(s3={"payload_signing_enabled": False})
 
 
 def _etag(body: bytes) -> str | None:

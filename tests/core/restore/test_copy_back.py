@@ -269,9 +269,10 @@ def test_a_small_local_pool_blob_is_read_and_hashed_in_one_thread_call(tmp_path:
     blob = tmp_path / "blob"
     data = secrets.token_bytes(70_000)
     blob.write_bytes(data)
-    assert copy_back_module._read_hashed(blob) == (
-        data, hashlib.sha256(data).hexdigest(), hashlib.md5(data, usedforsecurity=False).digest())  # fmt: skip
-    assert copy_back_module._read_hashed(tmp_path / "gone") is None  # the stream then says what is wrong
+    sha256, md5 = hashlib.sha256(data).hexdigest(), hashlib.md5(data, usedforsecurity=False).hexdigest()
+    assert copy_back_module._read_hashed(blob, md5=True) == (data, sha256, md5)
+    assert copy_back_module._read_hashed(blob, md5=False) == (data, sha256, None)  # SHA-256 recorded: MD5 unused
+    assert copy_back_module._read_hashed(tmp_path / "gone", md5=False) is None  # the stream then says what is wrong
     blob.write_bytes(bytes(copy_back_module.SINGLE_PUT + 10))  # grown past the one-put limit: read one past it
-    read = copy_back_module._read_hashed(blob)
+    read = copy_back_module._read_hashed(blob, md5=False)
     assert read is not None and len(read[0]) == copy_back_module.SINGLE_PUT + 1
