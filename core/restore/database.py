@@ -41,7 +41,7 @@ import anyio
 import anyio.to_thread
 
 from ..artifact import extract as backup_extract
-from ..artifact.compression import decompressor
+from ..artifact.compression import Decompressor, decompressor
 from ..artifact.encryption import Decryptor
 from ..errors import ConfigurationError, IntegrityError, UnsafeOperation
 from ..progress import Progress, silent
@@ -212,6 +212,26 @@ async def restore_database(ctx: DumpRestore) -> DatabaseRestore:
                            {k: round(v, 3) for k, v in timings.items()})  # fmt: skip
 
 
+class _Decode:
+    """One stored chunk's work, in one worker-thread call: its SHA-256 (the artifact's own check), decryption,
+    then decompression into the codec's pieces (passed on as they are: joining them would copy every byte
+    of the dump once more)."""
+
+    def __init__(self, decryptor: Decryptor | None, codec: Decompressor) -> None:
+        self.digest, self.decryptor, self.codec = hashlib.sha256(), decryptor, codec
+
+    def __call__(self, chunk: bytes) -> list[bytes]:
+        self.digest.update(chunk)
+        plain = self.decryptor.update(chunk) if self.decryptor is not None else chunk
+        return self.codec.pieces(plain) if plain else []
+
+    def finish(self) -> list[bytes]:
+        if self.decryptor is not None:
+            self.decryptor.finish()
+        tail = self.codec.finish()
+        return [tail] if tail else []
+
+
 async def plaintext(repo: Repository, key: str, artifact: Artifact, backup_key: bytes | None) -> AsyncGenerator[bytes]:
     """The artifact as pg_dump wrote it, its stages (read, decrypt, decompress) running at the same time."""
     if artifact.encryption is not None and backup_key is None:
@@ -219,49 +239,36 @@ async def plaintext(repo: Repository, key: str, artifact: Artifact, backup_key: 
             f"{artifact.name} is encrypted but ENGRAM_RECOVERY_BACKUP_KEY is not set",
             "set ENGRAM_RECOVERY_BACKUP_KEY or ENGRAM_RECOVERY_BACKUP_KEY_FILE to the backup key",
         )
-    decryptor = Decryptor(backup_key) if artifact.encryption is not None and backup_key is not None else None
-    codec = decompressor(artifact.compression)
+    decode = _Decode(Decryptor(backup_key) if artifact.encryption is not None and backup_key is not None else None,
+                     decompressor(artifact.compression))  # fmt: skip
     raw_send, raw_receive = anyio.create_memory_object_stream[bytes](_PIPELINE_DEPTH)
-    mid_send, mid_receive = anyio.create_memory_object_stream[bytes | bytearray](_PIPELINE_DEPTH)
-    out_send, out_receive = anyio.create_memory_object_stream[bytes](_PIPELINE_DEPTH)
-    digest, stored = hashlib.sha256(), [0]
+    out_send, out_receive = anyio.create_memory_object_stream[bytes](_PIPELINE_DEPTH * 4)
+    stored = [0]
 
     async def read() -> None:
         async with raw_send:
             async for chunk in repo.get_stream(key, READ_CHUNK * 4):
                 stored[0] += len(chunk)
-                # In a thread (hashlib lets go of the GIL): the check overlaps decryption instead of adding to it.
-                await anyio.to_thread.run_sync(digest.update, chunk)
                 await raw_send.send(chunk)
 
-    # Decryption and decompression in threads of their own: on a small machine whose cores the server's
-    # COPYs keep busy, one thread doing both was what the whole restore waited for.
-    async def decrypt() -> None:
-        async with mid_send, raw_receive:
+    # Reading runs ahead of the decoding, which takes one worker-thread call per stored chunk: on a
+    # machine whose cores the server's COPYs keep busy, each hand-off between threads is CPU the
+    # server does not get, and the decoding is far ahead of the loaders anyway.
+    async def decode_all() -> None:
+        async with out_send, raw_receive:
             async for chunk in raw_receive:
-                data = await anyio.to_thread.run_sync(decryptor.update, chunk) if decryptor is not None else chunk
-                if data:
-                    await mid_send.send(data)
-            if decryptor is not None:
-                await anyio.to_thread.run_sync(decryptor.finish)  # raises on a truncated artifact
-
-    async def decompress() -> None:
-        async with out_send, mid_receive:
-            async for chunk in mid_receive:
-                data = await anyio.to_thread.run_sync(codec.update, chunk)
-                if data:
-                    await out_send.send(data)
-            tail = await anyio.to_thread.run_sync(codec.finish)
-            if tail:
-                await out_send.send(tail)
+                for piece in await anyio.to_thread.run_sync(decode, chunk):
+                    await out_send.send(piece)
+            for piece in await anyio.to_thread.run_sync(decode.finish):  # raises on a truncated artifact
+                await out_send.send(piece)
 
     async with task_group() as tg:
         tg.start_soon(read)
-        tg.start_soon(decrypt)
-        tg.start_soon(decompress)
+        tg.start_soon(decode_all)
         async with out_receive:
             async for data in out_receive:
                 yield data
+    digest = decode.digest
     if (stored[0], digest.hexdigest()) != (artifact.size, artifact.sha256):
         # An unencrypted artifact has no authentication of its own: this is what catches its alteration.
         actual = digest.hexdigest()
