@@ -3,7 +3,7 @@
 How the bytes reach pg_restore depends on what the dump and the machine allow:
 
 - custom format, parallel (the default): the artifact is decrypted and
-  decompressed ONCE, in a pipeline of threads (read, decrypt, decompress overlap).
+  decompressed ONCE, in a worker thread while the next chunks are read (read and decode overlap).
   The stream is cut into its tables' data blocks as it arrives
   (core/restore/dumpfile.py; blocks ahead of their loaders held in memory, within
   a budget) and stock pg_restore processes load N tables at a time, each table's
@@ -233,7 +233,7 @@ class _Decode:
 
 
 async def plaintext(repo: Repository, key: str, artifact: Artifact, backup_key: bytes | None) -> AsyncGenerator[bytes]:
-    """The artifact as pg_dump wrote it, its stages (read, decrypt, decompress) running at the same time."""
+    """The artifact as pg_dump wrote it: read ahead while each chunk is hashed, decrypted and decompressed."""
     if artifact.encryption is not None and backup_key is None:
         raise ConfigurationError(
             f"{artifact.name} is encrypted but ENGRAM_RECOVERY_BACKUP_KEY is not set",
