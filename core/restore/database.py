@@ -213,15 +213,13 @@ async def restore_database(ctx: DumpRestore) -> DatabaseRestore:
 
 
 class _Decode:
-    """One stored chunk's work, in one worker-thread call: its SHA-256 (the artifact's own check), decryption,
-    then decompression into the codec's pieces (passed on as they are: joining them would copy every byte
-    of the dump once more)."""
+    """One stored chunk's decryption, then decompression into the codec's pieces (passed on as they are:
+    joining them would copy every byte of the dump once more), in one worker-thread call."""
 
     def __init__(self, decryptor: Decryptor | None, codec: Decompressor) -> None:
-        self.digest, self.decryptor, self.codec = hashlib.sha256(), decryptor, codec
+        self.decryptor, self.codec = decryptor, codec
 
     def __call__(self, chunk: bytes) -> list[bytes]:
-        self.digest.update(chunk)
         plain = self.decryptor.update(chunk) if self.decryptor is not None else chunk
         return self.codec.pieces(plain) if plain else []
 
@@ -233,7 +231,7 @@ class _Decode:
 
 
 async def plaintext(repo: Repository, key: str, artifact: Artifact, backup_key: bytes | None) -> AsyncGenerator[bytes]:
-    """The artifact as pg_dump wrote it: read ahead while each chunk is hashed, decrypted and decompressed."""
+    """The artifact as pg_dump wrote it: read (and hashed) ahead while each chunk is decrypted and decompressed."""
     if artifact.encryption is not None and backup_key is None:
         raise ConfigurationError(
             f"{artifact.name} is encrypted but ENGRAM_RECOVERY_BACKUP_KEY is not set",
@@ -243,15 +241,17 @@ async def plaintext(repo: Repository, key: str, artifact: Artifact, backup_key: 
                      decompressor(artifact.compression))  # fmt: skip
     raw_send, raw_receive = anyio.create_memory_object_stream[bytes](_PIPELINE_DEPTH)
     out_send, out_receive = anyio.create_memory_object_stream[bytes](_PIPELINE_DEPTH * 4)
-    stored = [0]
+    digest, stored = hashlib.sha256(), [0]
 
     async def read() -> None:
         async with raw_send:
             async for chunk in repo.get_stream(key, READ_CHUNK * 4):
                 stored[0] += len(chunk)
+                # In a thread (hashlib lets go of the GIL): the check overlaps decoding instead of adding to it.
+                await anyio.to_thread.run_sync(digest.update, chunk)
                 await raw_send.send(chunk)
 
-    # Reading runs ahead of the decoding, which takes one worker-thread call per stored chunk: on a
+    # Decryption and decompression take one worker-thread call per stored chunk, not one each: on a
     # machine whose cores the server's COPYs keep busy, each hand-off between threads is CPU the
     # server does not get, and the decoding is far ahead of the loaders anyway.
     async def decode_all() -> None:
@@ -268,7 +268,6 @@ async def plaintext(repo: Repository, key: str, artifact: Artifact, backup_key: 
         async with out_receive:
             async for data in out_receive:
                 yield data
-    digest = decode.digest
     if (stored[0], digest.hexdigest()) != (artifact.size, artifact.sha256):
         # An unencrypted artifact has no authentication of its own: this is what catches its alteration.
         actual = digest.hexdigest()
