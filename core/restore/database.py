@@ -3,7 +3,7 @@
 How the bytes reach pg_restore depends on what the dump and the machine allow:
 
 - custom format, parallel (the default): the artifact is decrypted and
-  decompressed ONCE, in a pipeline of threads (read, decrypt, decompress overlap).
+  decompressed ONCE, in a worker thread while the next chunks are read (read and decode overlap).
   The stream is cut into its tables' data blocks as it arrives
   (core/restore/dumpfile.py; blocks ahead of their loaders held in memory, within
   a budget) and stock pg_restore processes load N tables at a time, each table's
@@ -41,7 +41,7 @@ import anyio
 import anyio.to_thread
 
 from ..artifact import extract as backup_extract
-from ..artifact.compression import decompressor
+from ..artifact.compression import Decompressor, decompressor
 from ..artifact.encryption import Decryptor
 from ..errors import ConfigurationError, IntegrityError, UnsafeOperation
 from ..progress import Progress, silent
@@ -212,53 +212,59 @@ async def restore_database(ctx: DumpRestore) -> DatabaseRestore:
                            {k: round(v, 3) for k, v in timings.items()})  # fmt: skip
 
 
+class _Decode:
+    """One stored chunk's decryption, then decompression into the codec's pieces (passed on as they are:
+    joining them would copy every byte of the dump once more), in one worker-thread call."""
+
+    def __init__(self, decryptor: Decryptor | None, codec: Decompressor) -> None:
+        self.decryptor, self.codec = decryptor, codec
+
+    def __call__(self, chunk: bytes) -> list[bytes]:
+        plain = self.decryptor.update(chunk) if self.decryptor is not None else chunk
+        return self.codec.pieces(plain) if plain else []
+
+    def finish(self) -> list[bytes]:
+        if self.decryptor is not None:
+            self.decryptor.finish()
+        tail = self.codec.finish()
+        return [tail] if tail else []
+
+
 async def plaintext(repo: Repository, key: str, artifact: Artifact, backup_key: bytes | None) -> AsyncGenerator[bytes]:
-    """The artifact as pg_dump wrote it, its stages (read, decrypt, decompress) running at the same time."""
+    """The artifact as pg_dump wrote it: read (and hashed) ahead while each chunk is decrypted and decompressed."""
     if artifact.encryption is not None and backup_key is None:
         raise ConfigurationError(
             f"{artifact.name} is encrypted but ENGRAM_RECOVERY_BACKUP_KEY is not set",
             "set ENGRAM_RECOVERY_BACKUP_KEY or ENGRAM_RECOVERY_BACKUP_KEY_FILE to the backup key",
         )
-    decryptor = Decryptor(backup_key) if artifact.encryption is not None and backup_key is not None else None
-    codec = decompressor(artifact.compression)
+    decode = _Decode(Decryptor(backup_key) if artifact.encryption is not None and backup_key is not None else None,
+                     decompressor(artifact.compression))  # fmt: skip
     raw_send, raw_receive = anyio.create_memory_object_stream[bytes](_PIPELINE_DEPTH)
-    mid_send, mid_receive = anyio.create_memory_object_stream[bytes | bytearray](_PIPELINE_DEPTH)
-    out_send, out_receive = anyio.create_memory_object_stream[bytes](_PIPELINE_DEPTH)
+    out_send, out_receive = anyio.create_memory_object_stream[bytes](_PIPELINE_DEPTH * 4)
     digest, stored = hashlib.sha256(), [0]
 
     async def read() -> None:
         async with raw_send:
             async for chunk in repo.get_stream(key, READ_CHUNK * 4):
                 stored[0] += len(chunk)
-                # In a thread (hashlib lets go of the GIL): the check overlaps decryption instead of adding to it.
+                # In a thread (hashlib lets go of the GIL): the check overlaps decoding instead of adding to it.
                 await anyio.to_thread.run_sync(digest.update, chunk)
                 await raw_send.send(chunk)
 
-    # Decryption and decompression in threads of their own: on a small machine whose cores the server's
-    # COPYs keep busy, one thread doing both was what the whole restore waited for.
-    async def decrypt() -> None:
-        async with mid_send, raw_receive:
+    # Decryption and decompression take one worker-thread call per stored chunk, not one each: on a
+    # machine whose cores the server's COPYs keep busy, each hand-off between threads is CPU the
+    # server does not get, and the decoding is far ahead of the loaders anyway.
+    async def decode_all() -> None:
+        async with out_send, raw_receive:
             async for chunk in raw_receive:
-                data = await anyio.to_thread.run_sync(decryptor.update, chunk) if decryptor is not None else chunk
-                if data:
-                    await mid_send.send(data)
-            if decryptor is not None:
-                await anyio.to_thread.run_sync(decryptor.finish)  # raises on a truncated artifact
-
-    async def decompress() -> None:
-        async with out_send, mid_receive:
-            async for chunk in mid_receive:
-                data = await anyio.to_thread.run_sync(codec.update, chunk)
-                if data:
-                    await out_send.send(data)
-            tail = await anyio.to_thread.run_sync(codec.finish)
-            if tail:
-                await out_send.send(tail)
+                for piece in await anyio.to_thread.run_sync(decode, chunk):
+                    await out_send.send(piece)
+            for piece in await anyio.to_thread.run_sync(decode.finish):  # raises on a truncated artifact
+                await out_send.send(piece)
 
     async with task_group() as tg:
         tg.start_soon(read)
-        tg.start_soon(decrypt)
-        tg.start_soon(decompress)
+        tg.start_soon(decode_all)
         async with out_receive:
             async for data in out_receive:
                 yield data

@@ -33,6 +33,7 @@ from typing import Any
 import anyio
 import anyio.abc
 import anyio.to_thread
+from anyio.streams.memory import MemoryObjectReceiveStream
 
 from ..stores.pgclient.commands import PgClientCommand, PgRestoreCommand
 from ..stores.pgclient.process import Feed, feed_all, run
@@ -232,7 +233,7 @@ async def load_split(stream: AsyncGenerator[bytes], load: Load) -> tuple[int, st
     return out[0]
 
 
-async def _split(receive: anyio.abc.ObjectReceiveStream[bytes], load: Load, mark: float) -> tuple[int, str]:
+async def _split(receive: MemoryObjectReceiveStream[bytes], load: Load, mark: float) -> tuple[int, str]:
     buffered = bytearray()
     head: Head | None = None
     try:
@@ -257,7 +258,7 @@ async def _chain(first: bytes, rest: anyio.abc.ObjectReceiveStream[bytes]) -> As
 
 
 async def _load_blocks(
-    stream: anyio.abc.ObjectReceiveStream[bytes], first: bytes, head: Head, ctx: Load, mark: float
+    stream: MemoryObjectReceiveStream[bytes], first: bytes, head: Head, ctx: Load, mark: float
 ) -> tuple[int, str]:
     """`first`: what followed the head in the bytes read so far."""
     jobs, head_file, timings = ctx.jobs, ctx.head_file, ctx.timings
@@ -284,8 +285,10 @@ async def _load_blocks(
                 while state.held > budget:  # the loaders are behind: decryption waits for them
                     wake = state.changed
                     await wake.wait()
-                state.total += len(chunk)
-                state.held += await anyio.to_thread.run_sync(splitter.feed, chunk)
+                # The chunks already waiting are cut in the same worker-thread call: one hand-off, not one each.
+                batch = [chunk, *_ready(stream)]
+                state.total += sum(len(c) for c in batch)
+                state.held += await anyio.to_thread.run_sync(_feed_all, splitter, batch)
                 state.ping()
             splitter.finish()
         finally:
@@ -404,6 +407,21 @@ async def _load_blocks(
                            source=str(head_file)), FIX, "pg_restore (post-data)")  # fmt: skip
     timings["post_data"] = time.monotonic() - mark
     return state.total, toc[0]
+
+
+def _ready(stream: MemoryObjectReceiveStream[bytes], most: int = 16) -> list[bytes]:
+    """The chunks `stream` holds already (at most `most`), taken without waiting."""
+    out: list[bytes] = []
+    while len(out) < most:
+        try:
+            out.append(stream.receive_nowait())
+        except (anyio.WouldBlock, anyio.EndOfStream):
+            break
+    return out
+
+
+def _feed_all(splitter: Splitter, chunks: list[bytes]) -> int:
+    return sum(splitter.feed(chunk) for chunk in chunks)
 
 
 class _Watch:

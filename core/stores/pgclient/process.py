@@ -339,11 +339,19 @@ def _pause(fd: int) -> float:
 async def _write_all(fd: int, data: bytes, pause: float) -> None:
     """Every byte of `data` into the non-blocking pipe `fd` (BrokenPipeError: the reader is gone)."""
     with memoryview(data) as view:
-        pos = 0
+        pos, slept = 0, False
         while pos < len(view):
             try:
                 pos += os.write(fd, view[pos:])
+                slept = False
             except BlockingIOError:
+                if pause and not slept:
+                    # A large pipe has room again after the pause (pg_restore reads far less than 1 MiB in it):
+                    # retried without asking the event loop to watch the pipe, a register, a wake-up and an
+                    # unregister for each of the thousands of times a restore finds a pipe full.
+                    slept = True
+                    await anyio.sleep(pause)
+                    continue
                 await anyio.wait_writable(fd)
                 if pause:
                     await anyio.sleep(pause)
