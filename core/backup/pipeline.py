@@ -30,8 +30,6 @@ from ..taskgroups import task_group
 
 BLOCK = 1 << 20
 QUEUE_BLOCKS = 4
-# Blocks of pg_dump's output read ahead of the compressor (16 MiB): pg_dump never waits on us for long.
-READ_AHEAD = 16
 PROGRESS_EVERY = 0.5
 
 Report = Callable[[int], Awaitable[None]]
@@ -88,7 +86,7 @@ async def dump_to_repository(
         # One worker thread does the byte work: large blocking reads, zstd and AES-GCM (both release
         # the GIL), so the event loop only hands finished blocks to the repository.
         try:
-            for block in process.blocks(BLOCK, READ_AHEAD):
+            while block := process.read(BLOCK):
                 out = transform.update(block)
                 if out:
                     anyio.from_thread.run(send.send, out)
