@@ -13,9 +13,11 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import queue
 import subprocess
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -146,18 +148,60 @@ class PipedProcess:
             self._view.release()
             self._buffer = bytearray(size)
             self._view = memoryview(self._buffer)
-        view = self._view
-        filled = 0
+        return self._view[: self._readinto(self._view[:size])]
+
+    def _readinto(self, view: memoryview) -> int:
+        """Fill `view` from stdout, coalescing pg_dump's small writes; the count (0: the end)."""
+        filled, size = 0, len(view)
         while filled < size:
             # Straight from the pipe into the block: `read` does its own batching.
-            count = os.readv(self.stdout.fileno(), [view[filled:size]])
+            count = os.readv(self.stdout.fileno(), [view[filled:]])
             if not count:
                 break
             filled += count
             if filled >= COALESCE_BYTES:
                 break
             time.sleep(COALESCE_PAUSE)
-        return view[:filled]
+        return filled
+
+    def blocks(self, size: int, ahead: int) -> Iterator[memoryview]:
+        """Blocking: stdout in blocks of at most `size` bytes, read up to `ahead` blocks ahead by a thread.
+
+        The thread keeps the pipe drained while the caller works on a block, so pg_dump (and the server
+        backend feeding it) never waits on a full 1 MiB pipe whenever the caller is slow or descheduled
+        for a moment: on 2 cores those stalls left a core idle. Each block is valid until the next.
+        """
+        free: queue.SimpleQueue[bytearray | None] = queue.SimpleQueue()
+        full: queue.SimpleQueue[tuple[bytearray, int] | BaseException] = queue.SimpleQueue()
+        for _ in range(ahead):
+            free.put(bytearray(size))
+
+        def read_ahead() -> None:
+            try:
+                while (buffer := free.get()) is not None:
+                    with memoryview(buffer) as view:
+                        count = self._readinto(view)
+                    full.put((buffer, count))
+                    if not count:
+                        return
+            except OSError as exc:  # handed to the caller, in its thread
+                full.put(exc)
+
+        reader = threading.Thread(target=read_ahead, name=f"{self.name} read-ahead", daemon=True)
+        reader.start()
+        try:
+            while True:
+                item = full.get()
+                if isinstance(item, BaseException):
+                    raise item
+                buffer, count = item
+                if not count:
+                    return
+                with memoryview(buffer) as view:
+                    yield view[:count]
+                free.put(buffer)
+        finally:
+            free.put(None)  # a reader waiting for a buffer ends; one reading ends at the pipe's end (or kill)
 
     def drain_stderr(self) -> None:
         """Blocking: keep the tail of stderr (run in a thread so pg_dump never blocks on it)."""

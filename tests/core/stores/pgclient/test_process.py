@@ -137,6 +137,27 @@ def read_all(script: str, dsn: str = "") -> list[bytes]:
     return blocks
 
 
+_BURST = "import os\ndata = bytes(range(256)) * 4096 * 6\nwhile data:\n    data = data[os.write(1, data):]\n"
+
+
+def test_blocks_are_read_ahead_so_the_child_never_waits_on_a_slow_consumer() -> None:
+    # 6 MiB: six times what the pipe holds. Read ahead by up to 8 blocks, the child can write it all and
+    # exit while the consumer still holds its first block; read block by block, it would wait forever.
+    process = PipedProcess(Script(sys.executable, "", script=_BURST))
+    drain = threading.Thread(target=process.drain_stderr)
+    drain.start()
+    try:
+        blocks = process.blocks(1 << 20, 8)
+        first = bytes(next(blocks))
+        process.process.wait(timeout=30)
+        rest = b"".join(bytes(block) for block in blocks)
+        drain.join()
+        process.finished()
+    finally:
+        process.close()
+    assert first + rest == bytes(range(256)) * 4096 * 6
+
+
 def test_piped_output_arrives_in_coalesced_blocks_not_one_per_small_write() -> None:
     blocks = read_all(_TRICKLE)
     assert b"".join(blocks) == b"".join(bytes([i % 251]) * 4096 for i in range(512))
