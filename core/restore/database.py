@@ -162,7 +162,7 @@ class DumpRestore:
     """One restore of a backup's dump, as its steps share it: `manifest`'s dump from `repo`, opened with
     `backup_key`, into the (empty) database at `dsn` with `clients` (through their prefix: streamed only),
     `jobs` tables at a time where the dump allows it, scratch files under `scratch` (None: TMPDIR);
-    `loaders`: side-by-side loaders of the fallback load (feed.load_parallel)."""
+    `loaders`: side-by-side loaders of the fallback load (feed.load_parallel); `verified`: see below."""
 
     repo: Repository
     manifest: Manifest
@@ -173,6 +173,9 @@ class DumpRestore:
     scratch: Path | None = None
     progress: Progress = silent
     loaders: int = 1
+    # The artifact's SHA-256 was checked against the manifest just before (restore_drill's verify step): the
+    # stream is not hashed a second time. Its records are still authenticated, its end still checked.
+    verified: bool = False
 
 
 async def restore_database(ctx: DumpRestore) -> DatabaseRestore:
@@ -195,12 +198,12 @@ async def restore_database(ctx: DumpRestore) -> DatabaseRestore:
         if choice.mode == "directory":
             plain_bytes, toc = await _directory(ctx, choice.jobs, plain, timings)
         elif choice.mode == "parallel":
-            stream = plaintext(ctx.repo, prefix + dumps[0].name, dumps[0], ctx.backup_key)
+            stream = plaintext(ctx.repo, prefix + dumps[0].name, dumps[0], ctx.backup_key, hashed=not ctx.verified)
             load = Load(dsn, ctx.clients.pg_restore, choice.jobs, Path(work) / "head.dump", timings, ctx.loaders)
             plain_bytes, toc_text = await load_split(stream, load)
             toc = parse_toc(toc_text)
         else:
-            stream = plaintext(ctx.repo, prefix + dumps[0].name, dumps[0], ctx.backup_key)
+            stream = plaintext(ctx.repo, prefix + dumps[0].name, dumps[0], ctx.backup_key, hashed=not ctx.verified)
             plain_bytes, toc = await _streamed(stream, ctx, timings)
     await progress(1, 2, f"restored {plain_bytes} bytes of dump; checking tables, constraints, indexes and row counts")
     mark = time.monotonic()
@@ -230,8 +233,11 @@ class _Decode:
         return [tail] if tail else []
 
 
-async def plaintext(repo: Repository, key: str, artifact: Artifact, backup_key: bytes | None) -> AsyncGenerator[bytes]:
-    """The artifact as pg_dump wrote it: read (and hashed) ahead while each chunk is decrypted and decompressed."""
+async def plaintext(
+    repo: Repository, key: str, artifact: Artifact, backup_key: bytes | None, *, hashed: bool = True
+) -> AsyncGenerator[bytes]:
+    """The artifact as pg_dump wrote it: read (and, `hashed`, checked against the manifest's SHA-256) ahead
+    while each chunk is decrypted and decompressed."""
     if artifact.encryption is not None and backup_key is None:
         raise ConfigurationError(
             f"{artifact.name} is encrypted but ENGRAM_RECOVERY_BACKUP_KEY is not set",
@@ -247,8 +253,9 @@ async def plaintext(repo: Repository, key: str, artifact: Artifact, backup_key: 
         async with raw_send:
             async for chunk in repo.get_stream(key, READ_CHUNK * 4):
                 stored[0] += len(chunk)
-                # In a thread (hashlib lets go of the GIL): the check overlaps decoding instead of adding to it.
-                await anyio.to_thread.run_sync(digest.update, chunk)
+                if hashed:
+                    # In a thread (hashlib lets go of the GIL): the check overlaps decoding instead of adding to it.
+                    await anyio.to_thread.run_sync(digest.update, chunk)
                 await raw_send.send(chunk)
 
     # Decryption and decompression take one worker-thread call per stored chunk, not one each: on a
@@ -268,7 +275,7 @@ async def plaintext(repo: Repository, key: str, artifact: Artifact, backup_key: 
         async with out_receive:
             async for data in out_receive:
                 yield data
-    if (stored[0], digest.hexdigest()) != (artifact.size, artifact.sha256):
+    if (stored[0], digest.hexdigest() if hashed else artifact.sha256) != (artifact.size, artifact.sha256):
         # An unencrypted artifact has no authentication of its own: this is what catches its alteration.
         actual = digest.hexdigest()
         raise IntegrityError(f"{artifact.name} is not what the backup stored ({stored[0]} bytes, SHA-256 "

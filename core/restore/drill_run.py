@@ -226,8 +226,9 @@ async def _restore(ctx: Drill, client: ClientVersion, dsn: str) -> DatabaseResto
         await run.progress(len(run.steps), None, f"drill: restore: {message}")
 
     clients = RestoreClients(client.path, beside(client.path, "psql"), client.prefix)
+    # The verify step has just checked the artifact against the manifest: the engine does not hash it again.
     return await restore_database(DumpRestore(ctx.repo, ctx.point.manifest, ctx.backup_key, dsn, clients,
-                                              progress=progress))  # fmt: skip
+                                              progress=progress, verified=True))  # fmt: skip
 
 
 async def _verify_blobs(repo: Repository, point: RecoveryPoint) -> BlobCheck:

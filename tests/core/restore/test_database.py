@@ -158,6 +158,22 @@ async def test_a_dump_that_is_not_the_one_recorded_is_refused_by_its_checksum(
 
 
 @pytest.mark.anyio
+async def test_an_artifact_verified_just_before_is_not_hashed_again(
+    backed_up: dict[str, Backed], admin_dsn: str, tmp_path: Path
+) -> None:
+    # restore_drill's verify step has just compared the artifact with the manifest: the engine then only decodes
+    # and loads it (its records still authenticated), so the recorded checksum it refuses above is not read again.
+    db, base, manifest = backed_up["custom"]
+    dump = next(a for a in manifest.artifacts if a.kind == "database")
+    other = manifest.model_copy(update={"artifacts": [
+        a.model_copy(update={"sha256": "0" * 64}) if a is dump else a for a in manifest.artifacts]})  # fmt: skip
+    async with testbed.scratch_database(admin_dsn) as target, LocalRepository(base / "repo") as repo:
+        result = await restore_database(DumpRestore(repo, other, key(), target, clients(), scratch=tmp_path,
+                                                    verified=True))  # fmt: skip
+    assert result.plain_bytes > 0 and not result.check.missing
+
+
+@pytest.mark.anyio
 async def test_nothing_is_restored_into_a_database_that_is_not_empty(backed_up: dict[str, Backed]) -> None:
     db, base, manifest = backed_up["custom"]
     before = await fingerprints(db.dsn)
