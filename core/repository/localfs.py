@@ -422,6 +422,19 @@ class ReadBack:
             if not self._stop.is_set():
                 self._results[start.offset] = (end.offset, matched)
 
+    def _feed(self, offset: int, end: int, check: StreamCheck) -> bool:
+        """Read [offset, end) of the file into `check`, in order; False: stopped before the end."""
+        read = 0
+        with contextlib.closing(_read_range(self._fd, self._direct, offset, end, self._stop)) as pieces:
+            for piece in pieces:
+                check.update(piece)
+                read += len(piece)
+        if read < end - offset:
+            if self._stop.is_set():
+                return False
+            raise IntegrityError("the file is shorter than what was written", "write it again")
+        return True
+
     def _run_checked(self, check: StreamCheck) -> None:
         # The last window fed counts as proved only once the next one is fed, or at the check's end: a
         # record may straddle the boundary, and its tag covers both sides. A failure proves nothing
@@ -430,7 +443,7 @@ class ReadBack:
         while (item := self._queue.get()) is not None:
             start, end = item
             try:
-                if not _feed_window(self._fd, self._direct, start.offset, end.offset, check, self._stop):
+                if not self._feed(start.offset, end.offset, check):
                     return  # stopped
             except OSError:
                 return  # the order is broken: the rest is left to the final verification
@@ -449,20 +462,6 @@ class ReadBack:
             return
         if fed is not None:
             self._record(*fed, True)
-
-
-def _feed_window(fd: int, direct: bool, offset: int, end: int, check: StreamCheck, stop: threading.Event) -> bool:
-    """Read [offset, end) of `fd` into `check`, in order; False: stopped before the end."""
-    read = 0
-    with contextlib.closing(_read_range(fd, direct, offset, end, stop)) as pieces:
-        for piece in pieces:
-            check.update(piece)
-            read += len(piece)
-    if read < end - offset:
-        if stop.is_set():
-            return False
-        raise IntegrityError("the file is shorter than what was written", "write it again")
-    return True
 
 
 def _feed(handle: FileIO, digest: HASH, limit: int | None = None) -> int:
