@@ -565,10 +565,11 @@ async def test_a_declined_elicitation_changes_nothing_and_an_accepted_one_restor
     assert await deployment.restored_rows(target_name) == deployment.rows_at_backup
 
 
-@pytest.mark.anyio
-async def test_a_connection_lost_in_a_fence_is_a_failed_step_that_says_what_the_target_holds_and_resume_completes(
-    deployment: Deployment, target_name: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def stopped_in_the_sync_fence(
+    deployment: Deployment, target_name: str, monkeypatch: pytest.MonkeyPatch, **params: Any
+) -> tuple[dict[str, str], str, RunRestoreResult]:
+    """A run (with `params`) whose connection breaks in the sync fence: its env, plan token and result; the fence
+    works again afterwards."""
     bucket = await new_bucket(deployment.where(f"rr-dst-{secrets.token_hex(4)}"))
     env = deployment.env(bucket.bucket)
     planned = await plan(env, target_database=target_name)
@@ -576,15 +577,23 @@ async def test_a_connection_lost_in_a_fence_is_a_failed_step_that_says_what_the_
     async def lost(*args: Any, **kwargs: Any) -> Any:
         raise ConnectionResetError(104, "Connection reset by peer")
 
-    monkeypatch.setattr(fences, "fence_sync", lost)
-    first = await restore(env, plan_token=planned.plan_token, confirm=True, reindex_qdrant=False)
+    with monkeypatch.context() as patched:
+        patched.setattr(fences, "fence_sync", lost)
+        first = await restore(env, plan_token=planned.plan_token, confirm=True, reindex_qdrant=False, **params)
     assert (first.verdict, first.failed_step) == ("fail", "fence_sync"), first.summary
+    return env, planned.plan_token, first
+
+
+@pytest.mark.anyio
+async def test_a_connection_lost_in_a_fence_is_a_failed_step_that_says_what_the_target_holds_and_resume_completes(
+    deployment: Deployment, target_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env, token, first = await stopped_in_the_sync_fence(deployment, target_name, monkeypatch)
     assert "connection to PostgreSQL broke" in step(first, "fence_sync").summary
     assert "not every fence is applied" in first.target_state and "resume=true" in first.summary
     log = RestoreLog.model_validate_json((deployment.base / "repo" / str(first.log)).read_text())
     assert log.steps[-1].name == "fence_sync" and log.steps[-1].status == "failed"
-    monkeypatch.undo()
-    second = await restore(env, plan_token=planned.plan_token, confirm=True, resume=True, reindex_qdrant=False)
+    second = await restore(env, plan_token=token, confirm=True, resume=True, reindex_qdrant=False)
     assert second.verdict in ("ok", "warn"), second.summary
     assert step(second, "fence_sync").changed and step(second, "fence_tokens") == step(first, "fence_tokens")
 
@@ -593,19 +602,10 @@ async def test_a_connection_lost_in_a_fence_is_a_failed_step_that_says_what_the_
 async def test_a_fence_switched_off_in_the_run_that_stopped_is_applied_by_a_resume_that_switches_it_on(
     deployment: Deployment, target_name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    bucket = await new_bucket(deployment.where(f"rr-dst-{secrets.token_hex(4)}"))
-    env = deployment.env(bucket.bucket)
-    planned = await plan(env, target_database=target_name)
-
-    async def lost(*args: Any, **kwargs: Any) -> Any:
-        raise ConnectionResetError(104, "Connection reset by peer")
-
-    monkeypatch.setattr(fences, "fence_sync", lost)  # the run stops after the token fence, switched off
-    first = await restore(env, plan_token=planned.plan_token, confirm=True, revoke_tokens=False, reindex_qdrant=False)
-    assert (first.verdict, first.failed_step) == ("fail", "fence_sync"), first.summary
+    # The run stops after the token fence, switched off.
+    env, token, first = await stopped_in_the_sync_fence(deployment, target_name, monkeypatch, revoke_tokens=False)
     assert step(first, "fence_tokens").status == "skipped"
-    monkeypatch.undo()
-    second = await restore(env, plan_token=planned.plan_token, confirm=True, resume=True, reindex_qdrant=False)
+    second = await restore(env, plan_token=token, confirm=True, resume=True, reindex_qdrant=False)
     assert second.verdict in ("ok", "warn"), second.summary
     assert step(second, "fence_tokens").status == "ok"  # asked again, not the first run's "skipped" kept
     assert step(second, "qdrant").status == "skipped" and "switched off" in step(second, "qdrant").summary

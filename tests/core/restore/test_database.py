@@ -20,7 +20,7 @@ from engram_recovery.core.errors import IntegrityError, UnsafeOperation
 from engram_recovery.core.progress import silent
 from engram_recovery.core.repository.layout import BACKUPS
 from engram_recovery.core.repository.local import LocalRepository
-from engram_recovery.core.repository.manifest import Manifest
+from engram_recovery.core.repository.manifest import Artifact, Manifest
 from engram_recovery.core.restore.database import HEAD_ROOM, DumpRestore, choose_mode, plain_size, restore_database
 from engram_recovery.core.restore.dumpfile import Splitter, Unsupported, parse_head
 from engram_recovery.core.restore.feed import shares
@@ -141,6 +141,13 @@ async def test_a_tampered_row_count_and_a_missing_index_are_reported(
     assert index.name in check.summary
 
 
+def with_another_checksum(manifest: Manifest) -> tuple[Artifact, Manifest]:
+    """The manifest's dump artifact, and the manifest with another SHA-256 recorded for it."""
+    dump = next(a for a in manifest.artifacts if a.kind == "database")
+    return dump, manifest.model_copy(update={"artifacts": [
+        a.model_copy(update={"sha256": "0" * 64}) if a is dump else a for a in manifest.artifacts]})  # fmt: skip
+
+
 @pytest.mark.anyio
 @pytest.mark.parametrize("jobs", [2, 1], ids=["parallel", "streamed"])
 async def test_a_dump_that_is_not_the_one_recorded_is_refused_by_its_checksum(
@@ -148,9 +155,7 @@ async def test_a_dump_that_is_not_the_one_recorded_is_refused_by_its_checksum(
 ) -> None:
     db, base, manifest = backed_up["custom"]
     # A well-formed artifact whose bytes are not the recorded ones (a plain one would have no other protection).
-    dump = next(a for a in manifest.artifacts if a.kind == "database")
-    other = manifest.model_copy(update={"artifacts": [
-        a.model_copy(update={"sha256": "0" * 64}) if a is dump else a for a in manifest.artifacts]})  # fmt: skip
+    dump, other = with_another_checksum(manifest)
     async with testbed.scratch_database(admin_dsn) as target, LocalRepository(base / "repo") as repo:
         with pytest.raises(IntegrityError, match=f"{dump.name} is not what the backup stored") as refused:
             await restore_database(DumpRestore(repo, other, key(), target, clients(), jobs=jobs, scratch=tmp_path))
@@ -164,9 +169,7 @@ async def test_an_artifact_verified_just_before_is_not_hashed_again(
     # restore_drill's verify step has just compared the artifact with the manifest: the engine then only decodes
     # and loads it (its records still authenticated), so the recorded checksum it refuses above is not read again.
     db, base, manifest = backed_up["custom"]
-    dump = next(a for a in manifest.artifacts if a.kind == "database")
-    other = manifest.model_copy(update={"artifacts": [
-        a.model_copy(update={"sha256": "0" * 64}) if a is dump else a for a in manifest.artifacts]})  # fmt: skip
+    _dump, other = with_another_checksum(manifest)
     async with testbed.scratch_database(admin_dsn) as target, LocalRepository(base / "repo") as repo:
         result = await restore_database(DumpRestore(repo, other, key(), target, clients(), scratch=tmp_path,
                                                     verified=True))  # fmt: skip
