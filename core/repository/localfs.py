@@ -341,6 +341,14 @@ def _lower_priority() -> None:
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # type: ignore[attr-defined,unused-ignore]
 
 
+def _normal_priority(thread: threading.Thread) -> None:
+    """`thread` back to the normal policy: what is left of its work is now waited for."""
+    if thread.native_id is None:
+        return
+    with contextlib.suppress(AttributeError, OSError):
+        os.sched_setscheduler(thread.native_id, os.SCHED_OTHER, os.sched_param(0))  # type: ignore[attr-defined,unused-ignore]
+
+
 class ReadBack:
     """Re-reads each finished window of a file while the file is still being written, on a thread of its own.
 
@@ -390,11 +398,13 @@ class ReadBack:
     def complete(self) -> dict[int, tuple[int, bool]]:
         """Blocking: with a check, let the thread prove every window given and end the check; then as `stop`.
 
-        Call it once the file is whole (every window given): the writing is over, so the idle-priority
-        thread has the cores to itself.
+        Call it once the file is whole (every window given). The thread goes back to normal priority
+        first: at idle priority, on a host kept busy by others (Engram itself, say), it could wait for a
+        free core indefinitely.
         """
         if self._check is not None:
             self._queue.put(None)
+            _normal_priority(self._thread)
             self._thread.join()
         return self.stop()
 

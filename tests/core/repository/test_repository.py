@@ -17,7 +17,7 @@ import anyio.lowlevel
 import pytest
 from support import new_bucket
 
-from engram_recovery.core.artifact.codec import Encoder
+from engram_recovery.core.artifact.codec import Authenticate, Encoder
 from engram_recovery.core.errors import ConfigurationError, StoreUnreachable
 from engram_recovery.core.repository import localfs, open_repository, verify
 from engram_recovery.core.repository.base import Repository
@@ -541,3 +541,30 @@ def test_a_filesystem_refusing_a_direct_write_gets_the_bytes_through_the_cache(
     writer = _write_dump(tmp_path / "f", data)
     assert refused and (tmp_path / "f").read_bytes() == data
     assert writer.checkpoints[-1].state.hexdigest() == hashlib.sha256(data).hexdigest()
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="Linux scheduling policies")
+def test_a_read_back_that_is_waited_for_finishes_at_normal_priority(tmp_path: Path) -> None:
+    # At idle priority on a host others keep busy, the verification after the dump could wait indefinitely.
+    key, data = _encrypted(2 * BIG + 100)
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    gate = threading.Event()
+    policies: list[int] = []
+    inner = Authenticate(key)
+
+    class Watching:
+        def update(self, piece: memoryview) -> None:
+            gate.wait(30)  # until complete() has been called
+            policies.append(os.sched_getscheduler(0))
+            inner.update(piece)
+
+        def finish(self) -> None:
+            inner.finish()
+
+    reader = localfs.ReadBack(path, Watching())
+    for start, end in [(0, BIG), (BIG, 2 * BIG), (2 * BIG, len(data))]:
+        reader.window(localfs.Checkpoint(start, hashlib.sha256()), localfs.Checkpoint(end, hashlib.sha256()))
+    threading.Timer(0.3, gate.set).start()
+    assert reader.complete() == {0: (BIG, True), BIG: (2 * BIG, True), 2 * BIG: (len(data), True)}
+    assert policies and all(policy == os.SCHED_OTHER for policy in policies)
