@@ -22,7 +22,11 @@ import asyncpg
 import mcp_types as types
 import pytest
 from mcp import Client
-from support import BACKUP_KEY, EngramDB, engram_env, fingerprints, make_engram_db
+from support import BACKUP_KEY, EngramDB, engram_env, fingerprints, make_engram_db, restore
+from support import bucket_contents as contents
+from support import databases_named as databases
+from support import fetchval as sql
+from support import restore_step as step
 
 from engram_recovery.core.engram import crypto as engram_crypto
 from engram_recovery.core.errors import Busy, ConfigurationError, StoreUnreachable, UnsafeOperation
@@ -93,16 +97,6 @@ async def new_bucket(where: S3Location, objects: dict[str, bytes] | None = None)
     return where
 
 
-async def contents(where: S3Location) -> dict[str, bytes]:
-    out: dict[str, bytes] = {}
-    async with s3.bulk_client(where) as c:
-        async for o in s3.list_objects(c, where.bucket):
-            answer = await c.get_object(Bucket=where.bucket, Key=o.key)
-            async with answer["Body"] as body:
-                out[o.key] = await body.read()
-    return out
-
-
 @pytest.fixture(scope="module")
 async def deployment(
     admin_dsn: str, weed: SeaweedFS, tmp_path_factory: pytest.TempPathFactory
@@ -139,19 +133,6 @@ async def plan(env: dict[str, str], **params: Any) -> PlanRestoreResult:
         return await plan_restore(runtime, PlanRestoreInput(**params), silent)
 
 
-async def restore(env: dict[str, str], **params: Any) -> RunRestoreResult:
-    async with Runtime(load_settings(environ=env)) as runtime:
-        return await run_restore_tool(runtime, RunRestoreInput(**params), silent)
-
-
-async def sql(dsn: str, query: str, *args: Any) -> Any:
-    conn = await asyncpg.connect(dsn)
-    try:
-        return await conn.fetchval(query, *args)
-    finally:
-        await conn.close()
-
-
 async def rows(dsn: str, query: str) -> list[tuple[Any, ...]]:
     conn = await asyncpg.connect(dsn)
     try:
@@ -160,19 +141,11 @@ async def rows(dsn: str, query: str) -> list[tuple[Any, ...]]:
         await conn.close()
 
 
-async def databases(admin_dsn: str, name: str) -> int:
-    return int(await sql(admin_dsn, "SELECT count(*) FROM pg_database WHERE datname = $1", name))
-
-
 @pytest.fixture
 async def target_name(admin_dsn: str) -> AsyncIterator[str]:
     name = "engram_restored_" + secrets.token_hex(4)
     yield name
     await sql(admin_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-def step(result: RunRestoreResult, name: str) -> Any:
-    return next(s for s in result.steps if s.name == name)
 
 
 @pytest.mark.anyio
