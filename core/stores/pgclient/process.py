@@ -112,7 +112,7 @@ class PipedProcess:
     pg_dump's stdio writes 4 KiB at a time into a pipe (glibc sizes the buffer by the
     pipe's st_blksize): ~340,000 writes for a 2 GiB dump. A reader that is faster
     than pg_dump is woken by nearly every one of them, and each wake-up costs both
-    processes a context switch. So `read` reads the raw pipe and, after a short
+    processes a context switch. So `blocks` reads the raw pipe and, after a short
     read, pauses a millisecond (pg_dump fills at most a few hundred KiB of the
     1 MiB pipe meanwhile, so it never blocks on us) instead of going straight back
     to sleep on the next 4 KiB: about 9,000 reads instead of 220,000, and half the
@@ -135,26 +135,12 @@ class PipedProcess:
         with contextlib.suppress(OSError):
             fcntl.fcntl(self.stdout.fileno(), _F_SETPIPE_SZ, PIPE_SIZE)
         self.stderr = bytearray()
-        self._buffer = bytearray()
-        self._view = memoryview(self._buffer)
-
-    def read(self, size: int) -> memoryview:
-        """Blocking: the next block of stdout, at most `size` bytes, empty at the end.
-
-        The block is a view of one buffer that every call reuses (no 1 MiB allocated and zeroed per
-        block: 2 GiB of memset for a 2 GiB dump): it is valid until the next call.
-        """
-        if len(self._buffer) < size:
-            self._view.release()
-            self._buffer = bytearray(size)
-            self._view = memoryview(self._buffer)
-        return self._view[: self._readinto(self._view[:size])]
 
     def _readinto(self, view: memoryview) -> int:
         """Fill `view` from stdout, coalescing pg_dump's small writes; the count (0: the end)."""
         filled, size = 0, len(view)
         while filled < size:
-            # Straight from the pipe into the block: `read` does its own batching.
+            # Straight from the pipe into the block: this does its own batching.
             count = os.readv(self.stdout.fileno(), [view[filled:]])
             if not count:
                 break
@@ -169,7 +155,9 @@ class PipedProcess:
 
         The thread keeps the pipe drained while the caller works on a block, so pg_dump (and the server
         backend feeding it) never waits on a full 1 MiB pipe whenever the caller is slow or descheduled
-        for a moment: on 2 cores those stalls left a core idle. Each block is valid until the next.
+        for a moment: on 2 cores those stalls left a core idle. The `ahead` buffers are reused (no 1 MiB
+        allocated and zeroed per block: 2 GiB of memset for a 2 GiB dump), so each block is valid until
+        the next.
         """
         free: queue.SimpleQueue[bytearray | None] = queue.SimpleQueue()
         full: queue.SimpleQueue[tuple[bytearray, int] | BaseException] = queue.SimpleQueue()

@@ -127,9 +127,7 @@ def read_all(script: str, dsn: str = "") -> list[bytes]:
     drain = threading.Thread(target=process.drain_stderr)
     drain.start()
     try:
-        blocks = []
-        while block := process.read(1 << 20):
-            blocks.append(bytes(block))
+        blocks = [bytes(block) for block in process.blocks(1 << 20, 1)]
         drain.join()
         process.finished()
     finally:
