@@ -206,35 +206,33 @@ class HashedWriter:
 
     def _release_stage(self) -> None:
         if self._stage is not None:
-            with contextlib.suppress(BufferError):
-                self._stage.close()
+            self._stage.close()
             self._stage = None
 
     def _end_window(self) -> None:
         start = self.checkpoints[-1].offset
-        if self._stage is None:
+        self.checkpoints.append(Checkpoint(self.size, self._digest.copy()))
+        if self._stage is None:  # through the cache: written back early, and dropped one window behind
             self._handle.flush()
             fd = self._handle.fileno()
             if _start_writeback is not None:
                 _start_writeback(fd, start, self.size - start)
-        self.checkpoints.append(Checkpoint(self.size, self._digest.copy()))
-        if self._stage is None and self._drop_behind and len(self.checkpoints) > 2:
-            # The window before this one: its writeback, started a window ago, is done or nearly.
-            behind, ahead = self.checkpoints[-3].offset, self.checkpoints[-2].offset
-            _drop_cached(self._handle.fileno(), behind, ahead - behind)
+            if self._drop_behind and len(self.checkpoints) > 2:
+                # The window before this one: its writeback, started a window ago, is done or nearly.
+                behind, ahead = self.checkpoints[-3].offset, self.checkpoints[-2].offset
+                _drop_cached(fd, behind, ahead - behind)
         if self._on_window is not None:
             self._on_window(self.checkpoints[-2], self.checkpoints[-1])
 
     def finish(self) -> str:
         """Flush and fsync; return the SHA-256 (hex) of everything written."""
         if self._stage is not None:
-            # The last piece is not a whole number of blocks: it goes through the cache.
-            if self._staged and _set_direct(self._handle.fileno(), False):
+            if self._staged:
+                # The last piece is not a whole number of blocks: it goes through the cache.
+                _set_direct(self._handle.fileno(), False)
                 with memoryview(self._stage) as view:
                     self._handle.write(view[: self._staged])
                 self._staged = 0
-            elif self._staged:
-                self._write_stage()
             self._release_stage()
         flush_sync(self._handle)
         if self._drop_behind:
