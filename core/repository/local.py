@@ -177,18 +177,20 @@ class LocalRepository(Repository):
             return await super().verify(key, size, sha256)
         assert written is not None
         path = self._path(key)
-        read_back = await anyio.to_thread.run_sync(written.reader.complete) if written.reader is not None else {}
+        reader = written.reader
+        read_back = await anyio.to_thread.run_sync(reader.complete) if reader is not None else {}
+        refused = reader.refused if reader is not None else None
         with self._reading(key):
             stored = await anyio.to_thread.run_sync(path.stat)
             if stored.st_size != size:
                 return f"stored {stored.st_size} bytes, {size} were written"
-            if written.reader is None or stored.st_ino != written.reader.inode:
-                read_back = {}  # another file now has this name: everything is read again
+            if reader is None or stored.st_ino != reader.inode:
+                # Another file now has this name: everything is read again, and what the thread saw says nothing.
+                read_back, refused = {}, None
             windows = list(itertools.pairwise(checkpoints))
             unread = [(a, b) for a, b in windows if read_back.get(a.offset, (None, False))[0] != b.offset]
             differing = await differing_windows(path, unread, VERIFY_THREADS)
         differing += [(start, end) for start, (end, matched) in read_back.items() if not matched]
-        refused = written.reader.refused if written.reader is not None else None
         if not differing and refused is not None:
             # Every byte is the one hashed, yet the file does not authenticate: it was written wrong.
             return f"the stored file does not authenticate as written: {refused}"
