@@ -39,8 +39,13 @@ class Codec(Protocol):
 
 
 class _Identity:
+    """No compression, either way."""
+
     def update(self, data: Data) -> bytes:
         return bytes(data)
+
+    def pieces(self, data: Data) -> list[bytes]:
+        return [bytes(data)]
 
     def finish(self) -> bytes:
         return b""
@@ -147,23 +152,12 @@ class _GzipDecompressor:
         return self._d.flush()
 
 
-class _Plain:
-    def update(self, data: Data) -> bytes:
-        return bytes(data)
-
-    def pieces(self, data: Data) -> list[bytes]:
-        return [bytes(data)]
-
-    def finish(self) -> bytes:
-        return b""
-
-
 def decompressor(kind: Compression) -> Decompressor:
     if kind == "zstd":
         return _ZstdDecompressor()
     if kind == "gzip":
         return _GzipDecompressor()
-    return _Plain()
+    return _Identity()
 
 
 def sniff(head: bytes) -> Compression:
