@@ -31,7 +31,6 @@ recreated by any S3 API: the restored object is a new version with the recorded 
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import os
 import time
@@ -370,10 +369,9 @@ class _Session:
         # The checksum just verified goes with the request, so the server too refuses other bytes: as
         # x-amz-checksum-sha256, or as Content-MD5 where no SHA-256 was recorded.
         if self._copier is not None:
-            await self._copier.put(self.target.bucket, entry.key, data, sha256=sha256,
-                                   md5=bytes.fromhex(md5) if md5 else None)  # fmt: skip
+            await self._copier.put(self.target.bucket, entry.key, data, sha256=sha256, md5=md5)
         else:
-            sums = {"ContentMD5": base64.b64encode(bytes.fromhex(md5)).decode()} if md5 else {}
+            sums = {"ContentMD5": s3.base64_digest(md5)} if md5 else {}
             await self._dst.put_object(Bucket=self.target.bucket, Key=entry.key, Body=data,
                                        ChecksumSHA256=s3.base64_digest(sha256), **sums)  # fmt: skip
         return None

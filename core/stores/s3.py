@@ -441,11 +441,11 @@ class Copier:
         raise AssertionError("the last attempt returns or raises")
 
     async def put(
-        self, bucket: str, key: str, body: bytes, *, sha256: str | None = None, md5: bytes | None = None
+        self, bucket: str, key: str, body: bytes, *, sha256: str | None = None, md5: str | None = None
     ) -> str | None:
-        """PutObject of a small body (held in memory). With `sha256` (its hex digest, which the caller has
-        already checked) the server refuses other bytes: it goes as x-amz-checksum-sha256; with `md5` (the raw
-        digest) as Content-MD5. Returns the new object's ETag.
+        """PutObject of a small body (held in memory). With `sha256` or `md5` (hex digests the caller has
+        already checked) the server refuses other bytes: as x-amz-checksum-sha256, as Content-MD5.
+        Returns the new object's ETag.
 
         Same reason as `copy`: botocore's per-request CPU, not the server, limits a copy-back
         of many small attachments.
@@ -456,7 +456,7 @@ class Copier:
         if sha256 is not None:
             headers["x-amz-checksum-sha256"] = base64_digest(sha256)
         if md5 is not None:
-            headers["Content-MD5"] = base64.b64encode(md5).decode()
+            headers["Content-MD5"] = base64_digest(md5)
         for attempt in range(3):
             request = AWSRequest("PUT", url, headers=headers)
             request.context["client_config"] = _UNSIGNED_BODY
