@@ -10,27 +10,22 @@ import anyio
 import pytest
 from anyio.abc import SocketStream
 from botocore.exceptions import ClientError
-from support import loopback_server, s3_location
+from support import loopback_server, new_bucket
 
 from engram_recovery.core.stores import s3
 from engram_recovery.testbed.seaweedfs import SeaweedFS
 
 
-async def new_bucket(weed: SeaweedFS) -> s3.S3Location:
-    where = s3_location(weed, f"copier-{secrets.token_hex(4)}")
-    async with s3.bulk_client(where) as c:
-        await c.create_bucket(Bucket=where.bucket)
-    return where
-
-
 @pytest.mark.anyio
-async def test_a_put_lands_only_when_its_body_has_the_sha256_it_is_sent_with(weed: SeaweedFS) -> None:
-    where = await new_bucket(weed)
+@pytest.mark.parametrize("algorithm", ["sha256", "md5"])  # md5: an older inventory, with no SHA-256 recorded
+async def test_a_put_lands_only_when_its_body_has_the_checksum_it_is_sent_with(weed: SeaweedFS, algorithm: str) -> None:
+    where = await new_bucket(weed, name=f"copier-{secrets.token_hex(4)}")
     body = secrets.token_bytes(70_000)
+    good, other = (hashlib.new(algorithm, data).hexdigest() for data in (body, body + b"x"))
     async with s3.Copier(where, 4) as copier:
-        etag = await copier.put(where.bucket, "u1/good", body, sha256=hashlib.sha256(body).hexdigest())
+        etag = await copier.put(where.bucket, "u1/good", body, **{algorithm: good})
         with pytest.raises(ClientError) as refused:
-            await copier.put(where.bucket, "u1/bad", body, sha256=hashlib.sha256(body + b"x").hexdigest())
+            await copier.put(where.bucket, "u1/bad", body, **{algorithm: other})
     assert s3.error_code(refused.value) == "BadDigest"
     assert etag == hashlib.md5(body, usedforsecurity=False).hexdigest()
     async with s3.bulk_client(where) as c:
@@ -44,7 +39,7 @@ async def test_a_put_lands_only_when_its_body_has_the_sha256_it_is_sent_with(wee
 async def test_the_copier_goes_through_the_proxy_the_environment_names(
     weed: SeaweedFS, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    where = await new_bucket(weed)
+    where = await new_bucket(weed, name=f"copier-{secrets.token_hex(4)}")
     host, port = weed.endpoint.removeprefix("http://").split(":")
     relayed: list[bytes] = []
 
